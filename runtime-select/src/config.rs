@@ -1,0 +1,279 @@
+//! Kybernate's node configuration (`/etc/kybernate/config.toml`).
+//!
+//! One file serves the shim, `kybernate-select` and the CLI, so every key is
+//! defined here once. Unknown keys are errors: a misspelt
+//! `allow_anotation_override` silently falling back to a default is exactly the
+//! kind of surprise an admin cannot debug on a busy node.
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Where the config is read from when nobody names a file.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/kybernate/config.toml";
+/// Environment variable naming the config file (below containerd's `ConfigPath`).
+pub const CONFIG_ENV: &str = "KYBERNATE_CONFIG";
+
+/// The whole configuration file.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub runtime: RuntimeConfig,
+    pub checkpoint: CheckpointConfig,
+}
+
+/// `[runtime]`: which OCI runtime binary a container gets.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    /// Runtime for containers without GPU evidence (name or absolute path).
+    pub default: String,
+    /// Runtime for containers with GPU evidence (name or absolute path).
+    pub gpu: String,
+    /// What to do when a bundle wants GPUs and `gpu` cannot be found.
+    pub on_missing_gpu_runtime: OnMissingGpuRuntime,
+    /// Whether the `kybernate.io/runtime` annotation may choose the runtime.
+    pub allow_annotation_override: bool,
+    /// What the annotation may name (compared literally).
+    pub allowed: Vec<String>,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            default: "runc".into(),
+            gpu: "nvidia-container-runtime".into(),
+            on_missing_gpu_runtime: OnMissingGpuRuntime::Error,
+            allow_annotation_override: false,
+            allowed: vec!["runc".into(), "nvidia-container-runtime".into()],
+        }
+    }
+}
+
+/// A GPU job silently started without GPUs is worse than a failed start, so
+/// `Error` is the default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnMissingGpuRuntime {
+    Error,
+    Fallback,
+}
+
+/// `[checkpoint]`: where checkpoints live and how CUDA state is handled.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointConfig {
+    /// Root of the node's checkpoint store.
+    pub root: PathBuf,
+    /// How CUDA state is checkpointed.
+    pub cuda: CudaMode,
+    /// Checkpoints hold process memory (secrets included): restoring one into
+    /// another Kubernetes namespace must be an explicit decision.
+    pub allow_cross_namespace_restore: bool,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        Self {
+            root: PathBuf::from("/var/lib/kybernate/checkpoints"),
+            cuda: CudaMode::Auto,
+            allow_cross_namespace_restore: false,
+        }
+    }
+}
+
+/// `[checkpoint] cuda`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CudaMode {
+    Auto,
+    CriuPlugin,
+    DriverApi,
+    Off,
+}
+
+/// A config file that could not be used. Every variant names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read config file: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}: {key}{message}")]
+    Invalid {
+        path: PathBuf,
+        /// 1-based line of the offending key or value (0 when unknown).
+        line: usize,
+        /// `key `runtime.gpu`: ` style prefix, empty when the error is not about one key.
+        key: String,
+        message: String,
+    },
+}
+
+/// Which file to read, and whether its absence is fine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigSource {
+    /// Named explicitly (containerd's `ConfigPath`, `--config`, `$KYBERNATE_CONFIG`):
+    /// the file must exist.
+    Explicit(PathBuf),
+    /// The default path: a missing file means built-in defaults.
+    Default(PathBuf),
+}
+
+impl ConfigSource {
+    /// The precedence the issue and the docs promise: an explicit path (from
+    /// containerd's runtime options or a CLI flag), then `$KYBERNATE_CONFIG`,
+    /// then the default path.
+    pub fn resolve(explicit: Option<&Path>, env_value: Option<&OsStr>) -> Self {
+        match (explicit, env_value) {
+            (Some(p), _) if !p.as_os_str().is_empty() => Self::Explicit(p.to_path_buf()),
+            (_, Some(v)) if !v.is_empty() => Self::Explicit(PathBuf::from(v)),
+            _ => Self::Default(PathBuf::from(DEFAULT_CONFIG_PATH)),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        match self {
+            Self::Explicit(p) | Self::Default(p) => p,
+        }
+    }
+}
+
+impl Config {
+    /// Loads the config named by `source`.
+    pub fn load(source: &ConfigSource) -> Result<Self, ConfigError> {
+        let path = source.path();
+        match std::fs::read_to_string(path) {
+            Ok(text) => Self::parse(&text, path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && matches!(source, ConfigSource::Default(_)) => {
+                Ok(Self::default())
+            }
+            Err(e) => Err(ConfigError::Read { path: path.to_path_buf(), source: e }),
+        }
+    }
+
+    /// Parses config text; `path` is only used in error messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let invalid = |err: &toml::de::Error, key: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            line: err.span().map(|s| line_of(text, s.start)).unwrap_or(0),
+            key,
+            message: err.message().trim_end().to_string(),
+        };
+        let de = toml::Deserializer::parse(text).map_err(|e| invalid(&e, String::new()))?;
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let key = if key == "." || key.is_empty() { String::new() } else { format!("key `{key}`: ") };
+            invalid(e.inner(), key)
+        })
+    }
+}
+
+/// 1-based line number of byte offset `at` in `text`.
+fn line_of(text: &str, at: usize) -> usize {
+    let at = at.min(text.len());
+    text.as_bytes()[..at].iter().filter(|&&b| b == b'\n').count() + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/etc/kybernate/config.toml"))
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        assert_eq!(parse("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn documented_example_parses() {
+        let c = parse(
+            r#"
+[runtime]
+default = "runc"
+gpu = "/usr/local/nvidia/toolkit/nvidia-container-runtime"
+on_missing_gpu_runtime = "fallback"
+allow_annotation_override = true
+allowed = ["runc"]
+[checkpoint]
+root = "/srv/ckpt"
+cuda = "driver-api"
+allow_cross_namespace_restore = true
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.runtime.on_missing_gpu_runtime, OnMissingGpuRuntime::Fallback);
+        assert!(c.runtime.allow_annotation_override);
+        assert_eq!(c.runtime.allowed, vec!["runc".to_string()]);
+        assert_eq!(c.checkpoint.cuda, CudaMode::DriverApi);
+        assert_eq!(c.checkpoint.root, PathBuf::from("/srv/ckpt"));
+        assert!(c.checkpoint.allow_cross_namespace_restore);
+    }
+
+    #[test]
+    fn unknown_key_names_file_key_and_line() {
+        let err = parse("[runtime]\ndefault = \"runc\"\nallow_anotation_override = true\n").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.starts_with("/etc/kybernate/config.toml:3: "), "{msg}");
+        assert!(msg.contains("allow_anotation_override"), "{msg}");
+        assert!(msg.contains("runtime"), "{msg}");
+    }
+
+    #[test]
+    fn unknown_table_is_an_error() {
+        let msg = parse("[runtimes]\ndefault = \"runc\"\n").unwrap_err().to_string();
+        assert!(msg.starts_with("/etc/kybernate/config.toml:1: "), "{msg}");
+        assert!(msg.contains("runtimes"), "{msg}");
+    }
+
+    #[test]
+    fn wrong_type_names_the_key_and_line() {
+        let msg = parse("[checkpoint]\n\nallow_cross_namespace_restore = \"yes\"\n").unwrap_err().to_string();
+        assert!(
+            msg.starts_with("/etc/kybernate/config.toml:3: key `checkpoint.allow_cross_namespace_restore`: "),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn bad_enum_value_is_an_error() {
+        let msg = parse("[checkpoint]\ncuda = \"sometimes\"\n").unwrap_err().to_string();
+        assert!(msg.contains("key `checkpoint.cuda`"), "{msg}");
+        assert!(msg.contains(":2:"), "{msg}");
+        let msg = parse("[runtime]\non_missing_gpu_runtime = \"ignore\"\n").unwrap_err().to_string();
+        assert!(msg.contains("key `runtime.on_missing_gpu_runtime`"), "{msg}");
+    }
+
+    #[test]
+    fn syntax_error_names_line() {
+        let msg = parse("[runtime]\ndefault = runc\n").unwrap_err().to_string();
+        assert!(msg.starts_with("/etc/kybernate/config.toml:2: "), "{msg}");
+    }
+
+    #[test]
+    fn source_precedence() {
+        let explicit = Path::new("/a.toml");
+        let env = OsStr::new("/b.toml");
+        assert_eq!(ConfigSource::resolve(Some(explicit), Some(env)), ConfigSource::Explicit("/a.toml".into()));
+        assert_eq!(ConfigSource::resolve(None, Some(env)), ConfigSource::Explicit("/b.toml".into()));
+        assert_eq!(
+            ConfigSource::resolve(Some(Path::new("")), Some(OsStr::new(""))),
+            ConfigSource::Default(DEFAULT_CONFIG_PATH.into())
+        );
+    }
+
+    #[test]
+    fn missing_default_file_means_defaults_but_missing_explicit_file_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("config.toml");
+        assert_eq!(Config::load(&ConfigSource::Default(missing.clone())).unwrap(), Config::default());
+        let msg = Config::load(&ConfigSource::Explicit(missing.clone())).unwrap_err().to_string();
+        assert!(msg.starts_with(&format!("{}: cannot read config file", missing.display())), "{msg}");
+    }
+}

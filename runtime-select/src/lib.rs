@@ -1,0 +1,19 @@
+//! Runtime selection for Kybernate.
+//!
+//! The shim calls this on every container create to decide whether the bundle
+//! is exec'd with `runc` or with `nvidia-container-runtime`, so that one
+//! Kubernetes RuntimeClass serves CPU and GPU pods. `kybernate-select` exposes
+//! the same decision to operators. The order of the rules, and why, is in
+//! docs/architecture.md ("Runtime selection").
+
+pub mod config;
+pub mod decision;
+pub mod evidence;
+pub mod resolve;
+
+pub use config::{CheckpointConfig, Config, ConfigError, ConfigSource, CudaMode, OnMissingGpuRuntime, RuntimeConfig};
+pub use decision::{
+    load_spec, BundleError, Context, Decision, SelectError, Selector, Source, RUNTIME_ANNOTATION, RUNTIME_ENV,
+};
+pub use evidence::Evidence;
+pub use resolve::{resolve, ResolveError};
