@@ -1,0 +1,257 @@
+//! Tearing down what containers leave on the host, by name.
+//!
+//! Containers outlive the processes that made them: runc state under [`CONTAINERD_RUNC_ROOT`],
+//! shims (own session, survive containerd), rootfs mounts, cgroups, shim sockets. Everything here
+//! is best effort and never panics, as it runs in `Drop`, possibly while a test is panicking.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+use crate::{CONTAINERD_RUNC_ROOT, RUN_BASE};
+
+/// Runs [`sweep_stale`] once per process, before the first test bed or scratch dir.
+pub(crate) fn sweep_stale_once() {
+    static SWEEP: Once = Once::new();
+    SWEEP.call_once(sweep_stale);
+}
+
+/// Removes leftovers of test processes that died without cleaning up (killed by a timeout, ^C):
+/// everything named `kbt-<pid>-…` whose pid is gone.
+pub(crate) fn sweep_stale() {
+    let stale = |name: &str| match stale_owner(name) {
+        Some(pid) => pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists(),
+        None => false,
+    };
+    for name in dir_names(Path::new(RUN_BASE)).into_iter().filter(|n| stale(n)) {
+        eprintln!("kybernate-testbed: removing leftovers of a dead test process: {RUN_BASE}/{name}");
+        let dir = Path::new(RUN_BASE).join(&name);
+        // A containerd whose PDEATHSIG did not fire: anything with an argument inside `dir`.
+        kill_matching(|args| args.iter().any(|a| Path::new(a).starts_with(&dir)));
+        scrub(&name, &dir);
+    }
+    for name in dir_names(Path::new(CONTAINERD_RUNC_ROOT)).into_iter().filter(|n| stale(n)) {
+        scrub(&name, Path::new("/nonexistent"));
+    }
+    for ctrl in dir_names(Path::new("/sys/fs/cgroup")) {
+        let ctrl = Path::new("/sys/fs/cgroup").join(ctrl);
+        for name in dir_names(&ctrl).into_iter().filter(|n| stale(n)) {
+            remove_cgroup_tree(&ctrl.join(name));
+        }
+    }
+}
+
+/// The pid in a `kbt-<pid>-…` name.
+fn stale_owner(name: &str) -> Option<u32> {
+    name.strip_prefix("kbt-")?.split('-').next()?.parse().ok()
+}
+
+/// Removes everything left for one namespace / name: runc containers (in containerd's runc root
+/// for `name` and in any runc root under `dir`), shims of namespace `name`, their sockets, mounts
+/// under `dir`, cgroups named `name`, and `dir` itself. containerd must already be stopped.
+pub(crate) fn scrub(name: &str, dir: &Path) {
+    let ns_root = Path::new(CONTAINERD_RUNC_ROOT).join(name);
+    let mut roots = vec![ns_root.clone()];
+    roots.extend(runc_roots_under(dir));
+    for root in &roots {
+        runc_delete_all(root);
+    }
+    kill_matching(|args| args.windows(2).any(|w| w[0] == "-namespace" && w[1] == name));
+    remove_shim_sockets(dir, name);
+    unmount_under(dir);
+    for path in [&ns_root, &dir.to_path_buf()] {
+        if path.exists() {
+            if let Err(e) = std::fs::remove_dir_all(path) {
+                eprintln!("kybernate-testbed: cannot remove {}: {e}", path.display());
+            }
+        }
+    }
+    for ctrl in dir_names(Path::new("/sys/fs/cgroup")) {
+        remove_cgroup_tree(&Path::new("/sys/fs/cgroup").join(ctrl).join(name));
+    }
+}
+
+/// `runc delete --force` for every container in a runc state root (kills their processes).
+pub(crate) fn runc_delete_all(root: &Path) {
+    if !root.is_dir() {
+        return;
+    }
+    for id in dir_names(root) {
+        if !root.join(&id).join("state.json").exists() {
+            continue;
+        }
+        let out =
+            Command::new("runc").arg("--root").arg(root).args(["delete", "--force", &id]).stdin(Stdio::null()).output();
+        if let Ok(out) = out {
+            if !out.status.success() && root.join(&id).exists() {
+                eprintln!(
+                    "kybernate-testbed: runc delete --force {id} (root {}): {}",
+                    root.display(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+        }
+    }
+}
+
+/// Runc state roots below `dir`: directories holding `<id>/state.json`.
+fn runc_roots_under(dir: &Path) -> Vec<PathBuf> {
+    fn walk(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let Ok(ft) = e.file_type() else { continue };
+            if !ft.is_dir() {
+                continue;
+            }
+            let p = e.path();
+            if p.join("state.json").is_file() {
+                if !out.iter().any(|r| r == dir) {
+                    out.push(dir.to_path_buf());
+                }
+            } else if depth > 0 {
+                walk(&p, depth - 1, out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, 3, &mut out);
+    out
+}
+
+/// SIGKILLs every process whose argument vector matches, then waits (briefly) until they are gone.
+pub(crate) fn kill_matching(matches: impl Fn(&[String]) -> bool) {
+    let me = std::process::id() as i32;
+    let pids: Vec<i32> =
+        processes().into_iter().filter(|(pid, args)| *pid != me && matches(args)).map(|(p, _)| p).collect();
+    for &pid in &pids {
+        // SAFETY: plain syscall on a pid we just read; a reused pid cannot match the same argv.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pids.iter().any(|p| alive(*p)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// True while a process exists and is not a zombie.
+pub(crate) fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state letter follows the parenthesised command name.
+        Ok(stat) => stat.rsplit_once(')').map(|(_, rest)| !rest.trim_start().starts_with('Z')).unwrap_or(false),
+        Err(_) => false,
+    }
+}
+
+/// (pid, argv) of every process on the host.
+fn processes() -> Vec<(i32, Vec<String>)> {
+    let mut out = Vec::new();
+    for name in dir_names(Path::new("/proc")) {
+        let Ok(pid) = name.parse::<i32>() else {
+            continue;
+        };
+        let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let args =
+            raw.split(|b| *b == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+        out.push((pid, args));
+    }
+    out
+}
+
+/// Removes the sockets of shims for namespace `ns` whose bundles lived under `dir`: a killed shim
+/// leaves `/run/containerd/s/<hash>` behind, and the bundle's `address` file names it.
+fn remove_shim_sockets(dir: &Path, ns: &str) {
+    let tasks = dir.join("state/io.containerd.runtime.v2.task").join(ns);
+    for id in dir_names(&tasks) {
+        let Ok(addr) = std::fs::read_to_string(tasks.join(id).join("address")) else {
+            continue;
+        };
+        let path = addr.trim().trim_start_matches("unix://");
+        if path.starts_with("/run/containerd/s/") {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Lazily unmounts every mount point at or below `dir`, deepest first.
+pub(crate) fn unmount_under(dir: &Path) {
+    let mut points: Vec<PathBuf> = mount_points().into_iter().filter(|m| m.starts_with(dir)).collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for p in points {
+        let Ok(c) = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()) else {
+            continue;
+        };
+        // SAFETY: c is a valid NUL-terminated path.
+        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
+            eprintln!("kybernate-testbed: umount {}: {}", p.display(), std::io::Error::last_os_error());
+        }
+    }
+}
+
+/// Mount points of this mount namespace (field 5 of /proc/self/mountinfo, octal escapes decoded).
+fn mount_points() -> Vec<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    text.lines().filter_map(|l| l.split(' ').nth(4)).map(|m| PathBuf::from(unescape_mountinfo(m))).collect()
+}
+
+/// Decodes the `\040`-style escapes mountinfo uses for space, tab, newline and backslash.
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Removes a cgroup directory and its children bottom-up (rmdir only succeeds on empty cgroups).
+fn remove_cgroup_tree(path: &Path) {
+    if !path.is_dir() {
+        return;
+    }
+    for child in dir_names(path) {
+        let c = path.join(child);
+        if c.is_dir() {
+            remove_cgroup_tree(&c);
+        }
+    }
+    let _ = std::fs::remove_dir(path);
+}
+
+/// Names of the entries of a directory (empty if unreadable).
+pub(crate) fn dir_names(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_owner_pid_from_names() {
+        assert_eq!(stale_owner("kbt-123-4"), Some(123));
+        assert_eq!(stale_owner("kbt-123-4-scratch-abc"), Some(123));
+        assert_eq!(stale_owner("default"), None);
+        assert_eq!(stale_owner("kbt-x-1"), None);
+    }
+
+    #[test]
+    fn unescapes_mountinfo_paths() {
+        assert_eq!(unescape_mountinfo("/a\\040b"), "/a b");
+        assert_eq!(unescape_mountinfo("/plain"), "/plain");
+        assert_eq!(unescape_mountinfo("/end\\04"), "/end\\04");
+    }
+}

@@ -1,0 +1,216 @@
+//! Test bed for Kybernate's integration tests.
+//!
+//! Real containers need real infrastructure: [`Testbed`] runs a private containerd per test (own
+//! root, state, sockets and namespace, so tests run in parallel and never touch a system
+//! containerd), [`IMAGE`] is a busybox image built locally by `test/setup.sh` (there is no
+//! registry), and [`Bundle`] + [`Runc`] drive raw `runc` (and through it CRIU) without containerd.
+//!
+//! Everything needs root and a machine prepared by `test/setup.sh`; [`check_preconditions`] says
+//! what is missing. The shell side of the same test bed is `test/lib/testbed.sh`, and the
+//! constants below mirror `test/lib/common.sh`: change both together.
+//!
+//! Cleanup is the point of this crate: every guard ([`Testbed`], [`Runc`]) tears down what it
+//! started in `Drop`, also when the test panicked, and the first test bed of a process sweeps up
+//! what earlier, killed test processes left behind (see [`unique_name`]).
+
+mod bundle;
+mod cleanup;
+mod testbed;
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+pub use bundle::{Bundle, Runc};
+pub use testbed::{Builder, Testbed};
+
+/// Name the test image is imported under (from the `io.containerd.image.name` annotation).
+pub const IMAGE: &str = "docker.io/kybernate/busybox:test";
+/// OCI archive of [`IMAGE`], written by `test/setup.sh`.
+pub const IMAGE_ARCHIVE: &str = "/var/lib/kybernate-test/busybox-oci.tar";
+/// Parent of every test bed's and scratch directory; on disk so that overlayfs works, and short
+/// because unix socket paths are limited to 108 bytes.
+pub const RUN_BASE: &str = "/var/lib/kybernate-test/run";
+/// The `criu` wrapper (trixie's CRIU >= 4.1 in a private prefix); runc finds it on PATH.
+pub const CRIU: &str = "/usr/local/sbin/criu";
+/// Oldest CRIU that works on the test machines' kernels (3.17 fails on the vDSO check).
+pub const CRIU_MIN_VERSION: (u32, u32) = (4, 1);
+/// Static busybox from Debian's busybox-static: the only binary in test images and bundles.
+pub const BUSYBOX: &str = "/bin/busybox";
+/// PATH given to containerd (after any prepended dirs); /usr/local/sbin comes first so runc, started
+/// by the shim with containerd's environment, finds the CRIU wrapper before any /usr/sbin/criu.
+pub const SYSTEM_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// Where runc keeps container state for containerd's runc shims: `<this>/<namespace>`, whatever
+/// containerd's own state dir is. Per-test namespaces keep tests apart here.
+pub const CONTAINERD_RUNC_ROOT: &str = "/run/containerd/runc";
+
+const SETUP_HINT: &str = "run `test/setup.sh` as root from the repository root first";
+
+/// Errors from starting a test bed; everything after start panics with diagnostics instead,
+/// since callers are tests. `Debug` prints the message, so `.expect()` shows the setup hint.
+#[derive(thiserror::Error)]
+pub enum Error {
+    /// The test bed needs root: containerd, runc, mounts and CRIU all do.
+    #[error("the test bed needs root (containerd, runc and CRIU do); running as uid {0}")]
+    NotRoot(u32),
+    /// Something `test/setup.sh` installs is missing.
+    #[error("test bed not set up: {0}; {SETUP_HINT}")]
+    NotSetUp(String),
+    /// A file-system or process operation failed.
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// containerd exited or did not answer in time; carries the tail of its log.
+    #[error("private containerd did not come up: {0}")]
+    ContainerdStart(String),
+}
+
+impl std::fmt::Debug for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Adds a context string to io errors.
+pub(crate) trait IoContext<T> {
+    fn ctx(self, context: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T> IoContext<T> for std::io::Result<T> {
+    fn ctx(self, context: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|source| Error::Io { context: context(), source })
+    }
+}
+
+/// Checks that this process can run a test bed: root, and everything `test/setup.sh` provides.
+/// `path` is the PATH containerd will get; the binaries must be found there.
+pub fn check_preconditions(path: &OsStr) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    if uid != 0 {
+        return Err(Error::NotRoot(uid));
+    }
+    for bin in ["containerd", "ctr", "runc", "containerd-shim-runc-v2"] {
+        if find_in_path(bin, path).is_none() {
+            return Err(Error::NotSetUp(format!("`{bin}` not found on PATH {}", path.to_string_lossy())));
+        }
+    }
+    for (file, what) in
+        [(CRIU, "the CRIU wrapper"), (BUSYBOX, "busybox-static"), (IMAGE_ARCHIVE, "the busybox OCI image archive")]
+    {
+        if !Path::new(file).exists() {
+            return Err(Error::NotSetUp(format!("{what} ({file}) is missing")));
+        }
+    }
+    match find_in_path("criu", path) {
+        Some(p) if p == Path::new(CRIU) => Ok(()),
+        other => Err(Error::NotSetUp(format!("`criu` on containerd's PATH is {other:?}, not the wrapper {CRIU}"))),
+    }
+}
+
+/// First executable named `bin` in the colon-separated `path`.
+pub fn find_in_path(bin: &str, path: &OsStr) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    std::env::split_paths(path)
+        .map(|dir| dir.join(bin))
+        .find(|p| p.metadata().map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false))
+}
+
+/// A name unique in this machine for as long as this process lives: `kbt-<pid>-<n>[-tag]`.
+///
+/// Use it for namespaces, container ids (runc's cgroup paths are global) and scratch dirs. The
+/// `kbt-<pid>-` prefix is what lets a later test process recognise leftovers of a dead one.
+pub fn unique_name(tag: &str) -> String {
+    static COUNTER: AtomicUsize = AtomicUsize::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let pid = std::process::id();
+    if tag.is_empty() {
+        format!("kbt-{pid}-{n}")
+    } else {
+        format!("kbt-{pid}-{n}-{tag}")
+    }
+}
+
+/// A fresh directory under [`RUN_BASE`], removed on drop (and by the stale sweep if this process
+/// is killed). Declare it before any [`Runc`] whose bundle or state lives in it, so that the
+/// containers are deleted first.
+pub fn scratch_dir() -> Result<tempfile::TempDir> {
+    cleanup::sweep_stale_once();
+    std::fs::create_dir_all(RUN_BASE).ctx(|| format!("creating {RUN_BASE}"))?;
+    tempfile::Builder::new()
+        .prefix(&format!("{}-", unique_name("scratch")))
+        .tempdir_in(RUN_BASE)
+        .ctx(|| format!("creating a scratch dir in {RUN_BASE}"))
+}
+
+/// Version of the CRIU that runc will use (via [`CRIU`]), as (major, minor, patch).
+pub fn criu_version() -> Result<(u32, u32, u32)> {
+    let out = Command::new(CRIU).arg("--version").output().ctx(|| format!("running {CRIU} --version"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    parse_criu_version(&text)
+        .ok_or_else(|| Error::NotSetUp(format!("cannot read a version from `criu --version`: {text:?}")))
+}
+
+/// Parses `Version: 4.1.1` (patch optional) out of `criu --version`'s output.
+fn parse_criu_version(text: &str) -> Option<(u32, u32, u32)> {
+    let v = text.lines().find_map(|l| l.trim().strip_prefix("Version:"))?.trim();
+    let mut parts = v.split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty());
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    let patch = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    Some((major, minor, patch))
+}
+
+/// Formats a command's output for a panic message.
+pub(crate) fn describe_output(what: &str, out: &std::process::Output) -> String {
+    format!(
+        "{what} failed ({})\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout).trim_end(),
+        String::from_utf8_lossy(&out.stderr).trim_end()
+    )
+}
+
+/// Last `n` lines of a text file ("" if it cannot be read).
+pub(crate) fn file_tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_criu_versions() {
+        assert_eq!(parse_criu_version("Version: 4.1.1\n"), Some((4, 1, 1)));
+        assert_eq!(parse_criu_version("Version: 3.17\nGitID: v3.17\n"), Some((3, 17, 0)));
+        assert_eq!(parse_criu_version("nothing"), None);
+    }
+
+    #[test]
+    fn unique_names_carry_pid_and_differ() {
+        let a = unique_name("");
+        let b = unique_name("x");
+        assert!(a.starts_with(&format!("kbt-{}-", std::process::id())));
+        assert!(b.ends_with("-x"));
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn tail_keeps_last_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("log");
+        std::fs::write(&f, "1\n2\n3\n").unwrap();
+        assert_eq!(file_tail(&f, 2), "2\n3");
+        assert_eq!(file_tail(&f, 10), "1\n2\n3");
+        assert_eq!(file_tail(&dir.path().join("none"), 3), "");
+    }
+}

@@ -1,0 +1,468 @@
+//! A private containerd per test.
+
+use std::ffi::{OsStr, OsString};
+use std::fs::OpenOptions;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use crate::cleanup;
+use crate::{check_preconditions, describe_output, find_in_path, unique_name, Error, IoContext, Result};
+use crate::{IMAGE, IMAGE_ARCHIVE, RUN_BASE, SYSTEM_PATH};
+
+/// How long containerd may take to answer after start (generous: CI machines have 2 cores).
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long containerd may take to exit after SIGTERM before it gets SIGKILL.
+const STOP_TIMEOUT: Duration = Duration::from_secs(15);
+/// Bound on each ctr call made during cleanup, so a hung shim cannot hang the test run.
+const CLEANUP_CTR_TIMEOUT: &str = "20s";
+
+/// Configures a [`Testbed`] before it starts.
+#[derive(Debug, Default, Clone)]
+pub struct Builder {
+    path_prepend: Vec<PathBuf>,
+    extra_config: String,
+    cri: bool,
+    env: Vec<(OsString, OsString)>,
+}
+
+impl Builder {
+    /// Puts `dir` ahead of [`SYSTEM_PATH`] in containerd's PATH: containerd resolves runtime
+    /// `io.containerd.<name>.<v>` to the binary `containerd-shim-<name>-<v>` on its PATH (our shim
+    /// lives in `target/debug`), and shims inherit the PATH to find runc and CRIU.
+    pub fn path_prepend(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.path_prepend.push(dir.into());
+        self
+    }
+
+    /// TOML appended to the generated config.toml. Write only tables (`[plugins."…"]`): bare keys
+    /// would land in the table before them. With [`Builder::cri`], the table
+    /// `[plugins."io.containerd.grpc.v1.cri"]` already exists; add sub-tables of it instead.
+    pub fn extra_config(mut self, toml: impl AsRef<str>) -> Self {
+        self.extra_config.push_str(toml.as_ref());
+        self.extra_config.push('\n');
+        self
+    }
+
+    /// Enables containerd's CRI plugin (off by default: plain containers do not need it). It gets
+    /// `restrict_oom_score_adj = true`, which these VMs need. CRI works in the namespace `k8s.io`
+    /// (of this private containerd; cleanup covers every namespace), so runc state of CRI
+    /// containers lands in `/run/containerd/runc/k8s.io`, shared with any other containerd's CRI.
+    pub fn cri(mut self, enabled: bool) -> Self {
+        self.cri = enabled;
+        self
+    }
+
+    /// Sets an environment variable for containerd, and so for the shims it starts.
+    pub fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Self {
+        self.env.push((key.as_ref().to_owned(), value.as_ref().to_owned()));
+        self
+    }
+
+    /// Checks preconditions, writes the config and starts containerd; returns once it answers.
+    pub fn start(self) -> Result<Testbed> {
+        let mut dirs = self.path_prepend.clone();
+        dirs.extend(std::env::split_paths(SYSTEM_PATH));
+        let path = std::env::join_paths(dirs).map_err(|e| Error::NotSetUp(format!("invalid path_prepend: {e}")))?;
+        check_preconditions(&path)?;
+        cleanup::sweep_stale_once();
+
+        let namespace = unique_name("");
+        let dir = Path::new(RUN_BASE).join(&namespace);
+        if dir.exists() {
+            // Left by an earlier process with our pid; nothing of ours can be in it yet.
+            cleanup::scrub(&namespace, &dir);
+        }
+        std::fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
+        let containerd = find_in_path("containerd", &path).expect("checked by check_preconditions");
+        let ctr = find_in_path("ctr", &path).expect("checked by check_preconditions");
+        let mut tb = Testbed {
+            config: dir.join("config.toml"),
+            log: dir.join("containerd.log"),
+            address: dir.join("containerd.sock"),
+            namespace,
+            dir,
+            path,
+            env: self.env,
+            containerd_bin: containerd,
+            ctr_bin: ctr,
+            child: None,
+        };
+        std::fs::write(&tb.config, tb.config_toml(self.cri, &self.extra_config))
+            .ctx(|| format!("writing {}", tb.config.display()))?;
+        // On error `tb` drops here and cleans up what was made.
+        tb.start_containerd()?;
+        Ok(tb)
+    }
+}
+
+/// A private containerd with its own root, state, sockets and namespace; torn down on drop.
+///
+/// Shims still put sockets under `/run/containerd/s/` and runc keeps state under
+/// `/run/containerd/runc/<namespace>`, whatever containerd's dirs are: the per-test-bed
+/// namespace ([`unique_name`]) is what keeps parallel tests apart.
+///
+/// containerd gets SIGTERM when the test process dies (PR_SET_PDEATHSIG), and a later test bed
+/// sweeps up shims and containers that were left running.
+#[derive(Debug)]
+pub struct Testbed {
+    namespace: String,
+    dir: PathBuf,
+    config: PathBuf,
+    log: PathBuf,
+    address: PathBuf,
+    path: OsString,
+    env: Vec<(OsString, OsString)>,
+    containerd_bin: PathBuf,
+    ctr_bin: PathBuf,
+    child: Option<Child>,
+}
+
+impl Testbed {
+    /// A test bed with default settings (no CRI, stock PATH).
+    pub fn start() -> Result<Testbed> {
+        Builder::default().start()
+    }
+
+    /// Starts configuring a test bed.
+    pub fn builder() -> Builder {
+        Builder::default()
+    }
+
+    /// The containerd namespace every `ctr` call of this test bed uses (`kbt-<pid>-<n>`).
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// containerd's gRPC socket.
+    pub fn address(&self) -> &Path {
+        &self.address
+    }
+
+    /// The test bed's directory (config, log, root, state); scratch space for the test too.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// containerd's log file (stdout and stderr, kept across restarts).
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// The PATH containerd runs with.
+    pub fn path_env(&self) -> &OsStr {
+        &self.path
+    }
+
+    /// A `ctr` command bound to this test bed's address and namespace, for callers that need to
+    /// set stdio or spawn; prefer [`Testbed::ctr`] / [`Testbed::ctr_ok`].
+    pub fn ctr_command(&self) -> Command {
+        let mut cmd = Command::new(&self.ctr_bin);
+        cmd.arg("--address").arg(&self.address).arg("--namespace").arg(&self.namespace);
+        cmd.stdin(Stdio::null());
+        cmd
+    }
+
+    /// Runs `ctr ARGS` against this test bed and returns its output, whatever the exit status.
+    pub fn ctr(&self, args: &[&str]) -> Output {
+        self.ctr_command().args(args).output().unwrap_or_else(|e| panic!("cannot run ctr {args:?}: {e}"))
+    }
+
+    /// Runs `ctr ARGS`, returns its stdout; panics with stdout, stderr and containerd's log tail
+    /// if it fails.
+    pub fn ctr_ok(&self, args: &[&str]) -> String {
+        let out = self.ctr(args);
+        if !out.status.success() {
+            panic!(
+                "{}\n--- containerd log (last 30 lines) ---\n{}",
+                describe_output(&format!("ctr {}", args.join(" ")), &out),
+                self.log_tail(30)
+            );
+        }
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Imports [`IMAGE`] from [`IMAGE_ARCHIVE`] into this namespace (and unpacks it); panics on
+    /// failure.
+    pub fn import_image(&self) {
+        self.ctr_ok(&["images", "import", IMAGE_ARCHIVE]);
+        let images = self.ctr_ok(&["images", "ls", "-q"]);
+        assert!(images.lines().any(|l| l.trim() == IMAGE), "{IMAGE} not listed after import: {images}");
+    }
+
+    /// Last `n` lines of containerd's log, leaving out its start-up "loading plugin" chatter.
+    pub fn log_tail(&self, n: usize) -> String {
+        let text = std::fs::read(&self.log).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().filter(|l| !l.contains("msg=\"loading plugin")).collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// Stops containerd (SIGTERM) and starts it again with the same config, leaving shims and
+    /// containers running, as a containerd upgrade or crash would; panics if it does not come back.
+    pub fn restart_containerd(&mut self) {
+        self.stop_containerd();
+        if let Err(e) = self.start_containerd() {
+            panic!("restarting containerd: {e}");
+        }
+    }
+
+    fn config_toml(&self, cri: bool, extra: &str) -> String {
+        let d = self.dir.display();
+        let mut toml = format!(
+            r#"# Written by kybernate-testbed for namespace {ns}.
+version = 2
+root = "{d}/root"
+state = "{d}/state"
+{disabled}
+[grpc]
+  address = "{d}/containerd.sock"
+
+[ttrpc]
+  address = "{d}/containerd.sock.ttrpc"
+
+[debug]
+  level = "info"
+
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{d}/opt"
+"#,
+            ns = self.namespace,
+            disabled = if cri { "" } else { r#"disabled_plugins = ["io.containerd.grpc.v1.cri"]"# },
+        );
+        if cri {
+            toml.push_str(
+                "\n[plugins.\"io.containerd.grpc.v1.cri\"]\n  # runc cannot lower oom_score_adj here (no CAP_SYS_RESOURCE)\n  restrict_oom_score_adj = true\n",
+            );
+        }
+        if !extra.is_empty() {
+            toml.push_str("\n# extra_config\n");
+            toml.push_str(extra);
+        }
+        toml
+    }
+
+    fn start_containerd(&mut self) -> Result<()> {
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .ctx(|| format!("opening {}", self.log.display()))?;
+        let log2 = log.try_clone().ctx(|| "duplicating the log fd".into())?;
+        let mut cmd = Command::new(&self.containerd_bin);
+        cmd.arg("--config").arg(&self.config);
+        cmd.env("PATH", &self.path).envs(self.env.iter().map(|(k, v)| (k, v)));
+        cmd.stdin(Stdio::null()).stdout(log).stderr(log2);
+        let parent = std::process::id() as libc::pid_t;
+        // SAFETY: only async-signal-safe calls (prctl, getppid) between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::getppid() != parent {
+                    // The test process died between fork and prctl.
+                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+                }
+                Ok(())
+            });
+        }
+        let child = spawn_on_keeper_thread(cmd).ctx(|| format!("starting {}", self.containerd_bin.display()))?;
+        self.child = Some(child);
+        self.wait_ready()
+    }
+
+    /// Polls `ctr version` until containerd answers; fails early if containerd exits.
+    fn wait_ready(&mut self) -> Result<()> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                self.child = None;
+                return Err(Error::ContainerdStart(format!(
+                    "containerd exited with {status}; log tail:\n{}",
+                    self.log_tail(30)
+                )));
+            }
+            if self.address.exists() {
+                let ok = self
+                    .ctr_command()
+                    .args(["--timeout", "2s", "version"])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .map(|s| s.success())
+                    .unwrap_or(false);
+                if ok {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(Error::ContainerdStart(format!(
+                    "no answer on {} after {START_TIMEOUT:?}; log tail:\n{}",
+                    self.address.display(),
+                    self.log_tail(30)
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGTERM, then SIGKILL after [`STOP_TIMEOUT`]; reaps the child.
+    fn stop_containerd(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        // SAFETY: signalling our own child, which is not reaped yet (so its pid is still ours).
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("kybernate-testbed: containerd ignored SIGTERM for {STOP_TIMEOUT:?}; killing it");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// Deletes every task and container through containerd, in every namespace of this private
+    /// containerd (ours, and `k8s.io` where CRI made pods), so shims shut down the normal way.
+    /// Bounded by ctr's --timeout; whatever is left is scrubbed afterwards. Never panics: it runs
+    /// in Drop.
+    fn delete_all_through_containerd(&self) {
+        let ctr = |ns: &str, args: &[&str]| -> Option<Output> {
+            let out = Command::new(&self.ctr_bin)
+                .arg("--address")
+                .arg(&self.address)
+                .args(["--namespace", ns, "--timeout", CLEANUP_CTR_TIMEOUT])
+                .args(args)
+                .stdin(Stdio::null())
+                .output();
+            match out {
+                Ok(out) if out.status.success() => Some(out),
+                Ok(out) => {
+                    let what = format!("ctr -n {ns} {}", args.join(" "));
+                    eprintln!("kybernate-testbed: cleanup: {}", describe_output(&what, &out));
+                    None
+                }
+                Err(e) => {
+                    eprintln!("kybernate-testbed: cleanup: cannot run ctr: {e}");
+                    None
+                }
+            }
+        };
+        let list = |ns: &str, what: &str| -> Vec<String> {
+            ctr(ns, &[what, "ls", "-q"])
+                .map(|out| {
+                    let text = String::from_utf8_lossy(&out.stdout);
+                    text.split_whitespace().map(String::from).collect()
+                })
+                .unwrap_or_default()
+        };
+        let mut namespaces = list(&self.namespace, "namespaces");
+        if !namespaces.contains(&self.namespace) {
+            namespaces.push(self.namespace.clone());
+        }
+        for ns in &namespaces {
+            for task in list(ns, "tasks") {
+                ctr(ns, &["tasks", "delete", "--force", &task]);
+            }
+            for container in list(ns, "containers") {
+                ctr(ns, &["containers", "delete", &container]);
+            }
+        }
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let kept = std::env::temp_dir().join(format!("kybernate-testbed-{}.log", self.namespace));
+            let kept_msg = match std::fs::copy(&self.log, &kept) {
+                Ok(_) => format!("full log kept at {}", kept.display()),
+                Err(e) => format!("could not keep the log: {e}"),
+            };
+            eprintln!(
+                "--- containerd log of test bed {} (last 60 lines; {kept_msg}) ---\n{}\n--- end of containerd log ---",
+                self.namespace,
+                self.log_tail(60)
+            );
+        }
+        if self.child.is_some() {
+            self.delete_all_through_containerd();
+        }
+        self.stop_containerd();
+        cleanup::scrub(&self.namespace, &self.dir);
+    }
+}
+
+/// Spawns `cmd` from a thread that lives as long as the process. PR_SET_PDEATHSIG fires when the
+/// *thread* that forked the child exits, and test threads end (or restart containerd from
+/// helper threads) while the containerd they started should keep running.
+fn spawn_on_keeper_thread(cmd: Command) -> std::io::Result<Child> {
+    type Job = (Command, mpsc::Sender<std::io::Result<Child>>);
+    static KEEPER: OnceLock<mpsc::Sender<Job>> = OnceLock::new();
+    let keeper = KEEPER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("kybernate-testbed-spawner".into())
+            .spawn(move || {
+                for (mut cmd, reply) in rx {
+                    let _ = reply.send(cmd.spawn());
+                }
+            })
+            .expect("spawning the spawner thread");
+        tx
+    });
+    let (reply_tx, reply_rx) = mpsc::channel();
+    if keeper.send((cmd, reply_tx)).is_err() {
+        return Err(std::io::Error::other("spawner thread is gone"));
+    }
+    reply_rx.recv().unwrap_or_else(|_| Err(std::io::Error::other("spawner thread is gone")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bed(dir: &str) -> Testbed {
+        Testbed {
+            namespace: "kbt-1-2".into(),
+            dir: PathBuf::from(dir),
+            config: PathBuf::new(),
+            log: PathBuf::new(),
+            address: PathBuf::new(),
+            path: OsString::new(),
+            env: vec![],
+            containerd_bin: PathBuf::new(),
+            ctr_bin: PathBuf::new(),
+            child: None,
+        }
+    }
+
+    #[test]
+    fn config_has_private_dirs_and_no_cri_by_default() {
+        let tb = bed("/x/kbt-1-2");
+        let toml = tb.config_toml(false, "[plugins.\"a\"]\n  b = 1\n");
+        assert!(toml.contains("root = \"/x/kbt-1-2/root\""));
+        assert!(toml.contains("state = \"/x/kbt-1-2/state\""));
+        assert!(toml.contains("address = \"/x/kbt-1-2/containerd.sock\""));
+        assert!(toml.contains("address = \"/x/kbt-1-2/containerd.sock.ttrpc\""));
+        assert!(toml.contains("disabled_plugins = [\"io.containerd.grpc.v1.cri\"]"));
+        assert!(toml.trim_end().ends_with("b = 1"));
+        // Leaked into `tb`'s Drop otherwise: nothing to clean for a fake.
+        std::mem::forget(tb);
+    }
+
+    #[test]
+    fn cri_config_restricts_oom_score_adj() {
+        let tb = bed("/x/kbt-1-2");
+        let toml = tb.config_toml(true, "");
+        assert!(!toml.contains("disabled_plugins"));
+        assert!(toml.contains("restrict_oom_score_adj = true"));
+        std::mem::forget(tb);
+    }
+}

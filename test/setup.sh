@@ -1,0 +1,263 @@
+#!/usr/bin/env bash
+# Prepares a Debian bookworm machine (as root) for Kybernate's test bed. Idempotent: a second run
+# only verifies and is quick. What it puts in place:
+#   - Debian packages: containerd (with containerd-shim-runc-v2), runc, iptables, busybox-static, ...
+#   - CRIU >= 4.1 from Debian trixie in a private prefix, plus a `criu` wrapper ahead of /usr/sbin
+#     (bookworm's CRIU 3.17 fails `criu check` on kernel 6.x: "Unexpected rt vDSO area bounds")
+#   - a tiny busybox OCI image archive, built locally (there is no registry here)
+# The system containerd service (if any) is left alone: test beds run a private containerd with
+# their own root, state, sockets and namespace.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=test/lib/common.sh
+. "$HERE/lib/common.sh"
+
+APT_PACKAGES=(
+    containerd runc        # the runtime under test and the baseline shim (containerd-shim-runc-v2)
+    iptables iproute2      # CRIU locks the network with iptables-restore and saves netns state with ip
+    busybox-static         # the only binary in the test image and in raw runc bundles
+    mount                  # umount for cleanup
+    protobuf-compiler      # protoc, for crates that build CRI/containerd protos
+    hyperfine              # benchmarks
+)
+TRIXIE_DEB_DIR=$KBT_STATE_DIR/criu-debs
+TRIXIE_APT_DIR=$KBT_STATE_DIR/apt-trixie
+START=$(date +%s.%N)
+
+log() { printf '[setup] %s\n' "$*"; }
+die() { printf '[setup] ERROR: %s\n' "$*" >&2; exit 1; }
+
+[ "$(id -u)" -eq 0 ] || die "must run as root (it installs packages and writes $KBT_STATE_DIR)"
+export DEBIAN_FRONTEND=noninteractive
+
+case "$(dpkg --print-architecture)" in
+    amd64) TRIPLET=x86_64-linux-gnu; LDSO=ld-linux-x86-64.so.2 ;;
+    arm64) TRIPLET=aarch64-linux-gnu; LDSO=ld-linux-aarch64.so.1 ;;
+    *) die "unsupported architecture $(dpkg --print-architecture)" ;;
+esac
+
+# ---------------------------------------------------------------------------------------------
+# 1. Debian packages (apt-get update only when something has to be installed)
+# ---------------------------------------------------------------------------------------------
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+    if [ "$(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null || true)" != installed ]; then
+        missing+=("$p")
+    fi
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    log "installing Debian packages: ${missing[*]}"
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends "${missing[@]}"
+else
+    log "Debian packages already installed"
+fi
+
+# ---------------------------------------------------------------------------------------------
+# 2. CRIU >= 4.1 from trixie, run through trixie's own loader and libraries
+# ---------------------------------------------------------------------------------------------
+version_ge() { [ "$(printf '%s\n%s\n' "$2" "$1" | sort -V | head -n1)" = "$2" ]; }
+
+criu_version() { { "$KBT_CRIU_WRAPPER" --version 2>/dev/null || true; } | sed -n "s/^Version: *//p"; }
+
+# The Debian mirror this machine already uses for its own release; trixie is read from there too.
+debian_mirror() {
+    local codename uri
+    codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
+    [ -n "$codename" ] || die "cannot read VERSION_CODENAME from /etc/os-release"
+    # shellcheck disable=SC2016 # $(...) are apt's format fields, not shell
+    uri=$(apt-get indextargets --no-release-info --format '$(REPO_URI) $(RELEASE)' 'Created-By: Packages' |
+        awk -v c="$codename" '$2 == c { print $1; exit }')
+    [ -n "$uri" ] || die "no apt source for '$codename' found in /etc/apt/sources.list*; cannot derive a Debian mirror"
+    printf '%s\n' "$uri"
+}
+
+trixie_apt() {
+    local opts=(
+        -o "Dir::State::Lists=$TRIXIE_APT_DIR/lists"
+        -o "Dir::State::status=/dev/null"
+        -o "Dir::Cache=$TRIXIE_APT_DIR/cache"
+        -o "Dir::Etc::SourceList=$TRIXIE_APT_DIR/sources.list"
+        -o "Dir::Etc::SourceParts=$TRIXIE_APT_DIR/empty.d"
+        -o "Dir::Etc::Preferences=$TRIXIE_APT_DIR/empty.d/preferences"
+        -o "Dir::Etc::PreferencesParts=$TRIXIE_APT_DIR/empty.d"
+        -o "APT::Sandbox::User=root"
+    )
+    case "$(cat "$TRIXIE_APT_DIR/sources.list" 2>/dev/null)" in
+        *snapshot.debian.org*) opts+=(-o "Acquire::Check-Valid-Until=false") ;;
+    esac
+    "$@" "${opts[@]}"
+}
+
+# Debian packages CRIU needs at run time: the Depends/Pre-Depends closure of criu in trixie.
+criu_closure() {
+    trixie_apt apt-cache depends --recurse --no-recommends --no-suggests --no-conflicts \
+        --no-breaks --no-replaces --no-enhances criu |
+        grep -v '^[[:space:]<]' | sort -u
+}
+
+fetch_criu_debs() {
+    local mirror pkgs=() missing_debs=() p
+    mirror=$(debian_mirror)
+    mkdir -p "$TRIXIE_APT_DIR/lists/partial" "$TRIXIE_APT_DIR/cache/archives/partial" \
+        "$TRIXIE_APT_DIR/empty.d" "$TRIXIE_DEB_DIR"
+    printf 'deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] %s trixie main\n' \
+        "$mirror" >"$TRIXIE_APT_DIR/sources.list"
+    if ! compgen -G "$TRIXIE_APT_DIR/lists/*trixie*Packages*" >/dev/null; then
+        log "reading trixie package lists from $mirror"
+        trixie_apt apt-get update -q ||
+            die "apt-get update for trixie failed (does debian-archive-keyring carry the trixie keys?)"
+    fi
+    mapfile -t pkgs < <(criu_closure)
+    [ "${#pkgs[@]}" -gt 1 ] || die "could not resolve criu's dependencies in trixie"
+    for p in "${pkgs[@]}"; do
+        compgen -G "$TRIXIE_DEB_DIR/${p}_*.deb" >/dev/null || missing_debs+=("$p")
+    done
+    if [ "${#missing_debs[@]}" -gt 0 ]; then
+        log "downloading from trixie: ${missing_debs[*]}"
+        (cd "$TRIXIE_DEB_DIR" && trixie_apt apt-get download -q "${missing_debs[@]}") ||
+            die "apt-get download from trixie failed"
+    fi
+    printf '%s\n' "${pkgs[@]}" >"$TRIXIE_DEB_DIR/closure.txt"
+}
+
+install_criu() {
+    local stage p deb missing_libs
+    stage=$(mktemp -d "$(dirname "$KBT_CRIU_PREFIX")/.criu-stage.XXXXXX")
+    while read -r p; do
+        for deb in "$TRIXIE_DEB_DIR/${p}"_*.deb; do dpkg-deb -x "$deb" "$stage"; done
+    done <"$TRIXIE_DEB_DIR/closure.txt"
+    local lib=$stage/usr/lib/$TRIPLET
+    if [ ! -x "$lib/$LDSO" ] || [ ! -x "$stage/usr/sbin/criu" ]; then
+        die "trixie's loader or criu missing after extraction"
+    fi
+    # Ask trixie's loader which libraries it cannot find: the closure must be complete.
+    missing_libs=$("$lib/$LDSO" --library-path "$lib:$stage/lib/$TRIPLET" --list "$stage/usr/sbin/criu" |
+        grep 'not found' || true)
+    [ -z "$missing_libs" ] || die "criu's libraries incomplete: $missing_libs"
+    rm -rf "$KBT_CRIU_PREFIX"
+    mv "$stage" "$KBT_CRIU_PREFIX"
+    chmod 755 "$KBT_CRIU_PREFIX"
+    cp "$TRIXIE_DEB_DIR/closure.txt" "$KBT_CRIU_PREFIX/.kybernate-closure"
+}
+
+write_criu_wrapper() {
+    local tmp
+    tmp=$(mktemp)
+    cat >"$tmp" <<EOF
+#!/bin/sh
+# Installed by Kybernate's test/setup.sh. Runs Debian trixie's CRIU (>= 4.1; bookworm's 3.17 fails on
+# kernel 6.x) through trixie's own loader and libraries, so bookworm's older glibc does not matter.
+# Programs CRIU starts (iptables-restore, ip) run with the host's own libraries.
+P=$KBT_CRIU_PREFIX
+L=\$P/usr/lib/$TRIPLET
+exec "\$L/$LDSO" --argv0 criu --library-path "\$L:\$P/lib/$TRIPLET" "\$P/usr/sbin/criu" "\$@"
+EOF
+    if cmp -s "$tmp" "$KBT_CRIU_WRAPPER"; then
+        rm -f "$tmp"
+    else
+        mkdir -p "$(dirname "$KBT_CRIU_WRAPPER")"
+        install -m 0755 "$tmp" "$KBT_CRIU_WRAPPER"
+        rm -f "$tmp"
+        log "wrote $KBT_CRIU_WRAPPER"
+    fi
+}
+
+mkdir -p "$KBT_STATE_DIR" "$(dirname "$KBT_CRIU_PREFIX")"
+write_criu_wrapper
+if [ -f "$KBT_CRIU_PREFIX/.kybernate-closure" ] && version_ge "$(criu_version)" "$KBT_CRIU_MIN_VERSION"; then
+    log "CRIU $(criu_version) already in $KBT_CRIU_PREFIX"
+else
+    fetch_criu_debs
+    install_criu
+    log "installed CRIU $(criu_version) into $KBT_CRIU_PREFIX"
+fi
+CRIU_VERSION=$(criu_version)
+version_ge "$CRIU_VERSION" "$KBT_CRIU_MIN_VERSION" ||
+    die "criu --version says '${CRIU_VERSION:-nothing}', need >= $KBT_CRIU_MIN_VERSION"
+if ! check_out=$("$KBT_CRIU_WRAPPER" check 2>&1) || ! grep -q 'Looks good' <<<"$check_out"; then
+    printf '%s\n' "$check_out" >&2
+    die "criu check failed"
+fi
+# runc looks CRIU up as `criu` on PATH; containerd hands its own PATH down to shims and runc.
+# Check that the standard root PATH (what systemd and the test beds use) resolves to the wrapper.
+resolved=$(PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin command -v criu)
+[ "$resolved" = "$KBT_CRIU_WRAPPER" ] || die "criu on the standard PATH resolves to $resolved, not $KBT_CRIU_WRAPPER"
+
+# ---------------------------------------------------------------------------------------------
+# 3. The busybox OCI image archive (deterministic: the same busybox gives the same bytes)
+# ---------------------------------------------------------------------------------------------
+BUSYBOX=/bin/busybox
+[ -x "$BUSYBOX" ] || die "$BUSYBOX missing (busybox-static)"
+if ldd "$BUSYBOX" >/dev/null 2>&1; then die "$BUSYBOX is dynamically linked; busybox-static is required"; fi
+
+# tar flags that make an archive depend on content only.
+DET_TAR=(--sort=name --format=gnu --owner=0 --group=0 --numeric-owner --mtime=@0)
+
+sha256() { sha256sum "$1" | cut -d' ' -f1; }
+size() { stat -c %s "$1"; }
+
+build_image() {
+    local out=$1 work rootfs arch bbver a layer config manifest
+    work=$(mktemp -d)
+    rootfs=$work/rootfs
+    mkdir -p "$rootfs"/{bin,dev,etc,proc,root,sys,tmp,var}
+    cp "$BUSYBOX" "$rootfs/bin/busybox"
+    for a in $("$BUSYBOX" --list); do
+        [ "$a" = busybox ] || ln -s busybox "$rootfs/bin/$a"
+    done
+    printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n' >"$rootfs/etc/passwd"
+    printf 'root:x:0:\nnogroup:x:65534:\n' >"$rootfs/etc/group"
+    find "$rootfs" -type d -exec chmod 0755 {} +
+    chmod 1777 "$rootfs/tmp"
+    chmod 0755 "$rootfs/bin/busybox"
+    chmod 0644 "$rootfs/etc/passwd" "$rootfs/etc/group"
+
+    mkdir -p "$work/oci/blobs/sha256"
+    (cd "$rootfs" && LC_ALL=C tar -cf "$work/layer.tar" "${DET_TAR[@]}" bin dev etc proc root sys tmp var)
+    layer=$(sha256 "$work/layer.tar")
+    arch=$(dpkg --print-architecture)
+    bbver=$(dpkg-query -W -f='${Version}' busybox-static)
+    printf '{"architecture":"%s","os":"linux","created":"1970-01-01T00:00:00Z","config":{"Env":["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],"Cmd":["sh"],"WorkingDir":"/"},"rootfs":{"type":"layers","diff_ids":["sha256:%s"]},"history":[{"created":"1970-01-01T00:00:00Z","created_by":"kybernate test/setup.sh from busybox-static %s"}]}' \
+        "$arch" "$layer" "$bbver" >"$work/config.json"
+    config=$(sha256 "$work/config.json")
+    printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:%s","size":%s},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"sha256:%s","size":%s}]}' \
+        "$config" "$(size "$work/config.json")" "$layer" "$(size "$work/layer.tar")" >"$work/manifest.json"
+    manifest=$(sha256 "$work/manifest.json")
+    mv "$work/layer.tar" "$work/oci/blobs/sha256/$layer"
+    mv "$work/config.json" "$work/oci/blobs/sha256/$config"
+    printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:%s","size":%s,"platform":{"architecture":"%s","os":"linux"},"annotations":{"io.containerd.image.name":"%s","org.opencontainers.image.ref.name":"%s"}}]}' \
+        "$manifest" "$(size "$work/manifest.json")" "$arch" "$KBT_IMAGE" "${KBT_IMAGE##*:}" >"$work/oci/index.json"
+    mv "$work/manifest.json" "$work/oci/blobs/sha256/$manifest"
+    printf '{"imageLayoutVersion":"1.0.0"}' >"$work/oci/oci-layout"
+    find "$work/oci" -type d -exec chmod 0755 {} +
+    find "$work/oci" -type f -exec chmod 0644 {} +
+    (cd "$work/oci" && LC_ALL=C tar -cf "$out" "${DET_TAR[@]}" oci-layout index.json blobs)
+    rm -rf "$work"
+}
+
+new_archive=$(mktemp "$KBT_STATE_DIR/.busybox-oci.XXXXXX")
+build_image "$new_archive"
+if cmp -s "$new_archive" "$KBT_IMAGE_ARCHIVE"; then
+    rm -f "$new_archive"
+    log "image archive $KBT_IMAGE_ARCHIVE up to date"
+else
+    chmod 0644 "$new_archive"
+    mv "$new_archive" "$KBT_IMAGE_ARCHIVE"
+    log "wrote image archive $KBT_IMAGE_ARCHIVE"
+fi
+mkdir -p "$KBT_RUN_BASE"
+
+# ---------------------------------------------------------------------------------------------
+# Summary
+# ---------------------------------------------------------------------------------------------
+elapsed=$(awk -v s="$START" -v e="$(date +%s.%N)" 'BEGIN { printf "%.1f", e - s }')
+cat <<EOF
+[setup] ready in ${elapsed}s
+  containerd  $(containerd --version | awk '{print $3}')  (shim: $(command -v containerd-shim-runc-v2))
+  runc        $(runc --version | awk 'NR==1 {print $3}')
+  criu        $CRIU_VERSION via $KBT_CRIU_WRAPPER -> $KBT_CRIU_PREFIX (criu check: Looks good.)
+  image       $KBT_IMAGE <- $KBT_IMAGE_ARCHIVE ($(size "$KBT_IMAGE_ARCHIVE") bytes)
+  test beds   private containerd dirs under $KBT_RUN_BASE
+EOF
