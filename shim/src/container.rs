@@ -1,0 +1,146 @@
+//! A container: its bundle, the runtime chosen for it, its init process and execs.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::oom::OomWatcher;
+use crate::process::Process;
+use crate::runtime::OciRuntime;
+
+/// File in the bundle recording which runtime binary the container was
+/// created with, so every later call (and `delete` after a shim crash) uses it.
+pub const RUNTIME_RECORD: &str = "kybernate-runtime.json";
+
+/// What [`RUNTIME_RECORD`] holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuntimeRecord {
+    pub binary: PathBuf,
+    pub root: PathBuf,
+    pub systemd_cgroup: bool,
+    /// Which rule chose the binary (`env`, `options`, `annotation`, `gpu`, `default`).
+    pub source: String,
+    pub gpu: bool,
+    pub evidence: Vec<String>,
+}
+
+impl RuntimeRecord {
+    pub fn write(&self, bundle: &Path) -> Result<()> {
+        let path = bundle.join(RUNTIME_RECORD);
+        let json = serde_json::to_vec_pretty(self).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let tmp = bundle.join(format!(".{RUNTIME_RECORD}.tmp"));
+        std::fs::write(&tmp, json).map_err(Error::os(format!("write {}", tmp.display())))?;
+        std::fs::rename(&tmp, &path).map_err(Error::os(format!("rename to {}", path.display())))
+    }
+
+    pub fn read(bundle: &Path) -> Result<Self> {
+        let path = bundle.join(RUNTIME_RECORD);
+        let bytes = std::fs::read(&path).map_err(Error::os(format!("read {}", path.display())))?;
+        serde_json::from_slice(&bytes)
+            .map_err(|e| Error::InvalidArgument(format!("{}: malformed runtime record: {e}", path.display())))
+    }
+}
+
+pub struct Container {
+    pub id: String,
+    pub bundle: PathBuf,
+    pub runtime: OciRuntime,
+    pub record: RuntimeRecord,
+    pub init: Arc<Process>,
+    /// Whether we mounted `<bundle>/rootfs` (and so must unmount it).
+    pub rootfs_mounted: bool,
+    execs: Mutex<HashMap<String, Arc<Process>>>,
+    oom: Mutex<Option<OomWatcher>>,
+}
+
+impl Container {
+    pub fn new(
+        id: String,
+        bundle: PathBuf,
+        runtime: OciRuntime,
+        record: RuntimeRecord,
+        init: Arc<Process>,
+        rootfs_mounted: bool,
+    ) -> Self {
+        Self {
+            id,
+            bundle,
+            runtime,
+            record,
+            init,
+            rootfs_mounted,
+            execs: Mutex::new(HashMap::new()),
+            oom: Mutex::new(None),
+        }
+    }
+
+    fn execs(&self) -> MutexGuard<'_, HashMap<String, Arc<Process>>> {
+        self.execs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The init process for an empty exec id, else that exec.
+    pub fn process(&self, exec_id: &str) -> Result<Arc<Process>> {
+        if exec_id.is_empty() {
+            return Ok(self.init.clone());
+        }
+        self.execs()
+            .get(exec_id)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("exec {exec_id} not found in container {}", self.id)))
+    }
+
+    pub fn add_exec(&self, p: Arc<Process>) -> Result<()> {
+        let exec_id = p.id.clone();
+        let mut execs = self.execs();
+        if execs.contains_key(&exec_id) {
+            return Err(Error::AlreadyExists(format!("exec {exec_id} already exists in container {}", self.id)));
+        }
+        execs.insert(exec_id, p);
+        Ok(())
+    }
+
+    pub fn remove_exec(&self, exec_id: &str) {
+        self.execs().remove(exec_id);
+    }
+
+    pub fn exec_list(&self) -> Vec<Arc<Process>> {
+        self.execs().values().cloned().collect()
+    }
+
+    pub fn set_oom_watcher(&self, w: OomWatcher) {
+        *self.oom.lock().unwrap_or_else(|p| p.into_inner()) = Some(w);
+    }
+
+    pub fn stop_oom_watcher(&self) {
+        self.oom.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+
+    pub fn rootfs(&self) -> PathBuf {
+        self.bundle.join("rootfs")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_round_trips_and_malformed_record_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = RuntimeRecord {
+            binary: "/usr/bin/runc".into(),
+            root: "/run/containerd/runc/default".into(),
+            systemd_cgroup: false,
+            source: "default".into(),
+            gpu: false,
+            evidence: vec![],
+        };
+        r.write(dir.path()).unwrap();
+        assert_eq!(RuntimeRecord::read(dir.path()).unwrap(), r);
+        std::fs::write(dir.path().join(RUNTIME_RECORD), "{").unwrap();
+        assert!(RuntimeRecord::read(dir.path()).unwrap_err().to_string().contains("malformed runtime record"));
+    }
+}

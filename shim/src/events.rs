@@ -1,0 +1,595 @@
+//! Publishing task events to containerd without blocking the task service.
+//!
+//! Task handlers only enqueue; one forwarding thread delivers events in order,
+//! retrying transient failures (containerd restarting, a dropped connection) a
+//! bounded number of times so a dead containerd cannot wedge the shim.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use containerd_shim::event::Event;
+use containerd_shim::protos::protobuf::MessageDyn;
+use containerd_shim::protos::ttrpc::context;
+use containerd_shim::publisher::RemotePublisher;
+use thiserror::Error;
+
+/// Why one publish attempt failed.
+#[derive(Debug, Error)]
+pub enum PublishError {
+    #[error("connect to containerd at {address}: {source}")]
+    Connect {
+        address: String,
+        #[source]
+        source: containerd_shim::Error,
+    },
+    #[error("forward {topic}: {source}")]
+    Forward {
+        topic: String,
+        #[source]
+        source: containerd_shim::Error,
+    },
+    #[error("publisher panicked")]
+    Panicked,
+    /// For publishers other than containerd's (test doubles, adapters).
+    #[error("{0}")]
+    Rejected(String),
+}
+
+/// Errors of the event queue itself.
+#[derive(Debug, Error)]
+pub enum EventError {
+    #[error("{pending} event(s) still pending after flush timeout")]
+    FlushTimeout { pending: usize },
+}
+
+/// The blocking call that hands one event to containerd; the seam tests replace.
+pub trait Publisher: Send + Sync {
+    /// Publishes `event` under `topic`; must not keep a reference to `event`, so it can be retried.
+    fn publish(&self, topic: &str, namespace: &str, event: &dyn MessageDyn) -> Result<(), PublishError>;
+}
+
+/// Publishes over containerd's ttrpc `Events.Forward`, reconnecting after a failure.
+///
+/// `RemotePublisher` never reconnects, so a failed call drops the connection
+/// and the next attempt dials `address` again.
+pub struct RemoteEvents {
+    address: String,
+    timeout: Duration,
+    client: Mutex<Option<RemotePublisher>>,
+}
+
+impl RemoteEvents {
+    /// Default per-call deadline; ttrpc's default context has none and could hang forever.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+
+    /// Reuses the publisher `containerd_shim::run` already connected; `address`
+    /// (`$TTRPC_ADDRESS`, no `unix://`) is dialled again after a failure.
+    pub fn new(publisher: RemotePublisher, address: impl Into<String>) -> RemoteEvents {
+        RemoteEvents { address: address.into(), timeout: Self::DEFAULT_TIMEOUT, client: Mutex::new(Some(publisher)) }
+    }
+
+    /// Connects on the first publish instead of now.
+    pub fn lazy(address: impl Into<String>) -> RemoteEvents {
+        RemoteEvents { address: address.into(), timeout: Self::DEFAULT_TIMEOUT, client: Mutex::new(None) }
+    }
+
+    /// Sets the per-call deadline.
+    pub fn timeout(mut self, timeout: Duration) -> RemoteEvents {
+        self.timeout = timeout;
+        self
+    }
+}
+
+impl Publisher for RemoteEvents {
+    fn publish(&self, topic: &str, namespace: &str, event: &dyn MessageDyn) -> Result<(), PublishError> {
+        let mut client = lock(&self.client);
+        let publisher = match client.take() {
+            Some(publisher) => publisher,
+            None => RemotePublisher::new(&self.address)
+                .map_err(|source| PublishError::Connect { address: self.address.clone(), source })?,
+        };
+        let timeout_ns = i64::try_from(self.timeout.as_nanos()).unwrap_or(i64::MAX);
+        publisher
+            .publish(context::with_timeout(timeout_ns), topic, namespace, event.clone_box())
+            .map_err(|source| PublishError::Forward { topic: topic.to_owned(), source })?;
+        // Kept only after a success: the connection may be dead (containerd restarted),
+        // so a failure makes the next attempt dial again.
+        *client = Some(publisher);
+        Ok(())
+    }
+}
+
+/// One event as the [`RecordingPublisher`] saw it.
+#[derive(Debug, Clone)]
+pub struct PublishedEvent {
+    pub topic: String,
+    pub namespace: String,
+    /// Protobuf full name, e.g. `containerd.events.TaskExit`.
+    pub type_name: String,
+    /// Protobuf text format, for assertions and failure messages.
+    pub text: String,
+    /// Serialized message, to decode with `M::parse_from_bytes`.
+    pub bytes: Vec<u8>,
+}
+
+#[derive(Default)]
+struct RecordingState {
+    events: Vec<PublishedEvent>,
+    attempts: usize,
+    fail_next: usize,
+    delay: Duration,
+}
+
+/// Test double: records what would have been sent to containerd.
+#[derive(Default)]
+pub struct RecordingPublisher {
+    state: Mutex<RecordingState>,
+}
+
+impl RecordingPublisher {
+    pub fn new() -> RecordingPublisher {
+        RecordingPublisher::default()
+    }
+
+    /// Makes the next `n` publish attempts fail.
+    pub fn fail_next(&self, n: usize) {
+        lock(&self.state).fail_next = n;
+    }
+
+    /// Makes every publish attempt sleep first, like a slow containerd.
+    pub fn set_delay(&self, delay: Duration) {
+        lock(&self.state).delay = delay;
+    }
+
+    /// Events published successfully, in order.
+    pub fn events(&self) -> Vec<PublishedEvent> {
+        lock(&self.state).events.clone()
+    }
+
+    /// All publish attempts, failed ones included.
+    pub fn attempts(&self) -> usize {
+        lock(&self.state).attempts
+    }
+}
+
+impl Publisher for RecordingPublisher {
+    fn publish(&self, topic: &str, namespace: &str, event: &dyn MessageDyn) -> Result<(), PublishError> {
+        let delay = {
+            let mut state = lock(&self.state);
+            state.attempts += 1;
+            state.delay
+        };
+        if !delay.is_zero() {
+            thread::sleep(delay);
+        }
+        let mut state = lock(&self.state);
+        if state.fail_next > 0 {
+            state.fail_next -= 1;
+            return Err(PublishError::Rejected(format!("injected failure for {topic}")));
+        }
+        let bytes = event.write_to_bytes_dyn().map_err(|e| PublishError::Rejected(e.to_string()))?;
+        state.events.push(PublishedEvent {
+            topic: topic.to_owned(),
+            namespace: namespace.to_owned(),
+            type_name: event.descriptor_dyn().full_name().to_owned(),
+            text: containerd_shim::protos::protobuf::text_format::print_to_string(event),
+            bytes,
+        });
+        Ok(())
+    }
+}
+
+/// How hard the forwarding thread tries before dropping an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Total attempts per event, the first included (at least 1).
+    pub attempts: u32,
+    /// Sleep after the first failure; doubles after each further one.
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    /// 5 attempts, sleeping 150+300+600+1200 ms between them: ~2.3 s per event before it is dropped.
+    fn default() -> RetryPolicy {
+        RetryPolicy {
+            attempts: 5,
+            initial_backoff: Duration::from_millis(150),
+            max_backoff: Duration::from_millis(1200),
+        }
+    }
+}
+
+struct Queued {
+    topic: String,
+    event: Box<dyn Event>,
+}
+
+/// Number of events sent but not yet delivered or dropped; flush waits for zero.
+#[derive(Default)]
+struct Pending {
+    count: Mutex<usize>,
+    drained: Condvar,
+}
+
+impl Pending {
+    fn add(&self) {
+        *lock(&self.count) += 1;
+    }
+
+    fn done(&self) {
+        let mut count = lock(&self.count);
+        *count = count.saturating_sub(1);
+        if *count == 0 {
+            self.drained.notify_all();
+        }
+    }
+}
+
+/// Ordered, non-blocking event delivery to containerd; clones share one queue.
+#[derive(Clone)]
+pub struct EventQueue {
+    tx: Sender<Queued>,
+    pending: Arc<Pending>,
+}
+
+impl EventQueue {
+    /// Starts the forwarding thread with the default [`RetryPolicy`].
+    pub fn start(publisher: Arc<dyn Publisher>, namespace: String) -> EventQueue {
+        EventQueue::with_policy(publisher, namespace, RetryPolicy::default())
+    }
+
+    /// Starts the forwarding thread; it ends once every clone is dropped and the queue drained.
+    ///
+    /// Events are not worth failing the shim for: if the thread cannot be spawned,
+    /// this logs an error and every `send` logs and drops its event.
+    pub fn with_policy(publisher: Arc<dyn Publisher>, namespace: String, policy: RetryPolicy) -> EventQueue {
+        let (tx, rx) = mpsc::channel();
+        let pending = Arc::new(Pending::default());
+        let thread_pending = Arc::clone(&pending);
+        if let Err(e) = thread::Builder::new()
+            .name("kyb-events".into())
+            .spawn(move || forward(rx, publisher.as_ref(), &namespace, policy, &thread_pending))
+        {
+            log::error!("cannot spawn event forwarding thread, events will be dropped: {e}");
+        }
+        EventQueue { tx, pending }
+    }
+
+    /// Enqueues `event` for its own topic and returns at once.
+    pub fn send(&self, event: impl Event + 'static) {
+        self.send_boxed(Box::new(event));
+    }
+
+    /// Like [`EventQueue::send`], for an already boxed event.
+    pub fn send_boxed(&self, event: Box<dyn Event>) {
+        let topic = event.topic();
+        self.pending.add();
+        if let Err(mpsc::SendError(lost)) = self.tx.send(Queued { topic, event }) {
+            log::warn!("event forwarder is gone; dropping {} event", lost.topic);
+            self.pending.done();
+        }
+    }
+
+    /// Waits until every event sent so far was delivered or dropped, for at most `timeout`.
+    pub fn flush(&self, timeout: Duration) -> Result<(), EventError> {
+        let deadline = Instant::now() + timeout;
+        let mut count = lock(&self.pending.count);
+        while *count > 0 {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(EventError::FlushTimeout { pending: *count });
+            }
+            count = match self.pending.drained.wait_timeout(count, deadline - now) {
+                Ok((guard, _)) => guard,
+                Err(poisoned) => poisoned.into_inner().0,
+            };
+        }
+        Ok(())
+    }
+}
+
+fn forward(rx: Receiver<Queued>, publisher: &dyn Publisher, namespace: &str, policy: RetryPolicy, pending: &Pending) {
+    for queued in rx {
+        deliver(&queued, publisher, namespace, policy);
+        pending.done();
+    }
+}
+
+fn deliver(queued: &Queued, publisher: &dyn Publisher, namespace: &str, policy: RetryPolicy) {
+    let event: &dyn MessageDyn = queued.event.as_ref();
+    let attempts = policy.attempts.max(1);
+    let mut backoff = policy.initial_backoff;
+    for attempt in 1..=attempts {
+        // A panicking publisher must not kill the thread and silently stop all later events.
+        let result = catch_unwind(AssertUnwindSafe(|| publisher.publish(&queued.topic, namespace, event)))
+            .unwrap_or(Err(PublishError::Panicked));
+        match result {
+            Ok(()) => return,
+            Err(e) if attempt < attempts => {
+                log::debug!("publish {} (attempt {attempt}/{attempts}) failed: {e}; retrying", queued.topic);
+                thread::sleep(backoff);
+                backoff = (backoff * 2).min(policy.max_backoff);
+            }
+            Err(e) => {
+                log::warn!("dropping {} event after {attempts} attempts: {e}", queued.topic);
+            }
+        }
+    }
+}
+
+/// Locks, ignoring poisoning: the guarded data stays consistent between statements.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use containerd_shim::protos::events::task::{TaskExit, TaskOOM, TaskStart};
+    use containerd_shim::protos::protobuf::Message;
+    use containerd_shim::protos::topics;
+
+    fn fast_policy() -> RetryPolicy {
+        RetryPolicy { attempts: 5, initial_backoff: Duration::from_millis(5), max_backoff: Duration::from_millis(20) }
+    }
+
+    fn start(publisher: &Arc<RecordingPublisher>) -> EventQueue {
+        let publisher: Arc<dyn Publisher> = publisher.clone();
+        EventQueue::with_policy(publisher, "k8s.io".into(), fast_policy())
+    }
+
+    fn start_event(pid: u32) -> TaskStart {
+        TaskStart { container_id: "c1".into(), pid, ..Default::default() }
+    }
+
+    fn pids(events: &[PublishedEvent]) -> Vec<u32> {
+        events.iter().map(|e| TaskStart::parse_from_bytes(&e.bytes).unwrap().pid).collect()
+    }
+
+    #[test]
+    fn delivers_in_order_with_topic_and_namespace() {
+        let publisher = Arc::new(RecordingPublisher::new());
+        let queue = start(&publisher);
+        for pid in 1..=50 {
+            queue.send(start_event(pid));
+        }
+        queue.send(TaskExit {
+            container_id: "c1".into(),
+            id: "c1".into(),
+            pid: 50,
+            exit_status: 137,
+            ..Default::default()
+        });
+        queue.flush(Duration::from_secs(10)).unwrap();
+
+        let events = publisher.events();
+        assert_eq!(pids(&events[..50]), (1..=50).collect::<Vec<_>>());
+        assert!(events[..50].iter().all(|e| e.topic == topics::TASK_START_EVENT_TOPIC && e.namespace == "k8s.io"));
+        let exit = &events[50];
+        assert_eq!(exit.topic, topics::TASK_EXIT_EVENT_TOPIC);
+        assert_eq!(exit.type_name, "containerd.events.TaskExit");
+        assert!(exit.text.contains("exit_status: 137"), "{}", exit.text);
+    }
+
+    /// Blocks inside `publish` until the test releases it, like a hung containerd.
+    struct GatedPublisher {
+        entered: Mutex<mpsc::Sender<()>>,
+        release: Mutex<mpsc::Receiver<()>>,
+        inner: RecordingPublisher,
+    }
+
+    impl Publisher for GatedPublisher {
+        fn publish(&self, topic: &str, namespace: &str, event: &dyn MessageDyn) -> Result<(), PublishError> {
+            let _ = lock(&self.entered).send(());
+            let _ = lock(&self.release).recv();
+            self.inner.publish(topic, namespace, event)
+        }
+    }
+
+    #[test]
+    fn send_does_not_wait_for_a_slow_publisher() {
+        let (entered_tx, entered_rx) = mpsc::channel();
+        let (release_tx, release_rx) = mpsc::channel();
+        let publisher = Arc::new(GatedPublisher {
+            entered: Mutex::new(entered_tx),
+            release: Mutex::new(release_rx),
+            inner: RecordingPublisher::new(),
+        });
+        let queue = EventQueue::with_policy(publisher.clone(), "default".into(), fast_policy());
+        queue.send(start_event(0));
+        entered_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+
+        // The publisher is stuck on event 0; these must all return anyway.
+        for pid in 1..=100 {
+            queue.send(start_event(pid));
+        }
+        assert!(publisher.inner.events().is_empty());
+
+        for _ in 0..=100 {
+            release_tx.send(()).unwrap();
+        }
+        queue.flush(Duration::from_secs(10)).unwrap();
+        assert_eq!(pids(&publisher.inner.events()), (0..=100).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn slow_publisher_keeps_order() {
+        let publisher = Arc::new(RecordingPublisher::new());
+        publisher.set_delay(Duration::from_millis(20));
+        let queue = start(&publisher);
+        for pid in 0..10 {
+            queue.send(start_event(pid));
+        }
+        queue.flush(Duration::from_secs(10)).unwrap();
+        assert_eq!(pids(&publisher.events()), (0..10).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn transient_failures_are_retried_and_delivered_once() {
+        let publisher = Arc::new(RecordingPublisher::new());
+        publisher.fail_next(3);
+        let queue = start(&publisher);
+        queue.send(TaskOOM { container_id: "c1".into(), ..Default::default() });
+        queue.send(start_event(7));
+        queue.flush(Duration::from_secs(10)).unwrap();
+
+        let events = publisher.events();
+        assert_eq!(events.len(), 2);
+        assert_eq!(events[0].topic, topics::TASK_OOM_EVENT_TOPIC);
+        assert_eq!(events[1].topic, topics::TASK_START_EVENT_TOPIC);
+        assert_eq!(publisher.attempts(), 5);
+    }
+
+    #[test]
+    fn permanent_failure_drops_the_event_and_the_queue_keeps_working() {
+        let publisher = Arc::new(RecordingPublisher::new());
+        publisher.fail_next(5);
+        let queue = start(&publisher);
+        queue.send(start_event(1));
+        queue.send(start_event(2));
+        queue.flush(Duration::from_secs(10)).unwrap();
+
+        assert_eq!(pids(&publisher.events()), vec![2]);
+        assert_eq!(publisher.attempts(), 6);
+    }
+
+    struct PanickingPublisher;
+
+    impl Publisher for PanickingPublisher {
+        fn publish(&self, _: &str, _: &str, _: &dyn MessageDyn) -> Result<(), PublishError> {
+            panic!("boom");
+        }
+    }
+
+    #[test]
+    fn a_panicking_publisher_does_not_stop_the_queue() {
+        let queue = EventQueue::with_policy(Arc::new(PanickingPublisher), "default".into(), fast_policy());
+        queue.send(start_event(1));
+        queue.send(start_event(2));
+        queue.flush(Duration::from_secs(10)).unwrap();
+    }
+
+    #[test]
+    fn flush_waits_for_delivery_and_times_out_when_stuck() {
+        let publisher = Arc::new(RecordingPublisher::new());
+        publisher.set_delay(Duration::from_millis(200));
+        let queue = start(&publisher);
+        queue.send(start_event(1));
+        queue.send(start_event(2));
+        let err = queue.flush(Duration::from_millis(50)).unwrap_err();
+        assert!(matches!(err, EventError::FlushTimeout { pending } if pending >= 1), "{err}");
+
+        queue.flush(Duration::from_secs(10)).unwrap();
+        assert_eq!(pids(&publisher.events()), vec![1, 2]);
+        // Nothing pending: returns at once.
+        queue.flush(Duration::ZERO).unwrap();
+    }
+
+    /// A stand-in for containerd's ttrpc Events service.
+    #[derive(Default)]
+    struct FakeContainerd {
+        received: Mutex<Vec<(String, String, String)>>,
+    }
+
+    impl containerd_shim::protos::shim_sync::Events for FakeContainerd {
+        fn forward(
+            &self,
+            _ctx: &containerd_shim::protos::ttrpc::TtrpcContext,
+            req: containerd_shim::protos::shim::events::ForwardRequest,
+        ) -> containerd_shim::protos::ttrpc::Result<containerd_shim::protos::types::empty::Empty> {
+            let envelope = req.envelope;
+            let type_url = envelope.event.type_url.clone();
+            lock(&self.received).push((envelope.topic.clone(), envelope.namespace.clone(), type_url));
+            Ok(Default::default())
+        }
+    }
+
+    fn serve(socket: &std::path::Path, fake: &Arc<FakeContainerd>) -> containerd_shim::protos::ttrpc::Server {
+        let _ = std::fs::remove_file(socket);
+        let service: Arc<dyn containerd_shim::protos::shim_sync::Events + Send + Sync> = fake.clone();
+        let mut server = containerd_shim::protos::ttrpc::Server::new()
+            .bind(&format!("unix://{}", socket.display()))
+            .unwrap()
+            .register_service(containerd_shim::protos::shim_sync::create_events(service));
+        server.start().unwrap();
+        server
+    }
+
+    #[test]
+    fn remote_events_reconnects_after_containerd_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("containerd.sock.ttrpc");
+        let fake = Arc::new(FakeContainerd::default());
+        let server = serve(&socket, &fake);
+        let connected = RemotePublisher::new(socket.to_string_lossy()).unwrap();
+        let remote = RemoteEvents::new(connected, socket.to_string_lossy()).timeout(Duration::from_secs(2));
+        remote.publish(topics::TASK_START_EVENT_TOPIC, "k8s.io", &start_event(1)).unwrap();
+        server.shutdown();
+
+        let err = remote.publish(topics::TASK_START_EVENT_TOPIC, "k8s.io", &start_event(2)).unwrap_err();
+        assert!(matches!(err, PublishError::Forward { .. } | PublishError::Connect { .. }), "{err}");
+
+        let server = serve(&socket, &fake);
+        remote.publish(topics::TASK_OOM_EVENT_TOPIC, "k8s.io", &TaskOOM::default()).unwrap();
+        server.shutdown();
+
+        let received = lock(&fake.received).clone();
+        assert_eq!(
+            received,
+            vec![
+                ("/tasks/start".to_owned(), "k8s.io".to_owned(), "containerd.events.TaskStart".to_owned()),
+                ("/tasks/oom".to_owned(), "k8s.io".to_owned(), "containerd.events.TaskOOM".to_owned()),
+            ]
+        );
+    }
+
+    #[test]
+    fn queue_delivers_once_containerd_comes_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("containerd.sock.ttrpc");
+        let fake = Arc::new(FakeContainerd::default());
+        let remote = Arc::new(RemoteEvents::lazy(socket.to_string_lossy()).timeout(Duration::from_secs(2)));
+        let policy = RetryPolicy {
+            attempts: 20,
+            initial_backoff: Duration::from_millis(20),
+            max_backoff: Duration::from_millis(100),
+        };
+        let queue = EventQueue::with_policy(remote, "default".into(), policy);
+        queue.send(start_event(1));
+        thread::sleep(Duration::from_millis(100));
+        let server = serve(&socket, &fake);
+        queue.send(TaskOOM::default());
+        queue.flush(Duration::from_secs(10)).unwrap();
+        server.shutdown();
+
+        let topics_seen: Vec<String> = lock(&fake.received).iter().map(|(t, _, _)| t.clone()).collect();
+        assert_eq!(topics_seen, vec!["/tasks/start", "/tasks/oom"]);
+    }
+
+    #[test]
+    fn clones_share_one_ordered_queue() {
+        let publisher = Arc::new(RecordingPublisher::new());
+        let queue = start(&publisher);
+        let clone = queue.clone();
+        let sender = thread::spawn(move || {
+            for pid in 0..20 {
+                clone.send(start_event(pid));
+            }
+        });
+        sender.join().unwrap();
+        queue.send(start_event(20));
+        queue.flush(Duration::from_secs(10)).unwrap();
+        assert_eq!(pids(&publisher.events()), (0..=20).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn remote_events_reports_connect_failures() {
+        let remote = RemoteEvents::lazy("/nonexistent/containerd.sock.ttrpc").timeout(Duration::from_millis(100));
+        let err = remote.publish(topics::TASK_START_EVENT_TOPIC, "default", &start_event(1)).unwrap_err();
+        assert!(matches!(err, PublishError::Connect { .. }), "{err}");
+    }
+}

@@ -1,0 +1,166 @@
+//! The shim process: `start` (spawn or reuse the group's daemon), `delete`
+//! (clean up after a dead daemon) and the daemon's task service.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use containerd_shim::monitor::{monitor_subscribe, Topic};
+use containerd_shim::publisher::RemotePublisher;
+use containerd_shim::{cgroup, util, Config, DeleteResponse, ExitSignal, Flags, Shim, StartOpts};
+use log::{info, warn};
+
+use crate::container::RuntimeRecord;
+use crate::events::{EventQueue, RemoteEvents};
+use crate::options::ShimOptions;
+use crate::runtime::{MonitorSpawner, OciRuntime, RuntimeOpts};
+use crate::task::{unmount_rootfs, TaskService};
+
+/// Annotations that put containers into one shim process (a pod), in the order the Go shim checks them.
+pub const GROUP_ANNOTATIONS: [&str; 2] = ["io.containerd.runc.v2.group", "io.kubernetes.cri.sandbox-id"];
+
+pub struct Service {
+    id: String,
+    namespace: String,
+    bundle: PathBuf,
+    exit: Arc<ExitSignal>,
+}
+
+impl Shim for Service {
+    type T = TaskService;
+
+    fn new(_runtime_id: &str, args: &Flags, _config: &mut Config) -> Self {
+        Service {
+            id: args.id.clone(),
+            namespace: args.namespace.clone(),
+            bundle: if args.bundle.is_empty() { PathBuf::from(".") } else { PathBuf::from(&args.bundle) },
+            exit: Arc::new(ExitSignal::default()),
+        }
+    }
+
+    /// Runs in the bundle dir. Nothing may be printed here: containerd reads
+    /// stdout and stderr together as the socket address.
+    fn start_shim(&mut self, opts: StartOpts) -> containerd_shim::Result<String> {
+        let options = read_start_options();
+        let grouping = group_id(Path::new(".")).unwrap_or_else(|| opts.id.clone());
+        let (pid, address) = containerd_shim::spawn(opts, &grouping, Vec::new())?;
+        if let Some(cg) = options.shim_cgroup() {
+            // Best effort, as in the Go shim: a missing cgroup must not stop the container.
+            let _ = cgroup::add_task_to_cgroup(cg, pid);
+        }
+        // Shims should die before containerd under memory pressure.
+        let _ = cgroup::adjust_oom_score(pid);
+        util::write_address(&address)?;
+        Ok(address)
+    }
+
+    /// containerd calls `delete` when the daemon died: remove what it left.
+    fn delete_shim(&mut self) -> containerd_shim::Result<DeleteResponse> {
+        let bundle = self.bundle.clone();
+        let record = RuntimeRecord::read(&bundle).ok();
+        let binary = match &record {
+            Some(r) => Some(r.binary.clone()),
+            None => kybernate_runtime_select::resolve("runc", std::env::var_os("PATH").as_deref()).ok(),
+        };
+        if let Some(binary) = binary {
+            let root = record
+                .as_ref()
+                .map(|r| r.root.clone())
+                .unwrap_or_else(|| ShimOptions::default().runtime_root(&self.namespace));
+            let systemd_cgroup = record.as_ref().is_some_and(|r| r.systemd_cgroup);
+            let rt =
+                OciRuntime::new(RuntimeOpts { binary, root, systemd_cgroup, criu: None }, Arc::new(MonitorSpawner));
+            if let Err(e) = rt.delete(&self.id, &bundle, true) {
+                if !e.is_not_found() {
+                    eprintln!("delete {}: {e}", self.id);
+                }
+            }
+        }
+        unmount_rootfs(&bundle.join("rootfs"));
+        Ok(DeleteResponse {
+            exit_status: 128 + libc::SIGKILL as u32,
+            exited_at: Some(util::timestamp()?).into(),
+            ..Default::default()
+        })
+    }
+
+    fn wait(&mut self) {
+        self.exit.wait();
+        // containerd-shim reads `./address` on the way out to remove the socket; in a
+        // grouped shim our cwd is the first container's bundle, which may be gone by now.
+        if std::fs::metadata("address").is_err() {
+            if let Ok(addr) = std::env::var(ADDRESS_ENV) {
+                let dir = exit_dir();
+                if std::fs::create_dir_all(&dir).is_ok() && std::env::set_current_dir(&dir).is_ok() {
+                    let _ = util::write_address(&addr);
+                }
+            }
+        }
+    }
+
+    fn create_task_service(&self, publisher: RemotePublisher) -> TaskService {
+        let ttrpc_address = std::env::var("TTRPC_ADDRESS").unwrap_or_default();
+        let events = EventQueue::start(Arc::new(RemoteEvents::new(publisher, ttrpc_address)), self.namespace.clone());
+        let exits = monitor_subscribe(Topic::All)
+            // Without exits no task ever finishes: say so loudly rather than die silently.
+            .inspect_err(|e| log::error!("cannot subscribe to process exits: {e}"))
+            .ok();
+        info!("shim {} started for namespace {} (pid {})", self.id, self.namespace, std::process::id());
+        TaskService::new(self.namespace.clone(), events, Arc::new(MonitorSpawner), self.exit.clone(), exits)
+    }
+}
+
+/// Our socket address for [`Shim::wait`]'s fallback (set by `main` from `-socket`).
+pub const ADDRESS_ENV: &str = "KYBERNATE_SHIM_SOCKET";
+
+/// Private dir holding a copy of `address` for the exit path.
+pub fn exit_dir() -> PathBuf {
+    PathBuf::from(format!("/run/kybernate/shim-exit-{}", std::process::id()))
+}
+
+/// The runtime options containerd writes to `start`'s stdin (empty when none).
+fn read_start_options() -> ShimOptions {
+    let mut buf = Vec::new();
+    if nix::unistd::isatty(std::io::stdin()).unwrap_or(false) {
+        return ShimOptions::default();
+    }
+    match std::io::stdin().read_to_end(&mut buf) {
+        Ok(_) => ShimOptions::from_start_stdin(&buf).unwrap_or_else(|e| {
+            warn!("ignoring start options: {e}");
+            ShimOptions::default()
+        }),
+        Err(_) => ShimOptions::default(),
+    }
+}
+
+/// The group a bundle belongs to, from its annotations.
+fn group_id(bundle: &Path) -> Option<String> {
+    let spec = kybernate_runtime_select::load_spec(bundle).ok()?;
+    let annotations = spec.annotations().as_ref()?;
+    GROUP_ANNOTATIONS.iter().find_map(|k| annotations.get(*k).filter(|v| !v.is_empty()).cloned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn group_id_prefers_runc_group_then_sandbox_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |ann: serde_json::Value| {
+            std::fs::write(
+                dir.path().join("config.json"),
+                serde_json::json!({"ociVersion": "1.0.2", "annotations": ann}).to_string(),
+            )
+            .unwrap()
+        };
+        write(serde_json::json!({"io.kubernetes.cri.sandbox-id": "pod1", "io.containerd.runc.v2.group": "g1"}));
+        assert_eq!(group_id(dir.path()).as_deref(), Some("g1"));
+        write(serde_json::json!({"io.kubernetes.cri.sandbox-id": "pod1"}));
+        assert_eq!(group_id(dir.path()).as_deref(), Some("pod1"));
+        write(serde_json::json!({"io.containerd.runc.v2.group": ""}));
+        assert_eq!(group_id(dir.path()), None);
+        std::fs::write(dir.path().join("config.json"), "garbage").unwrap();
+        assert_eq!(group_id(dir.path()), None);
+    }
+}

@@ -1,0 +1,696 @@
+//! The containerd Task API (task v2) over containers whose runtime binary is
+//! chosen per container. Request → decision → runtime call → event.
+//!
+//! Locking: the container map and each process's state are locked only
+//! briefly; no lock is held across a runtime call, so a slow runtime call in
+//! one container never blocks another container's RPCs or exit reporting.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use containerd_shim::api::{
+    CloseIORequest, ConnectRequest, ConnectResponse, CreateTaskRequest, CreateTaskResponse, DeleteRequest, Empty,
+    ExecProcessRequest, KillRequest, PauseRequest, PidsRequest, PidsResponse, ResizePtyRequest, ResumeRequest,
+    ShutdownRequest, StartRequest, StartResponse, StateRequest, StateResponse, StatsRequest, StatsResponse,
+    UpdateTaskRequest, WaitRequest, WaitResponse,
+};
+use containerd_shim::monitor::{Subject, Subscription};
+use containerd_shim::protos::events::task::{
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskPaused, TaskResumed,
+    TaskStart,
+};
+use containerd_shim::protos::protobuf::well_known_types::any::Any;
+use containerd_shim::protos::protobuf::Message;
+use containerd_shim::protos::shim::oci::ProcessDetails;
+use containerd_shim::protos::types::task::ProcessInfo;
+use containerd_shim::{api, ExitSignal, Task, TtrpcContext, TtrpcResult};
+use kybernate_runtime_select::{Context as SelectContext, Selector};
+use log::{info, warn};
+
+use crate::container::{Container, RuntimeRecord};
+use crate::error::{Error, Result};
+use crate::events::EventQueue;
+use crate::io::{ProcessIo, StdioConfig};
+use crate::options::ShimOptions;
+use crate::process::{Process, ProcessStatus};
+use crate::runtime::{CreateOpts, ExecOpts, OciRuntime, RuntimeOpts, Spawner};
+
+/// How long an exit waits for the process's output to drain: a daemonised
+/// grandchild can hold the pipe open forever.
+const OUTPUT_DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long init's TaskExit waits for exec exits (they die with the PID namespace).
+const EXEC_EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Exits of pids we do not know yet are kept this long (runtime invocations exit here too).
+const PENDING_EXIT_TTL: Duration = Duration::from_secs(60);
+
+/// Which process a pid belongs to, and exits that arrived before we learnt the pid.
+/// One lock makes "exit before pid known" and "pid known before exit" race-free.
+#[derive(Default)]
+struct PidTable {
+    known: HashMap<u32, (String, Option<String>)>,
+    pending: HashMap<u32, (u32, SystemTime, Instant)>,
+}
+
+pub struct TaskService {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    namespace: String,
+    events: EventQueue,
+    spawner: Arc<dyn Spawner>,
+    containers: Mutex<HashMap<String, Arc<Container>>>,
+    pids: Mutex<PidTable>,
+    exit_signal: Arc<ExitSignal>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl TaskService {
+    /// `exits` is a subscription to every child exit the shim's reaper sees
+    /// (`None` only if subscribing failed; then no exit is ever reported).
+    pub fn new(
+        namespace: String,
+        events: EventQueue,
+        spawner: Arc<dyn Spawner>,
+        exit_signal: Arc<ExitSignal>,
+        exits: Option<Subscription>,
+    ) -> Self {
+        let inner = Arc::new(Inner {
+            namespace,
+            events,
+            spawner,
+            containers: Mutex::new(HashMap::new()),
+            pids: Mutex::new(PidTable::default()),
+            exit_signal,
+        });
+        let weak = Arc::downgrade(&inner);
+        let Some(exits) = exits else { return Self { inner } };
+        std::thread::Builder::new()
+            .name("exits".into())
+            .spawn(move || {
+                // The subscription lives as long as this loop: dropping it unsubscribes.
+                for ev in exits.rx.iter() {
+                    let Some(inner) = weak.upgrade() else { break };
+                    if let Subject::Pid(pid) = ev.subject {
+                        inner.on_exit(pid as u32, ev.exit_code as u32);
+                    }
+                }
+            })
+            .ok();
+        Self { inner }
+    }
+}
+
+impl Inner {
+    fn container(&self, id: &str) -> Result<Arc<Container>> {
+        lock(&self.containers).get(id).cloned().ok_or_else(|| Error::NotFound(format!("container {id} not found")))
+    }
+
+    fn process(&self, id: &str, exec_id: &str) -> Result<(Arc<Container>, Arc<Process>)> {
+        let c = self.container(id)?;
+        let p = c.process(exec_id)?;
+        Ok((c, p))
+    }
+
+    /// Called from the reaper subscription for every exited child.
+    fn on_exit(self: &Arc<Self>, pid: u32, code: u32) {
+        let at = SystemTime::now();
+        let owner = {
+            let mut t = lock(&self.pids);
+            match t.known.remove(&pid) {
+                Some(owner) => Some(owner),
+                None => {
+                    let now = Instant::now();
+                    t.pending.retain(|_, (_, _, seen)| now.duration_since(*seen) < PENDING_EXIT_TTL);
+                    t.pending.insert(pid, (code, at, now));
+                    None
+                }
+            }
+        };
+        if let Some((cid, exec_id)) = owner {
+            let inner = self.clone();
+            // Draining output can take a while; never hold up other exits.
+            let spawned = std::thread::Builder::new()
+                .name("exit".into())
+                .spawn(move || inner.handle_exit(&cid, exec_id.as_deref(), pid, code, at));
+            if let Err(e) = spawned {
+                warn!("cannot start exit handler for pid {pid}: {e}");
+            }
+        }
+    }
+
+    /// Registers a process's pid; if it already exited, handles that exit now.
+    fn register_pid(self: &Arc<Self>, cid: &str, exec_id: Option<&str>, pid: u32) {
+        let early = {
+            let mut t = lock(&self.pids);
+            match t.pending.remove(&pid) {
+                Some(e) => Some(e),
+                None => {
+                    t.known.insert(pid, (cid.to_string(), exec_id.map(str::to_string)));
+                    None
+                }
+            }
+        };
+        if let Some((code, at, _)) = early {
+            let (inner, cid, exec_id) = (self.clone(), cid.to_string(), exec_id.map(str::to_string));
+            std::thread::spawn(move || inner.handle_exit(&cid, exec_id.as_deref(), pid, code, at));
+        }
+    }
+
+    fn forget_pid(&self, pid: u32) {
+        if pid != 0 {
+            lock(&self.pids).known.remove(&pid);
+        }
+    }
+
+    fn handle_exit(&self, cid: &str, exec_id: Option<&str>, pid: u32, code: u32, at: SystemTime) {
+        let Ok((c, p)) = self.process(cid, exec_id.unwrap_or_default()) else { return };
+        // Output first: once Wait returns, clients (ctr run --rm) stop reading.
+        p.with_io(|io| io.wait_output(OUTPUT_DRAIN_TIMEOUT));
+        if !p.set_exited(code, at) {
+            return;
+        }
+        p.wait_start_settled(Duration::from_secs(30));
+        if exec_id.is_none() {
+            c.stop_oom_watcher();
+            // containerd expects init's exit last.
+            for e in c.exec_list() {
+                if e.state().pid != 0 && e.wait_timeout(EXEC_EXIT_TIMEOUT).is_none() {
+                    warn!("container {cid}: exec {} still running {EXEC_EXIT_TIMEOUT:?} after init exited", e.id);
+                }
+            }
+        }
+        info!("container {cid}: process {} (pid {pid}) exited with status {code}", p.id);
+        self.events.send(TaskExit {
+            container_id: cid.to_string(),
+            id: p.id.clone(),
+            pid,
+            exit_status: code,
+            exited_at: Some(p.state().exit.map(|e| e.timestamp()).unwrap_or_default()).into(),
+            ..Default::default()
+        });
+    }
+
+    fn create(self: &Arc<Self>, req: &CreateTaskRequest) -> Result<u32> {
+        if req.id.is_empty() {
+            return Err(Error::InvalidArgument("create: empty container id".into()));
+        }
+        if lock(&self.containers).contains_key(&req.id) {
+            return Err(Error::AlreadyExists(format!("container {} already exists", req.id)));
+        }
+        if !req.checkpoint.is_empty() {
+            return Err(Error::Unimplemented(format!(
+                "create {}: restore from checkpoint {} is not supported by this shim yet",
+                req.id, req.checkpoint
+            )));
+        }
+        let bundle = PathBuf::from(&req.bundle);
+        let opts = ShimOptions::from_any(req.options.as_ref())?;
+        let spec = kybernate_runtime_select::load_spec(&bundle).map_err(kybernate_runtime_select::SelectError::from)?;
+        let selector =
+            Selector::load(opts.config_path.as_deref(), SelectContext::from_process_env(opts.binary_name()))?;
+        let decision = selector.select(&spec)?;
+        let evidence: Vec<String> = decision.evidence.iter().map(ToString::to_string).collect();
+        info!(
+            "container {}: runtime {} (source: {}, gpu: {}, evidence: [{}])",
+            req.id,
+            decision.runtime.display(),
+            decision.source,
+            decision.gpu,
+            evidence.join("; ")
+        );
+        for w in &decision.warnings {
+            warn!("container {}: {w}", req.id);
+        }
+        let record = RuntimeRecord {
+            binary: decision.runtime.clone(),
+            root: opts.runtime_root(&self.namespace),
+            systemd_cgroup: opts.systemd_cgroup(),
+            source: serde_json::to_value(decision.source)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default(),
+            gpu: decision.gpu,
+            evidence,
+        };
+        record.write(&bundle)?;
+        let runtime = OciRuntime::new(
+            RuntimeOpts {
+                binary: record.binary.clone(),
+                root: record.root.clone(),
+                systemd_cgroup: record.systemd_cgroup,
+                criu: opts.criu_path.clone(),
+            },
+            self.spawner.clone(),
+        );
+
+        let rootfs = bundle.join("rootfs");
+        let mounted = mount_rootfs(&req.rootfs, &rootfs)?;
+        let stdio = StdioConfig {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        let created = self.create_init(&req.id, &bundle, &runtime, &opts, &stdio);
+        let (pid, io) = match created {
+            Ok(v) => v,
+            Err(e) => {
+                // Leave nothing behind: runtime state, process, mounts.
+                if let Err(de) = runtime.delete(&req.id, &bundle, true) {
+                    if !(de.is_not_found()) {
+                        warn!("create {}: cleanup: {de}", req.id);
+                    }
+                }
+                if mounted {
+                    unmount_rootfs(&rootfs);
+                }
+                return Err(e);
+            }
+        };
+        let init = Arc::new(Process::new(req.id.clone(), None, stdio.clone(), None));
+        init.set_pid(pid);
+        init.set_io(io);
+        let c = Arc::new(Container::new(req.id.clone(), bundle.clone(), runtime, record, init, mounted));
+        lock(&self.containers).insert(req.id.clone(), c.clone());
+        self.register_pid(&req.id, None, pid);
+        self.watch_oom(&c, pid);
+
+        self.events.send(TaskCreate {
+            container_id: req.id.clone(),
+            bundle: req.bundle.clone(),
+            rootfs: req.rootfs.clone(),
+            io: Some(TaskIO {
+                stdin: req.stdin.clone(),
+                stdout: req.stdout.clone(),
+                stderr: req.stderr.clone(),
+                terminal: req.terminal,
+                ..Default::default()
+            })
+            .into(),
+            checkpoint: req.checkpoint.clone(),
+            pid,
+            ..Default::default()
+        });
+        Ok(pid)
+    }
+
+    /// Runs `<runtime> create` with the process IO wired up; returns the init pid.
+    fn create_init(
+        &self,
+        id: &str,
+        bundle: &Path,
+        runtime: &OciRuntime,
+        opts: &ShimOptions,
+        stdio: &StdioConfig,
+    ) -> Result<(u32, ProcessIo)> {
+        let (mut io, child) = ProcessIo::prepare(stdio, bundle, id, &self.namespace)?;
+        let pid_file = bundle.join("init.pid");
+        let create = CreateOpts {
+            pid_file: pid_file.clone(),
+            console_socket: io.console_socket().map(Path::to_path_buf),
+            no_pivot: opts.no_pivot_root(),
+            no_new_keyring: opts.no_new_keyring(),
+        };
+        runtime.create(id, bundle, &create, child)?;
+        io.attach()?;
+        Ok((read_pid(&pid_file)?, io))
+    }
+
+    fn watch_oom(&self, c: &Arc<Container>, pid: u32) {
+        let (events, cid) = (self.events.clone(), c.id.clone());
+        match crate::oom::watch(
+            pid,
+            Box::new(move || events.send(TaskOOM { container_id: cid.clone(), ..Default::default() })),
+        ) {
+            Ok(w) => c.set_oom_watcher(w),
+            Err(e) => warn!("container {}: no OOM notifications: {e}", c.id),
+        }
+    }
+
+    fn start(self: &Arc<Self>, req: &StartRequest) -> Result<u32> {
+        let (c, p) = self.process(&req.id, &req.exec_id)?;
+        p.begin_start()?;
+        let started = if req.exec_id.is_empty() { self.start_init(&c, &p) } else { self.start_exec(&c, &p) };
+        let pid = p.pid();
+        if started.is_ok() {
+            if req.exec_id.is_empty() {
+                self.events.send(TaskStart { container_id: c.id.clone(), pid, ..Default::default() });
+            } else {
+                self.events.send(TaskExecStarted {
+                    container_id: c.id.clone(),
+                    exec_id: req.exec_id.clone(),
+                    pid,
+                    ..Default::default()
+                });
+            }
+        }
+        p.end_start(started.is_ok());
+        started.map(|_| pid)
+    }
+
+    fn start_init(&self, c: &Container, _p: &Process) -> Result<()> {
+        c.runtime.start(&c.id, &c.bundle)?;
+        Ok(())
+    }
+
+    fn start_exec(self: &Arc<Self>, c: &Container, p: &Arc<Process>) -> Result<()> {
+        c.init.require("exec", &[ProcessStatus::Running])?;
+        let spec = p.spec.as_ref().ok_or_else(|| Error::InvalidArgument(format!("exec {}: no process spec", p.id)))?;
+        let (mut io, child) = ProcessIo::prepare(&p.stdio, &c.bundle, &p.id, &self.namespace)?;
+        let pid_file = c.bundle.join(format!("{}.pid", exec_file_stem(&p.id)));
+        let opts = ExecOpts { pid_file: pid_file.clone(), console_socket: io.console_socket().map(Path::to_path_buf) };
+        c.runtime.exec(&c.id, &c.bundle, spec, &opts, child)?;
+        io.attach()?;
+        let pid = read_pid(&pid_file)?;
+        let _ = std::fs::remove_file(&pid_file);
+        p.set_io(io);
+        p.set_pid(pid);
+        self.register_pid(&c.id, Some(&p.id), pid);
+        Ok(())
+    }
+
+    fn delete(&self, req: &DeleteRequest) -> Result<api::DeleteResponse> {
+        let (c, p) = self.process(&req.id, &req.exec_id)?;
+        let st = p.require("delete", &[ProcessStatus::Created, ProcessStatus::Stopped]).or_else(|e| match e {
+            // Deleting a finished process is the point of delete.
+            Error::NotFound(_) if p.state().status == ProcessStatus::Stopped => Ok(p.state()),
+            other => Err(other),
+        })?;
+        let exit = if req.exec_id.is_empty() {
+            if let Err(e) = c.runtime.delete(&c.id, &c.bundle, st.status == ProcessStatus::Created) {
+                if !e.is_not_found() {
+                    return Err(e.into());
+                }
+            }
+            // A never-started init is killed by the delete; give its exit a moment to arrive.
+            let exit = if st.pid != 0 { p.wait_timeout(Duration::from_secs(5)) } else { p.state().exit };
+            p.close_io();
+            c.stop_oom_watcher();
+            if c.rootfs_mounted {
+                unmount_rootfs(&c.rootfs());
+            }
+            for e in c.exec_list() {
+                e.close_io();
+                self.forget_pid(e.pid());
+            }
+            lock(&self.containers).remove(&c.id);
+            exit
+        } else {
+            p.close_io();
+            c.remove_exec(&req.exec_id);
+            p.state().exit
+        };
+        self.forget_pid(st.pid);
+        let _ = p.transition(ProcessStatus::Deleted);
+        let (exit_status, exited_at) = match exit {
+            Some(e) => (e.code, e.timestamp()),
+            None if st.status == ProcessStatus::Created && st.pid == 0 => (0, Default::default()),
+            // Killed by the delete and its exit never arrived: report SIGKILL like the Go shim.
+            None => (128 + libc::SIGKILL as u32, SystemTime::now().into()),
+        };
+        if req.exec_id.is_empty() {
+            self.events.send(TaskDelete {
+                container_id: c.id.clone(),
+                pid: st.pid,
+                exit_status,
+                exited_at: Some(exited_at.clone()).into(),
+                id: c.id.clone(),
+                ..Default::default()
+            });
+        }
+        Ok(api::DeleteResponse { pid: st.pid, exit_status, exited_at: Some(exited_at).into(), ..Default::default() })
+    }
+
+    fn exec(&self, req: &ExecProcessRequest) -> Result<()> {
+        let c = self.container(&req.id)?;
+        if req.exec_id.is_empty() {
+            return Err(Error::InvalidArgument(format!("exec in {}: empty exec id", req.id)));
+        }
+        c.init.require("exec", &[ProcessStatus::Running])?;
+        let any = req
+            .spec
+            .as_ref()
+            .ok_or_else(|| Error::InvalidArgument(format!("exec {}: no process spec", req.exec_id)))?;
+        let mut spec: oci_spec::runtime::Process = serde_json::from_slice(&any.value)
+            .map_err(|e| Error::InvalidArgument(format!("exec {}: malformed process spec: {e}", req.exec_id)))?;
+        spec.set_terminal(Some(req.terminal));
+        let stdio = StdioConfig {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        c.add_exec(Arc::new(Process::new(req.exec_id.clone(), Some(req.exec_id.clone()), stdio, Some(spec))))?;
+        self.events.send(TaskExecAdded {
+            container_id: c.id.clone(),
+            exec_id: req.exec_id.clone(),
+            ..Default::default()
+        });
+        Ok(())
+    }
+
+    fn kill(&self, req: &KillRequest) -> Result<()> {
+        let (c, p) = self.process(&req.id, &req.exec_id)?;
+        let live = [ProcessStatus::Created, ProcessStatus::Running, ProcessStatus::Paused];
+        if req.exec_id.is_empty() {
+            // With --all the remaining processes may need the signal even after init exited.
+            if !req.all {
+                p.require("kill", &live)?;
+            }
+            c.runtime.kill(&c.id, &c.bundle, req.signal, req.all)?;
+            return Ok(());
+        }
+        let st = p.require("kill", &[ProcessStatus::Running, ProcessStatus::Paused])?;
+        let sig = nix::sys::signal::Signal::try_from(req.signal as i32)
+            .map_err(|_| Error::InvalidArgument(format!("kill: invalid signal {}", req.signal)))?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(st.pid as i32), sig).map_err(|e| match e {
+            nix::errno::Errno::ESRCH => Error::NotFound(format!("kill {}: process already finished", p.id)),
+            e => Error::os(format!("kill exec {} (pid {})", p.id, st.pid))(e.into()),
+        })
+    }
+
+    fn pause(&self, id: &str, pause: bool) -> Result<()> {
+        let c = self.container(id)?;
+        let (from, to) = if pause {
+            (ProcessStatus::Running, ProcessStatus::Paused)
+        } else {
+            (ProcessStatus::Paused, ProcessStatus::Running)
+        };
+        c.init.require(if pause { "pause" } else { "resume" }, &[from])?;
+        if pause {
+            c.runtime.pause(&c.id, &c.bundle)?;
+        } else {
+            c.runtime.resume(&c.id, &c.bundle)?;
+        }
+        c.init.transition(to)?;
+        if pause {
+            self.events.send(TaskPaused { container_id: c.id.clone(), ..Default::default() });
+        } else {
+            self.events.send(TaskResumed { container_id: c.id.clone(), ..Default::default() });
+        }
+        Ok(())
+    }
+
+    fn pids(&self, id: &str) -> Result<PidsResponse> {
+        let c = self.container(id)?;
+        let pids = c.runtime.ps(&c.id, &c.bundle)?;
+        let execs: HashMap<u32, String> = c.exec_list().iter().map(|e| (e.pid(), e.id.clone())).collect();
+        let mut resp = PidsResponse::new();
+        for pid in pids {
+            let mut info = ProcessInfo { pid: pid as u32, ..Default::default() };
+            if let Some(exec_id) = execs.get(&(pid as u32)) {
+                let details = ProcessDetails { exec_id: exec_id.clone(), ..Default::default() };
+                let mut any = Any::new();
+                any.type_url = "containerd.runc.v1.ProcessDetails".into();
+                any.value = details.write_to_bytes().map_err(|e| Error::InvalidArgument(e.to_string()))?;
+                info.info = Some(any).into();
+            }
+            resp.processes.push(info);
+        }
+        Ok(resp)
+    }
+
+    fn update(&self, req: &UpdateTaskRequest) -> Result<()> {
+        let c = self.container(&req.id)?;
+        c.init.require("update", &[ProcessStatus::Created, ProcessStatus::Running, ProcessStatus::Paused])?;
+        let any =
+            req.resources.as_ref().ok_or_else(|| Error::InvalidArgument(format!("update {}: no resources", req.id)))?;
+        let resources: serde_json::Value = serde_json::from_slice(&any.value)
+            .map_err(|e| Error::InvalidArgument(format!("update {}: malformed resources: {e}", req.id)))?;
+        c.runtime.update(&c.id, &c.bundle, &resources)?;
+        Ok(())
+    }
+
+    fn state(&self, req: &StateRequest) -> Result<StateResponse> {
+        let (c, p) = self.process(&req.id, &req.exec_id)?;
+        let st = p.state();
+        Ok(StateResponse {
+            id: p.id.clone(),
+            bundle: c.bundle.display().to_string(),
+            pid: st.pid,
+            status: st.status.to_proto().into(),
+            stdin: p.stdio.stdin.clone(),
+            stdout: p.stdio.stdout.clone(),
+            stderr: p.stdio.stderr.clone(),
+            terminal: p.stdio.terminal,
+            exit_status: st.exit.map(|e| e.code).unwrap_or_default(),
+            exited_at: st.exit.map(|e| e.timestamp()).into(),
+            exec_id: req.exec_id.clone(),
+            ..Default::default()
+        })
+    }
+}
+
+/// Exec ids come from clients: never use them raw in a file name.
+fn exec_file_stem(exec_id: &str) -> String {
+    let safe: String =
+        exec_id.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect();
+    format!("exec-{safe}")
+}
+
+fn read_pid(path: &Path) -> Result<u32> {
+    let text = std::fs::read_to_string(path).map_err(Error::os(format!("read pid file {}", path.display())))?;
+    text.trim()
+        .parse::<u32>()
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| Error::InvalidArgument(format!("{}: not a pid: {text:?}", path.display())))
+}
+
+/// Mounts containerd's rootfs mounts on `target`; on failure unmounts what was mounted.
+fn mount_rootfs(mounts: &[containerd_shim::protos::types::mount::Mount], target: &Path) -> Result<bool> {
+    if mounts.is_empty() {
+        return Ok(false);
+    }
+    std::fs::create_dir_all(target).map_err(Error::os(format!("create {}", target.display())))?;
+    for m in mounts {
+        let (ty, src) =
+            (Some(m.type_.as_str()).filter(|s| !s.is_empty()), Some(m.source.as_str()).filter(|s| !s.is_empty()));
+        if let Err(e) = containerd_shim::mount::mount_rootfs(ty, src, &m.options, target) {
+            unmount_rootfs(target);
+            return Err(Error::Shim {
+                context: format!("mount rootfs {} ({}) on {}", m.source, m.type_, target.display()),
+                message: e.to_string(),
+            });
+        }
+    }
+    Ok(true)
+}
+
+pub fn unmount_rootfs(target: &Path) {
+    if let Some(t) = target.to_str() {
+        if let Err(e) = containerd_shim::mount::umount_recursive(Some(t), libc::MNT_DETACH) {
+            warn!("unmount {}: {e}", target.display());
+        }
+    }
+}
+
+fn timestamp_of(
+    exit: Option<crate::process::Exit>,
+) -> containerd_shim::protos::protobuf::MessageField<
+    containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp,
+> {
+    exit.map(|e| e.timestamp()).into()
+}
+
+impl Task for TaskService {
+    fn state(&self, _: &TtrpcContext, req: StateRequest) -> TtrpcResult<StateResponse> {
+        Ok(self.inner.state(&req)?)
+    }
+
+    fn create(&self, _: &TtrpcContext, req: CreateTaskRequest) -> TtrpcResult<CreateTaskResponse> {
+        let pid = self.inner.create(&req).inspect_err(|e| warn!("create {}: {e}", req.id))?;
+        Ok(CreateTaskResponse { pid, ..Default::default() })
+    }
+
+    fn start(&self, _: &TtrpcContext, req: StartRequest) -> TtrpcResult<StartResponse> {
+        let pid = self.inner.start(&req).inspect_err(|e| warn!("start {} {}: {e}", req.id, req.exec_id))?;
+        Ok(StartResponse { pid, ..Default::default() })
+    }
+
+    fn delete(&self, _: &TtrpcContext, req: DeleteRequest) -> TtrpcResult<api::DeleteResponse> {
+        Ok(self.inner.delete(&req)?)
+    }
+
+    fn pids(&self, _: &TtrpcContext, req: PidsRequest) -> TtrpcResult<PidsResponse> {
+        Ok(self.inner.pids(&req.id)?)
+    }
+
+    fn pause(&self, _: &TtrpcContext, req: PauseRequest) -> TtrpcResult<Empty> {
+        self.inner.pause(&req.id, true)?;
+        Ok(Empty::new())
+    }
+
+    fn resume(&self, _: &TtrpcContext, req: ResumeRequest) -> TtrpcResult<Empty> {
+        self.inner.pause(&req.id, false)?;
+        Ok(Empty::new())
+    }
+
+    fn kill(&self, _: &TtrpcContext, req: KillRequest) -> TtrpcResult<Empty> {
+        self.inner.kill(&req)?;
+        Ok(Empty::new())
+    }
+
+    fn exec(&self, _: &TtrpcContext, req: ExecProcessRequest) -> TtrpcResult<Empty> {
+        self.inner.exec(&req)?;
+        Ok(Empty::new())
+    }
+
+    fn resize_pty(&self, _: &TtrpcContext, req: ResizePtyRequest) -> TtrpcResult<Empty> {
+        let (_, p) = self.inner.process(&req.id, &req.exec_id)?;
+        p.with_io(|io| io.resize(req.width, req.height)).transpose().map_err(Error::from)?;
+        Ok(Empty::new())
+    }
+
+    fn close_io(&self, _: &TtrpcContext, req: CloseIORequest) -> TtrpcResult<Empty> {
+        let (_, p) = self.inner.process(&req.id, &req.exec_id)?;
+        if req.stdin {
+            p.with_io(|io| io.close_stdin());
+        }
+        Ok(Empty::new())
+    }
+
+    fn update(&self, _: &TtrpcContext, req: UpdateTaskRequest) -> TtrpcResult<Empty> {
+        self.inner.update(&req)?;
+        Ok(Empty::new())
+    }
+
+    fn wait(&self, _: &TtrpcContext, req: WaitRequest) -> TtrpcResult<WaitResponse> {
+        let (_, p) = self.inner.process(&req.id, &req.exec_id)?;
+        let exit = p.wait();
+        Ok(WaitResponse { exit_status: exit.code, exited_at: timestamp_of(Some(exit)), ..Default::default() })
+    }
+
+    fn stats(&self, _: &TtrpcContext, req: StatsRequest) -> TtrpcResult<StatsResponse> {
+        let c = self.inner.container(&req.id)?;
+        let pid =
+            c.init.require("stats", &[ProcessStatus::Created, ProcessStatus::Running, ProcessStatus::Paused])?.pid;
+        let stats = crate::stats::collect(pid).map_err(|e| Error::Os {
+            context: format!("stats {}", req.id),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        Ok(StatsResponse { stats: Some(stats).into(), ..Default::default() })
+    }
+
+    fn connect(&self, _: &TtrpcContext, req: ConnectRequest) -> TtrpcResult<ConnectResponse> {
+        let task_pid = self.inner.container(&req.id).map(|c| c.init.pid()).unwrap_or_default();
+        Ok(ConnectResponse { shim_pid: std::process::id(), task_pid, ..Default::default() })
+    }
+
+    fn shutdown(&self, _: &TtrpcContext, _req: ShutdownRequest) -> TtrpcResult<Empty> {
+        // Another container of the group may still live here.
+        if lock(&self.inner.containers).is_empty() {
+            if let Err(e) = self.inner.events.flush(Duration::from_secs(5)) {
+                warn!("shutdown: {e}");
+            }
+            self.inner.exit_signal.signal();
+        }
+        Ok(Empty::new())
+    }
+}
