@@ -26,8 +26,8 @@ STOCK=io.containerd.runc.v2
 
 echo "== machine: $(nproc) cores, $(uname -r), containerd $(containerd --version | awk '{print $3}'), runc $(runc --version | awk 'NR==1{print $3}')"
 
-echo "== 1. lifecycle: ctr run --rm IMAGE id true ($RUNS runs each, interleaved by hyperfine)"
-hyperfine --warmup 3 --runs "$RUNS" --export-json "$OUT/lifecycle.json" \
+echo "== 1. lifecycle: ctr run --rm IMAGE id true ($RUNS runs each, one after the other)"
+hyperfine --shell=bash --warmup 3 --runs "$RUNS" --export-json "$OUT/lifecycle.json" \
     -n runc-v2 "$CTR run --rm --runtime $STOCK $KBT_IMAGE b-\$RANDOM\$RANDOM true" \
     -n kybernate "$CTR run --rm --runtime $OURS $KBT_IMAGE b-\$RANDOM\$RANDOM true"
 python3 - "$OUT/lifecycle.json" <<'PY'

@@ -92,7 +92,7 @@ tb_import_image() {
 _tb_pids_with_args() {
     local p args i
     for p in /proc/[0-9]*; do
-        mapfile -d '' -t args <"$p/cmdline" 2>/dev/null || continue
+        { mapfile -d '' -t args <"$p/cmdline"; } 2>/dev/null || continue
         for ((i = 0; i + 1 < ${#args[@]}; i++)); do
             if [ "${args[i]}" = "$1" ] && [ "${args[i + 1]}" = "$2" ]; then
                 echo "${p#/proc/}"
