@@ -43,7 +43,9 @@ impl Shim for Service {
     fn start_shim(&mut self, opts: StartOpts) -> containerd_shim::Result<String> {
         let options = read_start_options();
         let grouping = group_id(Path::new(".")).unwrap_or_else(|| opts.id.clone());
-        let (pid, address) = containerd_shim::spawn(opts, &grouping, Vec::new())?;
+        let spawned = containerd_shim::spawn(opts, &grouping, Vec::new());
+        block_signals_until_exit();
+        let (pid, address) = spawned?;
         if let Some(cg) = options.shim_cgroup() {
             // Best effort, as in the Go shim: a missing cgroup must not stop the container.
             let _ = cgroup::add_task_to_cgroup(cg, pid);
@@ -116,6 +118,25 @@ pub const ADDRESS_ENV: &str = "KYBERNATE_SHIM_SOCKET";
 /// Private dir holding a copy of `address` for the exit path.
 pub fn exit_dir() -> PathBuf {
     PathBuf::from(format!("/run/kybernate/shim-exit-{}", std::process::id()))
+}
+
+/// Blocks the signals containerd-shim handles, for the rest of the `start` action.
+///
+/// When `start` returns, containerd-shim 0.11 drops its signal-hook iterator, which closes the
+/// self-pipe's read end before it unregisters the handlers. A signal in between makes a handler
+/// `send` to the closed socket, which raises SIGPIPE, whose handler does the same, forever: the
+/// process spins and containerd's `start` (and `ctr run`) never returns. The SIGCHLD that does it
+/// comes from the daemon we just spawned when it exits at once, as it does when its group's shim
+/// already runs. `start` is single-threaded and needs no signals after the spawn; the daemon has
+/// its own mask (inherited before this call), and pending signals die with this process.
+fn block_signals_until_exit() {
+    use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow, Signal};
+    let mut set = SigSet::empty();
+    for sig in [Signal::SIGCHLD, Signal::SIGPIPE, Signal::SIGTERM, Signal::SIGINT] {
+        set.add(sig);
+    }
+    // Cannot fail with a valid `how`; if it did, we would only be back to the race.
+    let _ = pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), None);
 }
 
 /// The runtime options containerd writes to `start`'s stdin (empty when none).
