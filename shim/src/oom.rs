@@ -225,11 +225,15 @@ fn wait_readable(fd: &impl AsFd, stop: &EventFd) -> Result<Wake, Errno> {
             Err(e) => return Err(e),
             Ok(_) => {}
         }
-        if fds[1].revents().is_some_and(|r| !r.is_empty()) {
-            return Ok(Wake::Stop);
-        }
+        // A pending notification wins over stop: the OOM kill signals the fd before the victim
+        // dies, and its exit is what stops the watch (handle_exit in task.rs), so both can be ready
+        // at once if this thread was slow to wake. Checking stop first lost that TaskOOM.
+        // The next poll sees stop; events are rare, so stop cannot be starved.
         if fds[0].revents().is_some_and(|r| !r.is_empty()) {
             return Ok(Wake::Event);
+        }
+        if fds[1].revents().is_some_and(|r| !r.is_empty()) {
+            return Ok(Wake::Stop);
         }
     }
 }
@@ -366,6 +370,22 @@ mod tests {
         drop(watcher);
         std::fs::write(&events, EVENTS_0.replace("oom_kill 0", "oom_kill 1")).unwrap();
         assert!(rx.recv_timeout(Duration::from_millis(200)).is_err());
+    }
+
+    #[test]
+    fn an_oom_pending_when_the_watch_stops_is_still_reported() {
+        // The container's exit stops the watch, and may do so before this thread woke up for
+        // the OOM that killed it: the OOM must be reported before drop returns, not lost.
+        for i in 0..50 {
+            let dir = tempfile::tempdir().unwrap();
+            let events = dir.path().join("memory.events");
+            std::fs::write(&events, EVENTS_0).unwrap();
+            let (on_oom, rx) = channel_callback();
+            let watcher = watch_v2(dir.path(), on_oom).unwrap();
+            std::fs::write(&events, EVENTS_0.replace("oom_kill 0", "oom_kill 1")).unwrap();
+            drop(watcher);
+            assert!(rx.try_recv().is_ok(), "round {i}: OOM pending at stop was lost");
+        }
     }
 
     #[test]

@@ -64,6 +64,8 @@ struct Inner {
     containers: Mutex<HashMap<String, Arc<Container>>>,
     pids: Mutex<PidTable>,
     exit_signal: Arc<ExitSignal>,
+    /// Held while an exit is recorded and its TaskExit sent; see `handle_exit`.
+    exit_order: Mutex<()>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -87,6 +89,7 @@ impl TaskService {
             containers: Mutex::new(HashMap::new()),
             pids: Mutex::new(PidTable::default()),
             exit_signal,
+            exit_order: Mutex::new(()),
         });
         let weak = Arc::downgrade(&inner);
         let Some(exits) = exits else { return Self { inner } };
@@ -172,18 +175,23 @@ impl Inner {
         let Ok((c, p)) = self.process(cid, exec_id.unwrap_or_default()) else { return };
         // Output first: once Wait returns, clients (ctr run --rm) stop reading.
         p.with_io(|io| io.wait_output(OUTPUT_DRAIN_TIMEOUT));
-        if !p.set_exited(code, at) {
-            return;
-        }
         p.wait_start_settled(Duration::from_secs(30));
         if exec_id.is_none() {
             c.stop_oom_watcher();
-            // containerd expects init's exit last.
+            // containerd expects init's exit last. Init stays running until then (as in the Go
+            // shim), so that no client can delete it and get TaskDelete out before its TaskExit.
             for e in c.exec_list() {
                 if e.state().pid != 0 && e.wait_timeout(EXEC_EXIT_TIMEOUT).is_none() {
                     warn!("container {cid}: exec {} still running {EXEC_EXIT_TIMEOUT:?} after init exited", e.id);
                 }
             }
+        }
+        // Recording an exit releases waiters (init's wait for its execs above, the Wait RPC and
+        // so Delete): record and publish under one lock, which they take before they publish,
+        // so an exec's TaskExit cannot be overtaken by init's, nor init's by TaskDelete.
+        let _order = lock(&self.exit_order);
+        if !p.set_exited(code, at) {
+            return;
         }
         info!("container {cid}: process {} (pid {pid}) exited with status {code}", p.id);
         self.events.send(TaskExit {
@@ -415,6 +423,8 @@ impl Inner {
             None => (128 + libc::SIGKILL as u32, SystemTime::now().into()),
         };
         if req.exec_id.is_empty() {
+            // After our TaskExit: its sender held this lock from recording the exit we saw.
+            let _order = lock(&self.exit_order);
             self.events.send(TaskDelete {
                 container_id: c.id.clone(),
                 pid: st.pid,
@@ -521,8 +531,11 @@ impl Inner {
         c.init.require("update", &[ProcessStatus::Created, ProcessStatus::Running, ProcessStatus::Paused])?;
         let any =
             req.resources.as_ref().ok_or_else(|| Error::InvalidArgument(format!("update {}: no resources", req.id)))?;
-        let resources: serde_json::Value = serde_json::from_slice(&any.value)
+        // Decode into the OCI type so a wrong shape is the client's error, not the runtime's.
+        let resources: oci_spec::runtime::LinuxResources = serde_json::from_slice(&any.value)
             .map_err(|e| Error::InvalidArgument(format!("update {}: malformed resources: {e}", req.id)))?;
+        let resources = serde_json::to_value(&resources)
+            .map_err(|e| Error::InvalidArgument(format!("update {}: resources: {e}", req.id)))?;
         c.runtime.update(&c.id, &c.bundle, &resources)?;
         Ok(())
     }
