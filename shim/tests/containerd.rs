@@ -5,27 +5,11 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
 
+mod common;
+
+use common::{shim_dir, task_status, testbed, text, wait_for, RUNTIME, SHIM};
 use kybernate_testbed::{unique_name, Testbed, IMAGE};
-
-const RUNTIME: &str = "io.containerd.kybernate.v1";
-const SHIM: &str = env!("CARGO_BIN_EXE_containerd-shim-kybernate-v1");
-
-fn shim_dir() -> PathBuf {
-    Path::new(SHIM).parent().unwrap().to_path_buf()
-}
-
-/// A test bed whose containerd finds our shim on its PATH, with the image imported.
-fn testbed() -> Testbed {
-    let tb = Testbed::builder().path_prepend(shim_dir()).start().expect("test bed (run test/setup.sh first)");
-    tb.import_image();
-    tb
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
 
 fn run(tb: &Testbed, args: &[&str]) -> Output {
     let id = unique_name("run");
@@ -34,29 +18,11 @@ fn run(tb: &Testbed, args: &[&str]) -> Output {
     tb.ctr(&full)
 }
 
-fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// Starts a long-running container (`sleep 1000` by default) detached.
 fn run_detached(tb: &Testbed, id: &str, args: &[&str]) {
     let mut full = vec!["run", "-d", "--runtime", RUNTIME, IMAGE, id];
     full.extend_from_slice(if args.is_empty() { &["sleep", "1000"] } else { args });
     tb.ctr_ok(&full);
-}
-
-fn task_status(tb: &Testbed, id: &str) -> Option<String> {
-    let out = tb.ctr_ok(&["tasks", "ls"]);
-    out.lines()
-        .find(|l| l.split_whitespace().next() == Some(id))
-        .and_then(|l| l.split_whitespace().nth(2).map(str::to_string))
 }
 
 fn stop_and_remove(tb: &Testbed, id: &str) {

@@ -6,52 +6,25 @@
 
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kybernate_testbed::{unique_name, Testbed, CONTAINERD_RUNC_ROOT, IMAGE};
+mod common;
+
+use common::{
+    bundle_dir, runc_state_dir, runc_state_entries, task_row, task_status, testbed, text, wait_until, RUNTIME, TIMEOUT,
+};
+use kybernate_testbed::{unique_name, Testbed, IMAGE};
 use serde_json::Value;
 
-const RUNTIME: &str = "io.containerd.kybernate.v1";
-const SHIM: &str = env!("CARGO_BIN_EXE_containerd-shim-kybernate-v1");
 const SHIM_NAME: &str = "containerd-shim-kybernate-v1";
-/// Deadline for anything we poll for; generous because CI machines have 2 cores.
-const TIMEOUT: Duration = Duration::from_secs(30);
 const GROUP_ANNOTATION: &str = "io.containerd.runc.v2.group";
 
 // ---------------------------------------------------------------------------------------------
 // Test bed and ctr helpers
-
-/// A test bed whose containerd finds our shim on its PATH, with the image imported.
-fn testbed() -> Testbed {
-    let tb = Testbed::builder()
-        .path_prepend(Path::new(SHIM).parent().unwrap())
-        .start()
-        .expect("test bed (run test/setup.sh first)");
-    tb.import_image();
-    tb
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-/// Polls `state()` every 50 ms until `ok` holds, panicking after [`TIMEOUT`] with `what` and the
-/// state as it was last seen.
-fn wait_until<S: std::fmt::Debug>(what: &str, mut state: impl FnMut() -> S, ok: impl Fn(&S) -> bool) {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        let s = state();
-        if ok(&s) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "timed out after {TIMEOUT:?} waiting for {what}; last seen: {s:#?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 /// `ctr run --rm` of `cmd` in a new container `id`, bounded by ctr's `--timeout` so that a hung
 /// shim fails the test instead of blocking it forever.
@@ -82,40 +55,11 @@ fn run_detached(tb: &Testbed, id: &str, extra: &[&str], cmd: &[&str]) {
     tb.ctr_ok(&args);
 }
 
-/// `(pid, status)` of the task `id` in `ctr tasks ls`, if listed.
-fn task_row(tb: &Testbed, id: &str) -> Option<(u32, String)> {
-    let out = tb.ctr_ok(&["tasks", "ls"]);
-    out.lines().find_map(|l| {
-        let cols: Vec<&str> = l.split_whitespace().collect();
-        (cols.first() == Some(&id)).then(|| (cols[1].parse().unwrap_or(0), cols[2].to_string()))
-    })
-}
-
-fn task_status(tb: &Testbed, id: &str) -> Option<String> {
-    task_row(tb, id).map(|(_, s)| s)
-}
-
 fn kill_and_remove(tb: &Testbed, id: &str) {
     tb.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", id]);
     wait_until("the task to stop", || task_status(tb, id), |s| s.as_deref() == Some("STOPPED"));
     tb.ctr_ok(&["tasks", "delete", id]);
     tb.ctr_ok(&["containers", "delete", id]);
-}
-
-/// Runtime state runc keeps for this test bed's namespace.
-fn runc_state_dir(tb: &Testbed) -> PathBuf {
-    Path::new(CONTAINERD_RUNC_ROOT).join(tb.namespace())
-}
-
-fn runc_state_entries(tb: &Testbed) -> Vec<String> {
-    std::fs::read_dir(runc_state_dir(tb))
-        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
-        .unwrap_or_default()
-}
-
-/// containerd's bundle dir for a task (its `rootfs` is where the shim mounts the snapshot).
-fn bundle_dir(tb: &Testbed, id: &str) -> PathBuf {
-    tb.dir().join("state/io.containerd.runtime.v2.task").join(tb.namespace()).join(id)
 }
 
 /// Mount points (from /proc/self/mountinfo) at or under `dir`.

@@ -24,6 +24,9 @@ use containerd_shim_protos::protobuf::{Message, MessageField};
 use containerd_shim_protos::shim::oci::Options as RuncOptions;
 use containerd_shim_protos::ttrpc::{self, context, Code};
 use containerd_shim_protos::{Client, TaskClient};
+mod common;
+
+use common::{testbed, wait_until, RUNTIME, TIMEOUT};
 use kybernate_testbed::{unique_name, Bundle, Testbed, CONTAINERD_RUNC_ROOT, IMAGE};
 use nix::errno::Errno;
 use nix::fcntl::{fcntl, open, FcntlArg, OFlag};
@@ -31,10 +34,6 @@ use nix::sys::stat::Mode;
 use nix::unistd::mkfifo;
 use serde_json::{json, Value};
 
-const RUNTIME: &str = "io.containerd.kybernate.v1";
-const SHIM: &str = env!("CARGO_BIN_EXE_containerd-shim-kybernate-v1");
-/// Deadline for anything we poll for, and for each RPC; generous because CI machines have 2 cores.
-const TIMEOUT: Duration = Duration::from_secs(30);
 /// Deadline of RPCs that block until a process exits (Wait).
 const WAIT_TIMEOUT: Duration = Duration::from_secs(60);
 const PROCESS_SPEC_URL: &str = "types.containerd.io/opencontainers/runtime-spec/1/Process";
@@ -42,16 +41,6 @@ const RESOURCES_URL: &str = "types.containerd.io/opencontainers/runtime-spec/1/L
 
 // ---------------------------------------------------------------------------------------------
 // Test bed, shim connection, RPC helpers
-
-/// A test bed whose containerd finds our shim on its PATH, with the image imported.
-fn testbed() -> Testbed {
-    let tb = Testbed::builder()
-        .path_prepend(Path::new(SHIM).parent().unwrap())
-        .start()
-        .expect("test bed (run test/setup.sh first)");
-    tb.import_image();
-    tb
-}
 
 /// Runs `sleep 1000` as container `id` through containerd and connects to its shim's socket.
 fn container_with_shim(tb: &Testbed, id: &str) -> TaskClient {
@@ -139,20 +128,6 @@ fn any(type_url: &str, value: Vec<u8>) -> MessageField<Any> {
 
 fn path_str(p: &Path) -> String {
     p.to_str().unwrap().to_string()
-}
-
-/// Polls `state()` every 50 ms until `ok` holds, panicking after [`TIMEOUT`] with `what` and the
-/// state as it was last seen.
-fn wait_until<S: std::fmt::Debug>(what: &str, mut state: impl FnMut() -> S, ok: impl Fn(&S) -> bool) {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        let s = state();
-        if ok(&s) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "timed out after {TIMEOUT:?} waiting for {what}; last seen: {s:#?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 fn pid_exists(pid: u32) -> bool {

@@ -46,9 +46,13 @@ for rt in $STOCK $OURS; do
     $CTR run -d --runtime "$rt" "$KBT_IMAGE" "$id" sleep 1000 >/dev/null
     sleep 1
     spid=$(shim_of "$id")
-    printf '   %-26s shim pid %-7s %s, %s\n' "$rt" "$spid" \
-        "$(awk '/^VmRSS:/ {printf "RSS %.1f MiB", $2/1024}' "/proc/$spid/status")" \
-        "$(awk '/^Threads:/ {print $2 " threads"}' "/proc/$spid/status")"
+    # RSS counts the shim's text pages, which every shim on a node shares; PSS splits shared
+    # pages among their users; anonymous RSS is what each further pod really adds.
+    printf '   %-26s shim pid %-7s RSS %s MiB, PSS %s MiB, anon %s MiB, %s threads\n' "$rt" "$spid" \
+        "$(awk '/^VmRSS:/ {printf "%.1f", $2/1024}' "/proc/$spid/status")" \
+        "$(awk '/^Pss:/ {printf "%.1f", $2/1024}' "/proc/$spid/smaps_rollup")" \
+        "$(awk '/^RssAnon:/ {printf "%.1f", $2/1024}' "/proc/$spid/status")" \
+        "$(awk '/^Threads:/ {print $2}' "/proc/$spid/status")"
     $CTR tasks kill -s SIGKILL "$id" >/dev/null; sleep 0.5
     $CTR tasks delete "$id" >/dev/null; $CTR containers delete "$id" >/dev/null
 done

@@ -1,0 +1,90 @@
+//! Helpers shared by the shim's integration tests (each test file is its own crate,
+//! so not every helper is used by every file).
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use kybernate_testbed::{Testbed, CONTAINERD_RUNC_ROOT};
+
+pub const RUNTIME: &str = "io.containerd.kybernate.v1";
+pub const SHIM: &str = env!("CARGO_BIN_EXE_containerd-shim-kybernate-v1");
+/// Deadline for anything we poll for; generous because CI machines have 2 cores.
+pub const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The directory holding our shim binary, for containerd's PATH.
+pub fn shim_dir() -> PathBuf {
+    Path::new(SHIM).parent().unwrap().to_path_buf()
+}
+
+/// A test bed whose containerd finds our shim on its PATH, with the image imported.
+pub fn testbed() -> Testbed {
+    let tb = Testbed::builder().path_prepend(shim_dir()).start().expect("test bed (run test/setup.sh first)");
+    tb.import_image();
+    tb
+}
+
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Polls `f` every 50 ms until it returns `Some`, panicking after [`TIMEOUT`] with `what`.
+pub fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {TIMEOUT:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Polls `state()` every 50 ms until `ok` holds, panicking after [`TIMEOUT`] with `what` and the
+/// state as it was last seen.
+pub fn wait_until<S: std::fmt::Debug>(what: &str, mut state: impl FnMut() -> S, ok: impl Fn(&S) -> bool) {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let s = state();
+        if ok(&s) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out after {TIMEOUT:?} waiting for {what}; last seen: {s:#?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `(pid, status)` of the task `id` in `ctr tasks ls`, if listed.
+pub fn task_row(tb: &Testbed, id: &str) -> Option<(u32, String)> {
+    let out = tb.ctr_ok(&["tasks", "ls"]);
+    out.lines().find_map(|l| {
+        let cols: Vec<&str> = l.split_whitespace().collect();
+        (cols.first() == Some(&id)).then(|| {
+            (
+                cols.get(1).and_then(|p| p.parse().ok()).unwrap_or(0),
+                cols.get(2).map(|s| s.to_string()).unwrap_or_default(),
+            )
+        })
+    })
+}
+
+pub fn task_status(tb: &Testbed, id: &str) -> Option<String> {
+    task_row(tb, id).map(|(_, s)| s)
+}
+
+/// runc's state directory for this test bed's namespace (one entry per container).
+pub fn runc_state_dir(tb: &Testbed) -> PathBuf {
+    Path::new(CONTAINERD_RUNC_ROOT).join(tb.namespace())
+}
+
+pub fn runc_state_entries(tb: &Testbed) -> Vec<String> {
+    std::fs::read_dir(runc_state_dir(tb))
+        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default()
+}
+
+/// containerd's bundle dir for a task (its `rootfs` is where the shim mounts the snapshot).
+pub fn bundle_dir(tb: &Testbed, id: &str) -> PathBuf {
+    tb.dir().join("state/io.containerd.runtime.v2.task").join(tb.namespace()).join(id)
+}
