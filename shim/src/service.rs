@@ -64,11 +64,13 @@ impl Shim for Service {
             Some(r) => Some(r.binary.clone()),
             None => kybernate_runtime_select::resolve("runc", std::env::var_os("PATH").as_deref()).ok(),
         };
-        if let Some(binary) = binary {
-            let root = record
-                .as_ref()
-                .map(|r| r.root.clone())
-                .unwrap_or_else(|| ShimOptions::default().runtime_root(&self.namespace));
+        let root = record
+            .as_ref()
+            .map(|r| r.root.clone())
+            .unwrap_or_else(|| ShimOptions::default().runtime_root(&self.namespace));
+        // containerd runs this after every shim exit, on the critical path of `ctr run --rm`: after a
+        // normal delete the runtime keeps no state (runc: <root>/<id>), and there is nothing to force.
+        if let Some(binary) = binary.filter(|_| root.join(&self.id).exists()) {
             let systemd_cgroup = record.as_ref().is_some_and(|r| r.systemd_cgroup);
             let rt =
                 OciRuntime::new(RuntimeOpts { binary, root, systemd_cgroup, criu: None }, Arc::new(MonitorSpawner));

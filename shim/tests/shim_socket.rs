@@ -577,6 +577,27 @@ fn create_with_a_missing_runtime_binary_leaves_nothing() {
     assert!(msg.contains("runc"), "the error says which runtime failed: {msg}");
     assert_nothing_left(&tb, &shim, &nobin);
 
+    // A rootfs mount that fails after another succeeded: the first is unmounted again.
+    let badmnt = unique_name("badmnt");
+    let b = bundle(&tb, &badmnt, &["true"]);
+    let mount = |type_: &str, source: &str| containerd_shim_protos::types::mount::Mount {
+        type_: type_.into(),
+        source: source.into(),
+        options: vec!["size=1m".into()],
+        ..Default::default()
+    };
+    let req = CreateTaskRequest {
+        rootfs: vec![mount("tmpfs", "tmpfs"), mount("kbt-no-such-fs", "none")],
+        ..create_request(&badmnt, b.dir())
+    };
+    let (code, msg) = status_of("create with a failing rootfs mount", shim.create(ctx(), &req));
+    assert_eq!(code, Code::UNKNOWN, "{msg}");
+    assert!(msg.contains("mount rootfs") && msg.contains("kbt-no-such-fs"), "{msg}");
+    let rootfs = path_str(&b.dir().join("rootfs"));
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.lines().any(|l| l.split_whitespace().nth(4) == Some(rootfs.as_str())), "rootfs mount left behind");
+    assert_nothing_left(&tb, &shim, &badmnt);
+
     // The shim still serves its container.
     assert_eq!(status(&shim, &host, ""), Some(Status::RUNNING));
     remove_container(&tb, &shim, &host);

@@ -4,7 +4,7 @@
 #   1. lifecycle: `ctr run --rm IMAGE id true`, hyperfine, medians and their ratio
 #   2. a shim holding one sleeping container: RSS and threads
 #   3. throughput: N containers (default 1000) at concurrency 4, tasks/s and failures
-# Usage (root, after test/setup.sh): bash test/bench/shim.sh [RUNS] [N]
+# Usage (root, after test/setup.sh): bash test/bench/shim.sh [RUNS] [N]   (N=0 skips 3.)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 RUNS=${1:-30}
@@ -57,6 +57,7 @@ for rt in $STOCK $OURS; do
     $CTR tasks delete "$id" >/dev/null; $CTR containers delete "$id" >/dev/null
 done
 
+[ "$N" -gt 0 ] || exit 0
 echo "== 3. throughput: $N containers (ctr run --rm ... true) at concurrency 4"
 for rt in $STOCK $OURS; do
     start=$(date +%s.%N)
