@@ -5,12 +5,10 @@
 //! One test only: the reaper would steal the children of any test running beside it. Everything
 //! that uses `Command::output` (bundle setup, the cleanup guard) runs while the reaper is stopped.
 
-use std::io::Read;
-use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -19,10 +17,11 @@ use kybernate_shim::runtime::{
     Capture, ChildStdio, ContainerStatus, CreateOpts, MonitorSpawner, OciRuntime, RunOutput, RuntimeError, RuntimeOpts,
     Spawner,
 };
+mod common;
+
+use common::{pipe, read_to_eof};
 use kybernate_testbed::{scratch_dir, unique_name, Bundle, Runc};
-use nix::fcntl::OFlag;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
-use nix::unistd::pipe2;
 
 const RUNC: &str = "/usr/bin/runc";
 const TIMEOUT: Duration = Duration::from_secs(20);
@@ -68,20 +67,6 @@ impl Drop for Reaper {
             let _ = t.join();
         }
     }
-}
-
-fn pipe() -> (OwnedFd, OwnedFd) {
-    pipe2(OFlag::O_CLOEXEC).expect("pipe2")
-}
-
-fn read_to_eof(fd: OwnedFd) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = std::fs::File::from(fd).read_to_string(&mut s);
-        let _ = tx.send(s);
-    });
-    rx
 }
 
 fn wait_for_status(rt: &OciRuntime, id: &str, bundle: &Path, want: ContainerStatus) {

@@ -4,8 +4,7 @@
 //! `DirectSpawner`: no reaper thread runs in a test process. The container's processes outlive the
 //! runc invocations that made them and get reparented to PID 1, which reaps them.
 
-use std::io::{Read, Write};
-use std::os::fd::OwnedFd;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
@@ -13,9 +12,10 @@ use std::time::{Duration, Instant};
 use kybernate_shim::runtime::{
     ChildStdio, ContainerStatus, CreateOpts, DirectSpawner, ExecOpts, OciRuntime, RuntimeError, RuntimeOpts,
 };
+mod common;
+
+use common::{pipe, read_to_eof};
 use kybernate_testbed::{scratch_dir, unique_name, Bundle, Runc};
-use nix::fcntl::OFlag;
-use nix::unistd::pipe2;
 
 const RUNC: &str = "/usr/bin/runc";
 const TIMEOUT: Duration = Duration::from_secs(20);
@@ -33,21 +33,6 @@ fn runtime(root: &Path) -> OciRuntime {
 
 fn create_opts(bundle: &Path) -> CreateOpts {
     CreateOpts { pid_file: bundle.join("init.pid"), console_socket: None, no_pivot: false, no_new_keyring: false }
-}
-
-fn pipe() -> (OwnedFd, OwnedFd) {
-    pipe2(OFlag::O_CLOEXEC).expect("pipe2")
-}
-
-/// Reads a pipe to EOF on a thread; `recv` gives up after [`TIMEOUT`] instead of hanging the test.
-fn read_to_eof(fd: OwnedFd) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = std::fs::File::from(fd).read_to_string(&mut s);
-        let _ = tx.send(s);
-    });
-    rx
 }
 
 fn recv(rx: &mpsc::Receiver<String>, what: &str) -> String {

@@ -3,7 +3,10 @@
 
 #![allow(dead_code)]
 
+use std::io::Read;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use kybernate_testbed::{Testbed, CONTAINERD_RUNC_ROOT};
@@ -87,4 +90,19 @@ pub fn runc_state_entries(tb: &Testbed) -> Vec<String> {
 /// containerd's bundle dir for a task (its `rootfs` is where the shim mounts the snapshot).
 pub fn bundle_dir(tb: &Testbed, id: &str) -> PathBuf {
     tb.dir().join("state/io.containerd.runtime.v2.task").join(tb.namespace()).join(id)
+}
+
+pub fn pipe() -> (OwnedFd, OwnedFd) {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe2")
+}
+
+/// Reads a pipe to EOF on a thread; the caller bounds `recv` so a stuck writer fails the test instead of hanging it.
+pub fn read_to_eof(fd: OwnedFd) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::fs::File::from(fd).read_to_string(&mut s);
+        let _ = tx.send(s);
+    });
+    rx
 }
