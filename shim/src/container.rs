@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::io::IoOwner;
 use crate::oom::OomWatcher;
 use crate::process::Process;
 use crate::runtime::OciRuntime;
@@ -52,6 +53,9 @@ pub struct Container {
     pub init: Arc<Process>,
     /// Whether we mounted `<bundle>/rootfs` (and so must unmount it).
     pub rootfs_mounted: bool,
+    /// Owner of every process's stdio pipes (runc options `IoUid`/`IoGid`),
+    /// kept for execs as the runc shim keeps them on its init process.
+    pub io_owner: Option<IoOwner>,
     execs: Mutex<HashMap<String, Arc<Process>>>,
     oom: Mutex<Option<OomWatcher>>,
 }
@@ -72,9 +76,16 @@ impl Container {
             record,
             init,
             rootfs_mounted,
+            io_owner: None,
             execs: Mutex::new(HashMap::new()),
             oom: Mutex::new(None),
         }
+    }
+
+    /// Sets [`io_owner`](Self::io_owner) (at create, before the container is shared).
+    pub fn with_io_owner(mut self, owner: Option<IoOwner>) -> Self {
+        self.io_owner = owner;
+        self
     }
 
     fn execs(&self) -> MutexGuard<'_, HashMap<String, Arc<Process>>> {

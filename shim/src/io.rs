@@ -39,7 +39,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
 use nix::sys::stat::Mode;
 use nix::sys::termios::{tcgetattr, SpecialCharacterIndices};
-use nix::unistd::{access, isatty, pipe2, read, write, AccessFlags, Pid};
+use nix::unistd::{access, fchown, isatty, pipe2, read, write, AccessFlags, Gid, Pid, Uid};
 
 /// How long `attach` waits for the runtime to send the pty master.
 const CONSOLE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -69,6 +69,15 @@ impl StdioConfig {
     pub fn is_null(&self) -> bool {
         self.stdin.is_empty() && self.stdout.is_empty() && self.stderr.is_empty()
     }
+}
+
+/// Who owns the pipes handed to the runtime child: containerd's runc options
+/// `IoUid`/`IoGid`, so a process in a user namespace can reopen its stdio
+/// (`/proc/self/fd/N`, `/dev/stdout`) as go-runc's `NewPipeIO` allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IoOwner {
+    pub uid: u32,
+    pub gid: u32,
 }
 
 /// The runtime child's stdio (`runc create`/`exec`, which passes it on to the
@@ -241,6 +250,13 @@ fn parse_stdin(s: &str) -> Result<Option<PathBuf>, IoError> {
 
 fn pipe(what: &str) -> Result<(OwnedFd, OwnedFd), IoError> {
     pipe2(OFlag::O_CLOEXEC).map_err(os(format!("create {what} pipe")))
+}
+
+/// Gives a pipe to `owner`. Both ends of a pipe share one inode, so chowning
+/// the child's end covers ours too (go-runc likewise chowns only that end).
+fn chown_pipe(fd: &OwnedFd, owner: IoOwner, what: &str) -> Result<(), IoError> {
+    fchown(fd, Some(Uid::from_raw(owner.uid)), Some(Gid::from_raw(owner.gid)))
+        .map_err(os(format!("chown {what} pipe to {}:{}", owner.uid, owner.gid)))
 }
 
 /// Only ever applied to our own open file descriptions (pipe ends are separate
@@ -847,7 +863,20 @@ impl ProcessIo {
         id: &str,
         namespace: &str,
     ) -> Result<(ProcessIo, ChildStdio), IoError> {
-        Self::prepare_with(cfg, work_dir, id, namespace, LOGGER_READY_TIMEOUT)
+        Self::prepare_owned(cfg, work_dir, id, namespace, None)
+    }
+
+    /// [`prepare`](Self::prepare), with the child's pipes chowned to `owner`
+    /// (runc options `IoUid`/`IoGid`). As in Go, a terminal's console socket
+    /// and pty are left alone: the runtime creates the pty inside the container.
+    pub fn prepare_owned(
+        cfg: &StdioConfig,
+        work_dir: &Path,
+        id: &str,
+        namespace: &str,
+        owner: Option<IoOwner>,
+    ) -> Result<(ProcessIo, ChildStdio), IoError> {
+        Self::prepare_with(cfg, work_dir, id, namespace, owner, LOGGER_READY_TIMEOUT)
     }
 
     fn prepare_with(
@@ -855,6 +884,7 @@ impl ProcessIo {
         work_dir: &Path,
         id: &str,
         namespace: &str,
+        owner: Option<IoOwner>,
         logger_timeout: Duration,
     ) -> Result<(ProcessIo, ChildStdio), IoError> {
         let stdin_path = parse_stdin(&cfg.stdin)?;
@@ -955,6 +985,13 @@ impl ProcessIo {
             let sink = Sink::fd(Arc::new(w), BUF_SIZE, format!("{id} stdin pipe"));
             start_stdin(&io.copiers, format!("io-stdin-{id}"), reader, sink, None)?;
             child.stdin = Some(r);
+        }
+        if let Some(owner) = owner {
+            for (stream, fd) in [("stdin", &child.stdin), ("stdout", &child.stdout), ("stderr", &child.stderr)] {
+                if let Some(fd) = fd {
+                    chown_pipe(fd, owner, stream)?;
+                }
+            }
         }
         Ok((io, child))
     }
@@ -1148,6 +1185,31 @@ mod tests {
     }
 
     #[test]
+    fn child_pipes_are_chowned_to_the_io_owner() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: chown needs root");
+            return;
+        }
+        let _g = serial();
+        let dir = tempfile::tempdir().unwrap();
+        let (i, o, e) = (fifo(dir.path(), "in"), fifo(dir.path(), "out"), fifo(dir.path(), "err"));
+        let (_out, _err) = (OutReader::open(&o), OutReader::open(&e));
+        let owners = |child: &ChildStdio| {
+            [&child.stdin, &child.stdout, &child.stderr].map(|fd| {
+                let st = nix::sys::stat::fstat(fd.as_ref().unwrap()).unwrap();
+                (st.st_uid, st.st_gid)
+            })
+        };
+        let owner = IoOwner { uid: 1234, gid: 5678 };
+        let (io, child) = ProcessIo::prepare_owned(&cfg(&i, &o, &e), dir.path(), "c1", "ns", Some(owner)).unwrap();
+        assert_eq!(owners(&child), [(1234, 5678); 3]);
+        drop((io, child));
+        let (io, child) = ProcessIo::prepare_owned(&cfg(&i, &o, &e), dir.path(), "c2", "ns", None).unwrap();
+        assert_eq!(owners(&child), [(0, 0); 3]);
+        drop((io, child));
+    }
+
+    #[test]
     fn large_output_is_fully_drained() {
         let _g = serial();
         let dir = tempfile::tempdir().unwrap();
@@ -1313,7 +1375,7 @@ mod tests {
         let uri = logger_uri(&format!("echo $$ > {}; exec sleep 30", pidfile.display()));
         let stdio = StdioConfig { stdout: uri, ..Default::default() };
         let t = Instant::now();
-        let e = ProcessIo::prepare_with(&stdio, dir.path(), "c1", "ns", Duration::from_millis(300)).unwrap_err();
+        let e = ProcessIo::prepare_with(&stdio, dir.path(), "c1", "ns", None, Duration::from_millis(300)).unwrap_err();
         assert!(matches!(e, IoError::Logger { .. }), "{e}");
         assert!(t.elapsed() < Duration::from_secs(5));
         // It was killed.

@@ -6,6 +6,8 @@
 
 use std::path::PathBuf;
 
+use crate::io::IoOwner;
+
 use containerd_shim::api::Options as RuncOptions;
 use containerd_shim::protos::protobuf::rt::WireType;
 use containerd_shim::protos::protobuf::well_known_types::any::Any;
@@ -103,6 +105,13 @@ impl ShimOptions {
         self.runc.as_ref().is_some_and(|o| o.no_new_keyring)
     }
 
+    /// `IoUid`/`IoGid`: who gets the process's stdio pipes. `None` when both
+    /// are 0, the runc shim's "no remapping" (a chown to root changes nothing).
+    pub fn io_owner(&self) -> Option<IoOwner> {
+        let o = self.runc.as_ref()?;
+        (o.io_uid != 0 || o.io_gid != 0).then_some(IoOwner { uid: o.io_uid, gid: o.io_gid })
+    }
+
     /// `ShimCgroup`, if set.
     pub fn shim_cgroup(&self) -> Option<&str> {
         self.runc.as_ref().map(|o| o.shim_cgroup.as_str()).filter(|s| !s.is_empty())
@@ -177,6 +186,21 @@ mod tests {
         assert!(s.systemd_cgroup() && s.no_pivot_root() && !s.no_new_keyring());
         assert_eq!(s.shim_cgroup(), Some("/kybernate"));
         assert_eq!(s.criu_path, Some(PathBuf::from("/opt/criu")));
+    }
+
+    #[test]
+    fn io_owner_needs_a_non_root_uid_or_gid() {
+        assert_eq!(ShimOptions::default().io_owner(), None);
+        let with = |uid, gid| {
+            let mut o = RuncOptions::new();
+            o.io_uid = uid;
+            o.io_gid = gid;
+            ShimOptions::from_any(Some(&any(RUNC_OPTIONS, o.write_to_bytes().unwrap()))).unwrap().io_owner()
+        };
+        assert_eq!(with(0, 0), None);
+        assert_eq!(with(1234, 5678), Some(IoOwner { uid: 1234, gid: 5678 }));
+        assert_eq!(with(1000, 0), Some(IoOwner { uid: 1000, gid: 0 }));
+        assert_eq!(with(0, 1000), Some(IoOwner { uid: 0, gid: 1000 }));
     }
 
     #[test]

@@ -284,7 +284,10 @@ impl Inner {
         let init = Arc::new(Process::new(req.id.clone(), None, stdio.clone(), None));
         init.set_pid(pid);
         init.set_io(io);
-        let c = Arc::new(Container::new(req.id.clone(), bundle.clone(), runtime, record, init, mounted));
+        let c = Arc::new(
+            Container::new(req.id.clone(), bundle.clone(), runtime, record, init, mounted)
+                .with_io_owner(opts.io_owner()),
+        );
         lock(&self.containers).insert(req.id.clone(), c.clone());
         self.register_pid(&req.id, None, pid);
         self.watch_oom(&c, pid);
@@ -317,7 +320,7 @@ impl Inner {
         opts: &ShimOptions,
         stdio: &StdioConfig,
     ) -> Result<(u32, ProcessIo)> {
-        let (mut io, child) = ProcessIo::prepare(stdio, bundle, id, &self.namespace)?;
+        let (mut io, child) = ProcessIo::prepare_owned(stdio, bundle, id, &self.namespace, opts.io_owner())?;
         let pid_file = bundle.join("init.pid");
         let create = CreateOpts {
             pid_file: pid_file.clone(),
@@ -370,7 +373,7 @@ impl Inner {
     fn start_exec(self: &Arc<Self>, c: &Container, p: &Arc<Process>) -> Result<()> {
         c.init.require("exec", &[ProcessStatus::Running])?;
         let spec = p.spec.as_ref().ok_or_else(|| Error::InvalidArgument(format!("exec {}: no process spec", p.id)))?;
-        let (mut io, child) = ProcessIo::prepare(&p.stdio, &c.bundle, &p.id, &self.namespace)?;
+        let (mut io, child) = ProcessIo::prepare_owned(&p.stdio, &c.bundle, &p.id, &self.namespace, c.io_owner)?;
         let pid_file = c.bundle.join(format!("{}.pid", exec_file_stem(&p.id)));
         let opts = ExecOpts { pid_file: pid_file.clone(), console_socket: io.console_socket().map(Path::to_path_buf) };
         c.runtime.exec(&c.id, &c.bundle, spec, &opts, child)?;
