@@ -5,12 +5,11 @@
 //! One test only: the reaper would steal the children of any test running beside it. Everything
 //! that uses `Command::output` (bundle setup, the cleanup guard) runs while the reaper is stopped.
 
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use containerd_shim::monitor::monitor_notify_by_pid;
 use kybernate_shim::runtime::{
@@ -19,7 +18,7 @@ use kybernate_shim::runtime::{
 };
 mod common;
 
-use common::{pipe, read_to_eof};
+use common::{pipe, read_to_eof, wait_for_status};
 use kybernate_testbed::{scratch_dir, unique_name, Bundle, Runc};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 
@@ -66,18 +65,6 @@ impl Drop for Reaper {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-    }
-}
-
-fn wait_for_status(rt: &OciRuntime, id: &str, bundle: &Path, want: ContainerStatus) {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        let status = rt.state(id, bundle).expect("state").status;
-        if status == want {
-            return;
-        }
-        assert!(Instant::now() < deadline, "container {id} is {status:?}, not {want:?}, after {TIMEOUT:?}");
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

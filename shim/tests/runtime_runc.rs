@@ -14,7 +14,7 @@ use kybernate_shim::runtime::{
 };
 mod common;
 
-use common::{pipe, read_to_eof};
+use common::{pipe, read_to_eof, wait_for_status};
 use kybernate_testbed::{scratch_dir, unique_name, Bundle, Runc};
 
 const RUNC: &str = "/usr/bin/runc";
@@ -42,18 +42,6 @@ fn recv(rx: &mpsc::Receiver<String>, what: &str) -> String {
 fn read_pid(path: &Path) -> i32 {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
     text.trim().parse().unwrap_or_else(|e| panic!("pid file {} holds {text:?}: {e}", path.display()))
-}
-
-fn wait_for_status(rt: &OciRuntime, id: &str, bundle: &Path, want: ContainerStatus) {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        let status = rt.state(id, bundle).expect("state").status;
-        if status == want {
-            return;
-        }
-        assert!(Instant::now() < deadline, "container {id} is {status:?}, not {want:?}, after {TIMEOUT:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// The memory limit of `pid`'s cgroup, on cgroup v1 or v2.

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use kybernate_shim::runtime::{ContainerStatus, OciRuntime};
 use kybernate_testbed::{Testbed, CONTAINERD_RUNC_ROOT};
 
 pub const RUNTIME: &str = "io.containerd.kybernate.v1";
@@ -105,4 +106,18 @@ pub fn read_to_eof(fd: OwnedFd) -> mpsc::Receiver<String> {
         let _ = tx.send(s);
     });
     rx
+}
+
+/// Polls the runtime's `state` until container `id` is `want`, for up to 20 s.
+pub fn wait_for_status(rt: &OciRuntime, id: &str, bundle: &Path, want: ContainerStatus) {
+    const STATE_TIMEOUT: Duration = Duration::from_secs(20);
+    let deadline = Instant::now() + STATE_TIMEOUT;
+    loop {
+        let status = rt.state(id, bundle).expect("state").status;
+        if status == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "container {id} is {status:?}, not {want:?}, after {STATE_TIMEOUT:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
