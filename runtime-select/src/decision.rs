@@ -32,6 +32,19 @@ pub enum Source {
     Default,
 }
 
+impl Source {
+    /// The name used in `--json` output and in the shim's runtime record.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Env => "env",
+            Source::Options => "options",
+            Source::Annotation => "annotation",
+            Source::Gpu => "gpu",
+            Source::Default => "default",
+        }
+    }
+}
+
 impl fmt::Display for Source {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -257,4 +270,16 @@ impl Selector {
 
 fn non_empty(v: &Option<String>) -> Option<&str> {
     v.as_deref().filter(|s| !s.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn source_names_match_the_json_form() {
+        for s in [Source::Env, Source::Options, Source::Annotation, Source::Gpu, Source::Default] {
+            assert_eq!(serde_json::to_value(s).unwrap(), serde_json::Value::from(s.as_str()));
+        }
+    }
 }

@@ -239,10 +239,7 @@ impl Inner {
             binary: decision.runtime.clone(),
             root: opts.runtime_root(&self.namespace),
             systemd_cgroup: opts.systemd_cgroup(),
-            source: serde_json::to_value(decision.source)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_string))
-                .unwrap_or_default(),
+            source: decision.source.as_str().to_string(),
             gpu: decision.gpu,
             evidence,
         };
@@ -347,7 +344,7 @@ impl Inner {
     fn start(self: &Arc<Self>, req: &StartRequest) -> Result<u32> {
         let (c, p) = self.process(&req.id, &req.exec_id)?;
         p.begin_start()?;
-        let started = if req.exec_id.is_empty() { self.start_init(&c, &p) } else { self.start_exec(&c, &p) };
+        let started = if req.exec_id.is_empty() { self.start_init(&c) } else { self.start_exec(&c, &p) };
         let pid = p.pid();
         if started.is_ok() {
             if req.exec_id.is_empty() {
@@ -365,7 +362,7 @@ impl Inner {
         started.map(|_| pid)
     }
 
-    fn start_init(&self, c: &Container, _p: &Process) -> Result<()> {
+    fn start_init(&self, c: &Container) -> Result<()> {
         c.runtime.start(&c.id, &c.bundle)?;
         Ok(())
     }
