@@ -199,7 +199,7 @@ impl Inner {
             id: p.id.clone(),
             pid,
             exit_status: code,
-            exited_at: Some(p.state().exit.map(|e| e.timestamp()).unwrap_or_default()).into(),
+            exited_at: Some(at.into()).into(),
             ..Default::default()
         });
     }
@@ -604,14 +604,6 @@ pub fn unmount_rootfs(target: &Path) {
     }
 }
 
-fn timestamp_of(
-    exit: Option<crate::process::Exit>,
-) -> containerd_shim::protos::protobuf::MessageField<
-    containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp,
-> {
-    exit.map(|e| e.timestamp()).into()
-}
-
 impl Task for TaskService {
     fn state(&self, _: &TtrpcContext, req: StateRequest) -> TtrpcResult<StateResponse> {
         Ok(self.inner.state(&req)?)
@@ -677,7 +669,7 @@ impl Task for TaskService {
     fn wait(&self, _: &TtrpcContext, req: WaitRequest) -> TtrpcResult<WaitResponse> {
         let (_, p) = self.inner.process(&req.id, &req.exec_id)?;
         let exit = p.wait();
-        Ok(WaitResponse { exit_status: exit.code, exited_at: timestamp_of(Some(exit)), ..Default::default() })
+        Ok(WaitResponse { exit_status: exit.code, exited_at: Some(exit.timestamp()).into(), ..Default::default() })
     }
 
     fn stats(&self, _: &TtrpcContext, req: StatsRequest) -> TtrpcResult<StatsResponse> {
