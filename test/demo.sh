@@ -57,6 +57,39 @@ grep -o "container $gid: runtime [^\"]*" "$TB_LOG" | sed 's/^/   /'
 echo "-- calls the GPU runtime received:"
 sed 's/^/   /' "$fake/gpu-runtime-calls.log"
 
+cid=demo-counter-$$
+ref=kybernate.demo/$cid:checkpoint
+bundle=$TB_DIR/state/io.containerd.runtime.v2.task/$TB_NS/$cid
+count() { cat "$bundle/rootfs/tmp/counter" 2>/dev/null || echo 0; }
+echo
+echo "== checkpoint and restore: a counter that writes 1, 2, 3, ... to /tmp/counter every 100 ms"
+# shellcheck disable=SC2016 # expanded by the container's shell
+tb_ctr run -d --runtime "$RUNTIME" "$KBT_IMAGE" "$cid" sh -c \
+    'i=0; while true; do i=$((i+1)); echo $i > /tmp/counter.new; mv /tmp/counter.new /tmp/counter; usleep 100000; done'
+sleep 1
+echo "   counter is at $(count)"
+echo "-- ctr containers checkpoint --task --rw $cid $ref   (the shim runs runc checkpoint, i.e. CRIU)"
+tb_ctr containers checkpoint --task --rw "$cid" "$ref"
+echo "   counter at checkpoint: $(count)"
+echo "-- removing the container"
+tb_ctr tasks kill -s SIGKILL "$cid"
+for _ in $(seq 100); do tb_ctr tasks ls | grep -q "^$cid .*RUNNING" || break; sleep 0.1; done
+tb_ctr tasks delete "$cid" >/dev/null
+tb_ctr containers delete "$cid"
+echo "   containers named $cid: $(tb_ctr containers ls -q | grep -c "^$cid$" || true)"
+echo "-- ctr containers restore --live --rw $cid $ref   (the shim runs runc restore)"
+tb_ctr containers restore --live --rw "$cid" "$ref"
+sleep 0.3
+echo "   restored; counter is at $(count)"
+sleep 1
+echo "   one second later: $(count) (it continued from its checkpointed value, not from 1)"
+tb_ctr tasks kill -s SIGKILL "$cid"
+for _ in $(seq 100); do tb_ctr tasks ls | grep -q "^$cid .*RUNNING" || break; sleep 0.1; done
+tb_ctr tasks delete "$cid" >/dev/null
+tb_ctr containers delete "$cid"
+echo "-- the shim's log about it:"
+grep -o "container $cid: \(checkpoint\|restor\)[^\"]*" "$TB_LOG" | sed 's/^/   /'
+
 echo
 echo "== after --rm: containers left in $TB_NS: $(tb_ctr containers ls -q | wc -l)"
 echo "== cleaning up"

@@ -2,10 +2,12 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 
+use crate::checkpoint::RestorePlan;
 use crate::error::{Error, Result};
 use crate::io::IoOwner;
 use crate::oom::OomWatcher;
@@ -56,6 +58,15 @@ pub struct Container {
     /// Owner of every process's stdio pipes (runc options `IoUid`/`IoGid`),
     /// kept for execs as the runc shim keeps them on its init process.
     pub io_owner: Option<IoOwner>,
+    /// runc option `NoPivotRoot`, needed again by a restore at Start.
+    pub no_pivot: bool,
+    /// runc option `CriuWorkPath`: CRIU's work dir (and logs) unless a request names one.
+    pub criu_work: Option<PathBuf>,
+    /// The overlay upper dir of the rootfs: the container's file changes, for `rootfs-diff.tar`.
+    pub rootfs_upper: Option<PathBuf>,
+    /// Set at Create from a checkpoint; Start restores instead of starting.
+    restore: Mutex<Option<RestorePlan>>,
+    checkpointing: AtomicBool,
     execs: Mutex<HashMap<String, Arc<Process>>>,
     oom: Mutex<Option<OomWatcher>>,
 }
@@ -77,6 +88,11 @@ impl Container {
             init,
             rootfs_mounted,
             io_owner: None,
+            no_pivot: false,
+            criu_work: None,
+            rootfs_upper: None,
+            restore: Mutex::new(None),
+            checkpointing: AtomicBool::new(false),
             execs: Mutex::new(HashMap::new()),
             oom: Mutex::new(None),
         }
@@ -86,6 +102,21 @@ impl Container {
     pub fn with_io_owner(mut self, owner: Option<IoOwner>) -> Self {
         self.io_owner = owner;
         self
+    }
+
+    /// Records the restore that Start must run instead of `runtime start`.
+    pub fn set_restore(&self, plan: RestorePlan) {
+        *self.restore.lock().unwrap_or_else(|p| p.into_inner()) = Some(plan);
+    }
+
+    /// The pending restore, if any (taken: a restore runs at most once).
+    pub fn take_restore(&self) -> Option<RestorePlan> {
+        self.restore.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    /// Marks a checkpoint as running; `None` when one already is. The guard clears it.
+    pub fn begin_checkpoint(&self) -> Option<CheckpointGuard<'_>> {
+        (!self.checkpointing.swap(true, Ordering::AcqRel)).then_some(CheckpointGuard(&self.checkpointing))
     }
 
     fn execs(&self) -> MutexGuard<'_, HashMap<String, Arc<Process>>> {
@@ -131,6 +162,15 @@ impl Container {
 
     pub fn rootfs(&self) -> PathBuf {
         self.bundle.join("rootfs")
+    }
+}
+
+/// Clears a container's "checkpoint running" mark when dropped.
+pub struct CheckpointGuard<'a>(&'a AtomicBool);
+
+impl Drop for CheckpointGuard<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
     }
 }
 

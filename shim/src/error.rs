@@ -2,6 +2,7 @@
 
 use containerd_shim::protos::ttrpc::{self, Code};
 
+use crate::checkpoint::CheckpointError;
 use crate::io::IoError;
 use crate::options::OptionsError;
 use crate::runtime::RuntimeError;
@@ -34,6 +35,8 @@ pub enum Error {
     Runtime(#[from] RuntimeError),
     #[error(transparent)]
     Io(#[from] IoError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
     #[error("{context}: {source}")]
     Os {
         context: String,
@@ -67,7 +70,10 @@ impl Error {
             Error::Select(SelectError::Bundle(_) | SelectError::Config(_)) => Code::INVALID_ARGUMENT,
             Error::Select(_) => Code::FAILED_PRECONDITION,
             Error::Runtime(e) if e.is_not_found() || e.is_not_running() => Code::NOT_FOUND,
-            Error::Runtime(_) | Error::Io(_) | Error::Os { .. } | Error::Shim { .. } => Code::UNKNOWN,
+            Error::Checkpoint(e) if e.is_invalid_argument() => Code::INVALID_ARGUMENT,
+            Error::Checkpoint(e) if e.is_permission_denied() => Code::PERMISSION_DENIED,
+            Error::Checkpoint(e) if e.is_precondition() => Code::FAILED_PRECONDITION,
+            Error::Runtime(_) | Error::Io(_) | Error::Checkpoint(_) | Error::Os { .. } | Error::Shim { .. } => Code::UNKNOWN,
         }
     }
 }

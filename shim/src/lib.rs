@@ -11,6 +11,7 @@
 //! - [`options`]: containerd's runtime options; [`error`]: errors and their ttrpc codes
 
 pub mod cgroups;
+pub mod checkpoint;
 pub mod container;
 pub mod error;
 pub mod events;

@@ -112,6 +112,11 @@ impl ShimOptions {
         (o.io_uid != 0 || o.io_gid != 0).then_some(IoOwner { uid: o.io_uid, gid: o.io_gid })
     }
 
+    /// `CriuWorkPath`: where CRIU's work files and logs go unless a checkpoint names its own.
+    pub fn criu_work_path(&self) -> Option<PathBuf> {
+        self.runc.as_ref().map(|o| o.criu_work_path.as_str()).filter(|s| !s.is_empty()).map(PathBuf::from)
+    }
+
     /// `ShimCgroup`, if set.
     pub fn shim_cgroup(&self) -> Option<&str> {
         self.runc.as_ref().map(|o| o.shim_cgroup.as_str()).filter(|s| !s.is_empty())

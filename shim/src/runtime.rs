@@ -476,6 +476,32 @@ impl OciRuntime {
         Ok(pids.unwrap_or_default())
     }
 
+    /// The same runtime with `--criu` set for checkpoint and restore: the CRIU binary the
+    /// preflight checked is the one the runtime runs.
+    pub fn with_criu(&self, criu: PathBuf) -> OciRuntime {
+        let mut opts = self.opts.clone();
+        opts.criu = Some(criu);
+        OciRuntime { opts, spawner: self.spawner.clone() }
+    }
+
+    /// `checkpoint ARGS ID`, the flags built by `kybernate_criu::CheckpointFlags::checkpoint_args`.
+    pub fn checkpoint(&self, id: &str, bundle: &Path, args: Vec<OsString>) -> Result<(), RuntimeError> {
+        let args = args.into_iter().chain([OsString::from(id)]);
+        self.call(bundle, "checkpoint", args, CallIo::Captured { input: None, stdout: false }).map(drop)
+    }
+
+    /// `restore ARGS ID` (ARGS from `kybernate_criu::RestoreArgs`, `--detach` among them). Like
+    /// `create`, the restored process inherits `stdio`: CRIU maps the pipes it had onto them.
+    pub fn restore(&self, id: &str, bundle: &Path, args: Vec<OsString>, stdio: ChildStdio) -> Result<(), RuntimeError> {
+        let args = args.into_iter().chain([OsString::from(id)]);
+        self.call(bundle, "restore", args, CallIo::Child(stdio)).map(drop)
+    }
+
+    /// First line of `BINARY --version`, for checkpoint manifests.
+    pub fn version(&self) -> Result<String, RuntimeError> {
+        tool_version(self.spawner.as_ref(), &self.opts.binary, "--version")
+    }
+
     /// `state ID`.
     pub fn state(&self, id: &str, bundle: &Path) -> Result<RuntimeState, RuntimeError> {
         let out = self.call(bundle, "state", [OsString::from(id)], CallIo::Captured { input: None, stdout: true })?;
@@ -555,6 +581,31 @@ impl OciRuntime {
             message,
         })
     }
+}
+
+/// Output of `BINARY ARG` (e.g. `criu --version`), all of stdout, run through `spawner`.
+/// Fails like a runtime call when the tool cannot run or exits non-zero.
+pub fn tool_output(spawner: &dyn Spawner, binary: &Path, arg: &str) -> Result<String, RuntimeError> {
+    let mut cmd = Command::new(binary);
+    cmd.arg(arg).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    let out = spawner.run(cmd, None, Capture { stdout: true, stderr: true }).map_err(|source| {
+        RuntimeError::Spawn { binary: binary.to_path_buf(), subcommand: arg.into(), source }
+    })?;
+    if out.code != 0 {
+        return Err(RuntimeError::Failed {
+            binary: binary.to_path_buf(),
+            subcommand: arg.into(),
+            code: out.code,
+            message: stderr_message(&out.stderr).unwrap_or_else(|| format!("exited with status {}", out.code)),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// First non-empty line of [`tool_output`].
+pub fn tool_version(spawner: &dyn Spawner, binary: &Path, arg: &str) -> Result<String, RuntimeError> {
+    let text = tool_output(spawner, binary, arg)?;
+    Ok(text.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or_default().to_string())
 }
 
 fn stdio_or_null(fd: Option<OwnedFd>) -> Stdio {

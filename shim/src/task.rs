@@ -11,14 +11,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use containerd_shim::api::{
-    CloseIORequest, ConnectRequest, ConnectResponse, CreateTaskRequest, CreateTaskResponse, DeleteRequest, Empty,
+    CheckpointTaskRequest, CloseIORequest, ConnectRequest, ConnectResponse, CreateTaskRequest, CreateTaskResponse, DeleteRequest, Empty,
     ExecProcessRequest, KillRequest, PauseRequest, PidsRequest, PidsResponse, ResizePtyRequest, ResumeRequest,
     ShutdownRequest, StartRequest, StartResponse, StateRequest, StateResponse, StatsRequest, StatsResponse,
     UpdateTaskRequest, WaitRequest, WaitResponse,
 };
 use containerd_shim::monitor::{Subject, Subscription};
 use containerd_shim::protos::events::task::{
-    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskPaused, TaskResumed,
+    TaskCheckpointed, TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskPaused, TaskResumed,
     TaskStart,
 };
 use containerd_shim::protos::protobuf::well_known_types::any::Any;
@@ -29,6 +29,7 @@ use containerd_shim::{api, ExitSignal, Task, TtrpcContext, TtrpcResult};
 use kybernate_runtime_select::{Context as SelectContext, Selector};
 use log::{info, warn};
 
+use crate::checkpoint::{self, CheckpointError, CheckpointRequest, Checkpointer, RestorePlan};
 use crate::container::{Container, RuntimeRecord};
 use crate::error::{Error, Result};
 use crate::events::EventQueue;
@@ -211,12 +212,6 @@ impl Inner {
         if lock(&self.containers).contains_key(&req.id) {
             return Err(Error::AlreadyExists(format!("container {} already exists", req.id)));
         }
-        if !req.checkpoint.is_empty() {
-            return Err(Error::Unimplemented(format!(
-                "create {}: restore from checkpoint {} is not supported by this shim yet",
-                req.id, req.checkpoint
-            )));
-        }
         let bundle = PathBuf::from(&req.bundle);
         let opts = ShimOptions::from_any(req.options.as_ref())?;
         let spec = kybernate_runtime_select::load_spec(&bundle).map_err(kybernate_runtime_select::SelectError::from)?;
@@ -235,8 +230,31 @@ impl Inner {
         for w in &decision.warnings {
             warn!("container {}: {w}", req.id);
         }
+        // A restore: containerd's checkpoint (`ctr c restore --live`), else a checkpoint of the
+        // node's store named by the annotation or RESTORE_FROM. Verified before anything is set up.
+        let restore = if !req.checkpoint.is_empty() {
+            Some(RestorePlan::from_containerd(&req.id, Path::new(&req.checkpoint))?)
+        } else if let Some((reference, from)) = checkpoint::restore_reference(&spec) {
+            info!("container {}: restore from checkpoint {reference} ({from})", req.id);
+            let tenant = checkpoint::tenant(&spec, &self.namespace);
+            Some(RestorePlan::from_store(&req.id, &reference, &selector.config.checkpoint, &tenant)?)
+        } else {
+            None
+        };
+        let mut binary = decision.runtime.clone();
+        if let Some(recorded) = restore.as_ref().map(|p| p.runtime_binary(&req.id)).transpose()?.flatten() {
+            if recorded != binary {
+                info!(
+                    "container {}: restoring with {}, the runtime that took the checkpoint (selected: {})",
+                    req.id,
+                    recorded.display(),
+                    binary.display()
+                );
+            }
+            binary = recorded;
+        }
         let record = RuntimeRecord {
-            binary: decision.runtime.clone(),
+            binary,
             root: opts.runtime_root(&self.namespace),
             systemd_cgroup: opts.systemd_cgroup(),
             source: decision.source.as_str().to_string(),
@@ -262,7 +280,12 @@ impl Inner {
             stderr: req.stderr.clone(),
             terminal: req.terminal,
         };
-        let created = self.create_init(&req.id, &bundle, &runtime, &opts, &stdio);
+        let created = match &restore {
+            // The restore itself runs at Start (as in containerd's runc shim); only the rootfs
+            // changes of a store checkpoint are applied now.
+            Some(plan) => apply_rootfs_diff(&req.id, plan, &rootfs).map(|()| (0, None)),
+            None => self.create_init(&req.id, &bundle, &runtime, &opts, &stdio).map(|(pid, io)| (pid, Some(io))),
+        };
         let (pid, io) = match created {
             Ok(v) => v,
             Err(e) => {
@@ -279,15 +302,24 @@ impl Inner {
             }
         };
         let init = Arc::new(Process::new(req.id.clone(), None, stdio.clone(), None));
-        init.set_pid(pid);
-        init.set_io(io);
-        let c = Arc::new(
-            Container::new(req.id.clone(), bundle.clone(), runtime, record, init, mounted)
-                .with_io_owner(opts.io_owner()),
-        );
+        if let Some(io) = io {
+            init.set_pid(pid);
+            init.set_io(io);
+        }
+        let mut c = Container::new(req.id.clone(), bundle.clone(), runtime, record, init, mounted)
+            .with_io_owner(opts.io_owner());
+        c.no_pivot = opts.no_pivot_root();
+        c.criu_work = opts.criu_work_path();
+        c.rootfs_upper = req.rootfs.iter().find_map(|m| kybernate_criu::overlay_upperdir(&m.type_, &m.options));
+        let c = Arc::new(c);
+        if let Some(plan) = restore {
+            c.set_restore(plan);
+        }
         lock(&self.containers).insert(req.id.clone(), c.clone());
-        self.register_pid(&req.id, None, pid);
-        self.watch_oom(&c, pid);
+        if pid != 0 {
+            self.register_pid(&req.id, None, pid);
+            self.watch_oom(&c, pid);
+        }
 
         self.events.send(TaskCreate {
             container_id: req.id.clone(),
@@ -362,8 +394,61 @@ impl Inner {
         started.map(|_| pid)
     }
 
-    fn start_init(&self, c: &Container) -> Result<()> {
-        c.runtime.start(&c.id, &c.bundle)?;
+    fn start_init(self: &Arc<Self>, c: &Arc<Container>) -> Result<()> {
+        match c.take_restore() {
+            Some(plan) => self.restore_init(c, plan),
+            None => Ok(c.runtime.start(&c.id, &c.bundle)?),
+        }
+    }
+
+    /// Start of a container created from a checkpoint: `runtime restore --detach`, with the
+    /// process IO wired up as for a create; from here its exits work as for any container.
+    fn restore_init(self: &Arc<Self>, c: &Arc<Container>, plan: RestorePlan) -> Result<()> {
+        let checkpointer = Checkpointer { spawner: self.spawner.as_ref(), namespace: &self.namespace };
+        let (criu_path, _) = checkpointer.criu(c, "restore")?;
+        let runtime = c.runtime.with_criu(criu_path);
+        let work = c.criu_work.clone().unwrap_or_else(|| c.bundle.join("work"));
+        std::fs::create_dir_all(&work).map_err(Error::os(format!("create CRIU work dir {}", work.display())))?;
+        let (mut io, child) = ProcessIo::prepare_owned(&c.init.stdio, &c.bundle, &c.id, &self.namespace, c.io_owner)?;
+        let pid_file = c.bundle.join("init.pid");
+        let args = plan.restore_args(&c.bundle, &work, &pid_file, io.console_socket(), c.no_pivot);
+        info!("container {}: restoring from {}", c.id, plan.dir.display());
+        if let Err(e) = runtime.restore(&c.id, &c.bundle, args, child) {
+            // A failed restore can leave runtime state (and a half-restored process) behind.
+            if let Err(de) = c.runtime.delete(&c.id, &c.bundle, true) {
+                if !de.is_not_found() {
+                    warn!("restore {}: cleanup: {de}", c.id);
+                }
+            }
+            let log = work.join("restore.log");
+            return Err(checkpoint::runtime_failure("restore", &c.id, e, &log, "the container was not restored".into()).into());
+        }
+        io.attach()?;
+        let pid = read_pid(&pid_file)?;
+        c.init.set_pid(pid);
+        c.init.set_io(io);
+        self.register_pid(&c.id, None, pid);
+        self.watch_oom(c, pid);
+        Ok(())
+    }
+
+    fn checkpoint(&self, req: &CheckpointTaskRequest) -> Result<()> {
+        let c = self.container(&req.id)?;
+        let st = c.init.require("checkpoint", &[ProcessStatus::Running, ProcessStatus::Paused])?;
+        let request = CheckpointRequest::decode(&req.id, req.options.as_ref())?;
+        let target = request
+            .image_path
+            .clone()
+            .or_else(|| Some(PathBuf::from(&req.path)).filter(|p| !p.as_os_str().is_empty()))
+            .ok_or_else(|| Error::InvalidArgument(format!("checkpoint {}: neither path nor image_path given", req.id)))?;
+        let _running = c.begin_checkpoint().ok_or_else(|| CheckpointError::Busy { id: req.id.clone() })?;
+        let checkpointer = Checkpointer { spawner: self.spawner.as_ref(), namespace: &self.namespace };
+        checkpointer.checkpoint(&c, st.pid, &request, &target, st.status == ProcessStatus::Paused)?;
+        self.events.send(TaskCheckpointed {
+            container_id: c.id.clone(),
+            checkpoint: target.display().to_string(),
+            ..Default::default()
+        });
         Ok(())
     }
 
@@ -576,6 +661,14 @@ fn read_pid(path: &Path) -> Result<u32> {
         .ok_or_else(|| Error::InvalidArgument(format!("{}: not a pid: {text:?}", path.display())))
 }
 
+/// Applies a store checkpoint's `rootfs-diff.tar` onto the freshly mounted rootfs.
+fn apply_rootfs_diff(id: &str, plan: &RestorePlan, rootfs: &Path) -> Result<()> {
+    let Some(diff) = plan.rootfs_diff() else { return Ok(()) };
+    kybernate_criu::apply_rootfs_diff(&diff, rootfs).map_err(|e| {
+        Error::InvalidArgument(format!("restore {id}: apply {} to {}: {e}", diff.display(), rootfs.display()))
+    })
+}
+
 /// Mounts containerd's rootfs mounts on `target`; on failure unmounts what was mounted.
 fn mount_rootfs(mounts: &[containerd_shim::protos::types::mount::Mount], target: &Path) -> Result<bool> {
     if mounts.is_empty() {
@@ -681,6 +774,11 @@ impl Task for TaskService {
             source: std::io::Error::other(e.to_string()),
         })?;
         Ok(StatsResponse { stats: Some(stats).into(), ..Default::default() })
+    }
+
+    fn checkpoint(&self, _: &TtrpcContext, req: CheckpointTaskRequest) -> TtrpcResult<Empty> {
+        self.inner.checkpoint(&req).inspect_err(|e| warn!("checkpoint {}: {e}", req.id))?;
+        Ok(Empty::new())
     }
 
     fn connect(&self, _: &TtrpcContext, req: ConnectRequest) -> TtrpcResult<ConnectResponse> {

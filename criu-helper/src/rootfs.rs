@@ -1,0 +1,355 @@
+//! The container's filesystem changes (`rootfs-diff.tar`).
+//!
+//! CRIU restores processes, not files: whatever the container wrote to its
+//! rootfs must be put back before restore, or open files will be missing.
+//! The diff is the overlay upper dir, with whiteouts kept as overlay writes
+//! them (char device 0/0) so that deletions survive too.
+
+use std::ffi::CString;
+use std::fs::{self, File};
+use std::io::{self, BufReader, BufWriter};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+
+use tar::{Archive, Builder, EntryType, Header, HeaderMode};
+
+/// PAX records marking an overlay opaque directory (whose lower contents are hidden).
+const OPAQUE_XATTRS: [&str; 2] = ["trusted.overlay.opaque", "user.overlay.opaque"];
+const PAX_XATTR_PREFIX: &str = "SCHILY.xattr.";
+
+/// Why a rootfs diff could not be written or applied. Every variant names the path at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum RootfsError {
+    #[error("{}: rootfs diff entry {entry:?} would be written outside the rootfs", tar.display())]
+    Escape { tar: PathBuf, entry: String },
+    #[error("{}: rootfs diff entry {entry:?} is a {what}, which cannot be restored", tar.display())]
+    Unsupported { tar: PathBuf, entry: String, what: String },
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn io_ctx(context: String) -> impl FnOnce(io::Error) -> RootfsError {
+    move |source| RootfsError::Io { context, source }
+}
+
+/// The overlay upperdir of a containerd rootfs mount, from its options ("upperdir=/x/fs"): None for bind/other mounts.
+pub fn overlay_upperdir(mount_type: &str, options: &[String]) -> Option<PathBuf> {
+    let overlay = mount_type == "overlay" || mount_type.ends_with("overlayfs");
+    if !overlay {
+        return None;
+    }
+    options.iter().find_map(|o| o.strip_prefix("upperdir=")).filter(|p| p.starts_with('/')).map(PathBuf::from)
+}
+
+/// Writes the changes of an overlay upper dir as a tar (paths relative, like CRI-O's rootfs-diff.tar): regular
+/// files, dirs, symlinks, fifos, and overlay whiteouts (char device 0/0). Returns Ok(false) and writes nothing
+/// if the upper dir is empty. Sockets and other devices are skipped with a warning: they cannot be recreated
+/// meaningfully (CRIU recreates the sockets it needs).
+pub fn write_rootfs_diff(upper: &Path, out: &Path) -> Result<bool, RootfsError> {
+    let mut entries =
+        fs::read_dir(upper).map_err(io_ctx(format!("{}: cannot list overlay upper dir", upper.display())))?;
+    if entries.next().is_none() {
+        return Ok(false);
+    }
+    let ctx = || format!("{}: cannot write rootfs diff", out.display());
+    let file = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(out);
+    let mut builder = Builder::new(BufWriter::new(file.map_err(io_ctx(ctx()))?));
+    builder.follow_symlinks(false);
+    let written = append_tree(&mut builder, upper, Path::new("")).and_then(|()| {
+        let file = builder.into_inner()?.into_inner().map_err(io::IntoInnerError::into_error)?;
+        file.sync_all()
+    });
+    if let Err(e) = written {
+        let _ = fs::remove_file(out);
+        return Err(RootfsError::Io { context: ctx(), source: e });
+    }
+    Ok(true)
+}
+
+fn append_tree<W: io::Write>(builder: &mut Builder<W>, dir: &Path, rel: &Path) -> io::Result<()> {
+    let mut entries = fs::read_dir(dir)?.collect::<io::Result<Vec<_>>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    for entry in entries {
+        let path = entry.path();
+        let name = rel.join(entry.file_name());
+        let meta = entry.metadata()?;
+        let t = meta.file_type();
+        if t.is_dir() {
+            if let Some(key) = opaque_xattr(&path) {
+                builder.append_pax_extensions([(format!("{PAX_XATTR_PREFIX}{key}").as_str(), &b"y"[..])])?;
+            }
+            builder.append_path_with_name(&path, &name)?;
+            append_tree(builder, &path, &name)?;
+        } else if t.is_file() || t.is_symlink() {
+            builder.append_path_with_name(&path, &name)?;
+        } else if t.is_fifo() || (t.is_char_device() && meta.rdev() == 0) {
+            // By hand: tar's own special-file path stores the source path instead of `name`.
+            let mut h = Header::new_gnu();
+            h.set_metadata_in_mode(&meta, HeaderMode::Complete);
+            h.set_entry_type(if t.is_fifo() { EntryType::Fifo } else { EntryType::Char });
+            h.set_device_major(0)?;
+            h.set_device_minor(0)?;
+            h.set_size(0);
+            builder.append_data(&mut h, &name, io::empty())?;
+        } else {
+            log::warn!("{}: not carried in the rootfs diff (socket or device)", path.display());
+        }
+    }
+    Ok(())
+}
+
+/// The xattr marking `dir` opaque, if set to "y".
+fn opaque_xattr(dir: &Path) -> Option<&'static str> {
+    let cpath = CString::new(dir.as_os_str().as_bytes()).ok()?;
+    OPAQUE_XATTRS.into_iter().find(|key| {
+        let Ok(ckey) = CString::new(*key) else { return false };
+        let mut buf = [0u8; 2];
+        // SAFETY: both strings are NUL-terminated and buf's length is passed.
+        let n = unsafe { libc::lgetxattr(cpath.as_ptr(), ckey.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        n == 1 && buf[0] == b'y'
+    })
+}
+
+/// Applies a diff written by [`write_rootfs_diff`] onto a mounted rootfs: whiteouts delete the path,
+/// opaque directories lose their previous contents, everything else is unpacked with
+/// permissions, ownership and mtimes. Entries that would land outside `rootfs` are refused.
+pub fn apply_rootfs_diff(tar: &Path, rootfs: &Path) -> Result<(), RootfsError> {
+    let read_ctx = || format!("{}: cannot read rootfs diff", tar.display());
+    let file = File::open(tar).map_err(io_ctx(read_ctx()))?;
+    let root = rootfs.canonicalize().map_err(io_ctx(format!("{}: cannot resolve rootfs", rootfs.display())))?;
+    let mut archive = Archive::new(BufReader::new(file));
+    archive.set_preserve_permissions(true);
+    archive.set_preserve_ownerships(true);
+    archive.set_preserve_mtime(true);
+    archive.set_overwrite(true);
+    archive.set_unpack_xattrs(false);
+    for entry in archive.entries().map_err(io_ctx(read_ctx()))? {
+        let mut entry = entry.map_err(io_ctx(read_ctx()))?;
+        let raw = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+        let escape = || RootfsError::Escape { tar: tar.to_path_buf(), entry: raw.clone() };
+        let rel = entry.path().ok().and_then(|p| plain_relative(&p)).ok_or_else(escape)?;
+        if rel.as_os_str().is_empty() {
+            continue; // the upper dir itself
+        }
+        let dst = root.join(&rel);
+        let parent_inside = match dst.parent().map(Path::canonicalize) {
+            Some(Ok(p)) => Some(p.starts_with(&root)),
+            _ => None, // missing parent: unpack_in creates it, checking each level
+        };
+        if parent_inside == Some(false) {
+            return Err(escape());
+        }
+        let existing = fs::symlink_metadata(&dst).ok();
+        let header = entry.header();
+        let kind = header.entry_type();
+        let ctx = |what: &str| format!("{}: cannot {what} {}", tar.display(), dst.display());
+        match kind {
+            EntryType::Char | EntryType::Block => {
+                let dev = (header.device_major().ok().flatten(), header.device_minor().ok().flatten());
+                if kind != EntryType::Char || dev != (Some(0), Some(0)) {
+                    let what = format!("device {kind:?}");
+                    return Err(RootfsError::Unsupported { tar: tar.to_path_buf(), entry: raw, what });
+                }
+                if parent_inside.is_some() && existing.is_some() {
+                    remove_path(&dst, existing.as_ref()).map_err(io_ctx(ctx("delete (whiteout)")))?;
+                }
+                continue;
+            }
+            EntryType::Fifo => {
+                let (mode, uid, gid) = (header.mode().unwrap_or(0o644), header.uid().ok(), header.gid().ok());
+                remove_path(&dst, existing.as_ref()).map_err(io_ctx(ctx("replace")))?;
+                make_fifo(&dst, mode, uid, gid).map_err(io_ctx(ctx("create fifo")))?;
+                continue;
+            }
+            _ => {}
+        }
+        match &existing {
+            Some(m) if kind.is_dir() && !m.is_dir() => fs::remove_file(&dst).map_err(io_ctx(ctx("replace")))?,
+            Some(_) if kind.is_dir() && is_opaque(&mut entry) => clear_dir(&dst).map_err(io_ctx(ctx("clear")))?,
+            Some(m) if !kind.is_dir() && m.is_dir() => fs::remove_dir_all(&dst).map_err(io_ctx(ctx("replace")))?,
+            _ => {}
+        }
+        if !entry.unpack_in(&root).map_err(io_ctx(ctx("unpack")))? {
+            return Err(escape());
+        }
+    }
+    Ok(())
+}
+
+/// `p` with `.` dropped, or None if it is absolute or climbs with `..`.
+fn plain_relative(p: &Path) -> Option<PathBuf> {
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::Normal(part) => out.push(part),
+            Component::ParentDir | Component::RootDir | Component::Prefix(_) => return None,
+        }
+    }
+    Some(out)
+}
+
+fn is_opaque<R: io::Read>(entry: &mut tar::Entry<'_, R>) -> bool {
+    let Ok(Some(exts)) = entry.pax_extensions() else { return false };
+    exts.flatten().any(|e| {
+        let key = e.key().unwrap_or("");
+        key.strip_prefix(PAX_XATTR_PREFIX).is_some_and(|k| OPAQUE_XATTRS.contains(&k)) && e.value_bytes() == b"y"
+    })
+}
+
+fn remove_path(p: &Path, meta: Option<&fs::Metadata>) -> io::Result<()> {
+    let result = match meta {
+        Some(m) if m.is_dir() => fs::remove_dir_all(p),
+        Some(_) => fs::remove_file(p),
+        None => return Ok(()),
+    };
+    match result {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
+fn clear_dir(dir: &Path) -> io::Result<()> {
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        remove_path(&entry.path(), Some(&entry.metadata()?))?;
+    }
+    Ok(())
+}
+
+fn make_fifo(dst: &Path, mode: u32, uid: Option<u64>, gid: Option<u64>) -> io::Result<()> {
+    let perm = nix::sys::stat::Mode::from_bits_truncate(mode & 0o7777);
+    nix::unistd::mkfifo(dst, perm).map_err(io::Error::from)?;
+    let id = |v: Option<u64>| v.and_then(|v| u32::try_from(v).ok());
+    std::os::unix::fs::lchown(dst, id(uid), id(gid))?;
+    fs::set_permissions(dst, fs::Permissions::from_mode(mode & 0o7777))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    fn mknod_whiteout(p: &Path) -> bool {
+        let c = CString::new(p.as_os_str().as_bytes()).unwrap();
+        // SAFETY: c is a valid C string.
+        unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o600, 0) == 0 }
+    }
+
+    #[test]
+    fn upperdir_from_mount_options() {
+        let opts = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let o = opts(&["index=off", "workdir=/s/1/work", "upperdir=/s/1/fs", "lowerdir=/s/0/fs"]);
+        assert_eq!(overlay_upperdir("overlay", &o), Some(PathBuf::from("/s/1/fs")));
+        assert_eq!(overlay_upperdir("bind", &opts(&["rbind", "rw"])), None);
+        assert_eq!(overlay_upperdir("overlay", &opts(&["lowerdir=/a:/b"])), None);
+        assert_eq!(overlay_upperdir("fuse3.fuse-overlayfs", &o), Some(PathBuf::from("/s/1/fs")));
+    }
+
+    #[test]
+    fn empty_upper_writes_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        fs::create_dir(d.path().join("upper")).unwrap();
+        let out = d.path().join("diff.tar");
+        assert!(!write_rootfs_diff(&d.path().join("upper"), &out).unwrap());
+        assert!(!out.exists());
+    }
+
+    #[test]
+    fn round_trip_with_whiteouts() {
+        let d = tempfile::tempdir().unwrap();
+        let upper = d.path().join("upper");
+        fs::create_dir_all(upper.join("etc")).unwrap();
+        fs::create_dir_all(upper.join("var/data")).unwrap();
+        fs::write(upper.join("etc/app.conf"), "new").unwrap();
+        fs::set_permissions(upper.join("etc/app.conf"), fs::Permissions::from_mode(0o640)).unwrap();
+        fs::write(upper.join("var/data/log"), "x".repeat(10_000)).unwrap();
+        symlink("app.conf", upper.join("etc/link")).unwrap();
+        if !mknod_whiteout(&upper.join("etc/gone")) || !mknod_whiteout(&upper.join("olddir")) {
+            eprintln!("skipping: cannot mknod whiteouts here (not root?)");
+            return;
+        }
+        // An opaque dir hides what the image had there; a fifo is carried as a fifo.
+        fs::create_dir_all(upper.join("cache")).unwrap();
+        fs::write(upper.join("cache/new"), "n").unwrap();
+        let opaque = set_opaque(&upper.join("cache"));
+        nix::unistd::mkfifo(&upper.join("var/fifo"), nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        fs::set_permissions(upper.join("var/fifo"), fs::Permissions::from_mode(0o620)).unwrap();
+        let tar = d.path().join("diff.tar");
+        assert!(write_rootfs_diff(&upper, &tar).unwrap());
+
+        let rootfs = d.path().join("rootfs");
+        fs::create_dir_all(rootfs.join("etc")).unwrap();
+        fs::create_dir_all(rootfs.join("olddir/sub")).unwrap();
+        fs::write(rootfs.join("olddir/sub/f"), "old").unwrap();
+        fs::write(rootfs.join("etc/gone"), "old").unwrap();
+        fs::write(rootfs.join("etc/app.conf"), "old").unwrap();
+        fs::write(rootfs.join("etc/keep"), "keep").unwrap();
+        fs::create_dir_all(rootfs.join("cache")).unwrap();
+        fs::write(rootfs.join("cache/old"), "o").unwrap();
+        apply_rootfs_diff(&tar, &rootfs).unwrap();
+
+        assert_eq!(fs::read_to_string(rootfs.join("etc/app.conf")).unwrap(), "new");
+        let mode = fs::metadata(rootfs.join("etc/app.conf")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o640);
+        assert_eq!(fs::read_to_string(rootfs.join("etc/keep")).unwrap(), "keep");
+        assert_eq!(fs::read_link(rootfs.join("etc/link")).unwrap(), Path::new("app.conf"));
+        assert_eq!(fs::read(rootfs.join("var/data/log")).unwrap().len(), 10_000);
+        assert!(!rootfs.join("etc/gone").exists());
+        assert!(fs::symlink_metadata(rootfs.join("olddir")).is_err());
+        assert!(rootfs.join("cache/new").exists());
+        assert_eq!(rootfs.join("cache/old").exists(), !opaque, "opaque xattr set: {opaque}");
+        let fifo = fs::symlink_metadata(rootfs.join("var/fifo")).unwrap();
+        assert!(fifo.file_type().is_fifo());
+        assert_eq!(fifo.permissions().mode() & 0o777, 0o620);
+    }
+
+    /// Marks `dir` opaque as overlayfs does; false where the filesystem refuses trusted xattrs.
+    fn set_opaque(dir: &Path) -> bool {
+        let c = CString::new(dir.as_os_str().as_bytes()).unwrap();
+        // SAFETY: valid C strings, and the value length is passed.
+        unsafe { libc::lsetxattr(c.as_ptr(), c"trusted.overlay.opaque".as_ptr(), b"y".as_ptr().cast(), 1, 0) == 0 }
+    }
+
+    fn tar_with(path: &[u8], link: Option<&str>) -> Vec<u8> {
+        let mut b = Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        // Write the raw name: set_path refuses "..", which is the point of the test.
+        h.as_gnu_mut().unwrap().name[..path.len()].copy_from_slice(path);
+        h.set_size(if link.is_some() { 0 } else { 2 });
+        h.set_mode(0o644);
+        if let Some(l) = link {
+            h.set_entry_type(EntryType::Symlink);
+            h.set_link_name(l).unwrap();
+        }
+        h.set_cksum();
+        b.append(&h, &b"hi"[..if link.is_some() { 0 } else { 2 }]).unwrap();
+        b.into_inner().unwrap()
+    }
+
+    #[test]
+    fn escaping_entries_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let rootfs = d.path().join("rootfs");
+        fs::create_dir(&rootfs).unwrap();
+        let tar = d.path().join("bad.tar");
+        fs::write(&tar, tar_with(b"../evil", None)).unwrap();
+        let err = apply_rootfs_diff(&tar, &rootfs).unwrap_err();
+        assert!(matches!(err, RootfsError::Escape { ref entry, .. } if entry == "../evil"), "{err}");
+        assert!(!d.path().join("evil").exists());
+
+        // A symlink in the rootfs pointing out must not be followed.
+        let outside = d.path().join("outside");
+        fs::create_dir(&outside).unwrap();
+        symlink(&outside, rootfs.join("out")).unwrap();
+        fs::write(&tar, tar_with(b"out/evil", None)).unwrap();
+        let err = apply_rootfs_diff(&tar, &rootfs).unwrap_err();
+        assert!(matches!(err, RootfsError::Escape { .. }), "{err}");
+        assert!(!outside.join("evil").exists());
+    }
+}

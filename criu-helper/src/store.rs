@@ -1,0 +1,474 @@
+//! The node's checkpoint store, writing checkpoints atomically, and verifying
+//! them before a restore.
+//!
+//! Checkpoints hold process memory (secrets included), so every directory is
+//! 0700, and a reference from an annotation is only followed inside the store.
+
+use std::collections::BTreeMap;
+use std::fs::{self, DirBuilder, File};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+use std::time::SystemTime;
+
+use sha2::{Digest, Sha256};
+
+use crate::manifest::{clamp_time, FileEntry, Manifest, FORMAT_VERSION, IMAGES_DIR, MANIFEST_FILE};
+
+/// The file CRIU writes first and restore reads first: without it there is no checkpoint.
+pub const INVENTORY: &str = "checkpoint/inventory.img";
+
+/// A store operation that failed. Every variant names the path or value at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("invalid {what} {value:?}: must be non-empty, not \".\" or \"..\", without '/' or NUL")]
+    BadName { what: &'static str, value: String },
+    #[error("checkpoint {reference:?} resolves to {} which is not inside the checkpoint store {}", resolved.display(), root.display())]
+    OutsideRoot { reference: String, resolved: PathBuf, root: PathBuf },
+    #[error("checkpoint {reference:?} not found")]
+    NotFound { reference: String },
+    #[error("{}: already exists and is not an empty directory", target.display())]
+    TargetExists { target: PathBuf },
+    #[error("{}: unexpected {what} in checkpoint (only directories and regular files are allowed)", path.display())]
+    Unexpected { path: PathBuf, what: &'static str },
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A checkpoint directory that must not be restored. Every variant names the file at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error("{}: invalid checkpoint manifest: {reason}", path.display())]
+    Manifest { path: PathBuf, reason: String },
+    #[error("{}: unsupported checkpoint format version {found} (this Kybernate reads version {supported})", path.display())]
+    Unsupported { path: PathBuf, found: u32, supported: u32 },
+    #[error("{}: manifest lists {entry:?}, which is not a plain relative path inside the checkpoint", path.display())]
+    BadPath { path: PathBuf, entry: String },
+    #[error("{}: checkpoint is incomplete: CRIU's inventory is not in the manifest", missing.display())]
+    Incomplete { missing: PathBuf },
+    #[error("{}: listed in the manifest but missing", file.display())]
+    Missing { file: PathBuf },
+    #[error("{}: not a regular file (symlinks and special files are not allowed in a checkpoint)", file.display())]
+    NotRegular { file: PathBuf },
+    #[error("{}: size is {found} bytes, the manifest says {expected}", file.display())]
+    Size { file: PathBuf, expected: u64, found: u64 },
+    #[error("{}: checksum does not match the manifest (corrupted or tampered with)", file.display())]
+    Checksum { file: PathBuf },
+    #[error("{}: not listed in the manifest", file.display())]
+    Unlisted { file: PathBuf },
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn store_io(what: &str, path: &Path) -> impl FnOnce(io::Error) -> StoreError {
+    let context = format!("{}: cannot {what}", path.display());
+    move |source| StoreError::Io { context, source }
+}
+
+fn verify_io(what: &str, path: &Path) -> impl FnOnce(io::Error) -> VerifyError {
+    let context = format!("{}: cannot {what}", path.display());
+    move |source| VerifyError::Io { context, source }
+}
+
+/// The node's checkpoint store: `<root>/<namespace>/<container>/<timestamp>/`, every directory 0700 root.
+#[derive(Debug, Clone)]
+pub struct Store {
+    root: PathBuf,
+}
+
+impl Store {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Path for a new checkpoint: `root/ns/container/<timestamp>`, the timestamp UTC
+    /// `20261123T212501.123Z` (sorts by time, no ':' which some tools treat as a host separator).
+    pub fn new_checkpoint_path(&self, namespace: &str, container: &str, at: SystemTime) -> Result<PathBuf, StoreError> {
+        check_name("namespace", namespace)?;
+        check_name("container id", container)?;
+        let stamp: String = humantime::format_rfc3339_millis(clamp_time(at))
+            .to_string()
+            .chars()
+            .filter(|c| !"-:".contains(*c))
+            .collect();
+        Ok(self.root.join(namespace).join(container).join(stamp))
+    }
+
+    /// Resolves a checkpoint reference from a user, annotation or env var: an absolute path, or a
+    /// path relative to the root. Both are canonicalised and the result must be strictly inside
+    /// the root, so `../` and symlinks cannot reach another tenant's files or the host.
+    pub fn resolve(&self, reference: &str) -> Result<PathBuf, StoreError> {
+        if reference.is_empty() {
+            return Err(StoreError::NotFound { reference: reference.into() });
+        }
+        let root = fs::canonicalize(&self.root).map_err(store_io("resolve checkpoint store", &self.root))?;
+        let resolved = match fs::canonicalize(self.root.join(reference)) {
+            Ok(p) => p,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(StoreError::NotFound { reference: reference.into() })
+            }
+            Err(source) => return Err(StoreError::Io { context: format!("checkpoint {reference:?}"), source }),
+        };
+        if resolved == root || !resolved.starts_with(&root) {
+            return Err(StoreError::OutsideRoot { reference: reference.into(), resolved, root });
+        }
+        Ok(resolved)
+    }
+
+    /// Every checkpoint (a directory at depth 3 holding the manifest) with its parsed manifest;
+    /// partial checkpoints (names starting with '.') are skipped. A missing root is an empty store.
+    #[allow(clippy::type_complexity)] // spelt out: the shim and the CLI are written against it
+    pub fn list(&self) -> Result<Vec<(PathBuf, Result<Manifest, VerifyError>)>, StoreError> {
+        let mut found = Vec::new();
+        for ns in subdirs(&self.root)? {
+            for container in subdirs(&ns)? {
+                for cp in subdirs(&container)? {
+                    if cp.join(MANIFEST_FILE).is_file() {
+                        let manifest = read_manifest(&cp);
+                        found.push((cp, manifest));
+                    }
+                }
+            }
+        }
+        Ok(found)
+    }
+}
+
+/// The visible subdirectories of `dir`, sorted; a missing `dir` has none.
+fn subdirs(dir: &Path) -> Result<Vec<PathBuf>, StoreError> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(store_io("list", dir)(e)),
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(store_io("list", dir))?;
+        let hidden = entry.file_name().as_encoded_bytes().starts_with(b".");
+        if !hidden && entry.file_type().is_ok_and(|t| t.is_dir()) {
+            out.push(entry.path());
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn check_name(what: &'static str, value: &str) -> Result<(), StoreError> {
+    if value.is_empty() || value == "." || value == ".." || value.contains(['/', '\0']) {
+        return Err(StoreError::BadName { what, value: value.into() });
+    }
+    Ok(())
+}
+
+/// Creates `dir` and its missing parents with mode 0700; existing ones are left as they are.
+pub(crate) fn create_private_dirs(dir: &Path) -> Result<(), StoreError> {
+    let missing: Vec<&Path> = dir.ancestors().take_while(|p| !p.as_os_str().is_empty() && !p.exists()).collect();
+    for p in missing.into_iter().rev() {
+        match DirBuilder::new().mode(0o700).create(p) {
+            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(store_io("create directory", p)(e)),
+            _ => {}
+        }
+        // The umask may have removed bits we wanted; 0700 only removes.
+        fs::set_permissions(p, fs::Permissions::from_mode(0o700)).map_err(store_io("chmod", p))?;
+    }
+    Ok(())
+}
+
+/// A unique hidden sibling name for work in progress.
+pub(crate) fn hidden_sibling(target: &Path, kind: &str) -> Option<PathBuf> {
+    let parent = target.parent()?;
+    let name = target.file_name()?.to_string_lossy();
+    let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    Some(parent.join(format!(".{name}.{kind}-{}-{nanos}", std::process::id())))
+}
+
+pub(crate) fn fsync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// A checkpoint being written. It lives in a hidden 0700 sibling of its target
+/// (`<parent>/.<target-name>.partial-<pid>-<nanos>`), so an interrupted checkpoint never looks like a valid one;
+/// dropping it without `commit` removes it.
+#[derive(Debug)]
+pub struct PartialCheckpoint {
+    dir: PathBuf,
+    target: PathBuf,
+    committed: bool,
+}
+
+impl PartialCheckpoint {
+    /// Creates missing parents of `target` (0700), then the partial dir and its `checkpoint/` (0700).
+    /// `target` must not exist, or be an empty directory (containerd hands us a fresh temp dir).
+    pub fn begin(target: &Path) -> Result<Self, StoreError> {
+        let bad = || StoreError::BadName { what: "checkpoint path", value: target.display().to_string() };
+        let dir = hidden_sibling(target, "partial").ok_or_else(bad)?;
+        let parent = target.parent().ok_or_else(bad)?;
+        create_private_dirs(parent)?;
+        check_target_free(target)?;
+        DirBuilder::new().mode(0o700).create(&dir).map_err(store_io("create directory", &dir))?;
+        let partial = Self { dir, target: target.to_path_buf(), committed: false };
+        let images = partial.images_dir();
+        DirBuilder::new().mode(0o700).create(&images).map_err(store_io("create directory", &images))?;
+        Ok(partial)
+    }
+
+    /// The partial dir.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Where CRIU writes its images: `dir()/checkpoint`.
+    pub fn images_dir(&self) -> PathBuf {
+        self.dir.join(IMAGES_DIR)
+    }
+
+    pub fn target(&self) -> &Path {
+        &self.target
+    }
+
+    /// Records every file under `dir()` in `manifest.files`, writes the manifest, syncs everything
+    /// and renames `dir()` onto the target. On error the partial dir is removed (by drop).
+    pub fn commit(mut self, mut manifest: Manifest) -> Result<Manifest, StoreError> {
+        let mut files = BTreeMap::new();
+        collect_files(&self.dir, "", &mut files)?;
+        files.remove(MANIFEST_FILE);
+        manifest.files = files;
+        let text = serde_json::to_vec_pretty(&manifest).map_err(|e| StoreError::Io {
+            context: format!("{}: cannot serialise manifest", self.target.display()),
+            source: io::Error::other(e),
+        })?;
+        let path = self.dir.join(MANIFEST_FILE);
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(store_io("create", &path))?;
+        f.write_all(&text).and_then(|()| f.sync_all()).map_err(store_io("write", &path))?;
+        fsync_dir(&self.dir).map_err(store_io("sync", &self.dir))?;
+        check_target_free(&self.target)?;
+        // rename(2) atomically replaces an empty directory.
+        fs::rename(&self.dir, &self.target).map_err(|source| StoreError::Io {
+            context: format!("cannot move {} to {}", self.dir.display(), self.target.display()),
+            source,
+        })?;
+        self.committed = true;
+        if let Some(parent) = self.target.parent() {
+            if let Err(e) = fsync_dir(parent) {
+                log::warn!("{}: cannot sync directory: {e}", parent.display());
+            }
+        }
+        Ok(manifest)
+    }
+}
+
+impl Drop for PartialCheckpoint {
+    fn drop(&mut self) {
+        if !self.committed {
+            if let Err(e) = fs::remove_dir_all(&self.dir) {
+                log::warn!("{}: cannot remove partial checkpoint: {e}", self.dir.display());
+            }
+        }
+    }
+}
+
+/// The target must be absent or an empty directory (not a symlink to one).
+fn check_target_free(target: &Path) -> Result<(), StoreError> {
+    match fs::symlink_metadata(target) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(store_io("stat", target)(e)),
+        Ok(m) if m.is_dir() => {
+            let mut entries = fs::read_dir(target).map_err(store_io("list", target))?;
+            if entries.next().is_none() {
+                Ok(())
+            } else {
+                Err(StoreError::TargetExists { target: target.to_path_buf() })
+            }
+        }
+        Ok(_) => Err(StoreError::TargetExists { target: target.to_path_buf() }),
+    }
+}
+
+/// Hashes (and fsyncs) every regular file under `dir`, keyed by '/'-separated relative path.
+fn collect_files(dir: &Path, prefix: &str, out: &mut BTreeMap<String, FileEntry>) -> Result<(), StoreError> {
+    for (name, path, meta) in read_dir_sorted(dir).map_err(|(p, e)| store_io("list", &p)(e))? {
+        let rel = format!("{prefix}{name}");
+        if meta.is_dir() {
+            collect_files(&path, &format!("{rel}/"), out)?;
+        } else if meta.is_file() {
+            let (size, sha256) = hash_file(&path, true).map_err(store_io("read", &path))?;
+            out.insert(rel, FileEntry { size, sha256 });
+        } else {
+            return Err(StoreError::Unexpected { path, what: file_kind(&meta) });
+        }
+    }
+    fsync_dir(dir).map_err(store_io("sync", dir))
+}
+
+type DirEntries = Vec<(String, PathBuf, fs::Metadata)>;
+
+/// Entries of `dir` without following symlinks, sorted; names must be UTF-8 so
+/// they can be manifest keys.
+fn read_dir_sorted(dir: &Path) -> Result<DirEntries, (PathBuf, io::Error)> {
+    let wrap = |e| (dir.to_path_buf(), e);
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir).map_err(wrap)? {
+        let entry = entry.map_err(wrap)?;
+        let path = entry.path();
+        let meta = entry.metadata().map_err(|e| (path.clone(), e))?;
+        let Ok(name) = entry.file_name().into_string() else {
+            return Err((path, io::Error::new(io::ErrorKind::InvalidData, "file name is not UTF-8")));
+        };
+        out.push((name, path, meta));
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+fn file_kind(meta: &fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    let t = meta.file_type();
+    if t.is_symlink() {
+        "symlink"
+    } else if t.is_fifo() {
+        "fifo"
+    } else if t.is_socket() {
+        "socket"
+    } else {
+        "device"
+    }
+}
+
+/// Size and lowercase hex sha256 of a file, streamed; `sync` also fsyncs it.
+pub(crate) fn hash_file(path: &Path, sync: bool) -> io::Result<(u64, String)> {
+    let mut f = File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = match f.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        hasher.update(&buf[..n]);
+        size += n as u64;
+    }
+    if sync {
+        f.sync_all()?;
+    }
+    let hex = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    Ok((size, hex))
+}
+
+/// Reads and parses the manifest without checking files (for listing).
+pub fn read_manifest(dir: &Path) -> Result<Manifest, VerifyError> {
+    let path = dir.join(MANIFEST_FILE);
+    let text = match fs::read(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(VerifyError::Manifest { path, reason: "missing".into() })
+        }
+        Err(e) => return Err(VerifyError::Manifest { path, reason: e.to_string() }),
+    };
+    serde_json::from_slice(&text).map_err(|e| VerifyError::Manifest { path, reason: e.to_string() })
+}
+
+/// Verifies a checkpoint directory before restore: the manifest parses and has our format
+/// version, CRIU's inventory is listed, and the files present are exactly those listed,
+/// each with the recorded size and sha256.
+pub fn verify(dir: &Path) -> Result<Manifest, VerifyError> {
+    let manifest = read_manifest(dir)?;
+    let manifest_path = dir.join(MANIFEST_FILE);
+    if manifest.format_version != FORMAT_VERSION {
+        return Err(VerifyError::Unsupported {
+            path: manifest_path,
+            found: manifest.format_version,
+            supported: FORMAT_VERSION,
+        });
+    }
+    for entry in manifest.files.keys() {
+        if !is_plain_relative(entry) || entry == MANIFEST_FILE {
+            return Err(VerifyError::BadPath { path: manifest_path, entry: entry.clone() });
+        }
+    }
+    if !manifest.files.contains_key(INVENTORY) {
+        return Err(VerifyError::Incomplete { missing: dir.join(INVENTORY) });
+    }
+    let mut present = BTreeMap::new();
+    present_files(dir, "", &mut present)?;
+    present.remove(MANIFEST_FILE);
+    if let Some((_, file)) = present.iter().find(|(rel, _)| !manifest.files.contains_key(*rel)) {
+        return Err(VerifyError::Unlisted { file: file.0.clone() });
+    }
+    // Sizes first: cheap, and they catch truncation before hashing GiBs.
+    for (rel, entry) in &manifest.files {
+        let file = dir.join(rel);
+        let Some(found) = present.get(rel.as_str()).map(|(_, size)| *size) else {
+            return Err(VerifyError::Missing { file });
+        };
+        if found != entry.size {
+            return Err(VerifyError::Size { file, expected: entry.size, found });
+        }
+    }
+    for (rel, entry) in &manifest.files {
+        let file = dir.join(rel);
+        let (_, sha) = hash_file(&file, false).map_err(verify_io("read", &file))?;
+        if !sha.eq_ignore_ascii_case(&entry.sha256) {
+            return Err(VerifyError::Checksum { file });
+        }
+    }
+    Ok(manifest)
+}
+
+/// A manifest key must name a file strictly inside the checkpoint.
+pub(crate) fn is_plain_relative(entry: &str) -> bool {
+    !entry.is_empty()
+        && !entry.contains('\0')
+        && Path::new(entry).components().all(|c| matches!(c, Component::Normal(_)))
+        && !entry.split('/').any(|c| c.is_empty() || c == "." || c == "..")
+}
+
+/// Every regular file under `dir` with its full path and size; anything but directories
+/// and regular files is an error.
+fn present_files(dir: &Path, prefix: &str, out: &mut BTreeMap<String, (PathBuf, u64)>) -> Result<(), VerifyError> {
+    let entries = read_dir_sorted(dir).map_err(|(p, e)| verify_io("list", &p)(e))?;
+    for (name, path, meta) in entries {
+        let rel = format!("{prefix}{name}");
+        if meta.is_dir() {
+            present_files(&path, &format!("{rel}/"), out)?;
+        } else if meta.is_file() {
+            out.insert(rel, (path, meta.len()));
+        } else {
+            return Err(VerifyError::NotRegular { file: path });
+        }
+    }
+    Ok(())
+}
+
+/// Best-effort sum of regular file sizes under `dir` (symlinks not followed).
+pub fn dir_size(dir: &Path) -> u64 {
+    let Ok(entries) = fs::read_dir(dir) else { return 0 };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_size(&e.path()),
+            Ok(m) if m.is_file() => m.len(),
+            _ => 0,
+        })
+        .fold(0u64, u64::saturating_add)
+}

@@ -1,0 +1,274 @@
+//! The checkpoint store: naming, resolving references, atomic commit, verify.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::{symlink, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use kybernate_criu::manifest::{FORMAT_VERSION, MANIFEST_FILE};
+use kybernate_criu::{verify, CheckpointFlags, Manifest, PartialCheckpoint, Store, StoreError, ToolInfo, VerifyError};
+
+fn manifest() -> Manifest {
+    Manifest {
+        format_version: FORMAT_VERSION,
+        namespace: "k8s.io".into(),
+        container_id: "c1".into(),
+        pod_namespace: Some("team-a".into()),
+        pod_name: None,
+        container_name: None,
+        image: None,
+        runtime: ToolInfo { path: "/usr/bin/runc".into(), version: "runc version 1.2.5".into() },
+        criu: ToolInfo { path: "/usr/sbin/criu".into(), version: "4.1.1".into() },
+        kernel: "6.1.0".into(),
+        host: "node-1".into(),
+        created: "2026-11-23T21:25:01Z".into(),
+        options: CheckpointFlags::default(),
+        rootfs_diff: false,
+        duration_ms: 12,
+        files: BTreeMap::new(),
+        gpu: None,
+    }
+}
+
+/// A committed checkpoint at `target` with a fake inventory, one page image and config.dump.
+fn checkpoint(target: &Path) -> Manifest {
+    let p = PartialCheckpoint::begin(target).unwrap();
+    fs::write(p.images_dir().join("inventory.img"), b"inventory").unwrap();
+    fs::write(p.images_dir().join("pages-1.img"), vec![7u8; 100_000]).unwrap();
+    fs::write(p.dir().join("config.dump"), b"{}").unwrap();
+    p.commit(manifest()).unwrap()
+}
+
+fn mode(p: &Path) -> u32 {
+    fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+#[test]
+fn checkpoint_paths_are_sortable_and_names_checked() {
+    let s = Store::new("/var/lib/kybernate/checkpoints");
+    let at = SystemTime::UNIX_EPOCH + Duration::from_millis(1_795_469_101_123);
+    let p = s.new_checkpoint_path("k8s.io", "c1", at).unwrap();
+    assert_eq!(p, Path::new("/var/lib/kybernate/checkpoints/k8s.io/c1/20261123T212501.123Z"));
+    for bad in ["", ".", "..", "a/b", "a\0b"] {
+        let err = s.new_checkpoint_path(bad, "c1", at).unwrap_err();
+        assert!(matches!(&err, StoreError::BadName { what: "namespace", value } if value == bad), "{err}");
+        assert!(matches!(s.new_checkpoint_path("ns", bad, at), Err(StoreError::BadName { .. })));
+    }
+}
+
+#[test]
+fn resolve_stays_inside_the_store() {
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path().join("store");
+    let cp = root.join("ns/c1/t1");
+    fs::create_dir_all(&cp).unwrap();
+    fs::create_dir_all(d.path().join("outside")).unwrap();
+    let s = Store::new(&root);
+    let canon = |p: &Path| fs::canonicalize(p).unwrap();
+
+    assert_eq!(s.resolve("ns/c1/t1").unwrap(), canon(&cp));
+    assert_eq!(s.resolve(cp.to_str().unwrap()).unwrap(), canon(&cp));
+    symlink("c1/t1", root.join("ns/latest")).unwrap();
+    assert_eq!(s.resolve("ns/latest").unwrap(), canon(&cp));
+
+    let err = s.resolve("../outside").unwrap_err();
+    assert!(matches!(&err, StoreError::OutsideRoot { reference, .. } if reference == "../outside"), "{err}");
+    assert!(err.to_string().contains("not inside the checkpoint store"), "{err}");
+    assert!(matches!(s.resolve("ns/c1/../../../outside"), Err(StoreError::OutsideRoot { .. })));
+    assert!(matches!(s.resolve(d.path().join("outside").to_str().unwrap()), Err(StoreError::OutsideRoot { .. })));
+    symlink(d.path().join("outside"), root.join("ns/evil")).unwrap();
+    assert!(matches!(s.resolve("ns/evil"), Err(StoreError::OutsideRoot { .. })));
+    assert!(matches!(s.resolve("."), Err(StoreError::OutsideRoot { .. })));
+    assert!(matches!(s.resolve(root.to_str().unwrap()), Err(StoreError::OutsideRoot { .. })));
+    let err = s.resolve("ns/c1/nope").unwrap_err();
+    assert!(matches!(&err, StoreError::NotFound { reference } if reference == "ns/c1/nope"), "{err}");
+}
+
+#[test]
+fn dropping_a_partial_checkpoint_removes_it() {
+    let d = tempfile::tempdir().unwrap();
+    let target = d.path().join("store/ns/c1/t1");
+    let p = PartialCheckpoint::begin(&target).unwrap();
+    let dir = p.dir().to_path_buf();
+    assert!(dir.file_name().unwrap().to_str().unwrap().starts_with(".t1.partial-"));
+    assert_eq!(dir.parent(), target.parent());
+    fs::write(p.images_dir().join("pages-1.img"), b"x").unwrap();
+    assert_eq!(mode(&dir), 0o700);
+    assert_eq!(mode(&p.images_dir()), 0o700);
+    for created in ["store", "store/ns", "store/ns/c1"] {
+        assert_eq!(mode(&d.path().join(created)), 0o700, "{created}");
+    }
+    drop(p);
+    assert!(!dir.exists());
+    assert!(!target.exists());
+    assert_eq!(fs::read_dir(d.path().join("store/ns/c1")).unwrap().count(), 0);
+}
+
+#[test]
+fn commit_renames_and_lists_files_with_checksums() {
+    let d = tempfile::tempdir().unwrap();
+    let target = d.path().join("ns/c1/t1");
+    let m = checkpoint(&target);
+    assert_eq!(
+        m.files.keys().collect::<Vec<_>>(),
+        ["checkpoint/inventory.img", "checkpoint/pages-1.img", "config.dump"]
+    );
+    let inv = &m.files["checkpoint/inventory.img"];
+    assert_eq!(inv.size, 9);
+    assert_eq!(inv.sha256, sha256_hex(b"inventory"));
+    assert_eq!(m.total_size(), 9 + 100_000 + 2);
+    assert_eq!(mode(&target), 0o700);
+    let on_disk: Manifest = serde_json::from_slice(&fs::read(target.join(MANIFEST_FILE)).unwrap()).unwrap();
+    assert_eq!(on_disk, m);
+    assert_eq!(mode(&target.join(MANIFEST_FILE)), 0o600);
+    assert_eq!(fs::read_dir(target.parent().unwrap()).unwrap().count(), 1, "partial dir left behind");
+    assert_eq!(verify(&target).unwrap(), m);
+    let listed = Store::new(d.path()).list().unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].0, target);
+    assert_eq!(listed[0].1.as_ref().unwrap(), &m);
+}
+
+/// Independent check of the hashing: `sha256sum` is on every Debian system.
+fn sha256_hex(data: &[u8]) -> String {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("f");
+    fs::write(&p, data).unwrap();
+    let out = std::process::Command::new("sha256sum").arg(&p).output().unwrap();
+    String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_string()
+}
+
+#[test]
+fn target_must_be_absent_or_empty() {
+    let d = tempfile::tempdir().unwrap();
+    let target = d.path().join("given");
+    fs::create_dir(&target).unwrap();
+    fs::write(target.join("junk"), b"x").unwrap();
+    let err = PartialCheckpoint::begin(&target).unwrap_err();
+    assert!(matches!(&err, StoreError::TargetExists { target: t } if *t == target), "{err}");
+    let file = d.path().join("file");
+    fs::write(&file, b"x").unwrap();
+    assert!(matches!(PartialCheckpoint::begin(&file), Err(StoreError::TargetExists { .. })));
+
+    // containerd's fresh, empty temp dir is replaced.
+    let empty = d.path().join("empty");
+    fs::create_dir(&empty).unwrap();
+    checkpoint(&empty);
+    assert!(empty.join(MANIFEST_FILE).is_file());
+    verify(&empty).unwrap();
+}
+
+#[test]
+fn commit_refuses_symlinks() {
+    let d = tempfile::tempdir().unwrap();
+    let target = d.path().join("t");
+    let p = PartialCheckpoint::begin(&target).unwrap();
+    let dir = p.dir().to_path_buf();
+    symlink("/etc/passwd", p.images_dir().join("link")).unwrap();
+    let err = p.commit(manifest()).unwrap_err();
+    assert!(matches!(&err, StoreError::Unexpected { what: "symlink", .. }), "{err}");
+    assert!(!dir.exists() && !target.exists());
+}
+
+fn verify_err(dir: &Path) -> VerifyError {
+    verify(dir).unwrap_err()
+}
+
+#[test]
+fn verify_catches_tampering() {
+    let d = tempfile::tempdir().unwrap();
+    let target = d.path().join("t");
+    checkpoint(&target);
+    let pages = target.join("checkpoint/pages-1.img");
+
+    // One byte flipped.
+    let mut data = fs::read(&pages).unwrap();
+    data[5000] ^= 1;
+    fs::write(&pages, &data).unwrap();
+    let err = verify_err(&target);
+    assert!(matches!(&err, VerifyError::Checksum { file } if *file == pages), "{err}");
+    assert!(err.to_string().contains(&pages.display().to_string()), "{err}");
+    data[5000] ^= 1;
+    fs::write(&pages, &data).unwrap();
+    verify(&target).unwrap();
+
+    // Truncated.
+    fs::write(&pages, &data[..10]).unwrap();
+    assert!(matches!(verify_err(&target), VerifyError::Size { expected: 100_000, found: 10, .. }));
+    fs::write(&pages, &data).unwrap();
+
+    // Unlisted extra file.
+    let extra = target.join("checkpoint/extra.img");
+    fs::write(&extra, b"x").unwrap();
+    assert!(matches!(verify_err(&target), VerifyError::Unlisted { file } if file == extra));
+    fs::remove_file(&extra).unwrap();
+
+    // Missing listed file.
+    let config = target.join("config.dump");
+    fs::remove_file(&config).unwrap();
+    assert!(matches!(verify_err(&target), VerifyError::Missing { file } if file == config));
+    fs::write(&config, b"{}").unwrap();
+    verify(&target).unwrap();
+
+    // Truncated manifest.
+    let mpath = target.join(MANIFEST_FILE);
+    let text = fs::read(&mpath).unwrap();
+    fs::write(&mpath, &text[..text.len() / 2]).unwrap();
+    let err = verify_err(&target);
+    assert!(matches!(&err, VerifyError::Manifest { path, .. } if *path == mpath), "{err}");
+    assert!(err.to_string().contains("kybernate.json"), "{err}");
+    fs::remove_file(&mpath).unwrap();
+    assert!(verify_err(&target).to_string().contains("kybernate.json: invalid checkpoint manifest: missing"));
+}
+
+fn rewrite_manifest(dir: &Path, edit: impl FnOnce(&mut Manifest)) {
+    let p = dir.join(MANIFEST_FILE);
+    let mut m: Manifest = serde_json::from_slice(&fs::read(&p).unwrap()).unwrap();
+    edit(&mut m);
+    fs::write(&p, serde_json::to_vec(&m).unwrap()).unwrap();
+}
+
+#[test]
+fn verify_checks_manifest_contents() {
+    let d = tempfile::tempdir().unwrap();
+    let target = d.path().join("t");
+    let p = PartialCheckpoint::begin(&target).unwrap();
+    fs::write(p.images_dir().join("pages-1.img"), b"x").unwrap();
+    p.commit(manifest()).unwrap();
+    let err = verify_err(&target);
+    assert!(matches!(&err, VerifyError::Incomplete { missing } if *missing == target.join("checkpoint/inventory.img")));
+
+    let target = d.path().join("t2");
+    checkpoint(&target);
+    rewrite_manifest(&target, |m| m.format_version = 2);
+    assert!(matches!(verify_err(&target), VerifyError::Unsupported { found: 2, .. }));
+    for bad in ["../../etc/passwd", "/etc/passwd", "checkpoint/../config.dump", "checkpoint//x", "kybernate.json"] {
+        rewrite_manifest(&target, |m| {
+            m.format_version = FORMAT_VERSION;
+            let e = m.files["config.dump"].clone();
+            m.files.retain(|k, _| !k.contains("..") && !k.starts_with('/') && !k.contains("//") && k != MANIFEST_FILE);
+            m.files.insert(bad.into(), e);
+        });
+        let err = verify_err(&target);
+        assert!(matches!(&err, VerifyError::BadPath { entry, .. } if entry == bad), "{bad}: {err}");
+    }
+}
+
+#[test]
+fn list_reports_bad_manifests_and_skips_partials() {
+    let d = tempfile::tempdir().unwrap();
+    let s = Store::new(d.path().join("store"));
+    assert!(s.list().unwrap().is_empty());
+    checkpoint(&s.root().join("ns/c1/t1"));
+    let broken: PathBuf = s.root().join("ns/c2/t1");
+    fs::create_dir_all(&broken).unwrap();
+    fs::write(broken.join(MANIFEST_FILE), b"{").unwrap();
+    let _partial = PartialCheckpoint::begin(&s.root().join("ns/c1/t2")).unwrap();
+    let listed = s.list().unwrap();
+    assert_eq!(listed.len(), 2);
+    assert!(listed[0].1.is_ok());
+    assert_eq!(listed[1].0, broken);
+    assert!(matches!(listed[1].1, Err(VerifyError::Manifest { .. })));
+    assert!(kybernate_criu::dir_size(s.root()) > 100_000);
+}

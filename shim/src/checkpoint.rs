@@ -1,0 +1,540 @@
+//! Checkpoint orchestration: `Task.Checkpoint`, and restoring a container from a checkpoint
+//! (containerd's `checkpoint` at Create, or restore-on-create from the node's store).
+//!
+//! The dump and the restore are runtime calls (`runc checkpoint` / `runc restore`, which drive
+//! CRIU). No shim lock is held across them: a GPU job's dump can take minutes, and the other
+//! containers of a grouped pod must keep answering RPCs and reporting exits meanwhile.
+//!
+//! Every checkpoint is written in the checkpoint-archive layout Kubernetes, CRI-O and
+//! checkpointctl use (`checkpoint/`, `config.dump`, `spec.dump`, `rootfs-diff.tar`) plus our
+//! manifest, into a hidden sibling of its target that is renamed into place only when complete.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use containerd_shim::protos::protobuf::well_known_types::any::Any;
+use containerd_shim::protos::protobuf::Message;
+use containerd_shim::protos::shim::oci::CheckpointOptions;
+use kybernate_criu::{
+    self as criu, CheckpointFlags, ConfigDump, Manifest, PartialCheckpoint, PreflightError, Store, ToolInfo,
+};
+use kybernate_runtime_select::CheckpointConfig;
+use log::{info, warn};
+use oci_spec::runtime::Spec;
+
+use crate::container::Container;
+use crate::runtime::{tool_output, ContainerStatus, OciRuntime, RuntimeError, Spawner};
+
+/// Annotation naming a checkpoint in the node's store to restore on create (Kubernetes path).
+pub const RESTORE_ANNOTATION: &str = "kybernate.io/restore-from";
+/// Process environment variable with the same meaning (parity with the original prototype).
+pub const RESTORE_ENV: &str = "RESTORE_FROM";
+/// Type of the checkpoint options containerd forwards (bare URL in containerd 1.6).
+const CHECKPOINT_OPTIONS: &str = "containerd.runc.v1.CheckpointOptions";
+/// CRI annotations naming the pod's Kubernetes namespace (sandbox first, as CRI sets both).
+const POD_NAMESPACE_ANNOTATIONS: [&str; 2] = ["io.kubernetes.cri.sandbox-namespace", "io.kubernetes.pod.namespace"];
+const POD_NAME_ANNOTATIONS: [&str; 2] = ["io.kubernetes.cri.sandbox-name", "io.kubernetes.pod.name"];
+const CONTAINER_NAME_ANNOTATION: &str = "io.kubernetes.cri.container-name";
+const IMAGE_NAME_ANNOTATION: &str = "io.kubernetes.cri.image-name";
+/// How much of CRIU's log goes into an error message (the whole log stays in the work dir).
+const LOG_TAIL_LINES: usize = 20;
+
+/// Why a checkpoint or a restore failed. Every message names the container and what to look at.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("checkpoint {id}: {message}")]
+    BadRequest { id: String, message: String },
+    #[error("checkpoint {id}: a checkpoint of this container is already running")]
+    Busy { id: String },
+    #[error("{what} {id}: preflight: {source}")]
+    Preflight {
+        what: &'static str,
+        id: String,
+        #[source]
+        source: PreflightError,
+    },
+    #[error("{what} {id}: CRIU: {source}")]
+    Criu {
+        what: &'static str,
+        id: String,
+        #[source]
+        source: RuntimeError,
+    },
+    #[error("{what} {id}: {source}")]
+    Store {
+        what: &'static str,
+        id: String,
+        #[source]
+        source: criu::StoreError,
+    },
+    /// The runtime's checkpoint or restore failed: its message, the end of CRIU's log, where the
+    /// whole log is, and what became of the container.
+    #[error("{what} {id} failed: {message}\n--- last lines of {} ---\n{tail}\n--- end of CRIU log; {outcome}", log.display())]
+    Runtime { what: &'static str, id: String, message: String, log: PathBuf, tail: String, outcome: String },
+    #[error("checkpoint {id}: {context}: {source}")]
+    Write {
+        id: String,
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("checkpoint {id}: rootfs changes: {source}")]
+    RootfsDiff {
+        id: String,
+        #[source]
+        source: criu::RootfsError,
+    },
+    #[error("restore {id}: {source}")]
+    Verify {
+        id: String,
+        #[source]
+        source: criu::VerifyError,
+    },
+    #[error("restore {id}: {source}")]
+    Policy {
+        id: String,
+        #[source]
+        source: criu::PolicyError,
+    },
+    #[error("restore {id}: {message}")]
+    Restore { id: String, message: String },
+}
+
+impl CheckpointError {
+    /// Refusals of the request itself (as opposed to failures while carrying it out).
+    pub fn is_invalid_argument(&self) -> bool {
+        matches!(self, CheckpointError::BadRequest { .. } | CheckpointError::Verify { .. })
+    }
+
+    pub fn is_permission_denied(&self) -> bool {
+        matches!(self, CheckpointError::Policy { .. })
+            || matches!(self, CheckpointError::Store { source: criu::StoreError::OutsideRoot { .. }, .. })
+    }
+
+    pub fn is_precondition(&self) -> bool {
+        matches!(self, CheckpointError::Busy { .. } | CheckpointError::Preflight { .. } | CheckpointError::Restore { .. })
+            || matches!(self, CheckpointError::Store { source: criu::StoreError::NotFound { .. }, .. })
+    }
+}
+
+type Result<T, E = CheckpointError> = std::result::Result<T, E>;
+
+/// `CheckpointOptions` as we use them. containerd sends none for runtime names other than
+/// runc's (`ctr t checkpoint`): then the defaults apply (leave running, images into `path`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CheckpointRequest {
+    pub flags: CheckpointFlags,
+    /// `image_path`: where the checkpoint goes instead of containerd's `path`.
+    pub image_path: Option<PathBuf>,
+    /// `work_path`: CRIU's work dir (logs) instead of the container's default.
+    pub work_path: Option<PathBuf>,
+}
+
+impl CheckpointRequest {
+    pub fn decode(id: &str, any: Option<&Any>) -> Result<Self> {
+        let bad = |message: String| CheckpointError::BadRequest { id: id.to_string(), message };
+        let Some(any) = any.filter(|a| !a.type_url.is_empty()) else { return Ok(Self::default()) };
+        let name = any.type_url.rsplit('/').next().unwrap_or_default();
+        if name != CHECKPOINT_OPTIONS {
+            return Err(bad(format!("unsupported checkpoint options type {name:?} (want {CHECKPOINT_OPTIONS})")));
+        }
+        let o = CheckpointOptions::parse_from_bytes(&any.value)
+            .map_err(|e| bad(format!("malformed {CHECKPOINT_OPTIONS}: {e}")))?;
+        let flags = CheckpointFlags {
+            exit: o.exit,
+            open_tcp: o.open_tcp,
+            external_unix_sockets: o.external_unix_sockets,
+            terminal: o.terminal,
+            file_locks: o.file_locks,
+            empty_namespaces: o.empty_namespaces.clone(),
+            cgroups_mode: o.cgroups_mode.clone(),
+        };
+        flags.validate().map_err(|e| bad(e.to_string()))?;
+        let path = |s: &str| Some(PathBuf::from(s)).filter(|p| !p.as_os_str().is_empty());
+        let req = Self { flags, image_path: path(&o.image_path), work_path: path(&o.work_path) };
+        for p in [&req.image_path, &req.work_path].into_iter().flatten() {
+            if !p.is_absolute() {
+                return Err(bad(format!("{} is not an absolute path", p.display())));
+            }
+        }
+        Ok(req)
+    }
+}
+
+/// What a checkpoint needs from the shim beyond the container.
+pub struct Checkpointer<'a> {
+    pub spawner: &'a dyn Spawner,
+    /// containerd namespace of this shim.
+    pub namespace: &'a str,
+}
+
+impl Checkpointer<'_> {
+    /// Checkpoints `c` (init pid `pid`) into `target`; returns the manifest written.
+    ///
+    /// Order: preflight (CRIU, space) → dump into a hidden partial dir → rootfs changes, dumps,
+    /// manifest → rename into place. On failure the partial dir is removed and the container is
+    /// left running: CRIU resumes what it froze, and a cgroup left frozen by a killed CRIU is thawed.
+    pub fn checkpoint(
+        &self,
+        c: &Container,
+        pid: u32,
+        req: &CheckpointRequest,
+        target: &Path,
+        was_paused: bool,
+    ) -> Result<Manifest> {
+        let id = c.id.as_str();
+        let started = Instant::now();
+        let preflight = |source| CheckpointError::Preflight { what: "checkpoint", id: id.to_string(), source };
+        let (criu_path, criu_version) = self.criu(c, "checkpoint")?;
+        let partial = PartialCheckpoint::begin(target)
+            .map_err(|source| CheckpointError::Store { what: "checkpoint", id: id.to_string(), source })?;
+        let needed = criu::memory_estimate(pid, Path::new("/proc"), Path::new("/sys/fs/cgroup"))
+            .map_err(preflight)?
+            .unwrap_or(0);
+        criu::check_space(partial.dir(), needed).map_err(preflight)?;
+
+        let work = req.work_path.clone().or_else(|| c.criu_work.clone()).unwrap_or_else(|| c.bundle.join("work"));
+        std::fs::create_dir_all(&work).map_err(|source| CheckpointError::Write {
+            id: id.into(),
+            context: format!("create CRIU work dir {}", work.display()),
+            source,
+        })?;
+        let runtime = c.runtime.with_criu(criu_path.clone());
+        info!(
+            "container {id}: checkpoint into {} (flags {:?}, about {} MiB of memory)",
+            target.display(),
+            req.flags,
+            needed >> 20
+        );
+        let args = req.flags.checkpoint_args(&partial.images_dir(), &work);
+        if let Err(e) = runtime.checkpoint(id, &c.bundle, args) {
+            let outcome = self.recover(&runtime, c, was_paused);
+            return Err(runtime_failure("checkpoint", id, e, &work.join("dump.log"), outcome));
+        }
+
+        let spec_bytes = std::fs::read(c.bundle.join("config.json")).map_err(|source| CheckpointError::Write {
+            id: id.into(),
+            context: format!("read {}", c.bundle.join("config.json").display()),
+            source,
+        })?;
+        let spec: Option<Spec> = serde_json::from_slice(&spec_bytes).ok();
+        let write = |name: &str, bytes: &[u8]| {
+            let path = partial.dir().join(name);
+            std::fs::write(&path, bytes).map_err(|source| CheckpointError::Write {
+                id: id.into(),
+                context: format!("write {}", path.display()),
+                source,
+            })
+        };
+        write(criu::SPEC_DUMP, &spec_bytes)?;
+
+        let rootfs_diff = match (&c.rootfs_upper, readonly_root(spec.as_ref())) {
+            (Some(upper), false) => criu::write_rootfs_diff(upper, &partial.dir().join(criu::ROOTFS_DIFF))
+                .map_err(|source| CheckpointError::RootfsDiff { id: id.into(), source })?,
+            _ => false,
+        };
+        let annotation = |keys: &[&str]| keys.iter().find_map(|k| spec_annotation(spec.as_ref(), k));
+        let created = criu::now_rfc3339();
+        let image = annotation(&[IMAGE_NAME_ANNOTATION]);
+        let config = ConfigDump {
+            id: id.to_string(),
+            name: annotation(&[CONTAINER_NAME_ANNOTATION]).unwrap_or_else(|| id.to_string()),
+            rootfs_image: image.clone().unwrap_or_default(),
+            rootfs_image_ref: String::new(),
+            rootfs_image_name: image.clone().unwrap_or_default(),
+            runtime: runtime.binary().display().to_string(),
+            created_time: created.clone(),
+            checkpointed_time: created.clone(),
+            restored: false,
+        };
+        let config = serde_json::to_vec_pretty(&config).map_err(|e| CheckpointError::Write {
+            id: id.into(),
+            context: "encode config.dump".into(),
+            source: std::io::Error::other(e),
+        })?;
+        write(criu::CONFIG_DUMP, &config)?;
+
+        let runtime_version = runtime.version().unwrap_or_else(|e| {
+            warn!("container {id}: {e}");
+            String::new()
+        });
+        let manifest = Manifest {
+            format_version: criu::FORMAT_VERSION,
+            namespace: self.namespace.to_string(),
+            container_id: id.to_string(),
+            pod_namespace: annotation(&POD_NAMESPACE_ANNOTATIONS),
+            pod_name: annotation(&POD_NAME_ANNOTATIONS),
+            container_name: annotation(&[CONTAINER_NAME_ANNOTATION]),
+            image,
+            runtime: ToolInfo { path: runtime.binary().to_path_buf(), version: runtime_version },
+            criu: ToolInfo { path: criu_path, version: criu_version.to_string() },
+            kernel: criu::kernel_release(),
+            host: criu::host_name(),
+            created,
+            options: req.flags.clone(),
+            rootfs_diff,
+            duration_ms: started.elapsed().as_millis() as u64,
+            files: Default::default(),
+            gpu: None,
+        };
+        let manifest = partial
+            .commit(manifest)
+            .map_err(|source| CheckpointError::Store { what: "checkpoint", id: id.to_string(), source })?;
+        info!(
+            "container {id}: checkpoint {} complete: {} MiB in {} ms",
+            target.display(),
+            manifest.total_size() >> 20,
+            started.elapsed().as_millis()
+        );
+        Ok(manifest)
+    }
+
+    /// Finds CRIU (the runc option `CriuPath`, else `criu` on PATH) and checks its version.
+    pub fn criu(&self, c: &Container, what: &'static str) -> Result<(PathBuf, criu::CriuVersion)> {
+        let preflight = |source| CheckpointError::Preflight { what, id: c.id.clone(), source };
+        let path = std::env::var_os("PATH");
+        let criu_path = criu::find_criu(c.runtime.opts().criu.as_deref(), path.as_deref()).map_err(preflight)?;
+        let out = tool_output(self.spawner, &criu_path, "--version")
+            .map_err(|source| CheckpointError::Criu { what, id: c.id.clone(), source })?;
+        let version = criu::parse_criu_version(&out).map_err(preflight)?;
+        criu::require_criu_version(version).map_err(preflight)?;
+        Ok((criu_path, version))
+    }
+
+    /// After a failed dump: CRIU thaws what it froze, but a CRIU that was killed leaves the
+    /// freezer cgroup frozen. Resume the container then, unless the client had paused it.
+    fn recover(&self, runtime: &OciRuntime, c: &Container, was_paused: bool) -> String {
+        match runtime.state(&c.id, &c.bundle) {
+            Ok(st) if matches!(st.status, ContainerStatus::Paused | ContainerStatus::Pausing) && !was_paused => {
+                match runtime.resume(&c.id, &c.bundle) {
+                    Ok(()) => "the container was left frozen and has been resumed".into(),
+                    Err(e) => format!("the container is left frozen and could not be resumed: {e}"),
+                }
+            }
+            Ok(st) => format!("the container is {:?}", st.status).to_lowercase(),
+            Err(e) => format!("the container's state is unknown: {e}"),
+        }
+    }
+}
+
+pub(crate) fn runtime_failure(what: &'static str, id: &str, e: RuntimeError, log: &Path, outcome: String) -> CheckpointError {
+    let message = match &e {
+        RuntimeError::Failed { message, .. } => message.clone(),
+        other => other.to_string(),
+    };
+    let tail = criu::tail_lines(log, LOG_TAIL_LINES).unwrap_or_else(|| "(no CRIU log was written)".into());
+    CheckpointError::Runtime { what, id: id.to_string(), message, log: log.to_path_buf(), tail, outcome }
+}
+
+fn spec_annotation(spec: Option<&Spec>, key: &str) -> Option<String> {
+    spec?.annotations().as_ref()?.get(key).filter(|v| !v.is_empty()).cloned()
+}
+
+fn readonly_root(spec: Option<&Spec>) -> bool {
+    spec.and_then(|s| s.root().as_ref()).and_then(|r| r.readonly()).unwrap_or(false)
+}
+
+/// A restore the container's Start will run.
+#[derive(Debug, Clone)]
+pub struct RestorePlan {
+    /// The checkpoint directory (ours: with `checkpoint/` and the manifest; or a bare image dir).
+    pub dir: PathBuf,
+    /// CRIU images.
+    pub images: PathBuf,
+    /// The flags the checkpoint was taken with (restore needs the matching ones).
+    pub flags: CheckpointFlags,
+    pub manifest: Option<Manifest>,
+}
+
+impl RestorePlan {
+    /// containerd's checkpoint directory (`ctr c restore --live`, CRI in containerd 2.x): our
+    /// layout, verified; or a bare CRIU image dir as containerd's runc shim writes it, which has
+    /// no manifest to verify (containerd's content store checked its digests).
+    pub fn from_containerd(id: &str, dir: &Path) -> Result<Self> {
+        if dir.join(criu::MANIFEST_FILE).exists() || dir.join(criu::IMAGES_DIR).exists() {
+            return Self::verified(id, dir);
+        }
+        if dir.join("inventory.img").is_file() {
+            warn!("restore {id}: {} has no {} (not taken by this shim): not verified", dir.display(), criu::MANIFEST_FILE);
+            return Ok(Self { dir: dir.into(), images: dir.into(), flags: Default::default(), manifest: None });
+        }
+        Err(CheckpointError::Restore {
+            id: id.into(),
+            message: format!("{}: not a checkpoint (no {} and no CRIU inventory.img)", dir.display(), criu::MANIFEST_FILE),
+        })
+    }
+
+    /// A checkpoint named by the restore annotation or `RESTORE_FROM`: confined to the store,
+    /// verified, and owned by the restoring container's tenant unless the config allows otherwise.
+    pub fn from_store(id: &str, reference: &str, config: &CheckpointConfig, tenant: &str) -> Result<Self> {
+        let store = Store::new(&config.root);
+        let dir = store
+            .resolve(reference)
+            .map_err(|source| CheckpointError::Store { what: "restore", id: id.to_string(), source })?;
+        let plan = Self::verified(id, &dir)?;
+        if let Some(m) = &plan.manifest {
+            criu::check_namespace(m, tenant, config.allow_cross_namespace_restore)
+                .map_err(|source| CheckpointError::Policy { id: id.to_string(), source })?;
+        }
+        Ok(plan)
+    }
+
+    fn verified(id: &str, dir: &Path) -> Result<Self> {
+        let manifest = criu::verify(dir).map_err(|source| CheckpointError::Verify { id: id.to_string(), source })?;
+        Ok(Self {
+            dir: dir.into(),
+            images: dir.join(criu::IMAGES_DIR),
+            flags: manifest.options.clone(),
+            manifest: Some(manifest),
+        })
+    }
+
+    /// The runtime binary that took the checkpoint, which must restore it; refused when it is gone.
+    pub fn runtime_binary(&self, id: &str) -> Result<Option<PathBuf>> {
+        let Some(m) = &self.manifest else { return Ok(None) };
+        let bin = &m.runtime.path;
+        if bin.as_os_str().is_empty() {
+            return Ok(None);
+        }
+        if !bin.is_file() {
+            return Err(CheckpointError::Restore {
+                id: id.into(),
+                message: format!(
+                    "checkpoint {} was taken with runtime {}, which does not exist on this node; install it to restore",
+                    self.dir.display(),
+                    bin.display()
+                ),
+            });
+        }
+        Ok(Some(bin.clone()))
+    }
+
+    /// `rootfs-diff.tar` of a store checkpoint, to apply before the restore.
+    pub fn rootfs_diff(&self) -> Option<PathBuf> {
+        self.manifest.as_ref().filter(|m| m.rootfs_diff).map(|_| self.dir.join(criu::ROOTFS_DIFF))
+    }
+
+    /// Arguments of `runtime restore`.
+    pub fn restore_args(
+        &self,
+        bundle: &Path,
+        work: &Path,
+        pid_file: &Path,
+        console_socket: Option<&Path>,
+        no_pivot: bool,
+    ) -> Vec<OsString> {
+        criu::RestoreArgs {
+            images: self.images.clone(),
+            work: work.to_path_buf(),
+            bundle: bundle.to_path_buf(),
+            pid_file: pid_file.to_path_buf(),
+            console_socket: console_socket.map(Path::to_path_buf),
+            no_pivot,
+            flags: self.flags.clone(),
+        }
+        .args()
+    }
+}
+
+/// The checkpoint a new container asks to be restored from: the annotation, else the last
+/// `RESTORE_FROM` in its process environment.
+pub fn restore_reference(spec: &Spec) -> Option<(String, &'static str)> {
+    if let Some(v) = spec_annotation(Some(spec), RESTORE_ANNOTATION) {
+        return Some((v, "annotation kybernate.io/restore-from"));
+    }
+    let env = spec.process().as_ref()?.env().as_ref()?;
+    env.iter()
+        .rev()
+        .find_map(|e| e.strip_prefix(RESTORE_ENV)?.strip_prefix('=').filter(|v| !v.is_empty()))
+        .map(|v| (v.to_string(), "environment variable RESTORE_FROM"))
+}
+
+/// Who owns a container for the restore policy: its pod's Kubernetes namespace, else the
+/// containerd namespace.
+pub fn tenant(spec: &Spec, containerd_namespace: &str) -> String {
+    POD_NAMESPACE_ANNOTATIONS
+        .iter()
+        .find_map(|k| spec_annotation(Some(spec), k))
+        .unwrap_or_else(|| containerd_namespace.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn any(o: &CheckpointOptions) -> Any {
+        Any { type_url: CHECKPOINT_OPTIONS.into(), value: o.write_to_bytes().unwrap(), ..Default::default() }
+    }
+
+    #[test]
+    fn no_options_mean_leave_running_into_containerds_path() {
+        let r = CheckpointRequest::decode("c", None).unwrap();
+        assert!(!r.flags.exit);
+        assert_eq!(r.image_path, None);
+    }
+
+    #[test]
+    fn options_map_onto_flags() {
+        let o = CheckpointOptions {
+            exit: true,
+            open_tcp: true,
+            terminal: true,
+            file_locks: true,
+            external_unix_sockets: true,
+            empty_namespaces: vec!["network".into()],
+            image_path: "/var/lib/x".into(),
+            work_path: "/tmp/w".into(),
+            ..Default::default()
+        };
+        let r = CheckpointRequest::decode("c", Some(&any(&o))).unwrap();
+        assert!(r.flags.exit && r.flags.open_tcp && r.flags.terminal && r.flags.file_locks);
+        assert!(r.flags.external_unix_sockets);
+        assert_eq!(r.flags.empty_namespaces, vec!["network".to_string()]);
+        assert_eq!(r.image_path, Some(PathBuf::from("/var/lib/x")));
+        assert_eq!(r.work_path, Some(PathBuf::from("/tmp/w")));
+    }
+
+    #[test]
+    fn bad_options_are_refused_with_the_reason() {
+        let wrong = Any { type_url: "containerd.runc.v1.Options".into(), ..Default::default() };
+        let e = CheckpointRequest::decode("c", Some(&wrong)).unwrap_err();
+        assert!(e.is_invalid_argument() && e.to_string().contains("unsupported checkpoint options type"), "{e}");
+        let rel = CheckpointOptions { image_path: "relative/dir".into(), ..Default::default() };
+        let e = CheckpointRequest::decode("c", Some(&any(&rel))).unwrap_err();
+        assert!(e.to_string().contains("relative/dir is not an absolute path"), "{e}");
+        let garbage = Any { type_url: CHECKPOINT_OPTIONS.into(), value: vec![0xff, 0xff], ..Default::default() };
+        assert!(CheckpointRequest::decode("c", Some(&garbage)).unwrap_err().to_string().contains("malformed"));
+        let ns = CheckpointOptions { empty_namespaces: vec!["bogus".into()], ..Default::default() };
+        assert!(CheckpointRequest::decode("c", Some(&any(&ns))).is_err());
+    }
+
+    fn spec(json: serde_json::Value) -> Spec {
+        serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn restore_reference_prefers_the_annotation_then_the_last_env_entry() {
+        let s = spec(serde_json::json!({
+            "ociVersion": "1.0.2",
+            "annotations": {"kybernate.io/restore-from": "default/a/1"},
+            "process": {"cwd": "/", "args": ["sh"], "env": ["RESTORE_FROM=x", "RESTORE_FROM=y"]}
+        }));
+        assert_eq!(restore_reference(&s).unwrap().0, "default/a/1");
+        let s = spec(serde_json::json!({
+            "ociVersion": "1.0.2",
+            "process": {"cwd": "/", "args": ["sh"], "env": ["RESTORE_FROM=x", "RESTORE_FROM_NOT=z", "RESTORE_FROM=y"]}
+        }));
+        assert_eq!(restore_reference(&s).unwrap(), ("y".to_string(), "environment variable RESTORE_FROM"));
+        let s = spec(serde_json::json!({"ociVersion": "1.0.2", "process": {"cwd": "/", "args": ["sh"], "env": ["RESTORE_FROM="]}}));
+        assert_eq!(restore_reference(&s), None);
+    }
+
+    #[test]
+    fn tenant_is_the_pod_namespace_else_containerds() {
+        let s = spec(serde_json::json!({"ociVersion": "1.0.2", "annotations": {"io.kubernetes.pod.namespace": "team-a"}}));
+        assert_eq!(tenant(&s, "k8s.io"), "team-a");
+        let s = spec(serde_json::json!({"ociVersion": "1.0.2"}));
+        assert_eq!(tenant(&s, "default"), "default");
+    }
+}

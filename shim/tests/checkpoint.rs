@@ -1,0 +1,550 @@
+//! Checkpoint and restore through the shim with real containerd 1.6, runc and CRIU 4.1 (the
+//! test bed: `test/setup.sh`). The subject is a counter container that writes an increasing
+//! number to /tmp/counter every 100 ms: after each restore it must continue from at least its
+//! value at checkpoint time and keep increasing.
+//!
+//! `ctr` sends no checkpoint options for runtime names other than runc's, so requests that need
+//! options (image_path into the node's store, exit, open TCP) go straight to the shim's ttrpc
+//! socket, as containerd would forward them.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use containerd_shim_protos::api::{CheckpointTaskRequest, StateRequest, Status};
+use containerd_shim_protos::protobuf::well_known_types::any::Any;
+use containerd_shim_protos::protobuf::Message;
+use containerd_shim_protos::shim::oci::CheckpointOptions;
+use containerd_shim_protos::ttrpc::{self, context, Code};
+use containerd_shim_protos::{Client, TaskClient};
+
+mod common;
+
+use common::{bundle_dir, runc_state_entries, shim_dir, task_status, text, wait_for, TIMEOUT};
+use kybernate_testbed::{unique_name, Testbed, IMAGE};
+
+const RUNTIME: &str = common::RUNTIME;
+/// Writes 1, 2, 3, ... to /tmp/counter (atomically, by rename) every 100 ms.
+const COUNTER: &str =
+    "i=0; while true; do i=$((i+1)); echo $i > /tmp/counter.new; mv /tmp/counter.new /tmp/counter; usleep 100000; done";
+/// Checkpoints write a few MiB for this container; CRIU can take a while on a loaded 2-core CI box.
+const CHECKPOINT_TIMEOUT: Duration = Duration::from_secs(120);
+
+// ---------------------------------------------------------------------------------------------
+// Test bed and helpers
+
+/// A test bed whose shims read a config with the checkpoint store under the test bed's dir.
+struct Bed {
+    tb: Testbed,
+    store: PathBuf,
+    /// Holds the config and the store; dropped after the test bed.
+    _dir: tempfile::TempDir,
+}
+
+fn bed_with(configure: impl FnOnce(kybernate_testbed::Builder) -> kybernate_testbed::Builder, extra: &str) -> Bed {
+    let scratch = kybernate_testbed::scratch_dir().expect("scratch dir");
+    let dir = scratch.path();
+    let store = dir.join("checkpoints");
+    let config = dir.join("kybernate.toml");
+    std::fs::write(&config, format!("[checkpoint]\nroot = \"{}\"\n{extra}", store.display())).unwrap();
+    let builder = kybernate_testbed::Testbed::builder().path_prepend(shim_dir()).env("KYBERNATE_CONFIG", &config);
+    let tb = configure(builder).start().expect("test bed (run test/setup.sh first)");
+    tb.import_image();
+    Bed { tb, store, _dir: scratch }
+}
+
+fn bed() -> Bed {
+    bed_with(|b| b, "")
+}
+
+fn run_counter(tb: &Testbed, id: &str, extra: &[&str]) {
+    let mut args = vec!["run", "-d", "--runtime", RUNTIME];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&[IMAGE, id, "sh", "-c", COUNTER]);
+    tb.ctr_ok(&args);
+}
+
+/// The value the counter container `id` last wrote, read from its rootfs on the host.
+fn counter(tb: &Testbed, id: &str) -> Option<u64> {
+    std::fs::read_to_string(bundle_dir(tb, id).join("rootfs/tmp/counter")).ok()?.trim().parse().ok()
+}
+
+fn wait_counter(tb: &Testbed, id: &str, at_least: u64) -> u64 {
+    wait_for(&format!("counter of {id} to reach {at_least}"), || counter(tb, id).filter(|&n| n >= at_least))
+}
+
+/// Asserts that the counter of `id` continues from `from` and advances by at least 5.
+fn assert_counter_continues(tb: &Testbed, id: &str, from: u64) {
+    let first = wait_for(&format!("counter of {id} after restore"), || counter(tb, id));
+    assert!(first >= from, "counter of {id} restarted: {first} after a checkpoint at {from}");
+    let mut last = first;
+    wait_for(&format!("counter of {id} to advance past {}", from + 5), || {
+        let n = counter(tb, id)?;
+        assert!(n >= last, "counter of {id} went backwards: {last} -> {n}");
+        last = n;
+        (n >= from + 5).then_some(())
+    });
+}
+
+fn connect(tb: &Testbed, id: &str) -> TaskClient {
+    let file = bundle_dir(tb, id).join("address");
+    let address = std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("reading {}: {e}", file.display()));
+    let client = Client::connect(address.trim()).unwrap_or_else(|e| panic!("connecting to the shim: {e}"));
+    TaskClient::new(client)
+}
+
+fn options(o: CheckpointOptions) -> Any {
+    Any { type_url: "containerd.runc.v1.CheckpointOptions".into(), value: o.write_to_bytes().unwrap(), ..Default::default() }
+}
+
+/// Task.Checkpoint straight to the shim, into `image_path`.
+fn checkpoint(tb: &Testbed, id: &str, o: CheckpointOptions) -> ttrpc::Result<()> {
+    let shim = connect(tb, id);
+    let req = CheckpointTaskRequest { id: id.into(), options: Some(options(o)).into(), ..Default::default() };
+    shim.checkpoint(context::with_duration(CHECKPOINT_TIMEOUT), &req).map(drop)
+}
+
+fn error_of(r: ttrpc::Result<()>) -> (Code, String) {
+    match r {
+        Err(ttrpc::Error::RpcStatus(s)) => (s.code(), s.message.clone()),
+        other => panic!("want an RPC error, got {other:?}"),
+    }
+}
+
+fn shim_status(tb: &Testbed, id: &str) -> Option<Status> {
+    let shim = connect(tb, id);
+    let st = shim.state(context::with_duration(TIMEOUT), &StateRequest { id: id.into(), ..Default::default() });
+    st.ok().map(|s| s.status.enum_value_or(Status::UNKNOWN))
+}
+
+fn store_path(bed: &Bed, id: &str) -> PathBuf {
+    bed.store.join(bed.tb.namespace()).join(id).join(unique_name("cp"))
+}
+
+/// Entries of `dir` (hidden ones included), for "nothing partial left behind".
+fn entries(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir).map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect()).unwrap_or_default()
+}
+
+fn remove(tb: &Testbed, id: &str) {
+    let _ = tb.ctr(&["tasks", "kill", "-s", "SIGKILL", id]);
+    wait_for("task to stop", || (task_status(tb, id).as_deref() != Some("RUNNING")).then_some(()));
+    tb.ctr_ok(&["tasks", "delete", id]);
+    tb.ctr_ok(&["containers", "delete", id]);
+}
+
+fn assert_running(tb: &Testbed, id: &str, why: &str) {
+    assert_eq!(task_status(tb, id).as_deref(), Some("RUNNING"), "{id} not running {why}");
+    let n = counter(tb, id).unwrap_or(0);
+    wait_counter(tb, id, n + 3);
+}
+
+/// Checkpoints a running counter into the store with `exit`; returns (checkpoint dir, counter at checkpoint).
+fn store_checkpoint(bed: &Bed, id: &str, exit: bool) -> (PathBuf, u64) {
+    let tb = &bed.tb;
+    wait_counter(tb, id, 3);
+    let target = store_path(bed, id);
+    let before = counter(tb, id).unwrap();
+    checkpoint(tb, id, CheckpointOptions { exit, image_path: target.display().to_string(), ..Default::default() })
+        .unwrap_or_else(|e| panic!("checkpoint of {id}: {e}"));
+    (target, before)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checkpoint through ctr and containerd's content store
+
+#[test]
+fn ctr_task_checkpoint_leaves_the_container_running() {
+    let bed = bed();
+    let tb = &bed.tb;
+    let id = unique_name("ctr-t");
+    run_counter(tb, &id, &[]);
+    wait_counter(tb, &id, 3);
+    let name = tb.ctr_ok(&["tasks", "checkpoint", &id]);
+    let name = name.trim();
+    assert!(!name.is_empty(), "ctr printed no checkpoint name");
+    assert!(tb.ctr_ok(&["images", "ls", "-q"]).lines().any(|l| l == name), "checkpoint image {name} not listed");
+    // No options from ctr for our runtime name: the default is to leave the container running.
+    assert_running(tb, &id, "after ctr tasks checkpoint");
+    assert!(tb.log_tail(400).contains("checkpoint"), "no checkpoint in the shim log");
+    remove(tb, &id);
+}
+
+#[test]
+fn ctr_container_checkpoint_and_live_restore_with_rw() {
+    let bed = bed();
+    let tb = &bed.tb;
+    let id = unique_name("ctr-c");
+    let reference = format!("kybernate.test/{}:cp", unique_name("ref"));
+    run_counter(tb, &id, &[]);
+    wait_counter(tb, &id, 3);
+    tb.ctr_ok(&["containers", "checkpoint", "--task", "--rw", &id, &reference]);
+    let at_checkpoint = counter(tb, &id).unwrap();
+    remove(tb, &id);
+
+    tb.ctr_ok(&["containers", "restore", "--live", "--rw", &id, &reference]);
+    wait_for("restored task to run", || (task_status(tb, &id).as_deref() == Some("RUNNING")).then_some(()));
+    assert_counter_continues(tb, &id, at_checkpoint);
+    remove(tb, &id);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checkpoints in the node's store and restore on create
+
+#[test]
+fn leave_running_vs_exit() {
+    let bed = bed();
+    let tb = &bed.tb;
+    let id = unique_name("exit");
+    run_counter(tb, &id, &[]);
+    let (dir, _) = store_checkpoint(&bed, &id, false);
+    assert!(dir.join("kybernate.json").is_file() && dir.join("checkpoint/inventory.img").is_file());
+    assert_running(tb, &id, "after a leave-running checkpoint");
+
+    let (dir2, _) = store_checkpoint(&bed, &id, true);
+    assert!(dir2.join("kybernate.json").is_file());
+    wait_for("the checkpointed container to stop", || (task_status(tb, &id).as_deref() == Some("STOPPED")).then_some(()));
+    tb.ctr_ok(&["tasks", "delete", &id]);
+    tb.ctr_ok(&["containers", "delete", &id]);
+}
+
+#[test]
+fn store_layout_is_root_only_and_checkpointctl_shaped() {
+    let bed = bed();
+    let tb = &bed.tb;
+    let id = unique_name("layout");
+    run_counter(tb, &id, &[]);
+    let (dir, _) = store_checkpoint(&bed, &id, false);
+    for d in [dir.as_path(), dir.parent().unwrap(), dir.parent().unwrap().parent().unwrap(), &dir.join("checkpoint")] {
+        let mode = std::fs::metadata(d).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700, "{} has mode {mode:o}", d.display());
+    }
+    for f in ["config.dump", "spec.dump", "rootfs-diff.tar", "kybernate.json"] {
+        assert!(dir.join(f).is_file(), "{f} missing in {}", dir.display());
+    }
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("kybernate.json")).unwrap()).unwrap();
+    assert_eq!(m["container_id"], id.as_str());
+    assert_eq!(m["namespace"], tb.namespace());
+    assert!(m["criu"]["version"].as_str().unwrap().starts_with("4."), "{m}");
+    assert!(m["runtime"]["version"].as_str().unwrap().contains("runc"), "{m}");
+    assert!(m["files"]["checkpoint/inventory.img"]["sha256"].as_str().unwrap().len() == 64, "{m}");
+    assert!(m["rootfs_diff"].as_bool().unwrap());
+    // Nothing but the finished checkpoint in the container's dir: no partial siblings.
+    assert_eq!(entries(dir.parent().unwrap()), vec![dir.file_name().unwrap().to_string_lossy().into_owned()]);
+    remove(tb, &id);
+}
+
+#[test]
+fn restore_on_create_from_the_annotation() {
+    let bed = bed();
+    let tb = &bed.tb;
+    let id = unique_name("anno");
+    run_counter(tb, &id, &[]);
+    let (dir, at_checkpoint) = store_checkpoint(&bed, &id, true);
+    let relative = dir.strip_prefix(&bed.store).unwrap().display().to_string();
+
+    let restored = unique_name("anno-r");
+    let annotation = format!("kybernate.io/restore-from={relative}");
+    // The command is what a fresh start would run; the restore replaces it with the checkpointed process.
+    tb.ctr_ok(&["run", "-d", "--runtime", RUNTIME, "--annotation", &annotation, IMAGE, &restored, "sleep", "1000"]);
+    assert_counter_continues(tb, &restored, at_checkpoint);
+    remove(tb, &restored);
+    let _ = tb.ctr(&["tasks", "delete", &id]);
+}
+
+#[test]
+fn restore_on_create_from_restore_from_env() {
+    let bed = bed();
+    let tb = &bed.tb;
+    let id = unique_name("env");
+    run_counter(tb, &id, &[]);
+    let (dir, at_checkpoint) = store_checkpoint(&bed, &id, false);
+    let restored = unique_name("env-r");
+    let env = format!("RESTORE_FROM={}", dir.display());
+    tb.ctr_ok(&["run", "-d", "--runtime", RUNTIME, "--env", &env, IMAGE, &restored, "sleep", "1000"]);
+    assert_counter_continues(tb, &restored, at_checkpoint);
+    // The original kept running (leave-running) beside its restored copy.
+    assert_running(tb, &id, "after its checkpoint was restored elsewhere");
+    remove(tb, &restored);
+    remove(tb, &id);
+}
+
+#[test]
+fn open_tcp_connections_survive_checkpoint_and_restore() {
+    let bed = bed();
+    let tb = &bed.tb;
+    let id = unique_name("tcp");
+    // An HTTP server on loopback plus a client holding an established connection to it.
+    let script = "mkdir -p /www && echo hello-from-httpd > /www/index.html && httpd -f -p 8080 -h /www & \
+                  sleep 1; (sleep 100000 | nc 127.0.0.1 8080) & wait";
+    tb.ctr_ok(&["run", "-d", "--runtime", RUNTIME, IMAGE, &id, "sh", "-c", script]);
+    let fetch = |cid: &str| {
+        let exec_id = unique_name("wget");
+        tb.ctr(&["tasks", "exec", "--exec-id", &exec_id, cid, "wget", "-qO-", "http://127.0.0.1:8080/index.html"])
+    };
+    wait_for("httpd to answer", || fetch(&id).status.success().then_some(()));
+    let target = store_path(&bed, &id);
+    let without_tcp = checkpoint(tb, &id, CheckpointOptions { image_path: target.display().to_string(), ..Default::default() });
+    let (_, message) = error_of(without_tcp);
+    assert!(message.contains("--- last lines of"), "no CRIU log tail in: {message}");
+    assert!(!target.exists(), "a failed checkpoint left {}", target.display());
+    assert!(fetch(&id).status.success(), "httpd stopped answering after a failed checkpoint");
+
+    checkpoint(
+        tb,
+        &id,
+        CheckpointOptions { open_tcp: true, exit: true, image_path: target.display().to_string(), ..Default::default() },
+    )
+    .expect("checkpoint with open TCP");
+    wait_for("the checkpointed container to stop", || (task_status(tb, &id).as_deref() == Some("STOPPED")).then_some(()));
+    let restored = unique_name("tcp-r");
+    let annotation = format!("kybernate.io/restore-from={}", target.display());
+    tb.ctr_ok(&["run", "-d", "--runtime", RUNTIME, "--annotation", &annotation, IMAGE, &restored, "sleep", "1000"]);
+    let out = wait_for("restored httpd to answer", || Some(fetch(&restored)).filter(|o| o.status.success()));
+    assert_eq!(text(&out.stdout).trim(), "hello-from-httpd");
+    remove(tb, &restored);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Faults: each leaves the container running and no partial checkpoint visible
+
+#[test]
+fn criu_missing_is_a_clear_error() {
+    // containerd's PATH without /usr/local/sbin, where the test bed's CRIU lives.
+    let path = format!("{}:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", shim_dir().display());
+    let bed = bed_with(|b| b.env("PATH", &path), "");
+    let tb = &bed.tb;
+    let id = unique_name("nocriu");
+    run_counter(tb, &id, &[]);
+    wait_counter(tb, &id, 3);
+    let target = store_path(&bed, &id);
+    let r = checkpoint(tb, &id, CheckpointOptions { image_path: target.display().to_string(), ..Default::default() });
+    let (code, message) = error_of(r);
+    assert_eq!(code, Code::FAILED_PRECONDITION, "{message}");
+    assert!(message.contains("criu") && message.contains("not found"), "{message}");
+    assert!(!target.exists() && entries(target.parent().unwrap()).is_empty(), "partial checkpoint left");
+    assert_running(tb, &id, "after a checkpoint without CRIU");
+    remove(tb, &id);
+}
+
+#[test]
+fn criu_killed_mid_dump_leaves_the_container_running() {
+    let wrappers = kybernate_testbed::scratch_dir().unwrap();
+    // A `criu` that runs the real one, but for runc's RPC mode (swrk) SIGKILLs it as soon as the
+    // container's freezer cgroup is frozen: the dump is then under way and the container frozen.
+    let id = unique_name("killed");
+    let wrapper = wrappers.path().join("criu");
+    let bed = bed_with(|b| b.path_prepend(wrappers.path()), "");
+    let tb = &bed.tb;
+    let freezer = format!("/sys/fs/cgroup/freezer/{}/{id}/freezer.state", tb.namespace());
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/bash\n[ \"$1\" = swrk ] || exec {criu} \"$@\"\n{criu} \"$@\" &\npid=$!\n\
+             for i in $(seq 1 2000); do grep -q FROZEN {freezer} 2>/dev/null && break; sleep 0.01; done\n\
+             kill -9 $pid\nwait $pid\nexit 1\n",
+            criu = kybernate_testbed::CRIU,
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    run_counter(tb, &id, &[]);
+    wait_counter(tb, &id, 3);
+    let target = store_path(&bed, &id);
+    let (_, message) =
+        error_of(checkpoint(tb, &id, CheckpointOptions { image_path: target.display().to_string(), ..Default::default() }));
+    assert!(message.contains("checkpoint") && message.contains("failed"), "{message}");
+    assert!(!target.exists() && entries(target.parent().unwrap()).is_empty(), "partial checkpoint left");
+    assert_eq!(shim_status(tb, &id), Some(Status::RUNNING));
+    assert_running(tb, &id, "after CRIU was killed mid-dump");
+    remove(tb, &id);
+}
+
+#[test]
+fn checkpoint_onto_a_full_filesystem_is_refused_before_freezing() {
+    let bed = bed();
+    let tb = &bed.tb;
+    let id = unique_name("full");
+    let mnt = tb.dir().join("tiny");
+    std::fs::create_dir_all(&mnt).unwrap();
+    nix::mount::mount(Some("tmpfs"), &mnt, Some("tmpfs"), nix::mount::MsFlags::empty(), Some("size=1m,mode=0700"))
+        .expect("mount a tiny tmpfs");
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+    let _unmount = Unmount(mnt.clone());
+    let _ = std::fs::write(mnt.join("filler"), vec![0u8; 2 << 20]);
+    run_counter(tb, &id, &[]);
+    wait_counter(tb, &id, 3);
+    let target = mnt.join("cp");
+    let (code, message) =
+        error_of(checkpoint(tb, &id, CheckpointOptions { image_path: target.display().to_string(), ..Default::default() }));
+    assert_eq!(code, Code::FAILED_PRECONDITION, "{message}");
+    assert!(message.contains("not enough free space"), "{message}");
+    assert_eq!(entries(&mnt), vec!["filler".to_string()], "partial checkpoint left on the full filesystem");
+    assert_running(tb, &id, "after a refused checkpoint");
+    remove(tb, &id);
+}
+
+#[test]
+fn a_grouped_container_answers_while_its_neighbour_checkpoints() {
+    let wrappers = kybernate_testbed::scratch_dir().unwrap();
+    // A slow CRIU: 3 s before the real dump starts.
+    let wrapper = wrappers.path().join("criu");
+    std::fs::write(
+        &wrapper,
+        format!("#!/bin/sh\n[ \"$1\" = swrk ] && sleep 3\nexec {} \"$@\"\n", kybernate_testbed::CRIU),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bed = bed_with(|b| b.path_prepend(wrappers.path()), "");
+    let tb = &bed.tb;
+    let group = format!("io.containerd.runc.v2.group={}", unique_name("pod"));
+    let (a, b) = (unique_name("grp-a"), unique_name("grp-b"));
+    run_counter(tb, &a, &["--annotation", &group]);
+    tb.ctr_ok(&["run", "-d", "--runtime", RUNTIME, "--annotation", &group, IMAGE, &b, "sleep", "1000"]);
+    assert_eq!(
+        std::fs::read_to_string(bundle_dir(tb, &a).join("address")).unwrap(),
+        std::fs::read_to_string(bundle_dir(tb, &b).join("address")).unwrap(),
+        "the two containers do not share a shim"
+    );
+    wait_counter(tb, &a, 3);
+    let target = store_path(&bed, &a);
+    let (tb_addr, a2) = (bundle_dir(tb, &a), a.clone());
+    let image_path = target.display().to_string();
+    let dumping = std::thread::spawn(move || {
+        let address = std::fs::read_to_string(tb_addr.join("address")).unwrap();
+        let shim = TaskClient::new(Client::connect(address.trim()).unwrap());
+        let req = CheckpointTaskRequest {
+            id: a2.clone(),
+            options: Some(options(CheckpointOptions { image_path, ..Default::default() })).into(),
+            ..Default::default()
+        };
+        shim.checkpoint(context::with_duration(CHECKPOINT_TIMEOUT), &req).map(drop)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    // While A's checkpoint runs: B answers, is killed, and its exit is reported.
+    assert_eq!(shim_status(tb, &b), Some(Status::RUNNING));
+    tb.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", &b]);
+    wait_for("B's exit to be reported", || (task_status(tb, &b).as_deref() == Some("STOPPED")).then_some(()));
+    assert!(!dumping.is_finished(), "the checkpoint finished before B's exit was seen: the test proves nothing");
+    dumping.join().unwrap().expect("checkpoint of A");
+    tb.ctr_ok(&["tasks", "delete", &b]);
+    tb.ctr_ok(&["containers", "delete", &b]);
+    remove(tb, &a);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bad input: each a clear error, and nothing left behind
+
+/// Tries to restore `reference` into a new container; returns ctr's error output.
+fn failed_restore(bed: &Bed, extra: &[&str]) -> String {
+    let tb = &bed.tb;
+    let id = unique_name("bad");
+    let mut args = vec!["run", "-d", "--runtime", RUNTIME];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&[IMAGE, &id, "sleep", "1000"]);
+    let out = tb.ctr(&args);
+    assert!(!out.status.success(), "restore of {extra:?} succeeded");
+    let _ = tb.ctr(&["containers", "delete", &id]);
+    assert!(!runc_state_entries(tb).contains(&id), "runtime state left for {id}");
+    assert!(!bundle_dir(tb, &id).join("rootfs").exists() || !is_mountpoint(&bundle_dir(tb, &id).join("rootfs")));
+    text(&out.stderr)
+}
+
+fn is_mountpoint(p: &Path) -> bool {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    mounts.lines().any(|l| l.split(' ').nth(4) == Some(p.to_str().unwrap_or_default()))
+}
+
+fn annotation(dir: &str) -> String {
+    format!("kybernate.io/restore-from={dir}")
+}
+
+#[test]
+fn tampered_truncated_foreign_and_escaping_checkpoints_are_refused() {
+    let bed = bed();
+    let tb = &bed.tb;
+    let id = unique_name("src");
+    run_counter(tb, &id, &[]);
+    let (dir, _) = store_checkpoint(&bed, &id, false);
+    remove(tb, &id);
+    let copy = |name: &str| {
+        let to = dir.parent().unwrap().join(name);
+        let status = std::process::Command::new("cp").arg("-a").arg(&dir).arg(&to).status().unwrap();
+        assert!(status.success());
+        to
+    };
+
+    // A flipped byte in a CRIU image.
+    let corrupt = copy("corrupt");
+    let pages = std::fs::read_dir(corrupt.join("checkpoint"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("pages-"))
+        .expect("a pages image");
+    let mut bytes = std::fs::read(&pages).unwrap();
+    bytes[0] ^= 0xff;
+    std::fs::write(&pages, bytes).unwrap();
+    let err = failed_restore(&bed, &["--annotation", &annotation(corrupt.to_str().unwrap())]);
+    assert!(err.contains(pages.file_name().unwrap().to_str().unwrap()) && err.contains("checksum"), "{err}");
+
+    // A truncated manifest.
+    let truncated = copy("truncated");
+    let manifest = std::fs::read(truncated.join("kybernate.json")).unwrap();
+    std::fs::write(truncated.join("kybernate.json"), &manifest[..manifest.len() / 2]).unwrap();
+    let err = failed_restore(&bed, &["--annotation", &annotation(truncated.to_str().unwrap())]);
+    assert!(err.contains("kybernate.json"), "{err}");
+
+    // Outside the store: `../` and a symlink pointing out.
+    let outside = tb.dir().join("outside");
+    std::process::Command::new("cp").arg("-a").arg(&dir).arg(&outside).status().unwrap();
+    let err = failed_restore(&bed, &["--annotation", &annotation(&format!("{}/../outside", bed.store.display()))]);
+    assert!(err.contains("outside"), "{err}");
+    let link = dir.parent().unwrap().join("link");
+    std::os::unix::fs::symlink(&outside, &link).unwrap();
+    let err = failed_restore(&bed, &["--annotation", &annotation(link.to_str().unwrap())]);
+    assert!(err.contains("outside"), "{err}");
+    let err = failed_restore(&bed, &["--env", &format!("RESTORE_FROM={}", outside.display())]);
+    assert!(err.contains("outside"), "{err}");
+
+    // Another tenant's checkpoint under the default policy.
+    let err = failed_restore(
+        &bed,
+        &["--annotation", &annotation(dir.to_str().unwrap()), "--annotation", "io.kubernetes.pod.namespace=team-b"],
+    );
+    assert!(err.contains("team-b") && err.contains("allow_cross_namespace_restore"), "{err}");
+
+    // A checkpoint whose runtime binary is gone.
+    let gone = copy("gone");
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(gone.join("kybernate.json")).unwrap()).unwrap();
+    m["runtime"]["path"] = "/nonexistent/bin/runc".into();
+    std::fs::write(gone.join("kybernate.json"), serde_json::to_vec(&m).unwrap()).unwrap();
+    let err = failed_restore(&bed, &["--annotation", &annotation(gone.to_str().unwrap())]);
+    assert!(err.contains("/nonexistent/bin/runc"), "{err}");
+
+    // A name that is not there.
+    let err = failed_restore(&bed, &["--annotation", &annotation("no/such/checkpoint")]);
+    assert!(err.contains("no/such/checkpoint"), "{err}");
+}
+
+#[test]
+fn cross_namespace_restore_is_allowed_when_configured() {
+    let bed = bed_with(|b| b, "allow_cross_namespace_restore = true\n");
+    let tb = &bed.tb;
+    let id = unique_name("xns");
+    run_counter(tb, &id, &[]);
+    let (dir, at_checkpoint) = store_checkpoint(&bed, &id, true);
+    let restored = unique_name("xns-r");
+    let a = annotation(dir.to_str().unwrap());
+    tb.ctr_ok(&[
+        "run", "-d", "--runtime", RUNTIME, "--annotation", &a, "--annotation", "io.kubernetes.pod.namespace=team-b",
+        IMAGE, &restored, "sleep", "1000",
+    ]);
+    assert_counter_continues(tb, &restored, at_checkpoint);
+    remove(tb, &restored);
+}
