@@ -2,7 +2,7 @@
 # Prepares a Debian bookworm machine (as root) for Kybernate's test bed. Idempotent: a second run
 # only verifies and is quick. What it puts in place:
 #   - Debian packages: containerd (with containerd-shim-runc-v2), runc, iptables, busybox-static, ...
-#   - CRIU >= 4.1 from Debian trixie in a private prefix, plus a `criu` wrapper ahead of /usr/sbin
+#   - CRIU >= 4.2 from Debian testing ($KBT_CRIU_SUITE) in a private prefix, plus a `criu` wrapper ahead of /usr/sbin
 #     (bookworm's CRIU 3.17 fails `criu check` on kernel 6.x: "Unexpected rt vDSO area bounds")
 #   - a tiny busybox OCI image archive, built locally (there is no registry here)
 # The system containerd service (if any) is left alone: test beds run a private containerd with
@@ -21,8 +21,8 @@ APT_PACKAGES=(
     protobuf-compiler      # protoc, for crates that build CRI/containerd protos
     hyperfine              # benchmarks
 )
-TRIXIE_DEB_DIR=$KBT_STATE_DIR/criu-debs
-TRIXIE_APT_DIR=$KBT_STATE_DIR/apt-trixie
+CRIU_DEB_DIR=$KBT_STATE_DIR/criu-debs-$KBT_CRIU_SUITE
+CRIU_APT_DIR=$KBT_STATE_DIR/apt-$KBT_CRIU_SUITE
 START=$(date +%s.%N)
 
 log() { printf '[setup] %s\n' "$*"; }
@@ -55,13 +55,13 @@ else
 fi
 
 # ---------------------------------------------------------------------------------------------
-# 2. CRIU >= 4.1 from trixie, run through trixie's own loader and libraries
+# 2. CRIU >= 4.2 from Debian testing, run through $KBT_CRIU_SUITE's own loader and libraries
 # ---------------------------------------------------------------------------------------------
 version_ge() { [ "$(printf '%s\n%s\n' "$2" "$1" | sort -V | head -n1)" = "$2" ]; }
 
 criu_version() { { "$KBT_CRIU_WRAPPER" --version 2>/dev/null || true; } | sed -n "s/^Version: *//p"; }
 
-# The Debian mirror this machine already uses for its own release; trixie is read from there too.
+# The Debian mirror this machine already uses for its own release; $KBT_CRIU_SUITE is read from there too.
 debian_mirror() {
     local codename uri
     codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
@@ -73,26 +73,26 @@ debian_mirror() {
     printf '%s\n' "$uri"
 }
 
-trixie_apt() {
+suite_apt() {
     local opts=(
-        -o "Dir::State::Lists=$TRIXIE_APT_DIR/lists"
+        -o "Dir::State::Lists=$CRIU_APT_DIR/lists"
         -o "Dir::State::status=/dev/null"
-        -o "Dir::Cache=$TRIXIE_APT_DIR/cache"
-        -o "Dir::Etc::SourceList=$TRIXIE_APT_DIR/sources.list"
-        -o "Dir::Etc::SourceParts=$TRIXIE_APT_DIR/empty.d"
-        -o "Dir::Etc::Preferences=$TRIXIE_APT_DIR/empty.d/preferences"
-        -o "Dir::Etc::PreferencesParts=$TRIXIE_APT_DIR/empty.d"
+        -o "Dir::Cache=$CRIU_APT_DIR/cache"
+        -o "Dir::Etc::SourceList=$CRIU_APT_DIR/sources.list"
+        -o "Dir::Etc::SourceParts=$CRIU_APT_DIR/empty.d"
+        -o "Dir::Etc::Preferences=$CRIU_APT_DIR/empty.d/preferences"
+        -o "Dir::Etc::PreferencesParts=$CRIU_APT_DIR/empty.d"
         -o "APT::Sandbox::User=root"
     )
-    case "$(cat "$TRIXIE_APT_DIR/sources.list" 2>/dev/null)" in
+    case "$(cat "$CRIU_APT_DIR/sources.list" 2>/dev/null)" in
         *snapshot.debian.org*) opts+=(-o "Acquire::Check-Valid-Until=false") ;;
     esac
     "$@" "${opts[@]}"
 }
 
-# Debian packages CRIU needs at run time: the Depends/Pre-Depends closure of criu in trixie.
+# Debian packages CRIU needs at run time: the Depends/Pre-Depends closure of criu in $KBT_CRIU_SUITE.
 criu_closure() {
-    trixie_apt apt-cache depends --recurse --no-recommends --no-suggests --no-conflicts \
+    suite_apt apt-cache depends --recurse --no-recommends --no-suggests --no-conflicts \
         --no-breaks --no-replaces --no-enhances criu |
         grep -v '^[[:space:]<]' | sort -u
 }
@@ -100,46 +100,46 @@ criu_closure() {
 fetch_criu_debs() {
     local mirror pkgs=() missing_debs=() p
     mirror=$(debian_mirror)
-    mkdir -p "$TRIXIE_APT_DIR/lists/partial" "$TRIXIE_APT_DIR/cache/archives/partial" \
-        "$TRIXIE_APT_DIR/empty.d" "$TRIXIE_DEB_DIR"
-    printf 'deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] %s trixie main\n' \
-        "$mirror" >"$TRIXIE_APT_DIR/sources.list"
-    if ! compgen -G "$TRIXIE_APT_DIR/lists/*trixie*Packages*" >/dev/null; then
-        log "reading trixie package lists from $mirror"
-        trixie_apt apt-get update -q ||
-            die "apt-get update for trixie failed (does debian-archive-keyring carry the trixie keys?)"
+    mkdir -p "$CRIU_APT_DIR/lists/partial" "$CRIU_APT_DIR/cache/archives/partial" \
+        "$CRIU_APT_DIR/empty.d" "$CRIU_DEB_DIR"
+    printf 'deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] %s %s main\n' \
+        "$mirror" "$KBT_CRIU_SUITE" >"$CRIU_APT_DIR/sources.list"
+    if ! compgen -G "$CRIU_APT_DIR/lists/*"$KBT_CRIU_SUITE"*Packages*" >/dev/null; then
+        log "reading $KBT_CRIU_SUITE package lists from $mirror"
+        suite_apt apt-get update -q ||
+            die "apt-get update for $KBT_CRIU_SUITE failed (does debian-archive-keyring carry the $KBT_CRIU_SUITE keys?)"
     fi
     mapfile -t pkgs < <(criu_closure)
-    [ "${#pkgs[@]}" -gt 1 ] || die "could not resolve criu's dependencies in trixie"
+    [ "${#pkgs[@]}" -gt 1 ] || die "could not resolve criu's dependencies in $KBT_CRIU_SUITE"
     for p in "${pkgs[@]}"; do
-        compgen -G "$TRIXIE_DEB_DIR/${p}_*.deb" >/dev/null || missing_debs+=("$p")
+        compgen -G "$CRIU_DEB_DIR/${p}_*.deb" >/dev/null || missing_debs+=("$p")
     done
     if [ "${#missing_debs[@]}" -gt 0 ]; then
-        log "downloading from trixie: ${missing_debs[*]}"
-        (cd "$TRIXIE_DEB_DIR" && trixie_apt apt-get download -q "${missing_debs[@]}") ||
-            die "apt-get download from trixie failed"
+        log "downloading from $KBT_CRIU_SUITE: ${missing_debs[*]}"
+        (cd "$CRIU_DEB_DIR" && suite_apt apt-get download -q "${missing_debs[@]}") ||
+            die "apt-get download from $KBT_CRIU_SUITE failed"
     fi
-    printf '%s\n' "${pkgs[@]}" >"$TRIXIE_DEB_DIR/closure.txt"
+    printf '%s\n' "${pkgs[@]}" >"$CRIU_DEB_DIR/closure.txt"
 }
 
 install_criu() {
     local stage p deb missing_libs
     stage=$(mktemp -d "$(dirname "$KBT_CRIU_PREFIX")/.criu-stage.XXXXXX")
     while read -r p; do
-        for deb in "$TRIXIE_DEB_DIR/${p}"_*.deb; do dpkg-deb -x "$deb" "$stage"; done
-    done <"$TRIXIE_DEB_DIR/closure.txt"
+        for deb in "$CRIU_DEB_DIR/${p}"_*.deb; do dpkg-deb -x "$deb" "$stage"; done
+    done <"$CRIU_DEB_DIR/closure.txt"
     local lib=$stage/usr/lib/$TRIPLET
     if [ ! -x "$lib/$LDSO" ] || [ ! -x "$stage/usr/sbin/criu" ]; then
-        die "trixie's loader or criu missing after extraction"
+        die "$KBT_CRIU_SUITE's loader or criu missing after extraction"
     fi
-    # Ask trixie's loader which libraries it cannot find: the closure must be complete.
+    # Ask $KBT_CRIU_SUITE's loader which libraries it cannot find: the closure must be complete.
     missing_libs=$("$lib/$LDSO" --library-path "$lib:$stage/lib/$TRIPLET" --list "$stage/usr/sbin/criu" |
         grep 'not found' || true)
     [ -z "$missing_libs" ] || die "criu's libraries incomplete: $missing_libs"
     rm -rf "$KBT_CRIU_PREFIX"
     mv "$stage" "$KBT_CRIU_PREFIX"
     chmod 755 "$KBT_CRIU_PREFIX"
-    cp "$TRIXIE_DEB_DIR/closure.txt" "$KBT_CRIU_PREFIX/.kybernate-closure"
+    cp "$CRIU_DEB_DIR/closure.txt" "$KBT_CRIU_PREFIX/.kybernate-closure"
 }
 
 write_criu_wrapper() {
@@ -147,8 +147,8 @@ write_criu_wrapper() {
     tmp=$(mktemp)
     cat >"$tmp" <<EOF
 #!/bin/sh
-# Installed by Kybernate's test/setup.sh. Runs Debian trixie's CRIU (>= 4.1; bookworm's 3.17 fails on
-# kernel 6.x) through trixie's own loader and libraries, so bookworm's older glibc does not matter.
+# Installed by Kybernate's test/setup.sh. Runs Debian $KBT_CRIU_SUITE's CRIU (>= 4.2: bookworm's 3.17 fails on
+# kernel 6.x, 4.1 cannot dump TCP sockets on kernel >= 6.16) through $KBT_CRIU_SUITE's own loader and libraries, so bookworm's older glibc does not matter.
 # Programs CRIU starts (iptables-restore, ip) run with the host's own libraries.
 P=$KBT_CRIU_PREFIX
 L=\$P/usr/lib/$TRIPLET

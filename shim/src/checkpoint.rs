@@ -70,7 +70,7 @@ pub enum CheckpointError {
     },
     /// The runtime's checkpoint or restore failed: its message, the end of CRIU's log, where the
     /// whole log is, and what became of the container.
-    #[error("{what} {id} failed: {message}\n--- last lines of {} ---\n{tail}\n--- end of CRIU log; {outcome}", log.display())]
+    #[error("{what} {id} failed: {message}\n--- from {} ---\n{tail}\n--- end of CRIU log excerpt; {outcome}", log.display())]
     Runtime { what: &'static str, id: String, message: String, log: PathBuf, tail: String, outcome: String },
     #[error("checkpoint {id}: {context}: {source}")]
     Write {
@@ -113,8 +113,10 @@ impl CheckpointError {
     }
 
     pub fn is_precondition(&self) -> bool {
-        matches!(self, CheckpointError::Busy { .. } | CheckpointError::Preflight { .. } | CheckpointError::Restore { .. })
-            || matches!(self, CheckpointError::Store { source: criu::StoreError::NotFound { .. }, .. })
+        matches!(
+            self,
+            CheckpointError::Busy { .. } | CheckpointError::Preflight { .. } | CheckpointError::Restore { .. }
+        ) || matches!(self, CheckpointError::Store { source: criu::StoreError::NotFound { .. }, .. })
     }
 }
 
@@ -187,8 +189,11 @@ impl Checkpointer<'_> {
         let started = Instant::now();
         let preflight = |source| CheckpointError::Preflight { what: "checkpoint", id: id.to_string(), source };
         let (criu_path, criu_version) = self.criu(c, "checkpoint")?;
-        let partial = PartialCheckpoint::begin(target)
-            .map_err(|source| CheckpointError::Store { what: "checkpoint", id: id.to_string(), source })?;
+        let partial = PartialCheckpoint::begin(target).map_err(|source| CheckpointError::Store {
+            what: "checkpoint",
+            id: id.to_string(),
+            source,
+        })?;
         let needed = criu::memory_estimate(pid, Path::new("/proc"), Path::new("/sys/fs/cgroup"))
             .map_err(preflight)?
             .unwrap_or(0);
@@ -278,9 +283,11 @@ impl Checkpointer<'_> {
             files: Default::default(),
             gpu: None,
         };
-        let manifest = partial
-            .commit(manifest)
-            .map_err(|source| CheckpointError::Store { what: "checkpoint", id: id.to_string(), source })?;
+        let manifest = partial.commit(manifest).map_err(|source| CheckpointError::Store {
+            what: "checkpoint",
+            id: id.to_string(),
+            source,
+        })?;
         info!(
             "container {id}: checkpoint {} complete: {} MiB in {} ms",
             target.display(),
@@ -295,8 +302,11 @@ impl Checkpointer<'_> {
         let preflight = |source| CheckpointError::Preflight { what, id: c.id.clone(), source };
         let path = std::env::var_os("PATH");
         let criu_path = criu::find_criu(c.runtime.opts().criu.as_deref(), path.as_deref()).map_err(preflight)?;
-        let out = tool_output(self.spawner, &criu_path, "--version")
-            .map_err(|source| CheckpointError::Criu { what, id: c.id.clone(), source })?;
+        let out = tool_output(self.spawner, &criu_path, "--version").map_err(|source| CheckpointError::Criu {
+            what,
+            id: c.id.clone(),
+            source,
+        })?;
         let version = criu::parse_criu_version(&out).map_err(preflight)?;
         criu::require_criu_version(version).map_err(preflight)?;
         Ok((criu_path, version))
@@ -318,13 +328,37 @@ impl Checkpointer<'_> {
     }
 }
 
-pub(crate) fn runtime_failure(what: &'static str, id: &str, e: RuntimeError, log: &Path, outcome: String) -> CheckpointError {
+pub(crate) fn runtime_failure(
+    what: &'static str,
+    id: &str,
+    e: RuntimeError,
+    log: &Path,
+    outcome: String,
+) -> CheckpointError {
     let message = match &e {
         RuntimeError::Failed { message, .. } => message.clone(),
         other => other.to_string(),
     };
-    let tail = criu::tail_lines(log, LOG_TAIL_LINES).unwrap_or_else(|| "(no CRIU log was written)".into());
+    let tail = log_excerpt(log).unwrap_or_else(|| "(no CRIU log was written)".into());
     CheckpointError::Runtime { what, id: id.to_string(), message, log: log.to_path_buf(), tail, outcome }
+}
+
+/// What of CRIU's log goes into an error: its `Error (...)` lines, which name the cause (the
+/// last lines are often only the rollback), else its last lines.
+fn log_excerpt(log: &Path) -> Option<String> {
+    const MAX_READ: u64 = 4 << 20;
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(log).ok()?;
+    let len = f.metadata().ok()?.len();
+    f.seek(SeekFrom::Start(len.saturating_sub(MAX_READ))).ok()?;
+    let mut bytes = Vec::new();
+    f.read_to_end(&mut bytes).ok()?;
+    let text = String::from_utf8_lossy(&bytes);
+    let errors: Vec<&str> = text.lines().filter(|l| l.contains("Error (")).collect();
+    if errors.is_empty() {
+        return criu::tail_lines(log, LOG_TAIL_LINES);
+    }
+    Some(errors[errors.len().saturating_sub(LOG_TAIL_LINES)..].join("\n"))
 }
 
 fn spec_annotation(spec: Option<&Spec>, key: &str) -> Option<String> {
@@ -356,12 +390,20 @@ impl RestorePlan {
             return Self::verified(id, dir);
         }
         if dir.join("inventory.img").is_file() {
-            warn!("restore {id}: {} has no {} (not taken by this shim): not verified", dir.display(), criu::MANIFEST_FILE);
+            warn!(
+                "restore {id}: {} has no {} (not taken by this shim): not verified",
+                dir.display(),
+                criu::MANIFEST_FILE
+            );
             return Ok(Self { dir: dir.into(), images: dir.into(), flags: Default::default(), manifest: None });
         }
         Err(CheckpointError::Restore {
             id: id.into(),
-            message: format!("{}: not a checkpoint (no {} and no CRIU inventory.img)", dir.display(), criu::MANIFEST_FILE),
+            message: format!(
+                "{}: not a checkpoint (no {} and no CRIU inventory.img)",
+                dir.display(),
+                criu::MANIFEST_FILE
+            ),
         })
     }
 
@@ -369,9 +411,11 @@ impl RestorePlan {
     /// verified, and owned by the restoring container's tenant unless the config allows otherwise.
     pub fn from_store(id: &str, reference: &str, config: &CheckpointConfig, tenant: &str) -> Result<Self> {
         let store = Store::new(&config.root);
-        let dir = store
-            .resolve(reference)
-            .map_err(|source| CheckpointError::Store { what: "restore", id: id.to_string(), source })?;
+        let dir = store.resolve(reference).map_err(|source| CheckpointError::Store {
+            what: "restore",
+            id: id.to_string(),
+            source,
+        })?;
         let plan = Self::verified(id, &dir)?;
         if let Some(m) = &plan.manifest {
             criu::check_namespace(m, tenant, config.allow_cross_namespace_restore)
@@ -526,13 +570,16 @@ mod tests {
             "process": {"cwd": "/", "args": ["sh"], "env": ["RESTORE_FROM=x", "RESTORE_FROM_NOT=z", "RESTORE_FROM=y"]}
         }));
         assert_eq!(restore_reference(&s).unwrap(), ("y".to_string(), "environment variable RESTORE_FROM"));
-        let s = spec(serde_json::json!({"ociVersion": "1.0.2", "process": {"cwd": "/", "args": ["sh"], "env": ["RESTORE_FROM="]}}));
+        let s = spec(
+            serde_json::json!({"ociVersion": "1.0.2", "process": {"cwd": "/", "args": ["sh"], "env": ["RESTORE_FROM="]}}),
+        );
         assert_eq!(restore_reference(&s), None);
     }
 
     #[test]
     fn tenant_is_the_pod_namespace_else_containerds() {
-        let s = spec(serde_json::json!({"ociVersion": "1.0.2", "annotations": {"io.kubernetes.pod.namespace": "team-a"}}));
+        let s =
+            spec(serde_json::json!({"ociVersion": "1.0.2", "annotations": {"io.kubernetes.pod.namespace": "team-a"}}));
         assert_eq!(tenant(&s, "k8s.io"), "team-a");
         let s = spec(serde_json::json!({"ociVersion": "1.0.2"}));
         assert_eq!(tenant(&s, "default"), "default");

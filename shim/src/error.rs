@@ -73,7 +73,9 @@ impl Error {
             Error::Checkpoint(e) if e.is_invalid_argument() => Code::INVALID_ARGUMENT,
             Error::Checkpoint(e) if e.is_permission_denied() => Code::PERMISSION_DENIED,
             Error::Checkpoint(e) if e.is_precondition() => Code::FAILED_PRECONDITION,
-            Error::Runtime(_) | Error::Io(_) | Error::Checkpoint(_) | Error::Os { .. } | Error::Shim { .. } => Code::UNKNOWN,
+            Error::Runtime(_) | Error::Io(_) | Error::Checkpoint(_) | Error::Os { .. } | Error::Shim { .. } => {
+                Code::UNKNOWN
+            }
         }
     }
 }

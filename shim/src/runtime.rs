@@ -588,8 +588,10 @@ impl OciRuntime {
 pub fn tool_output(spawner: &dyn Spawner, binary: &Path, arg: &str) -> Result<String, RuntimeError> {
     let mut cmd = Command::new(binary);
     cmd.arg(arg).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
-    let out = spawner.run(cmd, None, Capture { stdout: true, stderr: true }).map_err(|source| {
-        RuntimeError::Spawn { binary: binary.to_path_buf(), subcommand: arg.into(), source }
+    let out = spawner.run(cmd, None, Capture { stdout: true, stderr: true }).map_err(|source| RuntimeError::Spawn {
+        binary: binary.to_path_buf(),
+        subcommand: arg.into(),
+        source,
     })?;
     if out.code != 0 {
         return Err(RuntimeError::Failed {

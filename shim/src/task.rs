@@ -11,15 +11,15 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use containerd_shim::api::{
-    CheckpointTaskRequest, CloseIORequest, ConnectRequest, ConnectResponse, CreateTaskRequest, CreateTaskResponse, DeleteRequest, Empty,
-    ExecProcessRequest, KillRequest, PauseRequest, PidsRequest, PidsResponse, ResizePtyRequest, ResumeRequest,
-    ShutdownRequest, StartRequest, StartResponse, StateRequest, StateResponse, StatsRequest, StatsResponse,
-    UpdateTaskRequest, WaitRequest, WaitResponse,
+    CheckpointTaskRequest, CloseIORequest, ConnectRequest, ConnectResponse, CreateTaskRequest, CreateTaskResponse,
+    DeleteRequest, Empty, ExecProcessRequest, KillRequest, PauseRequest, PidsRequest, PidsResponse, ResizePtyRequest,
+    ResumeRequest, ShutdownRequest, StartRequest, StartResponse, StateRequest, StateResponse, StatsRequest,
+    StatsResponse, UpdateTaskRequest, WaitRequest, WaitResponse,
 };
 use containerd_shim::monitor::{Subject, Subscription};
 use containerd_shim::protos::events::task::{
-    TaskCheckpointed, TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskPaused, TaskResumed,
-    TaskStart,
+    TaskCheckpointed, TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskPaused,
+    TaskResumed, TaskStart,
 };
 use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use containerd_shim::protos::protobuf::Message;
@@ -421,7 +421,14 @@ impl Inner {
                 }
             }
             let log = work.join("restore.log");
-            return Err(checkpoint::runtime_failure("restore", &c.id, e, &log, "the container was not restored".into()).into());
+            return Err(checkpoint::runtime_failure(
+                "restore",
+                &c.id,
+                e,
+                &log,
+                "the container was not restored".into(),
+            )
+            .into());
         }
         io.attach()?;
         let pid = read_pid(&pid_file)?;
@@ -440,7 +447,9 @@ impl Inner {
             .image_path
             .clone()
             .or_else(|| Some(PathBuf::from(&req.path)).filter(|p| !p.as_os_str().is_empty()))
-            .ok_or_else(|| Error::InvalidArgument(format!("checkpoint {}: neither path nor image_path given", req.id)))?;
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!("checkpoint {}: neither path nor image_path given", req.id))
+            })?;
         let _running = c.begin_checkpoint().ok_or_else(|| CheckpointError::Busy { id: req.id.clone() })?;
         let checkpointer = Checkpointer { spawner: self.spawner.as_ref(), namespace: &self.namespace };
         checkpointer.checkpoint(&c, st.pid, &request, &target, st.status == ProcessStatus::Paused)?;
@@ -557,6 +566,19 @@ impl Inner {
             // With --all the remaining processes may need the signal even after init exited.
             if !req.all {
                 p.require("kill", &live)?;
+            }
+            if p.state().pid == 0 {
+                p.wait_start_settled(Duration::from_secs(30));
+            }
+            let st = p.state();
+            if st.pid == 0 && st.status == ProcessStatus::Created {
+                if st.starting {
+                    return Err(Error::FailedPrecondition(format!("kill {}: its restore is still running", c.id)));
+                }
+                // Created from a checkpoint and not restored (yet, or the restore failed): there
+                // is no process to signal. It ends here, as a created runc container would.
+                self.handle_exit(&c.id, None, 0, 128 + req.signal, SystemTime::now());
+                return Ok(());
             }
             c.runtime.kill(&c.id, &c.bundle, req.signal, req.all)?;
             return Ok(());

@@ -94,7 +94,11 @@ fn connect(tb: &Testbed, id: &str) -> TaskClient {
 }
 
 fn options(o: CheckpointOptions) -> Any {
-    Any { type_url: "containerd.runc.v1.CheckpointOptions".into(), value: o.write_to_bytes().unwrap(), ..Default::default() }
+    Any {
+        type_url: "containerd.runc.v1.CheckpointOptions".into(),
+        value: o.write_to_bytes().unwrap(),
+        ..Default::default()
+    }
 }
 
 /// Task.Checkpoint straight to the shim, into `image_path`.
@@ -123,7 +127,9 @@ fn store_path(bed: &Bed, id: &str) -> PathBuf {
 
 /// Entries of `dir` (hidden ones included), for "nothing partial left behind".
 fn entries(dir: &Path) -> Vec<String> {
-    std::fs::read_dir(dir).map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect()).unwrap_or_default()
+    std::fs::read_dir(dir)
+        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default()
 }
 
 fn remove(tb: &Testbed, id: &str) {
@@ -203,7 +209,9 @@ fn leave_running_vs_exit() {
 
     let (dir2, _) = store_checkpoint(&bed, &id, true);
     assert!(dir2.join("kybernate.json").is_file());
-    wait_for("the checkpointed container to stop", || (task_status(tb, &id).as_deref() == Some("STOPPED")).then_some(()));
+    wait_for("the checkpointed container to stop", || {
+        (task_status(tb, &id).as_deref() == Some("STOPPED")).then_some(())
+    });
     tb.ctr_ok(&["tasks", "delete", &id]);
     tb.ctr_ok(&["containers", "delete", &id]);
 }
@@ -274,35 +282,90 @@ fn open_tcp_connections_survive_checkpoint_and_restore() {
     let bed = bed();
     let tb = &bed.tb;
     let id = unique_name("tcp");
+    // The containers join a named network namespace, as the containers of a Kubernetes pod join
+    // the sandbox's: runc restores an anonymous one empty (loopback down), and CRIU cannot
+    // reconnect TCP sockets there. runc treats a netns given by path as external on both sides.
+    let netns = NetNs::new(&unique_name("net"));
+    let with_ns = format!("network:{}", netns.path().display());
     // An HTTP server on loopback plus a client holding an established connection to it.
     let script = "mkdir -p /www && echo hello-from-httpd > /www/index.html && httpd -f -p 8080 -h /www & \
-                  sleep 1; (sleep 100000 | nc 127.0.0.1 8080) & wait";
-    tb.ctr_ok(&["run", "-d", "--runtime", RUNTIME, IMAGE, &id, "sh", "-c", script]);
+                  sleep 1; (sleep 100000 | nc 127.0.0.1 8080) & sleep 1; touch /tmp/connected; wait";
+    tb.ctr_ok(&["run", "-d", "--runtime", RUNTIME, "--with-ns", &with_ns, IMAGE, &id, "sh", "-c", script]);
     let fetch = |cid: &str| {
         let exec_id = unique_name("wget");
         tb.ctr(&["tasks", "exec", "--exec-id", &exec_id, cid, "wget", "-qO-", "http://127.0.0.1:8080/index.html"])
     };
     wait_for("httpd to answer", || fetch(&id).status.success().then_some(()));
+    wait_for("the client to connect", || bundle_dir(tb, &id).join("rootfs/tmp/connected").exists().then_some(()));
+    let established = tb.ctr_ok(&["tasks", "exec", "--exec-id", &unique_name("ns"), &id, "netstat", "-tn"]);
+    assert!(established.contains("ESTABLISHED"), "no established connection in the container:\n{established}");
     let target = store_path(&bed, &id);
-    let without_tcp = checkpoint(tb, &id, CheckpointOptions { image_path: target.display().to_string(), ..Default::default() });
+    let without_tcp =
+        checkpoint(tb, &id, CheckpointOptions { image_path: target.display().to_string(), ..Default::default() });
     let (_, message) = error_of(without_tcp);
-    assert!(message.contains("--- last lines of"), "no CRIU log tail in: {message}");
+    assert!(message.contains("--- from ") && message.contains("Error ("), "no CRIU log excerpt in: {message}");
     assert!(!target.exists(), "a failed checkpoint left {}", target.display());
     assert!(fetch(&id).status.success(), "httpd stopped answering after a failed checkpoint");
 
     checkpoint(
         tb,
         &id,
-        CheckpointOptions { open_tcp: true, exit: true, image_path: target.display().to_string(), ..Default::default() },
+        CheckpointOptions {
+            open_tcp: true,
+            exit: true,
+            image_path: target.display().to_string(),
+            ..Default::default()
+        },
     )
     .expect("checkpoint with open TCP");
-    wait_for("the checkpointed container to stop", || (task_status(tb, &id).as_deref() == Some("STOPPED")).then_some(()));
+    wait_for("the checkpointed container to stop", || {
+        (task_status(tb, &id).as_deref() == Some("STOPPED")).then_some(())
+    });
     let restored = unique_name("tcp-r");
     let annotation = format!("kybernate.io/restore-from={}", target.display());
-    tb.ctr_ok(&["run", "-d", "--runtime", RUNTIME, "--annotation", &annotation, IMAGE, &restored, "sleep", "1000"]);
+    tb.ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        "--with-ns",
+        &with_ns,
+        "--annotation",
+        &annotation,
+        IMAGE,
+        &restored,
+        "sleep",
+        "1000",
+    ]);
     let out = wait_for("restored httpd to answer", || Some(fetch(&restored)).filter(|o| o.status.success()));
     assert_eq!(text(&out.stdout).trim(), "hello-from-httpd");
     remove(tb, &restored);
+}
+
+/// A named network namespace with loopback up (`ip netns add`), deleted on drop.
+struct NetNs(String);
+
+impl NetNs {
+    fn new(name: &str) -> Self {
+        let ip = |args: &[&str]| {
+            let st = std::process::Command::new("ip").args(args).status().expect("run ip");
+            assert!(st.success(), "ip {args:?} failed");
+        };
+        ip(&["netns", "add", name]);
+        let ns = NetNs(name.to_string());
+        ip(&["-n", name, "link", "set", "lo", "up"]);
+        ns
+    }
+
+    fn path(&self) -> PathBuf {
+        Path::new("/var/run/netns").join(&self.0)
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -351,8 +414,11 @@ fn criu_killed_mid_dump_leaves_the_container_running() {
     run_counter(tb, &id, &[]);
     wait_counter(tb, &id, 3);
     let target = store_path(&bed, &id);
-    let (_, message) =
-        error_of(checkpoint(tb, &id, CheckpointOptions { image_path: target.display().to_string(), ..Default::default() }));
+    let (_, message) = error_of(checkpoint(
+        tb,
+        &id,
+        CheckpointOptions { image_path: target.display().to_string(), ..Default::default() },
+    ));
     assert!(message.contains("checkpoint") && message.contains("failed"), "{message}");
     assert!(!target.exists() && entries(target.parent().unwrap()).is_empty(), "partial checkpoint left");
     assert_eq!(shim_status(tb, &id), Some(Status::RUNNING));
@@ -380,8 +446,11 @@ fn checkpoint_onto_a_full_filesystem_is_refused_before_freezing() {
     run_counter(tb, &id, &[]);
     wait_counter(tb, &id, 3);
     let target = mnt.join("cp");
-    let (code, message) =
-        error_of(checkpoint(tb, &id, CheckpointOptions { image_path: target.display().to_string(), ..Default::default() }));
+    let (code, message) = error_of(checkpoint(
+        tb,
+        &id,
+        CheckpointOptions { image_path: target.display().to_string(), ..Default::default() },
+    ));
     assert_eq!(code, Code::FAILED_PRECONDITION, "{message}");
     assert!(message.contains("not enough free space"), "{message}");
     assert_eq!(entries(&mnt), vec!["filler".to_string()], "partial checkpoint left on the full filesystem");
@@ -521,7 +590,8 @@ fn tampered_truncated_foreign_and_escaping_checkpoints_are_refused() {
 
     // A checkpoint whose runtime binary is gone.
     let gone = copy("gone");
-    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(gone.join("kybernate.json")).unwrap()).unwrap();
+    let mut m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(gone.join("kybernate.json")).unwrap()).unwrap();
     m["runtime"]["path"] = "/nonexistent/bin/runc".into();
     std::fs::write(gone.join("kybernate.json"), serde_json::to_vec(&m).unwrap()).unwrap();
     let err = failed_restore(&bed, &["--annotation", &annotation(gone.to_str().unwrap())]);
@@ -542,9 +612,46 @@ fn cross_namespace_restore_is_allowed_when_configured() {
     let restored = unique_name("xns-r");
     let a = annotation(dir.to_str().unwrap());
     tb.ctr_ok(&[
-        "run", "-d", "--runtime", RUNTIME, "--annotation", &a, "--annotation", "io.kubernetes.pod.namespace=team-b",
-        IMAGE, &restored, "sleep", "1000",
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        "--annotation",
+        &a,
+        "--annotation",
+        "io.kubernetes.pod.namespace=team-b",
+        IMAGE,
+        &restored,
+        "sleep",
+        "1000",
     ]);
     assert_counter_continues(tb, &restored, at_checkpoint);
     remove(tb, &restored);
+}
+
+#[test]
+fn a_failed_restore_is_reported_and_the_container_can_be_removed() {
+    let bed = bed();
+    let tb = &bed.tb;
+    let id = unique_name("src2");
+    run_counter(tb, &id, &[]);
+    let (dir, _) = store_checkpoint(&bed, &id, true);
+    // A checkpoint that verifies (its manifest no longer lists pstree.img) but that CRIU cannot restore.
+    std::fs::remove_file(dir.join("checkpoint/pstree.img")).unwrap();
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("kybernate.json")).unwrap()).unwrap();
+    m["files"].as_object_mut().unwrap().remove("checkpoint/pstree.img");
+    std::fs::write(dir.join("kybernate.json"), serde_json::to_vec(&m).unwrap()).unwrap();
+
+    let restored = unique_name("broken");
+    let a = annotation(dir.to_str().unwrap());
+    let out = tb.ctr(&["run", "-d", "--runtime", RUNTIME, "--annotation", &a, IMAGE, &restored, "sleep", "1000"]);
+    assert!(!out.status.success(), "restore of a checkpoint without pstree.img succeeded");
+    let err = text(&out.stderr);
+    assert!(err.contains("restore") && err.contains("restore.log"), "{err}");
+    // ctr's own cleanup path: kill (nothing runs), wait, delete. None of it may hang.
+    tb.ctr_ok(&["tasks", "delete", "--force", &restored]);
+    tb.ctr_ok(&["containers", "delete", &restored]);
+    assert!(!runc_state_entries(tb).contains(&restored), "runtime state left behind");
+    assert!(!is_mountpoint(&bundle_dir(tb, &restored).join("rootfs")), "rootfs left mounted");
+    let _ = tb.ctr(&["tasks", "delete", &id]);
 }

@@ -2,14 +2,17 @@
 # Constants shared by test/setup.sh, test/lib/testbed.sh and the demo.
 # The Rust harness (test/harness/src/lib.rs) mirrors them: change both together.
 
-# Where setup.sh keeps what it builds (image archive, trixie .debs, apt state for trixie).
+# Where setup.sh keeps what it builds (image archive, CRIU .debs and apt state for the suite they come from).
 KBT_STATE_DIR=/var/lib/kybernate-test
-# Private prefix for Debian trixie's CRIU and its libraries (bookworm's CRIU fails on kernel 6.x).
+# Private prefix for Debian testing's CRIU and its libraries (bookworm's CRIU fails on kernel 6.x).
 KBT_CRIU_PREFIX=/opt/kybernate-test/criu
 # The `criu` wrapper; /usr/local/sbin precedes /usr/sbin in every default root PATH, so runc finds it.
 KBT_CRIU_WRAPPER=/usr/local/sbin/criu
 # Minimum CRIU version that works on the test machines' kernels.
-KBT_CRIU_MIN_VERSION=4.1
+# 4.2: CRIU 4.1 cannot dump any inet socket on kernel >= 6.16 (SO_PASSCRED/SO_PASSSEC getsockopt
+# now fails with EOPNOTSUPP there); Debian testing carries 4.2.1.
+KBT_CRIU_MIN_VERSION=4.2
+KBT_CRIU_SUITE=forky
 # The busybox OCI image: archive written by setup.sh, and the name it imports under.
 KBT_IMAGE_ARCHIVE=$KBT_STATE_DIR/busybox-oci.tar
 KBT_IMAGE=docker.io/kybernate/busybox:test

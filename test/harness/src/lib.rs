@@ -108,9 +108,10 @@ pub fn check_preconditions(path: &OsStr) -> Result<()> {
             return Err(Error::NotSetUp(format!("{what} ({file}) is missing")));
         }
     }
-    match find_in_path("criu", path) {
+    // On the system PATH, not `path`: a test may prepend its own `criu` wrapper (a fault injector).
+    match find_in_path("criu", OsStr::new(SYSTEM_PATH)) {
         Some(p) if p == Path::new(CRIU) => Ok(()),
-        other => Err(Error::NotSetUp(format!("`criu` on containerd's PATH is {other:?}, not the wrapper {CRIU}"))),
+        other => Err(Error::NotSetUp(format!("`criu` on the system PATH is {other:?}, not the wrapper {CRIU}"))),
     }
 }
 
