@@ -442,7 +442,9 @@ impl Inner {
     fn checkpoint(&self, req: &CheckpointTaskRequest) -> Result<()> {
         let c = self.container(&req.id)?;
         let st = c.init.require("checkpoint", &[ProcessStatus::Running, ProcessStatus::Paused])?;
-        let request = CheckpointRequest::decode(&req.id, req.options.as_ref())?;
+        let mut request = CheckpointRequest::decode(&req.id, req.options.as_ref())?;
+        // A terminal container's pty is outside it: CRIU can only dump it as a shell job.
+        request.flags.terminal |= c.init.stdio.terminal;
         let target = request
             .image_path
             .clone()

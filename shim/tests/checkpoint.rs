@@ -166,13 +166,28 @@ fn ctr_task_checkpoint_leaves_the_container_running() {
     let id = unique_name("ctr-t");
     run_counter(tb, &id, &[]);
     wait_counter(tb, &id, 3);
+    let mut events = tb
+        .ctr_command()
+        .arg("events")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("ctr events");
+    let seen = common::read_to_eof(events.stdout.take().unwrap().into());
+    std::thread::sleep(Duration::from_millis(300));
     let name = tb.ctr_ok(&["tasks", "checkpoint", &id]);
     let name = name.trim();
     assert!(!name.is_empty(), "ctr printed no checkpoint name");
     assert!(tb.ctr_ok(&["images", "ls", "-q"]).lines().any(|l| l == name), "checkpoint image {name} not listed");
     // No options from ctr for our runtime name: the default is to leave the container running.
     assert_running(tb, &id, "after ctr tasks checkpoint");
-    assert!(tb.log_tail(400).contains("checkpoint"), "no checkpoint in the shim log");
+    let _ = events.kill();
+    let _ = events.wait();
+    let events = seen.recv_timeout(TIMEOUT).expect("ctr events output");
+    assert!(
+        events.lines().any(|l| l.contains("/tasks/checkpointed") && l.contains(&id)),
+        "no /tasks/checkpointed event for {id}:\n{events}"
+    );
     remove(tb, &id);
 }
 
@@ -366,6 +381,44 @@ impl Drop for NetNs {
     fn drop(&mut self) {
         let _ = std::process::Command::new("ip").args(["netns", "del", &self.0]).status();
     }
+}
+
+/// `ctr run -d -t ...` with a pseudo-terminal as ctr's stdin (`script`), as an SRE's shell has.
+fn ctr_run_tty(tb: &Testbed, args: &[&str]) {
+    let mut cmd = tb.ctr_command();
+    cmd.arg("run").arg("-d").arg("-t").args(args);
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    let words: Vec<String> = std::iter::once(program)
+        .chain(cmd.get_args().map(|a| a.to_string_lossy().into_owned()))
+        .map(|w| format!("'{}'", w.replace('\'', "'\\''")))
+        .collect();
+    let out = std::process::Command::new("script")
+        .args(["-qec", &words.join(" "), "/dev/null"])
+        .envs(cmd.get_envs().filter_map(|(k, v)| v.map(|v| (k, v))))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run script");
+    assert!(out.status.success(), "ctr run -t {args:?} failed: {}{}", text(&out.stdout), text(&out.stderr));
+}
+
+#[test]
+fn a_tty_container_is_checkpointed_as_a_shell_job_and_restored() {
+    let bed = bed();
+    let tb = &bed.tb;
+    let id = unique_name("tty");
+    ctr_run_tty(tb, &["--runtime", RUNTIME, IMAGE, &id, "sh", "-c", COUNTER]);
+    // No options: the shim knows the container has a terminal and asks for a shell job itself.
+    let (dir, at_checkpoint) = store_checkpoint(&bed, &id, true);
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("kybernate.json")).unwrap()).unwrap();
+    assert_eq!(m["options"]["terminal"], true, "{m}");
+    let restored = unique_name("tty-r");
+    ctr_run_tty(
+        tb,
+        &["--runtime", RUNTIME, "--annotation", &annotation(dir.to_str().unwrap()), IMAGE, &restored, "sleep", "1000"],
+    );
+    assert_counter_continues(tb, &restored, at_checkpoint);
+    remove(tb, &restored);
+    let _ = tb.ctr(&["tasks", "delete", &id]);
 }
 
 // ---------------------------------------------------------------------------------------------
