@@ -68,10 +68,9 @@ pub enum CheckpointError {
         #[source]
         source: criu::StoreError,
     },
-    /// The runtime's checkpoint or restore failed: its message, the end of CRIU's log, where the
-    /// whole log is, and what became of the container.
-    #[error("{what} {id} failed: {message}\n--- from {} ---\n{tail}\n--- end of CRIU log excerpt; {outcome}", log.display())]
-    Runtime { what: &'static str, id: String, message: String, log: PathBuf, tail: String, outcome: String },
+    /// The runtime's checkpoint or restore failed (boxed: it is by far the largest variant).
+    #[error(transparent)]
+    Runtime(Box<RuntimeFailure>),
     #[error("checkpoint {id}: {context}: {source}")]
     Write {
         id: String,
@@ -118,6 +117,19 @@ impl CheckpointError {
             CheckpointError::Busy { .. } | CheckpointError::Preflight { .. } | CheckpointError::Restore { .. }
         ) || matches!(self, CheckpointError::Store { source: criu::StoreError::NotFound { .. }, .. })
     }
+}
+
+/// The runtime's checkpoint or restore failed: its message, the relevant part of CRIU's log,
+/// where the whole log is, and what became of the container.
+#[derive(Debug, thiserror::Error)]
+#[error("{what} {id} failed: {message}\n--- from {} ---\n{tail}\n--- end of CRIU log excerpt; {outcome}", log.display())]
+pub struct RuntimeFailure {
+    pub what: &'static str,
+    pub id: String,
+    pub message: String,
+    pub log: PathBuf,
+    pub tail: String,
+    pub outcome: String,
 }
 
 type Result<T, E = CheckpointError> = std::result::Result<T, E>;
@@ -340,7 +352,14 @@ pub(crate) fn runtime_failure(
         other => other.to_string(),
     };
     let tail = log_excerpt(log).unwrap_or_else(|| "(no CRIU log was written)".into());
-    CheckpointError::Runtime { what, id: id.to_string(), message, log: log.to_path_buf(), tail, outcome }
+    CheckpointError::Runtime(Box::new(RuntimeFailure {
+        what,
+        id: id.to_string(),
+        message,
+        log: log.to_path_buf(),
+        tail,
+        outcome,
+    }))
 }
 
 /// What of CRIU's log goes into an error: its `Error (...)` lines, which name the cause (the

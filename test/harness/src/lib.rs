@@ -32,7 +32,7 @@ pub const IMAGE_ARCHIVE: &str = "/var/lib/kybernate-test/busybox-oci.tar";
 /// Parent of every test bed's and scratch directory; on disk so that overlayfs works, and short
 /// because unix socket paths are limited to 108 bytes.
 pub const RUN_BASE: &str = "/var/lib/kybernate-test/run";
-/// The `criu` wrapper (trixie's CRIU >= 4.1 in a private prefix); runc finds it on PATH.
+/// The `criu` wrapper (Debian testing's CRIU >= 4.2 in a private prefix); runc finds it on PATH.
 pub const CRIU: &str = "/usr/local/sbin/criu";
 /// Oldest CRIU that works on the test machines' kernels (3.17 fails on the vDSO check).
 pub const CRIU_MIN_VERSION: (u32, u32) = (4, 1);
