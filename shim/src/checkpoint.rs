@@ -218,13 +218,15 @@ impl Checkpointer<'_> {
             source,
         })?;
         let runtime = c.runtime.with_criu(criu_path.clone());
-        info!(
-            "container {id}: checkpoint into {} (flags {:?}, about {} MiB of memory)",
-            target.display(),
-            req.flags,
-            needed >> 20
-        );
         let args = req.flags.checkpoint_args(&partial.images_dir(), &work);
+        // The flags after --image-path I --work-path W, for the log.
+        let flags: Vec<String> = args.iter().skip(4).map(|a| a.to_string_lossy().into_owned()).collect();
+        info!(
+            "container {id}: checkpoint into {} (CRIU {criu_version}, flags [{}], about {} of memory)",
+            target.display(),
+            flags.join(" "),
+            mib(needed)
+        );
         if let Err(e) = runtime.checkpoint(id, &c.bundle, args) {
             let outcome = self.recover(&runtime, c, was_paused);
             return Err(runtime_failure("checkpoint", id, e, &work.join("dump.log"), outcome));
@@ -301,9 +303,9 @@ impl Checkpointer<'_> {
             source,
         })?;
         info!(
-            "container {id}: checkpoint {} complete: {} MiB in {} ms",
+            "container {id}: checkpoint {} complete: {} in {} ms",
             target.display(),
-            manifest.total_size() >> 20,
+            mib(manifest.total_size()),
             started.elapsed().as_millis()
         );
         Ok(manifest)
@@ -338,6 +340,10 @@ impl Checkpointer<'_> {
             Err(e) => format!("the container's state is unknown: {e}"),
         }
     }
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / f64::from(1u32 << 20))
 }
 
 pub(crate) fn runtime_failure(

@@ -446,34 +446,51 @@ fn criu_missing_is_a_clear_error() {
 #[test]
 fn criu_killed_mid_dump_leaves_the_container_running() {
     let wrappers = kybernate_testbed::scratch_dir().unwrap();
-    // A `criu` that runs the real one, but for runc's RPC mode (swrk) SIGKILLs it as soon as the
-    // container's freezer cgroup is frozen: the dump is then under way and the container frozen.
-    let id = unique_name("killed");
+    // A `criu` that records its pid, then becomes the real one.
+    let pid_file = wrappers.path().join("criu.pid");
     let wrapper = wrappers.path().join("criu");
-    let bed = bed_with(|b| b.path_prepend(wrappers.path()), "");
-    let tb = &bed.tb;
-    let freezer = format!("/sys/fs/cgroup/freezer/{}/{id}/freezer.state", tb.namespace());
     std::fs::write(
         &wrapper,
         format!(
-            "#!/bin/bash\n[ \"$1\" = swrk ] || exec {criu} \"$@\"\n{criu} \"$@\" &\npid=$!\n\
-             for i in $(seq 1 2000); do grep -q FROZEN {freezer} 2>/dev/null && break; sleep 0.01; done\n\
-             kill -9 $pid\nwait $pid\nexit 1\n",
-            criu = kybernate_testbed::CRIU,
+            "#!/bin/sh
+[ \"$1\" = swrk ] && echo $$ > {}\nexec {} \"$@\"\n",
+            pid_file.display(),
+            kybernate_testbed::CRIU
         ),
     )
     .unwrap();
     std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
-    run_counter(tb, &id, &[]);
+    let bed = bed_with(|b| b.path_prepend(wrappers.path()), "");
+    let tb = &bed.tb;
+    let id = unique_name("killed");
+    // 64 MiB of random data in the container's /dev/shm (a tmpfs CRIU dumps while the container
+    // is frozen) keeps the dump busy long enough to kill CRIU in the middle of it.
+    let script = format!("dd if=/dev/urandom of=/dev/shm/fill bs=1M count=64 2>/dev/null; {COUNTER}");
+    tb.ctr_ok(&["run", "-d", "--runtime", RUNTIME, IMAGE, &id, "sh", "-c", &script]);
     wait_counter(tb, &id, 3);
     let target = store_path(&bed, &id);
-    let (_, message) = error_of(checkpoint(
-        tb,
-        &id,
-        CheckpointOptions { image_path: target.display().to_string(), ..Default::default() },
-    ));
+    let (tb_dir, cid, image_path) = (bundle_dir(tb, &id), id.clone(), target.display().to_string());
+    let dumping = std::thread::spawn(move || {
+        let address = std::fs::read_to_string(tb_dir.join("address")).unwrap();
+        let shim = TaskClient::new(Client::connect(address.trim()).unwrap());
+        let o = CheckpointOptions { image_path, ..Default::default() };
+        let req = CheckpointTaskRequest { id: cid, options: Some(options(o)).into(), ..Default::default() };
+        shim.checkpoint(context::with_duration(CHECKPOINT_TIMEOUT), &req).map(drop)
+    });
+    // Kill CRIU once the container is frozen: the dump is then under way.
+    let freezer = format!("/sys/fs/cgroup/freezer/{}/{id}/freezer.state", tb.namespace());
+    let criu = wait_for("CRIU to freeze the container", || {
+        let frozen = std::fs::read_to_string(&freezer).ok()?.trim() == "FROZEN";
+        let pid: i32 = std::fs::read_to_string(&pid_file).ok()?.trim().parse().ok()?;
+        frozen.then_some(pid)
+    });
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(criu), nix::sys::signal::Signal::SIGKILL).expect("kill CRIU");
+    let (_, message) = error_of(dumping.join().unwrap());
     assert!(message.contains("checkpoint") && message.contains("failed"), "{message}");
+    // CRIU died with the cgroup frozen: the shim must have thawed it.
+    assert!(message.contains("the container was left frozen and has been resumed"), "{message}");
     assert!(!target.exists() && entries(target.parent().unwrap()).is_empty(), "partial checkpoint left");
+    assert_eq!(std::fs::read_to_string(&freezer).unwrap().trim(), "THAWED", "container left frozen");
     assert_eq!(shim_status(tb, &id), Some(Status::RUNNING));
     assert_running(tb, &id, "after CRIU was killed mid-dump");
     remove(tb, &id);

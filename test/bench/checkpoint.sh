@@ -1,0 +1,221 @@
+#!/usr/bin/env bash
+# Checkpoint + restore round trip of a container holding dirty anonymous memory (test/bench/memhog.c),
+# through containerd-shim-kybernate-v1 against raw `runc checkpoint` / `runc restore` on an
+# equivalent bundle, in one run, runs interleaved (odd runs ours first, even runs runc first).
+#   ours: Task.Checkpoint --exit straight to the shim (target/release/examples/checkpoint_rpc) into the
+#         store, then `ctr run -d --annotation kybernate.io/restore-from=DIR` (ctr returns after Start,
+#         i.e. after the restore; so this includes creating the container and starting its shim).
+#   runc: `runc checkpoint` (exits the container), then `runc restore -d` of the same id and bundle.
+# Ours also fsyncs and hashes every file (manifest) and verifies the hashes before restoring; runc
+# does neither: that overhead is part of what is measured. A `dd` to the store's filesystem (with and
+# without conv=fdatasync) gives the disk's sequential write speed for scale.
+# Usage (root, after test/setup.sh): bash test/bench/checkpoint.sh [RUNS] [SIZES]
+#   RUNS default 5; SIZES in MiB, default "256 1024". Raw numbers: ${BENCH_OUT:-target/bench-checkpoint}.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+RUNS=${1:-5}
+SIZES=${2:-256 1024}
+OUT=${BENCH_OUT:-target/bench-checkpoint}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+# On disk (not tmpfs), like a node's checkpoint store; per run so that two runs never collide.
+BASE=/var/lib/kybernate-bench/$$
+STORE=$BASE/store RAW=$BASE/runc RROOT=$BASE/runc-root CGROUP=kybernate-bench-$$
+export PATH=/usr/local/sbin:$PATH # the CRIU wrapper, for the raw runc too
+
+bench_cleanup() { # EXIT trap, before tb_cleanup: raw runc containers, their cgroups, the store, dd file
+    local rc=$? id d
+    set +e
+    if [ -d "$RROOT" ]; then
+        for id in $(runc --root "$RROOT" list -q 2>/dev/null); do
+            runc --root "$RROOT" delete --force "$id" >/dev/null 2>&1
+        done
+    fi
+    for d in /sys/fs/cgroup/*/"$CGROUP"; do
+        [ -d "$d" ] && find "$d" -depth -type d -exec rmdir {} + 2>/dev/null
+    done
+    rm -rf "$BASE"
+    rmdir /var/lib/kybernate-bench 2>/dev/null
+    return "$rc"
+}
+trap bench_cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+command -v cargo >/dev/null || export PATH="$HOME/.cargo/bin:$PATH"
+cargo build --release -q -p containerd-shim-kybernate-v1 --bins --examples # --examples alone skips the shim
+gcc -O2 -static -o "$OUT/memhog" test/bench/memhog.c
+MEMHOG=$OUT/memhog
+RPC=$PWD/target/release/examples/checkpoint_rpc
+mkdir -p "$STORE" "$RAW" "$RROOT"
+printf '[checkpoint]\nroot = "%s"\n' "$STORE" >"$BASE/kybernate.toml"
+export KYBERNATE_CONFIG=$BASE/kybernate.toml # containerd passes its environment on to the shims
+TB_PATH_PREPEND=$PWD/target/release
+export TB_PATH_PREPEND
+# shellcheck source=test/lib/testbed.sh
+. test/lib/testbed.sh
+tb_start
+trap 'bench_cleanup; tb_cleanup' EXIT
+tb_import_image
+OURS=io.containerd.kybernate.v1
+TASKS=$TB_DIR/state/io.containerd.runtime.v2.task/$TB_NS
+
+echo "== machine: $(nproc) cores, $(free -g | awk '/^Mem:/ {print $2}') GiB, $(uname -r), containerd $(containerd --version | awk '{print $3}'), runc $(runc --version | awk 'NR==1{print $3}'), criu $(criu --version | awk '/^Version/ {print $2}')"
+echo "== store: $STORE on $(findmnt -no SOURCE,FSTYPE -T "$BASE" | tr -s ' ')"
+
+# The raw bundle: busybox-static rootfs (writable, like the image's overlay) + `runc spec`, one per size.
+mkdir -p "$RAW/rootfs/bin" "$RAW/rootfs/tmp" "$RAW/rootfs/proc" "$RAW/rootfs/sys" "$RAW/rootfs/dev"
+cp /bin/busybox "$RAW/rootfs/bin/"
+for a in $(/bin/busybox --list); do [ -e "$RAW/rootfs/bin/$a" ] || ln -s busybox "$RAW/rootfs/bin/$a"; done
+(cd "$RAW" && runc spec)
+for mib in $SIZES; do
+    mkdir -p "$RAW/b-$mib"
+    python3 - "$RAW/config.json" "$RAW/b-$mib/config.json" "$RAW/rootfs" "$MEMHOG" "$mib" "/$CGROUP/raw-$mib" <<'PY'
+import json, sys
+src, dst, rootfs, memhog, mib, cgroup = sys.argv[1:]
+s = json.load(open(src))
+s["process"]["args"] = ["/memhog", mib, "/tmp/ready"]
+s["process"]["terminal"] = False
+s["root"] = {"path": rootfs, "readonly": False}
+s["mounts"].append({"destination": "/memhog", "type": "bind", "source": memhog, "options": ["rbind", "ro"]})
+s["linux"]["cgroupsPath"] = cgroup
+json.dump(s, open(dst, "w"), indent=2)
+PY
+done
+
+now() { date +%s%N; }
+ms() { local d=$(($2 - $1)); printf '%d.%03d' $((d / 1000000)) $((d / 1000 % 1000)); }
+wait_for() { # DESCRIPTION COMMAND...: polls COMMAND for 120 s
+    local deadline=$((SECONDS + 120))
+    until "${@:2}"; do
+        [ "$SECONDS" -lt "$deadline" ] || { echo "timed out waiting for $1" >&2; return 1; }
+        sleep 0.02
+    done
+}
+task_status() { tb_ctr tasks ls | awk -v id="$1" '$1 == id {print $3}'; }
+not_running() { [ "$(task_status "$1")" != RUNNING ]; }
+log_ns() { # ID MESSAGE: the shim's timestamp (ns) on its last log line "container ID: MESSAGE"
+    date +%s%N -d "$(grep -F "msg=\"container $1: $2" "$TB_LOG" | tail -n 1 | sed -n 's/^time="\([^"]*\)".*/\1/p')"
+}
+ctr_delete() { # tb_ctr tasks delete ARGS..., without ctr's warning about the exit code (137: killed)
+    tb_ctr tasks delete "$@" 2>&1 >/dev/null | { grep -v 'exit with non-zero exit code' || true; } >&2
+}
+rss_mib() { awk '/^RssAnon:/ {printf "%.0f", $2 / 1024}' "/proc/$1/status"; }
+CSV=$OUT/runs.csv DDCSV=$OUT/dd.csv
+echo "size_mib,impl,run,start_ms,checkpoint_ms,restore_ms,image_bytes,restored_rss_mib,dump_ms,restore_pre_ms" >"$CSV"
+echo "size_mib,run,fdatasync_ms,cache_ms" >"$DDCSV"
+
+run_ours() { # MIB RUN
+    local mib=$1 run=$2 id=c-$1-$2 rid=r-$1-$2 t0 t1 t2 t3 t4 t5 dir pid rss dump pre
+    local mount="type=bind,src=$MEMHOG,dst=/memhog,options=rbind:ro"
+    dir=$STORE/$TB_NS/$id/$run
+    t0=$(now)
+    tb_ctr run -d --runtime "$OURS" --mount "$mount" "$KBT_IMAGE" "$id" /memhog "$mib" /tmp/ready >/dev/null
+    t1=$(now)
+    wait_for "$id ready" test -e "$TASKS/$id/rootfs/tmp/ready"
+    sync
+    t2=$(now)
+    "$RPC" "$(cat "$TASKS/$id/address")" "$id" "$dir" --exit
+    t3=$(now)
+    wait_for "$id to stop" not_running "$id"
+    ctr_delete "$id"
+    tb_ctr containers delete "$id"
+    sync
+    t4=$(now)
+    tb_ctr run -d --runtime "$OURS" --mount "$mount" --annotation "kybernate.io/restore-from=$dir" \
+        "$KBT_IMAGE" "$rid" /memhog "$mib" /tmp/ready >/dev/null
+    t5=$(now)
+    pid=$(tb_ctr tasks ls | awk -v id="$rid" '$1 == id {print $2}')
+    rss=$(rss_mib "$pid")
+    dump=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1])).get("duration_ms", ""))' "$dir/kybernate.json")
+    pre=$(ms "$t4" "$(log_ns "$rid" "restoring from")") # create, shim start, hash check: until `runc restore`
+    echo "$mib,ours,$run,$(ms "$t0" "$t1"),$(ms "$t2" "$t3"),$(ms "$t4" "$t5"),$(du -sb "$dir" | cut -f1),$rss,$dump,$pre" >>"$CSV"
+    ctr_delete --force "$rid"
+    tb_ctr containers delete "$rid"
+    rm -rf "${dir%/*}"
+}
+
+run_runc() { # MIB RUN
+    local mib=$1 run=$2 id=raw-$1 t0 t1 t2 t3 t4 t5 img=$RAW/img-$1 pid rss
+    local r=(runc --root "$RROOT")
+    rm -f "$RAW/rootfs/tmp/ready"
+    t0=$(now)
+    "${r[@]}" run -d --bundle "$RAW/b-$mib" "$id" </dev/null >/dev/null 2>&1
+    t1=$(now)
+    wait_for "$id ready" test -e "$RAW/rootfs/tmp/ready"
+    sync
+    t2=$(now)
+    "${r[@]}" checkpoint --image-path "$img" --work-path "$RAW/work-d-$mib" "$id"
+    t3=$(now)
+    "${r[@]}" delete "$id" >/dev/null 2>&1 || true
+    sync
+    t4=$(now)
+    "${r[@]}" restore -d --image-path "$img" --work-path "$RAW/work-r-$mib" --bundle "$RAW/b-$mib" "$id" \
+        </dev/null >/dev/null 2>&1
+    t5=$(now)
+    pid=$("${r[@]}" state "$id" | python3 -c 'import json, sys; print(json.load(sys.stdin)["pid"])')
+    rss=$(rss_mib "$pid")
+    echo "$mib,runc,$run,$(ms "$t0" "$t1"),$(ms "$t2" "$t3"),$(ms "$t4" "$t5"),$(du -sb "$img" | cut -f1),$rss,," >>"$CSV"
+    "${r[@]}" delete --force "$id" # SIGKILL, wait for it to go, delete
+    rm -rf "$img" "$RAW/work-d-$mib" "$RAW/work-r-$mib"
+}
+
+run_dd() { # MIB RUN: sequential write to the store's filesystem, synced and page cache only
+    local mib=$1 run=$2 t0 t1 t2 t3 f=$BASE/dd.tmp
+    sync
+    t0=$(now)
+    dd if=/dev/zero of="$f" bs=1M count="$mib" conv=fdatasync status=none
+    t1=$(now)
+    rm -f "$f"
+    sync
+    t2=$(now)
+    dd if=/dev/zero of="$f" bs=1M count="$mib" status=none
+    t3=$(now)
+    rm -f "$f"
+    echo "$mib,$run,$(ms "$t0" "$t1"),$(ms "$t2" "$t3")" >>"$DDCSV"
+}
+
+echo "== checkpoint + restore, sizes (MiB) $SIZES, $RUNS runs each, interleaved"
+for ((run = 1; run <= RUNS; run++)); do
+    for mib in $SIZES; do
+        order="ours runc"
+        [ $((run % 2)) = 1 ] || order="runc ours"
+        for impl in $order; do
+            "run_$impl" "$mib" "$run"
+            tail -n 1 "$CSV" | awk -F, '{printf "   run %s %5s MiB %-4s checkpoint %8s ms  restore %8s ms  (start %s ms, restored RSS %s MiB)\n", $3, $1, $2, $5, $6, $4, $8}'
+        done
+        run_dd "$mib" "$run"
+    done
+done
+
+echo "== medians (ratio = ours / runc; throughput = MiB / checkpoint s)"
+python3 - "$CSV" "$DDCSV" <<'PY'
+import csv, statistics as st, sys
+runs = list(csv.DictReader(open(sys.argv[1])))
+dd = list(csv.DictReader(open(sys.argv[2])))
+def med(rows, f): return st.median(float(r[f]) for r in rows)
+for mib in dict.fromkeys(r["size_mib"] for r in runs):
+    m = {}
+    for impl in ("ours", "runc"):
+        rows = [r for r in runs if r["size_mib"] == mib and r["impl"] == impl]
+        for r in rows: r["rt_ms"] = float(r["checkpoint_ms"]) + float(r["restore_ms"])
+        m[impl] = {f: med(rows, f) for f in ("start_ms", "checkpoint_ms", "restore_ms", "rt_ms", "image_bytes")}
+        if impl == "ours": m[impl].update(dump_ms=med(rows, "dump_ms"), pre_ms=med(rows, "restore_pre_ms"))
+    o, r = m["ours"], m["runc"]
+    d = [x for x in dd if x["size_mib"] == mib]
+    sync_s, cache_s = med(d, "fdatasync_ms") / 1000, med(d, "cache_ms") / 1000
+    print(f"-- {mib} MiB ({len([x for x in runs if x['size_mib'] == mib]) // 2} runs each)")
+    print(f"   {'':14} {'ours':>10} {'runc':>10} {'ratio':>7}")
+    for f, name in (("checkpoint_ms", "checkpoint"), ("restore_ms", "restore"), ("rt_ms", "round trip")):
+        print(f"   {name + ' ms':14} {o[f]:10.1f} {r[f]:10.1f} {o[f] / r[f]:6.2f}x")
+    n = float(mib)
+    print(f"   {'ckpt MiB/s':14} {n / o['checkpoint_ms'] * 1000:10.0f} {n / r['checkpoint_ms'] * 1000:10.0f}")
+    print(f"   {'image MiB':14} {o['image_bytes'] / 2**20:10.1f} {r['image_bytes'] / 2**20:10.1f}")
+    print(f"   {'start ms':14} {o['start_ms']:10.1f} {r['start_ms']:10.1f}   (ctr run -d / runc run -d, for scale)")
+    print(f"   ours: CRIU dump + spec/config/rootfs diff {o['dump_ms']:.0f} ms (manifest duration_ms), "
+          f"hash + fsync + commit + RPC {o['checkpoint_ms'] - o['dump_ms']:.0f} ms")
+    print(f"   ours: restore until the shim runs `runc restore` (ctr create, shim start, hash check) "
+          f"{o['pre_ms']:.0f} ms, `runc restore` and after {o['restore_ms'] - o['pre_ms']:.0f} ms")
+    print(f"   dd {mib} MiB to the store's fs: {n / sync_s:.0f} MiB/s with conv=fdatasync, {n / cache_s:.0f} MiB/s page cache")
+PY
+echo "== raw numbers: $CSV, $DDCSV"
