@@ -319,6 +319,9 @@ fn open_tcp_connections_survive_checkpoint_and_restore() {
         checkpoint(tb, &id, CheckpointOptions { image_path: target.display().to_string(), ..Default::default() });
     let (_, message) = error_of(without_tcp);
     assert!(message.contains("--- from ") && message.contains("Error ("), "no CRIU log excerpt in: {message}");
+    // The whole log stays in the bundle.
+    let log = message.split("--- from ").nth(1).and_then(|r| r.split(" ---").next()).unwrap();
+    assert!(log.starts_with(bundle_dir(tb, &id).to_str().unwrap()) && Path::new(log).is_file(), "{log}");
     assert!(!target.exists(), "a failed checkpoint left {}", target.display());
     assert!(fetch(&id).status.success(), "httpd stopped answering after a failed checkpoint");
 
