@@ -94,8 +94,10 @@ wait_for() { # DESCRIPTION COMMAND...: polls COMMAND for 120 s
 }
 task_status() { tb_ctr tasks ls | awk -v id="$1" '$1 == id {print $3}'; }
 not_running() { [ "$(task_status "$1")" != RUNNING ]; }
-log_ns() { # ID MESSAGE: the shim's timestamp (ns) on its last log line "container ID: MESSAGE"
-    date +%s%N -d "$(grep -F "msg=\"container $1: $2" "$TB_LOG" | tail -n 1 | sed -n 's/^time="\([^"]*\)".*/\1/p')"
+log_ns() { # ID MESSAGE: the shim's timestamp (ns) on its last log line "container ID: MESSAGE", if any
+    local t
+    t=$(grep -F "msg=\"container $1: $2" "$TB_LOG" | tail -n 1 | sed -n 's/^time="\([^"]*\)".*/\1/p') || true
+    [ -z "$t" ] || date +%s%N -d "$t"
 }
 ctr_delete() { # tb_ctr tasks delete ARGS..., without ctr's warning about the exit code (137: killed)
     tb_ctr tasks delete "$@" 2>&1 >/dev/null | { grep -v 'exit with non-zero exit code' || true; } >&2
@@ -106,7 +108,7 @@ echo "size_mib,impl,run,start_ms,checkpoint_ms,restore_ms,image_bytes,restored_r
 echo "size_mib,run,fdatasync_ms,cache_ms" >"$DDCSV"
 
 run_ours() { # MIB RUN
-    local mib=$1 run=$2 id=c-$1-$2 rid=r-$1-$2 t0 t1 t2 t3 t4 t5 dir pid rss dump pre
+    local mib=$1 run=$2 id=c-$1-$2 rid=r-$1-$2 t0 t1 t2 t3 t4 t5 t6 dir pid rss dump pre=
     local mount="type=bind,src=$MEMHOG,dst=/memhog,options=rbind:ro"
     dir=$STORE/$TB_NS/$id/$run
     t0=$(now)
@@ -128,7 +130,8 @@ run_ours() { # MIB RUN
     pid=$(tb_ctr tasks ls | awk -v id="$rid" '$1 == id {print $2}')
     rss=$(rss_mib "$pid")
     dump=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1])).get("duration_ms", ""))' "$dir/kybernate.json")
-    pre=$(ms "$t4" "$(log_ns "$rid" "restoring from")") # create, shim start, hash check: until `runc restore`
+    t6=$(log_ns "$rid" "restoring from") # create, shim start, hash check: until `runc restore`
+    [ -z "$t6" ] || pre=$(ms "$t4" "$t6")
     echo "$mib,ours,$run,$(ms "$t0" "$t1"),$(ms "$t2" "$t3"),$(ms "$t4" "$t5"),$(du -sb "$dir" | cut -f1),$rss,$dump,$pre" >>"$CSV"
     ctr_delete --force "$rid"
     tb_ctr containers delete "$rid"
@@ -200,7 +203,9 @@ for mib in dict.fromkeys(r["size_mib"] for r in runs):
         rows = [r for r in runs if r["size_mib"] == mib and r["impl"] == impl]
         for r in rows: r["rt_ms"] = float(r["checkpoint_ms"]) + float(r["restore_ms"])
         m[impl] = {f: med(rows, f) for f in ("start_ms", "checkpoint_ms", "restore_ms", "rt_ms", "image_bytes")}
-        if impl == "ours": m[impl].update(dump_ms=med(rows, "dump_ms"), pre_ms=med(rows, "restore_pre_ms"))
+        if impl == "ours":
+            m[impl]["dump_ms"] = med(rows, "dump_ms")
+            m[impl]["pre_ms"] = med(rows, "restore_pre_ms") if all(r["restore_pre_ms"] for r in rows) else None
     o, r = m["ours"], m["runc"]
     d = [x for x in dd if x["size_mib"] == mib]
     sync_s, cache_s = med(d, "fdatasync_ms") / 1000, med(d, "cache_ms") / 1000
@@ -214,7 +219,7 @@ for mib in dict.fromkeys(r["size_mib"] for r in runs):
     print(f"   {'start ms':14} {o['start_ms']:10.1f} {r['start_ms']:10.1f}   (ctr run -d / runc run -d, for scale)")
     print(f"   ours: CRIU dump + spec/config/rootfs diff {o['dump_ms']:.0f} ms (manifest duration_ms), "
           f"hash + fsync + commit + RPC {o['checkpoint_ms'] - o['dump_ms']:.0f} ms")
-    print(f"   ours: restore until the shim runs `runc restore` (ctr create, shim start, hash check) "
+    if o["pre_ms"] is not None: print(f"   ours: restore until the shim runs `runc restore` (ctr create, shim start, hash check) "
           f"{o['pre_ms']:.0f} ms, `runc restore` and after {o['restore_ms'] - o['pre_ms']:.0f} ms")
     print(f"   dd {mib} MiB to the store's fs: {n / sync_s:.0f} MiB/s with conv=fdatasync, {n / cache_s:.0f} MiB/s page cache")
 PY
