@@ -587,16 +587,16 @@ mod tests {
         let s = spec(serde_json::json!({
             "ociVersion": "1.0.2",
             "annotations": {"kybernate.io/restore-from": "default/a/1"},
-            "process": {"cwd": "/", "args": ["sh"], "env": ["RESTORE_FROM=x", "RESTORE_FROM=y"]}
+            "process": {"cwd": "/", "user": {"uid": 0, "gid": 0}, "args": ["sh"], "env": ["RESTORE_FROM=x", "RESTORE_FROM=y"]}
         }));
         assert_eq!(restore_reference(&s).unwrap().0, "default/a/1");
         let s = spec(serde_json::json!({
             "ociVersion": "1.0.2",
-            "process": {"cwd": "/", "args": ["sh"], "env": ["RESTORE_FROM=x", "RESTORE_FROM_NOT=z", "RESTORE_FROM=y"]}
+            "process": {"cwd": "/", "user": {"uid": 0, "gid": 0}, "args": ["sh"], "env": ["RESTORE_FROM=x", "RESTORE_FROM_NOT=z", "RESTORE_FROM=y"]}
         }));
         assert_eq!(restore_reference(&s).unwrap(), ("y".to_string(), "environment variable RESTORE_FROM"));
         let s = spec(
-            serde_json::json!({"ociVersion": "1.0.2", "process": {"cwd": "/", "args": ["sh"], "env": ["RESTORE_FROM="]}}),
+            serde_json::json!({"ociVersion": "1.0.2", "process": {"cwd": "/", "user": {"uid": 0, "gid": 0}, "args": ["sh"], "env": ["RESTORE_FROM="]}}),
         );
         assert_eq!(restore_reference(&s), None);
     }
