@@ -71,7 +71,7 @@ pub enum CheckpointError {
     /// The runtime's checkpoint or restore failed (boxed: it is by far the largest variant).
     #[error(transparent)]
     Runtime(Box<RuntimeFailure>),
-    #[error("checkpoint {id}: {context}: {source}")]
+    #[error("container {id}: {context}: {source}")]
     Write {
         id: String,
         context: String,
@@ -211,12 +211,7 @@ impl Checkpointer<'_> {
             .unwrap_or(0);
         criu::check_space(partial.dir(), needed).map_err(preflight)?;
 
-        let work = req.work_path.clone().or_else(|| c.criu_work.clone()).unwrap_or_else(|| c.bundle.join("work"));
-        std::fs::create_dir_all(&work).map_err(|source| CheckpointError::Write {
-            id: id.into(),
-            context: format!("create CRIU work dir {}", work.display()),
-            source,
-        })?;
+        let work = work_dir(c, req.work_path.as_deref())?;
         let runtime = c.runtime.with_criu(criu_path.clone());
         let args = req.flags.checkpoint_args(&partial.images_dir(), &work);
         // The flags after --image-path I --work-path W, for the log.
@@ -340,6 +335,19 @@ impl Checkpointer<'_> {
             Err(e) => format!("the container's state is unknown: {e}"),
         }
     }
+}
+
+/// CRIU's work dir (its logs stay there): the request's `work_path`, else the runc option
+/// `CriuWorkPath`, else `<bundle>/work` as in containerd's runc shim. Created if missing.
+pub fn work_dir(c: &Container, requested: Option<&Path>) -> Result<PathBuf> {
+    let work =
+        requested.map(Path::to_path_buf).or_else(|| c.criu_work.clone()).unwrap_or_else(|| c.bundle.join("work"));
+    std::fs::create_dir_all(&work).map_err(|source| CheckpointError::Write {
+        id: c.id.clone(),
+        context: format!("create CRIU work dir {}", work.display()),
+        source,
+    })?;
+    Ok(work)
 }
 
 fn mib(bytes: u64) -> String {

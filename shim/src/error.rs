@@ -22,9 +22,6 @@ pub enum Error {
     FailedPrecondition(String),
     #[error("{0}")]
     InvalidArgument(String),
-    /// A request this shim does not serve yet.
-    #[error("{0}")]
-    Unimplemented(String),
     #[error(transparent)]
     Options(#[from] OptionsError),
     #[error(transparent)]
@@ -65,7 +62,6 @@ impl Error {
             Error::NotFound(_) => Code::NOT_FOUND,
             Error::AlreadyExists(_) => Code::ALREADY_EXISTS,
             Error::FailedPrecondition(_) => Code::FAILED_PRECONDITION,
-            Error::Unimplemented(_) => Code::UNIMPLEMENTED,
             Error::InvalidArgument(_) | Error::Options(_) | Error::Config(_) => Code::INVALID_ARGUMENT,
             Error::Select(SelectError::Bundle(_) | SelectError::Config(_)) => Code::INVALID_ARGUMENT,
             Error::Select(_) => Code::FAILED_PRECONDITION,

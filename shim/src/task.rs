@@ -407,8 +407,7 @@ impl Inner {
         let checkpointer = Checkpointer { spawner: self.spawner.as_ref(), namespace: &self.namespace };
         let (criu_path, _) = checkpointer.criu(c, "restore")?;
         let runtime = c.runtime.with_criu(criu_path);
-        let work = c.criu_work.clone().unwrap_or_else(|| c.bundle.join("work"));
-        std::fs::create_dir_all(&work).map_err(Error::os(format!("create CRIU work dir {}", work.display())))?;
+        let work = checkpoint::work_dir(c, None)?;
         let (mut io, child) = ProcessIo::prepare_owned(&c.init.stdio, &c.bundle, &c.id, &self.namespace, c.io_owner)?;
         let pid_file = c.bundle.join("init.pid");
         let args = plan.restore_args(&c.bundle, &work, &pid_file, io.console_socket(), c.no_pivot);
