@@ -31,7 +31,9 @@ pub use preflight::{
     PreflightError, MIN_CRIU, SPACE_HEADROOM,
 };
 pub use rootfs::{apply_rootfs_diff, overlay_upperdir, write_rootfs_diff, RootfsError};
-pub use store::{dir_size, read_manifest, verify, PartialCheckpoint, Store, StoreError, VerifyError, INVENTORY};
+pub use store::{
+    dir_size, read_manifest, verify, verify_quick, PartialCheckpoint, Store, StoreError, VerifyError, INVENTORY,
+};
 
 /// Any error of this crate, for callers that do not care which step failed.
 #[derive(Debug, thiserror::Error)]

@@ -272,3 +272,21 @@ fn list_reports_bad_manifests_and_skips_partials() {
     assert!(matches!(listed[1].1, Err(VerifyError::Manifest { .. })));
     assert!(kybernate_criu::dir_size(s.root()) > 100_000);
 }
+
+#[test]
+fn verify_quick_checks_everything_but_the_checksums() {
+    let tmp = tempfile::tempdir().unwrap();
+    let target = tmp.path().join("k8s.io/c1/20261123T212501.123Z");
+    checkpoint(&target);
+    assert_eq!(kybernate_criu::verify_quick(&target).unwrap(), verify(&target).unwrap());
+
+    // Same size, other bytes: only the full verification sees it.
+    fs::write(target.join("checkpoint/pages-1.img"), vec![8u8; 100_000]).unwrap();
+    assert!(kybernate_criu::verify_quick(&target).is_ok());
+    assert!(matches!(verify(&target), Err(VerifyError::Checksum { .. })));
+
+    fs::write(target.join("checkpoint/pages-1.img"), b"short").unwrap();
+    assert!(matches!(kybernate_criu::verify_quick(&target), Err(VerifyError::Size { .. })));
+    fs::write(target.join("extra"), b"x").unwrap();
+    assert!(matches!(kybernate_criu::verify_quick(&target), Err(VerifyError::Unlisted { .. })));
+}

@@ -1,0 +1,106 @@
+//! The CLI's errors: each says what was wrong and what to do next, and maps to an exit code
+//! (1: the operation failed, 2: usage or bad input).
+
+use std::io;
+use std::path::PathBuf;
+
+use kybernate_criu::{ArchiveError, StoreError, VerifyError};
+use kybernate_runtime_select::ConfigError;
+
+/// Exit code of an operation that failed (I/O, verification, a tampered archive).
+pub const FAILED: u8 = 1;
+/// Exit code of a usage error or bad input (unknown checkpoint, bad flag, config file error).
+pub const USAGE: u8 = 2;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("{0}")]
+    Usage(String),
+    #[error("{0}; fix the file, or name another with --config or $KYBERNATE_CONFIG")]
+    Config(#[from] ConfigError),
+    #[error("checkpoint {reference:?} not found in {}; run `kybernate list` to see the checkpoints", root.display())]
+    NotFound { reference: String, root: PathBuf },
+    #[error("{0}; name a checkpoint by its id from `kybernate list` or by a directory inside the store")]
+    OutsideStore(StoreError),
+    #[error("{reference:?} ({}) is not a checkpoint (a <namespace>/<container>/<timestamp> directory holding kybernate.json); run `kybernate list` to see the checkpoints", path.display())]
+    NotACheckpoint { reference: String, path: PathBuf },
+    #[error("{0}; check that the store is readable and writable by you (usually root) and has free space")]
+    Store(StoreError),
+    #[error("checkpoint {id:?} failed verification: {source}; do not restore it; remove it with `kybernate rm {id}`")]
+    Verify {
+        id: String,
+        #[source]
+        source: VerifyError,
+    },
+    #[error("{0}; {hint}", hint = export_hint(.0))]
+    Export(ArchiveError),
+    #[error("{0}; {hint}", hint = import_hint(.0))]
+    Import(ArchiveError),
+    #[error("{}: {what}; {next}", path.display())]
+    BadArchivePath { path: PathBuf, what: &'static str, next: &'static str },
+    #[error("{}: cannot remove checkpoint: {source}; check its permissions and run the command again", path.display())]
+    Remove {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot encode JSON output: {0}; please report this as a bug")]
+    Json(#[from] serde_json::Error),
+    #[error("cannot write to stdout: {0}; check where the output goes")]
+    Stdout(#[source] io::Error),
+}
+
+impl CliError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::Usage(_)
+            | Self::Config(_)
+            | Self::NotFound { .. }
+            | Self::OutsideStore(_)
+            | Self::NotACheckpoint { .. }
+            | Self::BadArchivePath { .. } => USAGE,
+            Self::Store(_)
+            | Self::Verify { .. }
+            | Self::Export(_)
+            | Self::Import(_)
+            | Self::Remove { .. }
+            | Self::Json(_)
+            | Self::Stdout(_) => FAILED,
+        }
+    }
+}
+
+fn export_hint(e: &ArchiveError) -> &'static str {
+    match e {
+        ArchiveError::Verify { .. } | ArchiveError::Entry { .. } => {
+            "the checkpoint is damaged and can be neither exported nor restored; see `kybernate inspect`, remove it with `kybernate rm`"
+        }
+        ArchiveError::Io { .. } | ArchiveError::Store(_) => "check the archive's path, permissions and free space",
+    }
+}
+
+fn import_hint(e: &ArchiveError) -> &'static str {
+    match e {
+        ArchiveError::Verify { .. } | ArchiveError::Entry { .. } => {
+            "the archive is damaged or was changed after export; nothing was imported; export the checkpoint again on the source node"
+        }
+        ArchiveError::Io { .. } => "check the archive's path and permissions, and the store's free space",
+        ArchiveError::Store(_) => "check that the store is writable by you (usually root) and has free space",
+    }
+}
+
+/// One line for a clap usage error: clap's first line (and its tip, if any), without the
+/// multi-line usage block, so every error of the CLI has the same shape.
+pub fn usage_line(e: &clap::Error) -> String {
+    let text = e.to_string();
+    let mut paragraphs = text.split("\n\n").map(str::trim).filter(|p| !p.is_empty());
+    // The first paragraph is the message; clap continues a message ending in ':' on indented lines.
+    let first = paragraphs.next().unwrap_or("invalid arguments");
+    let first = first.strip_prefix("error: ").unwrap_or(first);
+    let first = first.split('\n').map(str::trim).collect::<Vec<_>>().join(" ");
+    let tip = paragraphs.find_map(|p| p.strip_prefix("tip: "));
+    match tip {
+        Some(tip) => format!("{first} ({tip}); run `kybernate --help` for usage"),
+        None => format!("{first}; run `kybernate --help` for usage"),
+    }
+}

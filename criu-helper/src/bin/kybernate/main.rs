@@ -1,0 +1,243 @@
+//! `kybernate`: the SRE's command line for Kybernate's checkpoints.
+//!
+//! This first slice works on the node's checkpoint store only (list, inspect,
+//! rm, prune, export, import); checkpoint, restore and doctor go through
+//! containerd's API and come next. Exit codes: 0 ok, 1 the operation failed,
+//! 2 usage or bad input. Errors are one line on stderr:
+//! `kybernate: <what was wrong>; <what to do next>`.
+
+mod commands;
+mod error;
+mod output;
+mod store;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{ArgGroup, CommandFactory, Parser, Subcommand, ValueEnum};
+
+use crate::error::CliError;
+
+/// Long help examples, shown by `kybernate --help`.
+const EXAMPLES: &str = "\
+Examples:
+  kybernate list                                  every checkpoint on this node, newest first
+  kybernate -n k8s.io list --container web        one container's checkpoints
+  kybernate inspect k8s.io/web/20261123T212501.123Z
+  kybernate prune --keep 3 --dry-run              what keeping 3 per container would remove
+  kybernate export k8s.io/web/20261123T212501.123Z /tmp/web.tar
+  kybernate -o json list | jq '.[].id'";
+
+/// Manage Kybernate's checkpoints on this node.
+///
+/// Checkpoints live in the store named by `[checkpoint] root` in the Kybernate config
+/// (default /var/lib/kybernate/checkpoints) as <namespace>/<container>/<timestamp>/.
+/// A CHECKPOINT is its id from `kybernate list` (the path relative to the store) or a path to
+/// its directory; either way it must lie inside the store.
+#[derive(Debug, Parser)]
+#[command(name = "kybernate", version, verbatim_doc_comment, after_long_help = EXAMPLES)]
+struct Cli {
+    /// Kybernate config file [default: $KYBERNATE_CONFIG, else /etc/kybernate/config.toml].
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Output format: a table for people, JSON for scripts.
+    #[arg(short, long, global = true, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    /// Only checkpoints of this containerd namespace (list, prune); unset: every namespace.
+    #[arg(short, long, global = true, env = "CONTAINERD_NAMESPACE", value_name = "NS")]
+    namespace: Option<String>,
+    /// containerd's socket, for the containerd-facing commands (checkpoint, restore; not in this version).
+    #[arg(
+        long,
+        global = true,
+        env = "CONTAINERD_ADDRESS",
+        value_name = "SOCKET",
+        default_value = "/run/containerd/containerd.sock"
+    )]
+    // Read by the containerd-facing commands of the next slice; accepted now so scripts can pass it.
+    #[allow(dead_code)]
+    address: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// List every checkpoint in the store, newest first (broken ones too, with the reason).
+    #[command(after_long_help = "\
+Examples:
+  kybernate list
+  kybernate list --namespace k8s.io --container web
+  kybernate list -o json
+
+STATUS is \"ok\" when the manifest is readable and every file it lists is present with its
+recorded size; checksums are only checked by `kybernate inspect`.")]
+    List {
+        /// Only checkpoints of this container id.
+        #[arg(long, value_name = "ID")]
+        container: Option<String>,
+    },
+    /// Show one checkpoint's manifest and verify every file's checksum.
+    #[command(after_long_help = "\
+Examples:
+  kybernate inspect k8s.io/web/20261123T212501.123Z
+  kybernate inspect /var/lib/kybernate/checkpoints/k8s.io/web/20261123T212501.123Z -o json
+
+Exits 1 when verification fails (the checkpoint must not be restored); the details are still printed.")]
+    Inspect {
+        /// Checkpoint id (from `kybernate list`) or directory.
+        checkpoint: String,
+    },
+    /// Remove checkpoints, and their container and namespace directories once empty.
+    #[command(after_long_help = "\
+Examples:
+  kybernate rm k8s.io/web/20261123T212501.123Z
+  kybernate rm k8s.io/web/20261123T212501.123Z k8s.io/web/20261124T080000.000Z
+
+Every CHECKPOINT is checked before anything is removed: one unknown id removes nothing.")]
+    Rm {
+        /// Checkpoint ids (from `kybernate list`) or directories.
+        #[arg(required = true, value_name = "CHECKPOINT")]
+        checkpoints: Vec<String>,
+    },
+    /// Remove old checkpoints, per container: all but the newest N, or those older than a duration.
+    #[command(
+        group(ArgGroup::new("rule").required(true).args(["keep", "older_than"])),
+        after_long_help = "\
+Examples:
+  kybernate prune --keep 3 --dry-run           keep the 3 newest of every container, show what goes
+  kybernate prune --older-than 7d              remove checkpoints created more than 7 days ago
+  kybernate prune --older-than 12h --namespace k8s.io --container web
+
+Broken checkpoints count like any other, by the time in their manifest or else in their directory name."
+    )]
+    Prune {
+        /// Keep the newest N checkpoints of each container (N ≥ 1; use `kybernate rm` to remove all).
+        #[arg(long, value_name = "N", value_parser = parse_keep)]
+        keep: Option<usize>,
+        /// Remove checkpoints older than this (e.g. 7d, 12h, 30m).
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        older_than: Option<Duration>,
+        /// Only checkpoints of this container id.
+        #[arg(long, value_name = "ID")]
+        container: Option<String>,
+        /// Show what would be removed, remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Write one checkpoint to a tar archive (checkpointctl layout) for another node.
+    #[command(after_long_help = "\
+Examples:
+  kybernate export k8s.io/web/20261123T212501.123Z /tmp/web.tar
+
+The checkpoint is verified first. The archive is uncompressed and holds process memory: treat it
+like a secret. FILE must not exist and must lie outside the store.")]
+    Export {
+        /// Checkpoint id (from `kybernate list`) or directory.
+        checkpoint: String,
+        /// The archive to write.
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// Add a checkpoint archive (from `kybernate export`) to this node's store.
+    #[command(after_long_help = "\
+Examples:
+  kybernate import /tmp/web.tar
+
+Only plain files and directories are accepted, and the result must verify; otherwise nothing is
+left in the store. The checkpoint keeps the namespace and container of its manifest.")]
+    Import {
+        /// The archive to read.
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// Print a shell completion script.
+    #[command(after_long_help = "\
+Examples:
+  kybernate completions bash > /etc/bash_completion.d/kybernate
+  kybernate completions zsh > \"${fpath[1]}/_kybernate\"
+  kybernate completions fish > ~/.config/fish/completions/kybernate.fish")]
+    Completions {
+        /// The shell to write the script for.
+        shell: clap_complete::Shell,
+    },
+}
+
+/// `--keep N`: at least 1, so that a typo cannot empty the store.
+fn parse_keep(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1 (to remove every checkpoint, use `kybernate rm`)".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err("expected a whole number of checkpoints to keep, e.g. 3".into()),
+    }
+}
+
+/// humantime's durations ("7d", "12h", "1h 30m") for `--older-than`.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (expected e.g. 7d, 12h, 30m)"))
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version: print, exit 0
+        Err(e) => {
+            eprintln!("kybernate: {}", error::usage_line(&e));
+            return ExitCode::from(2);
+        }
+    };
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("kybernate: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode, CliError> {
+    if let Command::Completions { shell } = cli.command {
+        let mut out = Vec::new();
+        clap_complete::generate(shell, &mut Cli::command(), "kybernate", &mut out);
+        std::io::stdout().write_all(&out).map_err(CliError::Stdout)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let store = store::open(cli.config.as_deref())?;
+    let ns = cli.namespace.as_deref().filter(|s| !s.is_empty());
+    let out = cli.output;
+    match cli.command {
+        Command::List { container } => commands::list(&store, out, ns, container.as_deref()),
+        Command::Inspect { checkpoint } => commands::inspect(&store, out, &checkpoint),
+        Command::Rm { checkpoints } => commands::rm(&store, out, &checkpoints),
+        Command::Prune { keep, older_than, container, dry_run } => {
+            let rule = match (keep, older_than) {
+                (Some(n), _) => commands::Rule::Keep(n),
+                (None, Some(d)) => commands::Rule::OlderThan(d),
+                // clap's group makes exactly one of them required.
+                (None, None) => return Err(CliError::Usage("prune needs --keep or --older-than".into())),
+            };
+            commands::prune(&store, out, ns, container.as_deref(), rule, dry_run)
+        }
+        Command::Export { checkpoint, file } => commands::export(&store, out, &checkpoint, &file),
+        Command::Import { file } => commands::import(&store, out, &file),
+        Command::Completions { .. } => Ok(ExitCode::SUCCESS),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}

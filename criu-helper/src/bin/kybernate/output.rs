@@ -1,0 +1,108 @@
+//! Tables for people, JSON for scripts. Everything goes through `write`, so a closed pipe
+//! (`kybernate list | head`) ends quietly instead of panicking like `println!`.
+
+use std::io::{self, Write};
+
+use serde::Serialize;
+
+use crate::error::CliError;
+use crate::store::{Checkpoint, Status};
+
+pub fn write(text: &str) -> Result<(), CliError> {
+    let mut out = io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != io::ErrorKind::BrokenPipe => Err(CliError::Stdout(e)),
+        _ => Ok(()),
+    }
+}
+
+/// Pretty JSON and a newline.
+pub fn json<T: Serialize + ?Sized>(value: &T) -> Result<(), CliError> {
+    let mut text = serde_json::to_string_pretty(value)?;
+    text.push('\n');
+    write(&text)
+}
+
+/// "1.5 MiB": binary units, one decimal above bytes.
+pub fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
+pub fn yes_no(value: Option<bool>) -> &'static str {
+    match value {
+        Some(true) => "yes",
+        Some(false) => "no",
+        None => "-",
+    }
+}
+
+pub fn status(c: &Checkpoint) -> String {
+    match (c.status, &c.error) {
+        (Status::Ok, _) => "ok".into(),
+        (Status::Broken, Some(e)) => format!("broken: {e}"),
+        (Status::Broken, None) => "broken".into(),
+    }
+}
+
+/// The checkpoint table of `list`, `rm`, `prune` and `import`, columns padded to their widest cell.
+pub fn table(checkpoints: &[Checkpoint]) -> String {
+    let header = ["ID", "CONTAINER", "NAMESPACE", "CREATED", "SIZE", "GPU", "STATUS"].map(String::from);
+    let rows: Vec<[String; 7]> = std::iter::once(header)
+        .chain(checkpoints.iter().map(|c| {
+            [
+                c.id.clone(),
+                c.container.clone(),
+                c.namespace.clone(),
+                c.created.clone().unwrap_or_else(|| "-".into()),
+                human_size(c.size_bytes),
+                yes_no(c.gpu).into(),
+                // The ID column already says which checkpoint: drop its path from the reason.
+                status(c).replace(&format!("{}/", c.path.display()), ""),
+            ]
+        }))
+        .collect();
+    let mut widths = [0usize; 7];
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in &rows {
+        let mut line = String::new();
+        for (i, cell) in row.iter().enumerate() {
+            if i + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                line.push_str(&format!("{cell:<width$}   ", width = widths[i]));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_are_human() {
+        assert_eq!(human_size(0), "0 B");
+        assert_eq!(human_size(1023), "1023 B");
+        assert_eq!(human_size(1536), "1.5 KiB");
+        assert_eq!(human_size(5 * 1024 * 1024 * 1024), "5.0 GiB");
+        assert_eq!(human_size(u64::MAX), "16.0 EiB");
+    }
+}

@@ -1,0 +1,453 @@
+//! The `kybernate` CLI against a temporary store: output, exit codes and what it does to the store.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, SystemTime};
+
+use kybernate_criu::manifest::FORMAT_VERSION;
+use kybernate_criu::{read_manifest, verify, CheckpointFlags, Manifest, PartialCheckpoint, Store, ToolInfo};
+use serde_json::Value;
+
+/// A temporary node: a config naming `<tmp>/store` as the checkpoint root.
+struct Node {
+    tmp: tempfile::TempDir,
+    config: PathBuf,
+    store: Store,
+}
+
+impl Node {
+    fn new() -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("store");
+        let config = tmp.path().join("config.toml");
+        fs::write(&config, format!("[checkpoint]\nroot = {:?}\n", root.to_str().unwrap())).unwrap();
+        Self { tmp, config, store: Store::new(root) }
+    }
+
+    fn root(&self) -> PathBuf {
+        fs::canonicalize(self.store.root()).unwrap()
+    }
+
+    /// A committed checkpoint of `ns/container`, created `age` ago; returns its id.
+    fn checkpoint(&self, ns: &str, container: &str, age: Duration) -> String {
+        let at = SystemTime::now() - age;
+        let target = self.store.new_checkpoint_path(ns, container, at).unwrap();
+        let p = PartialCheckpoint::begin(&target).unwrap();
+        fs::write(p.images_dir().join("inventory.img"), b"inventory").unwrap();
+        fs::write(p.images_dir().join("pages-1.img"), vec![7u8; 50_000]).unwrap();
+        p.commit(manifest(ns, container, at)).unwrap();
+        target.strip_prefix(self.store.root()).unwrap().to_str().unwrap().to_string()
+    }
+
+    /// Runs `kybernate --config <config> ARGS` in `cwd` (default: the temp dir), without the
+    /// caller's containerd/kybernate environment.
+    fn run_in(&self, cwd: &Path, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_kybernate"))
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .current_dir(cwd)
+            .env_remove("CONTAINERD_NAMESPACE")
+            .env_remove("KYBERNATE_CONFIG")
+            .output()
+            .unwrap()
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.run_in(self.tmp.path(), args)
+    }
+
+    /// Runs with `-o json`, expects `code`, returns stdout as JSON.
+    fn json(&self, args: &[&str], code: i32) -> Value {
+        let out = self.run(&[&["-o", "json"], args].concat());
+        assert_eq!(out.status.code(), Some(code), "{}", show(&out));
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", show(&out)))
+    }
+}
+
+fn manifest(ns: &str, container: &str, at: SystemTime) -> Manifest {
+    Manifest {
+        format_version: FORMAT_VERSION,
+        namespace: ns.into(),
+        container_id: container.into(),
+        pod_namespace: Some("team-a".into()),
+        pod_name: Some(format!("{container}-0")),
+        container_name: Some("app".into()),
+        image: Some("docker.io/library/busybox:1".into()),
+        runtime: ToolInfo { path: "/usr/bin/runc".into(), version: "runc version 1.2.5".into() },
+        criu: ToolInfo { path: "/usr/sbin/criu".into(), version: "4.2".into() },
+        kernel: "6.1.0".into(),
+        host: "node-1".into(),
+        created: humantime::format_rfc3339_seconds(at).to_string(),
+        options: CheckpointFlags { open_tcp: true, ..Default::default() },
+        rootfs_diff: false,
+        duration_ms: 42,
+        files: BTreeMap::new(),
+        gpu: None,
+    }
+}
+
+fn show(out: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn ids(v: &Value) -> Vec<String> {
+    v.as_array().unwrap().iter().map(|c| c["id"].as_str().unwrap().to_string()).collect()
+}
+
+const HOUR: Duration = Duration::from_secs(3600);
+const DAY: Duration = Duration::from_secs(86_400);
+
+#[test]
+fn list_table_and_json_newest_first_with_filters() {
+    let node = Node::new();
+    let old = node.checkpoint("k8s.io", "web", 3 * DAY);
+    let new = node.checkpoint("k8s.io", "web", HOUR);
+    let mid = node.checkpoint("default", "db", DAY);
+
+    let out = node.run(&["list"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 4, "{text}");
+    for col in ["ID", "CONTAINER", "NAMESPACE", "CREATED", "SIZE", "GPU", "STATUS"] {
+        assert!(lines[0].contains(col), "{text}");
+    }
+    assert!(lines[1].starts_with(&new) && lines[2].starts_with(&mid) && lines[3].starts_with(&old), "{text}");
+    assert!(lines[1].contains("KiB") && lines[1].ends_with("ok"), "{text}");
+
+    let all = node.json(&["list"], 0);
+    assert_eq!(ids(&all), vec![new.clone(), mid.clone(), old.clone()]);
+    let first = &all[0];
+    for key in [
+        "id",
+        "path",
+        "namespace",
+        "container",
+        "created",
+        "size_bytes",
+        "gpu",
+        "pod_namespace",
+        "pod_name",
+        "image",
+        "runtime",
+        "criu_version",
+        "status",
+        "error",
+    ] {
+        assert!(first.get(key).is_some(), "missing {key}: {first}");
+    }
+    assert_eq!(first["namespace"], "k8s.io");
+    assert_eq!(first["container"], "web");
+    assert_eq!(first["gpu"], false);
+    assert_eq!(first["status"], "ok");
+    assert!(first["error"].is_null());
+    assert_eq!(first["criu_version"], "4.2");
+    assert_eq!(first["runtime"]["path"], "/usr/bin/runc");
+    assert_eq!(first["path"], node.root().join(&new).to_str().unwrap());
+    assert!(first["size_bytes"].as_u64().unwrap() > 50_000);
+    assert!(humantime::parse_rfc3339(first["created"].as_str().unwrap()).is_ok());
+
+    assert_eq!(ids(&node.json(&["list", "--namespace", "k8s.io"], 0)), vec![new.clone(), old.clone()]);
+    assert_eq!(ids(&node.json(&["-n", "default", "list"], 0)), vec![mid.clone()]);
+    assert_eq!(ids(&node.json(&["list", "--container", "db"], 0)), vec![mid]);
+    assert_eq!(ids(&node.json(&["list", "-n", "k8s.io", "--container", "db"], 0)), Vec::<String>::new());
+
+    // CONTAINERD_NAMESPACE is the default filter.
+    let out = Command::new(env!("CARGO_BIN_EXE_kybernate"))
+        .args(["-o", "json", "list", "--config"])
+        .arg(&node.config)
+        .env("CONTAINERD_NAMESPACE", "k8s.io")
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(ids(&v), vec![new, old]);
+}
+
+#[test]
+fn list_shows_broken_checkpoints_and_an_empty_store() {
+    let node = Node::new();
+    let out = node.run(&["list"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert!(stdout(&out).is_empty() && stderr(&out).contains("no checkpoints"), "{}", show(&out));
+    assert_eq!(node.json(&["list"], 0), Value::Array(vec![]));
+
+    let good = node.checkpoint("k8s.io", "web", HOUR);
+    let bad = node.checkpoint("k8s.io", "web", DAY);
+    fs::write(node.root().join(&bad).join("kybernate.json"), b"{not json").unwrap();
+    let v = node.json(&["list"], 0);
+    assert_eq!(ids(&v), vec![good, bad.clone()]);
+    assert_eq!(v[1]["status"], "broken");
+    assert!(v[1]["error"].as_str().unwrap().contains("kybernate.json"), "{v}");
+    assert!(v[1]["gpu"].is_null() && v[1]["criu_version"].is_null());
+    // Without a manifest the creation time comes from the directory name.
+    assert!(v[1]["created"].as_str().is_some(), "{v}");
+    let text = stdout(&node.run(&["list"]));
+    assert!(text.lines().any(|l| l.starts_with(&bad) && l.contains("broken: ")), "{text}");
+}
+
+#[test]
+fn inspect_shows_manifest_and_verification() {
+    let node = Node::new();
+    let id = node.checkpoint("k8s.io", "web", HOUR);
+    let v = node.json(&["inspect", &id], 0);
+    assert_eq!(v["id"], id.as_str());
+    assert_eq!(v["verification"]["ok"], true);
+    assert!(v["verification"]["error"].is_null());
+    assert_eq!(v["manifest"]["container_id"], "web");
+    assert_eq!(v["manifest"]["options"]["open_tcp"], true);
+    assert!(v["manifest"]["files"]["checkpoint/pages-1.img"]["sha256"].is_string());
+
+    let out = node.run(&["inspect", &id]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    // Padding aside: `verification:   ok` reads as `verification: ok`.
+    let text = stdout(&out).split_whitespace().collect::<Vec<_>>().join(" ");
+    for want in
+        ["criu:", "4.2", "runc version 1.2.5", "kernel:", "6.1.0", "host:", "node-1", "open_tcp", "verification: ok"]
+    {
+        assert!(text.contains(want), "{want} missing:\n{text}");
+    }
+
+    // By absolute path and by a path relative to the working directory.
+    let dir = node.root().join(&id);
+    assert_eq!(node.json(&["inspect", dir.to_str().unwrap()], 0)["id"], id.as_str());
+    let out = node.run_in(dir.parent().unwrap(), &["inspect", dir.file_name().unwrap().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+}
+
+#[test]
+fn inspect_of_a_tampered_checkpoint_fails_and_names_the_file() {
+    let node = Node::new();
+    let id = node.checkpoint("k8s.io", "web", HOUR);
+    let pages = node.root().join(&id).join("checkpoint/pages-1.img");
+    fs::write(&pages, vec![8u8; 50_000]).unwrap();
+
+    let v = node.json(&["inspect", &id], 1);
+    assert_eq!(v["verification"]["ok"], false);
+    let error = v["verification"]["error"].as_str().unwrap();
+    assert!(error.contains("pages-1.img") && error.contains("checksum"), "{error}");
+    assert_eq!(v["status"], "broken");
+
+    let out = node.run(&["inspect", &id]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    assert!(
+        stdout(&out).split_whitespace().collect::<Vec<_>>().join(" ").contains("verification: FAILED"),
+        "{}",
+        show(&out)
+    );
+    let err = stderr(&out);
+    assert!(
+        err.starts_with("kybernate: ") && err.contains("pages-1.img") && err.trim_end().lines().count() == 1,
+        "{err}"
+    );
+}
+
+#[test]
+fn rm_removes_checkpoints_and_empty_parents_but_keeps_the_root() {
+    let node = Node::new();
+    let a = node.checkpoint("k8s.io", "web", HOUR);
+    let b = node.checkpoint("k8s.io", "web", DAY);
+    let c = node.checkpoint("k8s.io", "db", DAY);
+    let root = node.root();
+
+    let v = node.json(&["rm", &a], 0);
+    assert_eq!(ids(&v), vec![a.clone()]);
+    assert!(!root.join(&a).exists());
+    assert!(root.join("k8s.io/web").is_dir(), "container dir still holds {b}");
+
+    let out = node.run(&["rm", &b, root.join(&c).to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert!(stdout(&out).contains("removed 2 checkpoints"), "{}", show(&out));
+    assert!(!root.join("k8s.io").exists(), "empty container and namespace dirs are removed");
+    assert!(root.is_dir(), "the store root stays");
+    assert_eq!(fs::read_dir(&root).unwrap().count(), 0);
+}
+
+#[test]
+fn rm_of_unknown_or_outside_references_is_refused_and_removes_nothing() {
+    let node = Node::new();
+    let id = node.checkpoint("k8s.io", "web", HOUR);
+
+    let out = node.run(&["rm", &id, "k8s.io/web/nope"]);
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    let err = stderr(&out);
+    assert!(err.starts_with("kybernate: checkpoint \"k8s.io/web/nope\" not found"), "{err}");
+    assert!(err.contains("kybernate list"), "{err}");
+    assert!(node.root().join(&id).is_dir(), "nothing removed");
+
+    let outside = node.tmp.path().join("elsewhere");
+    fs::create_dir(&outside).unwrap();
+    for reference in [outside.to_str().unwrap(), "./config.toml", "k8s.io/../../elsewhere"] {
+        let out = node.run(&["rm", reference]);
+        assert_eq!(out.status.code(), Some(2), "{reference}: {}", show(&out));
+        assert!(stderr(&out).contains("not inside the checkpoint store"), "{reference}: {}", show(&out));
+    }
+    // Inside the store but not a checkpoint: the namespace dir, the root itself.
+    for reference in ["k8s.io", "k8s.io/web"] {
+        let out = node.run(&["rm", reference]);
+        assert_eq!(out.status.code(), Some(2), "{reference}: {}", show(&out));
+        assert!(stderr(&out).contains("is not a checkpoint"), "{reference}: {}", show(&out));
+    }
+    let out = node.run(&["inspect", node.root().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    assert!(node.root().join(&id).is_dir() && outside.is_dir());
+}
+
+#[test]
+fn prune_keeps_the_newest_per_container() {
+    let node = Node::new();
+    let web_new = node.checkpoint("k8s.io", "web", HOUR);
+    let web_mid = node.checkpoint("k8s.io", "web", DAY);
+    let web_old = node.checkpoint("k8s.io", "web", 3 * DAY);
+    let db = node.checkpoint("k8s.io", "db", 10 * DAY);
+
+    let v = node.json(&["prune", "--keep", "1", "--dry-run"], 0);
+    assert_eq!(ids(&v), vec![web_mid.clone(), web_old.clone()]);
+    assert_eq!(ids(&node.json(&["list"], 0)).len(), 4, "dry run removes nothing");
+
+    let v = node.json(&["prune", "--keep", "1"], 0);
+    assert_eq!(ids(&v), vec![web_mid, web_old]);
+    assert_eq!(ids(&node.json(&["list"], 0)), vec![web_new, db]);
+}
+
+#[test]
+fn prune_older_than_with_dry_run_and_filters() {
+    let node = Node::new();
+    let recent = node.checkpoint("k8s.io", "web", HOUR);
+    let old = node.checkpoint("k8s.io", "web", 3 * DAY);
+    let other = node.checkpoint("default", "db", 3 * DAY);
+
+    let out = node.run(&["prune", "--older-than", "2d", "--dry-run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert!(stdout(&out).contains("would remove 2 checkpoints"), "{}", show(&out));
+    assert_eq!(ids(&node.json(&["list"], 0)).len(), 3);
+
+    let v = node.json(&["prune", "--older-than", "2d", "--namespace", "k8s.io"], 0);
+    assert_eq!(ids(&v), vec![old]);
+    assert_eq!(ids(&node.json(&["list"], 0)), vec![recent.clone(), other]);
+    assert_eq!(node.json(&["prune", "--older-than", "12h", "--container", "web"], 0), Value::Array(vec![]));
+    assert_eq!(ids(&node.json(&["prune", "--older-than", "30m", "--container", "web"], 0)), vec![recent]);
+}
+
+#[test]
+fn export_rm_import_round_trip() {
+    let node = Node::new();
+    let id = node.checkpoint("k8s.io", "web", HOUR);
+    let before = read_manifest(&node.root().join(&id)).unwrap();
+    let archive = node.tmp.path().join("web.tar");
+
+    let v = node.json(&["export", &id, archive.to_str().unwrap()], 0);
+    assert_eq!(v["id"], id.as_str());
+    assert_eq!(v["archive"]["path"], fs::canonicalize(&archive).unwrap().to_str().unwrap());
+    assert_eq!(v["archive"]["size_bytes"], fs::metadata(&archive).unwrap().len());
+
+    // Never over an existing file, never into the store.
+    let out = node.run(&["export", &id, archive.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    assert!(stderr(&out).contains("already exists"), "{}", show(&out));
+    let inside = node.root().join(&id).join("x.tar");
+    let out = node.run(&["export", &id, inside.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    assert!(!inside.exists());
+
+    node.json(&["rm", &id], 0);
+    assert_eq!(node.json(&["list"], 0), Value::Array(vec![]));
+
+    let v = node.json(&["import", archive.to_str().unwrap()], 0);
+    let new_id = v["id"].as_str().unwrap();
+    assert_eq!(v["namespace"], "k8s.io");
+    assert_eq!(v["container"], "web");
+    let dir = node.root().join(new_id);
+    assert_eq!(verify(&dir).unwrap(), before);
+    assert_eq!(node.json(&["inspect", new_id], 0)["verification"]["ok"], true);
+}
+
+#[test]
+fn import_of_a_tampered_archive_fails_and_leaves_nothing() {
+    let node = Node::new();
+    let id = node.checkpoint("k8s.io", "web", HOUR);
+    let archive = node.tmp.path().join("web.tar");
+    node.json(&["export", &id, archive.to_str().unwrap()], 0);
+    node.json(&["rm", &id], 0);
+
+    // Flip bytes of the page image inside the tar (its content is 7s; write 9s over some).
+    let mut bytes = fs::read(&archive).unwrap();
+    let at = bytes.windows(64).position(|w| w.iter().all(|&b| b == 7)).unwrap();
+    bytes[at..at + 64].fill(9);
+    fs::write(&archive, &bytes).unwrap();
+
+    let out = node.run(&["import", archive.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    let err = stderr(&out);
+    assert!(err.starts_with("kybernate: ") && err.contains("pages-1.img"), "{err}");
+    let left: Vec<_> = fs::read_dir(node.root()).unwrap().collect();
+    assert!(left.is_empty(), "store must be empty, has {left:?}");
+
+    let out = node.run(&["import", node.tmp.path().join("missing.tar").to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+}
+
+#[test]
+fn bad_flags_and_config_are_usage_errors() {
+    let node = Node::new();
+    for args in [
+        &["list", "--bogus"][..],
+        &["prune"],
+        &["prune", "--keep", "1", "--older-than", "1d"],
+        &["prune", "--keep", "0"],
+        &["prune", "--keep", "many"],
+        &["prune", "--older-than", "soon"],
+        &["-o", "yaml", "list"],
+        &["rm"],
+        &["frobnicate"],
+    ] {
+        let out = node.run(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", show(&out));
+        let err = stderr(&out);
+        assert!(err.starts_with("kybernate: ") && err.trim_end().lines().count() == 1, "{args:?}: {err}");
+    }
+
+    let missing = node.tmp.path().join("nope.toml");
+    let out = Command::new(env!("CARGO_BIN_EXE_kybernate")).arg("--config").arg(&missing).arg("list").output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    assert!(stderr(&out).contains("nope.toml"), "{}", show(&out));
+    fs::write(&node.config, "[checkpoint]\nrot = \"/x\"\n").unwrap();
+    let out = node.run(&["list"]);
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    assert!(stderr(&out).contains("rot"), "{}", show(&out));
+}
+
+#[test]
+fn help_and_completions() {
+    let node = Node::new();
+    let out = node.run(&["--help"]);
+    assert_eq!(out.status.code(), Some(0));
+    let help = stdout(&out);
+    for cmd in ["list", "inspect", "rm", "prune", "export", "import", "completions", "--address", "Examples:"] {
+        assert!(help.contains(cmd), "{cmd} missing from help:\n{help}");
+    }
+    let out = node.run(&["prune", "--help"]);
+    assert!(stdout(&out).contains("--older-than"), "{}", show(&out));
+
+    let out = node.run(&["completions", "bash"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert!(stdout(&out).contains("kybernate"), "{}", show(&out));
+    // Completions need no config: they are generated before it is read.
+    let out = Command::new(env!("CARGO_BIN_EXE_kybernate")).args(["completions", "zsh"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+}
