@@ -98,6 +98,14 @@ pub enum CheckpointError {
     },
     #[error("restore {id}: {message}")]
     Restore { id: String, message: String },
+    /// The checkpoint is complete, but the container asked to exit could not be stopped.
+    #[error("checkpoint {id}: complete at {}, but the container could not be stopped: {source}", target.display())]
+    Stop {
+        id: String,
+        target: PathBuf,
+        #[source]
+        source: Box<RuntimeError>,
+    },
 }
 
 impl CheckpointError {
@@ -187,8 +195,13 @@ impl Checkpointer<'_> {
     /// Checkpoints `c` (init pid `pid`) into `target`; returns the manifest written.
     ///
     /// Order: preflight (CRIU, space) → dump into a hidden partial dir → rootfs changes, dumps,
-    /// manifest → rename into place. On failure the partial dir is removed and the container is
-    /// left running: CRIU resumes what it froze, and a cgroup left frozen by a killed CRIU is thawed.
+    /// manifest → rename into place → with `exit`, stop the container. On failure the partial dir
+    /// is removed and the container is left running: CRIU resumes what it froze, and a cgroup left
+    /// frozen by a killed CRIU is thawed.
+    ///
+    /// `exit` is not handed to CRIU (which would kill the container right after the dump): the
+    /// container is frozen for the dump instead, and killed only once its checkpoint is safely on
+    /// disk, so that a failure after the dump (a full disk, say) cannot lose the process.
     pub fn checkpoint(
         &self,
         c: &Container,
@@ -198,32 +211,81 @@ impl Checkpointer<'_> {
         was_paused: bool,
     ) -> Result<Manifest> {
         let id = c.id.as_str();
+        let (criu_path, criu_version) = self.criu(c, "checkpoint")?;
+        let runtime = c.runtime.with_criu(criu_path.clone());
+        let freeze = req.flags.exit && !was_paused;
+        if freeze {
+            runtime.pause(id, &c.bundle).map_err(|source| CheckpointError::Criu {
+                what: "checkpoint",
+                id: id.into(),
+                source,
+            })?;
+        }
+        let result = self.checkpoint_frozen(c, pid, req, target, was_paused, &runtime, criu_path, criu_version);
+        match (&result, req.flags.exit) {
+            (Ok(_), true) => {
+                // Killed while frozen; `kill --all` thaws the cgroup itself on cgroup v1, else
+                // we do, so that the kill is delivered.
+                runtime.kill(id, &c.bundle, libc::SIGKILL as u32, true).map_err(|e| CheckpointError::Stop {
+                    id: id.into(),
+                    target: target.into(),
+                    source: Box::new(e),
+                })?;
+                self.recover(&runtime, c, false);
+            }
+            (Err(_), _) if freeze => {
+                // Ours to thaw (the dump's own failure path may have done it already).
+                self.recover(&runtime, c, false);
+            }
+            _ => {}
+        }
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn checkpoint_frozen(
+        &self,
+        c: &Container,
+        pid: u32,
+        req: &CheckpointRequest,
+        target: &Path,
+        was_paused: bool,
+        runtime: &OciRuntime,
+        criu_path: PathBuf,
+        criu_version: criu::CriuVersion,
+    ) -> Result<Manifest> {
+        let id = c.id.as_str();
         let started = Instant::now();
         let preflight = |source| CheckpointError::Preflight { what: "checkpoint", id: id.to_string(), source };
-        let (criu_path, criu_version) = self.criu(c, "checkpoint")?;
         let partial = PartialCheckpoint::begin(target).map_err(|source| CheckpointError::Store {
             what: "checkpoint",
             id: id.to_string(),
             source,
         })?;
-        let needed = criu::memory_estimate(pid, Path::new("/proc"), Path::new("/sys/fs/cgroup"))
+        let memory = criu::memory_estimate(pid, Path::new("/proc"), Path::new("/sys/fs/cgroup"))
             .map_err(preflight)?
             .unwrap_or(0);
+        // rootfs-diff.tar holds the container's file changes too.
+        let changes = c.rootfs_upper.as_deref().map(criu::dir_size).unwrap_or(0);
+        let needed = memory.saturating_add(changes);
         criu::check_space(partial.dir(), needed).map_err(preflight)?;
 
         let work = work_dir(c, req.work_path.as_deref())?;
-        let runtime = c.runtime.with_criu(criu_path.clone());
-        let args = req.flags.checkpoint_args(&partial.images_dir(), &work);
+        // CRIU always leaves the container alive (see `checkpoint`); it stays frozen if it was.
+        let dump_flags = CheckpointFlags { exit: false, ..req.flags.clone() };
+        let args = dump_flags.checkpoint_args(&partial.images_dir(), &work);
         // The flags after --image-path I --work-path W, for the log.
         let flags: Vec<String> = args.iter().skip(4).map(|a| a.to_string_lossy().into_owned()).collect();
         info!(
-            "container {id}: checkpoint into {} (CRIU {criu_version}, flags [{}], about {} of memory)",
+            "container {id}: checkpoint into {} (CRIU {criu_version}, flags [{}]{}, about {} of memory and {} of file changes)",
             target.display(),
             flags.join(" "),
-            mib(needed)
+            if req.flags.exit { ", then exit" } else { "" },
+            mib(memory),
+            mib(changes)
         );
         if let Err(e) = runtime.checkpoint(id, &c.bundle, args) {
-            let outcome = self.recover(&runtime, c, was_paused);
+            let outcome = self.recover(runtime, c, was_paused);
             return Err(runtime_failure("checkpoint", id, e, &work.join("dump.log"), outcome));
         }
 
@@ -322,7 +384,8 @@ impl Checkpointer<'_> {
     }
 
     /// After a failed dump: CRIU thaws what it froze, but a CRIU that was killed leaves the
-    /// freezer cgroup frozen. Resume the container then, unless the client had paused it.
+    /// freezer cgroup frozen, and for `exit` we froze it ourselves. Resume the container then,
+    /// unless the client had paused it.
     fn recover(&self, runtime: &OciRuntime, c: &Container, was_paused: bool) -> String {
         match runtime.state(&c.id, &c.bundle) {
             Ok(st) if matches!(st.status, ContainerStatus::Paused | ContainerStatus::Pausing) && !was_paused => {

@@ -579,6 +579,51 @@ fn a_grouped_container_answers_while_its_neighbour_checkpoints() {
     remove(tb, &a);
 }
 
+#[test]
+fn exit_stops_the_container_only_once_its_checkpoint_is_safe() {
+    let wrappers = kybernate_testbed::scratch_dir().unwrap();
+    // A slow CRIU (2 s before the dump), so the test can get in the way of the commit.
+    let wrapper = wrappers.path().join("criu");
+    std::fs::write(
+        &wrapper,
+        format!("#!/bin/sh\n[ \"$1\" = swrk ] && sleep 2\nexec {} \"$@\"\n", kybernate_testbed::CRIU),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bed = bed_with(|b| b.path_prepend(wrappers.path()), "");
+    let tb = &bed.tb;
+    let id = unique_name("safe");
+    run_counter(tb, &id, &[]);
+    wait_counter(tb, &id, 3);
+    let target = store_path(&bed, &id);
+    let (dir, cid, image_path) = (bundle_dir(tb, &id), id.clone(), target.display().to_string());
+    let dumping = std::thread::spawn(move || {
+        let address = std::fs::read_to_string(dir.join("address")).unwrap();
+        let shim = TaskClient::new(Client::connect(address.trim()).unwrap());
+        let o = CheckpointOptions { exit: true, image_path, ..Default::default() };
+        let req = CheckpointTaskRequest { id: cid, options: Some(options(o)).into(), ..Default::default() };
+        shim.checkpoint(context::with_duration(CHECKPOINT_TIMEOUT), &req).map(drop)
+    });
+    // While CRIU is slow to start, something else takes the target: the dump succeeds, the
+    // commit cannot, and the container asked to exit must not have been killed.
+    std::thread::sleep(Duration::from_millis(500));
+    std::fs::create_dir_all(&target).unwrap();
+    std::fs::write(target.join("someone-elses"), b"x").unwrap();
+    let (_, message) = error_of(dumping.join().unwrap());
+    assert!(message.contains("already exists"), "{message}");
+    assert_eq!(entries(&target), vec!["someone-elses".to_string()]);
+    assert_eq!(entries(target.parent().unwrap()), vec![target.file_name().unwrap().to_string_lossy().into_owned()]);
+    assert_running(tb, &id, "after a checkpoint with exit whose commit failed");
+
+    // Without interference the same request checkpoints and then stops the container.
+    let (_, _) = store_checkpoint(&bed, &id, true);
+    wait_for("the checkpointed container to stop", || {
+        (task_status(tb, &id).as_deref() == Some("STOPPED")).then_some(())
+    });
+    tb.ctr_ok(&["tasks", "delete", &id]);
+    tb.ctr_ok(&["containers", "delete", &id]);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Bad input: each a clear error, and nothing left behind
 
