@@ -199,9 +199,12 @@ impl Checkpointer<'_> {
     /// is removed and the container is left running: CRIU resumes what it froze, and a cgroup left
     /// frozen by a killed CRIU is thawed.
     ///
-    /// `exit` is not handed to CRIU (which would kill the container right after the dump): the
-    /// container is frozen for the dump instead, and killed only once its checkpoint is safely on
-    /// disk, so that a failure after the dump (a full disk, say) cannot lose the process.
+    /// The container is frozen (`runtime pause`) before the dump and CRIU leaves it so: memory
+    /// and the rootfs changes are then one moment's state, and a container that keeps writing
+    /// files cannot race the rootfs diff. Without `exit` it is thawed right after the diff. `exit`
+    /// is not handed to CRIU (which would kill the container right after the dump): the container
+    /// stays frozen and is killed only once its checkpoint is safely on disk, so that a failure
+    /// after the dump (a full disk, say) cannot lose the process.
     pub fn checkpoint(
         &self,
         c: &Container,
@@ -213,7 +216,10 @@ impl Checkpointer<'_> {
         let id = c.id.as_str();
         let (criu_path, criu_version) = self.criu(c, "checkpoint")?;
         let runtime = c.runtime.with_criu(criu_path.clone());
-        let freeze = req.flags.exit && !was_paused;
+        // Frozen (unless the client paused it already) from before the dump until the rootfs
+        // changes are written, so that memory and files are one moment's state; with `exit`,
+        // until the checkpoint is committed.
+        let freeze = !was_paused;
         if freeze {
             runtime.pause(id, &c.bundle).map_err(|source| CheckpointError::Criu {
                 what: "checkpoint",
@@ -221,7 +227,9 @@ impl Checkpointer<'_> {
                 source,
             })?;
         }
-        let result = self.checkpoint_frozen(c, pid, req, target, was_paused, &runtime, criu_path, criu_version);
+        let thaw_after_dump = freeze && !req.flags.exit;
+        let result =
+            self.checkpoint_frozen(c, pid, req, target, was_paused, thaw_after_dump, &runtime, criu_path, criu_version);
         match (&result, req.flags.exit) {
             (Ok(_), true) => {
                 // Killed while frozen; `kill --all` thaws the cgroup itself on cgroup v1, else
@@ -250,6 +258,7 @@ impl Checkpointer<'_> {
         req: &CheckpointRequest,
         target: &Path,
         was_paused: bool,
+        thaw_after_dump: bool,
         runtime: &OciRuntime,
         criu_path: PathBuf,
         criu_version: criu::CriuVersion,
@@ -310,6 +319,10 @@ impl Checkpointer<'_> {
                 .map_err(|source| CheckpointError::RootfsDiff { id: id.into(), source })?,
             _ => false,
         };
+        if thaw_after_dump {
+            // Memory and files are captured: the rest (hashing, syncing) runs with the container live.
+            self.recover(runtime, c, false);
+        }
         let annotation = |keys: &[&str]| keys.iter().find_map(|k| spec_annotation(spec.as_ref(), k));
         let created = criu::now_rfc3339();
         let image = annotation(&[IMAGE_NAME_ANNOTATION]);
@@ -400,6 +413,22 @@ impl Checkpointer<'_> {
     }
 }
 
+/// File left in containerd's checkpoint dir when the checkpoint went to `image_path` instead.
+pub const POINTER_FILE: &str = "kybernate-pointer.json";
+
+/// containerd 1.6/1.7 commit their own checkpoint dir to the content store even when the
+/// checkpoint went to `image_path`. Left empty, that is the same blob every time, and every
+/// checkpoint after the first fails in containerd with "content sha256:…: already exists". A
+/// small pointer to where the checkpoint really is makes each blob unique and tells whoever
+/// finds it in the content store where to look. Best effort: the checkpoint itself is done.
+pub fn write_pointer(containerd_dir: &Path, target: &Path, id: &str) {
+    let body = serde_json::json!({ "checkpoint": target, "container_id": id, "created": criu::now_rfc3339() });
+    let path = containerd_dir.join(POINTER_FILE);
+    if let Err(e) = std::fs::write(&path, body.to_string()) {
+        warn!("container {id}: cannot write {}: {e}", path.display());
+    }
+}
+
 /// CRIU's work dir (its logs stay there): the request's `work_path`, else the runc option
 /// `CriuWorkPath`, else `<bundle>/work` as in containerd's runc shim. Created if missing.
 pub fn work_dir(c: &Container, requested: Option<&Path>) -> Result<PathBuf> {
@@ -484,6 +513,16 @@ impl RestorePlan {
     pub fn from_containerd(id: &str, dir: &Path) -> Result<Self> {
         if dir.join(criu::MANIFEST_FILE).exists() || dir.join(criu::IMAGES_DIR).exists() {
             return Self::verified(id, dir);
+        }
+        if let Ok(text) = std::fs::read_to_string(dir.join(POINTER_FILE)) {
+            return Err(CheckpointError::Restore {
+                id: id.into(),
+                message: format!(
+                    "{}: this checkpoint image only points to a checkpoint in a node's store ({}); restore that one with the annotation {RESTORE_ANNOTATION}",
+                    dir.display(),
+                    text.trim()
+                ),
+            });
         }
         if dir.join("inventory.img").is_file() {
             warn!(
@@ -670,6 +709,24 @@ mod tests {
             serde_json::json!({"ociVersion": "1.0.2", "process": {"cwd": "/", "user": {"uid": 0, "gid": 0}, "args": ["sh"], "env": ["RESTORE_FROM="]}}),
         );
         assert_eq!(restore_reference(&s), None);
+    }
+
+    #[test]
+    fn containerd_dirs_without_a_checkpoint_are_explained() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = RestorePlan::from_containerd("c", dir.path()).unwrap_err();
+        assert!(e.to_string().contains("not a checkpoint"), "{e}");
+        write_pointer(dir.path(), Path::new("/var/lib/kybernate/checkpoints/ns/c/1"), "c");
+        let e = RestorePlan::from_containerd("c", dir.path()).unwrap_err();
+        assert!(
+            e.to_string().contains("/var/lib/kybernate/checkpoints/ns/c/1")
+                && e.to_string().contains(RESTORE_ANNOTATION),
+            "{e}"
+        );
+        std::fs::remove_file(dir.path().join(POINTER_FILE)).unwrap();
+        std::fs::write(dir.path().join("inventory.img"), b"x").unwrap();
+        let plan = RestorePlan::from_containerd("c", dir.path()).unwrap();
+        assert!(plan.manifest.is_none() && plan.images == dir.path());
     }
 
     #[test]

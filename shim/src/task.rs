@@ -454,6 +454,9 @@ impl Inner {
         let _running = c.begin_checkpoint().ok_or_else(|| CheckpointError::Busy { id: req.id.clone() })?;
         let checkpointer = Checkpointer { spawner: self.spawner.as_ref(), namespace: &self.namespace };
         checkpointer.checkpoint(&c, st.pid, &request, &target, st.status == ProcessStatus::Paused)?;
+        if request.image_path.is_some() && !req.path.is_empty() {
+            checkpoint::write_pointer(Path::new(&req.path), &target, &c.id);
+        }
         self.events.send(TaskCheckpointed {
             container_id: c.id.clone(),
             checkpoint: target.display().to_string(),

@@ -44,6 +44,12 @@ pub enum CliError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot reach containerd at {}: {reason}; is containerd running? (--address)", address.display())]
+    Unreachable { address: PathBuf, reason: String },
+    #[error("checkpoint of container {id:?} failed: {message}; see containerd's log for the shim's details")]
+    CheckpointFailed { id: String, message: String },
+    #[error("{0}")]
+    Failed(String),
     #[error("cannot encode JSON output: {0}; please report this as a bug")]
     Json(#[from] serde_json::Error),
     #[error("cannot write to stdout: {0}; check where the output goes")]
@@ -64,6 +70,9 @@ impl CliError {
             | Self::Export(_)
             | Self::Import(_)
             | Self::Remove { .. }
+            | Self::Unreachable { .. }
+            | Self::CheckpointFailed { .. }
+            | Self::Failed(_)
             | Self::Json(_)
             | Self::Stdout(_) => FAILED,
         }

@@ -1,11 +1,12 @@
 //! `kybernate`: the SRE's command line for Kybernate's checkpoints.
 //!
-//! This first slice works on the node's checkpoint store only (list, inspect,
-//! rm, prune, export, import); checkpoint, restore and doctor go through
-//! containerd's API and come next. Exit codes: 0 ok, 1 the operation failed,
+//! Most commands work on the node's checkpoint store only (list, inspect, rm,
+//! prune, export, import); checkpoint goes through containerd's API, and restore
+//! and doctor come next. Exit codes: 0 ok, 1 the operation failed,
 //! 2 usage or bad input. Errors are one line on stderr:
 //! `kybernate: <what was wrong>; <what to do next>`.
 
+mod checkpoint;
 mod commands;
 mod error;
 mod output;
@@ -23,6 +24,7 @@ use crate::error::CliError;
 /// Long help examples, shown by `kybernate --help`.
 const EXAMPLES: &str = "\
 Examples:
+  kybernate checkpoint web                        checkpoint a running container, leave it running
   kybernate list                                  every checkpoint on this node, newest first
   kybernate -n k8s.io list --container web        one container's checkpoints
   kybernate inspect k8s.io/web/20261123T212501.123Z
@@ -45,10 +47,11 @@ struct Cli {
     /// Output format: a table for people, JSON for scripts.
     #[arg(short, long, global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
-    /// Only checkpoints of this containerd namespace (list, prune); unset: every namespace.
+    /// containerd namespace: only its checkpoints (list, prune; unset: every namespace), or the
+    /// container's namespace (checkpoint; unset: k8s.io if containerd has it, else default).
     #[arg(short, long, global = true, env = "CONTAINERD_NAMESPACE", value_name = "NS")]
     namespace: Option<String>,
-    /// containerd's socket, for the containerd-facing commands (checkpoint, restore; not in this version).
+    /// containerd's socket, for the containerd-facing commands (checkpoint).
     #[arg(
         long,
         global = true,
@@ -56,8 +59,6 @@ struct Cli {
         value_name = "SOCKET",
         default_value = "/run/containerd/containerd.sock"
     )]
-    // Read by the containerd-facing commands of the next slice; accepted now so scripts can pass it.
-    #[allow(dead_code)]
     address: PathBuf,
     #[command(subcommand)]
     command: Command,
@@ -71,6 +72,35 @@ pub enum Output {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Checkpoint a running container of Kybernate's runtime into the store, through containerd.
+    #[command(
+        group(ArgGroup::new("after").args(["leave_running", "exit"])),
+        after_long_help = "\
+Examples:
+  kybernate checkpoint web                          leave it running (the default)
+  kybernate -n k8s.io checkpoint web --exit         stop it after the checkpoint
+  kybernate checkpoint web --name before-upgrade    <ns>/web/before-upgrade instead of a timestamp
+  kybernate checkpoint web -o json
+
+The container must run under io.containerd.kybernate.v1 and its task must be running. The checkpoint
+lands in <root>/<namespace>/<container>/<timestamp or NAME>/; a NAME that exists is refused."
+    )]
+    Checkpoint {
+        /// containerd container id (for Kubernetes: the container's id from `crictl ps`).
+        container: String,
+        /// Leave the container running after the checkpoint (the default).
+        #[arg(long)]
+        leave_running: bool,
+        /// Stop the container after the checkpoint.
+        #[arg(long)]
+        exit: bool,
+        /// Checkpoint established TCP connections (CRIU's --tcp-established).
+        #[arg(long)]
+        tcp: bool,
+        /// The checkpoint's directory name instead of the timestamp.
+        #[arg(long, value_name = "NAME")]
+        name: Option<String>,
+    },
     /// List every checkpoint in the store, newest first (broken ones too, with the reason).
     #[command(after_long_help = "\
 Examples:
@@ -214,6 +244,10 @@ fn run(cli: Cli) -> Result<ExitCode, CliError> {
     let ns = cli.namespace.as_deref().filter(|s| !s.is_empty());
     let out = cli.output;
     match cli.command {
+        Command::Checkpoint { container, leave_running: _, exit, tcp, name } => {
+            let args = checkpoint::Args { container, exit, tcp, name };
+            checkpoint::checkpoint(&store, out, &cli.address, ns, &args)
+        }
         Command::List { container } => commands::list(&store, out, ns, container.as_deref()),
         Command::Inspect { checkpoint } => commands::inspect(&store, out, &checkpoint),
         Command::Rm { checkpoints } => commands::rm(&store, out, &checkpoints),
