@@ -57,7 +57,10 @@ struct CheckpointOptions {
 /// What `kybernate checkpoint` was asked to do.
 #[derive(Debug)]
 pub struct Args {
+    /// The containerd container id; empty when `pod` names the container.
     pub container: String,
+    /// `--pod/--pod-namespace/--container`: the container found by its CRI labels instead.
+    pub pod: Option<crate::pods::PodContainer>,
     /// Stop the container after the checkpoint (default: leave it running).
     pub exit: bool,
     pub tcp: bool,
@@ -90,7 +93,9 @@ pub fn checkpoint(
         .enable_io()
         .build()
         .map_err(|e| CliError::Failed(format!("cannot start the async runtime: {e}; please report this as a bug")))?;
-    let (target, duration) = runtime.block_on(run(store, address, namespace, req))?;
+    // Progress only for a person watching: stderr a terminal, and not JSON.
+    let progress = out == Output::Table && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let (target, duration) = runtime.block_on(run(store, address, namespace, req, progress))?;
     // The store root may have been created by the shim just now: canonicalise it to build the id.
     let root = fs::canonicalize(store.root()).unwrap_or_else(|_| store.root().to_path_buf());
     let target = fs::canonicalize(&target).unwrap_or(target);
@@ -113,7 +118,7 @@ fn summary(cp: &Checkpoint, req: &Args, duration: Duration) -> String {
         ("gpu mode", gpu_mode(cp)),
         ("container", if req.exit { "stopped".into() } else { "left running".into() }),
     ];
-    let mut text = format!("checkpointed {} into the store\n", req.container);
+    let mut text = format!("checkpointed {} into the store\n", cp.container);
     for (k, v) in lines {
         text.push_str(&format!("{:<11} {v}\n", format!("{k}:")));
     }
@@ -134,6 +139,7 @@ async fn run(
     address: &Path,
     namespace: Option<&str>,
     req: &Args,
+    progress: bool,
 ) -> Result<(PathBuf, Duration), CliError> {
     let unreachable = |e: String| CliError::Unreachable { address: address.to_path_buf(), reason: e };
     let channel = containerd_client::connect(address).await.map_err(|e| unreachable(chain(&e)))?;
@@ -141,7 +147,11 @@ async fn run(
         Some(ns) => ns.to_string(),
         None => default_namespace(channel.clone()).await.map_err(|e| grpc_error(address, "list namespaces", e))?,
     };
-    let id = req.container.as_str();
+    let resolved = match &req.pod {
+        Some(pod) => crate::pods::resolve(channel.clone(), address, &ns, pod).await?,
+        None => req.container.clone(),
+    };
+    let id = resolved.as_str();
     // Before the lookups: a name that is taken is refused whatever state the container is in.
     let target = target_path(store, &ns, id, req.name.as_deref())?;
 
@@ -200,7 +210,9 @@ async fn run(
         }),
     };
     let started = Instant::now();
+    let shown = progress.then(|| crate::progress::Progress::start(target.clone()));
     let result = tasks.checkpoint(with_namespace!(request, ns)).await;
+    drop(shown); // clears the progress line
     let duration = started.elapsed();
     match result {
         Ok(_) => Ok((target, duration)),
@@ -258,10 +270,8 @@ fn check_name(name: &str) -> Result<(), CliError> {
 
 /// containerd's namespace rule (letters, digits, and `.`, `_`, `-` between them), checked here so
 /// that a bad `--namespace` is a usage error rather than an invalid gRPC header.
-fn check_namespace(ns: &str) -> Result<(), CliError> {
-    let ok = !ns.is_empty()
-        && ns.split(['.', '_', '-']).all(|part| !part.is_empty() && part.bytes().all(|b| b.is_ascii_alphanumeric()));
-    if !ok {
+pub(crate) fn check_namespace(ns: &str) -> Result<(), CliError> {
+    if !crate::restore::valid_identifier(ns) {
         return Err(CliError::Usage(format!(
             "invalid containerd namespace {ns:?}: letters and digits, separated by '.', '_' or '-'; e.g. -n k8s.io"
         )));
@@ -270,7 +280,7 @@ fn check_namespace(ns: &str) -> Result<(), CliError> {
 }
 
 /// A gRPC error other than the ones a command expects (not found).
-fn grpc_error(address: &Path, what: &str, s: Status) -> CliError {
+pub(crate) fn grpc_error(address: &Path, what: &str, s: Status) -> CliError {
     match s.code() {
         Code::Unavailable => CliError::Unreachable { address: address.to_path_buf(), reason: s.message().into() },
         code => CliError::Failed(format!(
@@ -282,7 +292,7 @@ fn grpc_error(address: &Path, what: &str, s: Status) -> CliError {
 }
 
 /// An error and its sources, joined with ": " (tonic's transport error alone says only "transport error").
-fn chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

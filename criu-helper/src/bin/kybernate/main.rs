@@ -1,15 +1,19 @@
 //! `kybernate`: the SRE's command line for Kybernate's checkpoints.
 //!
-//! Most commands work on the node's checkpoint store only (list, inspect, rm,
-//! prune, export, import); checkpoint goes through containerd's API, and restore
-//! and doctor come next. Exit codes: 0 ok, 1 the operation failed,
+//! The store commands work on the node's checkpoint store only (list, inspect,
+//! rm, prune, export, import); checkpoint, restore and doctor go through
+//! containerd's API. Exit codes: 0 ok, 1 the operation failed,
 //! 2 usage or bad input. Errors are one line on stderr:
 //! `kybernate: <what was wrong>; <what to do next>`.
 
 mod checkpoint;
 mod commands;
+mod doctor;
 mod error;
 mod output;
+mod pods;
+mod progress;
+mod restore;
 mod store;
 
 use std::io::Write;
@@ -48,7 +52,8 @@ struct Cli {
     #[arg(short, long, global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
     /// containerd namespace: only its checkpoints (list, prune; unset: every namespace), or the
-    /// container's namespace (checkpoint; unset: k8s.io if containerd has it, else default).
+    /// container's namespace (checkpoint; unset: k8s.io if containerd has it, else default), or
+    /// where a restored container is created (restore; unset: the checkpoint's namespace).
     #[arg(short, long, global = true, env = "CONTAINERD_NAMESPACE", value_name = "NS")]
     namespace: Option<String>,
     /// containerd's socket, for the containerd-facing commands (checkpoint).
@@ -86,8 +91,18 @@ The container must run under io.containerd.kybernate.v1 and its task must be run
 lands in <root>/<namespace>/<container>/<timestamp or NAME>/; a NAME that exists is refused."
     )]
     Checkpoint {
-        /// containerd container id (for Kubernetes: the container's id from `crictl ps`).
-        container: String,
+        /// containerd container id (for Kubernetes: the container's id from `crictl ps`, or use --pod).
+        #[arg(required_unless_present = "pod", conflicts_with = "pod")]
+        container: Option<String>,
+        /// Kubernetes pod whose container to checkpoint (with --container; found by CRI's labels).
+        #[arg(long, value_name = "NAME", requires = "pod_container")]
+        pod: Option<String>,
+        /// The pod's Kubernetes namespace.
+        #[arg(long, value_name = "NS", default_value = pods::DEFAULT_POD_NAMESPACE, requires = "pod")]
+        pod_namespace: String,
+        /// The container's name in the pod (with --pod).
+        #[arg(long = "container", id = "pod_container", value_name = "NAME", requires = "pod")]
+        pod_container: Option<String>,
         /// Leave the container running after the checkpoint (the default).
         #[arg(long)]
         leave_running: bool,
@@ -189,6 +204,42 @@ left in the store. The checkpoint keeps the namespace and container of its manif
         #[arg(value_name = "FILE")]
         file: PathBuf,
     },
+    /// Restore a checkpoint as a new container through containerd, or print its pod annotation.
+    #[command(after_long_help = "\
+Examples:
+  kybernate restore default/web/20261123T212501.123Z                   as web-restored-<unix seconds>
+  kybernate restore default/web/20261123T212501.123Z --as web2 --image docker.io/library/nginx:1
+  kybernate restore k8s.io/<id>/20261123T212501.123Z --pod-annotation  for a Kubernetes pod instead
+
+The checkpoint is verified first. The new container runs under io.containerd.kybernate.v1 in the
+checkpoint's containerd namespace (or -n), on a fresh snapshot of the image; the shim applies the
+checkpoint's rootfs changes and restores the processes at Start.")]
+    Restore {
+        /// Checkpoint id (from `kybernate list`) or directory.
+        checkpoint: String,
+        /// The new container's id [default: <container>-restored-<unix seconds>].
+        #[arg(long = "as", value_name = "NEW_ID", conflicts_with = "pod_annotation")]
+        new_id: Option<String>,
+        /// The image whose snapshot becomes the rootfs [default: the image the manifest records].
+        #[arg(long, value_name = "IMAGE")]
+        image: Option<String>,
+        /// Print the pod annotation (and a pod snippet) that restores it under Kubernetes; create nothing.
+        #[arg(long)]
+        pod_annotation: bool,
+    },
+    /// Check whether this node is ready for Kybernate: containerd, the shim, runc, CRIU, GPU, store.
+    #[command(after_long_help = "\
+Examples:
+  kybernate doctor
+  kybernate doctor --containerd-config /etc/containerd/config.toml -o json
+
+Each check prints ok, warn or fail, what it found and, for warn and fail, the fix.
+Exits 1 when a check failed, else 0.")]
+    Doctor {
+        /// containerd's config file, to find our runtime's registration for Kubernetes (CRI).
+        #[arg(long, value_name = "PATH", default_value = "/etc/containerd/config.toml")]
+        containerd_config: PathBuf,
+    },
     /// Print a shell completion script.
     #[command(after_long_help = "\
 Examples:
@@ -244,8 +295,13 @@ fn run(cli: Cli) -> Result<ExitCode, CliError> {
     let ns = cli.namespace.as_deref().filter(|s| !s.is_empty());
     let out = cli.output;
     match cli.command {
-        Command::Checkpoint { container, leave_running: _, exit, tcp, name } => {
-            let args = checkpoint::Args { container, exit, tcp, name };
+        Command::Checkpoint { container, pod, pod_namespace, pod_container, leave_running: _, exit, tcp, name } => {
+            let pod = pod.map(|pod| pods::PodContainer {
+                pod,
+                pod_namespace,
+                container: pod_container.unwrap_or_default(), // clap: --pod requires --container
+            });
+            let args = checkpoint::Args { container: container.unwrap_or_default(), pod, exit, tcp, name };
             checkpoint::checkpoint(&store, out, &cli.address, ns, &args)
         }
         Command::List { container } => commands::list(&store, out, ns, container.as_deref()),
@@ -262,6 +318,11 @@ fn run(cli: Cli) -> Result<ExitCode, CliError> {
         }
         Command::Export { checkpoint, file } => commands::export(&store, out, &checkpoint, &file),
         Command::Import { file } => commands::import(&store, out, &file),
+        Command::Restore { checkpoint, new_id, image, pod_annotation } => {
+            let args = restore::Args { checkpoint, new_id, image, pod_annotation };
+            restore::restore(&store, out, &cli.address, ns, &args)
+        }
+        Command::Doctor { containerd_config } => doctor::doctor(out, &cli.address, &containerd_config, store.root()),
         Command::Completions { .. } => Ok(ExitCode::SUCCESS),
     }
 }

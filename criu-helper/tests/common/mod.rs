@@ -1,0 +1,175 @@
+//! Helpers shared by the CLI's end-to-end tests against the test bed (`test/setup.sh`); each test
+//! file is its own crate, so not every helper is used by every file.
+//!
+//! Our shim is not a dependency of this crate: `cargo test --workspace` builds it, or
+//! `cargo build -p containerd-shim-kybernate-v1` before `cargo test -p kybernate-criu`. Without it
+//! these tests fail (they are never skipped silently).
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use kybernate_testbed::{Testbed, IMAGE};
+use serde_json::Value;
+
+pub const KYBERNATE: &str = env!("CARGO_BIN_EXE_kybernate");
+pub const RUNTIME: &str = "io.containerd.kybernate.v1";
+/// Writes 1, 2, 3, ... to /tmp/counter (atomically, by rename) every 100 ms.
+pub const COUNTER: &str =
+    "i=0; while true; do i=$((i+1)); echo $i > /tmp/counter.new; mv /tmp/counter.new /tmp/counter; usleep 100000; done";
+/// Deadline for anything we poll for; generous because CI machines have 2 cores.
+pub const TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The directory holding our shim binary (`<target>/debug`), for containerd's PATH.
+pub fn shim_dir() -> PathBuf {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let target = match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => workspace.join(dir), // an absolute dir replaces the workspace
+        None => workspace.join("target"),
+    };
+    let dir = target.join("debug");
+    let shim = dir.join("containerd-shim-kybernate-v1");
+    assert!(
+        shim.is_file(),
+        "{} not found: build the shim first: cargo build -p containerd-shim-kybernate-v1",
+        shim.display()
+    );
+    dir
+}
+
+/// A test bed whose shims and CLI read a config with the checkpoint store in a scratch dir.
+pub struct Bed {
+    pub tb: Testbed,
+    pub store: PathBuf,
+    pub config: PathBuf,
+    /// Holds the config and the store; dropped after the test bed.
+    pub dir: tempfile::TempDir,
+}
+
+pub fn bed() -> Bed {
+    let shims = shim_dir();
+    let scratch = kybernate_testbed::scratch_dir().expect("scratch dir");
+    let store = scratch.path().join("checkpoints");
+    let config = scratch.path().join("kybernate.toml");
+    std::fs::write(&config, format!("[checkpoint]\nroot = \"{}\"\n", store.display())).unwrap();
+    let tb = Testbed::builder()
+        .path_prepend(shims)
+        .env("KYBERNATE_CONFIG", &config)
+        .start()
+        .expect("test bed (run test/setup.sh first)");
+    tb.import_image();
+    Bed { tb, store, config, dir: scratch }
+}
+
+impl Bed {
+    /// `kybernate --address <test bed> -n <its namespace> --config <ours> ARGS`.
+    pub fn kybernate(&self, args: &[&str]) -> Output {
+        self.kybernate_at(self.tb.address(), self.tb.namespace(), args)
+    }
+
+    /// `kybernate --address ADDRESS -n NS --config <ours> ARGS`.
+    pub fn kybernate_at(&self, address: &Path, ns: &str, args: &[&str]) -> Output {
+        let out = Command::new(KYBERNATE)
+            .arg("--address")
+            .arg(address)
+            .args(["-n", ns])
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .env_remove("CONTAINERD_ADDRESS")
+            .env_remove("CONTAINERD_NAMESPACE")
+            .env_remove("KYBERNATE_CONFIG")
+            .output()
+            .expect("running kybernate");
+        eprintln!("kybernate {args:?}: {}\nstdout:\n{}stderr:\n{}", out.status, text(&out.stdout), text(&out.stderr));
+        out
+    }
+
+    /// Starts the counter under `runtime` and waits until its task runs.
+    pub fn run_counter(&self, id: &str, runtime: &str) {
+        self.tb.ctr_ok(&["run", "-d", "--runtime", runtime, IMAGE, id, "sh", "-c", COUNTER]);
+        self.wait_running(id);
+    }
+
+    /// Waits until the task of `id` is RUNNING.
+    pub fn wait_running(&self, id: &str) {
+        wait_for(&format!("{id} to run"), || (task_status(&self.tb, id).as_deref() == Some("RUNNING")).then_some(()));
+    }
+
+    /// Waits until the counter of `id` has counted to `at_least`.
+    pub fn wait_counter(&self, id: &str, at_least: u64) {
+        wait_for(&format!("{id} to count to {at_least}"), || self.counter(id).filter(|&n| n >= at_least));
+    }
+
+    /// The counter in the container's rootfs, as the shim mounted it.
+    pub fn counter(&self, id: &str) -> Option<u64> {
+        let path = self
+            .tb
+            .dir()
+            .join("state/io.containerd.runtime.v2.task")
+            .join(self.tb.namespace())
+            .join(id)
+            .join("rootfs/tmp/counter");
+        std::fs::read_to_string(path).ok()?.trim().parse().ok()
+    }
+
+    /// The ids of the namespace's containers.
+    pub fn containers(&self) -> Vec<String> {
+        self.tb.ctr_ok(&["containers", "ls", "-q"]).lines().map(str::to_string).collect()
+    }
+
+    /// Kills and deletes the task (if any) and the container (which must exist); the snapshot
+    /// goes with it.
+    pub fn remove(&self, id: &str) {
+        let _ = self.tb.ctr(&["tasks", "kill", "-s", "SIGKILL", id]);
+        wait_for(&format!("{id} to stop"), || (task_status(&self.tb, id).as_deref() != Some("RUNNING")).then_some(()));
+        let _ = self.tb.ctr(&["tasks", "delete", id]);
+        self.tb.ctr_ok(&["containers", "delete", id]);
+        let _ = self.tb.ctr(&["snapshots", "rm", id]);
+    }
+}
+
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Polls `f` every 50 ms until it returns a value, for at most [`TIMEOUT`].
+pub fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {TIMEOUT:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The task's status column in `ctr tasks ls` (RUNNING, STOPPED, ...), if listed.
+pub fn task_status(tb: &Testbed, id: &str) -> Option<String> {
+    tb.ctr_ok(&["tasks", "ls"]).lines().find_map(|l| {
+        let cols: Vec<&str> = l.split_whitespace().collect();
+        (cols.first() == Some(&id)).then(|| cols.get(2).map(|s| s.to_string()).unwrap_or_default())
+    })
+}
+
+/// Asserts the CLI exited with `code` and an error message containing each of `stderr_has`.
+pub fn assert_exit(out: &Output, code: i32, stderr_has: &[&str]) {
+    assert_eq!(out.status.code(), Some(code), "exit code; stderr: {}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(err.starts_with("kybernate: "), "error shape: {err}");
+    for want in stderr_has {
+        assert!(err.contains(want), "stderr lacks {want:?}: {err}");
+    }
+}
+
+pub fn assert_exit_ok(out: &Output) {
+    assert!(out.status.success(), "kybernate failed: {}\n{}", out.status, text(&out.stderr));
+}
+
+/// The CLI's stdout, parsed as JSON.
+pub fn json(out: &Output) -> Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", text(&out.stdout)))
+}

@@ -1,0 +1,256 @@
+//! `kybernate restore` end to end: a private containerd 1.6 (the test bed: `test/setup.sh`)
+//! running our shim, runc and CRIU. The SRE's whole flow — checkpoint, list, inspect, export, rm,
+//! import, restore — ends with the counter container running again, counting on from where it was.
+//!
+//! Needs our shim built (`cargo build -p containerd-shim-kybernate-v1`): see common/mod.rs.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::SystemTime;
+
+use common::{assert_exit, assert_exit_ok, bed, json, task_status, text, wait_for, Bed, KYBERNATE, RUNTIME};
+use kybernate_criu::manifest::FORMAT_VERSION;
+use kybernate_criu::{CheckpointFlags, Manifest, PartialCheckpoint, Store, ToolInfo};
+use kybernate_testbed::{unique_name, IMAGE};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+fn list_ids(bed: &Bed) -> Vec<String> {
+    let out = bed.kybernate(&["-o", "json", "list"]);
+    assert_exit_ok(&out);
+    json(&out).as_array().unwrap().iter().filter_map(|c| c["id"].as_str().map(str::to_string)).collect()
+}
+
+#[test]
+fn checkpoint_export_import_and_restore_continues_the_counter() {
+    let bed = bed();
+    let id = unique_name("rs");
+    bed.run_counter(&id, RUNTIME);
+    bed.wait_counter(&id, 30);
+
+    // Checkpoint and stop it.
+    let out = bed.kybernate(&["-o", "json", "checkpoint", &id, "--exit"]);
+    assert_exit_ok(&out);
+    let cp_id = json(&out)["id"].as_str().expect("id").to_string();
+    wait_for(&format!("{id} to stop after --exit"), || {
+        (task_status(&bed.tb, &id).as_deref() != Some("RUNNING")).then_some(())
+    });
+    // The value the checkpoint holds: the stopped container's rootfs stays mounted until its task
+    // is deleted, and nothing counts any more.
+    let at_checkpoint = bed.counter(&id).expect("the counter of the checkpointed container");
+    assert!(at_checkpoint >= 30, "counter at checkpoint: {at_checkpoint}");
+
+    assert_eq!(list_ids(&bed), [cp_id.as_str()]);
+    assert_exit_ok(&bed.kybernate(&["inspect", &cp_id]));
+
+    // Move it out of the store and back, as to another node.
+    let archive = bed.dir.path().join("checkpoint.tar");
+    let archive_arg = archive.to_str().unwrap();
+    assert_exit_ok(&bed.kybernate(&["export", &cp_id, archive_arg]));
+    assert_exit_ok(&bed.kybernate(&["rm", &cp_id]));
+    assert!(list_ids(&bed).is_empty(), "rm left the checkpoint listed");
+    let out = bed.kybernate(&["-o", "json", "import", archive_arg]);
+    assert_exit_ok(&out);
+    let imported = json(&out)["id"].as_str().expect("id").to_string();
+    assert_eq!(list_ids(&bed), [imported.as_str()]);
+
+    // ctr-created containers record no image: restore asks for one.
+    let new_id = unique_name("restored");
+    let before = bed.containers();
+    assert_exit(&bed.kybernate(&["restore", &imported, "--as", &new_id]), 2, &["does not record its image", "--image"]);
+    assert_eq!(bed.containers(), before, "a refused restore must create nothing");
+
+    let out = bed.kybernate(&["-o", "json", "restore", &imported, "--as", &new_id, "--image", IMAGE]);
+    if !out.status.success() {
+        panic!("restore failed: {}\n--- containerd log ---\n{}", text(&out.stderr), bed.tb.log_tail(40));
+    }
+    let restored = json(&out);
+    assert_eq!(restored["container"], new_id.as_str(), "{restored}");
+    assert_eq!(restored["namespace"], bed.tb.namespace(), "{restored}");
+    assert!(restored["pid"].as_u64().is_some_and(|p| p > 0), "{restored}");
+    assert!(restored["duration_ms"].is_u64(), "{restored}");
+    assert_eq!(restored["checkpoint"]["id"], imported.as_str(), "{restored}");
+
+    assert_eq!(task_status(&bed.tb, &new_id).as_deref(), Some("RUNNING"));
+    let labels = bed.tb.ctr_ok(&["containers", "info", &new_id]);
+    assert!(labels.contains("kybernate.io/restored-from"), "label missing: {labels}");
+    // It counts on from the checkpoint (a fresh start would begin at 1), and keeps counting.
+    let first = wait_for("the restored counter", || bed.counter(&new_id));
+    eprintln!("counter: {at_checkpoint} at checkpoint, {first} after restore");
+    assert!(first >= at_checkpoint, "restored counter {first} < {at_checkpoint} at checkpoint: not restored");
+    wait_for("the restored counter to increase", || bed.counter(&new_id).filter(|&n| n > first));
+    assert_eq!(task_status(&bed.tb, &new_id).as_deref(), Some("RUNNING"));
+
+    bed.remove(&new_id);
+    bed.remove(&id);
+}
+
+#[test]
+fn restore_refuses_bad_input_and_creates_nothing() {
+    let bed = bed();
+    let id = unique_name("rsbad");
+    bed.run_counter(&id, RUNTIME);
+    bed.wait_counter(&id, 1);
+    let out = bed.kybernate(&["-o", "json", "checkpoint", &id]);
+    assert_exit_ok(&out);
+    let cp_id = json(&out)["id"].as_str().expect("id").to_string();
+    let cp_path = PathBuf::from(json(&out)["path"].as_str().expect("path"));
+    let before = bed.containers();
+
+    assert_exit(&bed.kybernate(&["restore", "nope/nope/nope", "--image", IMAGE]), 2, &["not found"]);
+    // The id of an existing container (the original is still running).
+    assert_exit(&bed.kybernate(&["restore", &cp_id, "--as", &id, "--image", IMAGE]), 2, &["already exists", "--as"]);
+    let missing_image = "docker.io/kybernate/missing:none";
+    assert_exit(&bed.kybernate(&["restore", &cp_id, "--image", missing_image]), 2, &["not found", missing_image]);
+    assert_exit(&bed.kybernate(&["restore", &cp_id, "--as", "bad/id", "--image", IMAGE]), 2, &["invalid container id"]);
+    let out =
+        bed.kybernate_at(Path::new("/nonexistent.sock"), bed.tb.namespace(), &["restore", &cp_id, "--image", IMAGE]);
+    assert_exit(&out, 1, &["cannot reach containerd at /nonexistent.sock", "is containerd running?"]);
+    assert_eq!(bed.containers(), before, "nothing may be created");
+
+    // The table form, with the default id, while the original still runs (in its own cgroup).
+    let out = bed.kybernate(&["restore", &cp_id, "--image", IMAGE]);
+    if !out.status.success() {
+        panic!("restore failed: {}\n--- containerd log ---\n{}", text(&out.stderr), bed.tb.log_tail(40));
+    }
+    let table = text(&out.stdout);
+    let prefix = format!("{id}-restored-");
+    let new_id = table
+        .lines()
+        .find_map(|l| l.strip_prefix("container:").map(str::trim))
+        .filter(|c| c.starts_with(&prefix))
+        .unwrap_or_else(|| panic!("no container: {prefix}<seconds> line:\n{table}"))
+        .to_string();
+    assert!(table.starts_with(&format!("restored {cp_id} as {new_id}\n")), "{table}");
+    for want in ["namespace:", "pid:", "checkpoint:", "duration:"] {
+        assert!(table.contains(want), "table lacks {want:?}:\n{table}");
+    }
+    assert_eq!(task_status(&bed.tb, &new_id).as_deref(), Some("RUNNING"));
+    assert_eq!(task_status(&bed.tb, &id).as_deref(), Some("RUNNING"));
+    bed.remove(&new_id);
+
+    // A failure in the shim, after the container was created: a checkpoint of this namespace
+    // restored into another one is refused by the shim's policy. Everything made is removed.
+    let other = format!("{}-other", bed.tb.namespace());
+    let ctr_other = |args: &[&str]| {
+        let out = bed.tb.ctr_command().args(["--namespace", &other]).args(args).output().unwrap();
+        assert!(out.status.success(), "ctr -n {other} {args:?}: {}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    ctr_other(&["images", "import", kybernate_testbed::IMAGE_ARCHIVE]);
+    let crossed = unique_name("crossed");
+    let out = bed.kybernate_at(bed.tb.address(), &other, &["restore", &cp_id, "--as", &crossed, "--image", IMAGE]);
+    assert_exit(&out, 1, &["restore of container", &crossed, "cannot be restored into namespace"]);
+    assert_eq!(ctr_other(&["containers", "ls", "-q"]).trim(), "", "the failed restore's container must be removed");
+    let snapshots = ctr_other(&["snapshots", "ls"]);
+    assert!(!snapshots.contains(&crossed), "the failed restore's snapshot must be removed: {snapshots}");
+
+    // A failure at Start: CRIU cannot read a garbage inventory.img that the manifest vouches
+    // for (its checksum rewritten), so the task is created, fails to start, and is deleted.
+    let out = bed.kybernate(&["-o", "json", "checkpoint", &id, "--name", "garbage"]);
+    assert_exit_ok(&out);
+    let garbage = json(&out);
+    let garbage_path = PathBuf::from(garbage["path"].as_str().unwrap());
+    let inventory = b"not a CRIU image".to_vec();
+    fs::write(garbage_path.join("checkpoint/inventory.img"), &inventory).unwrap();
+    let manifest_path = garbage_path.join("kybernate.json");
+    let mut m: Value = serde_json::from_slice(&fs::read(&manifest_path).unwrap()).unwrap();
+    let hex: String = Sha256::digest(&inventory).iter().map(|b| format!("{b:02x}")).collect();
+    m["files"]["checkpoint/inventory.img"] = serde_json::json!({"size": inventory.len(), "sha256": hex});
+    fs::write(&manifest_path, serde_json::to_vec(&m).unwrap()).unwrap();
+    assert_exit_ok(&bed.kybernate(&["inspect", garbage["id"].as_str().unwrap()]));
+    let failing = unique_name("failing");
+    let out = bed.kybernate(&["restore", garbage["id"].as_str().unwrap(), "--as", &failing, "--image", IMAGE]);
+    assert_exit(&out, 1, &["restore of container", &failing]);
+    assert_eq!(bed.containers(), before, "the failed restore's container must be removed");
+    assert_eq!(task_status(&bed.tb, &failing), None, "the failed restore's task must be deleted");
+    let snapshots = bed.tb.ctr_ok(&["snapshots", "ls"]);
+    assert!(!snapshots.contains(&failing), "the failed restore's snapshot must be removed: {snapshots}");
+
+    // A byte flipped in the memory image (same size, so only the checksum tells).
+    let pages = cp_path.join("checkpoint/pages-1.img");
+    let mut bytes = fs::read(&pages).unwrap();
+    bytes[0] ^= 0xff;
+    fs::write(&pages, bytes).unwrap();
+    let out = bed.kybernate(&["restore", &cp_id, "--as", &unique_name("tampered"), "--image", IMAGE]);
+    assert_exit(&out, 1, &["pages-1.img", "failed verification"]);
+    assert_eq!(bed.containers(), before, "a tampered checkpoint must create nothing");
+    let snapshots = bed.tb.ctr_ok(&["snapshots", "ls"]);
+    assert!(!snapshots.contains("tampered"), "a tampered checkpoint must create no snapshot: {snapshots}");
+
+    bed.remove(&id);
+}
+
+/// `--pod-annotation` needs no containerd: a checkpoint written straight into a scratch store.
+#[test]
+fn pod_annotation_names_the_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("store");
+    let config = tmp.path().join("config.toml");
+    fs::write(&config, format!("[checkpoint]\nroot = {:?}\n", root.to_str().unwrap())).unwrap();
+    let store = Store::new(&root);
+    let at = SystemTime::now();
+    let target = store.new_checkpoint_path("k8s.io", "abc123", at).unwrap();
+    let p = PartialCheckpoint::begin(&target).unwrap();
+    fs::write(p.images_dir().join("inventory.img"), b"inventory").unwrap();
+    fs::write(p.images_dir().join("pages-1.img"), vec![7u8; 5000]).unwrap();
+    p.commit(manifest("k8s.io", "abc123", at)).unwrap();
+    let id = target.strip_prefix(&root).unwrap().to_str().unwrap().to_string();
+
+    let run = |args: &[&str]| {
+        Command::new(KYBERNATE)
+            .args(["--address", "/nonexistent.sock", "--config"])
+            .arg(&config)
+            .args(args)
+            .env_remove("CONTAINERD_NAMESPACE")
+            .env_remove("KYBERNATE_CONFIG")
+            .output()
+            .unwrap()
+    };
+    let out = run(&["restore", &id, "--pod-annotation"]);
+    assert_exit_ok(&out);
+    let table = text(&out.stdout);
+    eprintln!("{table}");
+    assert_eq!(table.lines().next(), Some(format!("kybernate.io/restore-from: {id}").as_str()), "{table}");
+    for want in
+        ["namespace: team-a", "runtimeClassName: kybernate", "image: docker.io/library/busybox:1", "pod_annotations"]
+    {
+        assert!(table.contains(want), "snippet lacks {want:?}:\n{table}");
+    }
+
+    let out = run(&["-o", "json", "restore", &id, "--pod-annotation"]);
+    assert_exit_ok(&out);
+    let v = json(&out);
+    assert_eq!(v["annotation"], serde_json::json!({ "kybernate.io/restore-from": id }), "{v}");
+    assert_eq!(v["checkpoint"]["id"], id.as_str(), "{v}");
+    assert_eq!(v["checkpoint"]["status"], "ok", "{v}");
+
+    // --pod-annotation creates nothing, so --as makes no sense with it.
+    assert_exit(&run(&["restore", &id, "--pod-annotation", "--as", "x"]), 2, &[]);
+}
+
+fn manifest(ns: &str, container: &str, at: SystemTime) -> Manifest {
+    Manifest {
+        format_version: FORMAT_VERSION,
+        namespace: ns.into(),
+        container_id: container.into(),
+        pod_namespace: Some("team-a".into()),
+        pod_name: Some("web-0".into()),
+        container_name: Some("app".into()),
+        image: Some("docker.io/library/busybox:1".into()),
+        runtime: ToolInfo { path: "/usr/bin/runc".into(), version: "runc version 1.2.5".into() },
+        criu: ToolInfo { path: "/usr/sbin/criu".into(), version: "4.2".into() },
+        kernel: "6.1.0".into(),
+        host: "node-1".into(),
+        created: humantime::format_rfc3339_seconds(at).to_string(),
+        options: CheckpointFlags::default(),
+        rootfs_diff: false,
+        duration_ms: 42,
+        files: BTreeMap::new(),
+        gpu: None,
+    }
+}
