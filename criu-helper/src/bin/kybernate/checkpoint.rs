@@ -89,10 +89,7 @@ pub fn checkpoint(
     if let Some(name) = &req.name {
         check_name(name)?;
     }
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .build()
-        .map_err(|e| CliError::Failed(format!("cannot start the async runtime: {e}; please report this as a bug")))?;
+    let runtime = async_runtime()?;
     // Progress only for a person watching: stderr a terminal, and not JSON.
     let progress = out == Output::Table && std::io::IsTerminal::is_terminal(&std::io::stderr());
     let (target, duration) = runtime.block_on(run(store, address, namespace, req, progress))?;
@@ -277,6 +274,14 @@ pub(crate) fn check_namespace(ns: &str) -> Result<(), CliError> {
         )));
     }
     Ok(())
+}
+
+/// The one-thread async runtime a containerd call runs on (the CLI does one thing at a time).
+pub(crate) fn async_runtime() -> Result<tokio::runtime::Runtime, CliError> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .map_err(|e| CliError::Failed(format!("cannot start the async runtime: {e}; please report this as a bug")))
 }
 
 /// A gRPC error other than the ones a command expects (not found).

@@ -34,7 +34,7 @@ use serde::Serialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::checkpoint::{chain, check_namespace, grpc_error, RUNTIME};
+use crate::checkpoint::{async_runtime, chain, check_namespace, grpc_error, RUNTIME};
 use crate::error::CliError;
 use crate::output;
 use crate::store::{self, Checkpoint};
@@ -124,10 +124,7 @@ pub fn restore(
     let spec = restore_spec(&cp, &manifest, &new_id)?;
     let plan = Plan { ns: &ns, id: &new_id, image: &image, spec: &spec, checkpoint_id: &cp.id };
 
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .build()
-        .map_err(|e| CliError::Failed(format!("cannot start the async runtime: {e}; please report this as a bug")))?;
+    let runtime = async_runtime()?;
     let started = Instant::now();
     let pid = runtime.block_on(run(address, &plan))?;
     let duration = started.elapsed();
