@@ -131,6 +131,36 @@ impl Store {
     /// Every checkpoint (a directory at depth 3 holding the manifest) with its parsed manifest;
     /// partial checkpoints (names starting with '.') are skipped. A missing root is an empty store.
     #[allow(clippy::type_complexity)] // spelt out: the shim and the CLI are written against it
+    /// Hidden work directories whose writer is gone: partial checkpoints (`.<name>.partial-<pid>-<n>`),
+    /// removals (`.<name>.removing-<pid>-<n>`) and imports (`.import-<pid>-<n>`) left by a shim or
+    /// CLI that was killed mid-way. They never look like checkpoints, but they hold disk space.
+    /// `alive(pid)` says whether the writer still runs (normally: `/proc/<pid>` exists).
+    pub fn stale_work_dirs(&self, alive: impl Fn(u32) -> bool) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        let mut level = vec![self.root.clone()];
+        for _depth in 0..3 {
+            let mut next = Vec::new();
+            for dir in &level {
+                let Ok(entries) = fs::read_dir(dir) else { continue };
+                for e in entries.flatten() {
+                    let (name, path) = (e.file_name().to_string_lossy().into_owned(), e.path());
+                    if !e.file_type().is_ok_and(|t| t.is_dir()) {
+                        continue;
+                    }
+                    match work_dir_writer(&name) {
+                        Some(pid) if !alive(pid) => out.push(path),
+                        Some(_) => {}
+                        None if !name.starts_with('.') => next.push(path),
+                        None => {}
+                    }
+                }
+            }
+            level = next;
+        }
+        out.sort();
+        out
+    }
+
     pub fn list(&self) -> Result<Vec<(PathBuf, Result<Manifest, VerifyError>)>, StoreError> {
         let mut found = Vec::new();
         for ns in subdirs(&self.root)? {
@@ -193,6 +223,15 @@ pub(crate) fn hidden_sibling(target: &Path, kind: &str) -> Option<PathBuf> {
     let name = target.file_name()?.to_string_lossy();
     let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
     Some(parent.join(format!(".{name}.{kind}-{}-{nanos}", std::process::id())))
+}
+
+/// The writer's pid of a hidden work directory name (see [`Store::stale_work_dirs`]).
+fn work_dir_writer(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix('.')?;
+    let (kind_part, nanos) = rest.rsplit_once('-')?;
+    let (kind_part, pid) = kind_part.rsplit_once('-')?;
+    let known = kind_part == "import" || [".partial", ".removing"].iter().any(|k| kind_part.ends_with(k));
+    (known && nanos.bytes().all(|b| b.is_ascii_digit()) && !nanos.is_empty()).then(|| pid.parse().ok()).flatten()
 }
 
 pub(crate) fn fsync_dir(dir: &Path) -> io::Result<()> {

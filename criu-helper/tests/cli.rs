@@ -345,6 +345,29 @@ fn prune_older_than_with_dry_run_and_filters() {
 }
 
 #[test]
+fn prune_sweeps_work_dirs_left_by_dead_writers() {
+    let node = Node::new();
+    let id = node.checkpoint("k8s.io", "web", HOUR);
+    let parent = node.root().join(&id).parent().unwrap().to_path_buf();
+    // A partial checkpoint of a shim that is gone (no such pid), and one of this very process.
+    let dead = parent.join(".20261123T212501.123Z.partial-999999999-1700000000");
+    let live = parent.join(format!(".20261123T212502.123Z.partial-{}-1700000001", std::process::id()));
+    fs::create_dir_all(dead.join("checkpoint")).unwrap();
+    fs::create_dir_all(&live).unwrap();
+
+    let out = node.run(&["prune", "--keep", "5", "--dry-run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert!(stderr(&out).contains("would remove") && stderr(&out).contains("partial-999999999"), "{}", show(&out));
+    assert!(dead.exists(), "dry run removed a work dir");
+
+    let v = node.json(&["prune", "--keep", "5"], 0);
+    assert_eq!(v, Value::Array(vec![]), "the checkpoint itself is kept");
+    assert!(!dead.exists(), "stale partial dir kept");
+    assert!(live.exists(), "a live writer's partial dir was removed");
+    assert_eq!(ids(&node.json(&["list"], 0)), vec![id]);
+}
+
+#[test]
 fn export_rm_import_round_trip() {
     let node = Node::new();
     let id = node.checkpoint("k8s.io", "web", HOUR);

@@ -290,3 +290,28 @@ fn verify_quick_checks_everything_but_the_checksums() {
     fs::write(target.join("extra"), b"x").unwrap();
     assert!(matches!(kybernate_criu::verify_quick(&target), Err(VerifyError::Unlisted { .. })));
 }
+
+#[test]
+fn stale_work_dirs_are_those_whose_writer_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::new(dir.path().join("store"));
+    let done = store.new_checkpoint_path("k8s.io", "web", SystemTime::now()).unwrap();
+    checkpoint(&done);
+    let parent = done.parent().unwrap();
+    // Left by writers 4242 (dead) and 7 (alive): a partial checkpoint, a removal, an import.
+    let dead_partial = parent.join(".20261123T212501.123Z.partial-4242-1700000000");
+    let live_partial = parent.join(".20261123T212502.123Z.partial-7-1700000001");
+    let dead_removal = parent.join(".20261123T212400.000Z.removing-4242-1700000002");
+    let dead_import = store.root().join(".import-4242-1700000003");
+    // Look-alikes that are not work dirs: a plain hidden dir, a file.
+    let other_hidden = parent.join(".keep-me");
+    for d in [&dead_partial, &live_partial, &dead_removal, &dead_import, &other_hidden] {
+        fs::create_dir_all(d).unwrap();
+    }
+    fs::write(parent.join(".x.partial-4242-1"), b"a file, not a dir").unwrap();
+    let stale = store.stale_work_dirs(|pid| pid == 7);
+    let mut want = vec![dead_partial, dead_removal, dead_import];
+    want.sort();
+    assert_eq!(stale, want);
+    assert!(store.stale_work_dirs(|_| true).is_empty());
+}

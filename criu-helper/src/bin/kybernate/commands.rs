@@ -207,11 +207,28 @@ pub fn prune(
     let all = store::list(store, ns, container)?;
     let victims = select_for_prune(&all, rule, SystemTime::now());
     let targets: Vec<Checkpoint> = all.into_iter().filter(|c| victims.contains(&c.id)).collect();
+    // Work dirs of a shim or CLI killed mid-way hold disk too; they belong to nobody now.
+    sweep_stale_work_dirs(store, dry_run);
     if dry_run {
         report_removed(out, &targets, true)?;
         return Ok(ExitCode::SUCCESS);
     }
     remove_all(store, out, targets)
+}
+
+/// Removes (or, dry, names) hidden work dirs whose writer process is gone, one line each on
+/// stderr so that `-o json` output stays the list of checkpoints.
+fn sweep_stale_work_dirs(store: &Store, dry_run: bool) {
+    let alive = |pid: u32| Path::new("/proc").join(pid.to_string()).exists();
+    for dir in store.stale_work_dirs(alive) {
+        if dry_run {
+            eprintln!("kybernate: would remove {} (left by a process that is gone)", dir.display());
+        } else if let Err(e) = fs::remove_dir_all(&dir) {
+            eprintln!("kybernate: cannot remove {}: {e}", dir.display());
+        } else {
+            eprintln!("kybernate: removed {} (left by a process that is gone)", dir.display());
+        }
+    }
 }
 
 /// The ids `rule` removes from `all` (sorted newest first), each container on its own.
