@@ -128,9 +128,6 @@ impl Store {
         Ok(resolved)
     }
 
-    /// Every checkpoint (a directory at depth 3 holding the manifest) with its parsed manifest;
-    /// partial checkpoints (names starting with '.') are skipped. A missing root is an empty store.
-    #[allow(clippy::type_complexity)] // spelt out: the shim and the CLI are written against it
     /// Hidden work directories whose writer is gone: partial checkpoints (`.<name>.partial-<pid>-<n>`),
     /// removals (`.<name>.removing-<pid>-<n>`) and imports (`.import-<pid>-<n>`) left by a shim or
     /// CLI that was killed mid-way. They never look like checkpoints, but they hold disk space.
@@ -161,6 +158,9 @@ impl Store {
         out
     }
 
+    /// Every checkpoint (a directory at depth 3 holding the manifest) with its parsed manifest;
+    /// partial checkpoints (names starting with '.') are skipped. A missing root is an empty store.
+    #[allow(clippy::type_complexity)] // spelt out: the shim and the CLI are written against it
     pub fn list(&self) -> Result<Vec<(PathBuf, Result<Manifest, VerifyError>)>, StoreError> {
         let mut found = Vec::new();
         for ns in subdirs(&self.root)? {
