@@ -1,14 +1,16 @@
 //! The `kybernate` CLI against a temporary store: output, exit codes and what it does to the store.
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, SystemTime};
 
-use kybernate_criu::manifest::FORMAT_VERSION;
-use kybernate_criu::{read_manifest, verify, CheckpointFlags, Manifest, PartialCheckpoint, Store, ToolInfo};
+use kybernate_criu::{read_manifest, verify, Store};
 use serde_json::Value;
+
+mod common;
+
+use common::fake_checkpoint;
 
 /// A temporary node: a config naming `<tmp>/store` as the checkpoint root.
 struct Node {
@@ -32,13 +34,7 @@ impl Node {
 
     /// A committed checkpoint of `ns/container`, created `age` ago; returns its id.
     fn checkpoint(&self, ns: &str, container: &str, age: Duration) -> String {
-        let at = SystemTime::now() - age;
-        let target = self.store.new_checkpoint_path(ns, container, at).unwrap();
-        let p = PartialCheckpoint::begin(&target).unwrap();
-        fs::write(p.images_dir().join("inventory.img"), b"inventory").unwrap();
-        fs::write(p.images_dir().join("pages-1.img"), vec![7u8; 50_000]).unwrap();
-        p.commit(manifest(ns, container, at)).unwrap();
-        target.strip_prefix(self.store.root()).unwrap().to_str().unwrap().to_string()
+        fake_checkpoint(&self.store, ns, container, SystemTime::now() - age)
     }
 
     /// Runs `kybernate --config <config> ARGS` in `cwd` (default: the temp dir), without the
@@ -64,28 +60,6 @@ impl Node {
         let out = self.run(&[&["-o", "json"], args].concat());
         assert_eq!(out.status.code(), Some(code), "{}", show(&out));
         serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", show(&out)))
-    }
-}
-
-fn manifest(ns: &str, container: &str, at: SystemTime) -> Manifest {
-    Manifest {
-        format_version: FORMAT_VERSION,
-        namespace: ns.into(),
-        container_id: container.into(),
-        pod_namespace: Some("team-a".into()),
-        pod_name: Some(format!("{container}-0")),
-        container_name: Some("app".into()),
-        image: Some("docker.io/library/busybox:1".into()),
-        runtime: ToolInfo { path: "/usr/bin/runc".into(), version: "runc version 1.2.5".into() },
-        criu: ToolInfo { path: "/usr/sbin/criu".into(), version: "4.2".into() },
-        kernel: "6.1.0".into(),
-        host: "node-1".into(),
-        created: humantime::format_rfc3339_seconds(at).to_string(),
-        options: CheckpointFlags { open_tcp: true, ..Default::default() },
-        rootfs_diff: false,
-        duration_ms: 42,
-        files: BTreeMap::new(),
-        gpu: None,
     }
 }
 

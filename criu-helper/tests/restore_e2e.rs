@@ -6,15 +6,15 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::SystemTime;
 
-use common::{assert_exit, assert_exit_ok, bed, json, task_status, text, wait_for, Bed, KYBERNATE, RUNTIME};
-use kybernate_criu::manifest::FORMAT_VERSION;
-use kybernate_criu::{CheckpointFlags, Manifest, PartialCheckpoint, Store, ToolInfo};
+use common::{
+    assert_exit, assert_exit_ok, bed, fake_checkpoint, json, task_status, text, wait_for, Bed, KYBERNATE, RUNTIME,
+};
+use kybernate_criu::Store;
 use kybernate_testbed::{unique_name, IMAGE};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -193,13 +193,7 @@ fn pod_annotation_names_the_checkpoint() {
     let config = tmp.path().join("config.toml");
     fs::write(&config, format!("[checkpoint]\nroot = {:?}\n", root.to_str().unwrap())).unwrap();
     let store = Store::new(&root);
-    let at = SystemTime::now();
-    let target = store.new_checkpoint_path("k8s.io", "abc123", at).unwrap();
-    let p = PartialCheckpoint::begin(&target).unwrap();
-    fs::write(p.images_dir().join("inventory.img"), b"inventory").unwrap();
-    fs::write(p.images_dir().join("pages-1.img"), vec![7u8; 5000]).unwrap();
-    p.commit(manifest("k8s.io", "abc123", at)).unwrap();
-    let id = target.strip_prefix(&root).unwrap().to_str().unwrap().to_string();
+    let id = fake_checkpoint(&store, "k8s.io", "abc123", SystemTime::now());
 
     let run = |args: &[&str]| {
         Command::new(KYBERNATE)
@@ -214,7 +208,6 @@ fn pod_annotation_names_the_checkpoint() {
     let out = run(&["restore", &id, "--pod-annotation"]);
     assert_exit_ok(&out);
     let table = text(&out.stdout);
-    eprintln!("{table}");
     assert_eq!(table.lines().next(), Some(format!("kybernate.io/restore-from: {id}").as_str()), "{table}");
     for want in
         ["namespace: team-a", "runtimeClassName: kybernate", "image: docker.io/library/busybox:1", "pod_annotations"]
@@ -231,26 +224,4 @@ fn pod_annotation_names_the_checkpoint() {
 
     // --pod-annotation creates nothing, so --as makes no sense with it.
     assert_exit(&run(&["restore", &id, "--pod-annotation", "--as", "x"]), 2, &[]);
-}
-
-fn manifest(ns: &str, container: &str, at: SystemTime) -> Manifest {
-    Manifest {
-        format_version: FORMAT_VERSION,
-        namespace: ns.into(),
-        container_id: container.into(),
-        pod_namespace: Some("team-a".into()),
-        pod_name: Some("web-0".into()),
-        container_name: Some("app".into()),
-        image: Some("docker.io/library/busybox:1".into()),
-        runtime: ToolInfo { path: "/usr/bin/runc".into(), version: "runc version 1.2.5".into() },
-        criu: ToolInfo { path: "/usr/sbin/criu".into(), version: "4.2".into() },
-        kernel: "6.1.0".into(),
-        host: "node-1".into(),
-        created: humantime::format_rfc3339_seconds(at).to_string(),
-        options: CheckpointFlags::default(),
-        rootfs_diff: false,
-        duration_ms: 42,
-        files: BTreeMap::new(),
-        gpu: None,
-    }
 }

@@ -1,5 +1,6 @@
-//! Helpers shared by the CLI's end-to-end tests against the test bed (`test/setup.sh`); each test
-//! file is its own crate, so not every helper is used by every file.
+//! Helpers shared by the CLI's integration tests: fake checkpoints written with the library, and
+//! the end-to-end tests' test bed (`test/setup.sh`); each test file is its own crate, so not every
+//! helper is used by every file.
 //!
 //! Our shim is not a dependency of this crate: `cargo test --workspace` builds it, or
 //! `cargo build -p containerd-shim-kybernate-v1` before `cargo test -p kybernate-criu`. Without it
@@ -7,9 +8,13 @@
 
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
+
+use kybernate_criu::manifest::FORMAT_VERSION;
+use kybernate_criu::{CheckpointFlags, Manifest, PartialCheckpoint, Store, ToolInfo};
 
 use kybernate_testbed::{Testbed, IMAGE};
 use serde_json::Value;
@@ -172,4 +177,38 @@ pub fn assert_exit_ok(out: &Output) {
 /// The CLI's stdout, parsed as JSON.
 pub fn json(out: &Output) -> Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", text(&out.stdout)))
+}
+
+/// A manifest as the shim would write it for `ns/container` at `at` (`files` is filled by commit).
+pub fn fake_manifest(ns: &str, container: &str, at: SystemTime) -> Manifest {
+    Manifest {
+        format_version: FORMAT_VERSION,
+        namespace: ns.into(),
+        container_id: container.into(),
+        pod_namespace: Some("team-a".into()),
+        pod_name: Some(format!("{container}-0")),
+        container_name: Some("app".into()),
+        image: Some("docker.io/library/busybox:1".into()),
+        runtime: ToolInfo { path: "/usr/bin/runc".into(), version: "runc version 1.2.5".into() },
+        criu: ToolInfo { path: "/usr/sbin/criu".into(), version: "4.2".into() },
+        kernel: "6.1.0".into(),
+        host: "node-1".into(),
+        created: humantime::format_rfc3339_seconds(at).to_string(),
+        options: CheckpointFlags { open_tcp: true, ..Default::default() },
+        rootfs_diff: false,
+        duration_ms: 42,
+        files: BTreeMap::new(),
+        gpu: None,
+    }
+}
+
+/// A committed checkpoint of `ns/container` taken at `at`, written with the library (no CRIU:
+/// a fake inventory and pages image); returns its id.
+pub fn fake_checkpoint(store: &Store, ns: &str, container: &str, at: SystemTime) -> String {
+    let target = store.new_checkpoint_path(ns, container, at).unwrap();
+    let p = PartialCheckpoint::begin(&target).unwrap();
+    std::fs::write(p.images_dir().join("inventory.img"), b"inventory").unwrap();
+    std::fs::write(p.images_dir().join("pages-1.img"), vec![7u8; 50_000]).unwrap();
+    p.commit(fake_manifest(ns, container, at)).unwrap();
+    target.strip_prefix(store.root()).unwrap().to_str().unwrap().to_string()
 }
