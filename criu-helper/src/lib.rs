@@ -9,6 +9,8 @@
 //! nodes, and the cross-namespace restore policy.
 
 pub mod archive;
+pub mod cuda;
+pub mod gpu;
 pub mod flags;
 pub mod logtail;
 pub mod manifest;

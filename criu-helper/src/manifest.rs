@@ -52,9 +52,9 @@ pub struct Manifest {
     pub duration_ms: u64,
     /// Every file of the checkpoint except the manifest itself, by path relative to the checkpoint dir ('/'-separated).
     pub files: BTreeMap<String, FileEntry>,
-    /// Filled by the GPU work; null for CPU containers.
+    /// CUDA state, GPUs and device access of a GPU container; null for CPU containers.
     #[serde(default)]
-    pub gpu: Option<serde_json::Value>,
+    pub gpu: Option<crate::gpu::GpuRecord>,
 }
 
 /// A binary that took part in the checkpoint.

@@ -30,7 +30,17 @@ fn checkpoint(target: &Path) -> Manifest {
         rootfs_diff: false,
         duration_ms: 5,
         files: BTreeMap::new(),
-        gpu: Some(serde_json::json!({"devices": 1})),
+        gpu: Some(kybernate_criu::gpu::GpuRecord {
+            mode: kybernate_criu::gpu::GpuMode::DriverApi,
+            processes: vec![],
+            gpus: vec![],
+            driver_version: Some("580.65.06".into()),
+            cuda_driver_version: Some("12.8".into()),
+            bytes_per_gpu: BTreeMap::new(),
+            bytes_total: 0,
+            phases_ms: BTreeMap::new(),
+            devices: Default::default(),
+        }),
     };
     p.commit(m).unwrap()
 }

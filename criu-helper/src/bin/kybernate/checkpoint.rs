@@ -124,9 +124,9 @@ fn summary(cp: &Checkpoint, req: &Args, duration: Duration) -> String {
 
 /// "none" when the manifest records no GPU state (`gpu: null`); otherwise its `mode`.
 fn gpu_mode(cp: &Checkpoint) -> String {
-    match cp.manifest.as_ref().and_then(|m| m.gpu.as_ref()).filter(|g| !g.is_null()) {
+    match cp.manifest.as_ref().and_then(|m| m.gpu.as_ref()) {
         None => "none".into(),
-        Some(gpu) => gpu.get("mode").and_then(|m| m.as_str()).unwrap_or("recorded").into(),
+        Some(gpu) => gpu.mode.as_str().into(),
     }
 }
 

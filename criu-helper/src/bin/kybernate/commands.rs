@@ -94,8 +94,8 @@ fn details(cp: &Checkpoint) -> String {
     lines.push(("size", format!("{} ({} bytes)", human_size(cp.size_bytes), cp.size_bytes)));
     lines.push(("gpu", yes_no(cp.gpu).into()));
     if let Some(m) = &cp.manifest {
-        if let Some(gpu) = m.gpu.as_ref().filter(|g| !g.is_null()) {
-            lines.push(("gpu state", gpu.to_string()));
+        if let Some(gpu) = &m.gpu {
+            lines.push(("gpu state", serde_json::to_string(gpu).unwrap_or_default()));
         }
         lines.push(("runtime", format!("{} ({})", m.runtime.path.display(), m.runtime.version)));
         lines.push(("criu", format!("{} ({})", m.criu.path.display(), m.criu.version)));

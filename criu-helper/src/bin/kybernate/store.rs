@@ -86,7 +86,7 @@ impl Checkpoint {
             container: part(1),
             created,
             size_bytes: kybernate_criu::dir_size(path),
-            gpu: m.map(|m| m.gpu.as_ref().is_some_and(|g| !g.is_null())),
+            gpu: m.map(|m| m.gpu.is_some()),
             pod_namespace: m.and_then(|m| m.pod_namespace.clone()),
             pod_name: m.and_then(|m| m.pod_name.clone()),
             container_name: m.and_then(|m| m.container_name.clone()),
