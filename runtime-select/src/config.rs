@@ -71,6 +71,16 @@ pub struct CheckpointConfig {
     /// Checkpoints hold process memory (secrets included): restoring one into
     /// another Kubernetes namespace must be an explicit decision.
     pub allow_cross_namespace_restore: bool,
+    /// The CUDA driver library for the `driver-api` mode (a name the dynamic
+    /// loader finds, or an absolute path when the driver lives elsewhere).
+    pub libcuda: String,
+    /// How long to wait for a CUDA process's submitted GPU work before its
+    /// lock gives up (milliseconds; 0 waits forever).
+    pub cuda_lock_timeout_ms: u32,
+    /// Restoring CUDA state onto GPUs of another model or count fails in the
+    /// driver, often late; refuse it unless this (or the container's
+    /// `kybernate.io/allow-gpu-mismatch` annotation) allows it.
+    pub allow_gpu_mismatch: bool,
 }
 
 impl Default for CheckpointConfig {
@@ -79,6 +89,9 @@ impl Default for CheckpointConfig {
             root: PathBuf::from("/var/lib/kybernate/checkpoints"),
             cuda: CudaMode::Auto,
             allow_cross_namespace_restore: false,
+            libcuda: "libcuda.so.1".into(),
+            cuda_lock_timeout_ms: 10_000,
+            allow_gpu_mismatch: false,
         }
     }
 }
@@ -205,6 +218,9 @@ allowed = ["runc"]
 root = "/srv/ckpt"
 cuda = "driver-api"
 allow_cross_namespace_restore = true
+libcuda = "/usr/local/nvidia/lib64/libcuda.so.1"
+cuda_lock_timeout_ms = 30000
+allow_gpu_mismatch = true
 "#,
         )
         .unwrap();
@@ -214,6 +230,9 @@ allow_cross_namespace_restore = true
         assert_eq!(c.checkpoint.cuda, CudaMode::DriverApi);
         assert_eq!(c.checkpoint.root, PathBuf::from("/srv/ckpt"));
         assert!(c.checkpoint.allow_cross_namespace_restore);
+        assert_eq!(c.checkpoint.libcuda, "/usr/local/nvidia/lib64/libcuda.so.1");
+        assert_eq!(c.checkpoint.cuda_lock_timeout_ms, 30_000);
+        assert!(c.checkpoint.allow_gpu_mismatch);
     }
 
     #[test]
