@@ -10,8 +10,8 @@
 
 pub mod archive;
 pub mod cuda;
-pub mod gpu;
 pub mod flags;
+pub mod gpu;
 pub mod logtail;
 pub mod manifest;
 pub mod policy;

@@ -24,7 +24,10 @@ use log::{info, warn};
 use oci_spec::runtime::Spec;
 
 use crate::container::Container;
+use crate::gpu::{self, GpuCheckpoint, GpuError};
 use crate::runtime::{tool_output, ContainerStatus, OciRuntime, RuntimeError, Spawner};
+use kybernate_criu::cuda::GpuSession;
+use kybernate_criu::gpu::GpuMode;
 
 /// Annotation naming a checkpoint in the node's store to restore on create (Kubernetes path).
 pub const RESTORE_ANNOTATION: &str = "kybernate.io/restore-from";
@@ -98,6 +101,22 @@ pub enum CheckpointError {
     },
     #[error("restore {id}: {message}")]
     Restore { id: String, message: String },
+    /// The CUDA side of a checkpoint or restore (mode preconditions, a driver call, the GPUs).
+    #[error("{what} {id}: {source}")]
+    Gpu {
+        what: &'static str,
+        id: String,
+        #[source]
+        source: Box<GpuError>,
+    },
+    /// The checkpoint is complete, but its CUDA processes could not all be resumed.
+    #[error("checkpoint {id}: complete at {}, but {source}", target.display())]
+    GpuResume {
+        id: String,
+        target: PathBuf,
+        #[source]
+        source: Box<GpuError>,
+    },
     /// The checkpoint is complete, but the container asked to exit could not be stopped.
     #[error("checkpoint {id}: complete at {}, but the container could not be stopped: {source}", target.display())]
     Stop {
@@ -124,6 +143,8 @@ impl CheckpointError {
             self,
             CheckpointError::Busy { .. } | CheckpointError::Preflight { .. } | CheckpointError::Restore { .. }
         ) || matches!(self, CheckpointError::Store { source: criu::StoreError::NotFound { .. }, .. })
+            || matches!(self, CheckpointError::Gpu { source, .. }
+                if matches!(**source, GpuError::Mode(_) | GpuError::Mismatch(_) | GpuError::Cdi(_)))
     }
 }
 
@@ -215,11 +236,38 @@ impl Checkpointer<'_> {
     ) -> Result<Manifest> {
         let id = c.id.as_str();
         let (criu_path, criu_version) = self.criu(c, "checkpoint")?;
-        let runtime = c.runtime.with_criu(criu_path.clone());
+        let mut runtime = c.runtime.with_criu(criu_path.clone());
+        let gpu_err = |source| CheckpointError::Gpu { what: "checkpoint", id: id.into(), source: Box::new(source) };
+
+        // GPU containers: decided before anything is frozen; in the driver-api mode every CUDA
+        // process is locked and its device memory moved to host memory before the dump.
+        let pids = runtime.ps(id, &c.bundle).unwrap_or_else(|e| {
+            warn!("container {id}: cannot list its processes for CUDA detection: {e}");
+            Vec::new()
+        });
+        let gpu = GpuCheckpoint::prepare(c, &pids, criu_version, &c.checkpoint_config).map_err(gpu_err)?;
+        if gpu.as_ref().is_some_and(|g| g.mode == GpuMode::DriverApi) {
+            let empty = gpu::empty_plugin_dir(&c.bundle).map_err(gpu_err)?;
+            runtime = runtime.with_criu_env(kybernate_criu::cuda::preflight::CRIU_LIBS_DIR, empty);
+        }
+        if was_paused && gpu.as_ref().is_some_and(|g| g.mode != GpuMode::None) {
+            // The driver cannot lock the threads of a frozen process.
+            return Err(CheckpointError::BadRequest {
+                id: id.into(),
+                message: "its CUDA state cannot be checkpointed while it is paused: resume it first".into(),
+            });
+        }
+        let mut session = gpu.as_ref().and_then(GpuCheckpoint::session);
+        if let (Some(s), Some(g)) = (session.as_mut(), gpu.as_ref()) {
+            s.lock_and_checkpoint(g.lock_timeout_ms()).map_err(|e| gpu_err(e.into()))?;
+        }
+
         // Frozen (unless the client paused it already) from before the dump until the rootfs
         // changes are written, so that memory and files are one moment's state; with `exit`,
-        // until the checkpoint is committed.
-        let freeze = !was_paused;
+        // until the checkpoint is committed. CRIU's CUDA plugin must find the threads running,
+        // so in that mode the freeze starts right after the dump.
+        let freeze = !was_paused && gpu.as_ref().map_or(true, GpuCheckpoint::freeze_before_dump);
+        let freeze_after_dump = !was_paused && !freeze;
         if freeze {
             runtime.pause(id, &c.bundle).map_err(|source| CheckpointError::Criu {
                 what: "checkpoint",
@@ -227,9 +275,10 @@ impl Checkpointer<'_> {
                 source,
             })?;
         }
-        let thaw_after_dump = freeze && !req.flags.exit;
-        let result =
-            self.checkpoint_frozen(c, pid, req, target, was_paused, thaw_after_dump, &runtime, criu_path, criu_version);
+        let thaw_after_dump = (freeze || freeze_after_dump) && !req.flags.exit;
+        let frozen = Frozen { was_paused, freeze_after_dump, thaw_after_dump };
+        let gpu_ctx = GpuContext { plan: gpu.as_ref(), session: &mut session };
+        let result = self.checkpoint_frozen(c, pid, req, target, frozen, gpu_ctx, &runtime, criu_path, criu_version);
         match (&result, req.flags.exit) {
             (Ok(_), true) => {
                 // Killed while frozen; `kill --all` thaws the cgroup itself on cgroup v1, else
@@ -239,11 +288,22 @@ impl Checkpointer<'_> {
                     target: target.into(),
                     source: Box::new(e),
                 })?;
+                if let Some(s) = session.as_mut() {
+                    s.processes_exited();
+                }
                 self.recover(&runtime, c, false);
             }
-            (Err(_), _) if freeze => {
-                // Ours to thaw (the dump's own failure path may have done it already).
-                self.recover(&runtime, c, false);
+            (Err(_), _) => {
+                // Ours to thaw (the dump's own failure path may have done it already), then
+                // the CUDA processes get their GPU state back and are unlocked.
+                if freeze || freeze_after_dump {
+                    self.recover(&runtime, c, false);
+                }
+                if let Some(s) = session.as_mut() {
+                    if let Err(e) = s.resume() {
+                        warn!("container {id}: after the failed checkpoint: {e}");
+                    }
+                }
             }
             _ => {}
         }
@@ -257,8 +317,8 @@ impl Checkpointer<'_> {
         pid: u32,
         req: &CheckpointRequest,
         target: &Path,
-        was_paused: bool,
-        thaw_after_dump: bool,
+        frozen: Frozen,
+        gpu: GpuContext<'_, '_>,
         runtime: &OciRuntime,
         criu_path: PathBuf,
         criu_version: criu::CriuVersion,
@@ -293,9 +353,18 @@ impl Checkpointer<'_> {
             mib(memory),
             mib(changes)
         );
+        let dump_started = Instant::now();
         if let Err(e) = runtime.checkpoint(id, &c.bundle, args) {
-            let outcome = self.recover(runtime, c, was_paused);
+            let outcome = self.recover(runtime, c, frozen.was_paused);
             return Err(runtime_failure("checkpoint", id, e, &work.join("dump.log"), outcome));
+        }
+        let dump_ms = dump_started.elapsed().as_millis() as u64;
+        if frozen.freeze_after_dump {
+            runtime.pause(id, &c.bundle).map_err(|source| CheckpointError::Criu {
+                what: "checkpoint",
+                id: id.into(),
+                source,
+            })?;
         }
 
         let spec_bytes = std::fs::read(c.bundle.join("config.json")).map_err(|source| CheckpointError::Write {
@@ -319,9 +388,26 @@ impl Checkpointer<'_> {
                 .map_err(|source| CheckpointError::RootfsDiff { id: id.into(), source })?,
             _ => false,
         };
-        if thaw_after_dump {
+        let mut gpu_resume = None;
+        if frozen.thaw_after_dump {
             // Memory and files are captured: the rest (hashing, syncing) runs with the container live.
             self.recover(runtime, c, false);
+            if let Some(s) = gpu.session.as_mut() {
+                gpu_resume = s.resume().err();
+            }
+        }
+        let gpu_record = gpu.plan.map(|g| {
+            let spec_json = serde_json::from_slice(&spec_bytes).unwrap_or(serde_json::Value::Null);
+            g.record(&spec_json, pid, gpu.session.as_ref(), dump_ms)
+        });
+        if let Some(r) = &gpu_record {
+            info!(
+                "container {id}: GPU mode {}, {} CUDA process(es), {} bytes of device memory, phases {:?} ms",
+                r.mode.as_str(),
+                r.processes.len(),
+                r.bytes_total,
+                r.phases_ms
+            );
         }
         let annotation = |keys: &[&str]| keys.iter().find_map(|k| spec_annotation(spec.as_ref(), k));
         let created = criu::now_rfc3339();
@@ -365,7 +451,7 @@ impl Checkpointer<'_> {
             rootfs_diff,
             duration_ms: started.elapsed().as_millis() as u64,
             files: Default::default(),
-            gpu: None,
+            gpu: gpu_record,
         };
         let manifest = partial.commit(manifest).map_err(|source| CheckpointError::Store {
             what: "checkpoint",
@@ -378,6 +464,13 @@ impl Checkpointer<'_> {
             mib(manifest.total_size()),
             started.elapsed().as_millis()
         );
+        if let Some(e) = gpu_resume {
+            return Err(CheckpointError::GpuResume {
+                id: id.into(),
+                target: target.into(),
+                source: Box::new(e.into()),
+            });
+        }
         Ok(manifest)
     }
 
@@ -411,6 +504,23 @@ impl Checkpointer<'_> {
             Err(e) => format!("the container's state is unknown: {e}"),
         }
     }
+}
+
+/// How the container is frozen around the dump.
+#[derive(Debug, Clone, Copy)]
+struct Frozen {
+    /// The client had paused it: never thaw it.
+    was_paused: bool,
+    /// Freeze once the dump is done (CRIU's CUDA plugin needs running threads during it).
+    freeze_after_dump: bool,
+    /// Thaw once memory and files are captured (not with `exit`).
+    thaw_after_dump: bool,
+}
+
+/// The GPU side of one checkpoint.
+struct GpuContext<'p, 's> {
+    plan: Option<&'p GpuCheckpoint>,
+    session: &'s mut Option<GpuSession<'p>>,
 }
 
 /// File left in containerd's checkpoint dir when the checkpoint went to `image_path` instead.

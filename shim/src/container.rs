@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use kybernate_runtime_select::CheckpointConfig;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::RestorePlan;
@@ -64,6 +65,8 @@ pub struct Container {
     pub criu_work: Option<PathBuf>,
     /// The overlay upper dir of the rootfs: the container's file changes, for `rootfs-diff.tar`.
     pub rootfs_upper: Option<PathBuf>,
+    /// `[checkpoint]` of the node config as read at create (CUDA mode, libcuda, GPU policy).
+    pub checkpoint_config: CheckpointConfig,
     /// Set at Create from a checkpoint; Start restores instead of starting.
     restore: Mutex<Option<RestorePlan>>,
     checkpointing: AtomicBool,
@@ -91,6 +94,7 @@ impl Container {
             no_pivot: false,
             criu_work: None,
             rootfs_upper: None,
+            checkpoint_config: CheckpointConfig::default(),
             restore: Mutex::new(None),
             checkpointing: AtomicBool::new(false),
             execs: Mutex::new(HashMap::new()),

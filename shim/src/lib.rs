@@ -8,6 +8,7 @@
 //! - [`io`]: process stdio through pipes and the console socket
 //! - [`events`]: publishing task events without blocking
 //! - [`oom`], [`stats`], [`cgroups`]: cgroup OOM events and metrics
+//! - [`checkpoint`]: checkpoint and restore with CRIU; [`gpu`]: CUDA state and device access of GPU containers
 //! - [`options`]: containerd's runtime options; [`error`]: errors and their ttrpc codes
 
 pub mod cgroups;
@@ -15,6 +16,7 @@ pub mod checkpoint;
 pub mod container;
 pub mod error;
 pub mod events;
+pub mod gpu;
 pub mod io;
 pub mod oom;
 pub mod options;

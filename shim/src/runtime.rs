@@ -198,6 +198,9 @@ pub struct RuntimeOpts {
     pub systemd_cgroup: bool,
     /// `--criu`, given to checkpoint and restore only.
     pub criu: Option<PathBuf>,
+    /// Environment for the runtime and the CRIU it starts (which inherits it), e.g.
+    /// `CRIU_LIBS_DIR`; set only on the runtime handle used for a checkpoint or restore.
+    pub criu_env: Vec<(OsString, OsString)>,
 }
 
 /// The stdio fds handed to the runtime process (made by the IO module).
@@ -484,6 +487,14 @@ impl OciRuntime {
         OciRuntime { opts, spawner: self.spawner.clone() }
     }
 
+    /// The same runtime with `key=value` in its environment (and so in CRIU's).
+    pub fn with_criu_env(&self, key: &str, value: impl Into<OsString>) -> OciRuntime {
+        let mut opts = self.opts.clone();
+        opts.criu_env.retain(|(k, _)| k != key);
+        opts.criu_env.push((key.into(), value.into()));
+        OciRuntime { opts, spawner: self.spawner.clone() }
+    }
+
     /// `checkpoint ARGS ID`, the flags built by `kybernate_criu::CheckpointFlags::checkpoint_args`.
     pub fn checkpoint(&self, id: &str, bundle: &Path, args: Vec<OsString>) -> Result<(), RuntimeError> {
         let args = args.into_iter().chain([OsString::from(id)]);
@@ -550,6 +561,7 @@ impl OciRuntime {
 
         let mut cmd = Command::new(&self.opts.binary);
         cmd.args(self.global_args(bundle, subcommand)).arg(subcommand).args(args);
+        cmd.envs(self.opts.criu_env.iter().map(|(k, v)| (k, v)));
         let (input, capture) = match io {
             CallIo::Child(stdio) => {
                 cmd.stdin(stdio_or_null(stdio.stdin))
@@ -769,8 +781,13 @@ exit 0
             let cp = Command::new("cp").arg(&src).arg(&bin).status().unwrap();
             assert!(cp.success());
             std::fs::create_dir(dir.path().join("bundle")).unwrap();
-            let mut opts =
-                RuntimeOpts { binary: bin, root: dir.path().join("root"), systemd_cgroup: false, criu: None };
+            let mut opts = RuntimeOpts {
+                binary: bin,
+                root: dir.path().join("root"),
+                systemd_cgroup: false,
+                criu: None,
+                criu_env: vec![],
+            };
             edit(&mut opts);
             let rt = OciRuntime::new(opts, Arc::new(DirectSpawner));
             Fake { dir, rt }

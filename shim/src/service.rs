@@ -72,8 +72,10 @@ impl Shim for Service {
         // normal delete the runtime keeps no state (runc: <root>/<id>), and there is nothing to force.
         if let Some(binary) = binary.filter(|_| root.join(&self.id).exists()) {
             let systemd_cgroup = record.as_ref().is_some_and(|r| r.systemd_cgroup);
-            let rt =
-                OciRuntime::new(RuntimeOpts { binary, root, systemd_cgroup, criu: None }, Arc::new(MonitorSpawner));
+            let rt = OciRuntime::new(
+                RuntimeOpts { binary, root, systemd_cgroup, criu: None, criu_env: vec![] },
+                Arc::new(MonitorSpawner),
+            );
             if let Err(e) = rt.delete(&self.id, &bundle, true) {
                 if !e.is_not_found() {
                     eprintln!("delete {}: {e}", self.id);

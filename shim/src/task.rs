@@ -253,6 +253,17 @@ impl Inner {
             }
             binary = recorded;
         }
+        // A GPU checkpoint: the right GPUs, and its devices and driver mounts back in the spec
+        // (the GPU runtime edits specs only on create; a restore passes straight to runc).
+        if let Some(gpu) = restore.as_ref().and_then(|p| p.manifest.as_ref()).and_then(|m| m.gpu.as_ref()) {
+            let changes =
+                crate::gpu::prepare_restore(&req.id, &bundle, gpu, &selector.config.checkpoint).map_err(|source| {
+                    CheckpointError::Gpu { what: "restore", id: req.id.clone(), source: Box::new(source) }
+                })?;
+            for change in &changes {
+                info!("container {}: restore: {change}", req.id);
+            }
+        }
         let record = RuntimeRecord {
             binary,
             root: opts.runtime_root(&self.namespace),
@@ -268,6 +279,7 @@ impl Inner {
                 root: record.root.clone(),
                 systemd_cgroup: record.systemd_cgroup,
                 criu: opts.criu_path.clone(),
+                criu_env: vec![],
             },
             self.spawner.clone(),
         );
@@ -311,6 +323,7 @@ impl Inner {
         c.no_pivot = opts.no_pivot_root();
         c.criu_work = opts.criu_work_path();
         c.rootfs_upper = req.rootfs.iter().find_map(|m| kybernate_criu::overlay_upperdir(&m.type_, &m.options));
+        c.checkpoint_config = selector.config.checkpoint.clone();
         let c = Arc::new(c);
         if let Some(plan) = restore {
             c.set_restore(plan);
@@ -406,7 +419,14 @@ impl Inner {
     fn restore_init(self: &Arc<Self>, c: &Arc<Container>, plan: RestorePlan) -> Result<()> {
         let checkpointer = Checkpointer { spawner: self.spawner.as_ref(), namespace: &self.namespace };
         let (criu_path, _) = checkpointer.criu(c, "restore")?;
-        let runtime = c.runtime.with_criu(criu_path);
+        let mut runtime = c.runtime.with_criu(criu_path);
+        let gpu = plan.manifest.as_ref().and_then(|m| m.gpu.clone());
+        let gpu_err = |source| CheckpointError::Gpu { what: "restore", id: c.id.clone(), source: Box::new(source) };
+        if gpu.as_ref().is_some_and(|g| g.mode == kybernate_criu::gpu::GpuMode::DriverApi) {
+            // Our images carry no CUDA plugin state: a plugin installed on the node stays out.
+            let empty = crate::gpu::empty_plugin_dir(&c.bundle).map_err(gpu_err)?;
+            runtime = runtime.with_criu_env(kybernate_criu::cuda::preflight::CRIU_LIBS_DIR, empty);
+        }
         let work = checkpoint::work_dir(c, None)?;
         let (mut io, child) = ProcessIo::prepare_owned(&c.init.stdio, &c.bundle, &c.id, &self.namespace, c.io_owner)?;
         let pid_file = c.bundle.join("init.pid");
@@ -431,6 +451,20 @@ impl Inner {
         }
         io.attach()?;
         let pid = read_pid(&pid_file)?;
+        if let Some(gpu) = &gpu {
+            // The restored CUDA processes are locked with their device memory in host memory:
+            // give it back to the GPUs and unlock them. A container whose GPU state cannot be
+            // restored is stopped, not left running half-restored.
+            let restored = c.runtime.ps(&c.id, &c.bundle).map_err(Error::from).and_then(|pids| {
+                crate::gpu::restore_cuda(&c.id, gpu, &pids, &c.checkpoint_config).map_err(|e| gpu_err(e).into())
+            });
+            if let Err(e) = restored {
+                if let Err(de) = c.runtime.delete(&c.id, &c.bundle, true) {
+                    warn!("restore {}: stopping the container after the failed GPU restore: {de}", c.id);
+                }
+                return Err(e);
+            }
+        }
         c.init.set_pid(pid);
         c.init.set_io(io);
         self.register_pid(&c.id, None, pid);

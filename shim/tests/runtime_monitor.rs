@@ -99,7 +99,8 @@ fn monitor_spawner_survives_a_reaper_thread() {
     assert!(reaper.reaped() > runs, "the reaper reaped only {} children", reaper.reaped());
 
     // A real container whose processes come back to this subreaper, as they do to the shim.
-    let opts = RuntimeOpts { binary: RUNC.into(), root: root.clone(), systemd_cgroup: false, criu: None };
+    let opts =
+        RuntimeOpts { binary: RUNC.into(), root: root.clone(), systemd_cgroup: false, criu: None, criu_env: vec![] };
     let rt = OciRuntime::new(opts, Arc::new(MonitorSpawner));
     let b = bundle.dir();
     let create =

@@ -27,7 +27,8 @@ fn check_preconditions() {
 }
 
 fn runtime(root: &Path) -> OciRuntime {
-    let opts = RuntimeOpts { binary: RUNC.into(), root: root.into(), systemd_cgroup: false, criu: None };
+    let opts =
+        RuntimeOpts { binary: RUNC.into(), root: root.into(), systemd_cgroup: false, criu: None, criu_env: vec![] };
     OciRuntime::new(opts, Arc::new(DirectSpawner))
 }
 

@@ -15,6 +15,7 @@
 
 mod bundle;
 mod cleanup;
+pub mod fakes;
 mod testbed;
 
 use std::ffi::OsStr;

@@ -8,6 +8,7 @@
 
 mod checkpoint;
 mod commands;
+mod cuda_checkpoint;
 mod doctor;
 mod error;
 mod output;
@@ -240,6 +241,20 @@ Exits 1 when a check failed, else 0.")]
         #[arg(long, value_name = "PATH", default_value = "/etc/containerd/config.toml")]
         containerd_config: PathBuf,
     },
+    /// Drop-in for NVIDIA's cuda-checkpoint over the CUDA driver API (for CRIU's CUDA plugin).
+    #[command(
+        name = "cuda-checkpoint",
+        after_long_help = "\
+Examples:
+  kybernate cuda-checkpoint --get-state --pid 4711
+  kybernate cuda-checkpoint --action lock --pid 4711 --timeout 10000
+  kybernate cuda-checkpoint --toggle --pid 4711
+
+Output is NVIDIA's (CRIU parses it); --output does not apply. The driver library is the config's
+[checkpoint] libcuda. Linked as `cuda-checkpoint`, kybernate runs this command:
+  ln -s /usr/local/bin/kybernate /usr/local/bin/cuda-checkpoint"
+    )]
+    CudaCheckpoint(cuda_checkpoint::Args),
     /// Print a shell completion script.
     #[command(after_long_help = "\
 Examples:
@@ -267,6 +282,10 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 fn main() -> ExitCode {
+    // Started through a `cuda-checkpoint` symlink (by CRIU's CUDA plugin): NVIDIA's command line.
+    if let Some(code) = cuda_checkpoint::main_by_argv0() {
+        return code;
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => e.exit(), // --help, --version: print, exit 0
@@ -290,6 +309,9 @@ fn run(cli: Cli) -> Result<ExitCode, CliError> {
         clap_complete::generate(shell, &mut Cli::command(), "kybernate", &mut out);
         std::io::stdout().write_all(&out).map_err(CliError::Stdout)?;
         return Ok(ExitCode::SUCCESS);
+    }
+    if let Command::CudaCheckpoint(args) = &cli.command {
+        return cuda_checkpoint::run(cli.config.as_deref(), args);
     }
     let store = store::open(cli.config.as_deref())?;
     let ns = cli.namespace.as_deref().filter(|s| !s.is_empty());
@@ -323,7 +345,7 @@ fn run(cli: Cli) -> Result<ExitCode, CliError> {
             restore::restore(&store, out, &cli.address, ns, &args)
         }
         Command::Doctor { containerd_config } => doctor::doctor(out, &cli.address, &containerd_config, store.root()),
-        Command::Completions { .. } => Ok(ExitCode::SUCCESS),
+        Command::Completions { .. } | Command::CudaCheckpoint(_) => Ok(ExitCode::SUCCESS),
     }
 }
 

@@ -1,0 +1,343 @@
+//! GPU containers through a checkpoint and a restore: which way CUDA state is handled
+//! (`[checkpoint] cuda`), the driver-api cycle around the dump, what the manifest records
+//! (mode, processes, GPUs, bytes, phases, device access), and giving a restored container its
+//! devices, driver mounts and CUDA state back.
+//!
+//! The CUDA driver sits behind `kybernate_criu::cuda::CudaDriver`; production loads
+//! `libcuda.so.1` (the `[checkpoint] libcuda` key) only when a container has CUDA processes.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use kybernate_criu::cuda::{
+    self, preflight::CRIU_LIBS_DIR, Chosen, CudaDriver, CudaProcess, GpuSession, LibCuda, PluginReady, Wanted,
+};
+use kybernate_criu::gpu::{self, GpuDevices, GpuMode, GpuRecord};
+use kybernate_criu::CriuVersion;
+use kybernate_runtime_select::{CheckpointConfig, CudaMode};
+use log::{info, warn};
+
+use crate::container::Container;
+
+/// `/proc` of the host (the shim runs in the host's pid namespace).
+pub const PROC: &str = "/proc";
+/// Annotation that lets one restore proceed onto different GPUs.
+pub const ALLOW_MISMATCH_ANNOTATION: &str = "kybernate.io/allow-gpu-mismatch";
+/// Phase name of the CRIU dump in the manifest's `phases_ms`.
+pub const PHASE_DUMP: &str = "criu-dump";
+
+/// Why the GPU side of a checkpoint or restore failed.
+#[derive(Debug, thiserror::Error)]
+pub enum GpuError {
+    #[error("{0}")]
+    Mode(#[from] cuda::ModeError),
+    #[error("{0}")]
+    Step(#[from] cuda::GpuStepError),
+    #[error("{0}")]
+    Resume(#[from] cuda::session::GpuResumeError),
+    #[error("GPU restore: {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Restore(Vec<cuda::GpuRestoreError>),
+    #[error("cannot load the CUDA driver for the restore: {0}")]
+    Load(#[from] cuda::LoadError),
+    #[error("{0}")]
+    Mismatch(#[from] gpu::GpuMismatch),
+    #[error("{0}")]
+    Cdi(#[from] gpu::CdiError),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What a checkpoint of a GPU container does about CUDA.
+pub struct GpuCheckpoint {
+    pub mode: GpuMode,
+    /// The CUDA processes found before the dump.
+    pub processes: Vec<CudaProcess>,
+    driver: Option<LibCuda>,
+    pub plugin: Option<PluginReady>,
+    lock_timeout_ms: u32,
+}
+
+impl GpuCheckpoint {
+    /// Decides, before anything is frozen, whether `c` is a GPU container and how its CUDA state
+    /// is handled. `None`: a CPU container (no GPU runtime decision, no CUDA process).
+    pub fn prepare(
+        c: &Container,
+        pids: &[i32],
+        criu: CriuVersion,
+        cfg: &CheckpointConfig,
+    ) -> Result<Option<Self>, GpuError> {
+        let processes = cuda::find_cuda_processes(Path::new(PROC), pids);
+        if !c.record.gpu && processes.is_empty() {
+            return Ok(None);
+        }
+        let pids_text: Vec<String> = processes.iter().map(|p| format!("{} ({})", p.pid, p.evidence)).collect();
+        info!("container {}: GPU container, CUDA processes: [{}]", c.id, pids_text.join("; "));
+        let base = |mode| Self { mode, processes: Vec::new(), driver: None, plugin: None, lock_timeout_ms: 0 };
+        if processes.is_empty() {
+            // Devices only: nothing holds GPU state right now.
+            return Ok(Some(base(GpuMode::None)));
+        }
+        let wanted = match cfg.cuda {
+            CudaMode::Off => {
+                warn!(
+                    "container {}: [checkpoint] cuda = \"off\": the CUDA state of {} process(es) is not checkpointed",
+                    c.id,
+                    processes.len()
+                );
+                return Ok(Some(base(GpuMode::None)));
+            }
+            CudaMode::Auto => Wanted::Auto,
+            CudaMode::CriuPlugin => Wanted::CriuPlugin,
+            CudaMode::DriverApi => Wanted::DriverApi,
+        };
+        let path_env = std::env::var_os("PATH");
+        let libs_dir = std::env::var_os(CRIU_LIBS_DIR);
+        let plugin = || {
+            cuda::check_criu_plugin(
+                criu,
+                &cuda::preflight::plugin_dirs(libs_dir.as_deref()),
+                path_env.as_deref(),
+                &Path::new(PROC).join("driver/nvidia/version"),
+            )
+        };
+        let chosen = cuda::choose(wanted, plugin, || LibCuda::load(cfg.libcuda.as_ref()))?;
+        let mut me = base(GpuMode::None);
+        me.processes = processes;
+        me.lock_timeout_ms = cfg.cuda_lock_timeout_ms;
+        match chosen {
+            Chosen::CriuPlugin(ready) => {
+                info!(
+                    "container {}: CUDA state through CRIU's plugin {} ({}, driver {})",
+                    c.id,
+                    ready.plugin.display(),
+                    ready.cuda_checkpoint.display(),
+                    ready.driver_version
+                );
+                me.mode = GpuMode::CriuPlugin;
+                me.plugin = Some(ready);
+            }
+            Chosen::DriverApi(driver) => {
+                info!("container {}: CUDA state through the driver API ({})", c.id, cfg.libcuda);
+                me.mode = GpuMode::DriverApi;
+                me.driver = Some(driver);
+            }
+        }
+        Ok(Some(me))
+    }
+
+    /// The driver-api session over the CUDA processes (`None` in the other modes).
+    pub fn session(&self) -> Option<GpuSession<'_>> {
+        let driver = self.driver.as_ref()?;
+        Some(GpuSession::new(driver as &dyn CudaDriver, Path::new(PROC), self.processes.clone()))
+    }
+
+    pub fn lock_timeout_ms(&self) -> u32 {
+        self.lock_timeout_ms
+    }
+
+    /// CRIU's plugin needs the process's threads running to lock them: no freezing before the dump.
+    pub fn freeze_before_dump(&self) -> bool {
+        self.mode != GpuMode::CriuPlugin
+    }
+
+    /// The manifest's `gpu` section. `spec` is the container's config.json; `pid` its init.
+    pub fn record(
+        &self,
+        spec: &serde_json::Value,
+        pid: u32,
+        session: Option<&GpuSession<'_>>,
+        dump_ms: u64,
+    ) -> GpuRecord {
+        let node = gpu::node_gpus(Path::new(PROC));
+        let proc_dir = Path::new(PROC).join(pid.to_string());
+        let read = |p: PathBuf| std::fs::read_to_string(&p).unwrap_or_default();
+        let devices = gpu::record(
+            spec,
+            &proc_dir.join("root"),
+            &read(proc_dir.join("mountinfo")),
+            &read(Path::new(PROC).join("self/mountinfo")),
+        );
+        let processes = match session {
+            Some(s) => s.records(),
+            None => self
+                .processes
+                .iter()
+                .map(|p| gpu::CudaProcessRecord {
+                    pid: p.pid,
+                    ns_pid: p.ns_pid,
+                    evidence: p.evidence.clone(),
+                    state_before: None,
+                    state_checkpointed: None,
+                    bytes: 0,
+                    gpu_minors: p.gpu_minors.clone(),
+                })
+                .collect(),
+        };
+        let mut phases: BTreeMap<String, u64> = session.map(|s| s.phases().clone()).unwrap_or_default();
+        phases.insert(PHASE_DUMP.into(), dump_ms);
+        let bytes_per_gpu = bytes_per_gpu(&processes, &node.gpus);
+        let cuda_driver_version = self
+            .driver
+            .as_ref()
+            .and_then(|d| d.driver_version().ok())
+            .map(|v| format!("{}.{}", v / 1000, (v % 1000) / 10));
+        GpuRecord {
+            mode: self.mode,
+            bytes_total: processes.iter().map(|p| p.bytes).sum(),
+            processes,
+            gpus: node.gpus,
+            driver_version: node.driver_version.or_else(|| self.plugin.as_ref().map(|p| p.driver_version.clone())),
+            cuda_driver_version,
+            bytes_per_gpu,
+            phases_ms: phases,
+            devices,
+        }
+    }
+}
+
+/// Attributes each process's bytes to the GPUs it holds open (split evenly), by UUID.
+fn bytes_per_gpu(processes: &[gpu::CudaProcessRecord], gpus: &[gpu::GpuInfo]) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    for p in processes.iter().filter(|p| p.bytes > 0) {
+        let uuids: Vec<String> = p
+            .gpu_minors
+            .iter()
+            .map(|m| {
+                gpus.iter()
+                    .find(|g| g.minor == Some(*m))
+                    .map(|g| g.uuid.clone())
+                    .unwrap_or_else(|| format!("minor-{m}"))
+            })
+            .collect();
+        if uuids.is_empty() {
+            *out.entry("unknown".to_string()).or_default() += p.bytes;
+            continue;
+        }
+        let share = p.bytes / uuids.len() as u64;
+        for u in uuids {
+            *out.entry(u).or_default() += share;
+        }
+    }
+    out
+}
+
+/// An empty directory given to CRIU as its plugin dir in the driver-api mode, so that a CUDA
+/// plugin installed on the node does not also act on processes we already checkpointed.
+pub fn empty_plugin_dir(bundle: &Path) -> Result<PathBuf, GpuError> {
+    let dir = bundle.join("criu-no-plugins");
+    std::fs::create_dir_all(&dir)
+        .map_err(|source| GpuError::Io { context: format!("create {}", dir.display()), source })?;
+    Ok(dir)
+}
+
+/// At Create from a GPU checkpoint: refuses different GPUs (unless allowed), then puts the
+/// recorded devices, cgroup rules and driver mounts (or, where the container names CDI devices
+/// and CDI specs exist, what they resolve to) into the bundle's config.json.
+pub fn prepare_restore(
+    id: &str,
+    bundle: &Path,
+    record: &GpuRecord,
+    cfg: &CheckpointConfig,
+) -> Result<Vec<String>, GpuError> {
+    let config = bundle.join("config.json");
+    let io = |context: String| move |source| GpuError::Io { context, source };
+    let bytes = std::fs::read(&config).map_err(io(format!("read {}", config.display())))?;
+    let mut spec: serde_json::Value = serde_json::from_slice(&bytes)
+        .map_err(|e| GpuError::Io { context: format!("parse {}", config.display()), source: e.into() })?;
+    let allowed = cfg.allow_gpu_mismatch
+        || spec
+            .pointer(&format!("/annotations/{}", ALLOW_MISMATCH_ANNOTATION.replace('/', "~1")))
+            .and_then(|v| v.as_str())
+            .is_some_and(|v| v.eq_ignore_ascii_case("true"));
+    let node = gpu::node_gpus(Path::new(PROC));
+    if let Err(e) = gpu::check_compatible(&record.gpus, &node.gpus) {
+        if !allowed {
+            return Err(e.into());
+        }
+        warn!("restore {id}: {e} (allowed)");
+    }
+    let devices = restore_devices(id, &spec, record)?;
+    let changes = gpu::inject(&mut spec, &devices);
+    if !changes.is_empty() {
+        let text = serde_json::to_vec_pretty(&spec)
+            .map_err(|e| GpuError::Io { context: format!("encode {}", config.display()), source: e.into() })?;
+        let tmp = bundle.join(".config.json.kybernate-tmp");
+        std::fs::write(&tmp, text).map_err(io(format!("write {}", tmp.display())))?;
+        std::fs::rename(&tmp, &config).map_err(io(format!("rename to {}", config.display())))?;
+    }
+    Ok(changes)
+}
+
+/// CDI names the restored container carries resolve through the node's CDI specs (that is what
+/// the GPU runtime would have done at create); otherwise the devices recorded at checkpoint.
+fn restore_devices(id: &str, spec: &serde_json::Value, record: &GpuRecord) -> Result<GpuDevices, GpuError> {
+    let mut names = gpu::cdi_device_names(spec);
+    if names.is_empty() {
+        names = record.devices.cdi_devices.clone();
+    }
+    let dirs: Vec<&Path> = gpu::CDI_DIRS.iter().map(Path::new).filter(|d| d.is_dir()).collect();
+    if names.is_empty() || dirs.is_empty() {
+        return Ok(record.devices.clone());
+    }
+    let resolved = gpu::resolve_cdi(&names, &dirs)?;
+    info!("restore {id}: CDI devices [{}] resolved through {:?}", names.join(", "), dirs);
+    // The recorded driver mounts stay (a CDI spec may list fewer than a hook mounted).
+    let mut devices = resolved;
+    for m in &record.devices.mounts {
+        if !devices.mounts.iter().any(|d| d.destination == m.destination) {
+            devices.mounts.push(m.clone());
+        }
+    }
+    Ok(devices)
+}
+
+/// After the runtime restored a driver-api checkpoint: restore + unlock each recorded CUDA
+/// process at its restored pid. Returns the phase timings.
+pub fn restore_cuda(
+    id: &str,
+    record: &GpuRecord,
+    pids: &[i32],
+    cfg: &CheckpointConfig,
+) -> Result<BTreeMap<String, u64>, GpuError> {
+    let mut phases = BTreeMap::new();
+    if record.mode != GpuMode::DriverApi || record.processes.is_empty() {
+        return Ok(phases);
+    }
+    let driver = LibCuda::load(cfg.libcuda.as_ref())?;
+    let restored = cuda::restore_processes(&driver, Path::new(PROC), &record.processes, pids, &mut phases)
+        .map_err(GpuError::Restore)?;
+    info!("restore {id}: CUDA state of pids {restored:?} restored and unlocked ({phases:?} ms)");
+    Ok(phases)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_go_to_the_gpus_a_process_holds() {
+        let p = |bytes, minors: Vec<u32>| gpu::CudaProcessRecord {
+            pid: 1,
+            ns_pid: 1,
+            evidence: String::new(),
+            state_before: None,
+            state_checkpointed: None,
+            bytes,
+            gpu_minors: minors,
+        };
+        let gpus = vec![
+            gpu::GpuInfo { index: 0, model: "H100".into(), uuid: "GPU-a".into(), bus_id: "0".into(), minor: Some(0) },
+            gpu::GpuInfo { index: 1, model: "H100".into(), uuid: "GPU-b".into(), bus_id: "1".into(), minor: Some(1) },
+        ];
+        let out =
+            bytes_per_gpu(&[p(100, vec![0]), p(50, vec![0, 1]), p(7, vec![]), p(0, vec![1]), p(3, vec![9])], &gpus);
+        assert_eq!(out.get("GPU-a"), Some(&125));
+        assert_eq!(out.get("GPU-b"), Some(&25));
+        assert_eq!(out.get("unknown"), Some(&7));
+        assert_eq!(out.get("minor-9"), Some(&3));
+    }
+}

@@ -1,0 +1,431 @@
+//! GPU containers end to end on a machine without a GPU: real containerd, runc and CRIU, with
+//! faithful doubles where the real thing cannot exist here — `nvidia-container-runtime`
+//! (shim/examples/fake_nvidia_runtime.rs: edits the spec on create like its CDI mode, passes
+//! everything else to runc, logs and can fail every call) and `libcuda.so.1`
+//! (test/fakes/libcuda.c: the driver's checkpoint API with per-process state, a call log and
+//! failure injection at any step).
+//!
+//! The container is a counter beside two long-lived "GPU workers" that hold `/dev/nvidiactl`
+//! open, which is how CUDA processes look from /proc. Its GPU evidence is a
+//! char device of major 195 in its spec (`ctr run --device` of a node made for the test).
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use containerd_shim_protos::shim::oci::CheckpointOptions;
+use containerd_shim_protos::ttrpc::Code;
+use kybernate_testbed::fakes::{FakeCall, FakeCuda};
+use kybernate_testbed::{unique_name, IMAGE};
+use serde_json::Value;
+
+mod common;
+
+use common::ckpt::*;
+use common::{bundle_dir, task_status, text, wait_for, RUNTIME};
+
+/// The counter, beside two long-lived "GPU workers" holding the (fake) NVIDIA control device
+/// open, as a tensor-parallel server runs one CUDA process per GPU (neither is init).
+const GPU_COUNTER: &str = "sleep 100000 </dev/nvidiactl & sleep 100001 </dev/nvidiactl & i=0; while true; \
+     do i=$((i+1)); echo $i > /tmp/counter.new; mv /tmp/counter.new /tmp/counter; usleep 100000; done";
+/// A driver library the fake GPU runtime bind-mounts, as the real one mounts libnvidia-ml.
+const DRIVER_MOUNT: &str = "/usr/lib/x86_64-linux-gnu/libnvidia-ml.so.1";
+const DRIVER_TEXT: &str = "fake NVIDIA management library\n";
+
+struct GpuBed {
+    bed: Bed,
+    cuda: FakeCuda,
+    /// The fake GPU runtime's directory (calls.log, fail).
+    nvidia: PathBuf,
+    /// The host device node given to containers with `--device` (char 195:0).
+    device: PathBuf,
+    /// Exists → the CRIU wrapper fails every dump and restore.
+    criu_fail: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// A test bed with the fake GPU runtime and a CRIU wrapper (which records each CRIU run in the
+/// fake driver's call log, so the order of driver calls and the dump can be checked) on PATH,
+/// and a config whose `[checkpoint]` gets `extra` and `libcuda` pointing at the fake.
+fn gpu_bed(extra: &str) -> GpuBed {
+    let dir = kybernate_testbed::scratch_dir().expect("scratch dir");
+    let d = dir.path();
+    let cuda = FakeCuda::build(&d.join("cuda"), true);
+
+    let nvidia = d.join("nvidia");
+    std::fs::create_dir_all(&nvidia).unwrap();
+    let fake = fake_runtime_binary();
+    std::fs::copy(&fake, nvidia.join("nvidia-container-runtime")).unwrap();
+    let driver = d.join("driver/libnvidia-ml.so.1");
+    std::fs::create_dir_all(driver.parent().unwrap()).unwrap();
+    std::fs::write(&driver, DRIVER_TEXT).unwrap();
+    let edits = serde_json::json!({
+        // /dev/nvidiactl is /dev/null's numbers here: a CUDA process must be able to open it.
+        "devices": [
+            {"path": "/dev/nvidia0", "type": "c", "major": 195, "minor": 0, "fileMode": 438, "uid": 0, "gid": 0},
+            {"path": "/dev/nvidiactl", "type": "c", "major": 1, "minor": 3, "fileMode": 438, "uid": 0, "gid": 0}
+        ],
+        "rules": [{"allow": true, "type": "c", "major": 195, "minor": 0, "access": "rwm"}],
+        "mounts": [{"destination": DRIVER_MOUNT, "type": "bind", "source": driver, "options": ["rbind", "ro", "nosuid", "nodev"]}]
+    });
+    std::fs::write(nvidia.join("edits.json"), edits.to_string()).unwrap();
+
+    let device = d.join("dev/nvidia0");
+    std::fs::create_dir_all(device.parent().unwrap()).unwrap();
+    nix::sys::stat::mknod(
+        &device,
+        nix::sys::stat::SFlag::S_IFCHR,
+        nix::sys::stat::Mode::from_bits_truncate(0o666),
+        nix::sys::stat::makedev(195, 0),
+    )
+    .expect("mknod a char 195:0 node for the test");
+
+    let criu_bin = d.join("criu-bin");
+    std::fs::create_dir_all(&criu_bin).unwrap();
+    let real_criu = kybernate_criu::find_criu(None, std::env::var_os("PATH").as_deref()).expect("criu on PATH");
+    let criu_fail = d.join("criu-fail");
+    let wrapper = criu_bin.join("criu");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nif [ \"$1\" = swrk ]; then\n  printf 'criu 0 0 libs=%s\\n' \"$CRIU_LIBS_DIR\" >> {log}\n  [ -e {fail} ] && exit 1\nfi\nexec {real} \"$@\"\n",
+            log = cuda.dir.join("calls.log").display(),
+            fail = criu_fail.display(),
+            real = real_criu.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+
+    let config = format!("libcuda = \"{}\"\n{extra}", cuda.lib.display());
+    let bed = bed_with(|b| b.path_prepend(&nvidia).path_prepend(&criu_bin), &config);
+    GpuBed { bed, cuda, nvidia, device, criu_fail, _dir: dir }
+}
+
+/// The fake GPU runtime, built by `cargo test` with the shim's examples.
+fn fake_runtime_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile = exe.parent().and_then(Path::parent).unwrap();
+    let bin = profile.join("examples/fake_nvidia_runtime");
+    assert!(
+        bin.is_file(),
+        "{} missing: run `cargo test -p containerd-shim-kybernate-v1` (which builds the examples)",
+        bin.display()
+    );
+    bin
+}
+
+fn run_gpu_counter(g: &GpuBed, id: &str) {
+    let device = g.device.display().to_string();
+    g.bed.tb.ctr_ok(&["run", "-d", "--runtime", RUNTIME, "--device", &device, IMAGE, id, "sh", "-c", GPU_COUNTER]);
+}
+
+/// Host pids of a task (`ctr t ps`).
+fn task_pids(g: &GpuBed, id: &str) -> Vec<i32> {
+    let out = g.bed.tb.ctr_ok(&["tasks", "ps", id]);
+    out.lines().skip(1).filter_map(|l| l.split_whitespace().next()?.parse().ok()).collect()
+}
+
+/// The CUDA processes of a running GPU counter: its two workers.
+fn cuda_pids(g: &GpuBed, id: &str) -> Vec<i32> {
+    wait_for("the GPU counter's workers", || {
+        let pids: Vec<i32> = task_pids(g, id).into_iter().filter(|&p| holds_nvidiactl(p)).collect();
+        (pids.len() == 2).then_some(pids)
+    })
+}
+
+fn holds_nvidiactl(pid: i32) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.flatten().any(|e| std::fs::read_link(e.path()).is_ok_and(|t| t == Path::new("/dev/nvidiactl"))))
+        .unwrap_or(false)
+}
+
+fn ns_pid(pid: i32) -> i32 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("NSpid:")).unwrap();
+    line.split_whitespace().last().unwrap().parse().unwrap()
+}
+
+fn calls_of(calls: &[FakeCall], function: &str, pid: i32) -> Vec<usize> {
+    calls.iter().enumerate().filter(|(_, c)| c.function == function && c.pid == pid).map(|(i, _)| i).collect()
+}
+
+fn manifest(dir: &Path) -> Value {
+    serde_json::from_slice(&std::fs::read(dir.join("kybernate.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn driver_api_checkpoint_and_restore_give_back_cuda_state_devices_and_mounts() {
+    let g = gpu_bed("cuda = \"driver-api\"\n");
+    let tb = &g.bed.tb;
+    let id = unique_name("gpu");
+    run_gpu_counter(&g, &id);
+    let pids = cuda_pids(&g, &id);
+    let (dir, at_checkpoint) = store_checkpoint(&g.bed, &id, false);
+
+    // Every CUDA process: lock (with the configured timeout) → checkpoint, all before CRIU
+    // runs (with an empty plugin dir), then restore → unlock after it, since it keeps running.
+    let calls = g.cuda.calls();
+    let dump = calls.iter().position(|c| c.function == "criu").expect("CRIU never ran");
+    assert!(calls[dump].extra.as_deref().unwrap_or("").ends_with("/criu-no-plugins"), "{:?}", calls[dump]);
+    for &pid in &pids {
+        let lock = calls_of(&calls, "cuCheckpointProcessLock", pid);
+        let checkpoint = calls_of(&calls, "cuCheckpointProcessCheckpoint", pid);
+        let restore = calls_of(&calls, "cuCheckpointProcessRestore", pid);
+        let unlock = calls_of(&calls, "cuCheckpointProcessUnlock", pid);
+        assert!(
+            lock.len() == 1 && checkpoint.len() == 1 && restore.len() == 1 && unlock.len() == 1,
+            "{pid}: {calls:?}"
+        );
+        assert_eq!(calls[lock[0]].extra.as_deref(), Some("timeout=10000"));
+        assert!(
+            lock[0] < checkpoint[0] && checkpoint[0] < dump && dump < restore[0] && restore[0] < unlock[0],
+            "{calls:?}"
+        );
+        assert_eq!(g.cuda.state_of_pid(pid).as_deref(), Some("running"), "pid {pid}");
+    }
+    assert!(calls.iter().all(|c| c.code == 0), "{calls:?}");
+    assert_running_gpu(&g, &id);
+
+    let m = manifest(&dir);
+    let gpu = &m["gpu"];
+    assert_eq!(gpu["mode"], "driver-api", "{m}");
+    let procs = gpu["processes"].as_array().unwrap();
+    let mut recorded: Vec<i64> = procs.iter().map(|p| p["pid"].as_i64().unwrap()).collect();
+    recorded.sort();
+    let mut want: Vec<i64> = pids.iter().map(|&p| i64::from(p)).collect();
+    want.sort();
+    assert_eq!(recorded, want, "{m}");
+    assert!(procs.iter().all(|p| p["evidence"].as_str().unwrap().contains("/dev/nvidiactl open")), "{m}");
+    assert!(procs.iter().all(|p| p["state_checkpointed"] == "checkpointed" && p["state_before"] == "running"), "{m}");
+    for phase in ["gpu-lock", "gpu-checkpoint", "criu-dump", "gpu-restore", "gpu-unlock"] {
+        assert!(gpu["phases_ms"][phase].is_u64(), "phase {phase} missing: {m}");
+    }
+    assert_eq!(gpu["cuda_driver_version"], "12.8", "{m}");
+    let devices = &gpu["devices"];
+    assert!(
+        devices["devices"].as_array().unwrap().iter().any(|d| d["path"] == "/dev/nvidia0" && d["major"] == 195),
+        "{m}"
+    );
+    assert!(devices["rules"].as_array().unwrap().iter().any(|r| r["major"] == 195 && r["allow"] == true), "{m}");
+    assert!(devices["mounts"].as_array().unwrap().iter().any(|r| r["destination"] == DRIVER_MOUNT), "{m}");
+
+    // Restore on create (the Kubernetes path): a fresh spec that never went through the GPU
+    // runtime's create, so devices, rule and driver mount must come from the checkpoint.
+    let relative = dir.strip_prefix(&g.bed.store).unwrap().display().to_string();
+    let restored = unique_name("gpu-r");
+    let device = g.device.display().to_string();
+    let annotation = format!("kybernate.io/restore-from={relative}");
+    tb.ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        "--device",
+        &device,
+        "--annotation",
+        &annotation,
+        IMAGE,
+        &restored,
+        "sleep",
+        "1000",
+    ]);
+    assert_counter_continues(tb, &restored, at_checkpoint);
+    let nvidia_calls = std::fs::read_to_string(g.nvidia.join("calls.log")).unwrap();
+    assert!(
+        nvidia_calls.lines().any(|l| l.contains(" restore ") && l.ends_with(&restored)),
+        "the restore did not go through the checkpoint's runtime:\n{nvidia_calls}"
+    );
+
+    // Each restored CUDA process got its GPU state back and was unlocked, at its new pid.
+    let new_pids = cuda_pids(&g, &restored);
+    let calls = g.cuda.calls();
+    for &pid in &new_pids {
+        let restore = calls_of(&calls, "cuCheckpointProcessRestore", pid);
+        let unlock = calls_of(&calls, "cuCheckpointProcessUnlock", pid);
+        assert!(restore.len() == 1 && unlock.len() == 1 && restore[0] < unlock[0], "{pid}: {calls:?}");
+        assert_eq!(g.cuda.state_of_pid(pid).as_deref(), Some("running"), "pid {pid}");
+    }
+    let mut old_ns: Vec<i32> = pids.iter().map(|&p| ns_pid_recorded(procs, p)).collect();
+    let mut new_ns: Vec<i32> = new_pids.iter().map(|&p| ns_pid(p)).collect();
+    old_ns.sort();
+    new_ns.sort();
+    assert_eq!(old_ns, new_ns, "restored CUDA processes keep their namespace pids");
+
+    let spec: Value =
+        serde_json::from_slice(&std::fs::read(bundle_dir(tb, &restored).join("config.json")).unwrap()).unwrap();
+    let has = |ptr: &str, f: &dyn Fn(&Value) -> bool| {
+        spec.pointer(ptr).and_then(Value::as_array).is_some_and(|a| a.iter().any(f))
+    };
+    assert!(has("/linux/devices", &|d| d["path"] == "/dev/nvidia0" && d["major"] == 195), "{spec}");
+    assert!(has("/linux/resources/devices", &|r| r["major"] == 195 && r["allow"] == true), "{spec}");
+    assert!(has("/mounts", &|m| m["destination"] == DRIVER_MOUNT), "{spec}");
+    let out = tb.ctr_ok(&["tasks", "exec", "--exec-id", "lib", &restored, "cat", DRIVER_MOUNT]);
+    assert_eq!(out, DRIVER_TEXT);
+    let out = tb.ctr_ok(&["tasks", "exec", "--exec-id", "dev", &restored, "ls", "-l", "/dev/nvidia0"]);
+    assert!(out.starts_with('c') && out.contains("195,"), "{out}");
+    let cgroup = spec["linux"]["cgroupsPath"].as_str().unwrap_or_default().to_string();
+    let list = Path::new("/sys/fs/cgroup/devices").join(cgroup.trim_start_matches('/')).join("devices.list");
+    if let Ok(list) = std::fs::read_to_string(&list) {
+        assert!(list.lines().any(|l| l.starts_with("c 195:0 ")), "{}: {list}", "devices.list");
+    }
+
+    remove(tb, &restored);
+    remove(tb, &id);
+}
+
+fn ns_pid_recorded(procs: &[Value], pid: i32) -> i32 {
+    let p = procs.iter().find(|p| p["pid"] == pid).unwrap();
+    p["ns_pid"].as_i64().unwrap() as i32
+}
+
+fn assert_running_gpu(g: &GpuBed, id: &str) {
+    assert_eq!(task_status(&g.bed.tb, id).as_deref(), Some("RUNNING"), "{id} not running");
+    let n = wait_counter(&g.bed.tb, id, 1);
+    wait_counter(&g.bed.tb, id, n + 3);
+}
+
+/// Checkpoint into the store through the shim; the error when it fails.
+fn failing_checkpoint(g: &GpuBed, id: &str) -> (Code, String, PathBuf) {
+    let target = store_path(&g.bed, id);
+    let r =
+        checkpoint(&g.bed.tb, id, CheckpointOptions { image_path: target.display().to_string(), ..Default::default() });
+    let (code, message) = error_of(r);
+    (code, message, target)
+}
+
+/// After a failed checkpoint: every CUDA process runs unlocked, the container counts on, and
+/// no checkpoint (or partial one) is left.
+fn assert_nothing_left_locked(g: &GpuBed, id: &str, pids: &[i32], target: &Path) {
+    for &pid in pids {
+        assert_eq!(g.cuda.state_of_pid(pid).as_deref().unwrap_or("running"), "running", "pid {pid}");
+        let calls = g.cuda.calls();
+        let locked =
+            calls.iter().filter(|c| c.function == "cuCheckpointProcessLock" && c.pid == pid && c.code == 0).count();
+        let unlocked =
+            calls.iter().filter(|c| c.function == "cuCheckpointProcessUnlock" && c.pid == pid && c.code == 0).count();
+        assert_eq!(locked, unlocked, "pid {pid}: {calls:?}");
+    }
+    assert_running_gpu(g, id);
+    let parent = target.parent().unwrap();
+    assert!(entries(parent).is_empty(), "left in {}: {:?}", parent.display(), entries(parent));
+}
+
+#[test]
+fn a_failing_gpu_step_or_dump_leaves_every_cuda_process_unlocked() {
+    let g = gpu_bed("cuda = \"driver-api\"\n");
+    let id = unique_name("gpu-f");
+    run_gpu_counter(&g, &id);
+    let pids = cuda_pids(&g, &id);
+    wait_counter(&g.bed.tb, &id, 3);
+
+    // The second process's GPU checkpoint fails: the first was already checkpointed.
+    g.cuda.fail("checkpoint", Some(pids[1]), 999);
+    let (code, message, target) = failing_checkpoint(&g, &id);
+    assert_eq!(code, Code::UNKNOWN, "{message}");
+    assert!(
+        message.contains("cuCheckpointProcessCheckpoint")
+            && message.contains("CUDA_ERROR_UNKNOWN")
+            && message.contains("restored and unlocked"),
+        "{message}"
+    );
+    assert_nothing_left_locked(&g, &id, &pids, &target);
+
+    // A lock that times out.
+    g.cuda.clear_failures();
+    g.cuda.fail("lock", Some(pids[0]), 909);
+    let (_, message, target) = failing_checkpoint(&g, &id);
+    assert!(message.contains("cuCheckpointProcessLock") && message.contains("CUDA_ERROR_TIMEOUT"), "{message}");
+    assert_nothing_left_locked(&g, &id, &pids, &target);
+
+    // The CRIU dump fails after both processes were checkpointed.
+    g.cuda.clear_failures();
+    std::fs::write(&g.criu_fail, "").unwrap();
+    let before = g.cuda.calls().len();
+    let (_, message, target) = failing_checkpoint(&g, &id);
+    assert!(message.contains("checkpoint") && message.contains("failed"), "{message}");
+    let calls = g.cuda.calls()[before..].to_vec();
+    for &pid in &pids {
+        assert_eq!(calls_of(&calls, "cuCheckpointProcessCheckpoint", pid).len(), 1, "{calls:?}");
+        assert_eq!(calls_of(&calls, "cuCheckpointProcessRestore", pid).len(), 1, "{calls:?}");
+    }
+    std::fs::remove_file(&g.criu_fail).unwrap();
+    assert_nothing_left_locked(&g, &id, &pids, &target);
+
+    remove(&g.bed.tb, &id);
+}
+
+#[test]
+fn a_failed_gpu_restore_stops_the_container_and_other_gpus_are_refused() {
+    let g = gpu_bed("cuda = \"driver-api\"\n");
+    let tb = &g.bed.tb;
+    let id = unique_name("gpu-rf");
+    run_gpu_counter(&g, &id);
+    cuda_pids(&g, &id);
+    let (dir, _) = store_checkpoint(&g.bed, &id, true);
+    let relative = dir.strip_prefix(&g.bed.store).unwrap().display().to_string();
+    let device = g.device.display().to_string();
+    let annotation = format!("kybernate.io/restore-from={relative}");
+    let run = |name: &str, extra: &[&str]| {
+        let mut args = vec!["run", "-d", "--runtime", RUNTIME, "--device", &device, "--annotation", &annotation];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&[IMAGE, name, "sleep", "1000"]);
+        tb.ctr(&args)
+    };
+
+    // The driver refuses the GPU restore: Start fails, nothing of the container keeps running.
+    g.cuda.fail("restore", None, 999);
+    let r = unique_name("gpu-rf-r");
+    let out = run(&r, &[]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("cuCheckpointProcessRestore") && err.contains("CUDA_ERROR_UNKNOWN"), "{err}");
+    assert_ne!(task_status(tb, &r).as_deref(), Some("RUNNING"));
+    let _ = tb.ctr(&["tasks", "delete", "--force", &r]);
+    tb.ctr_ok(&["containers", "delete", &r]);
+    g.cuda.clear_failures();
+
+    // A checkpoint taken on other GPUs (its manifest says one H100; this node has none).
+    let path = dir.join("kybernate.json");
+    let mut m = manifest(&dir);
+    m["gpu"]["gpus"] = serde_json::json!([{"index": 0, "model": "NVIDIA H100 80GB HBM3", "uuid": "GPU-1", "bus_id": "0000:18:00.0", "minor": 0}]);
+    std::fs::write(&path, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+    let r = unique_name("gpu-mm");
+    let out = run(&r, &[]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("NVIDIA H100 80GB HBM3") && err.contains("allow_gpu_mismatch"), "{err}");
+    let _ = tb.ctr(&["containers", "delete", &r]);
+
+    // Allowed for this one container by its annotation.
+    let r = unique_name("gpu-mm-ok");
+    let out = run(&r, &["--annotation", "kybernate.io/allow-gpu-mismatch=true"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    wait_counter(tb, &r, 1);
+    remove(tb, &r);
+}
+
+#[test]
+fn cuda_modes_are_chosen_and_refused_with_their_reasons() {
+    // criu-plugin on a node without CRIU's CUDA plugin: refused up front, nothing touched.
+    let g = gpu_bed("cuda = \"criu-plugin\"\n");
+    let id = unique_name("gpu-pl");
+    run_gpu_counter(&g, &id);
+    let pids = cuda_pids(&g, &id);
+    wait_counter(&g.bed.tb, &id, 3);
+    let (code, message, target) = failing_checkpoint(&g, &id);
+    assert_eq!(code, Code::FAILED_PRECONDITION, "{message}");
+    assert!(message.contains("criu-plugin") && message.contains("cuda_plugin.so"), "{message}");
+    assert!(g.cuda.calls().iter().all(|c| !c.function.starts_with("cuCheckpointProcess")), "{:?}", g.cuda.calls());
+    assert_nothing_left_locked(&g, &id, &pids, &target);
+    remove(&g.bed.tb, &id);
+    drop(g);
+
+    // auto (the default): without the plugin, the driver API is used where libcuda has it.
+    let g = gpu_bed("");
+    let id = unique_name("gpu-auto");
+    run_gpu_counter(&g, &id);
+    cuda_pids(&g, &id);
+    let (dir, _) = store_checkpoint(&g.bed, &id, false);
+    assert_eq!(manifest(&dir)["gpu"]["mode"], "driver-api");
+    remove(&g.bed.tb, &id);
+}

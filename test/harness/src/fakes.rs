@@ -1,0 +1,159 @@
+//! Fakes of node software for tests that need no real hardware.
+//!
+//! [`FakeCuda`] builds `test/fakes/libcuda.c` into a directory of the test's own: a
+//! `libcuda.so.1` with the CUDA driver's process checkpoint API and the driver's state machine,
+//! keeping its call log, per-process state and failure injection in files next to itself (see the
+//! C source for the formats). Each test gets an isolated fake without environment variables, and
+//! the state survives across processes (the one that checkpoints, the one that restores).
+
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The fake's C source, relative to this crate.
+const SOURCE: &str = "../fakes/libcuda.c";
+
+/// A fake `libcuda.so.1` built into `dir`.
+#[derive(Debug, Clone)]
+pub struct FakeCuda {
+    /// Where the library and its files (`calls.log`, `state`, `fail`, `driver_version`) live.
+    pub dir: PathBuf,
+    /// `dir/libcuda.so.1`: what to load (an absolute path when `dir` is).
+    pub lib: PathBuf,
+}
+
+/// One line of `calls.log`: `<function> <pid> <code> [extra]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FakeCall {
+    pub function: String,
+    /// The pid the call was made for; 0 for calls without one (cuInit, cuDriverGetVersion).
+    pub pid: i32,
+    /// The `CUresult` the fake returned.
+    pub code: i32,
+    /// What else the fake recorded, e.g. `timeout=10000` for a lock.
+    pub extra: Option<String>,
+}
+
+impl FakeCuda {
+    /// Compiles test/fakes/libcuda.c into `dir/libcuda.so.1` (panics with cc's stderr on failure).
+    /// Without `with_checkpoint_api` the cuCheckpoint* symbols are left out, like a driver older
+    /// than r570.
+    pub fn build(dir: &Path, with_checkpoint_api: bool) -> FakeCuda {
+        let source = Path::new(env!("CARGO_MANIFEST_DIR")).join(SOURCE);
+        fs::create_dir_all(dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+        let lib = dir.join("libcuda.so.1");
+        let mut cc = Command::new("cc");
+        cc.args(["-shared", "-fPIC", "-O1", "-Wall"]);
+        if !with_checkpoint_api {
+            cc.arg("-DNO_CHECKPOINT_API");
+        }
+        cc.arg("-o").arg(&lib).arg(&source);
+        let out = cc
+            .output()
+            .unwrap_or_else(|e| panic!("running cc for {}: {e} (is a C compiler installed?)", source.display()));
+        if !out.status.success() {
+            panic!("{}", crate::describe_output(&format!("cc {}", source.display()), &out));
+        }
+        FakeCuda { dir: dir.to_path_buf(), lib }
+    }
+
+    /// The calls so far, in order (empty if nothing was called yet).
+    pub fn calls(&self) -> Vec<FakeCall> {
+        let text = fs::read_to_string(self.dir.join("calls.log")).unwrap_or_default();
+        text.lines().filter_map(parse_call).collect()
+    }
+
+    /// Makes `step` fail with `code` for `pid` (any pid when None) from the next call on.
+    /// Steps: init, driver_version, lock, checkpoint, restore, unlock, get_state, restore_tid.
+    pub fn fail(&self, step: &str, pid: Option<i32>, code: i32) {
+        let pid = pid.map_or_else(|| "*".to_string(), |p| p.to_string());
+        let path = self.dir.join("fail");
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
+        writeln!(f, "{step} {pid} {code}").unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+    }
+
+    /// Removes every injected failure.
+    pub fn clear_failures(&self) {
+        match fs::remove_file(self.dir.join("fail")) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => panic!("removing {}: {e}", self.dir.join("fail").display()),
+        }
+    }
+
+    /// The recorded state (`running`, `locked`, `checkpointed`, `failed`) of the process whose
+    /// innermost (in-namespace) pid is `key_pid` (the last one recorded, when a restored copy
+    /// shares the key); None when never recorded (the fake says running).
+    pub fn state_of(&self, key_pid: i32) -> Option<String> {
+        self.states().into_iter().rev().find(|(k, _, _)| *k == key_pid).map(|(_, _, st)| st)
+    }
+
+    /// The recorded state of the live process `pid` (host pid): its key and start time
+    /// identify it among processes sharing a namespace pid. None when never recorded.
+    pub fn state_of_pid(&self, pid: i32) -> Option<String> {
+        let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let last = |prefix: &str| {
+            status.lines().find(|l| l.starts_with(prefix))?.split_whitespace().last()?.parse::<i32>().ok()
+        };
+        let key = last("NStgid:").or_else(|| last("NSpid:")).unwrap_or(pid);
+        let tgid = last("Tgid:").unwrap_or(pid);
+        let stat = fs::read_to_string(format!("/proc/{tgid}/stat")).ok()?;
+        // starttime is field 22; the fields after ")" start at field 3.
+        let start: u64 = stat.rsplit_once(')')?.1.split_whitespace().nth(19)?.parse().ok()?;
+        self.states().into_iter().find(|(k, st, _)| *k == key && *st == start).map(|(_, _, state)| state)
+    }
+
+    /// (key, start time, state) per line of the state file.
+    fn states(&self) -> Vec<(i32, u64, String)> {
+        let text = fs::read_to_string(self.dir.join("state")).unwrap_or_default();
+        text.lines()
+            .filter_map(|line| {
+                let mut f = line.split_whitespace();
+                Some((f.next()?.parse().ok()?, f.next()?.parse().ok()?, f.next()?.to_string()))
+            })
+            .collect()
+    }
+
+    /// What cuDriverGetVersion returns from now on (default 12080).
+    pub fn set_driver_version(&self, v: i32) {
+        let path = self.dir.join("driver_version");
+        fs::write(&path, format!("{v}\n")).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+    }
+}
+
+fn parse_call(line: &str) -> Option<FakeCall> {
+    let mut parts = line.splitn(4, ' ');
+    let function = parts.next()?.to_string();
+    let pid = parts.next()?.parse().ok()?;
+    let code = parts.next()?.parse().ok()?;
+    let extra = parts.next().map(str::to_string).filter(|s| !s.is_empty());
+    Some(FakeCall { function, pid, code, extra })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_call_lines() {
+        assert_eq!(
+            parse_call("cuCheckpointProcessLock 4711 0 timeout=10000"),
+            Some(FakeCall {
+                function: "cuCheckpointProcessLock".into(),
+                pid: 4711,
+                code: 0,
+                extra: Some("timeout=10000".into())
+            })
+        );
+        assert_eq!(
+            parse_call("cuInit 0 999"),
+            Some(FakeCall { function: "cuInit".into(), pid: 0, code: 999, extra: None })
+        );
+        assert_eq!(parse_call("garbage"), None);
+    }
+}
