@@ -35,6 +35,7 @@ pub use preflight::{
 pub use rootfs::{apply_rootfs_diff, overlay_upperdir, write_rootfs_diff, RootfsError};
 pub use store::{
     dir_size, read_manifest, verify, verify_quick, PartialCheckpoint, Store, StoreError, VerifyError, INVENTORY,
+    PHASE_CRIU_DUMP, PHASE_FILE, PHASE_GPU_CHECKPOINT, PHASE_GPU_LOCK,
 };
 
 /// Any error of this crate, for callers that do not care which step failed.

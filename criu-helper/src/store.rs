@@ -248,6 +248,14 @@ pub struct PartialCheckpoint {
     committed: bool,
 }
 
+/// File in a partial checkpoint naming its current phase (never part of a finished checkpoint).
+pub const PHASE_FILE: &str = ".phase";
+/// Phases a partial checkpoint goes through before its commit (the GPU ones only in the
+/// driver-api mode); the commit itself shows as `spec.dump` present and no phase file.
+pub const PHASE_GPU_LOCK: &str = "gpu-lock";
+pub const PHASE_GPU_CHECKPOINT: &str = "gpu-checkpoint";
+pub const PHASE_CRIU_DUMP: &str = "criu-dump";
+
 impl PartialCheckpoint {
     /// Creates missing parents of `target` (0700), then the partial dir and its `checkpoint/` (0700).
     /// `target` must not exist, or be an empty directory (containerd hands us a fresh temp dir).
@@ -278,12 +286,28 @@ impl PartialCheckpoint {
         &self.target
     }
 
+    /// Tells watchers (`kybernate checkpoint`'s progress line) which phase the checkpoint is in:
+    /// one of the `PHASE_*` names, in [`PHASE_FILE`], removed before the commit hashes the files.
+    /// Best effort: progress display must never fail a checkpoint.
+    pub fn set_phase(&self, phase: &str) {
+        let path = self.dir.join(PHASE_FILE);
+        if let Err(e) = fs::write(&path, phase) {
+            log::debug!("{}: {e}", path.display());
+        }
+    }
+
     /// Records every file under `dir()` in `manifest.files`, writes the manifest, syncs everything
     /// and renames `dir()` onto the target. On error the partial dir is removed (by drop).
     pub fn commit(mut self, mut manifest: Manifest) -> Result<Manifest, StoreError> {
         // Start the disk writes of everything CRIU wrote now, so that they run while we hash
         // (from the page cache); the fsync after each file's hash then waits only for the rest.
         start_writeback(&self.dir);
+        // From here the phase is "commit": watchers see spec.dump and no phase file.
+        let phase = self.dir.join(PHASE_FILE);
+        match fs::remove_file(&phase) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(store_io("remove", &phase)(e)),
+            _ => {}
+        }
         let mut files = BTreeMap::new();
         collect_files(&self.dir, "", &mut files)?;
         files.remove(MANIFEST_FILE);

@@ -10,7 +10,9 @@ use serde_json::Value;
 
 mod common;
 
-use common::fake_checkpoint;
+use common::{fake_checkpoint, fake_checkpoint_with, fake_manifest};
+use kybernate_criu::gpu::{CudaProcessRecord, GpuInfo, GpuMode, GpuRecord};
+use kybernate_criu::cuda::ProcessState;
 
 /// A temporary node: a config naming `<tmp>/store` as the checkpoint root.
 struct Node {
@@ -447,4 +449,75 @@ fn help_and_completions() {
     // Completions need no config: they are generated before it is read.
     let out = Command::new(env!("CARGO_BIN_EXE_kybernate")).args(["completions", "zsh"]).output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+}
+
+/// A driver-api checkpoint taken on one H100 (this test machine has no GPU).
+fn gpu_checkpoint(node: &Node) -> String {
+    let at = SystemTime::now() - HOUR;
+    let mut m = fake_manifest("k8s.io", "trainer", at);
+    m.gpu = Some(GpuRecord {
+        mode: GpuMode::DriverApi,
+        processes: vec![CudaProcessRecord {
+            pid: 4711,
+            ns_pid: 7,
+            evidence: "/dev/nvidia0 open".into(),
+            state_before: Some(ProcessState::Running),
+            state_checkpointed: Some(ProcessState::Checkpointed),
+            bytes: 8 << 30,
+            gpu_minors: vec![0],
+        }],
+        gpus: vec![GpuInfo {
+            index: 0,
+            model: "NVIDIA H100 80GB HBM3".into(),
+            uuid: "GPU-5a3c".into(),
+            bus_id: "0000:18:00.0".into(),
+            minor: Some(0),
+        }],
+        driver_version: Some("580.65.06".into()),
+        cuda_driver_version: Some("13.0".into()),
+        bytes_per_gpu: [("GPU-5a3c".to_string(), 8u64 << 30)].into(),
+        bytes_total: 8 << 30,
+        phases_ms: [("gpu-lock".to_string(), 3u64), ("gpu-checkpoint".to_string(), 2100), ("criu-dump".to_string(), 9000)]
+            .into(),
+        devices: Default::default(),
+    });
+    fake_checkpoint_with(&node.store, m, at)
+}
+
+#[test]
+fn gpu_checkpoints_show_their_gpu_record_and_other_gpus_are_refused() {
+    let node = Node::new();
+    let id = gpu_checkpoint(&node);
+    let list = node.json(&["list"], 0);
+    assert_eq!(list[0]["gpu"], true, "{list}");
+    assert_eq!(list[0]["gpu_mode"], "driver-api", "{list}");
+    let v = node.json(&["inspect", &id], 0);
+    assert_eq!(v["manifest"]["gpu"]["gpus"][0]["model"], "NVIDIA H100 80GB HBM3", "{v}");
+
+    let out = node.run(&["inspect", &id]);
+    let text = stdout(&out).split_whitespace().collect::<Vec<_>>().join(" ");
+    for want in [
+        "gpu mode: driver-api",
+        "cuda procs: 4711 (checkpointed)",
+        "gpus: NVIDIA H100 80GB HBM3",
+        "gpu driver: driver 580.65.06, CUDA 13.0",
+        "gpu bytes: 8.0 GiB",
+        "gpu-checkpoint 2100 ms",
+    ] {
+        assert!(text.contains(want), "{want} missing:\n{text}");
+    }
+
+    // This node has no H100: refused before containerd is asked (none runs here), with the way out.
+    let out = node.run(&["--address", "/nonexistent/containerd.sock", "restore", &id]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    let err = stderr(&out);
+    assert!(err.contains("NVIDIA H100 80GB HBM3") && err.contains("--allow-gpu-mismatch"), "{err}");
+    // Allowed: it gets as far as containerd.
+    let out = node.run(&["--address", "/nonexistent/containerd.sock", "restore", &id, "--allow-gpu-mismatch"]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(!stderr(&out).contains("--allow-gpu-mismatch"), "{}", show(&out));
+    // For Kubernetes, the annotation that allows it comes with the restore annotation.
+    let v = node.json(&["restore", &id, "--pod-annotation", "--allow-gpu-mismatch"], 0);
+    assert_eq!(v["annotation"]["kybernate.io/allow-gpu-mismatch"], "true", "{v}");
+    assert_eq!(v["annotation"]["kybernate.io/restore-from"], id.as_str(), "{v}");
 }

@@ -257,9 +257,18 @@ impl Checkpointer<'_> {
                 message: "its CUDA state cannot be checkpointed while it is paused: resume it first".into(),
             });
         }
+        // The partial checkpoint exists from here, so that its phase file shows the GPU steps too.
+        let partial = PartialCheckpoint::begin(target).map_err(|source| CheckpointError::Store {
+            what: "checkpoint",
+            id: id.to_string(),
+            source,
+        })?;
         let mut session = gpu.as_ref().and_then(GpuCheckpoint::session);
         if let (Some(s), Some(g)) = (session.as_mut(), gpu.as_ref()) {
-            s.lock_and_checkpoint(g.lock_timeout_ms()).map_err(|e| gpu_err(e.into()))?;
+            partial.set_phase(criu::PHASE_GPU_LOCK);
+            s.lock_all(g.lock_timeout_ms()).map_err(|e| gpu_err(e.into()))?;
+            partial.set_phase(criu::PHASE_GPU_CHECKPOINT);
+            s.checkpoint_all().map_err(|e| gpu_err(e.into()))?;
         }
 
         // Frozen (unless the client paused it already) from before the dump until the rootfs
@@ -278,7 +287,7 @@ impl Checkpointer<'_> {
         let thaw_after_dump = (freeze || freeze_after_dump) && !req.flags.exit;
         let frozen = Frozen { was_paused, freeze_after_dump, thaw_after_dump };
         let gpu_ctx = GpuContext { plan: gpu.as_ref(), session: &mut session };
-        let result = self.checkpoint_frozen(c, pid, req, target, frozen, gpu_ctx, &runtime, criu_path, criu_version);
+        let result = self.checkpoint_frozen(c, pid, req, partial, frozen, gpu_ctx, &runtime, criu_path, criu_version);
         match (&result, req.flags.exit) {
             (Ok(_), true) => {
                 // Killed while frozen; `kill --all` thaws the cgroup itself on cgroup v1, else
@@ -316,7 +325,7 @@ impl Checkpointer<'_> {
         c: &Container,
         pid: u32,
         req: &CheckpointRequest,
-        target: &Path,
+        partial: PartialCheckpoint,
         frozen: Frozen,
         gpu: GpuContext<'_, '_>,
         runtime: &OciRuntime,
@@ -325,12 +334,8 @@ impl Checkpointer<'_> {
     ) -> Result<Manifest> {
         let id = c.id.as_str();
         let started = Instant::now();
+        let target = partial.target().to_path_buf();
         let preflight = |source| CheckpointError::Preflight { what: "checkpoint", id: id.to_string(), source };
-        let partial = PartialCheckpoint::begin(target).map_err(|source| CheckpointError::Store {
-            what: "checkpoint",
-            id: id.to_string(),
-            source,
-        })?;
         let memory = criu::memory_estimate(pid, Path::new("/proc"), Path::new("/sys/fs/cgroup"))
             .map_err(preflight)?
             .unwrap_or(0);
@@ -354,6 +359,7 @@ impl Checkpointer<'_> {
             mib(changes)
         );
         let dump_started = Instant::now();
+        partial.set_phase(criu::PHASE_CRIU_DUMP);
         if let Err(e) = runtime.checkpoint(id, &c.bundle, args) {
             let outcome = self.recover(runtime, c, frozen.was_paused);
             return Err(runtime_failure("checkpoint", id, e, &work.join("dump.log"), outcome));
@@ -465,11 +471,7 @@ impl Checkpointer<'_> {
             started.elapsed().as_millis()
         );
         if let Some(e) = gpu_resume {
-            return Err(CheckpointError::GpuResume {
-                id: id.into(),
-                target: target.into(),
-                source: Box::new(e.into()),
-            });
+            return Err(CheckpointError::GpuResume { id: id.into(), target, source: Box::new(e.into()) });
         }
         Ok(manifest)
     }

@@ -90,10 +90,17 @@ impl<'a> GpuSession<'a> {
     }
 
     /// Locks every process (each waits up to `timeout_ms` for its GPU work), then checkpoints
-    /// every one (device memory into host memory). Processes are locked all before any is
-    /// checkpointed, so that none of them keeps talking to a peer that is already frozen. On
-    /// failure every process touched so far is restored and unlocked before this returns.
+    /// every one (device memory into host memory); see [`lock_all`](Self::lock_all) and
+    /// [`checkpoint_all`](Self::checkpoint_all).
     pub fn lock_and_checkpoint(&mut self, timeout_ms: u32) -> Result<(), GpuStepError> {
+        self.lock_all(timeout_ms)?;
+        self.checkpoint_all()
+    }
+
+    /// Locks every process. All are locked before any is checkpointed, so that none of them
+    /// keeps talking to a peer whose memory is already gone from the GPU. On failure every
+    /// process locked so far is unlocked before this returns.
+    pub fn lock_all(&mut self, timeout_ms: u32) -> Result<(), GpuStepError> {
         let started = Instant::now();
         for i in 0..self.procs.len() {
             let pid = self.procs[i].process.pid;
@@ -105,6 +112,12 @@ impl<'a> GpuSession<'a> {
             self.procs[i].stage = Stage::Locked;
         }
         self.phase(PHASE_LOCK, started);
+        Ok(())
+    }
+
+    /// Checkpoints every (locked) process: its device memory moves into host memory. On failure
+    /// every process touched is restored and unlocked before this returns.
+    pub fn checkpoint_all(&mut self) -> Result<(), GpuStepError> {
         let started = Instant::now();
         for i in 0..self.procs.len() {
             let pid = self.procs[i].process.pid;

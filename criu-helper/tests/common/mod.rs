@@ -205,10 +205,16 @@ pub fn fake_manifest(ns: &str, container: &str, at: SystemTime) -> Manifest {
 /// A committed checkpoint of `ns/container` taken at `at`, written with the library (no CRIU:
 /// a fake inventory and pages image); returns its id.
 pub fn fake_checkpoint(store: &Store, ns: &str, container: &str, at: SystemTime) -> String {
-    let target = store.new_checkpoint_path(ns, container, at).unwrap();
+    fake_checkpoint_with(store, fake_manifest(ns, container, at), at)
+}
+
+/// [`fake_checkpoint`] with a manifest of the caller's (e.g. with a GPU record).
+pub fn fake_checkpoint_with(store: &Store, manifest: Manifest, at: SystemTime) -> String {
+    let target = store.new_checkpoint_path(&manifest.namespace, &manifest.container_id, at).unwrap();
     let p = PartialCheckpoint::begin(&target).unwrap();
     std::fs::write(p.images_dir().join("inventory.img"), b"inventory").unwrap();
     std::fs::write(p.images_dir().join("pages-1.img"), vec![7u8; 50_000]).unwrap();
-    p.commit(fake_manifest(ns, container, at)).unwrap();
+    std::fs::write(p.dir().join(kybernate_criu::SPEC_DUMP), b"{\"ociVersion\": \"1.0.2\"}").unwrap();
+    p.commit(manifest).unwrap();
     target.strip_prefix(store.root()).unwrap().to_str().unwrap().to_string()
 }

@@ -105,29 +105,25 @@ pub fn checkpoint(
     Ok(ExitCode::SUCCESS)
 }
 
-/// The human summary: where it went, how big, how long, and the GPU mode.
+/// The human summary: where it went, how big, how long, and the GPU mode (with what the GPU
+/// part moved and how long each phase took, for GPU containers).
 fn summary(cp: &Checkpoint, req: &Args, duration: Duration) -> String {
-    let lines = [
+    let mut lines = vec![
         ("checkpoint", cp.id.clone()),
         ("path", cp.path.display().to_string()),
         ("size", format!("{} ({} bytes)", human_size(cp.size_bytes), cp.size_bytes)),
         ("duration", humantime::format_duration(Duration::from_millis(duration.as_millis() as u64)).to_string()),
-        ("gpu mode", gpu_mode(cp)),
-        ("container", if req.exit { "stopped".into() } else { "left running".into() }),
     ];
+    match cp.manifest.as_ref().and_then(|m| m.gpu.as_ref()) {
+        None => lines.push(("gpu mode", "none".into())),
+        Some(gpu) => lines.extend(output::gpu_lines(gpu)),
+    }
+    lines.push(("container", if req.exit { "stopped".into() } else { "left running".into() }));
     let mut text = format!("checkpointed {} into the store\n", cp.container);
     for (k, v) in lines {
         text.push_str(&format!("{:<11} {v}\n", format!("{k}:")));
     }
     text
-}
-
-/// "none" when the manifest records no GPU state (`gpu: null`); otherwise its `mode`.
-fn gpu_mode(cp: &Checkpoint) -> String {
-    match cp.manifest.as_ref().and_then(|m| m.gpu.as_ref()) {
-        None => "none".into(),
-        Some(gpu) => gpu.mode.as_str().into(),
-    }
 }
 
 /// Everything that talks to containerd; returns the checkpoint directory and the RPC's duration.

@@ -95,7 +95,7 @@ fn details(cp: &Checkpoint) -> String {
     lines.push(("gpu", yes_no(cp.gpu).into()));
     if let Some(m) = &cp.manifest {
         if let Some(gpu) = &m.gpu {
-            lines.push(("gpu state", serde_json::to_string(gpu).unwrap_or_default()));
+            lines.extend(output::gpu_lines(gpu));
         }
         lines.push(("runtime", format!("{} ({})", m.runtime.path.display(), m.runtime.version)));
         lines.push(("criu", format!("{} ({})", m.criu.path.display(), m.criu.version)));
@@ -337,6 +337,7 @@ mod tests {
             created: None,
             size_bytes: 0,
             gpu: None,
+            gpu_mode: None,
             pod_namespace: None,
             pod_name: None,
             container_name: None,

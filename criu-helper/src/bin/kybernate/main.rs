@@ -227,6 +227,10 @@ checkpoint's rootfs changes and restores the processes at Start.")]
         /// Print the pod annotation (and a pod snippet) that restores it under Kubernetes; create nothing.
         #[arg(long)]
         pod_annotation: bool,
+        /// Restore a GPU checkpoint onto GPUs of another model or count (the CUDA restore may
+        /// then fail in the driver).
+        #[arg(long)]
+        allow_gpu_mismatch: bool,
     },
     /// Check whether this node is ready for Kybernate: containerd, the shim, runc, CRIU, GPU, store.
     #[command(after_long_help = "\
@@ -340,8 +344,8 @@ fn run(cli: Cli) -> Result<ExitCode, CliError> {
         }
         Command::Export { checkpoint, file } => commands::export(&store, out, &checkpoint, &file),
         Command::Import { file } => commands::import(&store, out, &file),
-        Command::Restore { checkpoint, new_id, image, pod_annotation } => {
-            let args = restore::Args { checkpoint, new_id, image, pod_annotation };
+        Command::Restore { checkpoint, new_id, image, pod_annotation, allow_gpu_mismatch } => {
+            let args = restore::Args { checkpoint, new_id, image, pod_annotation, allow_gpu_mismatch };
             restore::restore(&store, out, &cli.address, ns, &args)
         }
         Command::Doctor { containerd_config } => doctor::doctor(out, &cli.address, &containerd_config, store.root()),

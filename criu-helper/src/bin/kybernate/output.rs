@@ -93,6 +93,47 @@ pub fn table(checkpoints: &[Checkpoint]) -> String {
     out
 }
 
+/// Table lines describing a checkpoint's GPU record (mode, processes, GPUs, bytes, phases,
+/// device access), shared by `checkpoint` and `inspect`.
+pub fn gpu_lines(gpu: &kybernate_criu::gpu::GpuRecord) -> Vec<(&'static str, String)> {
+    let mut lines = vec![("gpu mode", gpu.mode.as_str().to_string())];
+    let pids: Vec<String> = gpu
+        .processes
+        .iter()
+        .map(|p| match p.state_checkpointed {
+            Some(st) => format!("{} ({st})", p.pid),
+            None => p.pid.to_string(),
+        })
+        .collect();
+    lines.push(("cuda procs", if pids.is_empty() { "none".into() } else { pids.join(", ") }));
+    let models: Vec<&str> = gpu.gpus.iter().map(|g| g.model.as_str()).collect();
+    lines.push(("gpus", if models.is_empty() { "none recorded".into() } else { models.join(", ") }));
+    let versions = [
+        gpu.driver_version.as_deref().map(|v| format!("driver {v}")),
+        gpu.cuda_driver_version.as_deref().map(|v| format!("CUDA {v}")),
+    ];
+    let versions: Vec<String> = versions.into_iter().flatten().collect();
+    if !versions.is_empty() {
+        lines.push(("gpu driver", versions.join(", ")));
+    }
+    lines.push(("gpu bytes", format!("{} ({} bytes)", human_size(gpu.bytes_total), gpu.bytes_total)));
+    let phases: Vec<String> = gpu.phases_ms.iter().map(|(k, v)| format!("{k} {v} ms")).collect();
+    if !phases.is_empty() {
+        lines.push(("gpu phases", phases.join(", ")));
+    }
+    let d = &gpu.devices;
+    lines.push((
+        "gpu access",
+        format!(
+            "{} device node(s), {} cgroup rule(s), {} driver mount(s)",
+            d.devices.len(),
+            d.rules.len(),
+            d.mounts.len()
+        ),
+    ));
+    lines
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

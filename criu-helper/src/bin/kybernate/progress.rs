@@ -1,8 +1,8 @@
 //! Progress of a running checkpoint, on one stderr line: the shim writes the checkpoint into a
 //! hidden sibling of its target (`<parent>/.<name>.partial-<pid>-<nanos>`, see the library's
-//! `PartialCheckpoint`); we watch that directory's size, and the shim's own files appearing:
-//! `spec.dump` is written right after CRIU's dump, so from then on the shim is hashing and
-//! syncing ("commit").
+//! `PartialCheckpoint`); we watch that directory's size and its phase file (GPU lock, GPU copy,
+//! CRIU dump), and the shim's own files appearing: `spec.dump` is written right after CRIU's
+//! dump and the phase file goes away before the commit, so then the shim is hashing and syncing.
 
 use std::fs;
 use std::io::Write;
@@ -11,7 +11,7 @@ use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use kybernate_criu::{dir_size, SPEC_DUMP};
+use kybernate_criu::{dir_size, PHASE_CRIU_DUMP, PHASE_FILE, PHASE_GPU_CHECKPOINT, PHASE_GPU_LOCK, SPEC_DUMP};
 
 use crate::output::human_size;
 
@@ -20,6 +20,10 @@ const INTERVAL: Duration = Duration::from_millis(250);
 /// Where a checkpoint is, as far as its partial dir tells.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
+    /// The CUDA processes are being locked (their GPU work drains).
+    GpuLock,
+    /// Device memory moves into host memory.
+    GpuCopy,
     /// CRIU writes its images (no manifest yet).
     Dump,
     /// The shim hashes the files and writes the manifest, then renames the dir onto the target.
@@ -29,6 +33,8 @@ pub enum Phase {
 impl Phase {
     pub fn as_str(self) -> &'static str {
         match self {
+            Phase::GpuLock => "GPU lock",
+            Phase::GpuCopy => "GPU copy",
             Phase::Dump => "CRIU dump",
             Phase::Commit => "commit (hashing and syncing)",
         }
@@ -39,7 +45,13 @@ impl Phase {
 /// None while there is none (before the dump starts, and after the commit).
 pub fn partial_state(target: &Path) -> Option<(Phase, u64)> {
     let dir = partial_dir(target)?;
-    let phase = if dir.join(SPEC_DUMP).exists() { Phase::Commit } else { Phase::Dump };
+    let phase = match fs::read_to_string(dir.join(PHASE_FILE)).ok().as_deref().map(str::trim) {
+        Some(PHASE_GPU_LOCK) => Phase::GpuLock,
+        Some(PHASE_GPU_CHECKPOINT) => Phase::GpuCopy,
+        Some(PHASE_CRIU_DUMP) => Phase::Dump,
+        _ if dir.join(SPEC_DUMP).exists() => Phase::Commit,
+        _ => Phase::Dump,
+    };
     Some((phase, dir_size(&dir)))
 }
 
@@ -114,8 +126,15 @@ mod tests {
         let partial = dir.path().join(".20261123T212501.123Z.partial-42-1000");
         fs::create_dir_all(partial.join("checkpoint")).unwrap();
         assert_eq!(partial_state(&target), Some((Phase::Dump, 0)));
+        // The shim's phase file: GPU steps, then the dump (its own 8 or 14 bytes count as written).
+        fs::write(partial.join(PHASE_FILE), PHASE_GPU_LOCK).unwrap();
+        assert_eq!(line(partial_state(&target)), "checkpoint: GPU lock, 8 B written");
+        fs::write(partial.join(PHASE_FILE), PHASE_GPU_CHECKPOINT).unwrap();
+        assert_eq!(partial_state(&target).map(|s| s.0), Some(Phase::GpuCopy));
+        fs::write(partial.join(PHASE_FILE), PHASE_CRIU_DUMP).unwrap();
         fs::write(partial.join("checkpoint/pages-1.img"), vec![0u8; 3000]).unwrap();
-        assert_eq!(partial_state(&target), Some((Phase::Dump, 3000)));
+        assert_eq!(partial_state(&target), Some((Phase::Dump, 3009)));
+        fs::remove_file(partial.join(PHASE_FILE)).unwrap();
         assert_eq!(line(partial_state(&target)), "checkpoint: CRIU dump, 2.9 KiB written");
         fs::write(partial.join(SPEC_DUMP), "{}").unwrap();
         assert_eq!(partial_state(&target), Some((Phase::Commit, 3002)));

@@ -42,6 +42,8 @@ use crate::Output;
 
 /// The annotation our shim restores from (shim/src/checkpoint.rs `RESTORE_ANNOTATION`).
 pub const RESTORE_ANNOTATION: &str = "kybernate.io/restore-from";
+/// The annotation that lets the shim restore a GPU checkpoint onto other GPUs (shim/src/gpu.rs).
+pub const ALLOW_GPU_MISMATCH_ANNOTATION: &str = "kybernate.io/allow-gpu-mismatch";
 /// The label the new container carries: the checkpoint's id.
 const RESTORED_FROM_LABEL: &str = "kybernate.io/restored-from";
 /// The snapshotter whose snapshot of the image becomes the new container's rootfs.
@@ -70,6 +72,8 @@ pub struct Args {
     pub image: Option<String>,
     /// `--pod-annotation`: print the annotation and a pod snippet instead of restoring.
     pub pod_annotation: bool,
+    /// `--allow-gpu-mismatch`: restore a GPU checkpoint onto other GPUs.
+    pub allow_gpu_mismatch: bool,
 }
 
 /// `restore -o json`.
@@ -104,8 +108,15 @@ pub fn restore(
         Err(source) => return Err(CliError::Verify { id: cp.id, source }),
     };
     cp.set_verified(None);
+    // The shim refuses other GPUs too; saying so here fails before containerd is asked.
+    if let Some(gpu) = manifest.gpu.as_ref().filter(|_| !args.allow_gpu_mismatch) {
+        let node = kybernate_criu::gpu::node_gpus(Path::new("/proc"));
+        if let Err(e) = kybernate_criu::gpu::check_compatible(&gpu.gpus, &node.gpus) {
+            return Err(CliError::Failed(format!("checkpoint {:?}: {e} (here: --allow-gpu-mismatch)", cp.id)));
+        }
+    }
     if args.pod_annotation {
-        return print_annotation(out, &cp, &manifest, args.image.as_deref());
+        return print_annotation(out, &cp, &manifest, args);
     }
 
     let ns = namespace.map_or_else(|| manifest.namespace.clone(), str::to_string);
@@ -121,7 +132,10 @@ pub fn restore(
             cp.id
         ))
     })?;
-    let spec = restore_spec(&cp, &manifest, &new_id)?;
+    let mut spec = restore_spec(&cp, &manifest, &new_id)?;
+    if args.allow_gpu_mismatch {
+        spec["annotations"][ALLOW_GPU_MISMATCH_ANNOTATION] = Value::String("true".into());
+    }
     let plan = Plan { ns: &ns, id: &new_id, image: &image, spec: &spec, checkpoint_id: &cp.id };
 
     let runtime = async_runtime()?;
@@ -153,18 +167,19 @@ pub fn restore(
 }
 
 /// `--pod-annotation`: what to put on a pod so that the kubelet's container is restored.
-fn print_annotation(out: Output, cp: &Checkpoint, m: &Manifest, image: Option<&str>) -> Result<ExitCode, CliError> {
+fn print_annotation(out: Output, cp: &Checkpoint, m: &Manifest, args: &Args) -> Result<ExitCode, CliError> {
+    let mut annotation = HashMap::from([(RESTORE_ANNOTATION, cp.id.as_str())]);
+    if args.allow_gpu_mismatch {
+        annotation.insert(ALLOW_GPU_MISMATCH_ANNOTATION, "true");
+    }
     match out {
-        Output::Json => output::json(&Annotation {
-            annotation: HashMap::from([(RESTORE_ANNOTATION, cp.id.as_str())]),
-            checkpoint: cp,
-        })?,
-        Output::Table => output::write(&pod_snippet(cp, m, image))?,
+        Output::Json => output::json(&Annotation { annotation, checkpoint: cp })?,
+        Output::Table => output::write(&pod_snippet(cp, m, args.image.as_deref(), args.allow_gpu_mismatch))?,
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn pod_snippet(cp: &Checkpoint, m: &Manifest, image: Option<&str>) -> String {
+fn pod_snippet(cp: &Checkpoint, m: &Manifest, image: Option<&str>, allow_gpu_mismatch: bool) -> String {
     let pod_ns = m.pod_namespace.as_deref().unwrap_or("<the checkpoint's pod namespace>");
     let name = m.pod_name.as_deref().map_or_else(|| "<pod name>".to_string(), |n| format!("{n}-restored"));
     let container = m.container_name.as_deref().unwrap_or("<container name>");
@@ -173,13 +188,15 @@ fn pod_snippet(cp: &Checkpoint, m: &Manifest, image: Option<&str>) -> String {
         "{RESTORE_ANNOTATION}: {id}\n\
          \n\
          # A pod whose container is restored from this checkpoint. The runtime's CRI config must let the\n\
-         # annotation through: pod_annotations = [\"{RESTORE_ANNOTATION}\"] (see docs/operations.md).\n\
+         # annotations through: pod_annotations = [\"kybernate.io/*\"] (see docs/operations.md).\n\
          apiVersion: v1\n\
          kind: Pod\n\
-         metadata:\n  name: {name}\n  namespace: {pod_ns}\n  annotations:\n    {RESTORE_ANNOTATION}: {id_yaml}\n\
+         metadata:\n  name: {name}\n  namespace: {pod_ns}\n  annotations:\n    {RESTORE_ANNOTATION}: {id_yaml}\n{allow}\
          spec:\n  runtimeClassName: kybernate\n  containers:\n    - name: {container}\n      image: {image}\n",
         id = cp.id,
         id_yaml = serde_json::Value::String(cp.id.clone()),
+        allow =
+            if allow_gpu_mismatch { format!("    {ALLOW_GPU_MISMATCH_ANNOTATION}: \"true\"\n") } else { String::new() },
     )
 }
 

@@ -46,6 +46,8 @@ pub struct Checkpoint {
     /// Bytes on disk under the directory.
     pub size_bytes: u64,
     pub gpu: Option<bool>,
+    /// The manifest's GPU mode ("driver-api", "criu-plugin", "none"); null for CPU checkpoints.
+    pub gpu_mode: Option<String>,
     pub pod_namespace: Option<String>,
     pub pod_name: Option<String>,
     pub container_name: Option<String>,
@@ -87,6 +89,7 @@ impl Checkpoint {
             created,
             size_bytes: kybernate_criu::dir_size(path),
             gpu: m.map(|m| m.gpu.is_some()),
+            gpu_mode: m.and_then(|m| m.gpu.as_ref()).map(|g| g.mode.as_str().to_string()),
             pod_namespace: m.and_then(|m| m.pod_namespace.clone()),
             pod_name: m.and_then(|m| m.pod_name.clone()),
             container_name: m.and_then(|m| m.container_name.clone()),
