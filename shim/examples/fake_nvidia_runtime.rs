@@ -9,7 +9,10 @@
 //! beside it:
 //! - `calls.log`: one line per call, its arguments joined by spaces;
 //! - `edits.json`: `{"devices": [...], "rules": [...], "mounts": [...]}` in OCI spec shape,
-//!   appended to `linux.devices`, `linux.resources.devices` and `mounts` on `create`;
+//!   appended to `linux.devices`, `linux.resources.devices` and `mounts` on `create` (CDI mode);
+//!   and `"hook_mounts": [{"source", "destination"}]`: bind mounts made by a prestart hook
+//!   (this binary, called as `nvidia-container-runtime-hook prestart`) inside the container's
+//!   mount namespace, never in the spec — as the legacy mode's nvidia-container-cli does;
 //! - `fail`: subcommand names (one per line) to fail with exit status 1;
 //! - `runc`: optional file naming the runc binary (default /usr/bin/runc).
 
@@ -26,6 +29,13 @@ const GLOBAL_WITH_VALUE: [&str; 4] = ["--root", "--log", "--log-format", "--criu
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let dir = std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf)).unwrap_or_default();
+    if args.first().map(String::as_str) == Some("prestart") {
+        if let Err(e) = prestart_hook(&dir) {
+            eprintln!("fake nvidia-container-runtime-hook: {e}");
+            exit(1);
+        }
+        return;
+    }
     if let Ok(mut log) = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("calls.log")) {
         let _ = writeln!(log, "{}", args.join(" "));
     }
@@ -83,6 +93,11 @@ fn edit_spec(dir: &Path, bundle: &Path) -> Result<(), String> {
         let list = array_at(&mut spec, at)?;
         list.extend(add.iter().cloned());
     }
+    if edits.get("hook_mounts").and_then(Value::as_array).is_some_and(|m| !m.is_empty()) {
+        let me = dir.join("nvidia-container-runtime");
+        let hook = serde_json::json!({"path": me, "args": ["nvidia-container-runtime-hook", "prestart"]});
+        array_at(&mut spec, "/hooks/prestart")?.push(hook);
+    }
     let text = serde_json::to_vec(&spec).map_err(|e| e.to_string())?;
     std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))
 }
@@ -103,4 +118,50 @@ fn array_at<'a>(v: &'a mut Value, pointer: &str) -> Result<&'a mut Vec<Value>, S
         });
     }
     cur.as_array_mut().ok_or_else(|| format!("{pointer}: not an array"))
+}
+
+/// The legacy-mode hook: runc calls it after the container's mounts are set up and before
+/// pivot_root, with the container state (pid, bundle) on stdin. It bind-mounts each hook mount
+/// read-only under the container's rootfs, inside the container's mount namespace.
+fn prestart_hook(dir: &Path) -> Result<(), String> {
+    let state: Value = serde_json::from_reader(std::io::stdin()).map_err(|e| format!("state on stdin: {e}"))?;
+    let pid = state["pid"].as_i64().ok_or("state has no pid")?;
+    let bundle = PathBuf::from(state["bundle"].as_str().ok_or("state has no bundle")?);
+    let edits: Value = serde_json::from_slice(&std::fs::read(dir.join("edits.json")).map_err(|e| e.to_string())?)
+        .map_err(|e| e.to_string())?;
+    let spec: Value = serde_json::from_slice(&std::fs::read(bundle.join("config.json")).map_err(|e| e.to_string())?)
+        .map_err(|e| e.to_string())?;
+    let root = spec["root"]["path"].as_str().unwrap_or("rootfs");
+    let rootfs = bundle.join(root);
+    let ns =
+        std::fs::File::open(format!("/proc/{pid}/ns/mnt")).map_err(|e| format!("mount namespace of {pid}: {e}"))?;
+    // SAFETY: setns on an fd we own; this process is single-threaded.
+    if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNS) } != 0 {
+        return Err(format!("setns: {}", std::io::Error::last_os_error()));
+    }
+    for m in edits["hook_mounts"].as_array().into_iter().flatten() {
+        let (Some(source), Some(dest)) = (m["source"].as_str(), m["destination"].as_str()) else { continue };
+        let target = rootfs.join(dest.trim_start_matches('/'));
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+        }
+        std::fs::write(&target, b"").map_err(|e| format!("{}: {e}", target.display()))?;
+        bind(source, &target, 0)?;
+        bind(source, &target, libc::MS_REMOUNT | libc::MS_RDONLY)?;
+    }
+    Ok(())
+}
+
+fn bind(source: &str, target: &Path, extra: libc::c_ulong) -> Result<(), String> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let src = CString::new(source).map_err(|e| e.to_string())?;
+    let dst = CString::new(target.as_os_str().as_bytes()).map_err(|e| e.to_string())?;
+    // SAFETY: valid NUL-terminated paths; no filesystem type or data for a bind mount.
+    let rc =
+        unsafe { libc::mount(src.as_ptr(), dst.as_ptr(), std::ptr::null(), libc::MS_BIND | extra, std::ptr::null()) };
+    if rc != 0 {
+        return Err(format!("mount --bind {source} {}: {}", target.display(), std::io::Error::last_os_error()));
+    }
+    Ok(())
 }

@@ -245,7 +245,7 @@ impl Checkpointer<'_> {
             warn!("container {id}: cannot list its processes for CUDA detection: {e}");
             Vec::new()
         });
-        let gpu = GpuCheckpoint::prepare(c, &pids, criu_version, &c.checkpoint_config).map_err(gpu_err)?;
+        let gpu = GpuCheckpoint::prepare(c, pid, &pids, criu_version, &c.checkpoint_config).map_err(gpu_err)?;
         if gpu.as_ref().is_some_and(|g| g.mode == GpuMode::DriverApi) {
             let empty = gpu::empty_plugin_dir(&c.bundle).map_err(gpu_err)?;
             runtime = runtime.with_criu_env(kybernate_criu::cuda::preflight::CRIU_LIBS_DIR, empty);
@@ -402,10 +402,7 @@ impl Checkpointer<'_> {
                 gpu_resume = s.resume().err();
             }
         }
-        let gpu_record = gpu.plan.map(|g| {
-            let spec_json = serde_json::from_slice(&spec_bytes).unwrap_or(serde_json::Value::Null);
-            g.record(&spec_json, pid, gpu.session.as_ref(), dump_ms)
-        });
+        let gpu_record = gpu.plan.map(|g| g.record(gpu.session.as_ref(), dump_ms));
         if let Some(r) = &gpu_record {
             info!(
                 "container {id}: GPU mode {}, {} CUDA process(es), {} bytes of device memory, phases {:?} ms",

@@ -25,6 +25,10 @@ pub const PROC: &str = "/proc";
 pub const ALLOW_MISMATCH_ANNOTATION: &str = "kybernate.io/allow-gpu-mismatch";
 /// Phase name of the CRIU dump in the manifest's `phases_ms`.
 pub const PHASE_DUMP: &str = "criu-dump";
+/// The annotation runc reads a container's CRIU config file from (at create; CRIU ≥ 3.11).
+pub const CRIU_CONFIG_ANNOTATION: &str = "org.criu.config";
+/// Our CRIU config file in the bundle: declares the driver mounts that are not in the spec.
+pub const CRIU_CONFIG_FILE: &str = "kybernate-criu.conf";
 
 /// Why the GPU side of a checkpoint or restore failed.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +58,8 @@ pub enum GpuError {
 /// What a checkpoint of a GPU container does about CUDA.
 pub struct GpuCheckpoint {
     pub mode: GpuMode,
+    /// Device nodes, rules and driver mounts the running container has.
+    pub devices: GpuDevices,
     /// The CUDA processes found before the dump.
     pub processes: Vec<CudaProcess>,
     driver: Option<LibCuda>,
@@ -66,6 +72,7 @@ impl GpuCheckpoint {
     /// is handled. `None`: a CPU container (no GPU runtime decision, no CUDA process).
     pub fn prepare(
         c: &Container,
+        init_pid: u32,
         pids: &[i32],
         criu: CriuVersion,
         cfg: &CheckpointConfig,
@@ -76,7 +83,16 @@ impl GpuCheckpoint {
         }
         let pids_text: Vec<String> = processes.iter().map(|p| format!("{} ({})", p.pid, p.evidence)).collect();
         info!("container {}: GPU container, CUDA processes: [{}]", c.id, pids_text.join("; "));
-        let base = |mode| Self { mode, processes: Vec::new(), driver: None, plugin: None, lock_timeout_ms: 0 };
+        let devices = record_devices(&c.bundle, init_pid)?;
+        declare_external_mounts(&c.id, &c.bundle, &devices)?;
+        let base = |mode| Self {
+            mode,
+            devices: devices.clone(),
+            processes: Vec::new(),
+            driver: None,
+            plugin: None,
+            lock_timeout_ms: 0,
+        };
         if processes.is_empty() {
             // Devices only: nothing holds GPU state right now.
             return Ok(Some(base(GpuMode::None)));
@@ -144,23 +160,9 @@ impl GpuCheckpoint {
         self.mode != GpuMode::CriuPlugin
     }
 
-    /// The manifest's `gpu` section. `spec` is the container's config.json; `pid` its init.
-    pub fn record(
-        &self,
-        spec: &serde_json::Value,
-        pid: u32,
-        session: Option<&GpuSession<'_>>,
-        dump_ms: u64,
-    ) -> GpuRecord {
+    /// The manifest's `gpu` section.
+    pub fn record(&self, session: Option<&GpuSession<'_>>, dump_ms: u64) -> GpuRecord {
         let node = gpu::node_gpus(Path::new(PROC));
-        let proc_dir = Path::new(PROC).join(pid.to_string());
-        let read = |p: PathBuf| std::fs::read_to_string(&p).unwrap_or_default();
-        let devices = gpu::record(
-            spec,
-            &proc_dir.join("root"),
-            &read(proc_dir.join("mountinfo")),
-            &read(Path::new(PROC).join("self/mountinfo")),
-        );
         let processes = match session {
             Some(s) => s.records(),
             None => self
@@ -194,7 +196,7 @@ impl GpuCheckpoint {
             cuda_driver_version,
             bytes_per_gpu,
             phases_ms: phases,
-            devices,
+            devices: self.devices.clone(),
         }
     }
 }
@@ -225,6 +227,98 @@ fn bytes_per_gpu(processes: &[gpu::CudaProcessRecord], gpus: &[gpu::GpuInfo]) ->
     out
 }
 
+/// What the running container has of NVIDIA devices, rules and driver mounts: its final spec
+/// (as the GPU runtime left it) and, for what a hook mounted, its init's mountinfo and /dev.
+fn record_devices(bundle: &Path, init_pid: u32) -> Result<GpuDevices, GpuError> {
+    let spec = read_spec(bundle)?;
+    let proc_dir = Path::new(PROC).join(init_pid.to_string());
+    let read = |p: PathBuf| std::fs::read_to_string(&p).unwrap_or_default();
+    Ok(gpu::record(
+        &spec,
+        &proc_dir.join("root"),
+        &read(proc_dir.join("mountinfo")),
+        &read(Path::new(PROC).join("self/mountinfo")),
+    ))
+}
+
+/// At create of a GPU container: points runc's `org.criu.config` at our file in the bundle (an
+/// empty one for now), unless the spec names its own. runc reads the annotation only at create,
+/// and a checkpoint may later have to declare driver mounts that a hook (the GPU runtime's
+/// legacy mode) made outside the spec: CRIU refuses to dump mounts it cannot place.
+pub fn attach_criu_config(id: &str, bundle: &Path) -> Result<(), GpuError> {
+    let mut spec = read_spec(bundle)?;
+    if let Some(own) = annotation(&spec, CRIU_CONFIG_ANNOTATION) {
+        info!(
+            "container {id}: keeps its own CRIU config {own}; driver mounts outside its spec are not declared to CRIU"
+        );
+        return Ok(());
+    }
+    let file = bundle.join(CRIU_CONFIG_FILE);
+    write_file(&file, b"# Written by containerd-shim-kybernate-v1 at checkpoint time.\n")?;
+    let Some(obj) = spec.as_object_mut() else { return Ok(()) };
+    let annotations = obj.entry("annotations").or_insert_with(|| serde_json::Value::Object(Default::default()));
+    if let Some(a) = annotations.as_object_mut() {
+        a.insert(CRIU_CONFIG_ANNOTATION.into(), serde_json::Value::String(file.display().to_string()));
+    }
+    write_spec(bundle, &spec)
+}
+
+/// Before a dump: driver mounts the container has but its spec lacks (runc declares only spec
+/// bind mounts to CRIU) go into our CRIU config as external mounts, keyed by their destination
+/// as runc keys its own, so that a restore with them in the spec maps them back.
+fn declare_external_mounts(id: &str, bundle: &Path, devices: &GpuDevices) -> Result<(), GpuError> {
+    let spec = read_spec(bundle)?;
+    let in_spec: Vec<&str> = spec
+        .get("mounts")
+        .and_then(|m| m.as_array())
+        .map(|a| a.iter().filter_map(|m| m.get("destination")?.as_str()).collect())
+        .unwrap_or_default();
+    let outside: Vec<&str> =
+        devices.mounts.iter().map(|m| m.destination.as_str()).filter(|d| !in_spec.contains(d)).collect();
+    let ours = bundle.join(CRIU_CONFIG_FILE);
+    if annotation(&spec, CRIU_CONFIG_ANNOTATION).as_deref() != Some(ours.to_string_lossy().as_ref()) {
+        if !outside.is_empty() {
+            warn!("container {id}: driver mounts outside the spec ({}) cannot be declared to CRIU: the container has its own CRIU config", outside.join(", "));
+        }
+        return Ok(());
+    }
+    let mut text = String::from("# Written by containerd-shim-kybernate-v1: driver mounts made outside the spec.\n");
+    for dest in &outside {
+        text.push_str(&format!("external mnt[{dest}]:{dest}\n"));
+    }
+    if !outside.is_empty() {
+        info!("container {id}: driver mounts declared to CRIU as external: {}", outside.join(", "));
+    }
+    write_file(&ours, text.as_bytes())
+}
+
+fn annotation(spec: &serde_json::Value, key: &str) -> Option<String> {
+    spec.get("annotations")?.get(key)?.as_str().filter(|v| !v.is_empty()).map(str::to_string)
+}
+
+fn read_spec(bundle: &Path) -> Result<serde_json::Value, GpuError> {
+    let config = bundle.join("config.json");
+    let bytes = std::fs::read(&config)
+        .map_err(|source| GpuError::Io { context: format!("read {}", config.display()), source })?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| GpuError::Io { context: format!("parse {}", config.display()), source: e.into() })
+}
+
+/// Replaces the bundle's config.json atomically (a reader never sees half a spec).
+fn write_spec(bundle: &Path, spec: &serde_json::Value) -> Result<(), GpuError> {
+    let config = bundle.join("config.json");
+    let text = serde_json::to_vec(spec)
+        .map_err(|e| GpuError::Io { context: format!("encode {}", config.display()), source: e.into() })?;
+    let tmp = bundle.join(".config.json.kybernate-tmp");
+    write_file(&tmp, &text)?;
+    std::fs::rename(&tmp, &config)
+        .map_err(|source| GpuError::Io { context: format!("rename to {}", config.display()), source })
+}
+
+fn write_file(path: &Path, bytes: &[u8]) -> Result<(), GpuError> {
+    std::fs::write(path, bytes).map_err(|source| GpuError::Io { context: format!("write {}", path.display()), source })
+}
+
 /// An empty directory given to CRIU as its plugin dir in the driver-api mode, so that a CUDA
 /// plugin installed on the node does not also act on processes we already checkpointed.
 pub fn empty_plugin_dir(bundle: &Path) -> Result<PathBuf, GpuError> {
@@ -243,11 +337,7 @@ pub fn prepare_restore(
     record: &GpuRecord,
     cfg: &CheckpointConfig,
 ) -> Result<Vec<String>, GpuError> {
-    let config = bundle.join("config.json");
-    let io = |context: String| move |source| GpuError::Io { context, source };
-    let bytes = std::fs::read(&config).map_err(io(format!("read {}", config.display())))?;
-    let mut spec: serde_json::Value = serde_json::from_slice(&bytes)
-        .map_err(|e| GpuError::Io { context: format!("parse {}", config.display()), source: e.into() })?;
+    let mut spec = read_spec(bundle)?;
     let allowed = cfg.allow_gpu_mismatch
         || spec
             .pointer(&format!("/annotations/{}", ALLOW_MISMATCH_ANNOTATION.replace('/', "~1")))
@@ -263,11 +353,7 @@ pub fn prepare_restore(
     let devices = restore_devices(id, &spec, record)?;
     let changes = gpu::inject(&mut spec, &devices);
     if !changes.is_empty() {
-        let text = serde_json::to_vec_pretty(&spec)
-            .map_err(|e| GpuError::Io { context: format!("encode {}", config.display()), source: e.into() })?;
-        let tmp = bundle.join(".config.json.kybernate-tmp");
-        std::fs::write(&tmp, text).map_err(io(format!("write {}", tmp.display())))?;
-        std::fs::rename(&tmp, &config).map_err(io(format!("rename to {}", config.display())))?;
+        write_spec(bundle, &spec)?;
     }
     Ok(changes)
 }

@@ -264,6 +264,13 @@ impl Inner {
                 info!("container {}: restore: {change}", req.id);
             }
         }
+        if decision.gpu || restore.as_ref().and_then(|p| p.manifest.as_ref()).is_some_and(|m| m.gpu.is_some()) {
+            crate::gpu::attach_criu_config(&req.id, &bundle).map_err(|source| CheckpointError::Gpu {
+                what: "create",
+                id: req.id.clone(),
+                source: Box::new(source),
+            })?;
+        }
         let record = RuntimeRecord {
             binary,
             root: opts.runtime_root(&self.namespace),

@@ -47,6 +47,12 @@ struct GpuBed {
 /// fake driver's call log, so the order of driver calls and the dump can be checked) on PATH,
 /// and a config whose `[checkpoint]` gets `extra` and `libcuda` pointing at the fake.
 fn gpu_bed(extra: &str) -> GpuBed {
+    gpu_bed_with(extra, false)
+}
+
+/// `hook_mount`: the driver mount is made by the GPU runtime's prestart hook (its legacy mode)
+/// instead of being put into the spec.
+fn gpu_bed_with(extra: &str, hook_mount: bool) -> GpuBed {
     let dir = kybernate_testbed::scratch_dir().expect("scratch dir");
     let d = dir.path();
     let cuda = FakeCuda::build(&d.join("cuda"), true);
@@ -58,7 +64,7 @@ fn gpu_bed(extra: &str) -> GpuBed {
     let driver = d.join("driver/libnvidia-ml.so.1");
     std::fs::create_dir_all(driver.parent().unwrap()).unwrap();
     std::fs::write(&driver, DRIVER_TEXT).unwrap();
-    let edits = serde_json::json!({
+    let mut edits = serde_json::json!({
         // /dev/nvidiactl is /dev/null's numbers here: a CUDA process must be able to open it.
         "devices": [
             {"path": "/dev/nvidia0", "type": "c", "major": 195, "minor": 0, "fileMode": 438, "uid": 0, "gid": 0},
@@ -67,6 +73,10 @@ fn gpu_bed(extra: &str) -> GpuBed {
         "rules": [{"allow": true, "type": "c", "major": 195, "minor": 0, "access": "rwm"}],
         "mounts": [{"destination": DRIVER_MOUNT, "type": "bind", "source": driver, "options": ["rbind", "ro", "nosuid", "nodev"]}]
     });
+    if hook_mount {
+        edits["hook_mounts"] = edits["mounts"].take();
+        edits["mounts"] = serde_json::json!([]);
+    }
     std::fs::write(nvidia.join("edits.json"), edits.to_string()).unwrap();
 
     let device = d.join("dev/nvidia0");
@@ -428,4 +438,54 @@ fn cuda_modes_are_chosen_and_refused_with_their_reasons() {
     let (dir, _) = store_checkpoint(&g.bed, &id, false);
     assert_eq!(manifest(&dir)["gpu"]["mode"], "driver-api");
     remove(&g.bed.tb, &id);
+}
+
+#[test]
+fn a_driver_mount_made_by_a_hook_is_declared_to_criu_and_given_back() {
+    // The legacy mode: nvidia-container-cli mounts the driver files from a prestart hook, so they
+    // are in the container's mountinfo but not in its spec, and runc does not declare them to CRIU.
+    let g = gpu_bed_with("cuda = \"driver-api\"\n", true);
+    let tb = &g.bed.tb;
+    let id = unique_name("gpu-hook");
+    run_gpu_counter(&g, &id);
+    cuda_pids(&g, &id);
+    let spec: Value = serde_json::from_slice(&std::fs::read(bundle_dir(tb, &id).join("config.json")).unwrap()).unwrap();
+    assert!(!spec["mounts"].as_array().unwrap().iter().any(|m| m["destination"] == DRIVER_MOUNT), "in the spec");
+    let out = tb.ctr_ok(&["tasks", "exec", "--exec-id", "lib", &id, "cat", DRIVER_MOUNT]);
+    assert_eq!(out, DRIVER_TEXT, "the hook did not mount the driver file");
+
+    let (dir, at_checkpoint) = store_checkpoint(&g.bed, &id, false);
+    let conf = std::fs::read_to_string(bundle_dir(tb, &id).join("kybernate-criu.conf")).unwrap();
+    assert!(conf.contains(&format!("external mnt[{DRIVER_MOUNT}]:{DRIVER_MOUNT}")), "{conf}");
+    let m = manifest(&dir);
+    let mounts = m["gpu"]["devices"]["mounts"].as_array().unwrap().clone();
+    let driver = g.nvidia.parent().unwrap().join("driver/libnvidia-ml.so.1");
+    assert!(
+        mounts.iter().any(|x| x["destination"] == DRIVER_MOUNT && x["source"] == driver.to_str().unwrap()),
+        "{mounts:?}"
+    );
+
+    let relative = dir.strip_prefix(&g.bed.store).unwrap().display().to_string();
+    let restored = unique_name("gpu-hook-r");
+    let device = g.device.display().to_string();
+    let annotation = format!("kybernate.io/restore-from={relative}");
+    tb.ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        "--device",
+        &device,
+        "--annotation",
+        &annotation,
+        IMAGE,
+        &restored,
+        "sleep",
+        "1000",
+    ]);
+    assert_counter_continues(tb, &restored, at_checkpoint);
+    let out = tb.ctr_ok(&["tasks", "exec", "--exec-id", "lib", &restored, "cat", DRIVER_MOUNT]);
+    assert_eq!(out, DRIVER_TEXT);
+    remove(tb, &restored);
+    remove(tb, &id);
 }
