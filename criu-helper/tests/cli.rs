@@ -11,8 +11,8 @@ use serde_json::Value;
 mod common;
 
 use common::{fake_checkpoint, fake_checkpoint_with, fake_manifest};
-use kybernate_criu::gpu::{CudaProcessRecord, GpuInfo, GpuMode, GpuRecord};
 use kybernate_criu::cuda::ProcessState;
+use kybernate_criu::gpu::{CudaProcessRecord, GpuInfo, GpuMode, GpuRecord};
 
 /// A temporary node: a config naming `<tmp>/store` as the checkpoint root.
 struct Node {
@@ -477,8 +477,12 @@ fn gpu_checkpoint(node: &Node) -> String {
         cuda_driver_version: Some("13.0".into()),
         bytes_per_gpu: [("GPU-5a3c".to_string(), 8u64 << 30)].into(),
         bytes_total: 8 << 30,
-        phases_ms: [("gpu-lock".to_string(), 3u64), ("gpu-checkpoint".to_string(), 2100), ("criu-dump".to_string(), 9000)]
-            .into(),
+        phases_ms: [
+            ("gpu-lock".to_string(), 3u64),
+            ("gpu-checkpoint".to_string(), 2100),
+            ("criu-dump".to_string(), 9000),
+        ]
+        .into(),
         devices: Default::default(),
     });
     fake_checkpoint_with(&node.store, m, at)
