@@ -95,6 +95,22 @@ fn checkpoint_refuses_what_it_cannot_checkpoint() {
     assert_exit(&bed.kybernate(&["checkpoint", &runc]), 2, &["io.containerd.runc.v2", RUNTIME]);
     assert!(!bed.store.join(bed.tb.namespace()).join(&runc).exists(), "nothing may be written for {runc}");
 
+    // Without -n: CONTAINERD_NAMESPACE, else k8s.io when containerd has it (a Kubernetes node), else default.
+    let no_ns = |env_ns: Option<&str>| {
+        let mut cmd = Command::new(KYBERNATE);
+        cmd.arg("--address").arg(bed.tb.address()).arg("--config").arg(&bed.config).args(["checkpoint", &runc]);
+        cmd.env_remove("CONTAINERD_NAMESPACE").env_remove("KYBERNATE_CONFIG");
+        if let Some(ns) = env_ns {
+            cmd.env("CONTAINERD_NAMESPACE", ns);
+        }
+        cmd.output().unwrap()
+    };
+    assert_exit(&no_ns(None), 2, &["not found", "\"default\""]);
+    bed.tb.ctr_ok(&["namespaces", "create", "k8s.io"]);
+    assert_exit(&no_ns(None), 2, &["not found", "\"k8s.io\""]);
+    assert_exit(&no_ns(Some(bed.tb.namespace())), 2, &["io.containerd.runc.v2", RUNTIME]);
+    bed.tb.ctr_ok(&["namespaces", "remove", "k8s.io"]);
+
     let out = Command::new(KYBERNATE)
         .args(["--address", "/nonexistent.sock", "--config"])
         .arg(&bed.config)
