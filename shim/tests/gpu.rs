@@ -47,12 +47,16 @@ struct GpuBed {
 /// fake driver's call log, so the order of driver calls and the dump can be checked) on PATH,
 /// and a config whose `[checkpoint]` gets `extra` and `libcuda` pointing at the fake.
 fn gpu_bed(extra: &str) -> GpuBed {
-    gpu_bed_with(extra, false)
+    gpu_bed_with(extra, false, |b| b)
 }
 
 /// `hook_mount`: the driver mount is made by the GPU runtime's prestart hook (its legacy mode)
 /// instead of being put into the spec.
-fn gpu_bed_with(extra: &str, hook_mount: bool) -> GpuBed {
+fn gpu_bed_with(
+    extra: &str,
+    hook_mount: bool,
+    configure: impl FnOnce(kybernate_testbed::Builder) -> kybernate_testbed::Builder,
+) -> GpuBed {
     let dir = kybernate_testbed::scratch_dir().expect("scratch dir");
     let d = dir.path();
     let cuda = FakeCuda::build(&d.join("cuda"), true);
@@ -107,7 +111,7 @@ fn gpu_bed_with(extra: &str, hook_mount: bool) -> GpuBed {
     std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
 
     let config = format!("libcuda = \"{}\"\n{extra}", cuda.lib.display());
-    let bed = bed_with(|b| b.path_prepend(&nvidia).path_prepend(&criu_bin), &config);
+    let bed = bed_with(|b| configure(b.path_prepend(&nvidia).path_prepend(&criu_bin)), &config);
     GpuBed { bed, cuda, nvidia, device, criu_fail, _dir: dir }
 }
 
@@ -416,17 +420,33 @@ fn a_failed_gpu_restore_stops_the_container_and_other_gpus_are_refused() {
 
 #[test]
 fn cuda_modes_are_chosen_and_refused_with_their_reasons() {
-    // criu-plugin on a node without CRIU's CUDA plugin: refused up front, nothing touched.
-    let g = gpu_bed("cuda = \"criu-plugin\"\n");
+    // criu-plugin on a node without what CRIU's CUDA plugin needs: each missing precondition is
+    // refused up front with its own message (CRIU's plugin dir and cuda-checkpoint's PATH are the
+    // shim's environment, i.e. containerd's), nothing frozen or locked.
+    let extra = kybernate_testbed::scratch_dir().unwrap();
+    let (plugins, bin) = (extra.path().join("criu-plugins"), extra.path().join("bin"));
+    std::fs::create_dir_all(&plugins).unwrap();
+    std::fs::create_dir_all(&bin).unwrap();
+    let g = gpu_bed_with("cuda = \"criu-plugin\"\n", false, |b| b.env("CRIU_LIBS_DIR", &plugins).path_prepend(&bin));
     let id = unique_name("gpu-pl");
     run_gpu_counter(&g, &id);
     let pids = cuda_pids(&g, &id);
     wait_counter(&g.bed.tb, &id, 3);
-    let (code, message, target) = failing_checkpoint(&g, &id);
-    assert_eq!(code, Code::FAILED_PRECONDITION, "{message}");
-    assert!(message.contains("criu-plugin") && message.contains("cuda_plugin.so"), "{message}");
+    let refused = |want: &[&str]| {
+        let (code, message, target) = failing_checkpoint(&g, &id);
+        assert_eq!(code, Code::FAILED_PRECONDITION, "{message}");
+        assert!(message.contains("[checkpoint] cuda = \"criu-plugin\""), "{message}");
+        assert!(want.iter().all(|w| message.contains(w)), "want {want:?} in: {message}");
+        assert_nothing_left_locked(&g, &id, &pids, &target);
+    };
+    refused(&["cuda_plugin.so", plugins.to_str().unwrap()]);
+    std::fs::write(plugins.join("cuda_plugin.so"), b"").unwrap();
+    refused(&["cuda-checkpoint is not on PATH", "ln -s"]);
+    let cc = bin.join("cuda-checkpoint");
+    std::fs::write(&cc, "#!/bin/sh\nexit 0\n").unwrap();
+    std::fs::set_permissions(&cc, std::fs::Permissions::from_mode(0o755)).unwrap();
+    refused(&["no NVIDIA driver", "/proc/driver/nvidia/version"]);
     assert!(g.cuda.calls().iter().all(|c| !c.function.starts_with("cuCheckpointProcess")), "{:?}", g.cuda.calls());
-    assert_nothing_left_locked(&g, &id, &pids, &target);
     remove(&g.bed.tb, &id);
     drop(g);
 
@@ -444,7 +464,7 @@ fn cuda_modes_are_chosen_and_refused_with_their_reasons() {
 fn a_driver_mount_made_by_a_hook_is_declared_to_criu_and_given_back() {
     // The legacy mode: nvidia-container-cli mounts the driver files from a prestart hook, so they
     // are in the container's mountinfo but not in its spec, and runc does not declare them to CRIU.
-    let g = gpu_bed_with("cuda = \"driver-api\"\n", true);
+    let g = gpu_bed_with("cuda = \"driver-api\"\n", true, |b| b);
     let tb = &g.bed.tb;
     let id = unique_name("gpu-hook");
     run_gpu_counter(&g, &id);
