@@ -69,7 +69,7 @@ for run in $(seq "$RUNS"); do
     for _ in $(seq 600); do [ "$(wc -l <"$WORK/out")" -ge "$lines" ] && break; sleep 0.1; done
     got=$(json "$(sed -n "${lines}p" "$WORK/out")" checksum)
     ok=$([ "$got" = "$SUM" ] && echo yes || echo no)
-    printf '%s,%s,%s,%s,%s,%s\n' "$run" "$(echo "$t1 - $t0" | bc)" "$(echo "$t3 - $t2" | bc)" "$before" "$during" "$ok" \
+    printf '%s,%s,%s,%s,%s,%s\n' "$run" "$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')" "$(awk -v a="$t2" -v b="$t3" 'BEGIN { print b - a }')" "$before" "$during" "$ok" \
         | tee -a "$WORK/runs.csv"
     [ "$ok" = yes ] || { echo "checksum changed: $got != $SUM" >&2; exit 1; }
 done
