@@ -20,6 +20,7 @@ APT_PACKAGES=(
     mount                  # umount for cleanup
     protobuf-compiler      # protoc, for crates that build CRI/containerd protos
     hyperfine              # benchmarks
+    dpkg-dev               # dpkg-shlibdeps, for the Debian package's library dependencies (packaging/deb)
 )
 CRIU_DEB_DIR=$KBT_STATE_DIR/criu-debs-$KBT_CRIU_SUITE
 CRIU_APT_DIR=$KBT_STATE_DIR/apt-$KBT_CRIU_SUITE

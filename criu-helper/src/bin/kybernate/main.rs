@@ -8,6 +8,7 @@
 
 mod checkpoint;
 mod commands;
+mod containerd_config;
 mod cuda_checkpoint;
 mod doctor;
 mod error;
@@ -259,6 +260,9 @@ Output is NVIDIA's (CRIU parses it); --output does not apply. The driver library
   ln -s /usr/local/bin/kybernate /usr/local/bin/cuda-checkpoint"
     )]
     CudaCheckpoint(cuda_checkpoint::Args),
+    /// Register Kybernate's runtime in containerd's config.toml (for a RuntimeClass), or remove it.
+    #[command(name = "containerd-config", after_long_help = containerd_config::EXAMPLES)]
+    ContainerdConfig(containerd_config::Args),
     /// Print a shell completion script.
     #[command(after_long_help = "\
 Examples:
@@ -317,6 +321,10 @@ fn run(cli: Cli) -> Result<ExitCode, CliError> {
     if let Command::CudaCheckpoint(args) = &cli.command {
         return cuda_checkpoint::run(cli.config.as_deref(), args);
     }
+    // Before the store: it edits containerd's config, and its --config is containerd's file.
+    if let Command::ContainerdConfig(args) = &cli.command {
+        return containerd_config::run(cli.output, args);
+    }
     let store = store::open(cli.config.as_deref())?;
     let ns = cli.namespace.as_deref().filter(|s| !s.is_empty());
     let out = cli.output;
@@ -349,7 +357,9 @@ fn run(cli: Cli) -> Result<ExitCode, CliError> {
             restore::restore(&store, out, &cli.address, ns, &args)
         }
         Command::Doctor { containerd_config } => doctor::doctor(out, &cli.address, &containerd_config, store.root()),
-        Command::Completions { .. } | Command::CudaCheckpoint(_) => Ok(ExitCode::SUCCESS),
+        Command::Completions { .. } | Command::CudaCheckpoint(_) | Command::ContainerdConfig(_) => {
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

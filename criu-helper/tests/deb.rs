@@ -1,0 +1,294 @@
+//! The Debian package from packaging/deb/build.sh, built from the binaries cargo built for this
+//! test run (debug ones: the test is about the package): its control data, its contents, and a
+//! real install, upgrade, remove and purge with dpkg into a scratch root (`dpkg --root`).
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use kybernate_runtime_select::Config;
+
+const BINARIES: [&str; 3] = ["kybernate", "containerd-shim-kybernate-v1", "kybernate-select"];
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn show(out: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.stdin(Stdio::null()).output().unwrap();
+    assert!(out.status.success(), "{cmd:?}: {}", show(&out));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The three binaries cargo built; a sibling this test run did not build is stood in for by the
+/// kybernate binary (the test is about the package).
+fn built_binaries(into: &Path) -> PathBuf {
+    let kybernate = PathBuf::from(env!("CARGO_BIN_EXE_kybernate"));
+    let target_dir = kybernate.parent().unwrap();
+    fs::create_dir_all(into).unwrap();
+    for name in BINARIES {
+        let built = target_dir.join(name);
+        let source = if built.is_file() { built } else { kybernate.clone() };
+        if fs::hard_link(&source, into.join(name)).is_err() {
+            fs::copy(&source, into.join(name)).unwrap();
+        }
+    }
+    into.to_path_buf()
+}
+
+fn arch() -> String {
+    run(Command::new("dpkg").arg("--print-architecture")).trim().to_string()
+}
+
+/// `packaging/deb/build.sh --bin-dir BIN --out OUT --version VERSION --compression none`.
+fn build(bin: &Path, out: &Path, version: &str) -> PathBuf {
+    let stdout = run(Command::new("bash")
+        .arg(repo().join("packaging/deb/build.sh"))
+        .arg("--bin-dir")
+        .arg(bin)
+        .arg("--out")
+        .arg(out)
+        .args(["--version", version, "--compression", "none"]));
+    let deb = PathBuf::from(stdout.trim());
+    assert_eq!(deb, out.join(format!("kybernate_{version}_{}.deb", arch())));
+    assert!(deb.is_file());
+    deb
+}
+
+fn field(deb: &Path, name: &str) -> String {
+    run(Command::new("dpkg-deb").arg("--field").arg(deb).arg(name)).trim().to_string()
+}
+
+fn same_file_content(a: &Path, b: &Path) -> bool {
+    Command::new("cmp").arg("-s").arg(a).arg(b).status().unwrap().success()
+}
+
+#[test]
+fn package_metadata_and_contents() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bin = built_binaries(&tmp.path().join("bin"));
+    let deb = build(&bin, &tmp.path().join("out"), "1.2.3~test1");
+
+    let info = run(Command::new("dpkg-deb").arg("--info").arg(&deb));
+    assert!(info.contains(" Package: kybernate\n"), "{info}");
+    assert_eq!(field(&deb, "Version"), "1.2.3~test1");
+    assert_eq!(field(&deb, "Architecture"), arch());
+    let depends = field(&deb, "Depends");
+    for dep in ["libc6 (>= ", "containerd (>= 1.6)", "runc"] {
+        assert!(depends.contains(dep), "Depends lacks {dep}: {depends}");
+    }
+    assert_eq!(field(&deb, "Recommends"), "criu, iptables");
+    assert!(field(&deb, "Maintainer").contains('<'));
+
+    // Contents: paths, modes and root ownership.
+    let contents = run(Command::new("dpkg-deb").arg("--contents").arg(&deb));
+    let entries: Vec<(&str, &str, &str)> = contents
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f[0], f[1], *f.last().unwrap())
+        })
+        .collect();
+    assert!(entries.iter().all(|(_, owner, _)| *owner == "root/root"), "{contents}");
+    let mode_of = |path: &str| entries.iter().find(|(_, _, p)| *p == path).map(|(m, _, _)| *m);
+    for name in BINARIES {
+        assert_eq!(mode_of(&format!("./usr/bin/{name}")), Some("-rwxr-xr-x"), "{contents}");
+    }
+    for path in [
+        "./etc/kybernate/config.toml",
+        "./usr/share/kybernate/containerd/v2-runtime-type.toml",
+        "./usr/share/kybernate/containerd/v2-runtime-path.toml",
+        "./usr/share/kybernate/containerd/v3-runtime-type.toml",
+        "./usr/share/kybernate/containerd/v3-runtime-path.toml",
+        "./usr/share/kybernate/kubernetes/runtimeclass.yaml",
+        "./usr/share/kybernate/kubernetes/runtimeclass-gpu.yaml",
+        "./usr/share/doc/kybernate/README.md",
+        "./usr/share/doc/kybernate/copyright",
+        "./usr/share/doc/kybernate/docs/installation.md",
+    ] {
+        assert_eq!(mode_of(path), Some("-rw-r--r--"), "{path}: {contents}");
+    }
+    assert!(entries.iter().filter(|(m, _, _)| m.starts_with('d')).all(|(m, _, _)| *m == "drwxr-xr-x"), "{contents}");
+
+    // Extracted: the files are the ones from the tree and the build.
+    let x = tmp.path().join("x");
+    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&x));
+    for name in BINARIES {
+        assert!(same_file_content(&x.join("usr/bin").join(name), &bin.join(name)), "{name}");
+    }
+    let read = |p: &Path| fs::read_to_string(p).unwrap();
+    assert_eq!(read(&x.join("etc/kybernate/config.toml")), read(&repo().join("packaging/deb/config.toml")));
+    for page in fs::read_dir(repo().join("docs")).unwrap().map(|e| e.unwrap().path()) {
+        if page.extension().is_some_and(|e| e == "md") {
+            let name = page.file_name().unwrap();
+            assert_eq!(read(&x.join("usr/share/doc/kybernate/docs").join(name)), read(&page), "{name:?}");
+        }
+    }
+    let copyright = read(&x.join("usr/share/doc/kybernate/copyright"));
+    assert!(copyright.contains("License: Apache-2.0"), "{copyright}");
+    assert!(copyright.contains("/usr/share/common-licenses/Apache-2.0"), "{copyright}");
+
+    // Control files: the conffile list, and md5sums that check out.
+    let ctrl = tmp.path().join("DEBIAN");
+    run(Command::new("dpkg-deb").arg("-e").arg(&deb).arg(&ctrl));
+    assert_eq!(read(&ctrl.join("conffiles")), "/etc/kybernate/config.toml\n");
+    let md5sums = read(&ctrl.join("md5sums"));
+    assert!(!md5sums.contains("etc/kybernate"), "conffiles are not in md5sums: {md5sums}");
+    assert!(md5sums.contains("  usr/bin/kybernate\n"), "{md5sums}");
+    run(Command::new("md5sum").arg("--check").arg("--quiet").arg(ctrl.join("md5sums")).current_dir(&x));
+    let scripts: Vec<String> =
+        fs::read_dir(&ctrl).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
+    let scripts: BTreeSet<String> = scripts.into_iter().collect();
+    assert_eq!(scripts, ["conffiles", "control", "md5sums"].map(String::from).into(), "no maintainer scripts");
+}
+
+/// A dpkg database in a scratch root: `dpkg --root=ROOT` installs into it as into a node.
+struct ScratchRoot {
+    root: PathBuf,
+}
+
+impl ScratchRoot {
+    fn new(root: PathBuf) -> Self {
+        let db = root.join("var/lib/dpkg");
+        for dir in ["updates", "info", "triggers"] {
+            fs::create_dir_all(db.join(dir)).unwrap();
+        }
+        fs::write(db.join("status"), "").unwrap();
+        fs::write(db.join("available"), "").unwrap();
+        Self { root }
+    }
+
+    /// dpkg --root=ROOT ARGS, without the node's dependencies (containerd, libc6) in its database.
+    fn dpkg(&self, args: &[&str]) -> String {
+        run(Command::new("dpkg")
+            .arg(format!("--root={}", self.root.display()))
+            .args(["--force-not-root", "--force-depends", "--force-confold"])
+            .args(args))
+    }
+
+    fn status(&self) -> String {
+        let out = Command::new("dpkg-query")
+            .arg(format!("--root={}", self.root.display()))
+            .args(["--show", "--showformat=${Status} ${Version}", "kybernate"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+#[test]
+fn installs_upgrades_and_removes_in_a_scratch_root() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bin = built_binaries(&tmp.path().join("bin"));
+    let deb = build(&bin, &tmp.path().join("out"), "0.1.0");
+    let node = ScratchRoot::new(tmp.path().join("root"));
+    let root = &node.root;
+
+    node.dpkg(&["--install", deb.to_str().unwrap()]);
+    assert_eq!(node.status(), "install ok installed 0.1.0");
+    let listed = node.dpkg(&["-L", "kybernate"]);
+    for path in [
+        "/usr/bin/kybernate",
+        "/usr/bin/containerd-shim-kybernate-v1",
+        "/usr/bin/kybernate-select",
+        "/etc/kybernate/config.toml",
+        "/usr/share/kybernate/containerd/v2-runtime-type.toml",
+    ] {
+        assert!(listed.lines().any(|l| l == path), "{path} not listed:\n{listed}");
+    }
+    let version = run(Command::new(root.join("usr/bin/kybernate")).arg("--version"));
+    assert!(version.starts_with("kybernate "), "{version}");
+    let conffiles = fs::read_to_string(root.join("var/lib/dpkg/info/kybernate.conffiles")).unwrap();
+    assert_eq!(conffiles, "/etc/kybernate/config.toml\n");
+    // The installed CLI accepts the installed default config (exit 0; a bad key would be exit 2).
+    run(Command::new(root.join("usr/bin/kybernate"))
+        .arg("--config")
+        .arg(root.join("etc/kybernate/config.toml"))
+        .args(["-o", "json", "list"]));
+
+    // The admin's edit of the conffile survives an upgrade.
+    let edited = "[checkpoint]\nroot = \"/srv/checkpoints\"\n";
+    fs::write(root.join("etc/kybernate/config.toml"), edited).unwrap();
+    let upgrade = build(&bin, &tmp.path().join("out"), "0.1.1");
+    node.dpkg(&["--install", upgrade.to_str().unwrap()]);
+    assert_eq!(node.status(), "install ok installed 0.1.1");
+    assert_eq!(fs::read_to_string(root.join("etc/kybernate/config.toml")).unwrap(), edited);
+
+    // Remove: the files go, the conffile stays; purge takes it too.
+    node.dpkg(&["--remove", "kybernate"]);
+    assert_eq!(node.status(), "deinstall ok config-files 0.1.1");
+    for name in BINARIES {
+        assert!(!root.join("usr/bin").join(name).exists(), "{name} left behind");
+    }
+    assert!(!root.join("usr/share/kybernate").exists());
+    assert!(!root.join("usr/share/doc/kybernate").exists());
+    assert_eq!(fs::read_to_string(root.join("etc/kybernate/config.toml")).unwrap(), edited);
+    node.dpkg(&["--purge", "kybernate"]);
+    assert!(!root.join("etc/kybernate").exists());
+}
+
+/// packaging/deb/config.toml: as shipped (all commented) it is the defaults, and uncommenting
+/// every key also gives exactly the defaults, with every key there is.
+#[test]
+fn default_config_documents_every_key_with_its_default() {
+    let path = repo().join("packaging/deb/config.toml");
+    let text = fs::read_to_string(&path).unwrap();
+    assert_eq!(Config::parse(&text, &path).unwrap(), Config::default());
+    let uncommented: String = text
+        .lines()
+        .map(|l| match l.strip_prefix('#') {
+            Some(rest) if rest.split_once(" = ").is_some_and(|(k, _)| !k.is_empty() && !k.contains(' ')) => rest,
+            _ => l,
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_eq!(Config::parse(&uncommented, &path).unwrap(), Config::default(), "{uncommented}");
+
+    let documented: BTreeSet<String> = toml::from_str::<toml::Table>(&uncommented)
+        .unwrap()
+        .iter()
+        .flat_map(|(t, keys)| keys.as_table().unwrap().keys().map(move |k| format!("{t}.{k}")))
+        .collect();
+    let all: BTreeSet<String> = toml::Table::try_from(Config::default())
+        .unwrap()
+        .iter()
+        .flat_map(|(t, keys)| keys.as_table().unwrap().keys().map(move |k| format!("{t}.{k}")))
+        .collect();
+    assert_eq!(documented, all);
+}
+
+#[test]
+fn build_script_refuses_bad_input() {
+    let tmp = tempfile::tempdir().unwrap();
+    let script = repo().join("packaging/deb/build.sh");
+    let empty = tmp.path().join("empty");
+    fs::create_dir_all(&empty).unwrap();
+    let bin = built_binaries(&tmp.path().join("bin"));
+    for (args, expect) in [
+        (vec!["--bin-dir", empty.to_str().unwrap()], "is missing"),
+        (vec!["--bin-dir", bin.to_str().unwrap(), "--version", "v1"], "bad version"),
+        (vec!["--bin-dir", bin.to_str().unwrap(), "--compression", "lz4"], "--compression"),
+        (vec!["--version"], "needs a value"),
+        (vec!["--frobnicate"], "unknown argument"),
+    ] {
+        let out = Command::new("bash")
+            .arg(&script)
+            .args(["--out", tmp.path().join("out").to_str().unwrap()])
+            .args(&args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", show(&out));
+        assert!(String::from_utf8_lossy(&out.stderr).contains(expect), "{args:?}: {}", show(&out));
+    }
+    assert!(!tmp.path().join("out").exists() || fs::read_dir(tmp.path().join("out")).unwrap().next().is_none());
+}

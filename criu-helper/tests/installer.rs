@@ -1,0 +1,399 @@
+//! The Kubernetes installer (packaging/kubernetes/installer/install.sh and uninstall.sh) against a
+//! fake host root in a temp dir, with the binaries cargo built and a fake containerd restart that
+//! records its calls. The image itself cannot be built here (no registry, no Docker): the
+//! Dockerfile and the manifests are checked for consistency instead.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use serde_yaml_ng::Value as Yaml;
+
+const BINARIES: [&str; 3] = ["kybernate", "containerd-shim-kybernate-v1", "kybernate-select"];
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn fixture(name: &str) -> String {
+    fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/containerd").join(name)).unwrap()
+}
+
+fn show(out: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// The three binaries cargo built (target/debug/kybernate and its siblings); a sibling that this
+/// test run did not build is stood in for by the kybernate binary: the test is about the script.
+pub fn built_binaries(into: &Path) -> PathBuf {
+    let kybernate = PathBuf::from(env!("CARGO_BIN_EXE_kybernate"));
+    let target_dir = kybernate.parent().unwrap();
+    fs::create_dir_all(into).unwrap();
+    for name in BINARIES {
+        let built = target_dir.join(name);
+        let source = if built.is_file() { built } else { kybernate.clone() };
+        let dest = into.join(name);
+        // A hard link where possible: the debug binaries are large.
+        if fs::hard_link(&source, &dest).is_err() {
+            fs::copy(&source, &dest).unwrap();
+        }
+    }
+    into.to_path_buf()
+}
+
+/// A fake node: `root` is the host's /, `bin` the image's binaries, `restarts` what the fake
+/// restart command recorded.
+struct Host {
+    _tmp: tempfile::TempDir,
+    root: PathBuf,
+    bin: PathBuf,
+    restart: PathBuf,
+    restarts: PathBuf,
+}
+
+impl Host {
+    fn new() -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("host");
+        fs::create_dir_all(&root).unwrap();
+        let bin = built_binaries(&tmp.path().join("image-bin"));
+        let restarts = tmp.path().join("restarts.log");
+        let restart = tmp.path().join("fake-restart");
+        fs::write(
+            &restart,
+            "#!/bin/sh\n# Records the call; fails while a file named `fail` is next to it.\n\
+             echo \"$*\" >>\"$(dirname \"$0\")/restarts.log\"\n\
+             [ ! -e \"$(dirname \"$0\")/fail\" ]\n",
+        )
+        .unwrap();
+        fs::set_permissions(&restart, fs::Permissions::from_mode(0o755)).unwrap();
+        Self { _tmp: tmp, root, bin, restart, restarts }
+    }
+
+    fn path(&self, host_path: &str) -> PathBuf {
+        self.root.join(host_path.trim_start_matches('/'))
+    }
+
+    fn write(&self, host_path: &str, text: &str) {
+        let p = self.path(host_path);
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(p, text).unwrap();
+    }
+
+    fn read(&self, host_path: &str) -> String {
+        fs::read_to_string(self.path(host_path)).unwrap()
+    }
+
+    fn command(&self, script: &str, env: &[(&str, &str)]) -> Command {
+        let mut cmd = Command::new("bash");
+        cmd.arg(repo().join("packaging/kubernetes/installer").join(script))
+            .env("HOST_ROOT", &self.root)
+            .env("KYBERNATE_BIN_DIR", &self.bin)
+            .env("CONTAINERD_RESTART", format!("{} containerd", self.restart.display()))
+            .env("KYBERNATE_INSTALL_ONESHOT", "1")
+            .env_remove("KYBERNATE_CONFIG")
+            .env_remove("KYBERNATE_DEFAULT_CONFIG")
+            .env_remove("CONTAINERD_CONFIG")
+            .env_remove("KYBERNATE_STYLE");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd
+    }
+
+    fn run(&self, script: &str, env: &[(&str, &str)]) -> Output {
+        self.command(script, env).output().unwrap()
+    }
+
+    fn run_ok(&self, script: &str, env: &[(&str, &str)]) -> String {
+        let out = self.run(script, env);
+        assert_eq!(out.status.code(), Some(0), "{script}: {}", show(&out));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn restarts(&self) -> Vec<String> {
+        fs::read_to_string(&self.restarts).unwrap_or_default().lines().map(String::from).collect()
+    }
+
+    fn backups(&self, host_dir: &str) -> Vec<String> {
+        let mut found: Vec<String> = fs::read_dir(self.path(host_dir))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(".kybernate-backup-"))
+            .collect();
+        found.sort();
+        found
+    }
+}
+
+fn same_file_content(a: &Path, b: &Path) -> bool {
+    Command::new("cmp").arg("-s").arg(a).arg(b).status().unwrap().success()
+}
+
+fn mode(p: &Path) -> u32 {
+    fs::metadata(p).unwrap().permissions().mode() & 0o7777
+}
+
+#[test]
+fn install_rerun_and_uninstall_on_a_fake_host() {
+    let host = Host::new();
+    let original = fixture("gpu-node.toml");
+    host.write("/etc/containerd/config.toml", &original);
+
+    let stdout = host.run_ok("install.sh", &[]);
+    for name in BINARIES {
+        let installed = host.path(&format!("/usr/local/bin/{name}"));
+        assert_eq!(mode(&installed), 0o755, "{name}");
+        assert!(same_file_content(&installed, &host.bin.join(name)), "{name} differs");
+    }
+    let merged = host.read("/etc/containerd/config.toml");
+    assert!(merged.contains("[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.kybernate]"), "{merged}");
+    assert!(merged.contains("runtime_type = \"io.containerd.kybernate.v1\""), "{merged}");
+    assert!(merged.contains("ConfigPath = \"/etc/kybernate/config.toml\""), "{merged}");
+    assert!(!merged.contains("runtime_path = \"/usr/local"), "runtime-type style names no shim path: {merged}");
+    let backups = host.backups("/etc/containerd");
+    assert_eq!(backups.len(), 1, "{backups:?}");
+    assert_eq!(host.read(&format!("/etc/containerd/{}", backups[0])), original);
+    let default_config = fs::read_to_string(repo().join("packaging/deb/config.toml")).unwrap();
+    assert_eq!(host.read("/etc/kybernate/config.toml"), default_config);
+    assert_eq!(mode(&host.path("/etc/kybernate/config.toml")), 0o644);
+    assert_eq!(host.restarts(), ["containerd"], "{stdout}");
+    assert!(!host.path("/var/lib/kybernate/installer").exists(), "restart marker left behind");
+
+    // The admin edits the Kybernate config; a second run changes nothing and restarts nothing.
+    host.write("/etc/kybernate/config.toml", "[checkpoint]\nroot = \"/srv/checkpoints\"\n");
+    let second = host.run_ok("install.sh", &[]);
+    assert!(second.contains("already installed"), "{second}");
+    assert!(second.contains("containerd not restarted"), "{second}");
+    assert_eq!(host.restarts(), ["containerd"]);
+    assert_eq!(host.read("/etc/containerd/config.toml"), merged);
+    assert_eq!(host.backups("/etc/containerd").len(), 1);
+    assert_eq!(host.read("/etc/kybernate/config.toml"), "[checkpoint]\nroot = \"/srv/checkpoints\"\n");
+
+    // Uninstall: our runtime and the binaries go, containerd restarts, the admin's data stays.
+    host.run_ok("uninstall.sh", &[]);
+    assert_eq!(host.read("/etc/containerd/config.toml"), original, "uninstall must restore the original bytes");
+    for name in BINARIES {
+        assert!(!host.path(&format!("/usr/local/bin/{name}")).exists(), "{name} left behind");
+    }
+    assert_eq!(host.restarts(), ["containerd", "containerd"]);
+    assert_eq!(host.read("/etc/kybernate/config.toml"), "[checkpoint]\nroot = \"/srv/checkpoints\"\n");
+    assert_eq!(host.backups("/etc/containerd").len(), 2);
+
+    // Uninstalling again: nothing to do, no restart.
+    host.run_ok("uninstall.sh", &[]);
+    assert_eq!(host.restarts().len(), 2);
+}
+
+/// A node without a containerd config gets one; the runtime-path style names the host's shim.
+#[test]
+fn missing_config_and_runtime_path_style() {
+    let host = Host::new();
+    host.run_ok("install.sh", &[("KYBERNATE_STYLE", "runtime-path")]);
+    let created = host.read("/etc/containerd/config.toml");
+    assert!(created.contains("version = 2"), "{created}");
+    assert!(created.contains("runtime_path = \"/usr/local/bin/containerd-shim-kybernate-v1\""), "{created}");
+    assert!(created.contains("containerd.runtimes.runc]"), "runc must be defined too: {created}");
+    assert_eq!(host.restarts(), ["containerd"]);
+    host.run_ok("install.sh", &[("KYBERNATE_STYLE", "runtime-path")]);
+    assert_eq!(host.restarts(), ["containerd"]);
+}
+
+/// k3s: the template is created from k3s's generated config, and only the template is edited.
+#[test]
+fn k3s_template_is_created_from_the_generated_config() {
+    let host = Host::new();
+    let dir = "/var/lib/rancher/k3s/agent/etc/containerd";
+    let generated = fixture("containerd-1.6-default.toml");
+    host.write(&format!("{dir}/config.toml"), &generated);
+    let template = format!("{dir}/config.toml.tmpl");
+    let restart = format!("{} k3s", host.restart.display());
+    host.run_ok("install.sh", &[("CONTAINERD_CONFIG", &template), ("CONTAINERD_RESTART", &restart)]);
+    assert_eq!(host.read(&format!("{dir}/config.toml")), generated, "k3s's own file must stay");
+    let tmpl = host.read(&template);
+    assert!(tmpl.contains("containerd.runtimes.kybernate]"), "{tmpl}");
+    assert_eq!(host.restarts(), ["k3s"]);
+}
+
+/// A bad config stops the installer before any restart; a failed restart is retried by the next run.
+#[test]
+fn failures_neither_restart_nor_lose_a_restart() {
+    let host = Host::new();
+    let malformed = fixture("malformed.toml");
+    host.write("/etc/containerd/config.toml", &malformed);
+    let out = host.run("install.sh", &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not valid TOML at line 4"), "{}", show(&out));
+    assert_eq!(host.read("/etc/containerd/config.toml"), malformed);
+    assert!(host.restarts().is_empty());
+
+    host.write("/etc/containerd/config.toml", &fixture("gpu-node.toml"));
+    let fail = host.restart.parent().unwrap().join("fail");
+    fs::write(&fail, "").unwrap();
+    let out = host.run("install.sh", &[]);
+    assert_ne!(out.status.code(), Some(0), "a failed restart must fail the pod: {}", show(&out));
+    assert_eq!(host.restarts().len(), 1);
+    fs::remove_file(&fail).unwrap();
+    // The config is merged already, but the restart is still owed.
+    host.run_ok("install.sh", &[]);
+    assert_eq!(host.restarts().len(), 2);
+    host.run_ok("install.sh", &[]);
+    assert_eq!(host.restarts().len(), 2);
+}
+
+/// Without KYBERNATE_INSTALL_ONESHOT the script stays up (a DaemonSet pod) and ends on SIGTERM.
+#[test]
+fn daemonset_mode_sleeps_and_ends_on_sigterm() {
+    let host = Host::new();
+    host.write("/etc/containerd/config.toml", &fixture("gpu-node.toml"));
+    let log = host.root.parent().unwrap().join("daemonset.log");
+    let mut child = host
+        .command("install.sh", &[("KYBERNATE_INSTALL_ONESHOT", "0")])
+        .stdout(fs::File::create(&log).unwrap())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !fs::read_to_string(&log).unwrap().contains("kybernate-install: done") {
+        assert!(child.try_wait().unwrap().is_none(), "the installer exited: {}", fs::read_to_string(&log).unwrap());
+        assert!(Instant::now() < deadline, "no `done`: {}", fs::read_to_string(&log).unwrap());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(child.try_wait().unwrap().is_none(), "the installer must keep running");
+    // SAFETY: kill with a pid we spawned.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "SIGTERM did not end the installer");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(0));
+}
+
+#[test]
+fn scripts_pass_bash_syntax_check() {
+    for script in ["install.sh", "uninstall.sh"] {
+        let path = repo().join("packaging/kubernetes/installer").join(script);
+        let text = fs::read_to_string(&path).unwrap();
+        assert!(text.starts_with("#!/usr/bin/env bash\n"), "{script}");
+        assert!(text.contains("\nset -euo pipefail\n"), "{script}");
+        assert_eq!(mode(&path) & 0o111, 0o111, "{script} must be executable (the image runs it directly)");
+        let out = Command::new("bash").arg("-n").arg(&path).output().unwrap();
+        assert!(out.status.success(), "{script}: {}", show(&out));
+    }
+}
+
+fn yaml_docs(rel: &str) -> Vec<Yaml> {
+    let text = fs::read_to_string(repo().join(rel)).unwrap();
+    serde_yaml_ng::Deserializer::from_str(&text).map(|d| Yaml::deserialize(d).unwrap()).collect()
+}
+
+fn at<'a>(v: &'a Yaml, path: &str) -> &'a Yaml {
+    path.split('.').fold(v, |v, key| match key.parse::<usize>() {
+        Ok(i) => &v[i],
+        Err(_) => &v[key],
+    })
+}
+
+#[test]
+fn runtime_classes_name_our_handler() {
+    let plain = yaml_docs("packaging/kubernetes/runtimeclass.yaml");
+    assert_eq!(plain.len(), 1);
+    let rc = &plain[0];
+    assert_eq!(rc["apiVersion"], "node.k8s.io/v1");
+    assert_eq!(rc["kind"], "RuntimeClass");
+    assert_eq!(at(rc, "metadata.name"), "kybernate");
+    assert_eq!(rc["handler"], "kybernate");
+    assert!(rc.get("scheduling").is_none(), "the plain RuntimeClass schedules anywhere");
+
+    let gpu = &yaml_docs("packaging/kubernetes/runtimeclass-gpu.yaml")[0];
+    assert_eq!(gpu["apiVersion"], "node.k8s.io/v1");
+    assert_eq!(gpu["handler"], "kybernate");
+    assert_eq!(at(gpu, "scheduling.nodeSelector")["nvidia.com/gpu.present"], "true");
+    assert_eq!(at(gpu, "scheduling.tolerations.0.key"), "nvidia.com/gpu");
+}
+
+#[test]
+fn daemonset_runs_the_installer_privileged_with_the_host_root() {
+    let docs = yaml_docs("packaging/kubernetes/installer/daemonset.yaml");
+    let ns = docs.iter().find(|d| d["kind"] == "Namespace").expect("a Namespace");
+    let ds = docs.iter().find(|d| d["kind"] == "DaemonSet").expect("a DaemonSet");
+    assert_eq!(at(ds, "metadata.namespace"), at(ns, "metadata.name"));
+    assert_eq!(at(ds, "metadata.namespace"), "kybernate-system");
+    let pod = at(ds, "spec.template.spec");
+    assert_eq!(pod["hostPID"].as_bool(), Some(true));
+    assert_eq!(at(ds, "spec.selector.matchLabels"), at(ds, "spec.template.metadata.labels"));
+    let c = &pod["containers"][0];
+    assert_eq!(at(c, "securityContext.privileged").as_bool(), Some(true));
+    assert_eq!(c["command"][0], "/opt/kybernate/install.sh");
+    let env: Vec<(&str, &str)> = c["env"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|e| (e["name"].as_str().unwrap(), e["value"].as_str().unwrap()))
+        .collect();
+    assert!(env.contains(&("HOST_ROOT", "/host")), "{env:?}");
+    let mount = &c["volumeMounts"][0];
+    assert_eq!(mount["mountPath"], "/host");
+    let volume = pod["volumes"].as_sequence().unwrap().iter().find(|v| v["name"] == mount["name"]).unwrap();
+    assert_eq!(at(volume, "hostPath.path"), "/");
+    let tolerations = pod["tolerations"].as_sequence().unwrap();
+    assert!(tolerations.iter().any(|t| t["key"] == "nvidia.com/gpu" && t["operator"] == "Exists"), "{tolerations:?}");
+}
+
+/// The Dockerfile copies files that exist (or, under target/release, the three binaries), its
+/// .dockerignore lets exactly those through, and the paths match what install.sh expects.
+#[test]
+fn dockerfile_copies_what_the_installer_needs() {
+    let dir = repo().join("packaging/kubernetes/installer");
+    let text = fs::read_to_string(dir.join("Dockerfile")).unwrap().replace("\\\n", " ");
+    let mut sources = Vec::new();
+    for line in text.lines().filter(|l| l.starts_with("COPY ")) {
+        let words: Vec<&str> = line.split_whitespace().skip(1).collect();
+        let (dest, srcs) = words.split_last().unwrap();
+        assert!(dest.starts_with("/opt/kybernate/"), "{line}");
+        sources.extend(srcs.iter().map(|s| s.to_string()));
+    }
+    for src in &sources {
+        match src.strip_prefix("target/release/") {
+            Some(bin) => assert!(BINARIES.contains(&bin), "{src}"),
+            None => assert!(repo().join(src).is_file(), "{src} does not exist"),
+        }
+    }
+    assert_eq!(sources.iter().filter(|s| s.starts_with("target/release/")).count(), 3);
+    assert!(text.contains("ENTRYPOINT [\"/opt/kybernate/install.sh\"]"));
+    assert!(text.contains("KYBERNATE_BIN_DIR=/opt/kybernate/bin"));
+    let ignore = fs::read_to_string(dir.join("Dockerfile.dockerignore")).unwrap();
+    let mut allowed: Vec<String> = ignore.lines().filter_map(|l| l.strip_prefix('!')).map(String::from).collect();
+    allowed.sort();
+    sources.sort();
+    assert_eq!(allowed, sources);
+}
+
+/// Every variable docs/installation.md's DaemonSet section documents is one install.sh reads.
+#[test]
+fn documented_variables_exist() {
+    let docs = fs::read_to_string(repo().join("docs/installation.md")).unwrap();
+    let section = docs.split("## Installing on Kubernetes (DaemonSet)").nth(1).unwrap().split("\n## ").next().unwrap();
+    let script = fs::read_to_string(repo().join("packaging/kubernetes/installer/install.sh")).unwrap();
+    let mut seen = 0;
+    for row in section.lines().filter(|l| l.starts_with("| `")) {
+        for var in row.split('|').nth(1).unwrap().split(',').map(|v| v.trim().trim_matches('`')) {
+            assert!(script.contains(&format!("{var}=\"${{{var}:-")), "install.sh does not read {var}");
+            seen += 1;
+        }
+    }
+    assert!(seen >= 8, "{seen} variables documented");
+}
