@@ -67,7 +67,7 @@ fn doctor_on_the_test_bed() {
     assert!(root["detail"].as_str().unwrap().contains("created on first checkpoint"), "{root}");
     // The test bed does not register our runtime for CRI: a warning, not a failure.
     assert_eq!(check(&checks, "cri runtime")["status"], "warn");
-    for gpu in ["gpu", "gpu driver", "criu cuda plugin", "cuda-checkpoint"] {
+    for gpu in ["gpu", "gpu driver", "criu cuda plugin", "cuda-checkpoint", "cuda driver api"] {
         assert_eq!(check(&checks, gpu)["status"], "ok");
     }
 

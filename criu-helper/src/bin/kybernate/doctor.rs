@@ -12,6 +12,7 @@ use std::process::{Command, ExitCode};
 use std::time::Duration;
 
 use containerd_client::services::v1::version_client::VersionClient;
+use kybernate_criu::cuda::CudaDriver;
 use kybernate_criu::{find_criu, free_bytes, kernel_release, parse_criu_version, require_criu_version, MIN_CRIU};
 use serde::Serialize;
 
@@ -102,9 +103,18 @@ pub fn doctor(
     address: &Path,
     containerd_config: &Path,
     checkpoint_root: &Path,
+    libcuda: &str,
 ) -> Result<ExitCode, CliError> {
     let node = Node::system();
-    let checks = run_checks(&node, address, containerd_config, checkpoint_root);
+    let mut checks = run_checks(&node, address, containerd_config, checkpoint_root);
+    // After the CUDA plugin's checks: whether the driver API can stand in for them.
+    let at = checks.iter().position(|c| c.check == "cuda-checkpoint").map_or(checks.len(), |i| i + 1);
+    let plugin_ready = checks
+        .iter()
+        .filter(|c| c.check == "criu cuda plugin" || c.check == "cuda-checkpoint")
+        .all(|c| c.status == Status::Ok);
+    let gpus = !nvidia_gpus(&node.dev).is_empty();
+    checks.insert(at, cuda_driver_api(gpus, plugin_ready, || kybernate_criu::cuda::LibCuda::load(libcuda.as_ref())));
     match out {
         Output::Json => output::json(&checks)?,
         Output::Table => output::write(&table(&checks))?,
@@ -389,18 +399,43 @@ pub fn gpu_driver(version_file: &Path, gpus: bool) -> Check {
     if !gpus {
         return Check::ok(NAME, NO_GPU);
     }
-    let fix = "install the NVIDIA driver (≥ 550 for cuda-checkpoint) and load its kernel module";
+    let fix = "install the NVIDIA driver (≥ 570 for CUDA checkpoints) and load its kernel module";
+    let min = kybernate_criu::cuda::preflight::MIN_DRIVER_MAJOR;
     match fs::read_to_string(version_file) {
-        Ok(text) => {
-            // "NVRM version: NVIDIA UNIX x86_64 Kernel Module  570.86.15  ..."
-            let line = text.lines().next().unwrap_or("").trim();
-            let version = line
-                .split_whitespace()
-                .find(|w| w.contains('.') && w.bytes().all(|b| b.is_ascii_digit() || b == b'.'))
-                .unwrap_or(line);
-            Check::ok(NAME, format!("NVIDIA driver {version}"))
-        }
+        Ok(text) => match kybernate_criu::gpu::inventory::parse_driver_version(&text) {
+            Some(v) if kybernate_criu::gpu::inventory::driver_major(&v).is_some_and(|m| m >= min) => {
+                Check::ok(NAME, format!("NVIDIA driver {v}"))
+            }
+            Some(v) => Check::warn(NAME, format!("NVIDIA driver {v}: CUDA checkpoints need ≥ {min}"), fix),
+            None => Check::warn(NAME, format!("{}: no driver version in it", version_file.display()), fix),
+        },
         Err(e) => Check::fail(NAME, format!("{}: {e}", version_file.display()), fix),
+    }
+}
+
+/// `[checkpoint] cuda = driver-api` (and `auto` without the plugin): libcuda with the checkpoint API.
+/// A failure only fails the node when CRIU's plugin path is not ready either.
+pub fn cuda_driver_api<D: CudaDriver, E: std::fmt::Display>(
+    gpus: bool,
+    plugin_ready: bool,
+    load: impl FnOnce() -> Result<D, E>,
+) -> Check {
+    const NAME: &str = "cuda driver api";
+    if !gpus {
+        return Check::ok(NAME, NO_GPU);
+    }
+    let fix = "install the NVIDIA driver ≥ 570 (libcuda.so.1 with cuCheckpointProcess*), or name it with [checkpoint] libcuda";
+    match load() {
+        Ok(d) => match d.driver_version() {
+            Ok(v) => Check::ok(NAME, format!("checkpoint API present (CUDA {}.{})", v / 1000, (v % 1000) / 10)),
+            Err(e) => Check::warn(NAME, format!("checkpoint API present, but cuDriverGetVersion failed: {e}"), fix),
+        },
+        Err(e) if plugin_ready => Check::warn(NAME, format!("{e} (CRIU's CUDA plugin can do the work)"), fix),
+        Err(e) => Check::fail(
+            NAME,
+            format!("{e}; nor is CRIU's CUDA plugin ready: GPU containers cannot be checkpointed"),
+            fix,
+        ),
     }
 }
 
@@ -413,10 +448,10 @@ pub fn cuda_plugin(dirs: &[PathBuf], gpus: bool) -> Check {
         Some(p) => Check::ok(NAME, p.display().to_string()),
         None => {
             let searched: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
-            Check::fail(
+            Check::warn(
                 NAME,
                 format!("cuda_plugin.so not found in {}", searched.join(", ")),
-                "install CRIU with its CUDA plugin (cuda_plugin.so in /usr/lib/criu, or set $CRIU_LIBS_DIR); GPU containers cannot be checkpointed without it",
+                "for [checkpoint] cuda = \"criu-plugin\": install CRIU's CUDA plugin (cuda_plugin.so in /usr/lib/criu, or set $CRIU_LIBS_DIR); auto and driver-api use the driver API instead",
             )
         }
     }
@@ -429,10 +464,10 @@ pub fn cuda_checkpoint(path_env: Option<&OsStr>, gpus: bool) -> Check {
     }
     match find_in_path("cuda-checkpoint", path_env) {
         Some(p) => Check::ok(NAME, p.display().to_string()),
-        None => Check::fail(
+        None => Check::warn(
             NAME,
             "cuda-checkpoint not on PATH",
-            "install NVIDIA's cuda-checkpoint (github.com/NVIDIA/cuda-checkpoint) into /usr/local/bin; CRIU's CUDA plugin runs it",
+            "for CRIU's CUDA plugin: install NVIDIA's cuda-checkpoint, or link ours: ln -s /usr/local/bin/kybernate /usr/local/bin/cuda-checkpoint",
         ),
     }
 }
@@ -612,10 +647,50 @@ version = 2
         fs::write(&version, "NVRM version: NVIDIA UNIX x86_64 Kernel Module  570.86.15  Thu Jan 1 2025\n").unwrap();
         assert_eq!(gpu_driver(&version, true).detail, "NVIDIA driver 570.86.15");
         assert_eq!(gpu_driver(&dev.path().join("none"), true).status, Status::Fail);
-        assert_eq!(cuda_plugin(&[dev.path().to_path_buf()], true).status, Status::Fail);
+        fs::write(&version, "NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.15  Tue Mar  5 2024\n").unwrap();
+        let old = gpu_driver(&version, true);
+        assert!(old.status == Status::Warn && old.detail.contains("need ≥ 570"), "{old:?}");
+        // CRIU's plugin path missing is a warning: the driver API can do the work.
+        assert_eq!(cuda_plugin(&[dev.path().to_path_buf()], true).status, Status::Warn);
         fs::write(dev.path().join("cuda_plugin.so"), "").unwrap();
         assert_eq!(cuda_plugin(&[dev.path().to_path_buf()], true).status, Status::Ok);
-        assert_eq!(cuda_checkpoint(Some(OsStr::new("/nonexistent")), true).status, Status::Fail);
+        assert_eq!(cuda_checkpoint(Some(OsStr::new("/nonexistent")), true).status, Status::Warn);
+    }
+
+    #[test]
+    fn the_driver_api_check_fails_only_when_no_way_is_left() {
+        use kybernate_criu::cuda::{CudaError, ProcessState};
+        struct Driver;
+        impl CudaDriver for Driver {
+            fn driver_version(&self) -> Result<i32, CudaError> {
+                Ok(12080)
+            }
+            fn lock(&self, _: i32, _: u32) -> Result<(), CudaError> {
+                Ok(())
+            }
+            fn checkpoint(&self, _: i32) -> Result<(), CudaError> {
+                Ok(())
+            }
+            fn restore(&self, _: i32) -> Result<(), CudaError> {
+                Ok(())
+            }
+            fn unlock(&self, _: i32) -> Result<(), CudaError> {
+                Ok(())
+            }
+            fn state(&self, _: i32) -> Result<ProcessState, CudaError> {
+                Ok(ProcessState::Running)
+            }
+            fn restore_thread_id(&self, pid: i32) -> Result<i32, CudaError> {
+                Ok(pid)
+            }
+        }
+        let gone = || Err::<Driver, _>("cannot load libcuda.so.1");
+        assert_eq!(cuda_driver_api(false, false, gone).detail, NO_GPU);
+        let ok = cuda_driver_api(true, false, || Ok::<_, String>(Driver));
+        assert!(ok.status == Status::Ok && ok.detail.contains("CUDA 12.8"), "{ok:?}");
+        assert_eq!(cuda_driver_api(true, true, gone).status, Status::Warn);
+        let none = cuda_driver_api(true, false, gone);
+        assert!(none.status == Status::Fail && none.detail.contains("cannot be checkpointed"), "{none:?}");
     }
 
     #[test]

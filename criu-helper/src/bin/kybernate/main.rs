@@ -356,7 +356,10 @@ fn run(cli: Cli) -> Result<ExitCode, CliError> {
             let args = restore::Args { checkpoint, new_id, image, pod_annotation, allow_gpu_mismatch };
             restore::restore(&store, out, &cli.address, ns, &args)
         }
-        Command::Doctor { containerd_config } => doctor::doctor(out, &cli.address, &containerd_config, store.root()),
+        Command::Doctor { containerd_config } => {
+            let libcuda = store::load_config(cli.config.as_deref())?.checkpoint.libcuda;
+            doctor::doctor(out, &cli.address, &containerd_config, store.root(), &libcuda)
+        }
         Command::Completions { .. } | Command::CudaCheckpoint(_) | Command::ContainerdConfig(_) => {
             Ok(ExitCode::SUCCESS)
         }

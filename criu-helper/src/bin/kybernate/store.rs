@@ -16,10 +16,15 @@ use crate::error::CliError;
 /// Opens the store named by the config (`--config`, `$KYBERNATE_CONFIG`, the default file).
 /// The root is canonicalised when it exists, so ids and paths match what `resolve` returns.
 pub fn open(config: Option<&Path>) -> Result<Store, CliError> {
-    let source = ConfigSource::resolve(config, std::env::var_os(CONFIG_ENV).as_deref());
-    let root = Config::load(&source)?.checkpoint.root;
+    let root = load_config(config)?.checkpoint.root;
     let root = fs::canonicalize(&root).unwrap_or(root);
     Ok(Store::new(root))
+}
+
+/// The node config (`--config`, `$KYBERNATE_CONFIG`, the default file).
+pub fn load_config(config: Option<&Path>) -> Result<Config, CliError> {
+    let source = ConfigSource::resolve(config, std::env::var_os(CONFIG_ENV).as_deref());
+    Ok(Config::load(&source)?)
 }
 
 /// Whether a checkpoint is usable as far as listing can tell (the manifest reads, every file it
