@@ -39,6 +39,8 @@ const CHECKPOINT_OPTIONS: &str = "containerd.runc.v1.CheckpointOptions";
 const POD_NAMESPACE_ANNOTATIONS: [&str; 2] = ["io.kubernetes.cri.sandbox-namespace", "io.kubernetes.pod.namespace"];
 const POD_NAME_ANNOTATIONS: [&str; 2] = ["io.kubernetes.cri.sandbox-name", "io.kubernetes.pod.name"];
 const CONTAINER_NAME_ANNOTATION: &str = "io.kubernetes.cri.container-name";
+/// CRI's "sandbox" or "container".
+const CONTAINER_TYPE_ANNOTATION: &str = "io.kubernetes.cri.container-type";
 const IMAGE_NAME_ANNOTATION: &str = "io.kubernetes.cri.image-name";
 /// How much of CRIU's log goes into an error message (the whole log stays in the work dir).
 const LOG_TAIL_LINES: usize = 20;
@@ -726,8 +728,12 @@ impl RestorePlan {
 }
 
 /// The checkpoint a new container asks to be restored from: the annotation, else the last
-/// `RESTORE_FROM` in its process environment.
+/// `RESTORE_FROM` in its process environment. Never for a pod's sandbox (pause) container: CRI
+/// copies pod annotations into the sandbox's spec too, and the checkpoint is the app container's.
 pub fn restore_reference(spec: &Spec) -> Option<(String, &'static str)> {
+    if spec_annotation(Some(spec), CONTAINER_TYPE_ANNOTATION).as_deref() == Some("sandbox") {
+        return None;
+    }
     if let Some(v) = spec_annotation(Some(spec), RESTORE_ANNOTATION) {
         return Some((v, "annotation kybernate.io/restore-from"));
     }
@@ -817,6 +823,12 @@ mod tests {
         let s = spec(
             serde_json::json!({"ociVersion": "1.0.2", "process": {"cwd": "/", "user": {"uid": 0, "gid": 0}, "args": ["sh"], "env": ["RESTORE_FROM="]}}),
         );
+        assert_eq!(restore_reference(&s), None);
+        // A pod's sandbox carries the pod annotation too: never restored.
+        let s = spec(serde_json::json!({
+            "ociVersion": "1.0.2",
+            "annotations": {"kybernate.io/restore-from": "k8s.io/a/1", "io.kubernetes.cri.container-type": "sandbox"}
+        }));
         assert_eq!(restore_reference(&s), None);
     }
 

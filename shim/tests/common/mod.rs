@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod ckpt;
+pub mod cri;
 
 use std::io::Read;
 use std::os::fd::OwnedFd;

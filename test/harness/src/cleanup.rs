@@ -9,6 +9,7 @@ use std::process::{Command, Stdio};
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
+use crate::cri::CRI_NAMESPACE;
 use crate::{CONTAINERD_RUNC_ROOT, RUN_BASE};
 
 /// Runs [`sweep_stale`] once per process, before the first test bed or scratch dir.
@@ -51,6 +52,7 @@ fn stale_owner(name: &str) -> Option<u32> {
 /// for `name` and in any runc root under `dir`), shims of namespace `name`, their sockets, mounts
 /// under `dir`, cgroups named `name`, and `dir` itself. containerd must already be stopped.
 pub(crate) fn scrub(name: &str, dir: &Path) {
+    scrub_cri(dir);
     let ns_root = Path::new(CONTAINERD_RUNC_ROOT).join(name);
     let mut roots = vec![ns_root.clone()];
     roots.extend(runc_roots_under(dir));
@@ -72,25 +74,72 @@ pub(crate) fn scrub(name: &str, dir: &Path) {
     }
 }
 
+/// Removes what CRI containers of the test bed in `dir` left in the shared namespace
+/// [`CRI_NAMESPACE`], and nothing else there: a runc container is deleted only if its state names
+/// a bundle under `dir` (containerd's bundles, or one a test made for a task it created straight
+/// through a shim), a shim is killed only if its command line names a path under `dir` (its
+/// `-address`), and the cgroups removed are `k8s.io/<id>` of those ids.
+pub(crate) fn scrub_cri(dir: &Path) {
+    let root = Path::new(CONTAINERD_RUNC_ROOT).join(CRI_NAMESPACE);
+    let mut ids = dir_names(&dir.join("state/io.containerd.runtime.v2.task").join(CRI_NAMESPACE));
+    for id in dir_names(&root) {
+        if runc_bundle(&root.join(&id).join("state.json")).is_some_and(|b| b.starts_with(dir)) {
+            runc_delete(&root, &id);
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+    }
+    if ids.is_empty() {
+        return;
+    }
+    kill_matching(|args| {
+        args.windows(2).any(|w| w[0] == "-namespace" && w[1] == CRI_NAMESPACE)
+            && args.iter().any(|a| Path::new(a).starts_with(dir))
+    });
+    remove_shim_sockets(dir, CRI_NAMESPACE);
+    for ctrl in dir_names(Path::new("/sys/fs/cgroup")) {
+        for id in &ids {
+            remove_cgroup_tree(&Path::new("/sys/fs/cgroup").join(&ctrl).join(CRI_NAMESPACE).join(id));
+        }
+    }
+}
+
+/// The bundle a runc state file names (its `bundle=` label, else its rootfs's parent).
+fn runc_bundle(state: &Path) -> Option<PathBuf> {
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(state).ok()?).ok()?;
+    let config = &v["config"];
+    let from_label = config["labels"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find_map(|l| l.as_str()?.strip_prefix("bundle=").map(PathBuf::from));
+    from_label.or_else(|| Some(Path::new(config["rootfs"].as_str()?).parent()?.to_path_buf()))
+}
+
 /// `runc delete --force` for every container in a runc state root (kills their processes).
 pub(crate) fn runc_delete_all(root: &Path) {
     if !root.is_dir() {
         return;
     }
     for id in dir_names(root) {
-        if !root.join(&id).join("state.json").exists() {
-            continue;
+        if root.join(&id).join("state.json").exists() {
+            runc_delete(root, &id);
         }
-        let out =
-            Command::new("runc").arg("--root").arg(root).args(["delete", "--force", &id]).stdin(Stdio::null()).output();
-        if let Ok(out) = out {
-            if !out.status.success() && root.join(&id).exists() {
-                eprintln!(
-                    "kybernate-testbed: runc delete --force {id} (root {}): {}",
-                    root.display(),
-                    String::from_utf8_lossy(&out.stderr).trim()
-                );
-            }
+    }
+}
+
+/// `runc --root ROOT delete --force ID`, reporting failures.
+fn runc_delete(root: &Path, id: &str) {
+    let out =
+        Command::new("runc").arg("--root").arg(root).args(["delete", "--force", id]).stdin(Stdio::null()).output();
+    if let Ok(out) = out {
+        if !out.status.success() && root.join(id).exists() {
+            eprintln!(
+                "kybernate-testbed: runc delete --force {id} (root {}): {}",
+                root.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
     }
 }
@@ -246,6 +295,18 @@ mod tests {
         assert_eq!(stale_owner("kbt-123-4-scratch-abc"), Some(123));
         assert_eq!(stale_owner("default"), None);
         assert_eq!(stale_owner("kbt-x-1"), None);
+    }
+
+    #[test]
+    fn finds_the_bundle_of_a_runc_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state.json");
+        std::fs::write(&state, r#"{"config":{"rootfs":"/r/b/rootfs","labels":["x=y","bundle=/b/k8s.io/abc"]}}"#)
+            .unwrap();
+        assert_eq!(runc_bundle(&state), Some(PathBuf::from("/b/k8s.io/abc")));
+        std::fs::write(&state, r#"{"config":{"rootfs":"/r/b/rootfs"}}"#).unwrap();
+        assert_eq!(runc_bundle(&state), Some(PathBuf::from("/r/b")));
+        assert_eq!(runc_bundle(&dir.path().join("none")), None);
     }
 
     #[test]

@@ -5,6 +5,10 @@
 //! containerd), [`IMAGE`] is a busybox image built locally by `test/setup.sh` (there is no
 //! registry), and [`Bundle`] + [`Runc`] drive raw `runc` (and through it CRIU) without containerd.
 //!
+//! With [`Builder::cri`] / [`Builder::cri_runtime`] the private containerd also runs its CRI
+//! plugin (the kubelet's API, on the same socket) for host-network pods, with a pause-like
+//! sandbox image ([`PAUSE_IMAGE`]) built from [`IMAGE`] at start ([`cri`]).
+//!
 //! Everything needs root and a machine prepared by `test/setup.sh`; [`check_preconditions`] says
 //! what is missing. The shell side of the same test bed is `test/lib/testbed.sh`, and the
 //! constants below mirror `test/lib/common.sh`: change both together.
@@ -15,6 +19,7 @@
 
 mod bundle;
 mod cleanup;
+pub mod cri;
 pub mod fakes;
 mod testbed;
 
@@ -24,6 +29,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 pub use bundle::{Bundle, Runc};
+pub use cri::{CriRuntime, CriStyle, CRI_NAMESPACE, PAUSE_IMAGE};
 pub use testbed::{Builder, Testbed};
 
 /// Name the test image is imported under (from the `io.containerd.image.name` annotation).

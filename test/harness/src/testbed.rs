@@ -10,6 +10,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use crate::cleanup;
+use crate::cri::{self, CriRuntime, CRI_NAMESPACE, PAUSE_IMAGE};
 use crate::{check_preconditions, describe_output, find_in_path, unique_name, Error, IoContext, Result};
 use crate::{IMAGE, IMAGE_ARCHIVE, RUN_BASE, SYSTEM_PATH};
 
@@ -26,6 +27,7 @@ pub struct Builder {
     path_prepend: Vec<PathBuf>,
     extra_config: String,
     cri: bool,
+    cri_runtimes: Vec<CriRuntime>,
     env: Vec<(OsString, OsString)>,
 }
 
@@ -39,20 +41,36 @@ impl Builder {
     }
 
     /// TOML appended to the generated config.toml. Write only tables (`[plugins."…"]`): bare keys
-    /// would land in the table before them. With [`Builder::cri`], the table
-    /// `[plugins."io.containerd.grpc.v1.cri"]` already exists; add sub-tables of it instead.
+    /// would land in the table before them. With [`Builder::cri`], the tables
+    /// `[plugins."io.containerd.grpc.v1.cri"]`, its `.cni`, `.containerd`, `.containerd.runtimes.runc`
+    /// and those of [`Builder::cri_runtime`] handlers already exist; add other sub-tables instead.
     pub fn extra_config(mut self, toml: impl AsRef<str>) -> Self {
         self.extra_config.push_str(toml.as_ref());
         self.extra_config.push('\n');
         self
     }
 
-    /// Enables containerd's CRI plugin (off by default: plain containers do not need it). It gets
-    /// `restrict_oom_score_adj = true`, which these VMs need. CRI works in the namespace `k8s.io`
-    /// (of this private containerd; cleanup covers every namespace), so runc state of CRI
-    /// containers lands in `/run/containerd/runc/k8s.io`, shared with any other containerd's CRI.
+    /// Enables containerd's CRI plugin (off by default: plain containers do not need it), set up
+    /// for host-network pods without CNI: `restrict_oom_score_adj = true` (these VMs need it), the
+    /// stock `runc` runtime (the plugin does not load without its default runtime),
+    /// `sandbox_image` = [`PAUSE_IMAGE`], a stream server on a free loopback port, private CNI
+    /// dirs. At start [`PAUSE_IMAGE`] and [`IMAGE`] are imported into [`CRI_NAMESPACE`]. The
+    /// CRI socket is [`Testbed::address`].
+    ///
+    /// CRI works in the namespace `k8s.io`, so runc state of CRI containers lands in
+    /// `/run/containerd/runc/k8s.io` and their cgroups (without a pod `cgroup_parent`) under
+    /// `k8s.io/`, shared with other test beds and a node's containerd: cleanup removes only the
+    /// containers whose bundles this test bed made. Give pods
+    /// [`Testbed::cri_cgroup_parent`] so that their cgroups are swept by name too.
     pub fn cri(mut self, enabled: bool) -> Self {
         self.cri = enabled;
+        self
+    }
+
+    /// Adds a CRI runtime handler running Kybernate's shim (enables CRI, see [`Builder::cri`]).
+    pub fn cri_runtime(mut self, runtime: CriRuntime) -> Self {
+        self.cri = true;
+        self.cri_runtimes.push(runtime);
         self
     }
 
@@ -90,11 +108,22 @@ impl Builder {
             containerd_bin: containerd,
             ctr_bin: ctr,
             child: None,
+            cri: self.cri,
         };
-        std::fs::write(&tb.config, tb.config_toml(self.cri, &self.extra_config))
-            .ctx(|| format!("writing {}", tb.config.display()))?;
+        let cri_runtimes = self.cri.then_some(self.cri_runtimes.as_slice());
+        let config = tb.config_toml(cri_runtimes, &self.extra_config);
+        if self.cri {
+            for sub in ["cni/bin", "cni/net.d"] {
+                let d = tb.dir.join(sub);
+                std::fs::create_dir_all(&d).ctx(|| format!("creating {}", d.display()))?;
+            }
+        }
+        std::fs::write(&tb.config, config).ctx(|| format!("writing {}", tb.config.display()))?;
         // On error `tb` drops here and cleans up what was made.
         tb.start_containerd()?;
+        if self.cri {
+            tb.import_cri_images()?;
+        }
         Ok(tb)
     }
 }
@@ -119,6 +148,7 @@ pub struct Testbed {
     containerd_bin: PathBuf,
     ctr_bin: PathBuf,
     child: Option<Child>,
+    cri: bool,
 }
 
 impl Testbed {
@@ -166,6 +196,48 @@ impl Testbed {
         cmd
     }
 
+    /// Whether containerd's CRI plugin runs ([`Builder::cri`]).
+    pub fn cri_enabled(&self) -> bool {
+        self.cri
+    }
+
+    /// The CRI socket: containerd serves CRI on its gRPC socket ([`Testbed::address`]).
+    pub fn cri_socket(&self) -> &Path {
+        &self.address
+    }
+
+    /// A pod `cgroup_parent` (`/<namespace>`) whose cgroups this test bed's cleanup removes, also
+    /// after a killed test process; without one, CRI puts them under the shared `k8s.io/`.
+    pub fn cri_cgroup_parent(&self) -> String {
+        format!("/{}", self.namespace)
+    }
+
+    /// containerd's bundle dir for a CRI container or sandbox (in [`CRI_NAMESPACE`]).
+    pub fn cri_bundle_dir(&self, id: &str) -> PathBuf {
+        self.dir.join("state/io.containerd.runtime.v2.task").join(CRI_NAMESPACE).join(id)
+    }
+
+    /// Runs `ctr ARGS` in containerd namespace `namespace` (e.g. [`CRI_NAMESPACE`]) and returns
+    /// its output, whatever the exit status.
+    pub fn ctr_in(&self, namespace: &str, args: &[&str]) -> Output {
+        let mut cmd = Command::new(&self.ctr_bin);
+        cmd.arg("--address").arg(&self.address).arg("--namespace").arg(namespace).args(args);
+        cmd.stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("cannot run ctr {args:?}: {e}"))
+    }
+
+    /// [`Testbed::ctr_in`], panicking with the output and containerd's log tail if it fails.
+    pub fn ctr_ok_in(&self, namespace: &str, args: &[&str]) -> String {
+        let out = self.ctr_in(namespace, args);
+        if !out.status.success() {
+            panic!(
+                "{}\n--- containerd log (last 30 lines) ---\n{}",
+                describe_output(&format!("ctr -n {namespace} {}", args.join(" ")), &out),
+                self.log_tail(30)
+            );
+        }
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Runs `ctr ARGS` against this test bed and returns its output, whatever the exit status.
     pub fn ctr(&self, args: &[&str]) -> Output {
         self.ctr_command().args(args).output().unwrap_or_else(|e| panic!("cannot run ctr {args:?}: {e}"))
@@ -193,6 +265,22 @@ impl Testbed {
         assert!(images.lines().any(|l| l.trim() == IMAGE), "{IMAGE} not listed after import: {images}");
     }
 
+    /// Builds [`PAUSE_IMAGE`] and imports it and [`IMAGE`] into [`CRI_NAMESPACE`] (where CRI
+    /// looks for images; with no registry, a missing sandbox image would fail every pod).
+    fn import_cri_images(&self) -> Result<()> {
+        let archive = self.dir.join("pause-oci.tar");
+        cri::build_pause_archive(&archive, &self.dir.join("pause-oci"))?;
+        for (file, name) in [(archive.as_path(), PAUSE_IMAGE), (Path::new(IMAGE_ARCHIVE), IMAGE)] {
+            let file = file.to_string_lossy();
+            let out = self.ctr_in(CRI_NAMESPACE, &["images", "import", &file]);
+            if !out.status.success() {
+                return Err(Error::NotSetUp(describe_output(&format!("importing {name} into {CRI_NAMESPACE}"), &out)));
+            }
+        }
+        let _ = std::fs::remove_dir_all(self.dir.join("pause-oci"));
+        Ok(())
+    }
+
     /// Last `n` lines of containerd's log, leaving out its start-up "loading plugin" chatter.
     pub fn log_tail(&self, n: usize) -> String {
         let text = std::fs::read(&self.log).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
@@ -209,7 +297,8 @@ impl Testbed {
         }
     }
 
-    fn config_toml(&self, cri: bool, extra: &str) -> String {
+    /// containerd's config; `cri`: the CRI plugin with these runtime handlers, else CRI disabled.
+    fn config_toml(&self, cri: Option<&[CriRuntime]>, extra: &str) -> String {
         let d = self.dir.display();
         let mut toml = format!(
             r#"# Written by kybernate-testbed for namespace {ns}.
@@ -230,12 +319,10 @@ state = "{d}/state"
   path = "{d}/opt"
 "#,
             ns = self.namespace,
-            disabled = if cri { "" } else { r#"disabled_plugins = ["io.containerd.grpc.v1.cri"]"# },
+            disabled = if cri.is_some() { "" } else { r#"disabled_plugins = ["io.containerd.grpc.v1.cri"]"# },
         );
-        if cri {
-            toml.push_str(
-                "\n[plugins.\"io.containerd.grpc.v1.cri\"]\n  # runc cannot lower oom_score_adj here (no CAP_SYS_RESOURCE)\n  restrict_oom_score_adj = true\n",
-            );
+        if let Some(runtimes) = cri {
+            toml.push_str(&cri::config_toml(&self.dir, runtimes));
         }
         if !extra.is_empty() {
             toml.push_str("\n# extra_config\n");
@@ -440,13 +527,14 @@ mod tests {
             containerd_bin: PathBuf::new(),
             ctr_bin: PathBuf::new(),
             child: None,
+            cri: false,
         }
     }
 
     #[test]
     fn config_has_private_dirs_and_no_cri_by_default() {
         let tb = bed("/x/kbt-1-2");
-        let toml = tb.config_toml(false, "[plugins.\"a\"]\n  b = 1\n");
+        let toml = tb.config_toml(None, "[plugins.\"a\"]\n  b = 1\n");
         assert!(toml.contains("root = \"/x/kbt-1-2/root\""));
         assert!(toml.contains("state = \"/x/kbt-1-2/state\""));
         assert!(toml.contains("address = \"/x/kbt-1-2/containerd.sock\""));
@@ -460,7 +548,7 @@ mod tests {
     #[test]
     fn cri_config_restricts_oom_score_adj() {
         let tb = bed("/x/kbt-1-2");
-        let toml = tb.config_toml(true, "");
+        let toml = tb.config_toml(Some(&[]), "");
         assert!(!toml.contains("disabled_plugins"));
         assert!(toml.contains("restrict_oom_score_adj = true"));
         std::mem::forget(tb);

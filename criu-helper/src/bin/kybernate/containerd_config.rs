@@ -81,7 +81,8 @@ pub enum Action {
 Styles:
   runtime-type  runtime_type = \"io.containerd.kybernate.v1\"; CRI passes options.ConfigPath (--kybernate-config).
   runtime-path  runtime_type = \"io.containerd.runc.v2\", runtime_path = --shim; CRI passes runc's options
-                (SystemdCgroup is copied from the runc runtime when it sets one).
+                (SystemdCgroup is copied from the runc runtime when it sets one). Needs containerd >= 1.7:
+                containerd 1.6 ignores runtime_path and runs the stock runc shim.
 
 When no runtime named by default_runtime_name (default \"runc\") is defined, the stock runc runtime is
 added too: the CRI plugin refuses to load without it. Exit 0 also when it was already installed.")]

@@ -1,0 +1,590 @@
+//! The kubelet's view, end to end: CRI v1 calls (what the kubelet sends) into a real containerd
+//! 1.6 whose CRI plugin runs our shim under the runtime handler `kybernate`, with real runc and
+//! CRIU. Pods are host-network (no CNI here); see shim/tests/common/cri.rs for the client and
+//! the test bed, and docs/testing.md ("CRI / kubelet") for what each test shows.
+//!
+//! Two registration styles (docs/installation.md): (a) `runtime_type =
+//! "io.containerd.kybernate.v1"` + `options.ConfigPath`, and (b) `runtime_type =
+//! "io.containerd.runc.v2"` + `runtime_path` = our shim. Measured here: containerd 1.6.20's CRI
+//! ignores `runtime_path` and starts the stock `containerd-shim-runc-v2` for style (b) pods, so
+//! everything that needs our shim under CRI uses style (a); [`lifecycle_runtime_path`] pins
+//! which shim style (b) gets.
+
+use std::path::{Path, PathBuf};
+
+use containerd_shim_protos::api::{
+    CheckpointTaskRequest, CreateTaskRequest, DeleteRequest, KillRequest, PauseRequest, ResumeRequest, StartRequest,
+    StateRequest, Status as TaskStatus, WaitRequest,
+};
+use containerd_shim_protos::protobuf::well_known_types::any::Any;
+use containerd_shim_protos::protobuf::Message;
+use containerd_shim_protos::shim::oci::{CheckpointOptions, Options as RuncOptions};
+use containerd_shim_protos::ttrpc::context;
+use containerd_shim_protos::{Client, TaskClient};
+use k8s_cri::v1::{ContainerState, PodSandboxState};
+use kybernate_testbed::{unique_name, CONTAINERD_RUNC_ROOT, CRI_NAMESPACE};
+
+mod common;
+
+use common::ckpt::{CHECKPOINT_TIMEOUT, COUNTER};
+use common::cri::*;
+use common::{text, wait_for, wait_until, SHIM};
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+
+/// The shim's ttrpc socket for a CRI container (its bundle's `address` file).
+fn shim_client(b: &CriBed, id: &str) -> TaskClient {
+    let file = b.tb.cri_bundle_dir(id).join("address");
+    let address = std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("reading {}: {e}", file.display()));
+    let client = Client::connect(address.trim()).unwrap_or_else(|e| panic!("connecting to the shim: {e}"));
+    TaskClient::new(client)
+}
+
+/// The counter of a container, read through ExecSync as a kubelet probe would.
+fn counter(b: &CriBed, id: &str) -> Option<u64> {
+    let r = b.cri.exec(id, &["cat", "/tmp/counter"]).ok()?;
+    (r.exit_code == 0).then(|| text(&r.stdout).trim().parse().ok()).flatten()
+}
+
+fn wait_counter(b: &CriBed, id: &str, at_least: u64) -> u64 {
+    wait_for(&format!("counter of {id} to reach {at_least}"), || counter(b, id).filter(|&n| n >= at_least))
+}
+
+/// Asserts that the counter of `id` continues from `from` (not from 1) and advances by 5 more.
+fn assert_counter_continues(b: &CriBed, id: &str, from: u64) {
+    let first = wait_for(&format!("counter of {id}"), || counter(b, id));
+    assert!(first >= from, "counter of {id} restarted: {first} after a checkpoint at {from}");
+    let mut last = first;
+    wait_for(&format!("counter of {id} to advance past {}", from + 5), || {
+        let n = counter(b, id)?;
+        assert!(n >= last, "counter of {id} went backwards: {last} -> {n}");
+        last = n;
+        (n >= from + 5).then_some(())
+    });
+}
+
+fn state(b: &CriBed, id: &str) -> i32 {
+    b.cri.status(id).unwrap_or_else(|e| panic!("ContainerStatus {id}: {e}")).state
+}
+
+/// Runs a pod in `namespace` (panicking with containerd's log on failure).
+fn pod(b: &CriBed, namespace: &str, annotations: &[(&str, &str)]) -> Pod {
+    b.run_pod(namespace, annotations).unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", b.tb.log_tail(40)))
+}
+
+/// StopPodSandbox + RemovePodSandbox, then nothing of `ids` may be left.
+fn remove_pod(b: &CriBed, pod: &Pod, ids: &[&str]) {
+    b.cri.stop_pod(&pod.id).expect("StopPodSandbox");
+    b.cri.remove_pod(&pod.id).expect("RemovePodSandbox");
+    let mut all = ids.to_vec();
+    all.push(&pod.id);
+    b.assert_nothing_left(&all);
+}
+
+/// containerd's version as (major, minor), from `containerd --version`.
+fn containerd_version() -> (u32, u32) {
+    let out = std::process::Command::new("containerd").arg("--version").output().expect("containerd --version");
+    let text = text(&out.stdout);
+    let v = text.split_whitespace().find(|w| w.starts_with(|c: char| c.is_ascii_digit()) || w.starts_with('v'));
+    let v = v.unwrap_or_default().trim_start_matches('v');
+    let mut parts = v.split(|c: char| !c.is_ascii_digit()).filter_map(|p| p.parse().ok());
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Lifecycle
+
+/// What [`lifecycle`] saw of the shim.
+struct Seen {
+    /// The shim binary containerd started for the pod (the sandbox bundle's `shim-binary-path`).
+    shim: String,
+    /// Our shim's runtime decision for the container (`kybernate-runtime.json`), if it made one.
+    record: Option<serde_json::Value>,
+}
+
+/// The kubelet's calls for one container, with every status checked.
+fn lifecycle(b: &CriBed) -> Seen {
+    let pod = pod(b, "default", &[]);
+    let st = b.cri.pod_status(&pod.id).expect("PodSandboxStatus");
+    assert_eq!(st.state, PodSandboxState::SandboxReady as i32, "{st:?}");
+    let shim = shim_binary_of(b, &pod.id);
+
+    let id = b.create(&pod, "app", &SLEEPER, &[]).unwrap_or_else(|e| panic!("CreateContainer: {e}"));
+    assert_eq!(state(b, &id), ContainerState::ContainerCreated as i32);
+    b.cri.start(&id).unwrap_or_else(|e| panic!("StartContainer: {e}\n{}", b.tb.log_tail(30)));
+    assert_eq!(state(b, &id), ContainerState::ContainerRunning as i32);
+    let record = std::fs::read(b.tb.cri_bundle_dir(&id).join("kybernate-runtime.json"))
+        .ok()
+        .map(|bytes| serde_json::from_slice(&bytes).expect("kybernate-runtime.json"));
+
+    let r = b.cri.exec(&id, &["sh", "-c", "echo out; echo err >&2; exit 3"]).expect("ExecSync");
+    assert_eq!((r.exit_code, text(&r.stdout), text(&r.stderr)), (3, "out\n".into(), "err\n".into()));
+    let r = b.cri.exec(&id, &["cat", "/proc/1/cmdline"]).expect("ExecSync");
+    assert_eq!(r.exit_code, 0);
+    assert!(text(&r.stdout).starts_with("sh\0-c\0trap"), "the container runs something else: {:?}", text(&r.stdout));
+
+    let listed = b.cri.list(&pod.id).expect("ListContainers");
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!((listed[0].id.as_str(), listed[0].state), (id.as_str(), ContainerState::ContainerRunning as i32));
+    assert_eq!(listed[0].metadata.as_ref().map(|m| m.name.as_str()), Some("app"));
+
+    // SIGTERM reaches the process (it exits 0 at once), and the exit is reported.
+    b.cri.stop(&id, 30).expect("StopContainer");
+    let st = b.cri.status(&id).expect("ContainerStatus");
+    assert_eq!((st.state, st.exit_code), (ContainerState::ContainerExited as i32, 0), "{st:?}");
+    assert!(st.finished_at > 0 && st.started_at > 0, "{st:?}");
+    let runc_state = Path::new(CONTAINERD_RUNC_ROOT).join(CRI_NAMESPACE).join(&id);
+    b.cri.remove(&id).expect("RemoveContainer");
+    assert!(b.cri.status(&id).is_err(), "ContainerStatus of a removed container answered");
+    assert!(b.cri.list(&pod.id).expect("ListContainers").is_empty());
+    assert!(!runc_state.exists(), "runc state {} left after RemoveContainer", runc_state.display());
+
+    b.cri.stop_pod(&pod.id).expect("StopPodSandbox");
+    let st = b.cri.pod_status(&pod.id).expect("PodSandboxStatus");
+    assert_eq!(st.state, PodSandboxState::SandboxNotready as i32, "{st:?}");
+    b.cri.remove_pod(&pod.id).expect("RemovePodSandbox");
+    assert!(b.cri.pod_status(&pod.id).is_err(), "PodSandboxStatus of a removed pod answered");
+    b.assert_nothing_left(&[&id, &pod.id]);
+    Seen { shim, record }
+}
+
+/// The shim binary containerd started for a sandbox (its bundle's `shim-binary-path`).
+fn shim_binary_of(b: &CriBed, sandbox: &str) -> String {
+    let file = b.tb.cri_bundle_dir(sandbox).join("shim-binary-path");
+    std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("reading {}: {e}", file.display())).trim().to_string()
+}
+
+#[test]
+fn lifecycle_runtime_type() {
+    let b = cri_bed(Style::RuntimeType);
+    let seen = lifecycle(&b);
+    assert!(seen.shim.ends_with("/containerd-shim-kybernate-v1"), "the pod ran on {}", seen.shim);
+    let record = seen.record.expect("no runtime decision recorded: our shim did not create the container");
+    assert_eq!(record["source"], "default", "{record}");
+    assert!(record["binary"].as_str().is_some_and(|p| p.ends_with("/runc")), "{record}");
+    assert_eq!(record["root"], format!("{CONTAINERD_RUNC_ROOT}/{CRI_NAMESPACE}"), "{record}");
+}
+
+/// Style (b) works for the whole lifecycle, but which shim runs depends on containerd: 1.6.20's
+/// CRI does not pass `runtime_path` on (measured: `shim-binary-path` in the bundles and the
+/// process are the stock `/usr/bin/containerd-shim-runc-v2`); containerd 1.7's source passes it
+/// (pkg/cri/server/sandbox_run.go: `containerd.WithRuntimePath(ociRuntime.Path)`). This test
+/// flips when containerd is upgraded, so the documentation can follow.
+#[test]
+fn lifecycle_runtime_path() {
+    let b = cri_bed(Style::RuntimePath);
+    let seen = lifecycle(&b);
+    let version = containerd_version();
+    if version < (1, 7) {
+        assert!(
+            seen.shim.ends_with("/containerd-shim-runc-v2") && seen.record.is_none(),
+            "containerd {version:?} ran the pod on {} (record {:?}): runtime_path is honoured now; update \
+             docs/installation.md and run the style (b) variants",
+            seen.shim,
+            seen.record
+        );
+    } else {
+        assert_eq!(seen.shim, SHIM, "containerd {version:?} ignored runtime_path");
+        assert!(seen.record.is_some(), "no runtime decision recorded");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// One shim per pod
+
+#[test]
+fn a_pods_sandbox_and_containers_share_one_shim() {
+    let b = cri_bed(Style::RuntimeType);
+    let pod = pod(&b, "default", &[]);
+    let one = b.run(&pod, "one", &SLEEPER, &[]);
+    let two = b.run(&pod, "two", &SLEEPER, &[]);
+    let shims = b.shims();
+    assert_eq!(shims.len(), 1, "want one shim for the pod, found {shims:?}");
+    assert_eq!(shims[0].1, pod.id, "the pod's shim was started for another id");
+    let address = |id: &str| std::fs::read_to_string(b.tb.cri_bundle_dir(id).join("address")).expect("address file");
+    assert_eq!(address(&one), address(&pod.id));
+    assert_eq!(address(&two), address(&pod.id));
+    let tasks = b.tb.ctr_ok_in(CRI_NAMESPACE, &["tasks", "ls"]);
+    for id in [&pod.id, &one, &two] {
+        assert!(
+            tasks.lines().any(|l| l.starts_with(id.as_str()) && l.contains("RUNNING")),
+            "{id} not running:\n{tasks}"
+        );
+    }
+    // The shim stays while any container of the pod is left.
+    b.cri.stop(&one, 30).expect("StopContainer");
+    b.cri.remove(&one).expect("RemoveContainer");
+    assert_eq!(b.shims(), shims, "the shim changed after removing one container");
+    assert_eq!(state(&b, &two), ContainerState::ContainerRunning as i32);
+    remove_pod(&b, &pod, &[&one, &two]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Runtime choice per container
+
+#[test]
+fn gpu_evidence_goes_through_the_gpu_runtime_and_the_rest_through_runc() {
+    let b = cri_bed_with(Style::RuntimeType, Setup { fake_gpu_runtime: true, ..Default::default() });
+    let calls = b.nvidia.as_ref().expect("fake GPU runtime dir").join("calls.log");
+    let pod = pod(&b, "default", &[]);
+    let gpu = b.run(&pod, "gpu", &SLEEPER, &[("NVIDIA_VISIBLE_DEVICES", "all")]);
+    let cpu = b.run(&pod, "cpu", &SLEEPER, &[]);
+
+    let log = std::fs::read_to_string(&calls).unwrap_or_else(|e| panic!("reading {}: {e}", calls.display()));
+    let creates: Vec<&str> = log.lines().filter(|l| l.split_whitespace().any(|w| w == "create")).collect();
+    assert_eq!(creates.len(), 1, "want one create through the GPU runtime:\n{log}");
+    assert!(creates[0].split_whitespace().last() == Some(gpu.as_str()), "{log}");
+    assert!(
+        !log.contains(&cpu) && !log.contains(&pod.id),
+        "CPU container or sandbox went through the GPU runtime:\n{log}"
+    );
+
+    let record = b.runtime_record(&gpu);
+    assert_eq!(record["gpu"], true, "{record}");
+    assert!(record["binary"].as_str().is_some_and(|p| p.ends_with("/nvidia-container-runtime")), "{record}");
+    assert!(record["evidence"].to_string().contains("NVIDIA_VISIBLE_DEVICES=all"), "{record}");
+    for id in [&cpu, &pod.id] {
+        let record = b.runtime_record(id);
+        assert_eq!((record["gpu"].as_bool(), record["source"].as_str()), (Some(false), Some("default")), "{record}");
+        assert!(record["binary"].as_str().is_some_and(|p| p.ends_with("/runc")), "{record}");
+    }
+    // Later calls for the GPU container use its runtime too (exec, kill, delete).
+    let r = b.cri.exec(&gpu, &["echo", "hi"]).expect("ExecSync");
+    assert_eq!((r.exit_code, text(&r.stdout)), (0, "hi\n".into()));
+    let log = std::fs::read_to_string(&calls).expect("calls.log");
+    assert!(log.lines().any(|l| l.contains(" exec ") && l.contains(&gpu)), "exec did not go through it:\n{log}");
+    remove_pod(&b, &pod, &[&gpu, &cpu]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Restore on create from the pod annotation
+
+/// Runs a counter pod in Kubernetes namespace `namespace` and checkpoints it (exit) into the
+/// store as `<store>/k8s.io/<id>/<name>`, as `kybernate checkpoint` does; returns the reference
+/// relative to the store and the counter at checkpoint time.
+fn checkpointed_counter(b: &CriBed, namespace: &str) -> (String, u64) {
+    let pod = pod(b, namespace, &[]);
+    let id = b.run(&pod, "counter", &["sh", "-c", COUNTER], &[]);
+    wait_counter(b, &id, 3);
+    let name = unique_name("cp");
+    let target = b.store.join(CRI_NAMESPACE).join(&id).join(&name);
+    let before = counter(b, &id).expect("counter before the checkpoint");
+    let o = CheckpointOptions { exit: true, image_path: target.display().to_string(), ..Default::default() };
+    let req = CheckpointTaskRequest { id: id.clone(), options: Some(runc_options(&o)).into(), ..Default::default() };
+    shim_client(b, &id)
+        .checkpoint(context::with_duration(CHECKPOINT_TIMEOUT), &req)
+        .unwrap_or_else(|e| panic!("checkpoint of {id}: {e}"));
+    assert!(target.join("kybernate.json").is_file(), "no checkpoint at {}", target.display());
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(target.join("kybernate.json")).expect("manifest")).expect("manifest");
+    assert_eq!(manifest["pod_namespace"], namespace, "{manifest}");
+    // exit: the container stops once the checkpoint is safe, and CRI sees it.
+    wait_until(
+        "the checkpointed container to exit",
+        || state(b, &id),
+        |s| *s == ContainerState::ContainerExited as i32,
+    );
+    remove_pod(b, &pod, &[&id]);
+    (format!("{CRI_NAMESPACE}/{id}/{name}"), before)
+}
+
+fn runc_options(o: &CheckpointOptions) -> Any {
+    Any {
+        type_url: "containerd.runc.v1.CheckpointOptions".into(),
+        value: o.write_to_bytes().expect("encoding CheckpointOptions"),
+        ..Default::default()
+    }
+}
+
+/// CRI copies the pod's passed-through annotations into the sandbox's spec too (containerd
+/// pkg/cri/server/sandbox_run_linux.go `sandboxContainerSpec`): the shim must restore only the
+/// pod's containers, never its sandbox (`io.kubernetes.cri.container-type: sandbox`), or
+/// RunPodSandbox fails ("mnt: No mapping for ... mountpoint").
+#[test]
+fn a_pod_annotation_restores_its_container_from_the_store() {
+    let b = cri_bed(Style::RuntimeType);
+    let namespace = unique_name("team");
+    let (reference, before) = checkpointed_counter(&b, &namespace);
+
+    let pod = pod(&b, &namespace, &[(RESTORE_ANNOTATION, &reference)]);
+    let id = b.run(&pod, "counter", &["sh", "-c", COUNTER], &[]);
+    assert_counter_continues(&b, &id, before);
+    let r = b.cri.exec(&id, &["cat", "/proc/1/cmdline"]).expect("ExecSync");
+    assert!(text(&r.stdout).contains("counter.new"), "not the counter: {:?}", text(&r.stdout));
+    // The sandbox keeps its own process: the annotation is meant for the pod's containers.
+    assert_sandbox_runs_pause(&b, &pod);
+    remove_pod(&b, &pod, &[&id]);
+}
+
+/// The other way to name a checkpoint, `RESTORE_FROM` in the container's environment (a pod's
+/// `env`), reaches only that container: the restore itself works under CRI (CRI's mounts,
+/// the pod's IPC namespace, host network), and the sandbox is left alone.
+#[test]
+fn restore_from_in_a_containers_env_restores_it_under_cri() {
+    let b = cri_bed(Style::RuntimeType);
+    let namespace = unique_name("team");
+    let (reference, before) = checkpointed_counter(&b, &namespace);
+
+    let pod = pod(&b, &namespace, &[]);
+    let id = b.run(&pod, "counter", &["sh", "-c", COUNTER], &[("RESTORE_FROM", &reference)]);
+    assert_counter_continues(&b, &id, before);
+    assert_sandbox_runs_pause(&b, &pod);
+    // The restored container stops, and is removed, like any other.
+    b.cri.stop(&id, 2).expect("StopContainer");
+    assert_eq!(state(&b, &id), ContainerState::ContainerExited as i32);
+    remove_pod(&b, &pod, &[&id]);
+}
+
+/// The sandbox's init is the pause command, not a restored process.
+fn assert_sandbox_runs_pause(b: &CriBed, pod: &Pod) {
+    let file = b.tb.cri_bundle_dir(&pod.id).join("init.pid");
+    let pid = std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("reading {}: {e}", file.display()));
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", pid.trim())).expect("the sandbox's cmdline");
+    assert!(text(&cmdline).contains("trap"), "the sandbox runs {:?}, not the pause command", text(&cmdline));
+}
+
+#[test]
+fn a_pod_in_another_namespace_cannot_restore_the_checkpoint() {
+    let b = cri_bed(Style::RuntimeType);
+    let (reference, _) = checkpointed_counter(&b, &unique_name("team"));
+    let other = unique_name("other");
+
+    // Refused at whichever step reaches the shim's restore first; nothing is left either way.
+    let mut made = Vec::new();
+    let err = match b.run_pod(&other, &[(RESTORE_ANNOTATION, &reference)]) {
+        Err(e) => e,
+        Ok(pod) => {
+            made.push(pod.id.clone());
+            let result = b.create(&pod, "counter", &["sh", "-c", COUNTER], &[]).and_then(|id| {
+                made.push(id.clone());
+                b.cri.start(&id)
+            });
+            let err = result.expect_err("a container restored from another namespace's checkpoint");
+            let pod_id = pod.id.clone();
+            b.cri.stop_pod(&pod_id).expect("StopPodSandbox");
+            b.cri.remove_pod(&pod_id).expect("RemovePodSandbox");
+            err
+        }
+    };
+    assert!(err.message().contains("cannot be restored into namespace"), "{err}");
+    assert!(err.message().contains(&format!("{other:?}")), "{err}");
+    let ids: Vec<&str> = made.iter().map(String::as_str).collect();
+    b.assert_nothing_left(&ids);
+    // Nothing at all: the first pod was removed, and whatever the refused one made is gone too.
+    assert!(b.cri.list("").expect("ListContainers").is_empty());
+    for what in ["tasks", "containers"] {
+        let left = b.tb.ctr_ok_in(CRI_NAMESPACE, &[what, "ls", "-q"]);
+        assert!(left.trim().is_empty(), "{what} left in {CRI_NAMESPACE}: {left}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// containerd 2.x's CRI CheckpointContainer, as it reaches the shim
+
+/// What containerd 2.x sends our shim for `crictl checkpoint` / the kubelet's checkpoint API
+/// (CRI `CheckpointContainer`), sent here straight to the shim's ttrpc socket since
+/// containerd 1.6 has no CheckpointContainer. Read from containerd/containerd:
+/// - `internal/cri/server/container_checkpoint_linux.go` (`CheckpointContainer`,
+///   `withCheckpointOpts`): `task.Checkpoint` with, for the runtime name `io.containerd.runc.v2`
+///   only, `containerd.runc.v1.CheckpointOptions{exit: false, work_path: <CRI root>/containers/<id>}`
+///   (newer revisions: `<CRI root>/containers/<id>/ctrd-checkpoint`), no `image_path`; for any
+///   other runtime name (ours, style (a)) no options at all. CRI then copies `stats-dump` (and
+///   `dump.log` if present) out of that work path (older revisions fail without `stats-dump`),
+///   unpacks the task checkpoint blob file by file into `checkpoint/` of the archive
+///   (`writeCriuCheckpointData`: `os.Create` per tar entry, so only plain files at the top), and
+///   adds `rootfs-diff.tar`, `spec.dump`, `config.dump`, `status.dump`.
+/// - `client/task.go` (`Checkpoint`): pauses the task first and resumes it afterwards.
+/// - `plugins/services/tasks/local.go` (`Checkpoint`): with no `image_path`, the shim's `path` is
+///   a fresh `os.MkdirTemp($XDG_RUNTIME_DIR, "ctrd-checkpoint")`, tarred into the content store
+///   as the task checkpoint blob after the shim returns. Restore (`Create`): the shim gets
+///   `checkpoint = <CRI root>/containers/<new id>/checkpoint` (that unpacked directory).
+fn checkpoint_as_containerd_2(b: &CriBed, id: &str, options: Option<Any>) -> PathBuf {
+    let cri_root = b.tb.dir().join("root/io.containerd.grpc.v1.cri/containers").join(id);
+    assert!(cri_root.is_dir(), "no CRI container dir {}", cri_root.display());
+    let path = tempfile::Builder::new().prefix("ctrd-checkpoint").tempdir_in(b.tb.dir()).expect("temp dir").keep();
+    let shim = shim_client(b, id);
+    let ctx = || context::with_duration(CHECKPOINT_TIMEOUT);
+    shim.pause(ctx(), &PauseRequest { id: id.into(), ..Default::default() }).expect("Pause");
+    let req = CheckpointTaskRequest {
+        id: id.into(),
+        path: path.display().to_string(),
+        options: options.into(),
+        ..Default::default()
+    };
+    let result = shim.checkpoint(ctx(), &req);
+    shim.resume(ctx(), &ResumeRequest { id: id.into(), ..Default::default() }).expect("Resume");
+    result.unwrap_or_else(|e| panic!("Checkpoint as containerd 2.x sends it: {e}"));
+    let st = shim.state(ctx(), &StateRequest { id: id.into(), ..Default::default() }).expect("State");
+    assert_eq!(st.status.enum_value_or(TaskStatus::UNKNOWN), TaskStatus::RUNNING, "exit=false must leave it running");
+    path
+}
+
+/// What CRI 2.x needs in the shim's `path`: CRIU's images as plain files at the top level.
+fn assert_flat_criu_images(path: &Path) {
+    let entries: Vec<(String, bool)> = std::fs::read_dir(path)
+        .expect("checkpoint dir")
+        .flatten()
+        .map(|e| (e.file_name().to_string_lossy().into_owned(), e.file_type().map(|t| t.is_file()).unwrap_or(false)))
+        .collect();
+    assert!(
+        entries.iter().any(|(n, f)| n == "inventory.img" && *f),
+        "no inventory.img at the top of {} (containerd 2.x unpacks this directory as the archive's checkpoint/): {entries:?}",
+        path.display()
+    );
+    let not_files: Vec<&String> = entries.iter().filter(|(_, f)| !f).map(|(n, _)| n).collect();
+    assert!(
+        not_files.is_empty(),
+        "entries CRI 2.x's writeCriuCheckpointData cannot unpack (not plain files): {not_files:?}"
+    );
+}
+
+/// Plays containerd 2.x restoring a CRI checkpoint archive (CRImportCheckpoint, then
+/// StartContainer): a new CRI container `restored` in `pod` (created, not started, so that it has
+/// its spec and a fresh snapshot), the RW layer of `from` copied into its snapshot (containerd
+/// 2.x applies the archive's `rootfs-diff.tar`), and then the shim's `Create` with
+/// `checkpoint` = `images` (2.x: `<CRI root>/containers/<id>/checkpoint`) and `Start`. Returns
+/// the new id and its bundle; its counter must continue from `before`.
+fn restore_as_containerd_2(b: &CriBed, pod: &Pod, from: &str, images: &Path, options: Option<Any>, before: u64) {
+    let id = b.create(pod, "restored", &["sh", "-c", COUNTER], &[]).expect("CreateContainer");
+    let info: serde_json::Value =
+        serde_json::from_str(&b.tb.ctr_ok_in(CRI_NAMESPACE, &["containers", "info", &id])).expect("containers info");
+    let mounts = |container: &str| -> Vec<String> {
+        let info: serde_json::Value =
+            serde_json::from_str(&b.tb.ctr_ok_in(CRI_NAMESPACE, &["containers", "info", container]))
+                .expect("containers info");
+        let key = info["SnapshotKey"].as_str().expect("SnapshotKey");
+        let line =
+            b.tb.ctr_ok_in(CRI_NAMESPACE, &["snapshots", "--snapshotter", "overlayfs", "mounts", "/unused", key]);
+        // `mount -t overlay overlay -o OPTIONS /unused`
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let at = words.iter().position(|w| *w == "-o").expect("mount options");
+        words[at + 1].split(',').map(String::from).collect()
+    };
+    let upper = |options: &[String]| -> PathBuf {
+        PathBuf::from(options.iter().find_map(|o| o.strip_prefix("upperdir=")).expect("upperdir"))
+    };
+    let new_mounts = mounts(&id);
+    let out = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", upper(&mounts(from)).display()))
+        .arg(upper(&new_mounts))
+        .output()
+        .expect("cp");
+    assert!(out.status.success(), "copying the RW layer: {}", text(&out.stderr));
+
+    let bundle = b.tb.dir().join("bundles-2x").join(&id);
+    std::fs::create_dir_all(bundle.join("rootfs")).expect("bundle dir");
+    std::fs::write(bundle.join("config.json"), info["Spec"].to_string()).expect("config.json");
+    let rootfs = containerd_shim_protos::types::mount::Mount {
+        type_: "overlay".into(),
+        source: "overlay".into(),
+        options: new_mounts,
+        ..Default::default()
+    };
+    let task = DirectTask { shim: shim_client(b, &pod.id), id: id.clone() };
+    let req = CreateTaskRequest {
+        id: id.clone(),
+        bundle: bundle.display().to_string(),
+        rootfs: vec![rootfs],
+        checkpoint: images.display().to_string(),
+        options: options.into(),
+        ..Default::default()
+    };
+    let ctx = || context::with_duration(CHECKPOINT_TIMEOUT);
+    task.shim.create(ctx(), &req).unwrap_or_else(|e| panic!("Create with checkpoint {}: {e}", images.display()));
+    task.shim
+        .start(ctx(), &StartRequest { id: id.clone(), ..Default::default() })
+        .unwrap_or_else(|e| panic!("Start (restore) from {}: {e}", images.display()));
+    let read = || std::fs::read_to_string(bundle.join("rootfs/tmp/counter")).ok()?.trim().parse::<u64>().ok();
+    let first = wait_for("the restored counter", read);
+    assert!(first >= before, "the counter restarted at {first}: not restored (checkpoint at {before})");
+    wait_for("the restored counter to advance", || read().filter(|&n| n >= first + 5));
+    drop(task);
+    b.cri.remove(&id).expect("RemoveContainer");
+}
+
+/// Style (b) under containerd 2.x. Fails today (shim bug, not fixed here): with no `image_path`
+/// the shim writes its store layout (`checkpoint/`, `spec.dump`, `config.dump`,
+/// `rootfs-diff.tar`, `kybernate.json`) into containerd's `path`, which CRI 2.x unpacks file by
+/// file as the archive's `checkpoint/` (a directory entry makes `os.Create` fail). Its work files
+/// (`stats-dump`) do land in `work_path` as CRI expects, and flat images restore (checked by
+/// unpacking the shim's `checkpoint/` instead).
+#[test]
+#[ignore = "shim bug: writes its store layout, not flat CRIU images, into containerd's path (see the doc comment)"]
+fn containerd_2_cri_checkpoint_of_a_runc_v2_runtime() {
+    let b = cri_bed(Style::RuntimeType);
+    let pod = pod(&b, "default", &[]);
+    let id = b.run(&pod, "counter", &["sh", "-c", COUNTER], &[]);
+    wait_counter(&b, &id, 3);
+    let before = counter(&b, &id).expect("counter");
+    let work = b.tb.dir().join("root/io.containerd.grpc.v1.cri/containers").join(&id);
+    let o = CheckpointOptions { exit: false, work_path: work.display().to_string(), ..Default::default() };
+    let path = checkpoint_as_containerd_2(&b, &id, Some(runc_options(&o)));
+    let n = counter(&b, &id).expect("counter");
+    wait_counter(&b, &id, n + 3);
+    assert!(work.join("stats-dump").is_file(), "no stats-dump in the work path {} (CRI copies it)", work.display());
+    assert_flat_criu_images(&path);
+    // Restore as 2.x does for a runc-type runtime: the images in `checkpoint` and in
+    // runc.v1.Options.CriuImagePath.
+    let images = b.tb.dir().join("cri-2x-archive/checkpoint");
+    unpack_like_cri_2(&path, &images);
+    let o = RuncOptions { criu_image_path: images.display().to_string(), ..Default::default() };
+    let options = Any {
+        type_url: "containerd.runc.v1.Options".into(),
+        value: o.write_to_bytes().expect("encoding Options"),
+        ..Default::default()
+    };
+    restore_as_containerd_2(&b, &pod, &id, &images, Some(options), before);
+    remove_pod(&b, &pod, &[&id]);
+}
+
+/// Style (a) under containerd 2.x: no options at all. Fails today for the same reason as the
+/// runc-type variant. Even with flat images, CRI revisions that copy `stats-dump` out of their
+/// own container dir fail for this style (the shim cannot know that dir: no `work_path`).
+#[test]
+#[ignore = "shim bug: writes its store layout, not flat CRIU images, into containerd's path (see the doc comment)"]
+fn containerd_2_cri_checkpoint_of_our_runtime_type() {
+    let b = cri_bed(Style::RuntimeType);
+    let pod = pod(&b, "default", &[]);
+    let id = b.run(&pod, "counter", &["sh", "-c", COUNTER], &[]);
+    wait_counter(&b, &id, 3);
+    let before = counter(&b, &id).expect("counter");
+    let path = checkpoint_as_containerd_2(&b, &id, None);
+    let n = counter(&b, &id).expect("counter");
+    wait_counter(&b, &id, n + 3);
+    assert_flat_criu_images(&path);
+    let images = b.tb.dir().join("cri-2x-archive/checkpoint");
+    unpack_like_cri_2(&path, &images);
+    restore_as_containerd_2(&b, &pod, &id, &images, None, before);
+    remove_pod(&b, &pod, &[&id]);
+}
+
+/// A task created straight through a shim, which containerd does not know: killed and deleted
+/// through the shim on drop, also when the test fails.
+struct DirectTask {
+    shim: TaskClient,
+    id: String,
+}
+
+impl Drop for DirectTask {
+    fn drop(&mut self) {
+        let ctx = || context::with_duration(CHECKPOINT_TIMEOUT);
+        let id = self.id.clone();
+        let _ = self.shim.kill(ctx(), &KillRequest { id: id.clone(), signal: 9, ..Default::default() });
+        let _ = self.shim.wait(ctx(), &WaitRequest { id: id.clone(), ..Default::default() });
+        if let Err(e) = self.shim.delete(ctx(), &DeleteRequest { id: id.clone(), ..Default::default() }) {
+            eprintln!("deleting task {id} through the shim: {e}");
+        }
+    }
+}
+
+/// CRI 2.x's `writeCriuCheckpointData`: every entry of the task checkpoint becomes a file in
+/// `checkpoint/` of the archive (then of `<CRI root>/containers/<id>/` on restore).
+fn unpack_like_cri_2(path: &Path, images: &Path) {
+    std::fs::create_dir_all(images).expect("checkpoint dir");
+    for e in std::fs::read_dir(path).expect("checkpoint").flatten() {
+        std::fs::copy(e.path(), images.join(e.file_name()))
+            .unwrap_or_else(|err| panic!("CRI 2.x could not unpack {:?}: {err}", e.file_name()));
+    }
+}
