@@ -55,6 +55,12 @@ pub struct Manifest {
     /// CUDA state, GPUs and device access of a GPU container; null for CPU containers.
     #[serde(default)]
     pub gpu: Option<crate::gpu::GpuRecord>,
+    /// CRIU's images at the top of the directory instead of in `checkpoint/`: a checkpoint written
+    /// into containerd's own checkpoint dir, which containerd 2.x's CRI unpacks file by file as
+    /// its archive's `checkpoint/` (only images and this manifest; no spec.dump or rootfs diff,
+    /// which containerd and CRI keep themselves).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub flat: bool,
 }
 
 /// A binary that took part in the checkpoint.
@@ -76,6 +82,15 @@ impl Manifest {
     /// The namespace that owns the checkpoint for restore policy: pod_namespace if set, else namespace.
     pub fn tenant(&self) -> &str {
         self.pod_namespace.as_deref().unwrap_or(&self.namespace)
+    }
+
+    /// Where CRIU's images are, relative to the checkpoint directory ("" when flat).
+    pub fn images_rel(&self) -> &'static str {
+        if self.flat {
+            ""
+        } else {
+            IMAGES_DIR
+        }
     }
 
     /// Sum of the recorded file sizes.
@@ -153,6 +168,7 @@ pub(crate) fn sample() -> Manifest {
         duration_ms: 0,
         files: BTreeMap::new(),
         gpu: None,
+        flat: false,
     }
 }
 

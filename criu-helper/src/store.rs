@@ -18,6 +18,8 @@ use crate::manifest::{clamp_time, FileEntry, Manifest, FORMAT_VERSION, IMAGES_DI
 
 /// The file CRIU writes first and restore reads first: without it there is no checkpoint.
 pub const INVENTORY: &str = "checkpoint/inventory.img";
+/// CRIU's inventory image's file name (at the top of a flat checkpoint).
+pub const INVENTORY_FILE: &str = "inventory.img";
 
 /// A store operation that failed. Every variant names the path or value at fault.
 #[derive(Debug, thiserror::Error)]
@@ -246,6 +248,8 @@ pub struct PartialCheckpoint {
     dir: PathBuf,
     target: PathBuf,
     committed: bool,
+    /// CRIU's images at the top (see `Manifest::flat`).
+    flat: bool,
 }
 
 /// File in a partial checkpoint naming its current phase (never part of a finished checkpoint).
@@ -266,10 +270,27 @@ impl PartialCheckpoint {
         create_private_dirs(parent)?;
         check_target_free(target)?;
         DirBuilder::new().mode(0o700).create(&dir).map_err(store_io("create directory", &dir))?;
-        let partial = Self { dir, target: target.to_path_buf(), committed: false };
+        let partial = Self { dir, target: target.to_path_buf(), committed: false, flat: false };
         let images = partial.images_dir();
         DirBuilder::new().mode(0o700).create(&images).map_err(store_io("create directory", &images))?;
         Ok(partial)
+    }
+
+    /// Like [`begin`](Self::begin), for a checkpoint whose CRIU images sit at the top of the
+    /// directory (containerd's own checkpoint dir, see `Manifest::flat`).
+    pub fn begin_flat(target: &Path) -> Result<Self, StoreError> {
+        let bad = || StoreError::BadName { what: "checkpoint path", value: target.display().to_string() };
+        let dir = hidden_sibling(target, "partial").ok_or_else(bad)?;
+        let parent = target.parent().ok_or_else(bad)?;
+        create_private_dirs(parent)?;
+        check_target_free(target)?;
+        DirBuilder::new().mode(0o700).create(&dir).map_err(store_io("create directory", &dir))?;
+        Ok(Self { dir, target: target.to_path_buf(), committed: false, flat: true })
+    }
+
+    /// Whether CRIU's images go to the top of the directory.
+    pub fn is_flat(&self) -> bool {
+        self.flat
     }
 
     /// The partial dir.
@@ -277,9 +298,13 @@ impl PartialCheckpoint {
         &self.dir
     }
 
-    /// Where CRIU writes its images: `dir()/checkpoint`.
+    /// Where CRIU writes its images: `dir()/checkpoint`, or `dir()` itself when flat.
     pub fn images_dir(&self) -> PathBuf {
-        self.dir.join(IMAGES_DIR)
+        if self.flat {
+            self.dir.clone()
+        } else {
+            self.dir.join(IMAGES_DIR)
+        }
     }
 
     pub fn target(&self) -> &Path {
@@ -312,6 +337,7 @@ impl PartialCheckpoint {
         collect_files(&self.dir, "", &mut files)?;
         files.remove(MANIFEST_FILE);
         manifest.files = files;
+        manifest.flat = self.flat;
         let text = serde_json::to_vec_pretty(&manifest).map_err(|e| StoreError::Io {
             context: format!("{}: cannot serialise manifest", self.target.display()),
             source: io::Error::other(e),
@@ -506,8 +532,9 @@ pub fn verify_quick(dir: &Path) -> Result<Manifest, VerifyError> {
             return Err(VerifyError::BadPath { path: manifest_path, entry: entry.clone() });
         }
     }
-    if !manifest.files.contains_key(INVENTORY) {
-        return Err(VerifyError::Incomplete { missing: dir.join(INVENTORY) });
+    let inventory = if manifest.flat { INVENTORY_FILE } else { INVENTORY };
+    if !manifest.files.contains_key(inventory) {
+        return Err(VerifyError::Incomplete { missing: dir.join(inventory) });
     }
     let mut present = BTreeMap::new();
     present_files(dir, "", &mut present)?;

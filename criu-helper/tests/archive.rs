@@ -41,6 +41,7 @@ fn checkpoint(target: &Path) -> Manifest {
             phases_ms: BTreeMap::new(),
             devices: Default::default(),
         }),
+        flat: false,
     };
     p.commit(m).unwrap()
 }

@@ -28,6 +28,7 @@ fn manifest() -> Manifest {
         duration_ms: 12,
         files: BTreeMap::new(),
         gpu: None,
+        flat: false,
     }
 }
 
@@ -314,4 +315,27 @@ fn stale_work_dirs_are_those_whose_writer_is_gone() {
     want.sort();
     assert_eq!(stale, want);
     assert!(store.stale_work_dirs(|_| true).is_empty());
+}
+
+#[test]
+fn a_flat_checkpoint_keeps_criu_images_at_the_top_and_verifies() {
+    // containerd's own checkpoint dir (an empty temp dir it made): images beside the manifest.
+    let tmp = tempfile::tempdir().unwrap();
+    let target = tmp.path().join("ctrd-checkpoint1");
+    fs::create_dir(&target).unwrap();
+    let p = PartialCheckpoint::begin_flat(&target).unwrap();
+    assert_eq!(p.images_dir(), p.dir());
+    fs::write(p.images_dir().join("inventory.img"), b"inventory").unwrap();
+    fs::write(p.images_dir().join("pages-1.img"), vec![7u8; 1000]).unwrap();
+    let m = p.commit(manifest()).unwrap();
+    assert!(m.flat && m.images_rel().is_empty());
+    let mut names: Vec<String> =
+        fs::read_dir(&target).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    names.sort();
+    assert_eq!(names, ["inventory.img", "kybernate.json", "pages-1.img"], "plain files only, at the top");
+    assert!(verify(&target).unwrap().flat);
+    // A store-layout manifest over flat files is incomplete (no checkpoint/inventory.img).
+    let text = fs::read_to_string(target.join(MANIFEST_FILE)).unwrap().replace("\"flat\": true", "\"flat\": false");
+    fs::write(target.join(MANIFEST_FILE), text).unwrap();
+    assert!(matches!(verify(&target), Err(VerifyError::Incomplete { .. })));
 }

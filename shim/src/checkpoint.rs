@@ -260,7 +260,10 @@ impl Checkpointer<'_> {
             });
         }
         // The partial checkpoint exists from here, so that its phase file shows the GPU steps too.
-        let partial = PartialCheckpoint::begin(target).map_err(|source| CheckpointError::Store {
+        // Into containerd's own dir (no image_path): CRIU's images at the top, as containerd's
+        // runc shim writes them and containerd 2.x's CRI unpacks them.
+        let begin = if req.image_path.is_some() { PartialCheckpoint::begin } else { PartialCheckpoint::begin_flat };
+        let partial = begin(target).map_err(|source| CheckpointError::Store {
             what: "checkpoint",
             id: id.to_string(),
             source,
@@ -389,10 +392,14 @@ impl Checkpointer<'_> {
                 source,
             })
         };
-        write(criu::SPEC_DUMP, &spec_bytes)?;
-
-        let rootfs_diff = match (&c.rootfs_upper, readonly_root(spec.as_ref())) {
-            (Some(upper), false) => criu::write_rootfs_diff(upper, &partial.dir().join(criu::ROOTFS_DIFF))
+        // A flat checkpoint (containerd's own dir) holds CRIU's images and the manifest only:
+        // containerd keeps the spec and the writable layer itself (`ctr c checkpoint --rw`, CRI).
+        let flat = partial.is_flat();
+        if !flat {
+            write(criu::SPEC_DUMP, &spec_bytes)?;
+        }
+        let rootfs_diff = match (&c.rootfs_upper, readonly_root(spec.as_ref()), flat) {
+            (Some(upper), false, false) => criu::write_rootfs_diff(upper, &partial.dir().join(criu::ROOTFS_DIFF))
                 .map_err(|source| CheckpointError::RootfsDiff { id: id.into(), source })?,
             _ => false,
         };
@@ -433,7 +440,9 @@ impl Checkpointer<'_> {
             context: "encode config.dump".into(),
             source: std::io::Error::other(e),
         })?;
-        write(criu::CONFIG_DUMP, &config)?;
+        if !flat {
+            write(criu::CONFIG_DUMP, &config)?;
+        }
 
         let runtime_version = runtime.version().unwrap_or_else(|e| {
             warn!("container {id}: {e}");
@@ -457,6 +466,7 @@ impl Checkpointer<'_> {
             duration_ms: started.elapsed().as_millis() as u64,
             files: Default::default(),
             gpu: gpu_record,
+            flat: partial.is_flat(),
         };
         let manifest = partial.commit(manifest).map_err(|source| CheckpointError::Store {
             what: "checkpoint",
@@ -623,6 +633,7 @@ impl RestorePlan {
     /// no manifest to verify (containerd's content store checked its digests).
     pub fn from_containerd(id: &str, dir: &Path) -> Result<Self> {
         if dir.join(criu::MANIFEST_FILE).exists() || dir.join(criu::IMAGES_DIR).exists() {
+            // Ours, flat (CRIU's images beside the manifest) or in the store layout.
             return Self::verified(id, dir);
         }
         if let Ok(text) = std::fs::read_to_string(dir.join(POINTER_FILE)) {
@@ -674,7 +685,7 @@ impl RestorePlan {
         let manifest = criu::verify(dir).map_err(|source| CheckpointError::Verify { id: id.to_string(), source })?;
         Ok(Self {
             dir: dir.into(),
-            images: dir.join(criu::IMAGES_DIR),
+            images: dir.join(manifest.images_rel()),
             flags: manifest.options.clone(),
             manifest: Some(manifest),
         })
@@ -702,7 +713,7 @@ impl RestorePlan {
 
     /// `rootfs-diff.tar` of a store checkpoint, to apply before the restore.
     pub fn rootfs_diff(&self) -> Option<PathBuf> {
-        self.manifest.as_ref().filter(|m| m.rootfs_diff).map(|_| self.dir.join(criu::ROOTFS_DIFF))
+        self.manifest.as_ref().filter(|m| m.rootfs_diff && !m.flat).map(|_| self.dir.join(criu::ROOTFS_DIFF))
     }
 
     /// Arguments of `runtime restore`.

@@ -504,14 +504,11 @@ fn restore_as_containerd_2(b: &CriBed, pod: &Pod, from: &str, images: &Path, opt
     b.cri.remove(&id).expect("RemoveContainer");
 }
 
-/// Style (b) under containerd 2.x. Fails today (shim bug, not fixed here): with no `image_path`
-/// the shim writes its store layout (`checkpoint/`, `spec.dump`, `config.dump`,
-/// `rootfs-diff.tar`, `kybernate.json`) into containerd's `path`, which CRI 2.x unpacks file by
-/// file as the archive's `checkpoint/` (a directory entry makes `os.Create` fail). Its work files
-/// (`stats-dump`) do land in `work_path` as CRI expects, and flat images restore (checked by
-/// unpacking the shim's `checkpoint/` instead).
+/// Style (b) under containerd 2.x: with no `image_path` the shim writes CRIU's images (and its
+/// manifest) as plain files into containerd's `path`, which CRI 2.x unpacks file by file as the
+/// archive's `checkpoint/` (a directory entry would make its `os.Create` fail); its work files
+/// (`stats-dump`) land in `work_path` as CRI expects; the restore verifies the manifest.
 #[test]
-#[ignore = "shim bug: writes its store layout, not flat CRIU images, into containerd's path (see the doc comment)"]
 fn containerd_2_cri_checkpoint_of_a_runc_v2_runtime() {
     let b = cri_bed(Style::RuntimeType);
     let pod = pod(&b, "default", &[]);
@@ -539,11 +536,10 @@ fn containerd_2_cri_checkpoint_of_a_runc_v2_runtime() {
     remove_pod(&b, &pod, &[&id]);
 }
 
-/// Style (a) under containerd 2.x: no options at all. Fails today for the same reason as the
-/// runc-type variant. Even with flat images, CRI revisions that copy `stats-dump` out of their
-/// own container dir fail for this style (the shim cannot know that dir: no `work_path`).
+/// Style (a) under containerd 2.x: no options at all. CRI revisions that copy `stats-dump` out of
+/// their own container dir still fail for this style (the shim cannot know that dir: no
+/// `work_path`); the checkpoint and its restore themselves work.
 #[test]
-#[ignore = "shim bug: writes its store layout, not flat CRIU images, into containerd's path (see the doc comment)"]
 fn containerd_2_cri_checkpoint_of_our_runtime_type() {
     let b = cri_bed(Style::RuntimeType);
     let pod = pod(&b, "default", &[]);

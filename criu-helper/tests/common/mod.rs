@@ -199,6 +199,7 @@ pub fn fake_manifest(ns: &str, container: &str, at: SystemTime) -> Manifest {
         duration_ms: 42,
         files: BTreeMap::new(),
         gpu: None,
+        flat: false,
     }
 }
 
