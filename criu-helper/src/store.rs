@@ -264,13 +264,7 @@ impl PartialCheckpoint {
     /// Creates missing parents of `target` (0700), then the partial dir and its `checkpoint/` (0700).
     /// `target` must not exist, or be an empty directory (containerd hands us a fresh temp dir).
     pub fn begin(target: &Path) -> Result<Self, StoreError> {
-        let bad = || StoreError::BadName { what: "checkpoint path", value: target.display().to_string() };
-        let dir = hidden_sibling(target, "partial").ok_or_else(bad)?;
-        let parent = target.parent().ok_or_else(bad)?;
-        create_private_dirs(parent)?;
-        check_target_free(target)?;
-        DirBuilder::new().mode(0o700).create(&dir).map_err(store_io("create directory", &dir))?;
-        let partial = Self { dir, target: target.to_path_buf(), committed: false, flat: false };
+        let partial = Self::begin_dir(target, false)?;
         let images = partial.images_dir();
         DirBuilder::new().mode(0o700).create(&images).map_err(store_io("create directory", &images))?;
         Ok(partial)
@@ -279,13 +273,18 @@ impl PartialCheckpoint {
     /// Like [`begin`](Self::begin), for a checkpoint whose CRIU images sit at the top of the
     /// directory (containerd's own checkpoint dir, see `Manifest::flat`).
     pub fn begin_flat(target: &Path) -> Result<Self, StoreError> {
+        Self::begin_dir(target, true)
+    }
+
+    /// The hidden partial dir beside `target` (0700, parents created 0700).
+    fn begin_dir(target: &Path, flat: bool) -> Result<Self, StoreError> {
         let bad = || StoreError::BadName { what: "checkpoint path", value: target.display().to_string() };
         let dir = hidden_sibling(target, "partial").ok_or_else(bad)?;
         let parent = target.parent().ok_or_else(bad)?;
         create_private_dirs(parent)?;
         check_target_free(target)?;
         DirBuilder::new().mode(0o700).create(&dir).map_err(store_io("create directory", &dir))?;
-        Ok(Self { dir, target: target.to_path_buf(), committed: false, flat: true })
+        Ok(Self { dir, target: target.to_path_buf(), committed: false, flat })
     }
 
     /// Whether CRIU's images go to the top of the directory.

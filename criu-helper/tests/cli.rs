@@ -10,7 +10,7 @@ use serde_json::Value;
 
 mod common;
 
-use common::{fake_checkpoint, fake_checkpoint_with, fake_manifest};
+use common::{fake_checkpoint, fake_checkpoint_with, fake_manifest, show};
 use kybernate_criu::cuda::ProcessState;
 use kybernate_criu::gpu::{CudaProcessRecord, GpuInfo, GpuMode, GpuRecord};
 
@@ -63,15 +63,6 @@ impl Node {
         assert_eq!(out.status.code(), Some(code), "{}", show(&out));
         serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", show(&out)))
     }
-}
-
-fn show(out: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 fn stdout(out: &Output) -> String {

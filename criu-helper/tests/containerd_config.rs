@@ -12,6 +12,10 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use toml_edit::DocumentMut;
 
+mod common;
+
+use common::show;
+
 const CONTAINERD: &str = "/usr/bin/containerd";
 const V2_RUNTIMES: &[&str] = &["plugins", "io.containerd.grpc.v1.cri", "containerd", "runtimes"];
 const V3_RUNTIMES: &[&str] = &["plugins", "io.containerd.cri.v1.runtime", "containerd", "runtimes"];
@@ -33,15 +37,6 @@ fn kybernate(args: &[&str]) -> Output {
         .env_remove("CONTAINERD_NAMESPACE")
         .output()
         .unwrap()
-}
-
-fn show(out: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 /// `kybernate -o json containerd-config ACTION --containerd-config CONFIG EXTRA...`, expecting exit 0.

@@ -4,31 +4,11 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output};
+use std::process::{Command, Output};
 
-use kybernate_testbed::fakes::{FakeCall, FakeCuda};
+use kybernate_testbed::fakes::{FakeCall, FakeCuda, Sleeper};
 
 const KYBERNATE: &str = env!("CARGO_BIN_EXE_kybernate");
-
-/// A real process to point the driver at; killed on drop.
-struct Sleeper(Child);
-
-impl Sleeper {
-    fn start() -> Self {
-        Self(Command::new("sleep").arg("30").spawn().expect("starting sleep"))
-    }
-
-    fn pid(&self) -> i32 {
-        i32::try_from(self.0.id()).expect("pid fits i32")
-    }
-}
-
-impl Drop for Sleeper {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// A node: the fake driver, a config whose `[checkpoint] libcuda` names it, and a bin dir with
 /// a `cuda-checkpoint` symlink to the binary.

@@ -12,6 +12,10 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 use serde_yaml_ng::Value as Yaml;
 
+mod common;
+
+use common::show;
+
 const BINARIES: [&str; 3] = ["kybernate", "containerd-shim-kybernate-v1", "kybernate-select"];
 
 fn repo() -> PathBuf {
@@ -20,15 +24,6 @@ fn repo() -> PathBuf {
 
 fn fixture(name: &str) -> String {
     fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/containerd").join(name)).unwrap()
-}
-
-fn show(out: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 /// The three binaries cargo built (target/debug/kybernate and its siblings); a sibling that this

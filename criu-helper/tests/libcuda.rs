@@ -3,30 +3,10 @@
 //! and what it refuses to load.
 
 use std::ffi::OsStr;
-use std::process::{Child, Command};
+use std::process::Command;
 
 use kybernate_criu::cuda::{CudaDriver, CudaError, LibCuda, LoadError, ProcessState};
-use kybernate_testbed::fakes::{FakeCall, FakeCuda};
-
-/// A real process to point the driver at; killed on drop.
-struct Sleeper(Child);
-
-impl Sleeper {
-    fn start() -> Self {
-        Self(Command::new("sleep").arg("30").spawn().expect("starting sleep"))
-    }
-
-    fn pid(&self) -> i32 {
-        i32::try_from(self.0.id()).expect("pid fits i32")
-    }
-}
-
-impl Drop for Sleeper {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use kybernate_testbed::fakes::{FakeCall, FakeCuda, Sleeper};
 
 fn fake(with_api: bool) -> (tempfile::TempDir, FakeCuda) {
     let dir = tempfile::tempdir().expect("temp dir");

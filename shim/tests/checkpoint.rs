@@ -129,12 +129,8 @@ fn restore_on_create_from_the_annotation() {
     let id = unique_name("anno");
     run_counter(tb, &id, &[]);
     let (dir, at_checkpoint) = store_checkpoint(&bed, &id, true);
-    let relative = dir.strip_prefix(&bed.store).unwrap().display().to_string();
-
     let restored = unique_name("anno-r");
-    let annotation = format!("kybernate.io/restore-from={relative}");
-    // The command is what a fresh start would run; the restore replaces it with the checkpointed process.
-    tb.ctr_ok(&["run", "-d", "--runtime", RUNTIME, "--annotation", &annotation, IMAGE, &restored, "sleep", "1000"]);
+    run_restored_ok(&bed, &dir, &restored, &[]);
     assert_counter_continues(tb, &restored, at_checkpoint);
     remove(tb, &restored);
     let _ = tb.ctr(&["tasks", "delete", &id]);

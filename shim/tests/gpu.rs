@@ -21,7 +21,7 @@ use serde_json::Value;
 mod common;
 
 use common::ckpt::*;
-use common::{bundle_dir, task_status, text, wait_for, RUNTIME};
+use common::{bundle_dir, fake_gpu_runtime_binary, task_status, text, wait_for, RUNTIME};
 
 /// The counter, beside two long-lived "GPU workers" holding the (fake) NVIDIA control device
 /// open, as a tensor-parallel server runs one CUDA process per GPU (neither is init).
@@ -63,7 +63,7 @@ fn gpu_bed_with(
 
     let nvidia = d.join("nvidia");
     std::fs::create_dir_all(&nvidia).unwrap();
-    let fake = fake_runtime_binary();
+    let fake = fake_gpu_runtime_binary();
     std::fs::copy(&fake, nvidia.join("nvidia-container-runtime")).unwrap();
     let driver = d.join("driver/libnvidia-ml.so.1");
     std::fs::create_dir_all(driver.parent().unwrap()).unwrap();
@@ -113,19 +113,6 @@ fn gpu_bed_with(
     let config = format!("libcuda = \"{}\"\n{extra}", cuda.lib.display());
     let bed = bed_with(|b| configure(b.path_prepend(&nvidia).path_prepend(&criu_bin)), &config);
     GpuBed { bed, cuda, nvidia, device, criu_fail, _dir: dir }
-}
-
-/// The fake GPU runtime, built by `cargo test` with the shim's examples.
-fn fake_runtime_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let profile = exe.parent().and_then(Path::parent).unwrap();
-    let bin = profile.join("examples/fake_nvidia_runtime");
-    assert!(
-        bin.is_file(),
-        "{} missing: run `cargo test -p containerd-shim-kybernate-v1` (which builds the examples)",
-        bin.display()
-    );
-    bin
 }
 
 fn run_gpu_counter(g: &GpuBed, id: &str) {
@@ -225,24 +212,9 @@ fn driver_api_checkpoint_and_restore_give_back_cuda_state_devices_and_mounts() {
 
     // Restore on create (the Kubernetes path): a fresh spec that never went through the GPU
     // runtime's create, so devices, rule and driver mount must come from the checkpoint.
-    let relative = dir.strip_prefix(&g.bed.store).unwrap().display().to_string();
     let restored = unique_name("gpu-r");
     let device = g.device.display().to_string();
-    let annotation = format!("kybernate.io/restore-from={relative}");
-    tb.ctr_ok(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        "--device",
-        &device,
-        "--annotation",
-        &annotation,
-        IMAGE,
-        &restored,
-        "sleep",
-        "1000",
-    ]);
+    run_restored_ok(&g.bed, &dir, &restored, &["--device", &device]);
     assert_counter_continues(tb, &restored, at_checkpoint);
     let nvidia_calls = std::fs::read_to_string(g.nvidia.join("calls.log")).unwrap();
     assert!(
@@ -376,15 +348,8 @@ fn a_failed_gpu_restore_stops_the_container_and_other_gpus_are_refused() {
     run_gpu_counter(&g, &id);
     cuda_pids(&g, &id);
     let (dir, _) = store_checkpoint(&g.bed, &id, true);
-    let relative = dir.strip_prefix(&g.bed.store).unwrap().display().to_string();
     let device = g.device.display().to_string();
-    let annotation = format!("kybernate.io/restore-from={relative}");
-    let run = |name: &str, extra: &[&str]| {
-        let mut args = vec!["run", "-d", "--runtime", RUNTIME, "--device", &device, "--annotation", &annotation];
-        args.extend_from_slice(extra);
-        args.extend_from_slice(&[IMAGE, name, "sleep", "1000"]);
-        tb.ctr(&args)
-    };
+    let run = |name: &str, extra: &[&str]| run_restored(&g.bed, &dir, name, &[&["--device", &device], extra].concat());
 
     // The driver refuses the GPU restore: Start fails, nothing of the container keeps running.
     g.cuda.fail("restore", None, 999);
@@ -485,24 +450,9 @@ fn a_driver_mount_made_by_a_hook_is_declared_to_criu_and_given_back() {
         "{mounts:?}"
     );
 
-    let relative = dir.strip_prefix(&g.bed.store).unwrap().display().to_string();
     let restored = unique_name("gpu-hook-r");
     let device = g.device.display().to_string();
-    let annotation = format!("kybernate.io/restore-from={relative}");
-    tb.ctr_ok(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        "--device",
-        &device,
-        "--annotation",
-        &annotation,
-        IMAGE,
-        &restored,
-        "sleep",
-        "1000",
-    ]);
+    run_restored_ok(&g.bed, &dir, &restored, &["--device", &device]);
     assert_counter_continues(tb, &restored, at_checkpoint);
     let out = tb.ctr_ok(&["tasks", "exec", "--exec-id", "lib", &restored, "cat", DRIVER_MOUNT]);
     assert_eq!(out, DRIVER_TEXT);

@@ -219,3 +219,13 @@ pub fn fake_checkpoint_with(store: &Store, manifest: Manifest, at: SystemTime) -
     p.commit(manifest).unwrap();
     target.strip_prefix(store.root()).unwrap().to_str().unwrap().to_string()
 }
+
+/// A command's exit status and output, for assertion messages.
+pub fn show(out: &std::process::Output) -> String {
+    format!(
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}

@@ -55,6 +55,8 @@ fi
 BINARIES=(kybernate containerd-shim-kybernate-v1 kybernate-select)
 
 log() { printf 'kybernate-install: %s\n' "$*"; }
+# shellcheck source=packaging/kubernetes/installer/lib.sh
+. "$script_dir/lib.sh"
 die() { printf 'kybernate-install: error: %s\n' "$*" >&2; exit 1; }
 
 [[ -d "$HOST_ROOT" ]] || die "HOST_ROOT $HOST_ROOT is not a directory (mount the host's / there)"
@@ -96,9 +98,6 @@ if [[ "$CONTAINERD_CONFIG" == *.tmpl && ! -e "$host_containerd_config" ]]; then
         log "created $CONTAINERD_CONFIG from ${CONTAINERD_CONFIG%.tmpl}"
     fi
 fi
-fingerprint() {
-    if [[ -e "$1" ]]; then sha256sum <"$1"; else echo absent; fi
-}
 merge=(containerd-config install --containerd-config "$host_containerd_config" --style "$KYBERNATE_STYLE"
     --handler "$KYBERNATE_HANDLER" --kybernate-config "$KYBERNATE_CONFIG_FILE")
 # runtime-type: containerd finds the shim on its PATH (systemd's default PATH has /usr/local/bin);
@@ -110,20 +109,8 @@ before="$(fingerprint "$host_containerd_config")"
 "$KYBERNATE_BIN_DIR/kybernate" "${merge[@]}"
 after="$(fingerprint "$host_containerd_config")"
 
-# 4. Restart containerd only for a changed config. A marker on the host remembers a restart that
-# failed (the pod then restarts): the next run finds the config merged but still restarts.
-pending="$HOST_ROOT/var/lib/kybernate/installer/containerd-restart-pending"
-if [[ "$before" != "$after" || -e "$pending" ]]; then
-    mkdir -p "$(dirname "$pending")"
-    : >"$pending"
-    read -r -a restart <<<"$CONTAINERD_RESTART"
-    log "containerd's config changed; restarting containerd: ${restart[*]}"
-    "${restart[@]}"
-    rm -f "$pending"
-    rmdir "$(dirname "$pending")" 2>/dev/null || true
-else
-    log "containerd's config unchanged; containerd not restarted"
-fi
+# 4. Restart containerd only for a changed config (or after an earlier run's failed restart).
+restart_containerd_if_changed "$before" "$after"
 log "done"
 
 # 5. Keep the DaemonSet's pod running; exit promptly (and take the sleep along) when it is deleted.

@@ -24,6 +24,9 @@ KYBERNATE_INSTALL_ONESHOT="${KYBERNATE_INSTALL_ONESHOT:-0}"
 BINARIES=(kybernate containerd-shim-kybernate-v1 kybernate-select)
 
 log() { printf 'kybernate-uninstall: %s\n' "$*"; }
+script_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=packaging/kubernetes/installer/lib.sh
+. "$script_dir/lib.sh"
 die() { printf 'kybernate-uninstall: error: %s\n' "$*" >&2; exit 1; }
 
 [[ -d "$HOST_ROOT" ]] || die "HOST_ROOT $HOST_ROOT is not a directory (mount the host's / there)"
@@ -31,27 +34,13 @@ die() { printf 'kybernate-uninstall: error: %s\n' "$*" >&2; exit 1; }
 
 # 1. containerd's config (a missing config has nothing to remove).
 host_containerd_config="$HOST_ROOT$CONTAINERD_CONFIG"
-fingerprint() {
-    if [[ -e "$1" ]]; then sha256sum <"$1"; else echo absent; fi
-}
 before="$(fingerprint "$host_containerd_config")"
 "$KYBERNATE_BIN_DIR/kybernate" containerd-config uninstall \
     --containerd-config "$host_containerd_config" --handler "$KYBERNATE_HANDLER"
 after="$(fingerprint "$host_containerd_config")"
 
 # 2. Restart containerd only for a changed config, or after an earlier run's failed restart.
-pending="$HOST_ROOT/var/lib/kybernate/installer/containerd-restart-pending"
-if [[ "$before" != "$after" || -e "$pending" ]]; then
-    mkdir -p "$(dirname "$pending")"
-    : >"$pending"
-    read -r -a restart <<<"$CONTAINERD_RESTART"
-    log "containerd's config changed; restarting containerd: ${restart[*]}"
-    "${restart[@]}"
-    rm -f "$pending"
-    rmdir "$(dirname "$pending")" 2>/dev/null || true
-else
-    log "containerd's config unchanged; containerd not restarted"
-fi
+restart_containerd_if_changed "$before" "$after"
 
 # 3. The binaries, after containerd no longer names the runtime.
 for bin in "${BINARIES[@]}"; do

@@ -154,3 +154,26 @@ pub fn store_checkpoint(bed: &Bed, id: &str, exit: bool) -> (PathBuf, u64) {
         .unwrap_or_else(|e| panic!("checkpoint of {id}: {e}"));
     (target, before)
 }
+
+/// `ctr run -d` of a new container `new_id` that the shim restores on create from the store
+/// checkpoint `dir` (named by the annotation, relative to the store root); `extra` are more `ctr
+/// run` flags. Its command is what a fresh start would run: the restore replaces it.
+pub fn run_restored(bed: &Bed, dir: &Path, new_id: &str, extra: &[&str]) -> std::process::Output {
+    let relative = dir.strip_prefix(&bed.store).expect("a checkpoint of the store").display().to_string();
+    let annotation = format!("kybernate.io/restore-from={relative}");
+    let mut args = vec!["run", "-d", "--runtime", RUNTIME, "--annotation", &annotation];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&[IMAGE, new_id, "sleep", "1000"]);
+    bed.tb.ctr(&args)
+}
+
+/// [`run_restored`], which must succeed.
+pub fn run_restored_ok(bed: &Bed, dir: &Path, new_id: &str, extra: &[&str]) {
+    let out = run_restored(bed, dir, new_id, extra);
+    assert!(
+        out.status.success(),
+        "restore of {new_id} from {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -24,7 +24,7 @@ use kybernate_testbed::{unique_name, CriRuntime, Testbed, CONTAINERD_RUNC_ROOT, 
 use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::Status;
 
-use super::{shim_dir, text, wait_for, SHIM};
+use super::{fake_gpu_runtime_binary, shim_dir, text, wait_for, SHIM};
 
 /// The runtime handler (RuntimeClass `handler`) our shim runs under.
 pub const HANDLER: &str = "kybernate";
@@ -103,19 +103,6 @@ pub fn cri_bed_with(style: Style, setup: Setup) -> CriBed {
     let tb = builder.start().expect("CRI test bed (run test/setup.sh first)");
     let cri = Cri::connect(tb.cri_socket());
     CriBed { cri, tb, style, store, nvidia, _dir: scratch }
-}
-
-/// The fake GPU runtime, built by `cargo test` with the shim's examples.
-fn fake_gpu_runtime_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    let profile = exe.parent().and_then(Path::parent).expect("target profile dir");
-    let bin = profile.join("examples/fake_nvidia_runtime");
-    assert!(
-        bin.is_file(),
-        "{} missing: run `cargo test -p containerd-shim-kybernate-v1` (which builds the examples)",
-        bin.display()
-    );
-    bin
 }
 
 /// A pod as the kubelet runs it: its id and the config every CreateContainer repeats.

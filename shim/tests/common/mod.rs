@@ -124,3 +124,17 @@ pub fn wait_for_status(rt: &OciRuntime, id: &str, bundle: &Path, want: Container
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// The fake `nvidia-container-runtime` (shim/examples/fake_nvidia_runtime.rs), which `cargo test`
+/// builds with the shim's examples.
+pub fn fake_gpu_runtime_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let profile = exe.parent().and_then(Path::parent).expect("target profile dir");
+    let bin = profile.join("examples/fake_nvidia_runtime");
+    assert!(
+        bin.is_file(),
+        "{} missing: run `cargo test -p containerd-shim-kybernate-v1` (which builds the examples)",
+        bin.display()
+    );
+    bin
+}

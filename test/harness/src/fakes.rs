@@ -135,6 +135,26 @@ fn parse_call(line: &str) -> Option<FakeCall> {
     Some(FakeCall { function, pid, code, extra })
 }
 
+/// A real process to point the fake driver at (`sleep 30`); killed and reaped on drop.
+pub struct Sleeper(pub std::process::Child);
+
+impl Sleeper {
+    pub fn start() -> Self {
+        Self(std::process::Command::new("sleep").arg("30").spawn().expect("starting sleep"))
+    }
+
+    pub fn pid(&self) -> i32 {
+        i32::try_from(self.0.id()).expect("pid fits i32")
+    }
+}
+
+impl Drop for Sleeper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
