@@ -711,6 +711,11 @@ impl RestorePlan {
         Ok(Some(bin.clone()))
     }
 
+    /// The GPU record of the checkpoint (a GPU container's), if any.
+    pub fn gpu(&self) -> Option<&kybernate_criu::gpu::GpuRecord> {
+        self.manifest.as_ref()?.gpu.as_ref()
+    }
+
     /// `rootfs-diff.tar` of a store checkpoint, to apply before the restore.
     pub fn rootfs_diff(&self) -> Option<PathBuf> {
         self.manifest.as_ref().filter(|m| m.rootfs_diff && !m.flat).map(|_| self.dir.join(criu::ROOTFS_DIFF))

@@ -255,7 +255,8 @@ impl Inner {
         }
         // A GPU checkpoint: the right GPUs, and its devices and driver mounts back in the spec
         // (the GPU runtime edits specs only on create; a restore passes straight to runc).
-        if let Some(gpu) = restore.as_ref().and_then(|p| p.manifest.as_ref()).and_then(|m| m.gpu.as_ref()) {
+        let restore_gpu = restore.as_ref().and_then(RestorePlan::gpu);
+        if let Some(gpu) = restore_gpu {
             let changes =
                 crate::gpu::prepare_restore(&req.id, &bundle, gpu, &selector.config.checkpoint).map_err(|source| {
                     CheckpointError::Gpu { what: "restore", id: req.id.clone(), source: Box::new(source) }
@@ -264,7 +265,7 @@ impl Inner {
                 info!("container {}: restore: {change}", req.id);
             }
         }
-        if decision.gpu || restore.as_ref().and_then(|p| p.manifest.as_ref()).is_some_and(|m| m.gpu.is_some()) {
+        if decision.gpu || restore_gpu.is_some() {
             crate::gpu::attach_criu_config(&req.id, &bundle).map_err(|source| CheckpointError::Gpu {
                 what: "create",
                 id: req.id.clone(),
@@ -427,7 +428,7 @@ impl Inner {
         let checkpointer = Checkpointer { spawner: self.spawner.as_ref(), namespace: &self.namespace };
         let (criu_path, _) = checkpointer.criu(c, "restore")?;
         let mut runtime = c.runtime.with_criu(criu_path);
-        let gpu = plan.manifest.as_ref().and_then(|m| m.gpu.clone());
+        let gpu = plan.gpu().cloned();
         let gpu_err = |source| CheckpointError::Gpu { what: "restore", id: c.id.clone(), source: Box::new(source) };
         if gpu.as_ref().is_some_and(|g| g.mode == kybernate_criu::gpu::GpuMode::DriverApi) {
             // Our images carry no CUDA plugin state: a plugin installed on the node stays out.
