@@ -127,10 +127,11 @@ pub fn doctor(
 pub fn run_checks(node: &Node, address: &Path, containerd_config: &Path, root: &Path) -> Vec<Check> {
     let path = node.path.as_deref();
     let gpus = nvidia_gpus(&node.dev);
+    let (containerd_check, containerd_version) = containerd(address);
     vec![
-        containerd(address),
+        containerd_check,
         shim_on_path(path),
-        shim_registered(containerd_config),
+        shim_registered(containerd_config, containerd_version.as_deref()),
         runc(path),
         nvidia_runtime(path, !gpus.is_empty()),
         criu(path),
@@ -160,13 +161,17 @@ fn table(checks: &[Check]) -> String {
 }
 
 /// containerd answers the Version call at `address`.
-pub fn containerd(address: &Path) -> Check {
+/// The containerd check, and containerd's version when it answered (for the registration check).
+pub fn containerd(address: &Path) -> (Check, Option<String>) {
     const NAME: &str = "containerd";
     let fix = format!("start containerd (systemctl start containerd) / check --address (now {})", address.display());
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
-            return Check::fail(NAME, format!("cannot start the async runtime: {e}"), "please report this as a bug")
+            return (
+                Check::fail(NAME, format!("cannot start the async runtime: {e}"), "please report this as a bug"),
+                None,
+            )
         }
     };
     let result = runtime.block_on(async {
@@ -179,10 +184,11 @@ pub fn containerd(address: &Path) -> Check {
         .unwrap_or_else(|_| Err(format!("no answer within {CONTAINERD_TIMEOUT:?}")))
     });
     match result {
-        Ok(v) => {
-            Check::ok(NAME, format!("containerd {} (revision {}) at {}", v.version, v.revision, address.display()))
-        }
-        Err(e) => Check::fail(NAME, format!("cannot reach containerd at {}: {e}", address.display()), fix),
+        Ok(v) => (
+            Check::ok(NAME, format!("containerd {} (revision {}) at {}", v.version, v.revision, address.display())),
+            Some(v.version),
+        ),
+        Err(e) => (Check::fail(NAME, format!("cannot reach containerd at {}: {e}", address.display()), fix), None),
     }
 }
 
@@ -217,7 +223,8 @@ pub fn shim_on_path(path_env: Option<&OsStr>) -> Check {
 }
 
 /// Our runtime registered in containerd's CRI config (either style of docs/installation.md).
-pub fn shim_registered(config: &Path) -> Check {
+/// `containerd_version`: what containerd said (e.g. "1.6.20~ds1"), when it answered.
+pub fn shim_registered(config: &Path, containerd_version: Option<&str>) -> Check {
     const NAME: &str = "cri runtime";
     let fix = format!(
         "register the runtime in {} under [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.kybernate] with runtime_type = \"{RUNTIME}\" (see docs/installation.md) and restart containerd; needed for Kubernetes; ctr works without",
@@ -229,33 +236,62 @@ pub fn shim_registered(config: &Path) -> Check {
     };
     match registered_runtimes(&text) {
         Err(e) => Check::warn(NAME, format!("{}: not valid TOML: {e}", config.display()), fix),
-        Ok(names) if names.is_empty() => {
+        Ok(found) if found.is_empty() => {
             Check::warn(NAME, format!("no CRI runtime in {} uses {SHIM}", config.display()), fix)
         }
-        Ok(names) => Check::ok(NAME, format!("registered in {} as {}", config.display(), names.join(", "))),
+        Ok(found) => {
+            let names: Vec<&str> = found.iter().map(|(n, _)| n.as_str()).collect();
+            let detail = format!("registered in {} as {}", config.display(), names.join(", "));
+            // containerd 1.6's CRI ignores runtime_path and runs the stock runc shim (measured).
+            let old = containerd_version.and_then(major_minor).is_some_and(|v| v < (1, 7));
+            let by_path: Vec<&str> = found.iter().filter(|(_, by_path)| *by_path).map(|(n, _)| n.as_str()).collect();
+            if old && !by_path.is_empty() {
+                Check::warn(
+                    NAME,
+                    format!(
+                        "{detail}; but {} only by runtime_path, which containerd {} ignores: those pods run containerd-shim-runc-v2",
+                        by_path.join(", "),
+                        containerd_version.unwrap_or_default()
+                    ),
+                    fix,
+                )
+            } else {
+                Check::ok(NAME, detail)
+            }
+        }
     }
 }
 
-/// The names of the CRI runtimes in containerd's config that run our shim: `runtime_type =
-/// "io.containerd.kybernate.v1"` or a `runtime_path` ending in `containerd-shim-kybernate-v1`.
-pub fn registered_runtimes(config_toml: &str) -> Result<Vec<String>, String> {
+/// `(major, minor)` of a version such as "1.6.20~ds1" or "v2.0.0".
+fn major_minor(version: &str) -> Option<(u32, u32)> {
+    let mut parts = version.trim_start_matches('v').split(|c: char| !c.is_ascii_digit());
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+/// The CRI runtimes in containerd's config that run our shim, each with whether only its
+/// `runtime_path` (not `runtime_type = "io.containerd.kybernate.v1"`) names our shim. Config
+/// version 2 (containerd 1.x) keeps them under `io.containerd.grpc.v1.cri`, version 3
+/// (containerd 2.x) under `io.containerd.cri.v1.runtime`.
+pub fn registered_runtimes(config_toml: &str) -> Result<Vec<(String, bool)>, String> {
     let value: toml::Table = config_toml.parse().map_err(|e: toml::de::Error| e.message().to_string())?;
-    let runtimes = value
-        .get("plugins")
-        .and_then(|p| p.get("io.containerd.grpc.v1.cri"))
-        .and_then(|c| c.get("containerd"))
-        .and_then(|c| c.get("runtimes"))
-        .and_then(|r| r.as_table());
-    let Some(runtimes) = runtimes else { return Ok(Vec::new()) };
-    Ok(runtimes
-        .iter()
-        .filter(|(_, r)| {
-            let ty = r.get("runtime_type").and_then(|v| v.as_str());
+    let mut found = Vec::new();
+    for plugin in ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.runtime"] {
+        let runtimes = value
+            .get("plugins")
+            .and_then(|p| p.get(plugin))
+            .and_then(|c| c.get("containerd"))
+            .and_then(|c| c.get("runtimes"))
+            .and_then(|r| r.as_table());
+        for (name, r) in runtimes.into_iter().flatten() {
+            let typed = r.get("runtime_type").and_then(|v| v.as_str()) == Some(RUNTIME);
             let path = r.get("runtime_path").and_then(|v| v.as_str());
-            ty == Some(RUNTIME) || path.is_some_and(|p| Path::new(p).file_name() == Some(OsStr::new(SHIM)))
-        })
-        .map(|(name, _)| name.clone())
-        .collect())
+            let by_path = path.is_some_and(|p| Path::new(p).file_name() == Some(OsStr::new(SHIM)));
+            if typed || by_path {
+                found.push((name.clone(), !typed));
+            }
+        }
+    }
+    Ok(found)
 }
 
 pub fn runc(path_env: Option<&OsStr>) -> Check {
@@ -579,16 +615,34 @@ mod tests {
 [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
   runtime_type = "io.containerd.runc.v2"
 "#;
-        assert_eq!(registered_runtimes(typed).unwrap(), ["kybernate"]);
+        assert_eq!(registered_runtimes(typed).unwrap(), [("kybernate".to_string(), false)]);
         let path = r#"
 version = 2
 [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.kybernate-runc]
   runtime_type = "io.containerd.runc.v2"
   runtime_path = "/usr/local/bin/containerd-shim-kybernate-v1"
 "#;
-        assert_eq!(registered_runtimes(path).unwrap(), ["kybernate-runc"]);
+        assert_eq!(registered_runtimes(path).unwrap(), [("kybernate-runc".to_string(), true)]);
         assert!(registered_runtimes("version = 2\n[plugins.x]\na = 1\n").unwrap().is_empty());
         assert!(registered_runtimes("[[[").is_err());
+        // containerd 2.x (config version 3).
+        let v3 = r#"
+version = 3
+[plugins."io.containerd.cri.v1.runtime".containerd.runtimes.kybernate]
+  runtime_type = "io.containerd.kybernate.v1"
+"#;
+        assert_eq!(registered_runtimes(v3).unwrap(), [("kybernate".to_string(), false)]);
+
+        // containerd 1.6 ignores runtime_path: registered that way only, the check warns there.
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("config.toml");
+        fs::write(&file, path).unwrap();
+        let c = shim_registered(&file, Some("1.6.20~ds1"));
+        assert!(c.status == Status::Warn && c.detail.contains("containerd 1.6.20~ds1 ignores"), "{c:?}");
+        assert_eq!(shim_registered(&file, Some("v1.7.13")).status, Status::Ok);
+        assert_eq!(shim_registered(&file, None).status, Status::Ok);
+        fs::write(&file, typed).unwrap();
+        assert_eq!(shim_registered(&file, Some("1.6.20")).status, Status::Ok);
     }
 
     #[test]
