@@ -11,9 +11,7 @@ use kybernate_runtime_select::Config;
 
 mod common;
 
-use common::show;
-
-const BINARIES: [&str; 3] = ["kybernate", "containerd-shim-kybernate-v1", "kybernate-select"];
+use common::{built_binaries, show, BINARIES};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -23,22 +21,6 @@ fn run(cmd: &mut Command) -> String {
     let out = cmd.stdin(Stdio::null()).output().unwrap();
     assert!(out.status.success(), "{cmd:?}: {}", show(&out));
     String::from_utf8(out.stdout).unwrap()
-}
-
-/// The three binaries cargo built; a sibling this test run did not build is stood in for by the
-/// kybernate binary (the test is about the package).
-fn built_binaries(into: &Path) -> PathBuf {
-    let kybernate = PathBuf::from(env!("CARGO_BIN_EXE_kybernate"));
-    let target_dir = kybernate.parent().unwrap();
-    fs::create_dir_all(into).unwrap();
-    for name in BINARIES {
-        let built = target_dir.join(name);
-        let source = if built.is_file() { built } else { kybernate.clone() };
-        if fs::hard_link(&source, into.join(name)).is_err() {
-            fs::copy(&source, into.join(name)).unwrap();
-        }
-    }
-    into.to_path_buf()
 }
 
 fn arch() -> String {

@@ -14,9 +14,7 @@ use serde_yaml_ng::Value as Yaml;
 
 mod common;
 
-use common::show;
-
-const BINARIES: [&str; 3] = ["kybernate", "containerd-shim-kybernate-v1", "kybernate-select"];
+use common::{built_binaries, show, BINARIES};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -24,24 +22,6 @@ fn repo() -> PathBuf {
 
 fn fixture(name: &str) -> String {
     fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/containerd").join(name)).unwrap()
-}
-
-/// The three binaries cargo built (target/debug/kybernate and its siblings); a sibling that this
-/// test run did not build is stood in for by the kybernate binary: the test is about the script.
-pub fn built_binaries(into: &Path) -> PathBuf {
-    let kybernate = PathBuf::from(env!("CARGO_BIN_EXE_kybernate"));
-    let target_dir = kybernate.parent().unwrap();
-    fs::create_dir_all(into).unwrap();
-    for name in BINARIES {
-        let built = target_dir.join(name);
-        let source = if built.is_file() { built } else { kybernate.clone() };
-        let dest = into.join(name);
-        // A hard link where possible: the debug binaries are large.
-        if fs::hard_link(&source, &dest).is_err() {
-            fs::copy(&source, &dest).unwrap();
-        }
-    }
-    into.to_path_buf()
 }
 
 /// A fake node: `root` is the host's /, `bin` the image's binaries, `restarts` what the fake

@@ -229,3 +229,25 @@ pub fn show(out: &std::process::Output) -> String {
         String::from_utf8_lossy(&out.stderr)
     )
 }
+
+/// The three binaries a node gets (packages, installer image).
+pub const BINARIES: [&str; 3] = ["kybernate", "containerd-shim-kybernate-v1", "kybernate-select"];
+
+/// The three binaries cargo built (target/<profile>/kybernate and its siblings), linked into
+/// `into`; a sibling this test run did not build is stood in for by the kybernate binary (the
+/// packaging tests are about packages and scripts, not about what the binaries do).
+pub fn built_binaries(into: &Path) -> PathBuf {
+    let kybernate = PathBuf::from(env!("CARGO_BIN_EXE_kybernate"));
+    let target_dir = kybernate.parent().expect("target dir");
+    std::fs::create_dir_all(into).expect("binaries dir");
+    for name in BINARIES {
+        let built = target_dir.join(name);
+        let source = if built.is_file() { built } else { kybernate.clone() };
+        let dest = into.join(name);
+        // A hard link where possible: the debug binaries are large.
+        if std::fs::hard_link(&source, &dest).is_err() {
+            std::fs::copy(&source, &dest).expect("copying a binary");
+        }
+    }
+    into.to_path_buf()
+}

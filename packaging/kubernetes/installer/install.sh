@@ -113,10 +113,5 @@ after="$(fingerprint "$host_containerd_config")"
 restart_containerd_if_changed "$before" "$after"
 log "done"
 
-# 5. Keep the DaemonSet's pod running; exit promptly (and take the sleep along) when it is deleted.
-if [[ "$KYBERNATE_INSTALL_ONESHOT" != 1 ]]; then
-    sleep infinity &
-    sleeper=$!
-    trap 'kill "$sleeper" 2>/dev/null; exit 0' TERM INT
-    wait "$sleeper"
-fi
+# 5. Keep the DaemonSet's pod running (KYBERNATE_INSTALL_ONESHOT=1: exit).
+stay_running

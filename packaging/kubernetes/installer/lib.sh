@@ -23,3 +23,14 @@ restart_containerd_if_changed() {
         log "containerd's config unchanged; containerd not restarted"
     fi
 }
+
+# Keeps the DaemonSet's pod running unless KYBERNATE_INSTALL_ONESHOT=1; exits promptly (and takes
+# the sleep along) when the pod is deleted.
+stay_running() {
+    [[ "$KYBERNATE_INSTALL_ONESHOT" != 1 ]] || return 0
+    sleep infinity &
+    local sleeper=$!
+    # shellcheck disable=SC2064 # expand now: the trap outlives this function's locals
+    trap "kill $sleeper 2>/dev/null; exit 0" TERM INT
+    wait "$sleeper"
+}

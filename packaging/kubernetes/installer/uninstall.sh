@@ -52,9 +52,4 @@ for bin in "${BINARIES[@]}"; do
 done
 log "done; kept the Kybernate config and the checkpoint store"
 
-if [[ "$KYBERNATE_INSTALL_ONESHOT" != 1 ]]; then
-    sleep infinity &
-    sleeper=$!
-    trap 'kill "$sleeper" 2>/dev/null; exit 0' TERM INT
-    wait "$sleeper"
-fi
+stay_running
