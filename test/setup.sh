@@ -4,6 +4,9 @@
 #   - Debian packages: containerd (with containerd-shim-runc-v2), runc, iptables, busybox-static, ...
 #   - CRIU >= 4.2 from Debian testing ($KBT_CRIU_SUITE) in a private prefix, plus a `criu` wrapper ahead of /usr/sbin
 #     (bookworm's CRIU 3.17 fails `criu check` on kernel 6.x: "Unexpected rt vDSO area bounds")
+#   - containerd 1.7 (Debian trixie) and 2.x (Debian testing) unpacked into private prefixes, for the tests
+#     that run the shim and the CRI path under every containerd a node may have (not on PATH, not started),
+#     and Debian's docker-registry binary (unpacked, no service) for tests that need to pull
 #   - a tiny busybox OCI image archive, built locally (there is no registry here)
 # The system containerd service (if any) is left alone: test beds run a private containerd with
 # their own root, state, sockets and namespace.
@@ -23,7 +26,6 @@ APT_PACKAGES=(
     dpkg-dev               # dpkg-shlibdeps, for the Debian package's library dependencies (packaging/deb)
 )
 CRIU_DEB_DIR=$KBT_STATE_DIR/criu-debs-$KBT_CRIU_SUITE
-CRIU_APT_DIR=$KBT_STATE_DIR/apt-$KBT_CRIU_SUITE
 START=$(date +%s.%N)
 
 log() { printf '[setup] %s\n' "$*"; }
@@ -74,42 +76,51 @@ debian_mirror() {
     printf '%s\n' "$uri"
 }
 
+# apt, reading only SUITE's package lists (kept under $KBT_STATE_DIR/apt-SUITE), never the host's.
 suite_apt() {
+    local suite=$1 dir=$KBT_STATE_DIR/apt-$1
+    shift
     local opts=(
-        -o "Dir::State::Lists=$CRIU_APT_DIR/lists"
+        -o "Dir::State::Lists=$dir/lists"
         -o "Dir::State::status=/dev/null"
-        -o "Dir::Cache=$CRIU_APT_DIR/cache"
-        -o "Dir::Etc::SourceList=$CRIU_APT_DIR/sources.list"
-        -o "Dir::Etc::SourceParts=$CRIU_APT_DIR/empty.d"
-        -o "Dir::Etc::Preferences=$CRIU_APT_DIR/empty.d/preferences"
-        -o "Dir::Etc::PreferencesParts=$CRIU_APT_DIR/empty.d"
+        -o "Dir::Cache=$dir/cache"
+        -o "Dir::Etc::SourceList=$dir/sources.list"
+        -o "Dir::Etc::SourceParts=$dir/empty.d"
+        -o "Dir::Etc::Preferences=$dir/empty.d/preferences"
+        -o "Dir::Etc::PreferencesParts=$dir/empty.d"
         -o "APT::Sandbox::User=root"
     )
-    case "$(cat "$CRIU_APT_DIR/sources.list" 2>/dev/null)" in
+    case "$(cat "$dir/sources.list" 2>/dev/null)" in
         *snapshot.debian.org*) opts+=(-o "Acquire::Check-Valid-Until=false") ;;
     esac
     "$@" "${opts[@]}"
 }
 
+# Points suite_apt SUITE at this machine's Debian mirror and reads SUITE's package lists once.
+suite_lists() {
+    local suite=$1 dir=$KBT_STATE_DIR/apt-$1 mirror
+    mirror=$(debian_mirror)
+    mkdir -p "$dir/lists/partial" "$dir/cache/archives/partial" "$dir/empty.d"
+    printf 'deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] %s %s main\n' \
+        "$mirror" "$suite" >"$dir/sources.list"
+    if ! compgen -G "$dir/lists/*$suite*Packages*" >/dev/null; then
+        log "reading $suite package lists from $mirror"
+        suite_apt "$suite" apt-get update -q ||
+            die "apt-get update for $suite failed (does debian-archive-keyring carry the $suite keys?)"
+    fi
+}
+
 # Debian packages CRIU needs at run time: the Depends/Pre-Depends closure of criu in $KBT_CRIU_SUITE.
 criu_closure() {
-    suite_apt apt-cache depends --recurse --no-recommends --no-suggests --no-conflicts \
+    suite_apt "$KBT_CRIU_SUITE" apt-cache depends --recurse --no-recommends --no-suggests --no-conflicts \
         --no-breaks --no-replaces --no-enhances criu |
         grep -v '^[[:space:]<]' | sort -u
 }
 
 fetch_criu_debs() {
-    local mirror pkgs=() missing_debs=() p
-    mirror=$(debian_mirror)
-    mkdir -p "$CRIU_APT_DIR/lists/partial" "$CRIU_APT_DIR/cache/archives/partial" \
-        "$CRIU_APT_DIR/empty.d" "$CRIU_DEB_DIR"
-    printf 'deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] %s %s main\n' \
-        "$mirror" "$KBT_CRIU_SUITE" >"$CRIU_APT_DIR/sources.list"
-    if ! compgen -G "$CRIU_APT_DIR/lists/*"$KBT_CRIU_SUITE"*Packages*" >/dev/null; then
-        log "reading $KBT_CRIU_SUITE package lists from $mirror"
-        suite_apt apt-get update -q ||
-            die "apt-get update for $KBT_CRIU_SUITE failed (does debian-archive-keyring carry the $KBT_CRIU_SUITE keys?)"
-    fi
+    local pkgs=() missing_debs=() p
+    suite_lists "$KBT_CRIU_SUITE"
+    mkdir -p "$CRIU_DEB_DIR"
     mapfile -t pkgs < <(criu_closure)
     [ "${#pkgs[@]}" -gt 1 ] || die "could not resolve criu's dependencies in $KBT_CRIU_SUITE"
     for p in "${pkgs[@]}"; do
@@ -117,7 +128,7 @@ fetch_criu_debs() {
     done
     if [ "${#missing_debs[@]}" -gt 0 ]; then
         log "downloading from $KBT_CRIU_SUITE: ${missing_debs[*]}"
-        (cd "$CRIU_DEB_DIR" && suite_apt apt-get download -q "${missing_debs[@]}") ||
+        (cd "$CRIU_DEB_DIR" && suite_apt "$KBT_CRIU_SUITE" apt-get download -q "${missing_debs[@]}") ||
             die "apt-get download from $KBT_CRIU_SUITE failed"
     fi
     printf '%s\n' "${pkgs[@]}" >"$CRIU_DEB_DIR/closure.txt"
@@ -187,7 +198,75 @@ resolved=$(PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin com
 [ "$resolved" = "$KBT_CRIU_WRAPPER" ] || die "criu on the standard PATH resolves to $resolved, not $KBT_CRIU_WRAPPER"
 
 # ---------------------------------------------------------------------------------------------
-# 3. The busybox OCI image archive (deterministic: the same busybox gives the same bytes)
+# 3. containerd 1.7 and 2.x beside the system's 1.6, each in its own prefix (never on PATH), and a registry
+# ---------------------------------------------------------------------------------------------
+containerd_version_of() { { "$1/usr/bin/containerd" --version 2>/dev/null || true; } | awk '{print $3}'; }
+
+# install_containerd RELEASE SUITE: SUITE's containerd package, unpacked into $KBT_CONTAINERD_BASE-RELEASE.
+install_containerd() {
+    local release=$1 suite=$2 prefix=$KBT_CONTAINERD_BASE-$1 debs=$KBT_STATE_DIR/containerd-debs-$2 version stage deb
+    version=$(containerd_version_of "$prefix")
+    if [ -f "$prefix/.kybernate-suite" ] && [[ "$version" == "$release".* ]]; then
+        log "containerd $version already in $prefix"
+        return
+    fi
+    suite_lists "$suite"
+    mkdir -p "$debs"
+    if ! compgen -G "$debs/containerd_*.deb" >/dev/null; then
+        log "downloading containerd from $suite"
+        # Package lists kept from an earlier run may name a version the mirror has dropped: refresh once.
+        (cd "$debs" && suite_apt "$suite" apt-get download -q containerd) ||
+            { suite_apt "$suite" apt-get update -q && (cd "$debs" && suite_apt "$suite" apt-get download -q containerd); } ||
+            die "apt-get download containerd from $suite failed"
+    fi
+    stage=$(mktemp -d "$(dirname "$prefix")/.containerd-stage.XXXXXX")
+    for deb in "$debs"/containerd_*.deb; do dpkg-deb -x "$deb" "$stage"; done
+    version=$(containerd_version_of "$stage")
+    [[ "$version" == "$release".* ]] ||
+        die "$suite's containerd says version '${version:-nothing}' (does it run on this glibc?), expected $release.x"
+    for b in containerd ctr containerd-shim-runc-v2; do
+        [ -x "$stage/usr/bin/$b" ] || die "$suite's containerd package has no usr/bin/$b"
+    done
+    printf '%s\n' "$suite" >"$stage/.kybernate-suite"
+    chmod 755 "$stage"
+    rm -rf "$prefix"
+    mv "$stage" "$prefix"
+    log "installed containerd $version from $suite into $prefix"
+}
+
+# A registry for loopback pushes (containerd 2.x's CRI restore pulls a checkpoint's base image): the binary of
+# this release's docker-registry package, unpacked, so no registry service is installed or started.
+install_registry() {
+    local suite debs=$KBT_STATE_DIR/registry-debs stage
+    if [ -x "$KBT_REGISTRY_PREFIX/usr/bin/docker-registry" ]; then
+        log "docker-registry already in $KBT_REGISTRY_PREFIX"
+        return
+    fi
+    # shellcheck disable=SC1091 # the running system's os-release
+    suite=$(. /etc/os-release && echo "$VERSION_CODENAME")
+    suite_lists "$suite"
+    mkdir -p "$debs"
+    compgen -G "$debs/docker-registry_*.deb" >/dev/null ||
+        (cd "$debs" && suite_apt "$suite" apt-get download -q docker-registry) ||
+        die "apt-get download docker-registry from $suite failed"
+    stage=$(mktemp -d "$(dirname "$KBT_REGISTRY_PREFIX")/.registry-stage.XXXXXX")
+    dpkg-deb -x "$debs"/docker-registry_*.deb "$stage"
+    "$stage/usr/bin/docker-registry" --version >/dev/null || die "the unpacked docker-registry does not run"
+    chmod 755 "$stage"
+    rm -rf "$KBT_REGISTRY_PREFIX"
+    mv "$stage" "$KBT_REGISTRY_PREFIX"
+    log "installed docker-registry into $KBT_REGISTRY_PREFIX"
+}
+
+mkdir -p "$(dirname "$KBT_CONTAINERD_BASE")"
+install_registry
+for r in "${KBT_CONTAINERD_RELEASES[@]}"; do
+    # shellcheck disable=SC2086 # "<release> <suite>" splits into two arguments
+    install_containerd $r
+done
+
+# ---------------------------------------------------------------------------------------------
+# 4. The busybox OCI image archive (deterministic: the same busybox gives the same bytes)
 # ---------------------------------------------------------------------------------------------
 BUSYBOX=/bin/busybox
 [ -x "$BUSYBOX" ] || die "$BUSYBOX missing (busybox-static)"
@@ -257,6 +336,7 @@ elapsed=$(awk -v s="$START" -v e="$(date +%s.%N)" 'BEGIN { printf "%.1f", e - s 
 cat <<EOF
 [setup] ready in ${elapsed}s
   containerd  $(containerd --version | awk '{print $3}')  (shim: $(command -v containerd-shim-runc-v2))
+  containerd  $(for r in "${KBT_CONTAINERD_RELEASES[@]}"; do p=$KBT_CONTAINERD_BASE-${r%% *}; printf '%s in %s  ' "$(containerd_version_of "$p")" "$p"; done)
   runc        $(runc --version | awk 'NR==1 {print $3}')
   criu        $CRIU_VERSION via $KBT_CRIU_WRAPPER -> $KBT_CRIU_PREFIX (criu check: Looks good.)
   image       $KBT_IMAGE <- $KBT_IMAGE_ARCHIVE ($(size "$KBT_IMAGE_ARCHIVE") bytes)

@@ -9,7 +9,7 @@ use std::process::{Command, Output, Stdio};
 mod common;
 
 use common::{shim_dir, task_status, testbed, text, wait_for, RUNTIME, SHIM};
-use kybernate_testbed::{unique_name, Testbed, IMAGE};
+use kybernate_testbed::{unique_name, Containerd, Testbed, IMAGE};
 
 fn run(tb: &Testbed, args: &[&str]) -> Output {
     let id = unique_name("run");
@@ -294,4 +294,54 @@ fn the_shim_binary_prints_its_version() {
     let out = Command::new(SHIM).arg("-v").output().unwrap();
     assert!(out.status.success());
     assert!(text(&out.stdout).starts_with("containerd-shim-kybernate-v1 "));
+}
+
+/// The ctr-driven basics under every containerd a node may run: 1.7 (Debian trixie's) and 2.x
+/// (Debian testing's) start our shim for `--runtime io.containerd.kybernate.v1` as 1.6 does, and
+/// output, exit codes, exec, pause/resume, pids, metrics, kill and delete behave the same.
+fn task_api_under(release: Containerd) {
+    let tb = Testbed::builder()
+        .containerd(release)
+        .path_prepend(shim_dir())
+        .start()
+        .expect("test bed (run test/setup.sh first)");
+    tb.import_image();
+    let version = tb.containerd_version();
+    let out = run(&tb, &["sh", "-c", "echo to-stdout; echo to-stderr >&2; exit 7"]);
+    assert_eq!(out.status.code(), Some(7), "containerd {version:?}: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "to-stdout");
+    assert!(text(&out.stderr).contains("to-stderr"), "{}", text(&out.stderr));
+
+    let id = unique_name("rel");
+    run_detached(&tb, &id, &["sh", "-c", "sleep 1000 & sleep 1000 & wait"]);
+    let bundle = tb.dir().join("state/io.containerd.runtime.v2.task").join(tb.namespace()).join(&id);
+    let shim = std::fs::read_to_string(bundle.join("shim-binary-path")).unwrap_or_default();
+    assert_eq!(shim.trim(), SHIM, "containerd {version:?} started another shim");
+    assert!(bundle.join("kybernate-runtime.json").is_file(), "no runtime decision in {}", bundle.display());
+    let out = tb.ctr(&["tasks", "exec", "--exec-id", "e1", &id, "sh", "-c", "echo from-exec; exit 3"]);
+    assert_eq!((out.status.code(), text(&out.stdout).trim().to_string()), (Some(3), "from-exec".to_string()));
+    tb.ctr_ok(&["tasks", "pause", &id]);
+    assert_eq!(task_status(&tb, &id).as_deref(), Some("PAUSED"));
+    tb.ctr_ok(&["tasks", "resume", &id]);
+    assert_eq!(task_status(&tb, &id).as_deref(), Some("RUNNING"));
+    let ps = tb.ctr_ok(&["tasks", "ps", &id]);
+    assert!(ps.lines().count() >= 4, "want init + 2 sleeps:\n{ps}");
+    let metrics = tb.ctr_ok(&["tasks", "metrics", &id]);
+    assert!(metrics.contains("pids.current"), "{metrics}");
+    tb.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", &id]);
+    wait_for("the task to exit", || (task_status(&tb, &id).as_deref() == Some("STOPPED")).then_some(()));
+    tb.ctr_ok(&["tasks", "delete", &id]);
+    tb.ctr_ok(&["containers", "delete", &id]);
+    wait_for("the shim to exit", || shim_pids_for(tb.namespace()).is_empty().then_some(()));
+    assert!(!bundle.exists(), "bundle {} left", bundle.display());
+}
+
+#[test]
+fn the_task_api_works_under_containerd_1_7() {
+    task_api_under(Containerd::V1_7);
+}
+
+#[test]
+fn the_task_api_works_under_containerd_2() {
+    task_api_under(Containerd::V2);
 }

@@ -1,14 +1,15 @@
 //! The kubelet's view, end to end: CRI v1 calls (what the kubelet sends) into a real containerd
-//! 1.6 whose CRI plugin runs our shim under the runtime handler `kybernate`, with real runc and
-//! CRIU. Pods are host-network (no CNI here); see shim/tests/common/cri.rs for the client and
+//! (bookworm's 1.6 unless a test names 1.7 or 2.x, which `test/setup.sh` unpacks beside it) whose
+//! CRI plugin runs our shim under the runtime handler `kybernate`, with real runc and CRIU. Pods are host-network (no CNI here); see shim/tests/common/cri.rs for the client and
 //! the test bed, and docs/testing.md ("CRI / kubelet") for what each test shows.
 //!
 //! Two registration styles (docs/installation.md): (a) `runtime_type =
 //! "io.containerd.kybernate.v1"` + `options.ConfigPath`, and (b) `runtime_type =
 //! "io.containerd.runc.v2"` + `runtime_path` = our shim. Measured here: containerd 1.6.20's CRI
-//! ignores `runtime_path` and starts the stock `containerd-shim-runc-v2` for style (b) pods, so
-//! everything that needs our shim under CRI uses style (a); [`lifecycle_runtime_path`] pins
-//! which shim style (b) gets.
+//! ignores `runtime_path` and starts the stock `containerd-shim-runc-v2` for style (b) pods
+//! (1.7.24 and 2.1.9 honour it), and containerd 2.1's restore from a checkpoint archive ignores it
+//! too, so everything that needs our shim under CRI uses style (a); the `lifecycle_runtime_path*`
+//! tests and `containerd_2_style_b_*` pin what style (b) gets.
 
 use std::path::{Path, PathBuf};
 
@@ -21,8 +22,9 @@ use containerd_shim_protos::protobuf::Message;
 use containerd_shim_protos::shim::oci::{CheckpointOptions, Options as RuncOptions};
 use containerd_shim_protos::ttrpc::context;
 use containerd_shim_protos::{Client, TaskClient};
+use k8s_cri::v1::ImageSpec;
 use k8s_cri::v1::{ContainerState, PodSandboxState};
-use kybernate_testbed::{unique_name, CONTAINERD_RUNC_ROOT, CRI_NAMESPACE};
+use kybernate_testbed::{unique_name, Containerd, Registry, CONTAINERD_RUNC_ROOT, CRI_NAMESPACE, IMAGE};
 
 mod common;
 
@@ -80,16 +82,6 @@ fn remove_pod(b: &CriBed, pod: &Pod, ids: &[&str]) {
     let mut all = ids.to_vec();
     all.push(&pod.id);
     b.assert_nothing_left(&all);
-}
-
-/// containerd's version as (major, minor), from `containerd --version`.
-fn containerd_version() -> (u32, u32) {
-    let out = std::process::Command::new("containerd").arg("--version").output().expect("containerd --version");
-    let text = text(&out.stdout);
-    let v = text.split_whitespace().find(|w| w.starts_with(|c: char| c.is_ascii_digit()) || w.starts_with('v'));
-    let v = v.unwrap_or_default().trim_start_matches('v');
-    let mut parts = v.split(|c: char| !c.is_ascii_digit()).filter_map(|p| p.parse().ok());
-    (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -155,9 +147,9 @@ fn shim_binary_of(b: &CriBed, sandbox: &str) -> String {
     std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("reading {}: {e}", file.display())).trim().to_string()
 }
 
-#[test]
-fn lifecycle_runtime_type() {
-    let b = cri_bed(Style::RuntimeType);
+/// Style (a) under `release`: the pod runs on our shim, which records its runtime decision.
+fn lifecycle_runtime_type_on(release: Containerd) {
+    let b = cri_bed_with(Style::RuntimeType, Setup { containerd: release, ..Setup::default() });
     let seen = lifecycle(&b);
     assert!(seen.shim.ends_with("/containerd-shim-kybernate-v1"), "the pod ran on {}", seen.shim);
     let record = seen.record.expect("no runtime decision recorded: our shim did not create the container");
@@ -166,16 +158,28 @@ fn lifecycle_runtime_type() {
     assert_eq!(record["root"], format!("{CONTAINERD_RUNC_ROOT}/{CRI_NAMESPACE}"), "{record}");
 }
 
+#[test]
+fn lifecycle_runtime_type() {
+    lifecycle_runtime_type_on(Containerd::V1_6);
+}
+
+#[test]
+fn lifecycle_runtime_type_containerd_1_7() {
+    lifecycle_runtime_type_on(Containerd::V1_7);
+}
+
+#[test]
+fn lifecycle_runtime_type_containerd_2() {
+    lifecycle_runtime_type_on(Containerd::V2);
+}
+
 /// Style (b) works for the whole lifecycle, but which shim runs depends on containerd: 1.6.20's
 /// CRI does not pass `runtime_path` on (measured: `shim-binary-path` in the bundles and the
-/// process are the stock `/usr/bin/containerd-shim-runc-v2`); containerd 1.7's source passes it
-/// (pkg/cri/server/sandbox_run.go: `containerd.WithRuntimePath(ociRuntime.Path)`). This test
-/// flips when containerd is upgraded, so the documentation can follow.
-#[test]
-fn lifecycle_runtime_path() {
-    let b = cri_bed(Style::RuntimePath);
+/// process are the stock `/usr/bin/containerd-shim-runc-v2`); 1.7 and 2.x start the shim it names.
+fn lifecycle_runtime_path_on(release: Containerd) {
+    let b = cri_bed_with(Style::RuntimePath, Setup { containerd: release, ..Setup::default() });
     let seen = lifecycle(&b);
-    let version = containerd_version();
+    let version = b.tb.containerd_version();
     if version < (1, 7) {
         assert!(
             seen.shim.ends_with("/containerd-shim-runc-v2") && seen.record.is_none(),
@@ -186,8 +190,24 @@ fn lifecycle_runtime_path() {
         );
     } else {
         assert_eq!(seen.shim, SHIM, "containerd {version:?} ignored runtime_path");
-        assert!(seen.record.is_some(), "no runtime decision recorded");
+        let record = seen.record.expect("no runtime decision recorded");
+        assert!(record["binary"].as_str().is_some_and(|p| p.ends_with("/runc")), "{record}");
     }
+}
+
+#[test]
+fn lifecycle_runtime_path() {
+    lifecycle_runtime_path_on(Containerd::V1_6);
+}
+
+#[test]
+fn lifecycle_runtime_path_containerd_1_7() {
+    lifecycle_runtime_path_on(Containerd::V1_7);
+}
+
+#[test]
+fn lifecycle_runtime_path_containerd_2() {
+    lifecycle_runtime_path_on(Containerd::V2);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -383,8 +403,9 @@ fn a_pod_in_another_namespace_cannot_restore_the_checkpoint() {
 // containerd 2.x's CRI CheckpointContainer, as it reaches the shim
 
 /// What containerd 2.x sends our shim for `crictl checkpoint` / the kubelet's checkpoint API
-/// (CRI `CheckpointContainer`), sent here straight to the shim's ttrpc socket since
-/// containerd 1.6 has no CheckpointContainer. Read from containerd/containerd:
+/// (CRI `CheckpointContainer`), sent here straight to the shim's ttrpc socket so that each
+/// request field is pinned (the real containerd 2.x flow is tested further down, under
+/// "The kubelet's checkpoint and restore under a real containerd 2.x"). Read from containerd/containerd:
 /// - `internal/cri/server/container_checkpoint_linux.go` (`CheckpointContainer`,
 ///   `withCheckpointOpts`): `task.Checkpoint` with, for the runtime name `io.containerd.runc.v2`
 ///   only, `containerd.runc.v1.CheckpointOptions{exit: false, work_path: <CRI root>/containers/<id>}`
@@ -583,4 +604,126 @@ fn unpack_like_cri_2(path: &Path, images: &Path) {
         std::fs::copy(e.path(), images.join(e.file_name()))
             .unwrap_or_else(|err| panic!("CRI 2.x could not unpack {:?}: {err}", e.file_name()));
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The kubelet's checkpoint and restore under a real containerd 2.x
+
+/// A counter pod under containerd 2.x whose image comes from a loopback registry (containerd
+/// 2.x's restore pulls the checkpoint's base image by repo digest, whatever the node holds),
+/// with a file written into its RW layer; returns the bed, the registry, the pod and the id.
+fn counter_pod_on_containerd_2(style: Style) -> (CriBed, Registry, Pod, String) {
+    let b = cri_bed_with(style, Setup { containerd: Containerd::V2, ..Setup::default() });
+    let registry = Registry::start(&b.tb.dir().join("registry")).expect("a loopback registry (test/setup.sh)");
+    let image = registry.push(&b.tb, CRI_NAMESPACE, IMAGE, "kybernate/busybox:test");
+    b.cri.wait_image(&image);
+    let pod = pod(&b, "default", &[]);
+    let mut config = container_config("counter", &["sh", "-c", COUNTER], &[]);
+    config.image = Some(ImageSpec { image, ..Default::default() });
+    let id = b.cri.create(&pod.id, config, &pod.config).unwrap_or_else(|e| panic!("CreateContainer: {e}"));
+    b.cri.start(&id).unwrap_or_else(|e| panic!("StartContainer: {e}\n{}", b.tb.log_tail(30)));
+    wait_counter(&b, &id, 3);
+    let r = b.cri.exec(&id, &["sh", "-c", "echo kept > /data.txt"]).expect("ExecSync");
+    assert_eq!(r.exit_code, 0, "writing /data.txt: {}", text(&r.stderr));
+    (b, registry, pod, id)
+}
+
+/// `kubectl`'s checkpoint API / `crictl checkpoint --export` (CRI CheckpointContainer) into an
+/// archive; asserts what the archive holds and that the container ran on. Returns the archive
+/// and the counter read just before the checkpoint.
+fn cri_checkpoint_archive(b: &CriBed, id: &str) -> (PathBuf, u64) {
+    let archive = b.tb.dir().join("checkpoint.tar");
+    let before = counter(b, id).expect("counter before the checkpoint");
+    b.cri.checkpoint(id, &archive).unwrap_or_else(|e| panic!("CheckpointContainer: {e}\n{}", b.tb.log_tail(30)));
+    let out = std::process::Command::new("tar").arg("-tf").arg(&archive).output().expect("tar -tf");
+    assert!(out.status.success(), "tar -tf {}: {}", archive.display(), text(&out.stderr));
+    let entries = text(&out.stdout);
+    for want in ["checkpoint/inventory.img", "checkpoint/kybernate.json", "config.dump", "spec.dump", "rootfs-diff.tar"]
+    {
+        assert!(entries.lines().any(|l| l == want), "no {want} in the archive:\n{entries}");
+    }
+    assert!(
+        entries.lines().all(|l| l == "checkpoint/" || !l.starts_with("checkpoint/") || !l.ends_with('/')),
+        "directories under checkpoint/ (CRI unpacks it file by file):\n{entries}"
+    );
+    // The kubelet's checkpoint leaves the container running.
+    assert_eq!(state(b, id), ContainerState::ContainerRunning as i32);
+    assert_counter_continues(b, id, before);
+    (archive, before)
+}
+
+/// CreateContainer whose image is a checkpoint archive, as the kubelet sends it for a pod that
+/// restores one (containerd 2.x: `CRImportCheckpoint`).
+fn create_from_archive(b: &CriBed, pod: &Pod, archive: &Path) -> Result<String, tonic::Status> {
+    let mut config = container_config("counter", &[], &[]);
+    config.image = Some(ImageSpec { image: archive.display().to_string(), ..Default::default() });
+    b.cri.create(&pod.id, config, &pod.config)
+}
+
+/// The whole kubelet flow under containerd 2.x with style (a): CheckpointContainer writes an
+/// archive from our shim's flat checkpoint; the container runs on; then, as after a move to
+/// another node, it is removed and a new pod's CreateContainer names the archive as its image:
+/// containerd applies the rootfs diff, our shim restores CRIU's images from the unpacked
+/// `checkpoint/`, and the counter goes on from where it was, with the file written before.
+#[test]
+fn containerd_2_kubelet_checkpoint_and_restore_from_the_archive() {
+    let (b, _registry, pod, id) = counter_pod_on_containerd_2(Style::RuntimeType);
+    let (archive, before) = cri_checkpoint_archive(&b, &id);
+    b.cri.stop(&id, 0).expect("StopContainer");
+    b.cri.remove(&id).expect("RemoveContainer");
+    remove_pod(&b, &pod, &[]);
+
+    let pod = self::pod(&b, "default", &[]);
+    let restored = create_from_archive(&b, &pod, &archive).unwrap_or_else(|e| panic!("CreateContainer: {e}"));
+    b.cri.start(&restored).unwrap_or_else(|e| panic!("StartContainer (restore): {e}\n{}", b.tb.log_tail(30)));
+    assert_counter_continues(&b, &restored, before);
+    let r = b.cri.exec(&restored, &["cat", "/data.txt"]).expect("ExecSync");
+    assert_eq!((r.exit_code, text(&r.stdout)), (0, "kept\n".to_string()), "the RW layer was not restored");
+    // Our shim made the container (its runtime record) and ran the restore.
+    let record = b.runtime_record(&restored);
+    assert!(record["binary"].as_str().is_some_and(|p| p.ends_with("/runc")), "{record}");
+    let log = std::fs::read_to_string(b.tb.log_path()).expect("containerd log");
+    assert!(
+        log.lines().any(|l| l.contains(&format!("container {restored}: restoring from")) && l.contains("/checkpoint")),
+        "our shim did not restore {restored}:\n{}",
+        b.tb.log_tail(30)
+    );
+    assert!(shim_binary_of(&b, &pod.id).ends_with("/containerd-shim-kybernate-v1"), "the pod is not on our shim");
+    remove_pod(&b, &pod, &[&restored]);
+}
+
+/// Style (b) under containerd 2.x: CheckpointContainer works (containerd sends runc options with
+/// a `work_path`, and copies our `stats-dump` and `dump.log` from there), but the restore does not
+/// reach our shim: containerd 2.1's restore path does not apply `runtime_path`, starts the stock
+/// `containerd-shim-runc-v2`, which finds the pod's shim socket (ours) and speaks task API v3
+/// to it. Measured on containerd 2.1.9; this test flips when containerd changes, so that
+/// docs/installation.md (restore from archives needs style (a)) can follow.
+#[test]
+fn containerd_2_style_b_checkpoints_but_its_archive_restore_bypasses_runtime_path() {
+    let (b, _registry, pod, id) = counter_pod_on_containerd_2(Style::RuntimePath);
+    assert_eq!(shim_binary_of(&b, &pod.id), SHIM, "containerd 2.x ignored runtime_path for the pod");
+    let (archive, _before) = cri_checkpoint_archive(&b, &id);
+    let out = std::process::Command::new("tar").arg("-tf").arg(&archive).output().expect("tar -tf");
+    let entries = text(&out.stdout);
+    assert!(entries.lines().any(|l| l == "stats-dump"), "no stats-dump from the work path:\n{entries}");
+
+    b.cri.stop(&id, 0).expect("StopContainer");
+    b.cri.remove(&id).expect("RemoveContainer");
+    remove_pod(&b, &pod, &[]);
+
+    let pod = self::pod(&b, "default", &[]);
+    let restored = create_from_archive(&b, &pod, &archive).unwrap_or_else(|e| panic!("CreateContainer: {e}"));
+    match b.cri.start(&restored) {
+        Err(e) => assert!(
+            e.message().contains("containerd.task.v3.Task"),
+            "the archive restore under style (b) failed otherwise than measured: {e}\n{}",
+            b.tb.log_tail(30)
+        ),
+        Ok(()) => panic!(
+            "containerd {:?} now restores archives under style (b) (shim: {}): update docs/installation.md",
+            b.tb.containerd_version(),
+            shim_binary_of(&b, &restored)
+        ),
+    }
+    remove_pod(&b, &pod, &[&restored]);
 }

@@ -13,6 +13,13 @@ KBT_CRIU_WRAPPER=/usr/local/sbin/criu
 # now fails with EOPNOTSUPP there); Debian testing carries 4.2.1.
 KBT_CRIU_MIN_VERSION=4.2
 KBT_CRIU_SUITE=forky
+# containerd releases the tests also run under, beside bookworm's own 1.6 (the system one, on PATH):
+# "<release> <Debian suite>"; setup.sh unpacks each suite's containerd into $KBT_CONTAINERD_BASE-<release>
+# (its binaries in usr/bin) and checks that its version is <release>.x.
+KBT_CONTAINERD_RELEASES=("1.7 trixie" "2 forky")
+KBT_CONTAINERD_BASE=/opt/kybernate-test/containerd
+# Debian's docker-registry, unpacked (no service): tests push images to a loopback registry of their own.
+KBT_REGISTRY_PREFIX=/opt/kybernate-test/registry
 # The busybox OCI image: archive written by setup.sh, and the name it imports under.
 KBT_IMAGE_ARCHIVE=$KBT_STATE_DIR/busybox-oci.tar
 KBT_IMAGE=docker.io/kybernate/busybox:test

@@ -13,14 +13,16 @@ use hyper_util::rt::TokioIo;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
-    Container, ContainerConfig, ContainerFilter, ContainerMetadata, ContainerStatus, ContainerStatusRequest,
-    CreateContainerRequest, ExecSyncRequest, ExecSyncResponse, ImageSpec, ImageStatusRequest, KeyValue,
-    LinuxContainerConfig, LinuxContainerSecurityContext, LinuxPodSandboxConfig, LinuxSandboxSecurityContext,
+    CheckpointContainerRequest, Container, ContainerConfig, ContainerFilter, ContainerMetadata, ContainerStatus,
+    ContainerStatusRequest, CreateContainerRequest, ExecSyncRequest, ExecSyncResponse, ImageSpec, ImageStatusRequest,
+    KeyValue, LinuxContainerConfig, LinuxContainerSecurityContext, LinuxPodSandboxConfig, LinuxSandboxSecurityContext,
     ListContainersRequest, NamespaceMode, NamespaceOption, PodSandboxConfig, PodSandboxMetadata, PodSandboxStatus,
     PodSandboxStatusRequest, RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest,
     StartContainerRequest, StopContainerRequest, StopPodSandboxRequest, VersionRequest,
 };
-use kybernate_testbed::{unique_name, CriRuntime, Testbed, CONTAINERD_RUNC_ROOT, CRI_NAMESPACE, IMAGE, PAUSE_IMAGE};
+use kybernate_testbed::{
+    unique_name, Containerd, CriRuntime, Testbed, CONTAINERD_RUNC_ROOT, CRI_NAMESPACE, IMAGE, PAUSE_IMAGE,
+};
 use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::Status;
 
@@ -66,6 +68,8 @@ pub struct Setup {
     pub fake_gpu_runtime: bool,
     /// Replaces the handler's `pod_annotations` (default `["kybernate.io/*"]`).
     pub pod_annotations: Option<Vec<&'static str>>,
+    /// The containerd release to run (default: the system's 1.6).
+    pub containerd: Containerd,
 }
 
 pub fn cri_bed(style: Style) -> CriBed {
@@ -85,7 +89,7 @@ pub fn cri_bed_with(style: Style, setup: Setup) -> CriBed {
     if let Some(patterns) = &setup.pod_annotations {
         runtime = runtime.pod_annotations(patterns);
     }
-    let mut builder = Testbed::builder().cri_runtime(runtime);
+    let mut builder = Testbed::builder().containerd(setup.containerd).cri_runtime(runtime);
     builder = match style {
         Style::RuntimeType => builder.path_prepend(shim_dir()),
         Style::RuntimePath => builder.env("KYBERNATE_CONFIG", &config),
@@ -272,16 +276,21 @@ impl Cri {
             cri.call(async move { c.version(VersionRequest::default()).await }).ok()
         });
         for image in [PAUSE_IMAGE, IMAGE] {
-            wait_for(&format!("CRI to list {image}"), || {
-                let mut c = cri.images.clone();
-                let req = ImageStatusRequest {
-                    image: Some(ImageSpec { image: image.to_string(), ..Default::default() }),
-                    verbose: false,
-                };
-                cri.call(async move { c.image_status(req).await }).ok()?.image
-            });
+            cri.wait_image(image);
         }
         cri
+    }
+
+    /// Waits until CRI lists `image` (it learns about images made with ctr asynchronously).
+    pub fn wait_image(&self, image: &str) {
+        wait_for(&format!("CRI to list {image}"), || {
+            let mut c = self.images.clone();
+            let req = ImageStatusRequest {
+                image: Some(ImageSpec { image: image.to_string(), ..Default::default() }),
+                verbose: false,
+            };
+            self.call(async move { c.image_status(req).await }).ok()?.image
+        });
     }
 
     /// Runs one call to completion, bounded by [`CRI_TIMEOUT`].
@@ -367,6 +376,18 @@ impl Cri {
             filter: Some(ContainerFilter { pod_sandbox_id: pod.to_string(), ..Default::default() }),
         };
         self.call(async move { c.list_containers(req).await }).map(|r| r.containers)
+    }
+
+    /// CheckpointContainer (containerd >= 2.0): the container checkpointed into the archive
+    /// `location`, as `kubectl`'s checkpoint API and `crictl checkpoint --export` ask for it.
+    pub fn checkpoint(&self, id: &str, location: &Path) -> Result<(), Status> {
+        let mut c = self.runtime.clone();
+        let req = CheckpointContainerRequest {
+            container_id: id.to_string(),
+            location: location.display().to_string(),
+            timeout: CRI_TIMEOUT.as_secs() as i64,
+        };
+        self.call(async move { c.checkpoint_container(req).await }).map(drop)
     }
 
     /// ExecSync with a 60 s timeout (CRI's own, on top of [`CRI_TIMEOUT`]).

@@ -21,6 +21,7 @@ mod bundle;
 mod cleanup;
 pub mod cri;
 pub mod fakes;
+mod registry;
 mod testbed;
 
 use std::ffi::OsStr;
@@ -30,6 +31,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 pub use bundle::{Bundle, Runc};
 pub use cri::{CriRuntime, CriStyle, CRI_NAMESPACE, PAUSE_IMAGE};
+pub use registry::{Registry, REGISTRY_BINARY};
 pub use testbed::{Builder, Testbed};
 
 /// Name the test image is imported under (from the `io.containerd.image.name` annotation).
@@ -51,6 +53,47 @@ pub const SYSTEM_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin
 /// Where runc keeps container state for containerd's runc shims: `<this>/<namespace>`, whatever
 /// containerd's own state dir is. Per-test namespaces keep tests apart here.
 pub const CONTAINERD_RUNC_ROOT: &str = "/run/containerd/runc";
+
+/// Where `test/setup.sh` unpacks the containerd releases beside the system's (`KBT_CONTAINERD_BASE`).
+pub const CONTAINERD_BASE: &str = "/opt/kybernate-test/containerd";
+
+/// A containerd release a test bed can run: bookworm's 1.6 is the system one (on PATH);
+/// `test/setup.sh` unpacks Debian trixie's 1.7 and Debian testing's 2.x beside it
+/// (`KBT_CONTAINERD_RELEASES`), so the shim and the CRI path are tested under every containerd a
+/// node may run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Containerd {
+    /// Debian bookworm's containerd 1.6 (`/usr/bin`).
+    #[default]
+    V1_6,
+    /// containerd 1.7 (Debian trixie's).
+    V1_7,
+    /// containerd 2.x (Debian testing's).
+    V2,
+}
+
+impl Containerd {
+    /// Every release, oldest first.
+    pub const ALL: [Containerd; 3] = [Containerd::V1_6, Containerd::V1_7, Containerd::V2];
+
+    /// The release as `test/setup.sh` names it (`1.6`, `1.7`, `2`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Containerd::V1_6 => "1.6",
+            Containerd::V1_7 => "1.7",
+            Containerd::V2 => "2",
+        }
+    }
+
+    /// The directory holding this release's `containerd`, `ctr` and `containerd-shim-runc-v2`;
+    /// `None` for the system's, found on [`SYSTEM_PATH`].
+    pub fn bin_dir(self) -> Option<PathBuf> {
+        match self {
+            Containerd::V1_6 => None,
+            other => Some(PathBuf::from(format!("{CONTAINERD_BASE}-{}/usr/bin", other.name()))),
+        }
+    }
+}
 
 const SETUP_HINT: &str = "run `test/setup.sh` as root from the repository root first";
 

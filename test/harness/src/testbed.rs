@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::cleanup;
 use crate::cri::{self, CriRuntime, CRI_NAMESPACE, PAUSE_IMAGE};
-use crate::{check_preconditions, describe_output, find_in_path, unique_name, Error, IoContext, Result};
+use crate::{check_preconditions, describe_output, find_in_path, unique_name, Containerd, Error, IoContext, Result};
 use crate::{IMAGE, IMAGE_ARCHIVE, RUN_BASE, SYSTEM_PATH};
 
 /// How long containerd may take to answer after start (generous: CI machines have 2 cores).
@@ -29,9 +29,18 @@ pub struct Builder {
     cri: bool,
     cri_runtimes: Vec<CriRuntime>,
     env: Vec<(OsString, OsString)>,
+    release: Containerd,
 }
 
 impl Builder {
+    /// Runs this containerd release (default: the system's 1.6). Its `containerd`, `ctr` and
+    /// `containerd-shim-runc-v2` come first on containerd's PATH; the config stays version 2,
+    /// which containerd 2.x migrates in memory as it does on upgraded nodes.
+    pub fn containerd(mut self, release: Containerd) -> Self {
+        self.release = release;
+        self
+    }
+
     /// Puts `dir` ahead of [`SYSTEM_PATH`] in containerd's PATH: containerd resolves runtime
     /// `io.containerd.<name>.<v>` to the binary `containerd-shim-<name>-<v>` on its PATH (our shim
     /// lives in `target/debug`), and shims inherit the PATH to find runc and CRIU.
@@ -82,7 +91,17 @@ impl Builder {
 
     /// Checks preconditions, writes the config and starts containerd; returns once it answers.
     pub fn start(self) -> Result<Testbed> {
-        let mut dirs = self.path_prepend.clone();
+        let mut dirs: Vec<PathBuf> = self.release.bin_dir().into_iter().collect();
+        if let Some(dir) = dirs.first() {
+            if !dir.join("containerd").exists() {
+                return Err(Error::NotSetUp(format!(
+                    "containerd {} is not in {} (test/setup.sh installs it)",
+                    self.release.name(),
+                    dir.display()
+                )));
+            }
+        }
+        dirs.extend(self.path_prepend.iter().cloned());
         dirs.extend(std::env::split_paths(SYSTEM_PATH));
         let path = std::env::join_paths(dirs).map_err(|e| Error::NotSetUp(format!("invalid path_prepend: {e}")))?;
         check_preconditions(&path)?;
@@ -109,6 +128,7 @@ impl Builder {
             ctr_bin: ctr,
             child: None,
             cri: self.cri,
+            release: self.release,
         };
         let cri_runtimes = self.cri.then_some(self.cri_runtimes.as_slice());
         let config = tb.config_toml(cri_runtimes, &self.extra_config);
@@ -149,6 +169,7 @@ pub struct Testbed {
     ctr_bin: PathBuf,
     child: Option<Child>,
     cri: bool,
+    release: Containerd,
 }
 
 impl Testbed {
@@ -194,6 +215,23 @@ impl Testbed {
         cmd.arg("--address").arg(&self.address).arg("--namespace").arg(&self.namespace);
         cmd.stdin(Stdio::null());
         cmd
+    }
+
+    /// The containerd release this test bed runs ([`Builder::containerd`]).
+    pub fn release(&self) -> Containerd {
+        self.release
+    }
+
+    /// The running containerd's version as (major, minor), from `containerd --version`.
+    pub fn containerd_version(&self) -> (u32, u32) {
+        let out = Command::new(&self.containerd_bin).arg("--version").output().expect("containerd --version");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let version = text.split_whitespace().nth(2).unwrap_or_default();
+        let mut parts = version.split(|c: char| !c.is_ascii_digit()).filter_map(|p| p.parse().ok());
+        match (parts.next(), parts.next()) {
+            (Some(major), Some(minor)) => (major, minor),
+            _ => panic!("cannot read a version from `containerd --version`: {text}"),
+        }
     }
 
     /// Whether containerd's CRI plugin runs ([`Builder::cri`]).
@@ -528,6 +566,7 @@ mod tests {
             ctr_bin: PathBuf::new(),
             child: None,
             cri: false,
+            release: Containerd::V1_6,
         }
     }
 
