@@ -671,3 +671,58 @@ fn global_config_flag_is_not_containerds() {
     assert!(!text.contains(k), "{}", show(&out));
     assert!(!kybernate_config.exists());
 }
+
+/// containerd 1.7 and 2.x as `test/setup.sh` unpacks them (Debian trixie's and testing's).
+const CONTAINERD_1_7: &str = "/opt/kybernate-test/containerd-1.7/usr/bin/containerd";
+const CONTAINERD_2: &str = "/opt/kybernate-test/containerd-2/usr/bin/containerd";
+/// Where the packaging drop-ins of style (b) point `runtime_path`.
+const SHIM_PATH: &str = "/usr/local/bin/containerd-shim-kybernate-v1";
+
+/// `<binary> --config FILE config dump`; None where that containerd is not unpacked (a developer
+/// machine without test/setup.sh); as root (CI runs setup first) it must be there.
+fn dump_with(binary: &str, config: &Path) -> Option<String> {
+    if !Path::new(binary).exists() {
+        assert!(!is_root(), "{binary} missing: run test/setup.sh");
+        eprintln!("{binary} not installed: check skipped");
+        return None;
+    }
+    let out = Command::new(binary).arg("--config").arg(config).args(["config", "dump"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{binary} config dump {}: {}", config.display(), show(&out));
+    Some(String::from_utf8(out.stdout).unwrap())
+}
+
+/// The runtime `kybernate` of a config dump, and its `runtime_type` / `runtime_path`.
+fn dumped_runtime(dump: &str, path: &[&str]) -> (String, String) {
+    let d = doc(dump);
+    let t = table(&d, path, "kybernate").unwrap_or_else(|| panic!("no runtime kybernate at {path:?} in\n{dump}"));
+    (str_at(t, "runtime_type").unwrap_or_default().into(), str_at(t, "runtime_path").unwrap_or_default().into())
+}
+
+/// The packaging drop-ins (packaging/containerd/) and what `install` writes, read by the
+/// containerd each is for: version 3 by containerd 2.x, version 2 by 1.7 (and by 2.x, which
+/// migrates version 2). Our runtime lands where CRI looks it up, with its type and path.
+#[test]
+fn containerd_1_7_and_2_read_our_runtime_where_cri_looks() {
+    let cases = [
+        (CONTAINERD_2, "version3.toml", "v3-runtime-type.toml", ("io.containerd.kybernate.v1", "")),
+        (CONTAINERD_2, "version3.toml", "v3-runtime-path.toml", ("io.containerd.runc.v2", SHIM_PATH)),
+        (CONTAINERD_1_7, "containerd-1.6-default.toml", "v2-runtime-type.toml", ("io.containerd.kybernate.v1", "")),
+        (CONTAINERD_1_7, "containerd-1.6-default.toml", "v2-runtime-path.toml", ("io.containerd.runc.v2", SHIM_PATH)),
+        (CONTAINERD_2, "containerd-1.6-default.toml", "v2-runtime-type.toml", ("io.containerd.kybernate.v1", "")),
+    ];
+    for (binary, base, dropin, (want_type, want_path)) in cases {
+        let text = format!("{}\n{}", fixture(base), repo_file(&format!("packaging/containerd/{dropin}")));
+        let (_tmp, config) = node(&text);
+        let Some(dump) = dump_with(binary, &config) else { continue };
+        // containerd 2.x dumps every config as version 3.
+        let path = if binary == CONTAINERD_2 { V3_RUNTIMES } else { V2_RUNTIMES };
+        let got = dumped_runtime(&dump, path);
+        assert_eq!((got.0.as_str(), got.1.as_str()), (want_type, want_path), "{binary} with {base} + {dropin}");
+    }
+    // `install` into a version 3 config, read by containerd 2.x.
+    let (_tmp, config) = node(&fixture("version3.toml"));
+    json("install", &config, &[]);
+    if let Some(dump) = dump_with(CONTAINERD_2, &config) {
+        assert_eq!(dumped_runtime(&dump, V3_RUNTIMES).0, "io.containerd.kybernate.v1");
+    }
+}
