@@ -11,6 +11,7 @@
 //! - [`checkpoint`]: checkpoint and restore with CRIU; [`gpu`]: CUDA state and device access of GPU containers
 //! - [`options`]: containerd's runtime options; [`error`]: errors and their ttrpc codes
 
+pub mod bootstrap;
 pub mod cgroups;
 pub mod checkpoint;
 pub mod container;

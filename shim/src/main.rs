@@ -1,6 +1,9 @@
 //! `containerd-shim-kybernate-v1`: started by containerd for runtime `io.containerd.kybernate.v1`.
 
+use kybernate_shim::bootstrap;
 use kybernate_shim::service::{exit_dir, Service, ADDRESS_ENV};
+
+const RUNTIME_ID: &str = "io.containerd.kybernate.v1";
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -16,6 +19,21 @@ fn main() {
     }
     // A panic in the shim orphans containers: make sure one at least reaches containerd's log.
     std::panic::set_hook(Box::new(|info| log::error!("shim panic: {info}")));
-    containerd_shim::run::<Service>("io.containerd.kybernate.v1", None);
+    // The daemon our own `start` spawned serves the socket it was handed (bootstrap.rs); the
+    // `start` and `delete` actions, and a daemon started any other way, go through containerd-shim.
+    match bootstrap::inherited_listener() {
+        Some(Ok(listener)) => {
+            if let Err(e) = bootstrap::serve(RUNTIME_ID, listener) {
+                log::error!("shim daemon: {e}");
+                eprintln!("{RUNTIME_ID}: {e}");
+                std::process::exit(1);
+            }
+        }
+        Some(Err(e)) => {
+            eprintln!("{RUNTIME_ID}: {e}");
+            std::process::exit(1);
+        }
+        None => containerd_shim::run::<Service>(RUNTIME_ID, None),
+    }
     let _ = std::fs::remove_dir_all(exit_dir());
 }

@@ -10,6 +10,7 @@ use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{cgroup, util, Config, DeleteResponse, ExitSignal, Flags, Shim, StartOpts};
 use log::{info, warn};
 
+use crate::bootstrap::{self, GroupSocket};
 use crate::container::RuntimeRecord;
 use crate::events::{EventQueue, RemoteEvents};
 use crate::options::ShimOptions;
@@ -43,9 +44,23 @@ impl Shim for Service {
     fn start_shim(&mut self, opts: StartOpts) -> containerd_shim::Result<String> {
         let options = read_start_options();
         let grouping = group_id(Path::new(".")).unwrap_or_else(|| opts.id.clone());
-        let spawned = containerd_shim::spawn(opts, &grouping, Vec::new());
+        let address = containerd_shim::socket_address(&opts.address, &opts.namespace, &grouping);
+        let listener = match bootstrap::bind_group_socket(&address).map_err(start_error)? {
+            GroupSocket::Live => {
+                util::write_address(&address)?;
+                return Ok(address);
+            }
+            GroupSocket::Bound(listener) => listener,
+        };
+        let spawned = bootstrap::spawn_daemon(&opts, &address, &listener);
         block_signals_until_exit();
-        let (pid, address) = spawned?;
+        let pid = match spawned {
+            Ok(pid) => pid,
+            Err(e) => {
+                let _ = std::fs::remove_file(address.trim_start_matches("unix://"));
+                return Err(start_error(e));
+            }
+        };
         if let Some(cg) = options.shim_cgroup() {
             // Best effort, as in the Go shim: a missing cgroup must not stop the container.
             let _ = cgroup::add_task_to_cgroup(cg, pid);
@@ -141,6 +156,11 @@ fn block_signals_until_exit() {
     }
     // Cannot fail with a valid `how`; if it did, we would only be back to the race.
     let _ = pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), None);
+}
+
+/// containerd prints `start`'s stdout and stderr as the error when `start` fails.
+fn start_error(e: crate::error::Error) -> containerd_shim::Error {
+    containerd_shim::Error::Other(format!("start: {e}"))
 }
 
 /// The runtime options containerd writes to `start`'s stdin (empty when none).

@@ -8,7 +8,7 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
@@ -339,8 +339,8 @@ fn start_reuses_the_live_shim_of_a_group() {
 
     let again = expect_started(&start(&tb, &b2, &id2, b""), &b2);
     assert_eq!(again, address, "a second container of the group must get the group's shim");
-    // The second start's daemon finds the socket live and exits; only the first stays.
-    wait_until("one daemon for the group", || daemons(tb.namespace()), |d| *d == vec![(pid, address.clone())]);
+    // The second start finds the socket live and spawns nothing: the group keeps one daemon.
+    assert_eq!(daemons(tb.namespace()), vec![(pid, address.clone())], "one daemon for the group");
     assert_eq!(shim_pid(&connect(&address), &id2), pid, "Connect for the second id answered by another process");
 
     shutdown(&address, &id1, pid);
@@ -369,5 +369,66 @@ fn start_with_empty_stdin_and_garbage_stdin_still_starts() {
         });
         assert_eq!(daemons(tb.namespace()), vec![(pid, address.clone())], "stdin {what}");
         shutdown(&address, &id, pid);
+    }
+}
+
+/// `start` binds the socket (replacing one a killed shim left) and the daemon serves that very
+/// socket: root-only, and close-on-exec in the daemon so that no runtime inherits it.
+#[test]
+fn start_replaces_a_dead_shims_socket_and_the_daemon_keeps_it_to_itself() {
+    let tb = testbed();
+    let _guard = guard(&tb);
+    let id = unique_name("start-stale");
+    let bundle = StartBundle::new(&tb, &id, json!({}));
+    let want = containerd_shim::socket_address(tb.address().to_str().unwrap(), tb.namespace(), &id);
+    let path = PathBuf::from(want.strip_prefix("unix://").unwrap());
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    drop(std::os::unix::net::UnixListener::bind(&path).unwrap()); // the file stays, nobody listens
+
+    let address = expect_started(&start(&tb, &bundle, &id, b""), &bundle);
+    assert_eq!(address, want);
+    let pid = wait_for("the daemon to answer Connect", || {
+        Client::connect(&address).ok().map(TaskClient::new).map(|c| shim_pid(&c, &id))
+    });
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the shim socket must be root-only");
+
+    // The listening socket bound at `path` (its inode in /proc/net/unix) is one of the daemon's fds.
+    let unix = std::fs::read_to_string("/proc/net/unix").unwrap();
+    let inode = unix
+        .lines()
+        .find_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            (cols.len() >= 8 && Path::new(cols[7]) == path && cols[3] == "00010000").then(|| cols[6].to_string())
+        })
+        .unwrap_or_else(|| panic!("no listening socket at {} in /proc/net/unix", path.display()));
+    let fd = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .find(|e| std::fs::read_link(e.path()).is_ok_and(|l| l == Path::new(&format!("socket:[{inode}]"))))
+        .unwrap_or_else(|| panic!("daemon {pid} does not hold the socket bound at {}", path.display()))
+        .file_name();
+    let fdinfo = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", fd.to_string_lossy())).unwrap();
+    let flags = fdinfo.lines().find_map(|l| l.strip_prefix("flags:")).map(str::trim).unwrap();
+    let flags = u32::from_str_radix(flags, 8).unwrap();
+    assert_ne!(flags & libc::O_CLOEXEC as u32, 0, "the daemon's listening fd must be close-on-exec: {fdinfo}");
+
+    shutdown(&address, &id, pid);
+}
+
+/// A daemon started with a listening fd that is not one fails at once and names the variable.
+#[test]
+fn a_daemon_handed_a_bad_listen_fd_says_so() {
+    for bad in ["", "abc", "2", "9"] {
+        let out = Command::new(SHIM)
+            .args(["-namespace", "kbt-none", "-id", "x", "-address", "/nonexistent", "-socket", "unix:///nonexistent"])
+            .env(kybernate_shim::bootstrap::LISTEN_FD_ENV, bad)
+            .env("TTRPC_ADDRESS", "/nonexistent.ttrpc")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{bad:?}: {out:?}");
+        let err = text(&out.stderr);
+        assert!(err.contains(kybernate_shim::bootstrap::LISTEN_FD_ENV), "{bad:?}: {err}");
     }
 }
