@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use kybernate_criu::manifest::FORMAT_VERSION;
 use kybernate_criu::{CheckpointFlags, Manifest, PartialCheckpoint, Store, ToolInfo};
@@ -136,20 +136,11 @@ impl Bed {
     }
 }
 
-pub fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
+pub use kybernate_testbed::text;
 
 /// Polls `f` every 50 ms until it returns a value, for at most [`TIMEOUT`].
-pub fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out after {TIMEOUT:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+pub fn wait_for<T>(what: &str, f: impl FnMut() -> Option<T>) -> T {
+    kybernate_testbed::wait_for_within(TIMEOUT, what, f)
 }
 
 /// The task's status column in `ctr tasks ls` (RUNNING, STOPPED, ...), if listed.

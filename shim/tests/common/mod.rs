@@ -32,20 +32,11 @@ pub fn testbed() -> Testbed {
     tb
 }
 
-pub fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
+pub use kybernate_testbed::text;
 
 /// Polls `f` every 50 ms until it returns `Some`, panicking after [`TIMEOUT`] with `what`.
-pub fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out after {TIMEOUT:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+pub fn wait_for<T>(what: &str, f: impl FnMut() -> Option<T>) -> T {
+    kybernate_testbed::wait_for_within(TIMEOUT, what, f)
 }
 
 /// Polls `state()` every 50 ms until `ok` holds, panicking after [`TIMEOUT`] with `what` and the

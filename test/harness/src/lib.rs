@@ -173,6 +173,26 @@ pub fn find_in_path(bin: &str, path: &OsStr) -> Option<PathBuf> {
         .find(|p| p.metadata().map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false))
 }
 
+/// A child's output as text (lossy: tests print it, they do not parse bytes).
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Polls `f` every 50 ms until it returns a value, panicking after `timeout` with `what`.
+///
+/// For tests: waits on real containerd, runc and CRIU have no upper bound we could assert, only one
+/// generous enough to tell "stuck" from "slow".
+pub fn wait_for_within<T>(timeout: std::time::Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(std::time::Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 /// A name unique in this machine for as long as this process lives: `kbt-<pid>-<n>[-tag]`.
 ///
 /// Use it for namespaces, container ids (runc's cgroup paths are global) and scratch dirs. The
