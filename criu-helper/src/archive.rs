@@ -10,7 +10,7 @@ use std::time::SystemTime;
 
 use tar::{Archive, Builder, EntryType, Header};
 
-use crate::manifest::{Manifest, MANIFEST_FILE};
+use crate::manifest::{Manifest, CONFIG_DUMP, IMAGES_DIR, MANIFEST_FILE, SPEC_DUMP};
 use crate::store::{create_private_dirs, fsync_dir, hidden_sibling, is_plain_relative, verify, Store, StoreError};
 use crate::VerifyError;
 
@@ -32,6 +32,10 @@ pub enum ArchiveError {
         #[source]
         source: io::Error,
     },
+    /// A kubelet/crictl (CRI) checkpoint archive: CRIU's images and CRI's dumps, but no manifest of
+    /// ours at its root, so nothing to verify its files against.
+    #[error("{}: a kubelet/crictl checkpoint archive (checkpoint/, {CONFIG_DUMP}, {SPEC_DUMP}), not one written by `kybernate export`: it has no {MANIFEST_FILE} at its root", archive.display())]
+    CriArchive { archive: PathBuf },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -119,6 +123,9 @@ pub fn import(archive: &Path, store: &Store) -> Result<(PathBuf, Manifest), Arch
         .map_err(io_ctx(format!("{}: cannot create directory", work.display())))?;
     let mut guard = Cleanup(Some(work.clone()));
     unpack(archive, &work)?;
+    if is_cri_archive(&work) {
+        return Err(ArchiveError::CriArchive { archive: archive.to_path_buf() });
+    }
     let manifest = verify(&work).map_err(|source| ArchiveError::Verify { path: archive.to_path_buf(), source })?;
 
     let created = humantime::parse_rfc3339_weak(&manifest.created).unwrap_or_else(|_| SystemTime::now());
@@ -140,6 +147,14 @@ pub fn import(archive: &Path, store: &Store) -> Result<(PathBuf, Manifest), Arch
         }
     }
     Ok((dest, manifest))
+}
+
+/// The shape of the archives CRI writes for the kubelet (containerd ≥ 2.0, CRI-O): CRIU's images
+/// under `checkpoint/`, the container's config beside them, and no manifest of ours at the root.
+fn is_cri_archive(dir: &Path) -> bool {
+    !dir.join(MANIFEST_FILE).exists()
+        && dir.join(IMAGES_DIR).is_dir()
+        && (dir.join(CONFIG_DUMP).is_file() || dir.join(SPEC_DUMP).is_file())
 }
 
 fn unpack(archive: &Path, work: &Path) -> Result<(), ArchiveError> {

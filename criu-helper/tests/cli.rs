@@ -392,6 +392,43 @@ fn import_of_a_tampered_archive_fails_and_leaves_nothing() {
     assert_eq!(out.status.code(), Some(2), "{}", show(&out));
 }
 
+/// What docs/operations.md says about a kubelet/crictl archive (containerd 2.x, taken through our
+/// shim: CRIU's images and our flat manifest in `checkpoint/`, CRI's dumps beside it, a gzip RW
+/// diff): `kybernate import` refuses it, says what it is and where it restores, and leaves the store empty.
+#[test]
+fn import_of_a_kubelet_archive_is_refused_and_leaves_nothing() {
+    let node = Node::new();
+    let archive = node.tmp.path().join("checkpoint-pod_default-counter-2026-11-24T00:00:00Z.tar");
+    let mut tar = tar::Builder::new(fs::File::create(&archive).unwrap());
+    for (path, data) in [
+        ("checkpoint/inventory.img", &b"\x01\x02"[..]),
+        ("checkpoint/pages-1.img", &[7u8; 4096][..]),
+        ("checkpoint/kybernate.json", br#"{"format_version":1,"flat":true}"#),
+        ("config.dump", br#"{"id":"abc","name":"counter"}"#),
+        ("spec.dump", br#"{"ociVersion":"1.2.0"}"#),
+        ("status.dump", br#"{"exit_code":0}"#),
+        ("rootfs-diff.tar", &[0x1f, 0x8b, 0x08, 0x00][..]),
+    ] {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o600);
+        h.set_cksum();
+        tar.append_data(&mut h, path, data).unwrap();
+    }
+    tar.finish().unwrap();
+    drop(tar);
+
+    let out = node.run(&["import", archive.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    let err = stderr(&out);
+    assert!(err.starts_with("kybernate: ") && err.trim_end().lines().count() == 1, "{err}");
+    for want in [archive.to_str().unwrap(), "a kubelet/crictl checkpoint archive", "no kybernate.json", "nothing was imported"] {
+        assert!(err.contains(want), "{want:?} missing: {err}");
+    }
+    let left: Vec<_> = fs::read_dir(node.root()).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+    assert!(left.is_empty(), "store must be empty, has {left:?}");
+}
+
 #[test]
 fn bad_flags_and_config_are_usage_errors() {
     let node = Node::new();
@@ -434,9 +471,11 @@ fn help_and_completions() {
     let out = node.run(&["prune", "--help"]);
     assert!(stdout(&out).contains("--older-than"), "{}", show(&out));
 
-    let out = node.run(&["completions", "bash"]);
-    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
-    assert!(stdout(&out).contains("kybernate"), "{}", show(&out));
+    for shell in ["bash", "zsh", "fish", "elvish", "powershell"] {
+        let out = node.run(&["completions", shell]);
+        assert_eq!(out.status.code(), Some(0), "{shell}: {}", show(&out));
+        assert!(stdout(&out).contains("kybernate"), "{shell}: {}", show(&out));
+    }
     // Completions need no config: they are generated before it is read.
     let out = Command::new(env!("CARGO_BIN_EXE_kybernate")).args(["completions", "zsh"]).output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));

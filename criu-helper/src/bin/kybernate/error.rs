@@ -84,7 +84,9 @@ fn export_hint(e: &ArchiveError) -> &'static str {
         ArchiveError::Verify { .. } | ArchiveError::Entry { .. } => {
             "the checkpoint is damaged and can be neither exported nor restored; see `kybernate inspect`, remove it with `kybernate rm`"
         }
-        ArchiveError::Io { .. } | ArchiveError::Store(_) => "check the archive's path, permissions and free space",
+        ArchiveError::Io { .. } | ArchiveError::Store(_) | ArchiveError::CriArchive { .. } => {
+            "check the archive's path, permissions and free space"
+        }
     }
 }
 
@@ -92,6 +94,9 @@ fn import_hint(e: &ArchiveError) -> &'static str {
     match e {
         ArchiveError::Verify { .. } | ArchiveError::Entry { .. } => {
             "the archive is damaged or was changed after export; nothing was imported; export the checkpoint again on the source node"
+        }
+        ArchiveError::CriArchive { .. } => {
+            "nothing was imported; restore it through the kubelet or `crictl create` (containerd >= 2.0, docs/operations.md), or take the checkpoint with `kybernate checkpoint` and move it with `kybernate export`"
         }
         ArchiveError::Io { .. } => "check the archive's path and permissions, and the store's free space",
         ArchiveError::Store(_) => "check that the store is writable by you (usually root) and has free space",
