@@ -12,6 +12,13 @@ bash test/setup.sh
 echo "== test/demo.sh"
 bash test/demo.sh
 
+echo "== benchmarks: criterion benches run once each (test mode), bench scripts parse"
+# The timed runs are not tests (docs/benchmarks.md); this only keeps the benchmarks from rotting.
+cargo test -q -p kybernate-runtime-select --benches
+for script in test/bench/*.sh; do
+    bash -n "$script"
+done
+
 echo "== cargo test --workspace"
 # Last, so that cargo's own summary closes the output.
 cargo test --workspace
