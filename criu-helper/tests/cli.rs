@@ -422,7 +422,9 @@ fn import_of_a_kubelet_archive_is_refused_and_leaves_nothing() {
     assert_eq!(out.status.code(), Some(1), "{}", show(&out));
     let err = stderr(&out);
     assert!(err.starts_with("kybernate: ") && err.trim_end().lines().count() == 1, "{err}");
-    for want in [archive.to_str().unwrap(), "a kubelet/crictl checkpoint archive", "no kybernate.json", "nothing was imported"] {
+    for want in
+        [archive.to_str().unwrap(), "a kubelet/crictl checkpoint archive", "no kybernate.json", "nothing was imported"]
+    {
         assert!(err.contains(want), "{want:?} missing: {err}");
     }
     let left: Vec<_> = fs::read_dir(node.root()).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
