@@ -8,6 +8,9 @@
 #     that run the shim and the CRI path under every containerd a node may have (not on PATH, not started),
 #     and Debian's docker-registry binary (unpacked, no service) for tests that need to pull
 #   - a tiny busybox OCI image archive, built locally (there is no registry here)
+#   - for the installer image test: buildah from Debian testing ($KBT_BUILDAH_SUITE) and bookworm's mmdebstrap in
+#     $KBT_IMAGE_TOOLS_PREFIX, the wrapper $KBT_BUILDAH that runs buildah isolated, and a debian:bookworm-slim
+#     stand-in rootfs built once with mmdebstrap ($KBT_BASE_ROOTFS; delete it to rebuild)
 # The system containerd service (if any) is left alone: test beds run a private containerd with
 # their own root, state, sockets and namespace.
 set -euo pipefail
@@ -64,14 +67,19 @@ version_ge() { [ "$(printf '%s\n%s\n' "$2" "$1" | sort -V | head -n1)" = "$2" ];
 
 criu_version() { { "$KBT_CRIU_WRAPPER" --version 2>/dev/null || true; } | sed -n "s/^Version: *//p"; }
 
+# The URI of this machine's apt source for RELEASE (e.g. bookworm, bookworm-security); empty if none.
+apt_source_uri() {
+    # shellcheck disable=SC2016 # $(...) are apt's format fields, not shell
+    apt-get indextargets --no-release-info --format '$(REPO_URI) $(RELEASE)' 'Created-By: Packages' |
+        awk -v r="$1" '$2 == r { print $1; exit }'
+}
+
 # The Debian mirror this machine already uses for its own release; $KBT_CRIU_SUITE is read from there too.
 debian_mirror() {
     local codename uri
     codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
     [ -n "$codename" ] || die "cannot read VERSION_CODENAME from /etc/os-release"
-    # shellcheck disable=SC2016 # $(...) are apt's format fields, not shell
-    uri=$(apt-get indextargets --no-release-info --format '$(REPO_URI) $(RELEASE)' 'Created-By: Packages' |
-        awk -v c="$codename" '$2 == c { print $1; exit }')
+    uri=$(apt_source_uri "$codename")
     [ -n "$uri" ] || die "no apt source for '$codename' found in /etc/apt/sources.list*; cannot derive a Debian mirror"
     printf '%s\n' "$uri"
 }
@@ -330,6 +338,188 @@ fi
 mkdir -p "$KBT_RUN_BASE"
 
 # ---------------------------------------------------------------------------------------------
+# 5. Image tools for the installer image test: buildah from $KBT_BUILDAH_SUITE, bookworm's mmdebstrap,
+#    and the image's base (debian:bookworm-slim; no Docker Hub here) as a cached rootfs tarball
+# ---------------------------------------------------------------------------------------------
+IMAGE_TOOLS_DEB_DIR=$KBT_STATE_DIR/image-tools-debs
+BUILDAH_ROOT=$KBT_IMAGE_TOOLS_PREFIX/buildah
+BOOTSTRAP=$KBT_IMAGE_TOOLS_PREFIX/bootstrap
+
+buildah_version() { { "$BUILDAH_ROOT/usr/bin/buildah" --version 2>/dev/null || true; } | awk '{print $3}'; }
+mmdebstrap_version() { { "$BOOTSTRAP/usr/bin/mmdebstrap" --version 2>/dev/null || true; } | awk '{print $2}'; }
+
+# buildah and the libraries it links: the lib* part of its Depends closure in $KBT_BUILDAH_SUITE (the rest
+# of the closure is programs and services `buildah build` with chroot isolation never runs), plus
+# containers-common. install_image_tools asks the loader whether that is complete.
+buildah_closure() {
+    local -A seen=()
+    local todo=(buildah) next=() p
+    while [ "${#todo[@]}" -gt 0 ]; do
+        for p in "${todo[@]}"; do seen[$p]=1; done
+        mapfile -t next < <(suite_apt "$KBT_BUILDAH_SUITE" apt-cache depends --no-recommends --no-suggests \
+            --no-conflicts --no-breaks --no-replaces --no-enhances "${todo[@]}" |
+            awk '$1 ~ /^\|?(Pre)?Depends:$/ && $2 ~ /^lib/ { print $2 }' | sort -u)
+        todo=()
+        for p in "${next[@]}"; do [ -n "${seen[$p]:-}" ] || todo+=("$p"); done
+    done
+    printf '%s\n' "${!seen[@]}" golang-github-containers-common | sort -u
+}
+
+# download_debs SUITE DIR PACKAGE...: the .debs DIR does not have yet.
+download_debs() {
+    local suite=$1 dir=$2 p missing_debs=()
+    shift 2
+    mkdir -p "$dir"
+    for p in "$@"; do
+        compgen -G "$dir/${p}_*.deb" >/dev/null || missing_debs+=("$p")
+    done
+    [ "${#missing_debs[@]}" -gt 0 ] || return 0
+    log "downloading from $suite: ${missing_debs[*]}"
+    # Package lists kept from an earlier run may name a version the mirror has dropped: refresh once.
+    (cd "$dir" && suite_apt "$suite" apt-get download -q "${missing_debs[@]}") ||
+        { suite_apt "$suite" apt-get update -q && (cd "$dir" && suite_apt "$suite" apt-get download -q "${missing_debs[@]}"); } ||
+        die "apt-get download from $suite failed"
+}
+
+install_image_tools() {
+    local codename pkgs=() stage p deb lib missing_libs version
+    codename=$(. /etc/os-release && echo "$VERSION_CODENAME")
+    suite_lists "$KBT_BUILDAH_SUITE"
+    suite_lists "$codename"
+    mapfile -t pkgs < <(buildah_closure)
+    [ "${#pkgs[@]}" -gt 2 ] || die "could not resolve buildah's libraries in $KBT_BUILDAH_SUITE"
+    download_debs "$KBT_BUILDAH_SUITE" "$IMAGE_TOOLS_DEB_DIR/$KBT_BUILDAH_SUITE" "${pkgs[@]}"
+    download_debs "$codename" "$IMAGE_TOOLS_DEB_DIR/$codename" mmdebstrap patchelf
+    stage=$(mktemp -d "$(dirname "$KBT_IMAGE_TOOLS_PREFIX")/.image-tools-stage.XXXXXX")
+    mkdir -p "$stage/buildah" "$stage/bootstrap" "$stage/bin" "$stage/libexec" "$stage/etc"
+    for p in "${pkgs[@]}"; do
+        for deb in "$IMAGE_TOOLS_DEB_DIR/$KBT_BUILDAH_SUITE/${p}"_*.deb; do dpkg-deb -x "$deb" "$stage/buildah"; done
+    done
+    for p in mmdebstrap patchelf; do
+        for deb in "$IMAGE_TOOLS_DEB_DIR/$codename/${p}"_*.deb; do dpkg-deb -x "$deb" "$stage/bootstrap"; done
+    done
+    lib=$stage/buildah/usr/lib/$TRIPLET
+    if [ ! -x "$lib/$LDSO" ] || [ ! -x "$stage/buildah/usr/bin/buildah" ]; then
+        die "$KBT_BUILDAH_SUITE's loader or buildah missing after extraction"
+    fi
+    missing_libs=$("$lib/$LDSO" --library-path "$lib" --list "$stage/buildah/usr/bin/buildah" | grep 'not found' || true)
+    [ -z "$missing_libs" ] || die "buildah's libraries incomplete: $missing_libs"
+    # $KBT_BUILDAH_SUITE's glibc needs its own loader, and buildah re-executes /proc/self/exe (so running it
+    # as `ld.so buildah`, as the criu wrapper does, would not stick): point PT_INTERP and DT_RPATH into the prefix.
+    "$stage/bootstrap/usr/bin/patchelf" --set-interpreter "$KBT_IMAGE_TOOLS_PREFIX/buildah/usr/lib/$TRIPLET/$LDSO" \
+        --force-rpath --set-rpath "$KBT_IMAGE_TOOLS_PREFIX/buildah/usr/lib/$TRIPLET" "$stage/buildah/usr/bin/buildah"
+    # buildah insists on finding netavark (it never runs it: no RUN steps, chroot isolation, no networks).
+    printf '#!/bin/sh\necho "netavark stub (Kybernate test/setup.sh): no container networking here ($*)" >&2\nexit 1\n' \
+        >"$stage/libexec/netavark"
+    chmod 755 "$stage/libexec/netavark"
+    printf '{"default": [{"type": "insecureAcceptAnything"}]}\n' >"$stage/etc/policy.json"
+    printf '%s\n' "${pkgs[@]}" >"$stage/.kybernate-closure"
+    chmod 755 "$stage"
+    rm -rf "$KBT_IMAGE_TOOLS_PREFIX"
+    mv "$stage" "$KBT_IMAGE_TOOLS_PREFIX"
+    version=$(buildah_version)
+    version_ge "$version" "$KBT_BUILDAH_MIN_VERSION" ||
+        die "the unpacked buildah says version '${version:-nothing}', need >= $KBT_BUILDAH_MIN_VERSION"
+    log "installed buildah $version and mmdebstrap $(mmdebstrap_version) into $KBT_IMAGE_TOOLS_PREFIX"
+}
+
+# The entry point: `kbt-buildah DIR ARGS...`. Found relative to itself, so it needs no substitutions.
+write_buildah_wrapper() {
+    local tmp
+    tmp=$(mktemp)
+    cat >"$tmp" <<'EOF'
+#!/bin/sh
+# Installed by Kybernate's test/setup.sh.
+#   kbt-buildah DIR ARGS...
+# runs the buildah in ../buildah (Debian testing's, with its own glibc) as `buildah ARGS` with everything it
+# keeps under DIR (created if missing): vfs storage in DIR/root and DIR/run, its config files in DIR/conf,
+# temporary files in DIR/tmp, HOME in DIR/home. As root, buildah also writes /var/lib/containers/cache,
+# /run/containers/networks and /run/lock/netavark.lock whatever it is told: it runs in a private mount
+# namespace whose /var/lib and /run are overlays with their upper dirs on a tmpfs (DIR/ns) that goes with
+# the namespace, so none of that reaches the host. DIR must therefore lie outside /var/lib and /run.
+set -eu
+P=$(cd "$(dirname "$0")/.." && pwd -P)
+[ "$#" -ge 1 ] || { echo "usage: kbt-buildah DIR BUILDAH-ARGS..." >&2; exit 2; }
+D=$(realpath -m "$1")
+shift
+case "$D/" in
+    /var/lib/* | /run/* | /var/run/*) echo "kbt-buildah: $D must lie outside /var/lib and /run" >&2; exit 2 ;;
+esac
+mkdir -p "$D/conf" "$D/tmp" "$D/ns" "$D/home/.config/containers"
+printf '[storage]\ndriver = "vfs"\ngraphroot = "%s/root"\nrunroot = "%s/run"\n' "$D" "$D" >"$D/conf/storage.conf"
+printf '[engine]\nhelper_binaries_dir = ["%s/libexec"]\nimage_copy_tmp_dir = "%s/tmp"\n\n[network]\nnetwork_config_dir = "%s/networks"\n' \
+    "$P" "$D" "$D" >"$D/conf/containers.conf"
+printf 'unqualified-search-registries = []\n' >"$D/conf/registries.conf"
+# The signature policy: root's ~/.config/containers/policy.json comes before /etc/containers/policy.json.
+cp "$P/etc/policy.json" "$D/home/.config/containers/policy.json"
+export CONTAINERS_STORAGE_CONF="$D/conf/storage.conf" CONTAINERS_CONF="$D/conf/containers.conf" \
+    CONTAINERS_REGISTRIES_CONF="$D/conf/registries.conf" TMPDIR="$D/tmp" HOME="$D/home"
+unset XDG_RUNTIME_DIR XDG_CONFIG_HOME XDG_DATA_HOME XDG_CACHE_HOME REGISTRY_AUTH_FILE
+exec unshare --mount --propagation private -- sh -c '
+    D=$1 P=$2
+    shift 2
+    mount -t tmpfs -o mode=0700 kbt-buildah "$D/ns" &&
+        mkdir "$D/ns/varlib" "$D/ns/varlib.work" "$D/ns/run" "$D/ns/run.work" &&
+        mount -t overlay overlay -o "lowerdir=/var/lib,upperdir=$D/ns/varlib,workdir=$D/ns/varlib.work" /var/lib &&
+        mount -t overlay overlay -o "lowerdir=/run,upperdir=$D/ns/run,workdir=$D/ns/run.work" /run ||
+        { echo "kbt-buildah: cannot set up the private mount namespace" >&2; exit 125; }
+    exec "$P/buildah/usr/bin/buildah" --root "$D/root" --runroot "$D/run" --storage-driver vfs "$@"' \
+    kbt-buildah "$D" "$P" "$@"
+EOF
+    if cmp -s "$tmp" "$KBT_BUILDAH"; then
+        rm -f "$tmp"
+    else
+        mkdir -p "$(dirname "$KBT_BUILDAH")"
+        install -m 0755 "$tmp" "$KBT_BUILDAH"
+        rm -f "$tmp"
+        log "wrote $KBT_BUILDAH"
+    fi
+}
+
+# The base rootfs is valid when it is a bookworm tree (written by rename, so never half a tarball).
+base_rootfs_release() { tar -xOf "$KBT_BASE_ROOTFS" ./etc/debian_version 2>/dev/null || true; }
+
+# mmdebstrap --variant=minbase with merged /usr and without docs, man pages and locales, like the official
+# debian:bookworm-slim; from this machine's bookworm and bookworm-security mirrors.
+build_base_rootfs() {
+    local work mirror security t0=$SECONDS
+    mirror=$(debian_mirror)
+    security=$(apt_source_uri bookworm-security)
+    work=$(mktemp -d "$KBT_STATE_DIR/.base-rootfs.XXXXXX")
+    printf 'deb %s bookworm main\ndeb %s bookworm-updates main\n' "$mirror" "$mirror" >"$work/sources.list"
+    [ -z "$security" ] || printf 'deb %s bookworm-security main\n' "$security" >>"$work/sources.list"
+    log "building the installer image's base rootfs with mmdebstrap (from $mirror)"
+    # shellcheck disable=SC2016 # "$1" is expanded by mmdebstrap's hook shell
+    PATH=$BOOTSTRAP/usr/bin:$PATH "$BOOTSTRAP/usr/bin/mmdebstrap" --variant=minbase \
+        --hook-dir="$BOOTSTRAP/usr/share/mmdebstrap/hooks/merged-usr" \
+        --dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/doc/*' \
+        --dpkgopt='path-include=/usr/share/doc/*/copyright' --dpkgopt='path-exclude=/usr/share/locale/*' \
+        --dpkgopt='path-exclude=/usr/share/info/*' --aptopt='Acquire::Languages "none"' \
+        --customize-hook='rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*.bin' \
+        bookworm "$work/rootfs.tar" "$work/sources.list" >"$work/mmdebstrap.log" 2>&1 ||
+        { tail -n 30 "$work/mmdebstrap.log" >&2; die "mmdebstrap failed (log: $work/mmdebstrap.log)"; }
+    chmod 0644 "$work/rootfs.tar"
+    mv "$work/rootfs.tar" "$KBT_BASE_ROOTFS"
+    rm -rf "$work"
+    [[ "$(base_rootfs_release)" == 12.* ]] || die "$KBT_BASE_ROOTFS has no bookworm /etc/debian_version"
+    log "wrote $KBT_BASE_ROOTFS ($(du -h "$KBT_BASE_ROOTFS" | cut -f1), $((SECONDS - t0))s)"
+}
+
+mkdir -p "$(dirname "$KBT_IMAGE_TOOLS_PREFIX")"
+if [ -f "$KBT_IMAGE_TOOLS_PREFIX/.kybernate-closure" ] && version_ge "$(buildah_version)" "$KBT_BUILDAH_MIN_VERSION" &&
+    [ -n "$(mmdebstrap_version)" ]; then
+    log "buildah $(buildah_version) and mmdebstrap $(mmdebstrap_version) already in $KBT_IMAGE_TOOLS_PREFIX"
+else
+    install_image_tools
+fi
+write_buildah_wrapper
+if [[ "$(base_rootfs_release)" == 12.* ]]; then
+    log "base rootfs $KBT_BASE_ROOTFS up to date (bookworm $(base_rootfs_release))"
+else
+    build_base_rootfs
+fi
+
+# ---------------------------------------------------------------------------------------------
 # Summary
 # ---------------------------------------------------------------------------------------------
 elapsed=$(awk -v s="$START" -v e="$(date +%s.%N)" 'BEGIN { printf "%.1f", e - s }')
@@ -340,5 +530,6 @@ cat <<EOF
   runc        $(runc --version | awk 'NR==1 {print $3}')
   criu        $CRIU_VERSION via $KBT_CRIU_WRAPPER -> $KBT_CRIU_PREFIX (criu check: Looks good.)
   image       $KBT_IMAGE <- $KBT_IMAGE_ARCHIVE ($(size "$KBT_IMAGE_ARCHIVE") bytes)
+  buildah     $(buildah_version) via $KBT_BUILDAH -> $KBT_IMAGE_TOOLS_PREFIX; base rootfs $KBT_BASE_ROOTFS (bookworm $(base_rootfs_release))
   test beds   private containerd dirs under $KBT_RUN_BASE
 EOF

@@ -1,20 +1,34 @@
 //! The Kubernetes installer (packaging/kubernetes/installer/install.sh and uninstall.sh) against a
 //! fake host root in a temp dir, with the binaries cargo built and a fake containerd restart that
-//! records its calls. The image itself cannot be built here (no registry, no Docker): the
-//! Dockerfile and the manifests are checked for consistency instead.
+//! records its calls; the Dockerfile and the manifests are checked for consistency. The image
+//! itself is built from the Dockerfile with buildah (no Docker, no Docker Hub: test/setup.sh
+//! unpacks buildah and builds a debian:bookworm-slim stand-in) and run by a private containerd
+//! against a fake host root, as the DaemonSet runs it.
 
+use std::collections::HashMap;
 use std::fs;
+use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
+use serde_json::Value as Json;
 use serde_yaml_ng::Value as Yaml;
 
 mod common;
 
-use common::{built_binaries, show, BINARIES};
+use common::{built_binaries, show, text, wait_for, BINARIES};
+use kybernate_testbed::{unique_name, Testbed};
+
+/// Mirrors test/lib/common.sh's KBT_BUILDAH: `kbt-buildah DIR ARGS...` runs buildah with all its
+/// state under DIR, in a private mount namespace (written by test/setup.sh).
+const KBT_BUILDAH: &str = "/opt/kybernate-test/image-tools/bin/kbt-buildah";
+/// Mirrors test/lib/common.sh's KBT_BASE_ROOTFS: the debian:bookworm-slim stand-in's rootfs.
+const KBT_BASE_ROOTFS: &str = "/var/lib/kybernate-test/debian-bookworm-slim-rootfs.tar";
+/// Mirrors test/lib/common.sh's KBT_BASE_IMAGE: what the Dockerfile's `FROM debian:bookworm-slim` resolves to.
+const KBT_BASE_IMAGE: &str = "docker.io/library/debian:bookworm-slim";
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -371,4 +385,210 @@ fn documented_variables_exist() {
         }
     }
     assert!(seen >= 8, "{seen} variables documented");
+}
+
+/// Runs a build step; panics with its output if it fails. Returns stdout.
+fn step(what: &str, cmd: &mut Command) -> String {
+    let out = cmd.stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("{what}: cannot run {cmd:?}: {e}"));
+    assert!(out.status.success(), "{what} failed: {cmd:?}\n{}", show(&out));
+    text(&out.stdout)
+}
+
+/// `kbt-buildah DIR ARGS...`: buildah with its storage, config and temp files under `dir`.
+fn buildah(dir: &Path, args: &[&str]) -> String {
+    step(&format!("buildah {}", args.first().unwrap_or(&"")), Command::new(KBT_BUILDAH).arg(dir).args(args))
+}
+
+/// The config blob (`{"config": {...}, "rootfs": ...}`) of the one image in an OCI archive.
+fn oci_archive_config(archive: &Path) -> Json {
+    let mut small: HashMap<String, Vec<u8>> = HashMap::new();
+    let mut tar = tar::Archive::new(fs::File::open(archive).unwrap());
+    for entry in tar.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        if entry.size() > 1 << 20 {
+            continue; // a layer
+        }
+        let name = entry.path().unwrap().to_string_lossy().trim_start_matches("./").to_string();
+        let mut bytes = Vec::new();
+        entry.read_to_end(&mut bytes).unwrap();
+        small.insert(name, bytes);
+    }
+    let json = |name: &str| -> Json {
+        let bytes = small.get(name).unwrap_or_else(|| panic!("{name} not in {}", archive.display()));
+        serde_json::from_slice(bytes).unwrap()
+    };
+    let blob = |digest: &Json| format!("blobs/sha256/{}", digest.as_str().unwrap().trim_start_matches("sha256:"));
+    let index = json("index.json");
+    let manifests = index["manifests"].as_array().unwrap();
+    assert_eq!(manifests.len(), 1, "{index}");
+    let manifest = json(&blob(&manifests[0]["digest"]));
+    json(&blob(&manifest["config"]["digest"]))
+}
+
+/// The real Dockerfile, built with buildah from a context holding exactly what it copies (the
+/// debug binaries standing in for the release ones), then run twice by a private containerd as
+/// the DaemonSet runs it: privileged, the host's / at /host, here a fake host root with a stock
+/// containerd config, and a containerd restart that records its calls.
+#[test]
+fn the_installer_image_builds_from_its_dockerfile_and_installs_a_node() {
+    for tool in [KBT_BUILDAH, KBT_BASE_ROOTFS] {
+        assert!(Path::new(tool).is_file(), "{tool} missing: run test/setup.sh");
+    }
+    let dockerfile =
+        fs::read_to_string(repo().join("packaging/kubernetes/installer/Dockerfile")).unwrap().replace("\\\n", " ");
+    let host_dirs = ["/var/lib/containers", "/run/containers", "/etc/containers"];
+    let host_dirs_before: Vec<bool> = host_dirs.iter().map(|d| Path::new(d).exists()).collect();
+
+    // The build context: the Dockerfile, its .dockerignore and what its COPYs name, at the same
+    // relative paths, and nothing else; the built binaries under target/release (kbt-buildah
+    // refuses dirs under /var/lib, hence a temp dir rather than a test bed's scratch dir).
+    let scratch = tempfile::Builder::new().prefix("kbt-installer-image-").tempdir().unwrap();
+    let scratch_path = scratch.path().to_path_buf();
+    let ctx = scratch.path().join("context");
+    let storage = scratch.path().join("buildah");
+    let archive = scratch.path().join("installer-oci.tar");
+    let mut copied: Vec<&str> = dockerfile
+        .lines()
+        .filter_map(|l| l.strip_prefix("COPY "))
+        .flat_map(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            words[..words.len() - 1].to_vec()
+        })
+        .collect();
+    let bin = built_binaries(&ctx.join("target/release"));
+    let binaries: Vec<String> = BINARIES.iter().map(|b| format!("target/release/{b}")).collect();
+    copied.retain(|src| !binaries.iter().any(|b| b == src));
+    assert_eq!(copied.len(), 4, "the Dockerfile copies the three binaries and four other files: {copied:?}");
+    for rel in copied
+        .into_iter()
+        .chain(["packaging/kubernetes/installer/Dockerfile", "packaging/kubernetes/installer/Dockerfile.dockerignore"])
+    {
+        let dest = ctx.join(rel);
+        fs::create_dir_all(dest.parent().unwrap()).unwrap();
+        fs::copy(repo().join(rel), &dest).unwrap(); // keeps the mode: install.sh is executable
+    }
+
+    // The base image, from the rootfs test/setup.sh built; then the Dockerfile, unchanged. buildah
+    // reads <Dockerfile>.dockerignore only when told (BuildKit finds it by itself).
+    let image = format!("localhost/kybernate-installer:{}", unique_name("test"));
+    let c = buildah(&storage, &["from", "scratch"]);
+    let c = c.trim();
+    buildah(&storage, &["add", c, KBT_BASE_ROOTFS, "/"]);
+    let path_env = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+    buildah(&storage, &["config", "--os", "linux", "--cmd", "[\"bash\"]", "--env", path_env, c]);
+    buildah(&storage, &["commit", "-q", "--rm", c, KBT_BASE_IMAGE]);
+    let ignorefile = ctx.join("packaging/kubernetes/installer/Dockerfile.dockerignore");
+    let ctx_s = ctx.to_str().unwrap();
+    let built = Instant::now();
+    buildah(
+        &storage,
+        &[
+            "build",
+            "--pull=never",
+            "--isolation=chroot",
+            "--ignorefile",
+            ignorefile.to_str().unwrap(),
+            "-f",
+            &format!("{ctx_s}/packaging/kubernetes/installer/Dockerfile"),
+            "-t",
+            &image,
+            ctx_s,
+        ],
+    );
+    eprintln!("buildah build: {:?}", built.elapsed());
+    buildah(&storage, &["push", "-q", &image, &format!("oci-archive:{}:{image}", archive.display())]);
+
+    // The image config says what the Dockerfile says.
+    let config = oci_archive_config(&archive);
+    let entrypoint = dockerfile.lines().find_map(|l| l.strip_prefix("ENTRYPOINT ")).expect("an ENTRYPOINT");
+    let entrypoint: Json = serde_json::from_str(entrypoint).unwrap();
+    assert_eq!(config["config"]["Entrypoint"], entrypoint, "{config}");
+    assert_eq!(entrypoint, serde_json::json!(["/opt/kybernate/install.sh"]));
+    assert!(
+        config["config"]["Cmd"].as_array().map_or(true, Vec::is_empty),
+        "ENTRYPOINT must reset the base's CMD (install.sh takes no arguments): {config}"
+    );
+    let env: Vec<&str> = config["config"]["Env"].as_array().unwrap().iter().map(|e| e.as_str().unwrap()).collect();
+    let env_line = dockerfile.lines().find_map(|l| l.strip_prefix("ENV ")).expect("an ENV");
+    let want: Vec<&str> = env_line.split_whitespace().collect();
+    for var in [
+        "HOST_ROOT=/host",
+        "KYBERNATE_BIN_DIR=/opt/kybernate/bin",
+        "KYBERNATE_DEFAULT_CONFIG=/opt/kybernate/config.toml",
+    ] {
+        assert!(want.contains(&var), "the Dockerfile's ENV lacks {var}: {env_line}");
+    }
+    for var in want.iter().chain([&path_env]) {
+        assert!(env.contains(var), "image Env lacks {var}: {env:?}");
+    }
+
+    // Import it into a private containerd and run it twice against a fake node.
+    let tb = Testbed::start().expect("test bed (run test/setup.sh first)");
+    tb.ctr_ok(&["images", "import", archive.to_str().unwrap()]);
+    let images = tb.ctr_ok(&["images", "ls", "-q"]);
+    assert!(images.lines().any(|l| l.trim() == image), "{image} not listed after import: {images}");
+    let host = Host::new();
+    let stock = fixture("containerd-1.6-default.toml");
+    host.write("/etc/containerd/config.toml", &stock);
+    let recorder = host.restart.parent().unwrap().to_str().unwrap().to_string();
+    let run = |n: u32| -> String {
+        let id = unique_name(&format!("installer-{n}"));
+        let out = tb.ctr(&[
+            "run",
+            "--rm",
+            "--privileged",
+            "--mount",
+            &format!("type=bind,src={},dst=/host,options=rbind:rw", host.root.display()),
+            "--mount",
+            &format!("type=bind,src={recorder},dst=/kbt-recorder,options=rbind:rw"),
+            "--env",
+            "KYBERNATE_INSTALL_ONESHOT=1",
+            "--env",
+            "CONTAINERD_RESTART=/kbt-recorder/fake-restart containerd",
+            &image,
+            &id,
+        ]);
+        assert!(
+            out.status.success(),
+            "installer run {n} failed\n{}\n--- containerd log ---\n{}",
+            show(&out),
+            tb.log_tail(30)
+        );
+        text(&out.stdout)
+    };
+
+    let first = run(1);
+    for name in BINARIES {
+        let installed = host.path(&format!("/usr/local/bin/{name}"));
+        assert_eq!(mode(&installed), 0o755, "{name}: {first}");
+        assert!(same_file_content(&installed, &bin.join(name)), "{name} differs from the built one");
+    }
+    let default_config = fs::read_to_string(repo().join("packaging/deb/config.toml")).unwrap();
+    assert_eq!(host.read("/etc/kybernate/config.toml"), default_config);
+    let merged = host.read("/etc/containerd/config.toml");
+    assert!(merged.contains("[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.kybernate]"), "{merged}");
+    assert!(merged.contains("runtime_type = \"io.containerd.kybernate.v1\""), "{merged}");
+    let backups = host.backups("/etc/containerd");
+    assert_eq!(backups.len(), 1, "{backups:?}");
+    assert_eq!(host.read(&format!("/etc/containerd/{}", backups[0])), stock);
+    assert_eq!(host.restarts(), ["containerd"], "{first}");
+
+    let second = run(2);
+    assert!(second.contains("already installed"), "{second}");
+    assert!(second.contains("containerd not restarted"), "{second}");
+    assert_eq!(host.restarts(), ["containerd"], "{second}");
+    assert_eq!(host.read("/etc/containerd/config.toml"), merged);
+    assert_eq!(host.backups("/etc/containerd"), backups);
+
+    // Nothing is left: `--rm` deleted the containers and tasks; the build's scratch dir (storage
+    // included) goes, and buildah wrote nothing outside it.
+    wait_for("the installer containers to be deleted", || {
+        let left = tb.ctr_ok(&["containers", "ls", "-q"]) + &tb.ctr_ok(&["tasks", "ls", "-q"]);
+        left.trim().is_empty().then_some(())
+    });
+    scratch.close().expect("removing the build's scratch dir");
+    assert!(!scratch_path.exists(), "{} left behind", scratch_path.display());
+    for (dir, before) in host_dirs.iter().zip(host_dirs_before) {
+        assert_eq!(Path::new(dir).exists(), before, "{dir}: buildah wrote outside its dir");
+    }
 }

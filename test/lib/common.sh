@@ -25,3 +25,17 @@ KBT_IMAGE_ARCHIVE=$KBT_STATE_DIR/busybox-oci.tar
 KBT_IMAGE=docker.io/kybernate/busybox:test
 # Where test beds put their private containerd dirs (on disk, so overlayfs works; short, as unix socket paths max out at 108 bytes).
 KBT_RUN_BASE=$KBT_STATE_DIR/run
+# Image tools for the installer image test (criu-helper/tests/installer.rs mirrors KBT_BUILDAH, KBT_BASE_ROOTFS
+# and KBT_BASE_IMAGE): buildah (>= $KBT_BUILDAH_MIN_VERSION) from Debian $KBT_BUILDAH_SUITE unpacked into
+# $KBT_IMAGE_TOOLS_PREFIX/buildah (patched to load that suite's glibc), bookworm's mmdebstrap and patchelf in
+# $KBT_IMAGE_TOOLS_PREFIX/bootstrap, and $KBT_BUILDAH, the wrapper that runs buildah isolated:
+#   kbt-buildah DIR ARGS...   (storage, config, temp files under DIR; nothing under /var/lib/containers,
+#                              /run/containers or /etc/containers on the host)
+KBT_IMAGE_TOOLS_PREFIX=/opt/kybernate-test/image-tools
+KBT_BUILDAH=$KBT_IMAGE_TOOLS_PREFIX/bin/kbt-buildah
+KBT_BUILDAH_SUITE=forky
+KBT_BUILDAH_MIN_VERSION=1.40
+# The installer image's base (FROM debian:bookworm-slim; no Docker Hub here): a minbase bookworm rootfs made
+# by mmdebstrap once and cached as a tarball; tests commit it under KBT_BASE_IMAGE in their buildah storage.
+KBT_BASE_ROOTFS=$KBT_STATE_DIR/debian-bookworm-slim-rootfs.tar
+KBT_BASE_IMAGE=docker.io/library/debian:bookworm-slim
