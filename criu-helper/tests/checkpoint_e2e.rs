@@ -30,6 +30,11 @@ fn checkpoint_leaves_the_container_running_and_lists_it() {
     assert_eq!(cp["container"], id.as_str());
     assert!(path.join("kybernate.json").is_file());
     assert!(path.join("checkpoint/inventory.img").is_file());
+    // Without --tcp the manifest records that no open TCP connections were checkpointed.
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(path.join("kybernate.json")).unwrap()).unwrap();
+    assert_eq!(manifest["options"]["open_tcp"], false, "{manifest}");
+    assert_eq!(manifest["options"]["exit"], false, "{manifest}");
     // Left running (the default).
     assert_eq!(task_status(&bed.tb, &id).as_deref(), Some("RUNNING"));
 
@@ -37,8 +42,9 @@ fn checkpoint_leaves_the_container_running_and_lists_it() {
     let ids: Vec<&str> = listed.as_array().unwrap().iter().filter_map(|c| c["id"].as_str()).collect();
     assert_eq!(ids, [cp["id"].as_str().unwrap()]);
 
-    // The table form: where, how big, how long, the GPU mode.
-    let out = bed.kybernate(&["checkpoint", &id]);
+    // The table form: where, how big, how long, the GPU mode. --leave-running on its own (the
+    // default, spelled out) leaves the container running too.
+    let out = bed.kybernate(&["checkpoint", &id, "--leave-running"]);
     assert_exit_ok(&out);
     let table = text(&out.stdout);
     for want in ["path:", "size:", "duration:"] {
@@ -48,10 +54,40 @@ fn checkpoint_leaves_the_container_running_and_lists_it() {
         table.lines().any(|l| l.starts_with("gpu mode:") && l.ends_with(" none")),
         "table lacks \"gpu mode: none\":\n{table}"
     );
+    assert!(
+        table.lines().any(|l| l.starts_with("container:") && l.ends_with(" left running")),
+        "table lacks \"container: left running\":\n{table}"
+    );
+    assert_eq!(task_status(&bed.tb, &id).as_deref(), Some("RUNNING"), "after --leave-running");
+    bed.wait_counter(&id, bed.counter(&id).unwrap_or(0) + 3);
     // A second checkpoint of the same container works too (containerd 1.6 then finds the
     // container's spec blob already in its content store; see checkpoint.rs), and both are listed.
     let listed = json(&bed.kybernate(&["-o", "json", "list", "--container", &id]));
     assert_eq!(listed.as_array().unwrap().len(), 2, "{listed}");
+    let second = listed.as_array().unwrap().iter().find(|c| c["id"] != cp["id"]).expect("the second checkpoint");
+    assert_eq!(second["status"], "ok", "{second}");
+
+    // --tcp: the shim checkpoints with CRIU's --tcp-established, and the manifest records it
+    // (a restore must repeat it); inspect shows it among the options.
+    let out = bed.kybernate(&["-o", "json", "checkpoint", &id, "--tcp"]);
+    assert_exit_ok(&out);
+    let tcp = json(&out);
+    assert_eq!(tcp["status"], "ok", "{tcp}");
+    let tcp_id = tcp["id"].as_str().unwrap();
+    let inspected = json(&bed.kybernate(&["-o", "json", "inspect", tcp_id]));
+    assert_eq!(inspected["manifest"]["options"]["open_tcp"], true, "{inspected}");
+    assert_eq!(inspected["manifest"]["options"]["exit"], false, "{inspected}");
+    assert_eq!(inspected["verification"]["ok"], true, "{inspected}");
+    let out = bed.kybernate(&["inspect", tcp_id]);
+    assert_exit_ok(&out);
+    let table = text(&out.stdout);
+    assert!(
+        table.lines().any(|l| l.starts_with("options:") && l.ends_with(" open_tcp")),
+        "inspect lacks \"options: open_tcp\":\n{table}"
+    );
+    assert_eq!(task_status(&bed.tb, &id).as_deref(), Some("RUNNING"), "after --tcp");
+    let listed = json(&bed.kybernate(&["-o", "json", "list", "--container", &id]));
+    assert_eq!(listed.as_array().unwrap().len(), 3, "{listed}");
     bed.remove(&id);
 }
 

@@ -53,6 +53,34 @@ fn ctr_task_checkpoint_leaves_the_container_running() {
         events.lines().any(|l| l.contains("/tasks/checkpointed") && l.contains(&id)),
         "no /tasks/checkpointed event for {id}:\n{events}"
     );
+
+    // ctr sets --exit, --image-path and --work-path only for runc's runtime names: with ours they
+    // have no effect. The container keeps running, the checkpoint still goes into containerd's
+    // content store, and the given directories stay unused. (A second container: containerd 1.6
+    // refuses a second checkpoint of the same one while its spec blob is in the content store.)
+    let other = unique_name("ctr-tx");
+    run_counter(tb, &other, &[]);
+    wait_counter(tb, &other, 3);
+    let scratch = kybernate_testbed::scratch_dir().unwrap();
+    let (images, work) = (scratch.path().join("images"), scratch.path().join("work"));
+    std::fs::create_dir_all(&images).unwrap();
+    std::fs::create_dir_all(&work).unwrap();
+    let (images_arg, work_arg) = (images.display().to_string(), work.display().to_string());
+    let image_names = || tb.ctr_ok(&["images", "ls", "-q"]).lines().map(str::to_string).collect::<Vec<_>>();
+    let before = image_names();
+    // ctr itself prints no image name when given --image-path (it expects no image then).
+    let printed =
+        tb.ctr_ok(&["tasks", "checkpoint", "--exit", "--image-path", &images_arg, "--work-path", &work_arg, &other]);
+    assert_eq!(printed.trim(), "", "ctr printed a checkpoint name despite --image-path");
+    let new: Vec<String> = image_names().into_iter().filter(|n| !before.contains(n)).collect();
+    assert!(
+        new.len() == 1 && new[0].starts_with(&format!("containerd.io/checkpoint/{other}:")),
+        "want one new checkpoint image of {other}, got {new:?}"
+    );
+    assert_running(tb, &other, "after ctr tasks checkpoint --exit");
+    assert!(entries(&images).is_empty(), "--image-path was used: {:?}", entries(&images));
+    assert!(entries(&work).is_empty(), "--work-path was used: {:?}", entries(&work));
+    remove(tb, &other);
     remove(tb, &id);
 }
 
@@ -63,7 +91,8 @@ fn ctr_container_checkpoint_and_live_restore_with_rw() {
     let id = unique_name("ctr-c");
     let reference = format!("kybernate.test/{}:cp", unique_name("ref"));
     run_counter(tb, &id, &[]);
-    wait_counter(tb, &id, 3);
+    // Far enough that a fresh start (from 1) is seen below it, for the restore without --live.
+    let before = wait_counter(tb, &id, 15);
     tb.ctr_ok(&["containers", "checkpoint", "--task", "--rw", &id, &reference]);
     let at_checkpoint = counter(tb, &id).unwrap();
     remove(tb, &id);
@@ -71,6 +100,17 @@ fn ctr_container_checkpoint_and_live_restore_with_rw() {
     tb.ctr_ok(&["containers", "restore", "--live", "--rw", &id, &reference]);
     wait_for("restored task to run", || (task_status(tb, &id).as_deref() == Some("RUNNING")).then_some(()));
     assert_counter_continues(tb, &id, at_checkpoint);
+    remove(tb, &id);
+
+    // Without --live the container is only recreated from the image (with --rw: and its writable
+    // layer, whose /tmp/counter holds at least `before`) and started fresh: the counter starts
+    // again from 1 instead of continuing.
+    tb.ctr_ok(&["containers", "restore", "--rw", &id, &reference]);
+    wait_for("recreated task to run", || (task_status(tb, &id).as_deref() == Some("RUNNING")).then_some(()));
+    let fresh = wait_for(&format!("counter of {id} to start again below {before}"), || {
+        counter(tb, &id).filter(|&n| n < before)
+    });
+    wait_counter(tb, &id, fresh + 3);
     remove(tb, &id);
 }
 
