@@ -51,6 +51,20 @@ fn socket_path(address: &str) -> &Path {
     Path::new(address.strip_prefix("unix://").unwrap_or(address))
 }
 
+fn is_socket(path: &Path) -> bool {
+    fs::symlink_metadata(path).map(|m| m.file_type().is_socket()).unwrap_or(false)
+}
+
+/// Removes the socket file of `address`, and nothing else that may lie at its path.
+pub fn remove_socket(address: &str) {
+    let path = socket_path(address);
+    if is_socket(path) {
+        if let Err(e) = fs::remove_file(path) {
+            warn!("removing {}: {e}", path.display());
+        }
+    }
+}
+
 /// Binds the group's socket (root-only), or finds the live shim that holds it. A socket file that
 /// nobody answers on (its shim was killed) is removed and bound again.
 pub fn bind_group_socket(address: &str) -> Result<GroupSocket> {
@@ -68,8 +82,7 @@ pub fn bind_group_socket(address: &str) -> Result<GroupSocket> {
             if UnixStream::connect(path).is_ok() {
                 return Ok(GroupSocket::Live);
             }
-            let stale = fs::symlink_metadata(path).map(|m| m.file_type().is_socket()).unwrap_or(false);
-            if !stale {
+            if !is_socket(path) {
                 return Err(Error::os(format!("binding {}: not a socket", path.display()))(e));
             }
             fs::remove_file(path).map_err(Error::os(format!("removing the stale socket {}", path.display())))?;
@@ -178,12 +191,7 @@ pub fn serve(runtime_id: &str, listener: OwnedFd) -> Result<()> {
 
     info!("shutting down");
     server.shutdown();
-    let path = socket_path(&flags.socket);
-    if fs::symlink_metadata(path).map(|m| m.file_type().is_socket()).unwrap_or(false) {
-        if let Err(e) = fs::remove_file(path) {
-            warn!("removing {}: {e}", path.display());
-        }
-    }
+    remove_socket(&flags.socket);
     Ok(())
 }
 

@@ -57,7 +57,7 @@ impl Shim for Service {
         let pid = match spawned {
             Ok(pid) => pid,
             Err(e) => {
-                let _ = std::fs::remove_file(address.trim_start_matches("unix://"));
+                bootstrap::remove_socket(&address);
                 return Err(start_error(e));
             }
         };
