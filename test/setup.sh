@@ -65,6 +65,18 @@ fi
 # ---------------------------------------------------------------------------------------------
 version_ge() { [ "$(printf '%s\n%s\n' "$2" "$1" | sort -V | head -n1)" = "$2" ]; }
 
+# install_if_changed TMP DEST: installs the script TMP as DEST (0755) unless DEST already says the same; removes TMP.
+install_if_changed() {
+    if cmp -s "$1" "$2"; then
+        rm -f "$1"
+    else
+        mkdir -p "$(dirname "$2")"
+        install -m 0755 "$1" "$2"
+        rm -f "$1"
+        log "wrote $2"
+    fi
+}
+
 criu_version() { { "$KBT_CRIU_WRAPPER" --version 2>/dev/null || true; } | sed -n "s/^Version: *//p"; }
 
 # The URI of this machine's apt source for RELEASE (e.g. bookworm, bookworm-security); empty if none.
@@ -174,14 +186,7 @@ P=$KBT_CRIU_PREFIX
 L=\$P/usr/lib/$TRIPLET
 exec "\$L/$LDSO" --argv0 criu --library-path "\$L:\$P/lib/$TRIPLET" "\$P/usr/sbin/criu" "\$@"
 EOF
-    if cmp -s "$tmp" "$KBT_CRIU_WRAPPER"; then
-        rm -f "$tmp"
-    else
-        mkdir -p "$(dirname "$KBT_CRIU_WRAPPER")"
-        install -m 0755 "$tmp" "$KBT_CRIU_WRAPPER"
-        rm -f "$tmp"
-        log "wrote $KBT_CRIU_WRAPPER"
-    fi
+    install_if_changed "$tmp" "$KBT_CRIU_WRAPPER"
 }
 
 mkdir -p "$KBT_STATE_DIR" "$(dirname "$KBT_CRIU_PREFIX")"
@@ -466,14 +471,7 @@ exec unshare --mount --propagation private -- sh -c '
     exec "$P/buildah/usr/bin/buildah" --root "$D/root" --runroot "$D/run" --storage-driver vfs "$@"' \
     kbt-buildah "$D" "$P" "$@"
 EOF
-    if cmp -s "$tmp" "$KBT_BUILDAH"; then
-        rm -f "$tmp"
-    else
-        mkdir -p "$(dirname "$KBT_BUILDAH")"
-        install -m 0755 "$tmp" "$KBT_BUILDAH"
-        rm -f "$tmp"
-        log "wrote $KBT_BUILDAH"
-    fi
+    install_if_changed "$tmp" "$KBT_BUILDAH"
 }
 
 # The base rootfs is valid when it is a bookworm tree (written by rename, so never half a tarball).

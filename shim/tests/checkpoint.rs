@@ -434,17 +434,21 @@ fn checkpoint_onto_a_full_filesystem_is_refused_before_freezing() {
     remove(tb, &id);
 }
 
+/// A dir holding a `criu` that sleeps `secs` before each dump (runc runs `criu swrk`), then execs
+/// the real one: put it first on the test bed's PATH.
+fn slow_criu(secs: u32) -> tempfile::TempDir {
+    let wrappers = kybernate_testbed::scratch_dir().unwrap();
+    let wrapper = wrappers.path().join("criu");
+    let script = format!("#!/bin/sh\n[ \"$1\" = swrk ] && sleep {secs}\nexec {} \"$@\"\n", kybernate_testbed::CRIU);
+    std::fs::write(&wrapper, script).unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    wrappers
+}
+
 #[test]
 fn a_grouped_container_answers_while_its_neighbour_checkpoints() {
-    let wrappers = kybernate_testbed::scratch_dir().unwrap();
     // A slow CRIU: 3 s before the real dump starts.
-    let wrapper = wrappers.path().join("criu");
-    std::fs::write(
-        &wrapper,
-        format!("#!/bin/sh\n[ \"$1\" = swrk ] && sleep 3\nexec {} \"$@\"\n", kybernate_testbed::CRIU),
-    )
-    .unwrap();
-    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let wrappers = slow_criu(3);
     let bed = bed_with(|b| b.path_prepend(wrappers.path()), "");
     let tb = &bed.tb;
     let group = format!("io.containerd.runc.v2.group={}", unique_name("pod"));
@@ -474,15 +478,8 @@ fn a_grouped_container_answers_while_its_neighbour_checkpoints() {
 
 #[test]
 fn exit_stops_the_container_only_once_its_checkpoint_is_safe() {
-    let wrappers = kybernate_testbed::scratch_dir().unwrap();
     // A slow CRIU (2 s before the dump), so the test can get in the way of the commit.
-    let wrapper = wrappers.path().join("criu");
-    std::fs::write(
-        &wrapper,
-        format!("#!/bin/sh\n[ \"$1\" = swrk ] && sleep 2\nexec {} \"$@\"\n", kybernate_testbed::CRIU),
-    )
-    .unwrap();
-    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let wrappers = slow_criu(2);
     let bed = bed_with(|b| b.path_prepend(wrappers.path()), "");
     let tb = &bed.tb;
     let id = unique_name("safe");
