@@ -145,9 +145,9 @@ pub fn exit_dir() -> PathBuf {
 /// self-pipe's read end before it unregisters the handlers. A signal in between makes a handler
 /// `send` to the closed socket, which raises SIGPIPE, whose handler does the same, forever: the
 /// process spins and containerd's `start` (and `ctr run`) never returns. The SIGCHLD that does it
-/// comes from the daemon we just spawned when it exits at once, as it does when its group's shim
-/// already runs. `start` is single-threaded and needs no signals after the spawn; the daemon has
-/// its own mask (inherited before this call), and pending signals die with this process.
+/// comes from the daemon we just spawned when it exits at once (a daemon that fails to come up).
+/// `start` is single-threaded and needs no signals after the spawn; the daemon has its own mask
+/// (inherited before this call), and pending signals die with this process.
 fn block_signals_until_exit() {
     use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow, Signal};
     let mut set = SigSet::empty();

@@ -111,7 +111,7 @@ fn start(tb: &Testbed, bundle: &StartBundle, id: &str, stdin: &[u8]) -> Started 
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     };
-    // The daemon's stdout goes to start's stderr until it serves; both are closed by now.
+    // The daemon's stdio is /dev/null: both pipes closed when `start` exited.
     Started { success: status.success(), stdout: text(&out.join().unwrap()), stderr: text(&err.join().unwrap()) }
 }
 
