@@ -212,6 +212,129 @@ fn k3s_template_is_created_from_the_generated_config() {
     assert_eq!(host.restarts(), ["k3s"]);
 }
 
+/// The MicroK8s settings as docs/installation.md gives them: `(CONTAINERD_CONFIG, CONTAINERD_RESTART)`.
+/// install.sh's header and the DaemonSet's comment must say the same.
+fn documented_microk8s_settings() -> (String, String) {
+    let docs = fs::read_to_string(repo().join("docs/installation.md")).unwrap();
+    let bullet = docs.split("\n- MicroK8s: ").nth(1).expect("a MicroK8s bullet in docs/installation.md");
+    let bullet = bullet.split("\n\n").next().unwrap().replace('\n', " ");
+    let config = bullet.split("`CONTAINERD_CONFIG=").nth(1).and_then(|s| s.split('`').next()).expect("its config");
+    let restart =
+        bullet.split("`CONTAINERD_RESTART=\"").nth(1).and_then(|s| s.split("\"`").next()).expect("its restart");
+    let script = fs::read_to_string(repo().join("packaging/kubernetes/installer/install.sh")).unwrap();
+    assert!(script.contains(&format!("# MicroK8s: CONTAINERD_CONFIG={config} and")), "install.sh's header differs");
+    assert!(script.contains(&format!("CONTAINERD_RESTART=\"{restart}\"")), "install.sh's header differs");
+    let daemonset = fs::read_to_string(repo().join("packaging/kubernetes/installer/daemonset.yaml")).unwrap();
+    assert!(daemonset.contains(&format!("# MicroK8s: {config}\n")), "daemonset.yaml's comment differs");
+    assert!(daemonset.contains(&format!("CONTAINERD_RESTART \"{restart}\"")), "daemonset.yaml's comment differs");
+    (config.to_string(), restart.to_string())
+}
+
+/// What MicroK8s does with its template at each start of its containerd (the `sed` in its
+/// run-containerd-with-args): every placeholder replaced by this node's value.
+fn render_microk8s_template(template: &str) -> String {
+    [
+        ("${SNAP_DATA}", "/var/snap/microk8s/current"),
+        ("${SNAP}", "/snap/microk8s/current"),
+        ("${SNAPSHOTTER}", "overlayfs"),
+        ("${RUNTIME_TYPE}", "io.containerd.runc.v2"),
+        ("${RUNTIME}", "runc"),
+    ]
+    .iter()
+    .fold(template.to_string(), |text, (placeholder, value)| text.replace(placeholder, value))
+}
+
+/// MicroK8s: its stock containerd-template.toml (placeholders such as `${RUNTIME}` and
+/// `${SNAP_DATA}` that MicroK8s fills in when it renders the file) gets our runtime and nothing
+/// else: the placeholders stay verbatim, the rendered file is one containerd loads, and the
+/// restart is the documented `snap restart` (through a recording `nsenter` on PATH).
+#[test]
+fn microk8s_template_keeps_its_placeholders() {
+    let host = Host::new();
+    let (config, restart) = documented_microk8s_settings();
+    assert_eq!(config, "/var/snap/microk8s/current/args/containerd-template.toml");
+    let template = fixture("microk8s-template.toml");
+    let placeholders = ["${SNAPSHOTTER}", "${RUNTIME}", "${RUNTIME_TYPE}", "${SNAP_DATA}"];
+    for p in placeholders {
+        assert!(template.contains(&format!("\"{p}")), "the fixture lacks {p}");
+    }
+    host.write(&config, &template);
+
+    // A stand-in for nsenter that records its arguments: the documented command, split on
+    // spaces as install.sh splits it, reaches it unchanged.
+    let bin = host.root.parent().unwrap().join("path-bin");
+    fs::create_dir_all(&bin).unwrap();
+    let calls = host.root.parent().unwrap().join("nsenter.log");
+    fs::write(bin.join("nsenter"), format!("#!/bin/sh\nprintf '%s\\n' \"$*\" >>'{}'\n", calls.display())).unwrap();
+    fs::set_permissions(bin.join("nsenter"), fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+    let env = [("CONTAINERD_CONFIG", config.as_str()), ("CONTAINERD_RESTART", restart.as_str()), ("PATH", &path)];
+    let recorded = || fs::read_to_string(&calls).unwrap_or_default();
+
+    let first = host.run_ok("install.sh", &env);
+    let merged = host.read(&config);
+    // Our table, and only it, was added: the template's lines are all there, in order, and
+    // taking our table out again gives back the original bytes.
+    let added: Vec<&str> = {
+        let mut original = template.lines().peekable();
+        merged
+            .lines()
+            .filter(|line| {
+                if original.peek() == Some(line) {
+                    original.next();
+                    false
+                } else {
+                    true
+                }
+            })
+            .collect()
+    };
+    let ours = [
+        "    [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.kybernate]",
+        "      runtime_type = \"io.containerd.kybernate.v1\"",
+        "      pod_annotations = [\"kybernate.io/*\"]",
+        "",
+        "      [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.kybernate.options]",
+        "        ConfigPath = \"/etc/kybernate/config.toml\"",
+        "",
+    ];
+    assert_eq!(added, ours, "{merged}");
+    for p in placeholders {
+        assert_eq!(merged.matches(p).count(), template.matches(p).count(), "{p}: {merged}");
+    }
+    assert!(merged.contains("    default_runtime_name = \"${RUNTIME}\"\n"), "{merged}");
+    assert!(!merged.contains("runtimes.runc]\n      runtime_type = \"io.containerd.runc.v2\""), "runc untouched");
+    // The CLI's notes reach the pod's log: ${RUNTIME} is no missing runtime.
+    assert!(first.contains("placeholder"), "{first}");
+    assert!(!first.contains("will not load"), "a false warning about ${{RUNTIME}}: {first}");
+
+    let dir = config.rsplit_once('/').unwrap().0;
+    let backups = host.backups(dir);
+    assert_eq!(backups.len(), 1, "{backups:?}");
+    assert_eq!(host.read(&format!("{dir}/{}", backups[0])), template);
+    assert_eq!(recorded(), "-t 1 -m -u -i -n -p -- snap restart microk8s.daemon-containerd\n", "{first}");
+    assert!(host.restarts().is_empty(), "the Host's own restart command must not run");
+
+    // Rendered as MicroK8s renders it, containerd 1.6 loads it and finds our runtime.
+    let rendered = host.root.parent().unwrap().join("containerd.toml");
+    fs::write(&rendered, render_microk8s_template(&merged)).unwrap();
+    let out = Command::new("containerd").arg("--config").arg(&rendered).args(["config", "dump"]).output().unwrap();
+    assert!(out.status.success(), "containerd config dump: {}", show(&out));
+    let dump: toml::Table = toml::from_str(&text(&out.stdout)).unwrap();
+    let cri = &dump["plugins"]["io.containerd.grpc.v1.cri"]["containerd"];
+    assert_eq!(cri["default_runtime_name"].as_str(), Some("runc"));
+    assert_eq!(cri["runtimes"]["kybernate"]["runtime_type"].as_str(), Some("io.containerd.kybernate.v1"));
+    assert_eq!(cri["runtimes"]["runc"]["runtime_type"].as_str(), Some("io.containerd.runc.v2"));
+
+    // A second run changes nothing and restarts nothing.
+    let second = host.run_ok("install.sh", &env);
+    assert!(second.contains("already installed"), "{second}");
+    assert!(second.contains("containerd not restarted"), "{second}");
+    assert_eq!(host.read(&config), merged);
+    assert_eq!(host.backups(dir), backups);
+    assert_eq!(recorded().lines().count(), 1, "{second}");
+}
+
 /// A bad config stops the installer before any restart; a failed restart is retried by the next run.
 #[test]
 fn failures_neither_restart_nor_lose_a_restart() {

@@ -658,7 +658,11 @@ pub fn install(doc: &mut DocumentMut, version: Version, want: &Wanted) -> Result
         }
     };
 
-    if !legacy_default && default_name != "runc" && !runtimes.contains_key(&default_name) {
+    if is_placeholder(&default_name) {
+        notes.push(format!(
+            "default_runtime_name is the placeholder {default_name:?}, filled in when this template is rendered (MicroK8s's containerd-template.toml): it must become a runtime defined here"
+        ));
+    } else if !legacy_default && default_name != "runc" && !runtimes.contains_key(&default_name) {
         notes.push(format!(
             "default_runtime_name is {default_name:?} but no such runtime is defined: the CRI plugin will not load until it is"
         ));
@@ -667,6 +671,12 @@ pub fn install(doc: &mut DocumentMut, version: Version, want: &Wanted) -> Result
         notes.push("the runc runtime sets no SystemdCgroup, so neither does ours; if kubelet uses the systemd cgroup driver, set options.SystemdCgroup = true on both".into());
     }
     Ok(Edit { status, changes, notes })
+}
+
+/// A `${NAME}` placeholder, as in MicroK8s's containerd-template.toml (`default_runtime_name =
+/// "${RUNTIME}"`), which MicroK8s replaces when it renders the file for containerd: no runtime name.
+fn is_placeholder(value: &str) -> bool {
+    value.find("${").is_some_and(|start| value[start..].contains('}'))
 }
 
 /// Removes our runtime's table from `doc`, and nothing else.
@@ -1084,6 +1094,19 @@ ConfigPath = "/etc/kybernate/config.toml"
         assert!(matches!(install(&mut doc, Version::V2, &want(Style::RuntimeType)), Err(EditError::NotOurs { .. })));
         assert!(matches!(uninstall(&mut doc, Version::V2, "kybernate"), Err(EditError::NotOurs { .. })));
         assert_eq!(doc.to_string(), text);
+    }
+
+    #[test]
+    fn a_placeholder_default_runtime_is_no_missing_runtime() {
+        let text =
+            "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".containerd]\ndefault_runtime_name = \"${RUNTIME}\"\n";
+        let mut doc = parse(text).unwrap();
+        let edit = install(&mut doc, Version::V2, &want(Style::RuntimeType)).unwrap();
+        assert_eq!(edit.status, Status::Installed);
+        assert!(!edit.changes.iter().any(|c| c.contains("runc")), "{:?}", edit.changes);
+        assert!(edit.notes.iter().any(|n| n.contains("placeholder \"${RUNTIME}\"")), "{:?}", edit.notes);
+        assert!(!edit.notes.iter().any(|n| n.contains("will not load")), "{:?}", edit.notes);
+        assert!(is_placeholder("${RUNTIME}") && !is_placeholder("runc") && !is_placeholder("$RUNTIME"));
     }
 
     #[test]
