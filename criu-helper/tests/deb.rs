@@ -42,6 +42,11 @@ fn build(bin: &Path, out: &Path, version: &str) -> PathBuf {
     deb
 }
 
+/// `ar t DEB`: the members of a .deb, in order.
+fn members(deb: &Path) -> Vec<String> {
+    run(Command::new("ar").arg("t").arg(deb)).lines().map(String::from).collect()
+}
+
 fn field(deb: &Path, name: &str) -> String {
     run(Command::new("dpkg-deb").arg("--field").arg(deb).arg(name)).trim().to_string()
 }
@@ -58,6 +63,8 @@ fn package_metadata_and_contents() {
 
     let info = run(Command::new("dpkg-deb").arg("--info").arg(&deb));
     assert!(info.contains(" Package: kybernate\n"), "{info}");
+    // --compression none: plain tar members.
+    assert_eq!(members(&deb), ["debian-binary", "control.tar", "data.tar"]);
     assert_eq!(field(&deb, "Version"), "1.2.3~test1");
     assert_eq!(field(&deb, "Architecture"), arch());
     let depends = field(&deb, "Depends");
@@ -127,6 +134,67 @@ fn package_metadata_and_contents() {
         fs::read_dir(&ctrl).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
     let scripts: BTreeSet<String> = scripts.into_iter().collect();
     assert_eq!(scripts, ["conffiles", "control", "md5sums"].map(String::from).into(), "no maintainer scripts");
+}
+
+/// build.sh with its defaults (no --version, no --compression) and with `--maintainer`. The
+/// binaries are small stand-ins (copies of /usr/bin/true): xz over the 300 MB of debug binaries
+/// would take a minute or more on two cores, and the other tests check the real ones.
+#[test]
+fn defaults_compress_with_xz_and_maintainer_reaches_the_control_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bin = tmp.path().join("bin");
+    fs::create_dir_all(&bin).unwrap();
+    for name in BINARIES {
+        fs::copy("/usr/bin/true", bin.join(name)).unwrap();
+    }
+    let workspace = fs::read_to_string(repo().join("Cargo.toml")).unwrap();
+    let version = workspace
+        .split("[workspace.package]")
+        .nth(1)
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("version = \"")))
+        .and_then(|v| v.strip_suffix('"'))
+        .expect("the workspace version");
+    let build = |out: &str, args: &[&str], env_maintainer: Option<&str>| -> PathBuf {
+        let mut cmd = Command::new("bash");
+        cmd.arg(repo().join("packaging/deb/build.sh"))
+            .arg("--bin-dir")
+            .arg(&bin)
+            .arg("--out")
+            .arg(tmp.path().join(out));
+        cmd.args(args).env_remove("DEB_MAINTAINER");
+        if let Some(m) = env_maintainer {
+            cmd.env("DEB_MAINTAINER", m);
+        }
+        let deb = PathBuf::from(run(&mut cmd).trim());
+        assert_eq!(deb, tmp.path().join(out).join(format!("kybernate_{version}_{}.deb", arch())));
+        deb
+    };
+
+    // Defaults: the workspace's version, xz, the placeholder maintainer.
+    let deb = build("default", &[], None);
+    assert_eq!(field(&deb, "Version"), version);
+    assert_eq!(members(&deb), ["debian-binary", "control.tar.xz", "data.tar.xz"]);
+    let data = Command::new("ar").arg("p").arg(&deb).arg("data.tar.xz").output().unwrap();
+    assert!(data.status.success(), "{}", show(&data));
+    assert!(data.stdout.starts_with(b"\xfd7zXZ\0"), "data.tar.xz is not xz data");
+    let info = run(Command::new("dpkg-deb").arg("--info").arg(&deb));
+    assert!(info.contains(" Maintainer: Kybernate developers <noreply@kybernate.invalid>\n"), "{info}");
+    let contents = run(Command::new("dpkg-deb").arg("--contents").arg(&deb));
+    assert!(contents.lines().any(|l| l.ends_with(" ./usr/bin/kybernate")), "{contents}");
+
+    // DEB_MAINTAINER, and --maintainer over it.
+    let deb = build("env", &[], Some("Env Builder <env@example.org>"));
+    assert_eq!(field(&deb, "Maintainer"), "Env Builder <env@example.org>");
+    let maintainer = "Jane Doe <jane.doe@example.org>";
+    let deb = build("flag", &["--maintainer", maintainer], Some("Env Builder <env@example.org>"));
+    assert_eq!(field(&deb, "Maintainer"), maintainer);
+    let ctrl = tmp.path().join("DEBIAN");
+    run(Command::new("dpkg-deb").arg("-e").arg(&deb).arg(&ctrl));
+    let control = fs::read_to_string(ctrl.join("control")).unwrap();
+    assert_eq!(
+        control.lines().filter(|l| l.starts_with("Maintainer:")).collect::<Vec<_>>(),
+        [format!("Maintainer: {maintainer}")]
+    );
 }
 
 /// A dpkg database in a scratch root: `dpkg --root=ROOT` installs into it as into a node.
