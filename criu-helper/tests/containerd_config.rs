@@ -726,3 +726,180 @@ fn containerd_1_7_and_2_read_our_runtime_where_cri_looks() {
         assert_eq!(dumped_runtime(&dump, V3_RUNTIMES).0, "io.containerd.kybernate.v1");
     }
 }
+
+/// containerd's default config directory, which `install` without `--containerd-config` edits.
+const DEFAULT_DIR: &str = "/etc/containerd";
+
+/// A private mount namespace (`unshare --mount --propagation private`, held open by a `sleep`)
+/// with a tmpfs over /etc/containerd: commands run in it with `nsenter -t PID -m`, and the test
+/// reads and writes its /etc/containerd through /proc/PID/root. Nothing of it reaches the host's
+/// mount table; dropping it (also on a panic) kills the holder, and the namespace and its tmpfs
+/// go with it. The holder dies with the test thread too (PR_SET_PDEATHSIG).
+struct PrivateEtc {
+    holder: Child,
+}
+
+impl PrivateEtc {
+    fn new() -> Self {
+        let mut cmd = Command::new("unshare");
+        cmd.args(["--mount", "--propagation", "private", "--", "sleep", "600"]).stdin(Stdio::null());
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let ns = Self { holder: cmd.spawn().expect("unshare (util-linux)") };
+        let own = fs::read_link("/proc/self/ns/mnt").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // unshare execs sleep in the same process once the namespace is made.
+        while fs::read_link(ns.proc("ns/mnt")).ok().as_ref() == Some(&own)
+            || fs::read_to_string(ns.proc("comm")).unwrap_or_default().trim() != "sleep"
+        {
+            assert!(Instant::now() < deadline, "unshare made no mount namespace");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let out = ns.nsenter("mount", &["-t", "tmpfs", "-o", "mode=0755", "kbt-etc-containerd", DEFAULT_DIR]);
+        assert!(out.status.success(), "mount: {}", show(&out));
+        ns
+    }
+
+    fn proc(&self, rel: &str) -> PathBuf {
+        Path::new("/proc").join(self.holder.id().to_string()).join(rel)
+    }
+
+    /// `/etc/containerd/<name>` as the namespace sees it.
+    fn path(&self, name: &str) -> PathBuf {
+        self.proc("root").join(DEFAULT_DIR.trim_start_matches('/')).join(name)
+    }
+
+    /// `nsenter -t PID -m -- PROGRAM ARGS`.
+    fn nsenter(&self, program: &str, args: &[&str]) -> Output {
+        Command::new("nsenter")
+            .arg("-t")
+            .arg(self.holder.id().to_string())
+            .args(["-m", "--", program])
+            .args(args)
+            .env_remove("KYBERNATE_CONFIG")
+            .env_remove("CONTAINERD_NAMESPACE")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    /// `kybernate ARGS` in the namespace; exit 0 expected; stdout.
+    fn kybernate(&self, args: &[&str]) -> String {
+        let out = self.nsenter(env!("CARGO_BIN_EXE_kybernate"), args);
+        assert_eq!(out.status.code(), Some(0), "kybernate {args:?}: {}", show(&out));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn backups(&self) -> Vec<String> {
+        let mut b: Vec<String> =
+            names(&self.path("")).into_iter().filter(|n| n.contains(".kybernate-backup-")).collect();
+        b.sort();
+        b
+    }
+}
+
+impl Drop for PrivateEtc {
+    fn drop(&mut self) {
+        let _ = self.holder.kill();
+        let _ = self.holder.wait();
+    }
+}
+
+/// Every entry of a directory with its mode and bytes (a subdirectory: its mode only).
+fn dir_snapshot(dir: &Path) -> Vec<(String, u32, Option<Vec<u8>>)> {
+    let mut entries: Vec<(String, u32, Option<Vec<u8>>)> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let meta = fs::symlink_metadata(e.path()).unwrap();
+            let bytes = meta.is_file().then(|| fs::read(e.path()).unwrap());
+            (e.file_name().to_string_lossy().into_owned(), meta.permissions().mode(), bytes)
+        })
+        .collect();
+    entries.sort();
+    entries
+}
+
+/// Whether the host's mount table has a mount at `path`.
+fn host_mounts(path: &str) -> bool {
+    fs::read_to_string("/proc/self/mountinfo").unwrap().lines().any(|l| l.split(' ').nth(4) == Some(path))
+}
+
+/// `install` and `uninstall` without `--containerd-config` edit /etc/containerd/config.toml: run
+/// for real in a private mount namespace whose /etc/containerd is a tmpfs, so that the host's
+/// file is never touched (compared byte for byte afterwards). A missing file is created; a
+/// present one is backed up beside it with its mode; a second run writes nothing; each write,
+/// and only a write, ends with the documented hint to restart containerd.
+#[test]
+fn install_at_the_default_path_in_a_private_mount_namespace() {
+    assert!(is_root(), "needs root (a mount namespace and a tmpfs)");
+    assert!(Path::new(DEFAULT_DIR).is_dir(), "{DEFAULT_DIR} missing: run test/setup.sh (it installs containerd)");
+    let host_before = dir_snapshot(Path::new(DEFAULT_DIR));
+    assert!(!host_mounts(DEFAULT_DIR), "something is mounted at the host's {DEFAULT_DIR}");
+    let restart_hint =
+        "note: restart containerd to apply (systemctl restart containerd); running containers keep running";
+    {
+        let ns = PrivateEtc::new();
+        assert!(names(&ns.path("")).is_empty(), "the private {DEFAULT_DIR} starts empty");
+        assert!(!host_mounts(DEFAULT_DIR), "the tmpfs leaked into the host's mount table");
+        let config = ns.path("config.toml");
+
+        // No file: created at the default path, 0644, with runc and ours.
+        let out = ns.kybernate(&["containerd-config", "install"]);
+        assert!(
+            out.lines().next().is_some_and(|l| l.ends_with("/etc/containerd/config.toml (version 2), created")),
+            "{out}"
+        );
+        assert!(out.contains(restart_hint), "{out}");
+        let created = fs::read_to_string(&config).unwrap();
+        assert_runtime_type_style(&created, V2_RUNTIMES);
+        assert!(table(&doc(&created), V2_RUNTIMES, "runc").is_some(), "{created}");
+        assert_eq!(fs::metadata(&config).unwrap().permissions().mode() & 0o7777, 0o644);
+        assert!(ns.backups().is_empty(), "nothing to back up");
+        let again = ns.kybernate(&["-o", "json", "containerd-config", "install"]);
+        let again: Value = serde_json::from_str(&again).unwrap();
+        assert_eq!(again["config"], "/etc/containerd/config.toml", "{again}");
+        assert_eq!(again["status"], "already_installed", "{again}");
+        assert_eq!(again["written"], false, "{again}");
+        assert_eq!(fs::read_to_string(&config).unwrap(), created);
+
+        // The stock config (mode 0600: configs can hold registry credentials): merged, backed up
+        // beside it with its mode, then left alone.
+        let stock = fixture("containerd-1.6-default.toml");
+        fs::write(&config, &stock).unwrap();
+        fs::set_permissions(&config, fs::Permissions::from_mode(0o600)).unwrap();
+        let out = ns.kybernate(&["containerd-config", "install"]);
+        assert!(out.contains("result              installed\n"), "{out}");
+        assert!(out.contains(restart_hint), "{out}");
+        let backups = ns.backups();
+        assert_eq!(backups.len(), 1, "{backups:?}");
+        assert!(out.contains(&format!("backup              /etc/containerd/{}\n", backups[0])), "{out}");
+        assert_eq!(fs::read_to_string(ns.path(&backups[0])).unwrap(), stock);
+        assert_eq!(fs::metadata(ns.path(&backups[0])).unwrap().permissions().mode() & 0o7777, 0o600);
+        let merged = fs::read_to_string(&config).unwrap();
+        assert!(is_subsequence(&stock, &merged), "{merged}");
+        assert_runtime_type_style(&merged, V2_RUNTIMES);
+        assert_eq!(fs::metadata(&config).unwrap().permissions().mode() & 0o7777, 0o600);
+        let out = ns.kybernate(&["containerd-config", "install"]);
+        assert!(out.contains("result              already installed\n"), "{out}");
+        assert!(!out.contains("restart containerd"), "nothing written, nothing to restart: {out}");
+        assert_eq!(fs::read_to_string(&config).unwrap(), merged);
+        assert_eq!(ns.backups(), backups);
+
+        // uninstall at the default path gives back the stock bytes.
+        let out = ns.kybernate(&["containerd-config", "uninstall"]);
+        assert!(out.contains("result              removed\n"), "{out}");
+        assert!(out.contains("note: restart containerd to apply (systemctl restart containerd)\n"), "{out}");
+        assert_eq!(fs::read_to_string(&config).unwrap(), stock);
+        assert_eq!(ns.backups().len(), 2);
+    }
+    assert!(!host_mounts(DEFAULT_DIR), "a mount outlived the namespace");
+    assert_eq!(dir_snapshot(Path::new(DEFAULT_DIR)), host_before, "the host's {DEFAULT_DIR} changed");
+}
