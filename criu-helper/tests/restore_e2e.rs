@@ -12,9 +12,11 @@ use std::process::Command;
 use std::time::SystemTime;
 
 use common::{
-    assert_exit, assert_exit_ok, bed, fake_checkpoint, json, task_status, text, wait_for, Bed, KYBERNATE, RUNTIME,
+    assert_exit, assert_exit_ok, bed, bed_with, fake_checkpoint, fake_gpu_runtime_binary, json, task_status, text,
+    wait_for, Bed, KYBERNATE, RUNTIME,
 };
 use kybernate_criu::Store;
+use kybernate_testbed::fakes::FakeCuda;
 use kybernate_testbed::{unique_name, IMAGE};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -224,4 +226,133 @@ fn pod_annotation_names_the_checkpoint() {
 
     // --pod-annotation creates nothing, so --as makes no sense with it.
     assert_exit(&run(&["restore", &id, "--pod-annotation", "--as", "x"]), 2, &[]);
+}
+
+/// The counter beside two long-lived "GPU workers" holding the (fake) NVIDIA control device open,
+/// which is how CUDA processes look from /proc (as in shim/tests/gpu.rs).
+const GPU_COUNTER: &str = "sleep 100000 </dev/nvidiactl & sleep 100001 </dev/nvidiactl & i=0; while true; \
+     do i=$((i+1)); echo $i > /tmp/counter.new; mv /tmp/counter.new /tmp/counter; usleep 100000; done";
+
+/// Host pids of the task's processes that hold /dev/nvidiactl open: its two CUDA workers.
+fn cuda_pids(bed: &Bed, id: &str) -> Vec<i32> {
+    wait_for(&format!("the CUDA workers of {id}"), || {
+        let ps = bed.tb.ctr_ok(&["tasks", "ps", id]);
+        let pids: Vec<i32> = ps
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+            .filter(|pid| {
+                fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|d| {
+                    d.flatten().any(|e| fs::read_link(e.path()).is_ok_and(|t| t == Path::new("/dev/nvidiactl")))
+                })
+            })
+            .collect();
+        (pids.len() == 2).then_some(pids)
+    })
+}
+
+/// A GPU checkpoint whose manifest records GPUs this node does not have (one H100; the node has
+/// none) is refused by `kybernate restore` without `--allow-gpu-mismatch`, creating nothing, and
+/// restored with it: the container runs again and counts on, its CUDA workers get their GPU
+/// state back (restore, unlock) at their new pids. GPUs cannot exist here, so the same doubles
+/// as shim/tests/gpu.rs stand in: the fake `nvidia-container-runtime` (spec edits on create,
+/// everything else to runc) and the fake `libcuda.so.1` (the driver's checkpoint API); containerd,
+/// our shim, runc and CRIU are real.
+#[test]
+fn a_gpu_checkpoint_from_other_gpus_is_refused_then_restored_with_allow_gpu_mismatch() {
+    let scratch = kybernate_testbed::scratch_dir().expect("scratch dir");
+    let d = scratch.path();
+    let cuda = FakeCuda::build(&d.join("cuda"), true);
+    let nvidia = d.join("nvidia");
+    fs::create_dir_all(&nvidia).unwrap();
+    fs::copy(fake_gpu_runtime_binary(), nvidia.join("nvidia-container-runtime")).unwrap();
+    // What the GPU runtime adds on create; /dev/nvidiactl has /dev/null's numbers so that the
+    // workers can open it.
+    let edits = serde_json::json!({
+        "devices": [
+            {"path": "/dev/nvidia0", "type": "c", "major": 195, "minor": 0, "fileMode": 438, "uid": 0, "gid": 0},
+            {"path": "/dev/nvidiactl", "type": "c", "major": 1, "minor": 3, "fileMode": 438, "uid": 0, "gid": 0}
+        ],
+        "rules": [{"allow": true, "type": "c", "major": 195, "minor": 0, "access": "rwm"}],
+        "mounts": []
+    });
+    fs::write(nvidia.join("edits.json"), edits.to_string()).unwrap();
+    // The container's GPU evidence: a char device of major 195 (`ctr run --device`).
+    let device = d.join("dev/nvidia0");
+    fs::create_dir_all(device.parent().unwrap()).unwrap();
+    nix::sys::stat::mknod(
+        &device,
+        nix::sys::stat::SFlag::S_IFCHR,
+        nix::sys::stat::Mode::from_bits_truncate(0o666),
+        nix::sys::stat::makedev(195, 0),
+    )
+    .expect("mknod a char 195:0 node for the test");
+    let extra = format!("libcuda = \"{}\"\ncuda = \"driver-api\"\n", cuda.lib.display());
+    let bed = bed_with(|b| b.path_prepend(&nvidia), &extra);
+
+    let id = unique_name("gpu-mm");
+    let device_arg = device.display().to_string();
+    bed.tb.ctr_ok(&["run", "-d", "--runtime", RUNTIME, "--device", &device_arg, IMAGE, &id, "sh", "-c", GPU_COUNTER]);
+    bed.wait_running(&id);
+    cuda_pids(&bed, &id);
+    bed.wait_counter(&id, 10);
+
+    let out = bed.kybernate(&["-o", "json", "checkpoint", &id, "--exit"]);
+    assert_exit_ok(&out);
+    let cp = json(&out);
+    assert_eq!(cp["gpu"], true, "{cp}");
+    let cp_id = cp["id"].as_str().expect("id").to_string();
+    let cp_path = PathBuf::from(cp["path"].as_str().expect("path"));
+    wait_for(&format!("{id} to stop after --exit"), || {
+        (task_status(&bed.tb, &id).as_deref() != Some("RUNNING")).then_some(())
+    });
+    let at_checkpoint = bed.counter(&id).expect("the counter of the checkpointed container");
+
+    // The checkpoint as a node with one H100 would have recorded it (this node has no GPU).
+    let manifest_path = cp_path.join("kybernate.json");
+    let mut m: Value = serde_json::from_slice(&fs::read(&manifest_path).unwrap()).unwrap();
+    assert_eq!(m["gpu"]["mode"], "driver-api", "{m}");
+    assert_eq!(m["gpu"]["processes"].as_array().map(Vec::len), Some(2), "{m}");
+    m["gpu"]["gpus"] = serde_json::json!([{"index": 0, "model": "NVIDIA H100 80GB HBM3", "uuid": "GPU-5a3c",
+        "bus_id": "0000:18:00.0", "minor": 0}]);
+    fs::write(&manifest_path, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+    assert_exit_ok(&bed.kybernate(&["inspect", &cp_id]));
+
+    // Without the flag: refused before containerd is asked, naming both sides and the way out.
+    let new_id = unique_name("gpu-mm-r");
+    let before = bed.containers();
+    let out = bed.kybernate(&["restore", &cp_id, "--as", &new_id, "--image", IMAGE]);
+    assert_exit(&out, 1, &["NVIDIA H100 80GB HBM3", "this node has 0", "--allow-gpu-mismatch"]);
+    assert_eq!(bed.containers(), before, "a refused restore must create nothing");
+    assert!(!bed.tb.ctr_ok(&["snapshots", "ls"]).contains(&new_id), "a refused restore must prepare no snapshot");
+
+    // With it: restored through containerd, the shim and the GPU runtime.
+    let calls_before = cuda.calls().len();
+    let out =
+        bed.kybernate(&["-o", "json", "restore", &cp_id, "--as", &new_id, "--image", IMAGE, "--allow-gpu-mismatch"]);
+    if !out.status.success() {
+        panic!("restore failed: {}\n--- containerd log ---\n{}", text(&out.stderr), bed.tb.log_tail(40));
+    }
+    assert_eq!(json(&out)["container"], new_id.as_str());
+    assert_eq!(task_status(&bed.tb, &new_id).as_deref(), Some("RUNNING"));
+    let info: Value = serde_json::from_str(&bed.tb.ctr_ok(&["containers", "info", &new_id])).unwrap();
+    assert_eq!(info["Spec"]["annotations"]["kybernate.io/allow-gpu-mismatch"], "true", "{info}");
+    let first = wait_for("the restored counter", || bed.counter(&new_id));
+    assert!(first >= at_checkpoint, "restored counter {first} < {at_checkpoint} at checkpoint: not restored");
+    wait_for("the restored counter to increase", || bed.counter(&new_id).filter(|&n| n > first + 2));
+    let nvidia_calls = fs::read_to_string(nvidia.join("calls.log")).unwrap();
+    assert!(
+        nvidia_calls.lines().any(|l| l.contains(" restore ") && l.ends_with(&new_id)),
+        "the restore did not go through the GPU runtime:\n{nvidia_calls}"
+    );
+    let calls = cuda.calls()[calls_before..].to_vec();
+    for pid in cuda_pids(&bed, &new_id) {
+        let of = |f: &str| calls.iter().position(|c| c.function == f && c.pid == pid && c.code == 0);
+        let (restore, unlock) = (of("cuCheckpointProcessRestore"), of("cuCheckpointProcessUnlock"));
+        assert!(restore.is_some() && unlock.is_some() && restore < unlock, "pid {pid}: {calls:?}");
+        assert_eq!(cuda.state_of_pid(pid).as_deref(), Some("running"), "pid {pid}");
+    }
+
+    bed.remove(&new_id);
+    bed.remove(&id);
 }

@@ -4,7 +4,8 @@
 //!
 //! Our shim is not a dependency of this crate: `cargo test --workspace` builds it, or
 //! `cargo build -p containerd-shim-kybernate-v1` before `cargo test -p kybernate-criu`. Without it
-//! these tests fail (they are never skipped silently).
+//! these tests fail (they are never skipped silently). The GPU restore test also needs the shim's
+//! `fake_nvidia_runtime` example, which `cargo test --workspace` builds too.
 
 #![allow(dead_code)]
 
@@ -54,18 +55,33 @@ pub struct Bed {
 }
 
 pub fn bed() -> Bed {
+    bed_with(|b| b, "")
+}
+
+/// [`bed`] with the test bed's builder adjusted by `configure` and `extra` appended to the
+/// config's `[checkpoint]` table.
+pub fn bed_with(configure: impl FnOnce(kybernate_testbed::Builder) -> kybernate_testbed::Builder, extra: &str) -> Bed {
     let shims = shim_dir();
     let scratch = kybernate_testbed::scratch_dir().expect("scratch dir");
     let store = scratch.path().join("checkpoints");
     let config = scratch.path().join("kybernate.toml");
-    std::fs::write(&config, format!("[checkpoint]\nroot = \"{}\"\n", store.display())).unwrap();
-    let tb = Testbed::builder()
-        .path_prepend(shims)
-        .env("KYBERNATE_CONFIG", &config)
-        .start()
-        .expect("test bed (run test/setup.sh first)");
+    std::fs::write(&config, format!("[checkpoint]\nroot = \"{}\"\n{extra}", store.display())).unwrap();
+    let builder = Testbed::builder().path_prepend(shims).env("KYBERNATE_CONFIG", &config);
+    let tb = configure(builder).start().expect("test bed (run test/setup.sh first)");
     tb.import_image();
     Bed { tb, store, config, dir: scratch }
+}
+
+/// The fake `nvidia-container-runtime` (shim/examples/fake_nvidia_runtime.rs), which `cargo test
+/// --workspace` builds with the shim's examples: `<target>/debug/examples/fake_nvidia_runtime`.
+pub fn fake_gpu_runtime_binary() -> PathBuf {
+    let bin = shim_dir().join("examples/fake_nvidia_runtime");
+    assert!(
+        bin.is_file(),
+        "{} not found: build it first: cargo build -p containerd-shim-kybernate-v1 --example fake_nvidia_runtime",
+        bin.display()
+    );
+    bin
 }
 
 impl Bed {
