@@ -11,12 +11,6 @@ fn main() {
         println!("containerd-shim-kybernate-v1 {}", env!("CARGO_PKG_VERSION"));
         return;
     }
-    // Keep our socket address for the exit path (see Service::wait).
-    if let Some(pos) = args.iter().position(|a| a == "-socket") {
-        if let Some(sock) = args.get(pos + 1) {
-            std::env::set_var(ADDRESS_ENV, sock);
-        }
-    }
     // A panic in the shim orphans containers: make sure one at least reaches containerd's log.
     std::panic::set_hook(Box::new(|info| log::error!("shim panic: {info}")));
     // The daemon our own `start` spawned serves the socket it was handed (bootstrap.rs); the
@@ -33,7 +27,16 @@ fn main() {
             eprintln!("{RUNTIME_ID}: {e}");
             std::process::exit(1);
         }
-        None => containerd_shim::run::<Service>(RUNTIME_ID, None),
+        None => {
+            // containerd-shim's own exit path removes the socket named in `./address`: keep our
+            // address for it (see Service::wait). Our `serve` removes its socket by path itself.
+            if let Some(pos) = args.iter().position(|a| a == "-socket") {
+                if let Some(sock) = args.get(pos + 1) {
+                    std::env::set_var(ADDRESS_ENV, sock);
+                }
+            }
+            containerd_shim::run::<Service>(RUNTIME_ID, None);
+            let _ = std::fs::remove_dir_all(exit_dir());
+        }
     }
-    let _ = std::fs::remove_dir_all(exit_dir());
 }

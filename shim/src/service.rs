@@ -131,7 +131,8 @@ impl Shim for Service {
     }
 }
 
-/// Our socket address for [`Shim::wait`]'s fallback (set by `main` from `-socket`).
+/// Our socket address for [`Shim::wait`]'s fallback (set by `main` from `-socket` when
+/// containerd-shim's own bootstrap runs the daemon; ours removes the socket by path).
 pub const ADDRESS_ENV: &str = "KYBERNATE_SHIM_SOCKET";
 
 /// Private dir holding a copy of `address` for the exit path.
