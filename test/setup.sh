@@ -10,7 +10,8 @@
 #   - a tiny busybox OCI image archive, built locally (there is no registry here)
 #   - for the installer image test: buildah from Debian testing ($KBT_BUILDAH_SUITE) and bookworm's mmdebstrap in
 #     $KBT_IMAGE_TOOLS_PREFIX, the wrapper $KBT_BUILDAH that runs buildah isolated, and a debian:bookworm-slim
-#     stand-in rootfs built once with mmdebstrap ($KBT_BASE_ROOTFS; delete it to rebuild)
+#     stand-in rootfs built once with mmdebstrap ($KBT_BASE_ROOTFS; delete it to rebuild), and bookworm's
+#     containerd and runc .debs ($KBT_NODE_DEBS) for the Debian package test's apt-get install on that rootfs
 # The system containerd service (if any) is left alone: test beds run a private containerd with
 # their own root, state, sockets and namespace.
 set -euo pipefail
@@ -344,7 +345,8 @@ mkdir -p "$KBT_RUN_BASE"
 
 # ---------------------------------------------------------------------------------------------
 # 5. Image tools for the installer image test: buildah from $KBT_BUILDAH_SUITE, bookworm's mmdebstrap,
-#    and the image's base (debian:bookworm-slim; no Docker Hub here) as a cached rootfs tarball
+#    and the image's base (debian:bookworm-slim; no Docker Hub here) as a cached rootfs tarball; the Debian
+#    package test installs our .deb on that rootfs with apt, next to bookworm's containerd and runc .debs
 # ---------------------------------------------------------------------------------------------
 IMAGE_TOOLS_DEB_DIR=$KBT_STATE_DIR/image-tools-debs
 BUILDAH_ROOT=$KBT_IMAGE_TOOLS_PREFIX/buildah
@@ -516,6 +518,8 @@ if [[ "$(base_rootfs_release)" == 12.* ]]; then
 else
     build_base_rootfs
 fi
+suite_lists bookworm
+download_debs bookworm "$KBT_NODE_DEBS" containerd runc
 
 # ---------------------------------------------------------------------------------------------
 # Summary
@@ -529,5 +533,6 @@ cat <<EOF
   criu        $CRIU_VERSION via $KBT_CRIU_WRAPPER -> $KBT_CRIU_PREFIX (criu check: Looks good.)
   image       $KBT_IMAGE <- $KBT_IMAGE_ARCHIVE ($(size "$KBT_IMAGE_ARCHIVE") bytes)
   buildah     $(buildah_version) via $KBT_BUILDAH -> $KBT_IMAGE_TOOLS_PREFIX; base rootfs $KBT_BASE_ROOTFS (bookworm $(base_rootfs_release))
+  node debs   $(cd "$KBT_NODE_DEBS" && echo *.deb)  (apt on the base rootfs, in the Debian package test)
   test beds   private containerd dirs under $KBT_RUN_BASE
 EOF

@@ -41,6 +41,11 @@ pub const IMAGE_ARCHIVE: &str = "/var/lib/kybernate-test/busybox-oci.tar";
 /// Parent of every test bed's and scratch directory; on disk so that overlayfs works, and short
 /// because unix socket paths are limited to 108 bytes.
 pub const RUN_BASE: &str = "/var/lib/kybernate-test/run";
+/// A minbase Debian bookworm rootfs (test/setup.sh's KBT_BASE_ROOTFS, made by mmdebstrap): the
+/// installer image's base and the Debian package test's fresh node.
+pub const BASE_ROOTFS: &str = "/var/lib/kybernate-test/debian-bookworm-slim-rootfs.tar";
+/// bookworm's containerd and runc .debs (test/setup.sh's KBT_NODE_DEBS), for apt on [`BASE_ROOTFS`].
+pub const NODE_DEBS: &str = "/var/lib/kybernate-test/node-debs-bookworm";
 /// The `criu` wrapper (Debian testing's CRIU >= 4.2 in a private prefix); runc finds it on PATH.
 pub const CRIU: &str = "/usr/local/sbin/criu";
 /// Oldest CRIU that works on the test machines' kernels (3.17 fails on the vDSO check).
