@@ -1,13 +1,16 @@
 //! The Debian package from packaging/deb/build.sh, built from the binaries cargo built for this
 //! test run (debug ones: the test is about the package): its control data, its contents, and a
-//! real install, upgrade, remove and purge with dpkg into a scratch root (`dpkg --root`).
+//! real install, upgrade, remove and purge with dpkg into a scratch root (`dpkg --root`), and an
+//! `apt-get install` on a fresh Debian bookworm rootfs next to Debian's containerd and runc.
 
 use std::collections::BTreeSet;
 use std::fs;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use kybernate_runtime_select::Config;
+use kybernate_testbed::{BASE_ROOTFS, NODE_DEBS};
 
 mod common;
 
@@ -71,7 +74,7 @@ fn package_metadata_and_contents() {
     for dep in ["libc6 (>= ", "containerd (>= 1.6)", "runc"] {
         assert!(depends.contains(dep), "Depends lacks {dep}: {depends}");
     }
-    assert_eq!(field(&deb, "Recommends"), "criu, iptables");
+    assert_eq!(field(&deb, "Recommends"), "criu (>= 4.1), iptables");
     assert!(field(&deb, "Maintainer").contains('<'));
 
     // Contents: paths, modes and root ownership.
@@ -280,6 +283,132 @@ fn installs_upgrades_and_removes_in_a_scratch_root() {
     assert_eq!(fs::read_to_string(root.join("etc/kybernate/config.toml")).unwrap(), edited);
     node.dpkg(&["--purge", "kybernate"]);
     assert!(!root.join("etc/kybernate").exists());
+}
+
+/// A fresh Debian node: the minbase bookworm rootfs, chrooted in private mount and PID namespaces
+/// (its /proc mounted there; nothing it starts outlives the command).
+struct FreshDebian {
+    root: PathBuf,
+}
+
+impl FreshDebian {
+    fn new(root: PathBuf) -> Self {
+        fs::create_dir_all(&root).unwrap();
+        run(Command::new("tar").arg("-xf").arg(BASE_ROOTFS).arg("-C").arg(&root));
+        // Debian's way of keeping package scripts in a chroot from starting services.
+        let policy = root.join("usr/sbin/policy-rc.d");
+        fs::write(&policy, "#!/bin/sh\nexit 101\n").unwrap();
+        fs::set_permissions(&policy, fs::Permissions::from_mode(0o755)).unwrap();
+        Self { root }
+    }
+
+    /// ARGS run inside, with a clean environment.
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("unshare");
+        cmd.args(["--mount", "--pid", "--fork"])
+            .arg(format!("--mount-proc={}", self.root.join("proc").display()))
+            .arg("chroot")
+            .arg(&self.root)
+            .args(["env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "DEBIAN_FRONTEND=noninteractive"])
+            .args(args)
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    fn run(&self, args: &[&str]) -> String {
+        run(&mut self.command(args))
+    }
+
+    fn status(&self, package: &str) -> String {
+        let out = self.command(&["dpkg-query", "--show", "--showformat=${Status}", package]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+/// `apt-get install ./kybernate_*.deb` on a fresh Debian bookworm, as installation.md gives it:
+/// apt refuses it while no containerd and runc can be had, and installs it with Debian's own
+/// containerd and runc (the .debs apt would fetch, from test/setup.sh). Then the installed CLI
+/// registers the runtime, and Debian's containerd reads the result.
+#[test]
+fn apt_installs_the_package_on_a_fresh_debian_with_debians_containerd_and_runc() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bin = built_binaries(&tmp.path().join("bin"));
+    let node = FreshDebian::new(tmp.path().join("root"));
+    let debs = node.root.join("tmp/debs");
+    let deb = build(&bin, &debs, "0.1.0");
+    let ours = format!("/tmp/debs/{}", deb.file_name().unwrap().to_str().unwrap());
+    let mut theirs = Vec::new();
+    for package in ["containerd", "runc"] {
+        let found: Vec<PathBuf> = fs::read_dir(NODE_DEBS)
+            .unwrap_or_else(|e| panic!("{NODE_DEBS}: {e} (run test/setup.sh)"))
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.file_name().unwrap().to_str().unwrap().starts_with(&format!("{package}_")))
+            .collect();
+        assert_eq!(found.len(), 1, "{package} in {NODE_DEBS}: {found:?}");
+        let name = found[0].file_name().unwrap().to_str().unwrap();
+        fs::copy(&found[0], debs.join(name)).unwrap();
+        theirs.push(format!("/tmp/debs/{name}"));
+    }
+    let install = ["apt-get", "install", "-q", "-y", "--no-install-recommends"];
+
+    // Alone, our package does not install: its Depends name containerd and runc.
+    let out = node.command(&[&install[..], &[ours.as_str()]].concat()).output().unwrap();
+    assert!(!out.status.success(), "{}", show(&out));
+    let said = String::from_utf8_lossy(&out.stdout);
+    for dep in ["Depends: containerd (>= 1.6)", "containerd.io (>= 1.6)", "Depends: runc"] {
+        assert!(said.contains(dep), "{dep}: {}", show(&out));
+    }
+    assert_eq!(node.status("kybernate"), "");
+
+    // With them it does; apt set up all three.
+    let args: Vec<&str> =
+        install.iter().copied().chain([ours.as_str()]).chain(theirs.iter().map(String::as_str)).collect();
+    node.run(&args);
+    for package in ["kybernate", "containerd", "runc"] {
+        assert_eq!(node.status(package), "install ok installed", "{package}");
+    }
+    let version = node.run(&["kybernate", "--version"]);
+    assert!(version.starts_with("kybernate 0.1.0"), "{version}");
+
+    // The installed CLI registers the runtime (installation.md's next step) in Debian's stock
+    // containerd config, and Debian's containerd 1.6 reads the runtime back from it.
+    let stock = fs::read_to_string(node.root.join("etc/containerd/config.toml")).unwrap();
+    let said = node.run(&["kybernate", "containerd-config", "install"]);
+    assert!(said.contains("result              installed"), "{said}");
+    let dumped = node.run(&["containerd", "--config", "/etc/containerd/config.toml", "config", "dump"]);
+    let table = dumped
+        .split("[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.kybernate]")
+        .nth(1)
+        .unwrap_or_else(|| panic!("containerd does not list the runtime:\n{dumped}"));
+    let table =
+        &table[..table.find("[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc]").unwrap_or(table.len())];
+    for line in [
+        "runtime_type = \"io.containerd.kybernate.v1\"",
+        "pod_annotations = [\"kybernate.io/*\"]",
+        "ConfigPath = \"/etc/kybernate/config.toml\"",
+    ] {
+        assert!(table.contains(line), "{line}:\n{table}");
+    }
+    let backups: Vec<String> = fs::read_dir(node.root.join("etc/containerd"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("config.toml.kybernate-backup-"))
+        .collect();
+    assert_eq!(backups.len(), 1, "{backups:?}");
+    assert_eq!(fs::read_to_string(node.root.join("etc/containerd").join(&backups[0])).unwrap(), stock);
+    let doctor = node.command(&["kybernate", "doctor"]).output().unwrap();
+    let said = String::from_utf8_lossy(&doctor.stdout);
+    assert!(said.lines().any(|l| l.starts_with("ok    cri runtime")), "{}", show(&doctor));
+    assert!(said.lines().any(|l| l.starts_with("ok    runc")), "{}", show(&doctor));
+
+    // apt removes it again; the conffile goes with --purge.
+    node.run(&["apt-get", "purge", "-q", "-y", "kybernate"]);
+    assert_eq!(node.status("kybernate"), "");
+    for name in BINARIES {
+        assert!(!node.root.join("usr/bin").join(name).exists(), "{name} left behind");
+    }
+    assert!(!node.root.join("etc/kybernate").exists());
+    assert_eq!(node.status("containerd"), "install ok installed");
 }
 
 /// packaging/deb/config.toml: as shipped (all commented) it is the defaults, and uncommenting

@@ -103,7 +103,7 @@ Architecture: $arch
 Maintainer: $maintainer
 Installed-Size: $installed_size
 Depends: $shlibs, containerd (>= 1.6) | containerd.io (>= 1.6), runc | containerd.io
-Recommends: criu, iptables
+Recommends: criu (>= 4.1), iptables
 Section: admin
 Priority: optional
 Homepage: https://github.com/kybernate/kybernate
