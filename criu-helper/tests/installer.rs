@@ -20,13 +20,11 @@ use serde_yaml_ng::Value as Yaml;
 mod common;
 
 use common::{built_binaries, show, text, wait_for, BINARIES};
-use kybernate_testbed::{unique_name, Testbed};
+use kybernate_testbed::{unique_name, Testbed, BASE_ROOTFS};
 
 /// Mirrors test/lib/common.sh's KBT_BUILDAH: `kbt-buildah DIR ARGS...` runs buildah with all its
 /// state under DIR, in a private mount namespace (written by test/setup.sh).
 const KBT_BUILDAH: &str = "/opt/kybernate-test/image-tools/bin/kbt-buildah";
-/// Mirrors test/lib/common.sh's KBT_BASE_ROOTFS: the debian:bookworm-slim stand-in's rootfs.
-const KBT_BASE_ROOTFS: &str = "/var/lib/kybernate-test/debian-bookworm-slim-rootfs.tar";
 /// Mirrors test/lib/common.sh's KBT_BASE_IMAGE: what the Dockerfile's `FROM debian:bookworm-slim` resolves to.
 const KBT_BASE_IMAGE: &str = "docker.io/library/debian:bookworm-slim";
 
@@ -554,7 +552,7 @@ fn oci_archive_config(archive: &Path) -> Json {
 /// containerd config, and a containerd restart that records its calls.
 #[test]
 fn the_installer_image_builds_from_its_dockerfile_and_installs_a_node() {
-    for tool in [KBT_BUILDAH, KBT_BASE_ROOTFS] {
+    for tool in [KBT_BUILDAH, BASE_ROOTFS] {
         assert!(Path::new(tool).is_file(), "{tool} missing: run test/setup.sh");
     }
     let dockerfile =
@@ -596,7 +594,7 @@ fn the_installer_image_builds_from_its_dockerfile_and_installs_a_node() {
     let image = format!("localhost/kybernate-installer:{}", unique_name("test"));
     let c = buildah(&storage, &["from", "scratch"]);
     let c = c.trim();
-    buildah(&storage, &["add", c, KBT_BASE_ROOTFS, "/"]);
+    buildah(&storage, &["add", c, BASE_ROOTFS, "/"]);
     let path_env = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
     buildah(&storage, &["config", "--os", "linux", "--cmd", "[\"bash\"]", "--env", path_env, c]);
     buildah(&storage, &["commit", "-q", "--rm", c, KBT_BASE_IMAGE]);
