@@ -651,6 +651,34 @@ fn documented_commands_work() {
     assert_eq!(fs::read_to_string(&config).unwrap(), original);
 }
 
+/// docs/cli.md's containerd-config examples (default path) on a copy of the stock config, named
+/// with `--containerd-config`: install, a dry run of the other style, uninstall back to the original.
+#[test]
+fn cli_reference_examples_work() {
+    let docs = repo_file("docs/cli.md");
+    let section = docs.split("### `kybernate containerd-config ").nth(1).expect("the section");
+    let block = section.split("```sh\n").nth(1).and_then(|b| b.split("```").next()).expect("a sh block");
+    let commands: Vec<&str> =
+        block.lines().map(|l| l.split(" #").next().unwrap().trim()).filter(|l| l.starts_with("kybernate ")).collect();
+    assert_eq!(commands.len(), 3, "{block}");
+    let original = fixture("containerd-1.6-default.toml");
+    let (_tmp, config) = node(&original);
+    let said: Vec<String> = commands
+        .iter()
+        .map(|line| {
+            let mut args: Vec<&str> = line.split_whitespace().skip(1).collect();
+            args.extend(["--containerd-config", config.to_str().unwrap()]);
+            let out = kybernate(&args);
+            assert_eq!(out.status.code(), Some(0), "{line}: {}", show(&out));
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        })
+        .collect();
+    assert!(said[0].contains("result              installed"), "{}", said[0]);
+    assert!(said[1].contains("would update"), "{}", said[1]);
+    assert!(said[2].contains("result              removed"), "{}", said[2]);
+    assert_eq!(fs::read_to_string(&config).unwrap(), original);
+}
+
 /// The CLI's global `--config` names the Kybernate config: before the subcommand it must never be
 /// taken for containerd's file (which install would edit, or create).
 #[test]
