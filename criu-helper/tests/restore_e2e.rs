@@ -16,7 +16,7 @@ use common::{
     wait_for, Bed, KYBERNATE, RUNTIME,
 };
 use kybernate_criu::Store;
-use kybernate_testbed::fakes::FakeCuda;
+use kybernate_testbed::fakes::{nvidia_device_node, FakeCuda};
 use kybernate_testbed::{unique_name, IMAGE};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -278,15 +278,7 @@ fn a_gpu_checkpoint_from_other_gpus_is_refused_then_restored_with_allow_gpu_mism
     });
     fs::write(nvidia.join("edits.json"), edits.to_string()).unwrap();
     // The container's GPU evidence: a char device of major 195 (`ctr run --device`).
-    let device = d.join("dev/nvidia0");
-    fs::create_dir_all(device.parent().unwrap()).unwrap();
-    nix::sys::stat::mknod(
-        &device,
-        nix::sys::stat::SFlag::S_IFCHR,
-        nix::sys::stat::Mode::from_bits_truncate(0o666),
-        nix::sys::stat::makedev(195, 0),
-    )
-    .expect("mknod a char 195:0 node for the test");
+    let device = nvidia_device_node(&d.join("dev/nvidia0"));
     let extra = format!("libcuda = \"{}\"\ncuda = \"driver-api\"\n", cuda.lib.display());
     let bed = bed_with(|b| b.path_prepend(&nvidia), &extra);
 

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use containerd_shim_protos::shim::oci::CheckpointOptions;
 use containerd_shim_protos::ttrpc::Code;
-use kybernate_testbed::fakes::{FakeCall, FakeCuda};
+use kybernate_testbed::fakes::{nvidia_device_node, FakeCall, FakeCuda};
 use kybernate_testbed::{unique_name, IMAGE};
 use serde_json::Value;
 
@@ -83,15 +83,7 @@ fn gpu_bed_with(
     }
     std::fs::write(nvidia.join("edits.json"), edits.to_string()).unwrap();
 
-    let device = d.join("dev/nvidia0");
-    std::fs::create_dir_all(device.parent().unwrap()).unwrap();
-    nix::sys::stat::mknod(
-        &device,
-        nix::sys::stat::SFlag::S_IFCHR,
-        nix::sys::stat::Mode::from_bits_truncate(0o666),
-        nix::sys::stat::makedev(195, 0),
-    )
-    .expect("mknod a char 195:0 node for the test");
+    let device = nvidia_device_node(&d.join("dev/nvidia0"));
 
     let criu_bin = d.join("criu-bin");
     std::fs::create_dir_all(&criu_bin).unwrap();

@@ -135,6 +135,17 @@ fn parse_call(line: &str) -> Option<FakeCall> {
     Some(FakeCall { function, pid, code, extra })
 }
 
+/// Makes `path` a char device 195:0, the major of NVIDIA's devices: a container given it
+/// (`ctr run --device PATH`) shows runtime-select its GPU evidence, with no GPU behind it.
+pub fn nvidia_device_node(path: &Path) -> PathBuf {
+    fs::create_dir_all(path.parent().expect("a device path with a parent")).expect("the device's dir");
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("no NUL in the path");
+    // SAFETY: a valid NUL-terminated path; mknod has no other preconditions.
+    let rc = unsafe { libc::mknod(c_path.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(195, 0)) };
+    assert_eq!(rc, 0, "mknod a char 195:0 node at {}: {}", path.display(), std::io::Error::last_os_error());
+    path.to_path_buf()
+}
+
 /// A real process to point the fake driver at (`sleep 30`); killed and reaped on drop.
 pub struct Sleeper(pub std::process::Child);
 
