@@ -355,6 +355,14 @@ state = "{d}/state"
 
 [plugins."io.containerd.internal.v1.opt"]
   path = "{d}/opt"
+
+# containerd >= 1.7's NRI (on by default in 2.x) listens on the host-wide /var/run/nri/nri.sock:
+# two beds at once would collide there, and a killed one would leave the file behind.
+# (containerd 1.6 has no NRI plugin and ignores the table.)
+[plugins."io.containerd.nri.v1.nri"]
+  socket_path = "{d}/nri/nri.sock"
+  plugin_path = "{d}/nri/plugins"
+  plugin_config_path = "{d}/nri/conf.d"
 "#,
             ns = self.namespace,
             disabled = if cri.is_some() { "" } else { r#"disabled_plugins = ["io.containerd.grpc.v1.cri"]"# },
@@ -578,6 +586,7 @@ mod tests {
         assert!(toml.contains("state = \"/x/kbt-1-2/state\""));
         assert!(toml.contains("address = \"/x/kbt-1-2/containerd.sock\""));
         assert!(toml.contains("address = \"/x/kbt-1-2/containerd.sock.ttrpc\""));
+        assert!(toml.contains("socket_path = \"/x/kbt-1-2/nri/nri.sock\""));
         assert!(toml.contains("disabled_plugins = [\"io.containerd.grpc.v1.cri\"]"));
         assert!(toml.trim_end().ends_with("b = 1"));
         // Leaked into `tb`'s Drop otherwise: nothing to clean for a fake.
