@@ -27,6 +27,7 @@ APT_PACKAGES=(
     mount                  # umount for cleanup
     protobuf-compiler      # protoc, for crates that build CRI/containerd protos
     hyperfine              # benchmarks
+    libdevmapper1.02.1     # linked by dockerd (Debian's docker.io, unpacked for the installer image test)
     dpkg-dev               # dpkg-shlibdeps, for the Debian package's library dependencies (packaging/deb)
 )
 CRIU_DEB_DIR=$KBT_STATE_DIR/criu-debs-$KBT_CRIU_SUITE
@@ -522,6 +523,79 @@ suite_lists bookworm
 download_debs bookworm "$KBT_NODE_DEBS" containerd runc
 
 # ---------------------------------------------------------------------------------------------
+# 6. Docker (this release's docker.io, unpacked: no service installed or started) for the installer image
+#    test's `docker build`, and $KBT_DOCKERD, the wrapper that runs a private dockerd
+# ---------------------------------------------------------------------------------------------
+docker_version() { { "$KBT_DOCKER_PREFIX/usr/bin/docker" --version 2>/dev/null || true; } | awk '{print $3}' | tr -d ,; }
+
+install_docker() {
+    local suite debs=$KBT_STATE_DIR/docker-debs stage b missing_libs
+    # shellcheck disable=SC1091 # the running system's os-release
+    suite=$(. /etc/os-release && echo "$VERSION_CODENAME")
+    suite_lists "$suite"
+    download_debs "$suite" "$debs" docker.io
+    stage=$(mktemp -d "$(dirname "$KBT_DOCKER_PREFIX")/.docker-stage.XXXXXX")
+    dpkg-deb -x "$debs"/docker.io_*.deb "$stage"
+    for b in usr/sbin/dockerd usr/bin/docker; do
+        [ -x "$stage/$b" ] || die "docker.io from $suite has no $b"
+        missing_libs=$(ldd "$stage/$b" | grep 'not found' || true)
+        [ -z "$missing_libs" ] || die "$b's libraries are missing on this machine: $missing_libs"
+    done
+    chmod 755 "$stage"
+    rm -rf "$KBT_DOCKER_PREFIX"
+    mv "$stage" "$KBT_DOCKER_PREFIX"
+    log "installed docker $(docker_version) into $KBT_DOCKER_PREFIX"
+}
+
+# `kbt-dockerd DIR` runs that dockerd in the foreground with everything it keeps under DIR.
+write_dockerd_wrapper() {
+    local tmp
+    tmp=$(mktemp)
+    mkdir -p "$(dirname "$KBT_DOCKERD")"
+    cat >"$tmp" <<'EOF'
+#!/bin/sh
+# Installed by Kybernate's test/setup.sh.
+#   kbt-dockerd DIR
+# runs the dockerd in .. (Debian's docker.io, unpacked) in the foreground, with its data root, exec root
+# (its own containerd's state and sockets included), pid file and config under DIR and its API on
+# unix://DIR/docker.sock; no iptables rules and no bridge, so it changes no networking. dockerd also writes
+# /etc/docker/key.json and files under /run whatever it is told: it runs in a private mount namespace whose
+# /etc and /run are overlays with their upper dirs on a tmpfs (DIR/ns) that goes with the namespace, as do
+# its overlay2 mounts. DIR must lie outside /etc and /run, and be short (unix socket paths under it).
+set -eu
+P=$(cd "$(dirname "$0")/.." && pwd -P)
+[ "$#" -eq 1 ] || { echo "usage: kbt-dockerd DIR" >&2; exit 2; }
+D=$(realpath -m "$1")
+case "$D/" in
+    /etc/* | /run/* | /var/run/*) echo "kbt-dockerd: $D must lie outside /etc and /run" >&2; exit 2 ;;
+esac
+mkdir -p "$D/ns" "$D/data" "$D/exec"
+printf '{}\n' >"$D/daemon.json"
+export PATH="$P/usr/sbin:$P/usr/bin:$PATH"
+exec unshare --mount --propagation private -- sh -c '
+    D=$1
+    mount -t tmpfs -o mode=0700 kbt-dockerd "$D/ns" &&
+        mkdir "$D/ns/etc" "$D/ns/etc.work" "$D/ns/run" "$D/ns/run.work" &&
+        mount -t overlay overlay -o "lowerdir=/etc,upperdir=$D/ns/etc,workdir=$D/ns/etc.work" /etc &&
+        mount -t overlay overlay -o "lowerdir=/run,upperdir=$D/ns/run,workdir=$D/ns/run.work" /run ||
+        { echo "kbt-dockerd: cannot set up the private mount namespace" >&2; exit 125; }
+    exec dockerd --data-root "$D/data" --exec-root "$D/exec" --pidfile "$D/docker.pid" \
+        -H "unix://$D/docker.sock" --config-file "$D/daemon.json" \
+        --iptables=false --ip6tables=false --ip-masq=false --bridge=none' \
+    kbt-dockerd "$D"
+EOF
+    install_if_changed "$tmp" "$KBT_DOCKERD"
+}
+
+mkdir -p "$(dirname "$KBT_DOCKER_PREFIX")"
+if [ -x "$KBT_DOCKER_PREFIX/usr/sbin/dockerd" ] && [ -n "$(docker_version)" ]; then
+    log "docker $(docker_version) already in $KBT_DOCKER_PREFIX"
+else
+    install_docker
+fi
+write_dockerd_wrapper
+
+# ---------------------------------------------------------------------------------------------
 # Summary
 # ---------------------------------------------------------------------------------------------
 elapsed=$(awk -v s="$START" -v e="$(date +%s.%N)" 'BEGIN { printf "%.1f", e - s }')
@@ -533,6 +607,7 @@ cat <<EOF
   criu        $CRIU_VERSION via $KBT_CRIU_WRAPPER -> $KBT_CRIU_PREFIX (criu check: Looks good.)
   image       $KBT_IMAGE <- $KBT_IMAGE_ARCHIVE ($(size "$KBT_IMAGE_ARCHIVE") bytes)
   buildah     $(buildah_version) via $KBT_BUILDAH -> $KBT_IMAGE_TOOLS_PREFIX; base rootfs $KBT_BASE_ROOTFS (bookworm $(base_rootfs_release))
+  docker      $(docker_version) via $KBT_DOCKERD -> $KBT_DOCKER_PREFIX (the installer image test's docker build)
   node debs   $(cd "$KBT_NODE_DEBS" && echo *.deb)  (apt on the base rootfs, in the Debian package test)
   test beds   private containerd dirs under $KBT_RUN_BASE
 EOF

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::fs;
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -463,8 +464,8 @@ fn daemonset_runs_the_installer_privileged_with_the_host_root() {
     assert!(tolerations.iter().any(|t| t["key"] == "nvidia.com/gpu" && t["operator"] == "Exists"), "{tolerations:?}");
 }
 
-/// The Dockerfile copies files that exist (or, under target/release, the three binaries), its
-/// .dockerignore lets exactly those through, and the paths match what install.sh expects.
+/// The Dockerfile copies files that exist (or, under target/release, the three binaries), the
+/// repository's .dockerignore lets exactly those through, and the paths match what install.sh expects.
 #[test]
 fn dockerfile_copies_what_the_installer_needs() {
     let dir = repo().join("packaging/kubernetes/installer");
@@ -485,7 +486,11 @@ fn dockerfile_copies_what_the_installer_needs() {
     assert_eq!(sources.iter().filter(|s| s.starts_with("target/release/")).count(), 3);
     assert!(text.contains("ENTRYPOINT [\"/opt/kybernate/install.sh\"]"));
     assert!(text.contains("KYBERNATE_BIN_DIR=/opt/kybernate/bin"));
-    let ignore = fs::read_to_string(dir.join("Dockerfile.dockerignore")).unwrap();
+    assert!(
+        !dir.join("Dockerfile.dockerignore").exists(),
+        "Docker's classic builder ignores <Dockerfile>.dockerignore"
+    );
+    let ignore = fs::read_to_string(repo().join(".dockerignore")).unwrap();
     let mut allowed: Vec<String> = ignore.lines().filter_map(|l| l.strip_prefix('!')).map(String::from).collect();
     allowed.sort();
     sources.sort();
@@ -546,6 +551,31 @@ fn oci_archive_config(archive: &Path) -> Json {
     json(&blob(&manifest["config"]["digest"]))
 }
 
+/// Stages a build context in `ctx` as the repository root would give it, with only what the
+/// Dockerfile copies, at the same relative paths (the debug binaries standing in for the release
+/// ones under target/release: CI builds no release), the Dockerfile and the .dockerignore. Returns
+/// where the binaries are.
+fn stage_context(ctx: &Path, dockerfile: &str) -> PathBuf {
+    let mut copied: Vec<&str> = dockerfile
+        .lines()
+        .filter_map(|l| l.strip_prefix("COPY "))
+        .flat_map(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            words[..words.len() - 1].to_vec()
+        })
+        .collect();
+    let bin = built_binaries(&ctx.join("target/release"));
+    let binaries: Vec<String> = BINARIES.iter().map(|b| format!("target/release/{b}")).collect();
+    copied.retain(|src| !binaries.iter().any(|b| b == src));
+    assert_eq!(copied.len(), 4, "the Dockerfile copies the three binaries and four other files: {copied:?}");
+    for rel in copied.into_iter().chain(["packaging/kubernetes/installer/Dockerfile", ".dockerignore"]) {
+        let dest = ctx.join(rel);
+        fs::create_dir_all(dest.parent().unwrap()).unwrap();
+        fs::copy(repo().join(rel), &dest).unwrap(); // keeps the mode: install.sh is executable
+    }
+    bin
+}
+
 /// The real Dockerfile, built with buildah from a context holding exactly what it copies (the
 /// debug binaries standing in for the release ones), then run twice by a private containerd as
 /// the DaemonSet runs it: privileged, the host's / at /host, here a fake host root with a stock
@@ -560,37 +590,16 @@ fn the_installer_image_builds_from_its_dockerfile_and_installs_a_node() {
     let host_dirs = ["/var/lib/containers", "/run/containers", "/etc/containers"];
     let host_dirs_before: Vec<bool> = host_dirs.iter().map(|d| Path::new(d).exists()).collect();
 
-    // The build context: the Dockerfile, its .dockerignore and what its COPYs name, at the same
-    // relative paths, and nothing else; the built binaries under target/release (kbt-buildah
-    // refuses dirs under /var/lib, hence a temp dir rather than a test bed's scratch dir).
+    // A temp dir rather than a test bed's scratch dir: kbt-buildah refuses dirs under /var/lib.
     let scratch = tempfile::Builder::new().prefix("kbt-installer-image-").tempdir().unwrap();
     let scratch_path = scratch.path().to_path_buf();
     let ctx = scratch.path().join("context");
     let storage = scratch.path().join("buildah");
     let archive = scratch.path().join("installer-oci.tar");
-    let mut copied: Vec<&str> = dockerfile
-        .lines()
-        .filter_map(|l| l.strip_prefix("COPY "))
-        .flat_map(|l| {
-            let words: Vec<&str> = l.split_whitespace().collect();
-            words[..words.len() - 1].to_vec()
-        })
-        .collect();
-    let bin = built_binaries(&ctx.join("target/release"));
-    let binaries: Vec<String> = BINARIES.iter().map(|b| format!("target/release/{b}")).collect();
-    copied.retain(|src| !binaries.iter().any(|b| b == src));
-    assert_eq!(copied.len(), 4, "the Dockerfile copies the three binaries and four other files: {copied:?}");
-    for rel in copied
-        .into_iter()
-        .chain(["packaging/kubernetes/installer/Dockerfile", "packaging/kubernetes/installer/Dockerfile.dockerignore"])
-    {
-        let dest = ctx.join(rel);
-        fs::create_dir_all(dest.parent().unwrap()).unwrap();
-        fs::copy(repo().join(rel), &dest).unwrap(); // keeps the mode: install.sh is executable
-    }
+    let bin = stage_context(&ctx, &dockerfile);
 
-    // The base image, from the rootfs test/setup.sh built; then the Dockerfile, unchanged. buildah
-    // reads <Dockerfile>.dockerignore only when told (BuildKit finds it by itself).
+    // The base image, from the rootfs test/setup.sh built; then the Dockerfile, unchanged (buildah
+    // reads the context's .dockerignore by itself).
     let image = format!("localhost/kybernate-installer:{}", unique_name("test"));
     let c = buildah(&storage, &["from", "scratch"]);
     let c = c.trim();
@@ -598,7 +607,6 @@ fn the_installer_image_builds_from_its_dockerfile_and_installs_a_node() {
     let path_env = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
     buildah(&storage, &["config", "--os", "linux", "--cmd", "[\"bash\"]", "--env", path_env, c]);
     buildah(&storage, &["commit", "-q", "--rm", c, KBT_BASE_IMAGE]);
-    let ignorefile = ctx.join("packaging/kubernetes/installer/Dockerfile.dockerignore");
     let ctx_s = ctx.to_str().unwrap();
     let built = Instant::now();
     buildah(
@@ -607,8 +615,6 @@ fn the_installer_image_builds_from_its_dockerfile_and_installs_a_node() {
             "build",
             "--pull=never",
             "--isolation=chroot",
-            "--ignorefile",
-            ignorefile.to_str().unwrap(),
             "-f",
             &format!("{ctx_s}/packaging/kubernetes/installer/Dockerfile"),
             "-t",
@@ -712,4 +718,234 @@ fn the_installer_image_builds_from_its_dockerfile_and_installs_a_node() {
     for (dir, before) in host_dirs.iter().zip(host_dirs_before) {
         assert_eq!(Path::new(dir).exists(), before, "{dir}: buildah wrote outside its dir");
     }
+}
+
+/// Mirrors test/lib/common.sh's KBT_DOCKERD: `kbt-dockerd DIR` runs Debian's dockerd with all its
+/// state and its API socket under DIR, in a private mount namespace (written by test/setup.sh).
+const KBT_DOCKERD: &str = "/opt/kybernate-test/docker/bin/kbt-dockerd";
+
+/// A private dockerd (kbt-dockerd) for one test; stopped, with its own containerd, on drop.
+struct Dockerd {
+    dir: PathBuf,
+    child: std::process::Child,
+}
+
+impl Dockerd {
+    fn start(dir: &Path) -> Self {
+        let log = fs::File::create(dir.with_extension("log")).unwrap();
+        let child = Command::new(KBT_DOCKERD)
+            .arg(dir)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .process_group(0) // so that drop can take down dockerd's containerd with it
+            .spawn()
+            .unwrap_or_else(|e| panic!("{KBT_DOCKERD}: {e} (run test/setup.sh)"));
+        let dockerd = Self { dir: dir.to_path_buf(), child };
+        wait_for("dockerd to serve its API", || {
+            let out = dockerd.docker().args(["version", "--format", "{{.Server.Version}}"]).output().unwrap();
+            out.status.success().then_some(())
+        });
+        dockerd
+    }
+
+    /// The docker CLI of the same package, talking to this dockerd; its own config dir, not ~/.docker.
+    fn docker(&self) -> Command {
+        let mut cmd = Command::new(Path::new(KBT_DOCKERD).parent().unwrap().join("../usr/bin/docker"));
+        cmd.env("DOCKER_HOST", format!("unix://{}/docker.sock", self.dir.display()))
+            .env("DOCKER_CONFIG", self.dir.join("client"))
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    fn docker_ok(&self, args: &[&str]) -> String {
+        step(&format!("docker {}", args.first().unwrap_or(&"")), self.docker().args(args))
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(self.dir.with_extension("log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Dockerd {
+    fn drop(&mut self) {
+        let pid = self.child.id() as libc::pid_t;
+        // SAFETY: signals to the process (group) this test spawned.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        unsafe { libc::killpg(pid, libc::SIGKILL) };
+        let _ = self.child.wait();
+    }
+}
+
+/// How many bytes a builder says it sent as the build context: the last `MARKER 123.4MB` in its
+/// output (Docker's decimal units).
+fn context_bytes(output: &str, marker: &str) -> f64 {
+    let size = output
+        .rsplit(marker)
+        .next()
+        .filter(|_| output.contains(marker))
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no `{marker}` in the build's output:\n{output}"));
+    let split = size.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(size.len());
+    let number: f64 = size[..split].parse().unwrap_or_else(|_| panic!("context size {size:?}"));
+    let unit = match &size[split..] {
+        "B" => 1.0,
+        "kB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        other => panic!("context size unit {other:?} in {size:?}"),
+    };
+    number * unit
+}
+
+/// The documented `docker build` line (docs/installation.md), run as written from a context that
+/// also holds build output under target/ as a working tree does, with Debian's Docker 20.10: its
+/// classic builder (the default before Docker 23) and BuildKit. Both must send only what the
+/// Dockerfile copies (before the root .dockerignore, the classic builder sent all of target/ and
+/// failed), and the image must hold exactly those files, with their bytes and modes.
+#[test]
+fn docker_builds_the_installer_image_with_the_documented_command() {
+    for tool in [KBT_DOCKERD, BASE_ROOTFS] {
+        assert!(Path::new(tool).is_file(), "{tool} missing: run test/setup.sh");
+    }
+    let docs = fs::read_to_string(repo().join("docs/installation.md")).unwrap();
+    let documented: Vec<&str> = docs
+        .lines()
+        .find(|l| l.starts_with("docker build "))
+        .expect("docs/installation.md has a `docker build` line")
+        .split_whitespace()
+        .collect();
+    let dockerfile =
+        fs::read_to_string(repo().join("packaging/kubernetes/installer/Dockerfile")).unwrap().replace("\\\n", " ");
+    let host_dirs = ["/etc/docker", "/var/lib/docker", "/run/docker", "/root/.docker"];
+    let host_dirs_before: Vec<bool> = host_dirs.iter().map(|d| Path::new(d).exists()).collect();
+
+    // /tmp and a short name: dockerd's containerd puts its sockets under the dir.
+    let scratch = tempfile::Builder::new().prefix("kbt-dk-").tempdir_in("/tmp").unwrap();
+    let scratch_path = scratch.path().to_path_buf();
+    let ctx = scratch.path().join("ctx");
+    let bin = stage_context(&ctx, &dockerfile);
+    let wanted_bytes: u64 = walk(&ctx).iter().map(|p| fs::metadata(p).unwrap().len()).sum();
+    // What a working tree also has: 512 MiB of build output (sparse: it costs no disk).
+    let junk = ctx.join("target/debug/build-output");
+    fs::create_dir_all(junk.parent().unwrap()).unwrap();
+    fs::File::create(&junk).unwrap().set_len(512 << 20).unwrap();
+
+    let dockerd = Dockerd::start(&scratch.path().join("d"));
+    let path_env = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+    dockerd.docker_ok(&[
+        "import",
+        "--change",
+        "CMD [\"bash\"]",
+        "--change",
+        &format!("ENV {path_env}"),
+        BASE_ROOTFS,
+        KBT_BASE_IMAGE,
+    ]);
+
+    for (builder, buildkit, marker) in
+        [("classic", "0", "Sending build context to Docker daemon"), ("buildkit", "1", "transferring context:")]
+    {
+        let tag = format!("kybernate-installer:{builder}");
+        let mut args: Vec<&str> = documented[1..].to_vec();
+        let t = args.iter().position(|a| *a == "-t").expect("the documented line names its tag with -t");
+        args[t + 1] = &tag;
+        let started = Instant::now();
+        let out = dockerd.docker().current_dir(&ctx).env("DOCKER_BUILDKIT", buildkit).args(&args).output().unwrap();
+        let output = format!("{}{}", text(&out.stdout), text(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{builder}: docker {args:?} failed\n{output}\n--- dockerd ---\n{}",
+            dockerd.log()
+        );
+        eprintln!("docker build ({builder}): {:?}", started.elapsed());
+        let sent = context_bytes(&output, marker);
+        let wanted = wanted_bytes as f64;
+        assert!(
+            sent > wanted * 0.98 - 1e6 && sent < wanted * 1.02 + 1e6,
+            "{builder}: sent a {sent} byte context, the Dockerfile copies {wanted} bytes\n{output}"
+        );
+
+        // The image config says what the Dockerfile says.
+        let config: Json =
+            serde_json::from_str(&dockerd.docker_ok(&["image", "inspect", "--format", "{{json .Config}}", &tag]))
+                .unwrap();
+        assert_eq!(config["Entrypoint"], serde_json::json!(["/opt/kybernate/install.sh"]), "{builder}: {config}");
+        assert!(config["Cmd"].as_array().map_or(true, Vec::is_empty), "{builder}: CMD must be reset: {config}");
+        let env: Vec<&str> = config["Env"].as_array().unwrap().iter().map(|e| e.as_str().unwrap()).collect();
+        for var in [
+            "HOST_ROOT=/host",
+            "KYBERNATE_BIN_DIR=/opt/kybernate/bin",
+            "KYBERNATE_DEFAULT_CONFIG=/opt/kybernate/config.toml",
+            path_env,
+        ] {
+            assert!(env.contains(&var), "{builder}: image Env lacks {var}: {env:?}");
+        }
+
+        // /opt/kybernate holds exactly the copied files, byte for byte, with their modes.
+        let id = dockerd.docker_ok(&["create", &tag]).trim().to_string();
+        let tar = dockerd.docker().args(["cp", &format!("{id}:/opt/kybernate"), "-"]).output().unwrap();
+        assert!(tar.status.success(), "{builder}: docker cp: {}", show(&tar));
+        dockerd.docker_ok(&["rm", &id]);
+        let mut files = HashMap::new();
+        let mut archive = tar::Archive::new(tar.stdout.as_slice());
+        for entry in archive.entries().unwrap() {
+            let mut entry = entry.unwrap();
+            if entry.header().entry_type().is_file() {
+                let path = entry.path().unwrap().to_string_lossy().into_owned();
+                let mode = entry.header().mode().unwrap() & 0o7777;
+                let mut bytes = Vec::new();
+                entry.read_to_end(&mut bytes).unwrap();
+                files.insert(path, (mode, bytes));
+            }
+        }
+        let mut expected: Vec<(String, PathBuf)> = BINARIES
+            .iter()
+            .map(|b| (format!("kybernate/bin/{b}"), bin.join(b)))
+            .chain(
+                ["install.sh", "uninstall.sh", "lib.sh"]
+                    .map(|f| (format!("kybernate/{f}"), ctx.join("packaging/kubernetes/installer").join(f))),
+            )
+            .chain([("kybernate/config.toml".to_string(), ctx.join("packaging/deb/config.toml"))])
+            .collect();
+        expected.sort();
+        let mut listed: Vec<&String> = files.keys().collect();
+        listed.sort();
+        assert_eq!(listed, expected.iter().map(|(p, _)| p).collect::<Vec<_>>(), "{builder}: /opt/kybernate");
+        for (path, source) in &expected {
+            let (image_mode, bytes) = &files[path];
+            assert_eq!(*image_mode, mode(source), "{builder}: {path}'s mode");
+            assert!(*bytes == fs::read(source).unwrap(), "{builder}: {path} differs from {}", source.display());
+        }
+    }
+
+    // Nothing is left: dockerd, its containerd and their mounts go with its namespace; the scratch
+    // dir (data root included) goes, and dockerd wrote nothing outside it.
+    drop(dockerd);
+    scratch.close().expect("removing the build's scratch dir");
+    assert!(!scratch_path.exists(), "{} left behind", scratch_path.display());
+    for (dir, before) in host_dirs.iter().zip(host_dirs_before) {
+        assert_eq!(Path::new(dir).exists(), before, "{dir}: docker wrote outside its dir");
+    }
+}
+
+/// Every regular file under `dir`.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for entry in fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            files.extend(walk(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
 }

@@ -42,3 +42,9 @@ KBT_BASE_IMAGE=docker.io/library/debian:bookworm-slim
 # The Debian package test's node is that rootfs with Debian's own containerd and runc .debs beside our package
 # (bookworm's, downloaded once), so `apt-get install ./kybernate_*.deb` resolves the Depends without a network.
 KBT_NODE_DEBS=$KBT_STATE_DIR/node-debs-bookworm
+# The installer image test also builds the image with `docker build` (criu-helper/tests/installer.rs mirrors
+# KBT_DOCKERD): this release's docker.io unpacked into $KBT_DOCKER_PREFIX, and the wrapper that runs a private
+# dockerd (state, exec root and API socket under DIR; nothing under /etc/docker, /var/lib/docker or /run):
+#   kbt-dockerd DIR
+KBT_DOCKER_PREFIX=/opt/kybernate-test/docker
+KBT_DOCKERD=$KBT_DOCKER_PREFIX/bin/kbt-dockerd
