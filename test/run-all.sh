@@ -12,12 +12,22 @@ bash test/setup.sh
 echo "== test/demo.sh"
 bash test/demo.sh
 
-echo "== benchmarks: criterion benches run once each (test mode), bench scripts parse"
-# The timed runs are not tests (docs/benchmarks.md); this only keeps the benchmarks from rotting.
+echo "== release build (docs/installation.md's command) and its binaries' --version"
+cargo build --release -p kybernate-criu -p containerd-shim-kybernate-v1 -p kybernate-runtime-select
+for b in kybernate containerd-shim-kybernate-v1 kybernate-select; do
+    "target/release/$b" --version
+done
+
+echo "== benchmarks: criterion benches once each (test mode); the shim and checkpoint scripts one short run each"
+# The timed runs are not tests (docs/benchmarks.md) and nothing here checks a time: this keeps the
+# benchmarks from rotting and runs the release binaries (fat LTO, stripped) through real containers,
+# a checkpoint and a restore. gpu.sh needs a GPU: it only has to parse.
 cargo test -q -p kybernate-runtime-select --benches
 for script in test/bench/*.sh; do
     bash -n "$script"
 done
+bash test/bench/shim.sh 5 20
+bash test/bench/checkpoint.sh 1 16
 
 echo "== cargo test --workspace"
 # Last, so that cargo's own summary closes the output.
