@@ -596,6 +596,46 @@ fi
 write_dockerd_wrapper
 
 # ---------------------------------------------------------------------------------------------
+# 7. checkpointctl (Debian $KBT_CRIU_SUITE's, the checkpoint-archive inspector of the checkpoint-restore
+#    project) for the tests that read our archives with it; it needs that suite's glibc, so $KBT_CHECKPOINTCTL
+#    runs it through the loader and libraries in $KBT_CRIU_PREFIX, as the criu wrapper does
+# ---------------------------------------------------------------------------------------------
+install_checkpointctl() {
+    local debs=$KBT_STATE_DIR/checkpointctl-debs-$KBT_CRIU_SUITE stage
+    suite_lists "$KBT_CRIU_SUITE"
+    download_debs "$KBT_CRIU_SUITE" "$debs" checkpointctl
+    stage=$(mktemp -d "$(dirname "$KBT_CHECKPOINTCTL_PREFIX")/.checkpointctl-stage.XXXXXX")
+    dpkg-deb -x "$debs"/checkpointctl_*.deb "$stage"
+    [ -x "$stage/usr/bin/checkpointctl" ] || die "checkpointctl from $KBT_CRIU_SUITE has no usr/bin/checkpointctl"
+    chmod 755 "$stage"
+    rm -rf "$KBT_CHECKPOINTCTL_PREFIX"
+    mv "$stage" "$KBT_CHECKPOINTCTL_PREFIX"
+    log "installed checkpointctl into $KBT_CHECKPOINTCTL_PREFIX"
+}
+
+write_checkpointctl_wrapper() {
+    local tmp
+    tmp=$(mktemp)
+    mkdir -p "$(dirname "$KBT_CHECKPOINTCTL")"
+    cat >"$tmp" <<EOF
+#!/bin/sh
+# Installed by Kybernate's test/setup.sh. Runs Debian $KBT_CRIU_SUITE's checkpointctl through that suite's loader and
+# libraries (in the CRIU prefix), so bookworm's older glibc does not matter.
+L=$KBT_CRIU_PREFIX/usr/lib/$TRIPLET
+exec "\$L/$LDSO" --argv0 checkpointctl --library-path "\$L" "$KBT_CHECKPOINTCTL_PREFIX/usr/bin/checkpointctl" "\$@"
+EOF
+    install_if_changed "$tmp" "$KBT_CHECKPOINTCTL"
+}
+
+if [ -x "$KBT_CHECKPOINTCTL_PREFIX/usr/bin/checkpointctl" ]; then
+    log "checkpointctl already in $KBT_CHECKPOINTCTL_PREFIX"
+else
+    install_checkpointctl
+fi
+write_checkpointctl_wrapper
+"$KBT_CHECKPOINTCTL" --help >/dev/null || die "$KBT_CHECKPOINTCTL does not run"
+
+# ---------------------------------------------------------------------------------------------
 # Summary
 # ---------------------------------------------------------------------------------------------
 elapsed=$(awk -v s="$START" -v e="$(date +%s.%N)" 'BEGIN { printf "%.1f", e - s }')
@@ -608,6 +648,7 @@ cat <<EOF
   image       $KBT_IMAGE <- $KBT_IMAGE_ARCHIVE ($(size "$KBT_IMAGE_ARCHIVE") bytes)
   buildah     $(buildah_version) via $KBT_BUILDAH -> $KBT_IMAGE_TOOLS_PREFIX; base rootfs $KBT_BASE_ROOTFS (bookworm $(base_rootfs_release))
   docker      $(docker_version) via $KBT_DOCKERD -> $KBT_DOCKER_PREFIX (the installer image test's docker build)
+  checkpoint  checkpointctl via $KBT_CHECKPOINTCTL -> $KBT_CHECKPOINTCTL_PREFIX
   node debs   $(cd "$KBT_NODE_DEBS" && echo *.deb)  (apt on the base rootfs, in the Debian package test)
   test beds   private containerd dirs under $KBT_RUN_BASE
 EOF

@@ -25,7 +25,7 @@ pub use flags::{CheckpointFlags, FlagsError, RestoreArgs, CGROUPS_MODES, EMPTY_N
 pub use logtail::tail_lines;
 pub use manifest::{
     host_name, kernel_release, now_rfc3339, ConfigDump, FileEntry, Manifest, ToolInfo, CONFIG_DUMP, FORMAT_VERSION,
-    IMAGES_DIR, MANIFEST_FILE, ROOTFS_DIFF, SPEC_DUMP,
+    IMAGES_DIR, MANIFEST_FILE, ROOTFS_DIFF, SPEC_DUMP, STATS_DUMP,
 };
 pub use policy::{check_namespace, PolicyError};
 pub use preflight::{

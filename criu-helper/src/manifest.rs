@@ -18,6 +18,9 @@ pub const IMAGES_DIR: &str = "checkpoint";
 pub const CONFIG_DUMP: &str = "config.dump";
 pub const SPEC_DUMP: &str = "spec.dump";
 pub const ROOTFS_DIFF: &str = "rootfs-diff.tar";
+/// CRIU's dump statistics (its work dir's `stats-dump`), at the root as in CRI-O's and containerd
+/// 2.x's archives, where `checkpointctl inspect --stats` reads them.
+pub const STATS_DUMP: &str = "stats-dump";
 /// Bumped on any change an older restore could misread.
 pub const FORMAT_VERSION: u32 = 1;
 

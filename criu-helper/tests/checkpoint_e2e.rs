@@ -5,11 +5,11 @@
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{assert_exit, assert_exit_ok, bed, json, task_status, text, wait_for, KYBERNATE, RUNTIME};
-use kybernate_testbed::unique_name;
+use common::{assert_exit, assert_exit_ok, bed, json, show, task_status, text, wait_for, KYBERNATE, RUNTIME};
+use kybernate_testbed::{unique_name, CHECKPOINTCTL};
 
 #[test]
 fn checkpoint_leaves_the_container_running_and_lists_it() {
@@ -117,6 +117,46 @@ fn checkpoint_with_exit_and_name() {
     // --leave-running and --exit exclude each other; a hidden name is refused.
     assert_exit(&bed.kybernate(&["checkpoint", &id, "--exit", "--leave-running"]), 2, &[]);
     assert_exit(&bed.kybernate(&["checkpoint", &id, "--name", ".x"]), 2, &["invalid checkpoint name"]);
+    bed.remove(&id);
+}
+
+/// docs/architecture.md says checkpointctl can read our checkpoints: the real one (Debian's, from
+/// the checkpoint-restore project) reads an exported archive of a real checkpoint, CRIU's dump
+/// statistics included (CRI-O and containerd 2.x put `stats-dump` at the archive root; before we
+/// did, `inspect --all` failed on "open .../stats-dump").
+#[test]
+fn checkpointctl_reads_an_exported_checkpoint() {
+    assert!(Path::new(CHECKPOINTCTL).is_file(), "{CHECKPOINTCTL} missing: run test/setup.sh");
+    let bed = bed();
+    let id = unique_name("cctl");
+    bed.run_counter(&id, RUNTIME);
+    let cp = json(&bed.kybernate(&["-o", "json", "checkpoint", &id]));
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join(format!("{id}.tar"));
+    assert_exit_ok(&bed.kybernate(&["export", cp["id"].as_str().unwrap(), archive.to_str().unwrap()]));
+    let checkpointctl = |args: &[&str]| {
+        let out = Command::new(CHECKPOINTCTL).args(args).arg(&archive).output().unwrap();
+        assert!(out.status.success(), "checkpointctl {args:?}: {}", show(&out));
+        text(&out.stdout)
+    };
+
+    let table = checkpointctl(&["show"]);
+    assert!(table.contains(&id[..12]) && table.contains("containerd"), "{table}");
+    let inspected: serde_json::Value =
+        serde_json::from_str(&checkpointctl(&["inspect", "--all", "--format", "json"])).unwrap();
+    let c = &inspected[0];
+    assert_eq!(c["id"], id.as_str(), "{inspected}");
+    assert_eq!(c["engine"], "containerd", "{inspected}");
+    assert_eq!(c["runtime"], cp["runtime"]["path"], "{inspected}");
+    assert!(c["checkpoint_size"]["memory_pages_size"].as_u64().unwrap() > 0, "{inspected}");
+    assert!(c["checkpoint_size"]["root_fs_diff_size"].as_u64().unwrap() > 0, "{inspected}");
+    assert!(c["statistics"]["pages_written"].as_u64().unwrap() > 0, "{inspected}");
+    assert!(c["statistics"]["frozen_time"].as_u64().unwrap() > 0, "{inspected}");
+    // The counter: `sh -c 'while ...; do ... usleep ...'`, CRIU's pid 1 in the container.
+    assert_eq!(c["process_tree"]["pid"], 1, "{inspected}");
+    assert_eq!(c["process_tree"]["command"], "sh", "{inspected}");
+    let mounts: Vec<&str> = c["mounts"].as_array().unwrap().iter().filter_map(|m| m["destination"].as_str()).collect();
+    assert!(mounts.contains(&"/proc") && mounts.contains(&"/dev"), "{inspected}");
     bed.remove(&id);
 }
 

@@ -6,7 +6,7 @@
 //! containers of a grouped pod must keep answering RPCs and reporting exits meanwhile.
 //!
 //! Every checkpoint is written in the checkpoint-archive layout Kubernetes, CRI-O and
-//! checkpointctl use (`checkpoint/`, `config.dump`, `spec.dump`, `rootfs-diff.tar`) plus our
+//! checkpointctl use (`checkpoint/`, `config.dump`, `spec.dump`, `stats-dump`, `rootfs-diff.tar`) plus our
 //! manifest, into a hidden sibling of its target that is renamed into place only when complete.
 
 use std::ffi::OsString;
@@ -363,6 +363,9 @@ impl Checkpointer<'_> {
             mib(memory),
             mib(changes)
         );
+        // A stats-dump left by an earlier dump must not pass for this one's.
+        let stats = work.join(criu::STATS_DUMP);
+        let _ = std::fs::remove_file(&stats);
         let dump_started = Instant::now();
         partial.set_phase(criu::PHASE_CRIU_DUMP);
         if let Err(e) = runtime.checkpoint(id, &c.bundle, args) {
@@ -403,6 +406,12 @@ impl Checkpointer<'_> {
                 .map_err(|source| CheckpointError::RootfsDiff { id: id.into(), source })?,
             _ => false,
         };
+        if !flat {
+            match std::fs::read(&stats) {
+                Ok(bytes) => write(criu::STATS_DUMP, &bytes)?,
+                Err(e) => warn!("container {id}: no CRIU dump statistics in {}: {e}", stats.display()),
+            }
+        }
         let mut gpu_resume = None;
         if frozen.thaw_after_dump {
             // Memory and files are captured: the rest (hashing, syncing) runs with the container live.

@@ -147,7 +147,7 @@ fn store_layout_is_root_only_and_checkpointctl_shaped() {
         let mode = std::fs::metadata(d).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o700, "{} has mode {mode:o}", d.display());
     }
-    for f in ["config.dump", "spec.dump", "rootfs-diff.tar", "kybernate.json"] {
+    for f in ["config.dump", "spec.dump", "stats-dump", "rootfs-diff.tar", "kybernate.json"] {
         assert!(dir.join(f).is_file(), "{f} missing in {}", dir.display());
     }
     let m: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("kybernate.json")).unwrap()).unwrap();
@@ -156,6 +156,7 @@ fn store_layout_is_root_only_and_checkpointctl_shaped() {
     assert!(m["criu"]["version"].as_str().unwrap().starts_with("4."), "{m}");
     assert!(m["runtime"]["version"].as_str().unwrap().contains("runc"), "{m}");
     assert!(m["files"]["checkpoint/inventory.img"]["sha256"].as_str().unwrap().len() == 64, "{m}");
+    assert!(m["files"]["stats-dump"]["sha256"].as_str().unwrap().len() == 64, "{m}");
     assert!(m["rootfs_diff"].as_bool().unwrap());
     // Nothing but the finished checkpoint in the container's dir: no partial siblings.
     assert_eq!(entries(dir.parent().unwrap()), vec![dir.file_name().unwrap().to_string_lossy().into_owned()]);

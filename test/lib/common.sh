@@ -48,3 +48,7 @@ KBT_NODE_DEBS=$KBT_STATE_DIR/node-debs-bookworm
 #   kbt-dockerd DIR
 KBT_DOCKER_PREFIX=/opt/kybernate-test/docker
 KBT_DOCKERD=$KBT_DOCKER_PREFIX/bin/kbt-dockerd
+# checkpointctl from Debian $KBT_CRIU_SUITE (the checkpoint-archive inspector CRI-O and Kubernetes users read archives
+# with), unpacked, and the wrapper that runs it on that suite's glibc (test/harness/src/lib.rs mirrors KBT_CHECKPOINTCTL).
+KBT_CHECKPOINTCTL_PREFIX=/opt/kybernate-test/checkpointctl
+KBT_CHECKPOINTCTL=$KBT_CHECKPOINTCTL_PREFIX/bin/checkpointctl

@@ -46,6 +46,9 @@ pub const RUN_BASE: &str = "/var/lib/kybernate-test/run";
 pub const BASE_ROOTFS: &str = "/var/lib/kybernate-test/debian-bookworm-slim-rootfs.tar";
 /// bookworm's containerd and runc .debs (test/setup.sh's KBT_NODE_DEBS), for apt on [`BASE_ROOTFS`].
 pub const NODE_DEBS: &str = "/var/lib/kybernate-test/node-debs-bookworm";
+/// checkpointctl (Debian testing's, run on that suite's glibc by test/setup.sh's wrapper,
+/// KBT_CHECKPOINTCTL): the archive inspector Kubernetes and CRI-O users read checkpoints with.
+pub const CHECKPOINTCTL: &str = "/opt/kybernate-test/checkpointctl/bin/checkpointctl";
 /// The `criu` wrapper (Debian testing's CRIU >= 4.2 in a private prefix); runc finds it on PATH.
 pub const CRIU: &str = "/usr/local/sbin/criu";
 /// Oldest CRIU that works on the test machines' kernels (3.17 fails on the vDSO check).
