@@ -832,7 +832,7 @@ fn docker_builds_the_installer_image_with_the_documented_command() {
     let scratch_path = scratch.path().to_path_buf();
     let ctx = scratch.path().join("ctx");
     let bin = stage_context(&ctx, &dockerfile);
-    let wanted_bytes: u64 = walk(&ctx).iter().map(|p| fs::metadata(p).unwrap().len()).sum();
+    let wanted_bytes = kybernate_criu::dir_size(&ctx);
     // What a working tree also has: 512 MiB of build output (sparse: it costs no disk).
     let junk = ctx.join("target/debug/build-output");
     fs::create_dir_all(junk.parent().unwrap()).unwrap();
@@ -934,18 +934,4 @@ fn docker_builds_the_installer_image_with_the_documented_command() {
     for (dir, before) in host_dirs.iter().zip(host_dirs_before) {
         assert_eq!(Path::new(dir).exists(), before, "{dir}: docker wrote outside its dir");
     }
-}
-
-/// Every regular file under `dir`.
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut files = Vec::new();
-    for entry in fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            files.extend(walk(&path));
-        } else {
-            files.push(path);
-        }
-    }
-    files
 }
