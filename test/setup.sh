@@ -37,6 +37,10 @@ log() { printf '[setup] %s\n' "$*"; }
 die() { printf '[setup] ERROR: %s\n' "$*" >&2; exit 1; }
 
 [ "$(id -u)" -eq 0 ] || die "must run as root (it installs packages and writes $KBT_STATE_DIR)"
+# This machine's Debian release (bookworm): its mirror, and the suite of the packages unpacked beside the system's.
+# shellcheck disable=SC1091 # the running system's os-release
+CODENAME=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
+[ -n "$CODENAME" ] || die "cannot read VERSION_CODENAME from /etc/os-release"
 export DEBIAN_FRONTEND=noninteractive
 
 case "$(dpkg --print-architecture)" in
@@ -90,11 +94,9 @@ apt_source_uri() {
 
 # The Debian mirror this machine already uses for its own release; $KBT_CRIU_SUITE is read from there too.
 debian_mirror() {
-    local codename uri
-    codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
-    [ -n "$codename" ] || die "cannot read VERSION_CODENAME from /etc/os-release"
-    uri=$(apt_source_uri "$codename")
-    [ -n "$uri" ] || die "no apt source for '$codename' found in /etc/apt/sources.list*; cannot derive a Debian mirror"
+    local uri
+    uri=$(apt_source_uri "$CODENAME")
+    [ -n "$uri" ] || die "no apt source for '$CODENAME' found in /etc/apt/sources.list*; cannot derive a Debian mirror"
     printf '%s\n' "$uri"
 }
 
@@ -130,6 +132,40 @@ suite_lists() {
         suite_apt "$suite" apt-get update -q ||
             die "apt-get update for $suite failed (does debian-archive-keyring carry the $suite keys?)"
     fi
+}
+
+# download_debs SUITE DIR PACKAGE...: the .debs DIR does not have yet.
+download_debs() {
+    local suite=$1 dir=$2 p missing_debs=()
+    shift 2
+    mkdir -p "$dir"
+    for p in "$@"; do
+        compgen -G "$dir/${p}_*.deb" >/dev/null || missing_debs+=("$p")
+    done
+    [ "${#missing_debs[@]}" -gt 0 ] || return 0
+    log "downloading from $suite: ${missing_debs[*]}"
+    # Package lists kept from an earlier run may name a version the mirror has dropped: refresh once.
+    (cd "$dir" && suite_apt "$suite" apt-get download -q "${missing_debs[@]}") ||
+        { suite_apt "$suite" apt-get update -q && (cd "$dir" && suite_apt "$suite" apt-get download -q "${missing_debs[@]}"); } ||
+        die "apt-get download from $suite failed"
+}
+
+# install_unpacked SUITE PACKAGE PREFIX BIN...: SUITE's PACKAGE unpacked into PREFIX (no maintainer scripts run,
+# no service installed), its .debs kept in $KBT_STATE_DIR/PACKAGE-debs-SUITE; each BIN (relative to PREFIX) must
+# be executable. PREFIX is replaced only once the new tree is complete.
+install_unpacked() {
+    local suite=$1 package=$2 prefix=$3 debs=$KBT_STATE_DIR/$2-debs-$1 stage b
+    shift 3
+    suite_lists "$suite"
+    download_debs "$suite" "$debs" "$package"
+    stage=$(mktemp -d "$(dirname "$prefix")/.$package-stage.XXXXXX")
+    dpkg-deb -x "$debs/${package}"_*.deb "$stage"
+    for b in "$@"; do
+        [ -x "$stage/$b" ] || die "$package from $suite has no $b"
+    done
+    chmod 755 "$stage"
+    rm -rf "$prefix"
+    mv "$stage" "$prefix"
 }
 
 # Debian packages CRIU needs at run time: the Depends/Pre-Depends closure of criu in $KBT_CRIU_SUITE.
@@ -252,24 +288,12 @@ install_containerd() {
 # A registry for loopback pushes (containerd 2.x's CRI restore pulls a checkpoint's base image): the binary of
 # this release's docker-registry package, unpacked, so no registry service is installed or started.
 install_registry() {
-    local suite debs=$KBT_STATE_DIR/registry-debs stage
     if [ -x "$KBT_REGISTRY_PREFIX/usr/bin/docker-registry" ]; then
         log "docker-registry already in $KBT_REGISTRY_PREFIX"
         return
     fi
-    # shellcheck disable=SC1091 # the running system's os-release
-    suite=$(. /etc/os-release && echo "$VERSION_CODENAME")
-    suite_lists "$suite"
-    mkdir -p "$debs"
-    compgen -G "$debs/docker-registry_*.deb" >/dev/null ||
-        (cd "$debs" && suite_apt "$suite" apt-get download -q docker-registry) ||
-        die "apt-get download docker-registry from $suite failed"
-    stage=$(mktemp -d "$(dirname "$KBT_REGISTRY_PREFIX")/.registry-stage.XXXXXX")
-    dpkg-deb -x "$debs"/docker-registry_*.deb "$stage"
-    "$stage/usr/bin/docker-registry" --version >/dev/null || die "the unpacked docker-registry does not run"
-    chmod 755 "$stage"
-    rm -rf "$KBT_REGISTRY_PREFIX"
-    mv "$stage" "$KBT_REGISTRY_PREFIX"
+    install_unpacked "$CODENAME" docker-registry "$KBT_REGISTRY_PREFIX" usr/bin/docker-registry
+    "$KBT_REGISTRY_PREFIX/usr/bin/docker-registry" --version >/dev/null || die "the unpacked docker-registry does not run"
     log "installed docker-registry into $KBT_REGISTRY_PREFIX"
 }
 
@@ -373,38 +397,21 @@ buildah_closure() {
     printf '%s\n' "${!seen[@]}" golang-github-containers-common | sort -u
 }
 
-# download_debs SUITE DIR PACKAGE...: the .debs DIR does not have yet.
-download_debs() {
-    local suite=$1 dir=$2 p missing_debs=()
-    shift 2
-    mkdir -p "$dir"
-    for p in "$@"; do
-        compgen -G "$dir/${p}_*.deb" >/dev/null || missing_debs+=("$p")
-    done
-    [ "${#missing_debs[@]}" -gt 0 ] || return 0
-    log "downloading from $suite: ${missing_debs[*]}"
-    # Package lists kept from an earlier run may name a version the mirror has dropped: refresh once.
-    (cd "$dir" && suite_apt "$suite" apt-get download -q "${missing_debs[@]}") ||
-        { suite_apt "$suite" apt-get update -q && (cd "$dir" && suite_apt "$suite" apt-get download -q "${missing_debs[@]}"); } ||
-        die "apt-get download from $suite failed"
-}
-
 install_image_tools() {
-    local codename pkgs=() stage p deb lib missing_libs version
-    codename=$(. /etc/os-release && echo "$VERSION_CODENAME")
+    local pkgs=() stage p deb lib missing_libs version
     suite_lists "$KBT_BUILDAH_SUITE"
-    suite_lists "$codename"
+    suite_lists "$CODENAME"
     mapfile -t pkgs < <(buildah_closure)
     [ "${#pkgs[@]}" -gt 2 ] || die "could not resolve buildah's libraries in $KBT_BUILDAH_SUITE"
     download_debs "$KBT_BUILDAH_SUITE" "$IMAGE_TOOLS_DEB_DIR/$KBT_BUILDAH_SUITE" "${pkgs[@]}"
-    download_debs "$codename" "$IMAGE_TOOLS_DEB_DIR/$codename" mmdebstrap patchelf
+    download_debs "$CODENAME" "$IMAGE_TOOLS_DEB_DIR/$CODENAME" mmdebstrap patchelf
     stage=$(mktemp -d "$(dirname "$KBT_IMAGE_TOOLS_PREFIX")/.image-tools-stage.XXXXXX")
     mkdir -p "$stage/buildah" "$stage/bootstrap" "$stage/bin" "$stage/libexec" "$stage/etc"
     for p in "${pkgs[@]}"; do
         for deb in "$IMAGE_TOOLS_DEB_DIR/$KBT_BUILDAH_SUITE/${p}"_*.deb; do dpkg-deb -x "$deb" "$stage/buildah"; done
     done
     for p in mmdebstrap patchelf; do
-        for deb in "$IMAGE_TOOLS_DEB_DIR/$codename/${p}"_*.deb; do dpkg-deb -x "$deb" "$stage/bootstrap"; done
+        for deb in "$IMAGE_TOOLS_DEB_DIR/$CODENAME/${p}"_*.deb; do dpkg-deb -x "$deb" "$stage/bootstrap"; done
     done
     lib=$stage/buildah/usr/lib/$TRIPLET
     if [ ! -x "$lib/$LDSO" ] || [ ! -x "$stage/buildah/usr/bin/buildah" ]; then
@@ -529,21 +536,12 @@ download_debs bookworm "$KBT_NODE_DEBS" containerd runc
 docker_version() { { "$KBT_DOCKER_PREFIX/usr/bin/docker" --version 2>/dev/null || true; } | awk '{print $3}' | tr -d ,; }
 
 install_docker() {
-    local suite debs=$KBT_STATE_DIR/docker-debs stage b missing_libs
-    # shellcheck disable=SC1091 # the running system's os-release
-    suite=$(. /etc/os-release && echo "$VERSION_CODENAME")
-    suite_lists "$suite"
-    download_debs "$suite" "$debs" docker.io
-    stage=$(mktemp -d "$(dirname "$KBT_DOCKER_PREFIX")/.docker-stage.XXXXXX")
-    dpkg-deb -x "$debs"/docker.io_*.deb "$stage"
+    local b missing_libs
+    install_unpacked "$CODENAME" docker.io "$KBT_DOCKER_PREFIX" usr/sbin/dockerd usr/bin/docker
     for b in usr/sbin/dockerd usr/bin/docker; do
-        [ -x "$stage/$b" ] || die "docker.io from $suite has no $b"
-        missing_libs=$(ldd "$stage/$b" | grep 'not found' || true)
+        missing_libs=$(ldd "$KBT_DOCKER_PREFIX/$b" | grep 'not found' || true)
         [ -z "$missing_libs" ] || die "$b's libraries are missing on this machine: $missing_libs"
     done
-    chmod 755 "$stage"
-    rm -rf "$KBT_DOCKER_PREFIX"
-    mv "$stage" "$KBT_DOCKER_PREFIX"
     log "installed docker $(docker_version) into $KBT_DOCKER_PREFIX"
 }
 
@@ -601,15 +599,7 @@ write_dockerd_wrapper
 #    runs it through the loader and libraries in $KBT_CRIU_PREFIX, as the criu wrapper does
 # ---------------------------------------------------------------------------------------------
 install_checkpointctl() {
-    local debs=$KBT_STATE_DIR/checkpointctl-debs-$KBT_CRIU_SUITE stage
-    suite_lists "$KBT_CRIU_SUITE"
-    download_debs "$KBT_CRIU_SUITE" "$debs" checkpointctl
-    stage=$(mktemp -d "$(dirname "$KBT_CHECKPOINTCTL_PREFIX")/.checkpointctl-stage.XXXXXX")
-    dpkg-deb -x "$debs"/checkpointctl_*.deb "$stage"
-    [ -x "$stage/usr/bin/checkpointctl" ] || die "checkpointctl from $KBT_CRIU_SUITE has no usr/bin/checkpointctl"
-    chmod 755 "$stage"
-    rm -rf "$KBT_CHECKPOINTCTL_PREFIX"
-    mv "$stage" "$KBT_CHECKPOINTCTL_PREFIX"
+    install_unpacked "$KBT_CRIU_SUITE" checkpointctl "$KBT_CHECKPOINTCTL_PREFIX" usr/bin/checkpointctl
     log "installed checkpointctl into $KBT_CHECKPOINTCTL_PREFIX"
 }
 
