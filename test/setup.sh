@@ -8,6 +8,8 @@
 #     that run the shim and the CRI path under every containerd a node may have (not on PATH, not started),
 #     and Debian's docker-registry binary (unpacked, no service) for tests that need to pull
 #   - a tiny busybox OCI image archive, built locally (there is no registry here)
+#   - systemd-nspawn (systemd-container), with which test/lib/kbt-node boots this machine's own root as a node whose
+#     PID 1 is systemd, for the tests of `systemctl restart containerd` and `journalctl -u containerd`
 #   - for the installer image test: buildah from Debian testing ($KBT_BUILDAH_SUITE) and bookworm's mmdebstrap in
 #     $KBT_IMAGE_TOOLS_PREFIX, the wrapper $KBT_BUILDAH that runs buildah isolated, and a debian:bookworm-slim
 #     stand-in rootfs built once with mmdebstrap ($KBT_BASE_ROOTFS; delete it to rebuild), and bookworm's
@@ -29,6 +31,7 @@ APT_PACKAGES=(
     hyperfine              # benchmarks
     libdevmapper1.02.1     # linked by dockerd (Debian's docker.io, unpacked for the installer image test)
     dpkg-dev               # dpkg-shlibdeps, for the Debian package's library dependencies (packaging/deb)
+    systemd-container      # systemd-nspawn: test/lib/kbt-node boots this machine's root as a systemd node
 )
 CRIU_DEB_DIR=$KBT_STATE_DIR/criu-debs-$KBT_CRIU_SUITE
 START=$(date +%s.%N)
@@ -639,6 +642,7 @@ cat <<EOF
   buildah     $(buildah_version) via $KBT_BUILDAH -> $KBT_IMAGE_TOOLS_PREFIX; base rootfs $KBT_BASE_ROOTFS (bookworm $(base_rootfs_release))
   docker      $(docker_version) via $KBT_DOCKERD -> $KBT_DOCKER_PREFIX (the installer image test's docker build)
   checkpoint  checkpointctl via $KBT_CHECKPOINTCTL -> $KBT_CHECKPOINTCTL_PREFIX
+  node        $(systemd-nspawn --version | awk 'NR==1 {print $1, $2}') for test/lib/kbt-node (systemd nodes: the installer's systemctl restart)
   node debs   $(cd "$KBT_NODE_DEBS" && echo *.deb)  (apt on the base rootfs, in the Debian package test)
   test beds   private containerd dirs under $KBT_RUN_BASE
 EOF

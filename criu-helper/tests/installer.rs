@@ -2,8 +2,9 @@
 //! fake host root in a temp dir, with the binaries cargo built and a fake containerd restart that
 //! records its calls; the Dockerfile and the manifests are checked for consistency. The image
 //! itself is built from the Dockerfile with buildah (no Docker, no Docker Hub: test/setup.sh
-//! unpacks buildah and builds a debian:bookworm-slim stand-in) and run by a private containerd
-//! against a fake host root, as the DaemonSet runs it.
+//! unpacks buildah and builds a debian:bookworm-slim stand-in) and run as the DaemonSet runs it on
+//! a node booted with systemd (test/lib/kbt-node), whose containerd.service it restarts; the
+//! documented source-checkout install runs on such a node too.
 
 use std::collections::HashMap;
 use std::fs;
@@ -21,7 +22,7 @@ use serde_yaml_ng::Value as Yaml;
 mod common;
 
 use common::{built_binaries, show, text, wait_for, BINARIES};
-use kybernate_testbed::{unique_name, Testbed, BASE_ROOTFS};
+use kybernate_testbed::{unique_name, Node, BASE_ROOTFS};
 
 /// Mirrors test/lib/common.sh's KBT_BUILDAH: `kbt-buildah DIR ARGS...` runs buildah with all its
 /// state under DIR, in a private mount namespace (written by test/setup.sh).
@@ -112,14 +113,19 @@ impl Host {
     }
 
     fn backups(&self, host_dir: &str) -> Vec<String> {
-        let mut found: Vec<String> = fs::read_dir(self.path(host_dir))
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|n| n.contains(".kybernate-backup-"))
-            .collect();
-        found.sort();
-        found
+        backups_in(&self.path(host_dir))
     }
+}
+
+/// The installer's backups (`*.kybernate-backup-*`) in `dir`, sorted.
+fn backups_in(dir: &Path) -> Vec<String> {
+    let mut found: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".kybernate-backup-"))
+        .collect();
+    found.sort();
+    found
 }
 
 fn same_file_content(a: &Path, b: &Path) -> bool {
@@ -577,9 +583,9 @@ fn stage_context(ctx: &Path, dockerfile: &str) -> PathBuf {
 }
 
 /// The real Dockerfile, built with buildah from a context holding exactly what it copies (the
-/// debug binaries standing in for the release ones), then run twice by a private containerd as
-/// the DaemonSet runs it: privileged, the host's / at /host, here a fake host root with a stock
-/// containerd config, and a containerd restart that records its calls.
+/// debug binaries standing in for the release ones), then run on a systemd node (kbt-node) by its
+/// containerd as the DaemonSet runs it: privileged, the node's / at /host, hostPID, restarting that
+/// containerd through `nsenter -t 1 ... systemctl`; installed, run again (nothing to do), uninstalled.
 #[test]
 fn the_installer_image_builds_from_its_dockerfile_and_installs_a_node() {
     for tool in [KBT_BUILDAH, BASE_ROOTFS] {
@@ -649,70 +655,111 @@ fn the_installer_image_builds_from_its_dockerfile_and_installs_a_node() {
         assert!(env.contains(var), "image Env lacks {var}: {env:?}");
     }
 
-    // Import it into a private containerd and run it twice against a fake node.
-    let tb = Testbed::start().expect("test bed (run test/setup.sh first)");
-    tb.ctr_ok(&["images", "import", archive.to_str().unwrap()]);
-    let images = tb.ctr_ok(&["images", "ls", "-q"]);
-    assert!(images.lines().any(|l| l.trim() == image), "{image} not listed after import: {images}");
-    let host = Host::new();
+    // Import it into a systemd node's containerd and run it there as the DaemonSet runs it:
+    // privileged, the node's / at /host, in the node's PID namespace (hostPID), with the default
+    // CONTAINERD_RESTART, `nsenter -t 1 ... systemctl restart containerd`. The node's containerd
+    // starts from containerd 1.6's stock config. The installer restarts the containerd that runs
+    // it: `ctr run -d`, its output to a file, as a pod's survives kubelet's reconnect.
+    let node = Node::boot().expect("a systemd node (kbt-node)");
     let stock = fixture("containerd-1.6-default.toml");
-    host.write("/etc/containerd/config.toml", &stock);
-    let recorder = host.restart.parent().unwrap().to_str().unwrap().to_string();
-    let run = |n: u32| -> String {
-        let id = unique_name(&format!("installer-{n}"));
-        let out = tb.ctr(&[
+    fs::write(node.path("/etc/containerd/config.toml"), &stock).unwrap();
+    node.run_ok(&["systemctl", "restart", "containerd"]);
+    let ns = unique_name("installer");
+    let on_node = "/var/tmp/installer-oci.tar";
+    fs::copy(&archive, node.path(on_node)).unwrap();
+    node.run_ok(&["ctr", "-n", &ns, "images", "import", on_node]);
+    let images = node.run_ok(&["ctr", "-n", &ns, "images", "ls", "-q"]);
+    assert!(images.lines().any(|l| l.trim() == image), "{image} not listed after import: {images}");
+    let run = |n: u32, command: &[&str]| -> String {
+        let id = format!("installer-{n}");
+        let log = format!("/var/log/{id}.log");
+        let mut args = vec![
+            "ctr",
+            "-n",
+            &ns,
             "run",
-            "--rm",
+            "-d",
             "--privileged",
+            "--with-ns",
+            "pid:/proc/1/ns/pid",
             "--mount",
-            &format!("type=bind,src={},dst=/host,options=rbind:rw", host.root.display()),
-            "--mount",
-            &format!("type=bind,src={recorder},dst=/kbt-recorder,options=rbind:rw"),
+            "type=bind,src=/,dst=/host,options=rbind:rw",
             "--env",
             "KYBERNATE_INSTALL_ONESHOT=1",
-            "--env",
-            "CONTAINERD_RESTART=/kbt-recorder/fake-restart containerd",
-            &image,
-            &id,
-        ]);
+        ];
+        let log_uri = format!("file://{log}");
+        args.extend(["--log-uri", &log_uri, &image, &id]);
+        args.extend(command);
+        node.run_ok(&args);
+        wait_for(&format!("installer run {n} to end"), || {
+            let tasks = node.run_ok(&["ctr", "-n", &ns, "tasks", "ls"]);
+            tasks.lines().any(|l| l.starts_with(&format!("{id} ")) && l.contains("STOPPED")).then_some(())
+        });
+        let output = fs::read_to_string(node.path(&log)).unwrap_or_default();
+        // `ctr tasks delete` warns of a non-zero exit status (and exits 0).
+        let deleted = node.run(&["ctr", "-n", &ns, "tasks", "delete", &id]);
         assert!(
-            out.status.success(),
-            "installer run {n} failed\n{}\n--- containerd log ---\n{}",
-            show(&out),
-            tb.log_tail(30)
+            deleted.status.success() && !text(&deleted.stderr).contains("exit code"),
+            "installer run {n}: {}\n{output}",
+            show(&deleted)
         );
-        text(&out.stdout)
+        node.run_ok(&["ctr", "-n", &ns, "containers", "delete", &id]);
+        output
     };
+    // What the running containerd loaded: containerd 1.6 logs its CRI config when it starts.
+    let cri_config = |pid: u32| -> String {
+        let journal = node.run_ok(&["journalctl", &format!("_PID={pid}"), "--no-pager", "-o", "cat"]);
+        journal
+            .lines()
+            .find(|l| l.contains("Start cri plugin with config"))
+            .unwrap_or_else(|| panic!("containerd {pid} logged no CRI config:\n{journal}"))
+            .to_string()
+    };
+    let ours = "kybernate:{Type:io.containerd.kybernate.v1";
 
-    let first = run(1);
+    let before = node.main_pid("containerd");
+    assert!(!cri_config(before).contains(ours));
+    let first = run(1, &[]);
+    let restarted = node.wait_for_restart("containerd", before);
+    assert!(first.contains("done"), "{first}");
+    assert!(
+        cri_config(restarted).contains(ours),
+        "the restarted containerd has no runtime kybernate: {}",
+        cri_config(restarted)
+    );
     for name in BINARIES {
-        let installed = host.path(&format!("/usr/local/bin/{name}"));
+        let installed = node.path(&format!("/usr/local/bin/{name}"));
         assert_eq!(mode(&installed), 0o755, "{name}: {first}");
         assert!(same_file_content(&installed, &bin.join(name)), "{name} differs from the built one");
     }
     let default_config = fs::read_to_string(repo().join("packaging/deb/config.toml")).unwrap();
-    assert_eq!(host.read("/etc/kybernate/config.toml"), default_config);
-    let merged = host.read("/etc/containerd/config.toml");
+    assert_eq!(fs::read_to_string(node.path("/etc/kybernate/config.toml")).unwrap(), default_config);
+    let merged = fs::read_to_string(node.path("/etc/containerd/config.toml")).unwrap();
     assert!(merged.contains("[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.kybernate]"), "{merged}");
     assert!(merged.contains("runtime_type = \"io.containerd.kybernate.v1\""), "{merged}");
-    let backups = host.backups("/etc/containerd");
+    let backups = backups_in(&node.path("/etc/containerd"));
     assert_eq!(backups.len(), 1, "{backups:?}");
-    assert_eq!(host.read(&format!("/etc/containerd/{}", backups[0])), stock);
-    assert_eq!(host.restarts(), ["containerd"], "{first}");
+    assert_eq!(fs::read_to_string(node.path(&format!("/etc/containerd/{}", backups[0]))).unwrap(), stock);
 
-    let second = run(2);
+    // Kubelet's containers go on through the restart; a second run changes nothing and restarts nothing.
+    let second = run(2, &[]);
     assert!(second.contains("already installed"), "{second}");
     assert!(second.contains("containerd not restarted"), "{second}");
-    assert_eq!(host.restarts(), ["containerd"], "{second}");
-    assert_eq!(host.read("/etc/containerd/config.toml"), merged);
-    assert_eq!(host.backups("/etc/containerd"), backups);
+    assert_eq!(node.main_pid("containerd"), restarted, "{second}");
+    assert_eq!(fs::read_to_string(node.path("/etc/containerd/config.toml")).unwrap(), merged);
+    assert_eq!(backups_in(&node.path("/etc/containerd")), backups);
 
-    // Nothing is left: `--rm` deleted the containers and tasks; the build's scratch dir (storage
-    // included) goes, and buildah wrote nothing outside it.
-    wait_for("the installer containers to be deleted", || {
-        let left = tb.ctr_ok(&["containers", "ls", "-q"]) + &tb.ctr_ok(&["tasks", "ls", "-q"]);
-        left.trim().is_empty().then_some(())
-    });
+    // The documented uninstall: the same image with uninstall.sh as its command.
+    let third = run(3, &["/opt/kybernate/uninstall.sh"]);
+    let after_uninstall = node.wait_for_restart("containerd", restarted);
+    assert!(!cri_config(after_uninstall).contains(ours), "{third}");
+    for name in BINARIES {
+        assert!(!node.path(&format!("/usr/local/bin/{name}")).exists(), "{name} left: {third}");
+    }
+    assert_eq!(fs::read_to_string(node.path("/etc/kybernate/config.toml")).unwrap(), default_config);
+    node.run_ok(&["ctr", "-n", &ns, "images", "rm", &image]);
+    drop(node);
+
     scratch.close().expect("removing the build's scratch dir");
     assert!(!scratch_path.exists(), "{} left behind", scratch_path.display());
     for (dir, before) in host_dirs.iter().zip(host_dirs_before) {
@@ -933,5 +980,84 @@ fn docker_builds_the_installer_image_with_the_documented_command() {
     assert!(!scratch_path.exists(), "{} left behind", scratch_path.display());
     for (dir, before) in host_dirs.iter().zip(host_dirs_before) {
         assert_eq!(Path::new(dir).exists(), before, "{dir}: docker wrote outside its dir");
+    }
+}
+
+/// The documented source-checkout install (docs/installation.md), run as written on a systemd
+/// node (kbt-node) from a checkout there (the debug binaries standing in for target/release):
+/// `systemctl restart containerd` restarts the unit with our runtime loaded, a container runs
+/// through the installed shim, its log is in `journalctl -u containerd` as docs/troubleshooting.md
+/// says, and the same line with uninstall.sh takes it all out again.
+#[test]
+fn documented_source_install_on_a_systemd_node() {
+    let docs = fs::read_to_string(repo().join("docs/installation.md")).unwrap();
+    let start = docs.find("HOST_ROOT=/ KYBERNATE_BIN_DIR=target/release").expect("the source-checkout install line");
+    let block = &docs[start..start + docs[start..].find("\n```").unwrap()];
+    let line = block.replace("\\\n", " ");
+    assert!(line.contains("CONTAINERD_RESTART=\"systemctl restart containerd\""), "{line}");
+    assert!(line.trim_end().ends_with("bash packaging/kubernetes/installer/install.sh"), "{line}");
+
+    let node = Node::boot().expect("a systemd node (kbt-node)");
+    let checkout = "/root/kybernate";
+    built_binaries(&node.path(checkout).join("target/release"));
+    step(
+        "copying packaging/ to the node",
+        Command::new("cp").arg("-a").arg(repo().join("packaging")).arg(node.path(checkout)),
+    );
+    let in_checkout = |line: &str| node.run_ok(&["env", "-C", checkout, "bash", "-c", line]);
+    let loaded = |pid: u32| -> bool {
+        let journal = node.run_ok(&["journalctl", &format!("_PID={pid}"), "--no-pager", "-o", "cat"]);
+        let cri = journal
+            .lines()
+            .find(|l| l.contains("Start cri plugin with config"))
+            .unwrap_or_else(|| panic!("containerd {pid} logged no CRI config:\n{journal}"));
+        cri.contains("kybernate:{Type:io.containerd.kybernate.v1")
+    };
+
+    let before = node.main_pid("containerd");
+    assert!(!loaded(before));
+    let installed = in_checkout(&line);
+    assert!(installed.contains("done"), "{installed}");
+    let restarted = node.wait_for_restart("containerd", before);
+    assert!(loaded(restarted), "the restarted containerd has no runtime kybernate\n{installed}");
+
+    // A container through the installed shim: containerd finds it on the unit's PATH.
+    let ns = unique_name("node");
+    let archive = "/var/tmp/busybox-oci.tar";
+    fs::copy(kybernate_testbed::IMAGE_ARCHIVE, node.path(archive)).unwrap();
+    node.run_ok(&["ctr", "-n", &ns, "images", "import", archive]);
+    let id = unique_name("hello");
+    let out = node.run_ok(&[
+        "ctr",
+        "-n",
+        &ns,
+        "run",
+        "--rm",
+        "--runtime",
+        "io.containerd.kybernate.v1",
+        kybernate_testbed::IMAGE,
+        &id,
+        "echo",
+        "hello from the node",
+    ]);
+    assert_eq!(out.trim(), "hello from the node");
+    let journal = node.run_ok(&["journalctl", "-u", "containerd"]);
+    let ours: Vec<&str> = journal.lines().filter(|l| l.contains(&format!("started for namespace {ns}"))).collect();
+    assert_eq!(ours.len(), 1, "our shim's log is not in `journalctl -u containerd`:\n{journal}");
+    assert!(
+        journal
+            .lines()
+            .any(|l| l.contains(&format!("container {id}: process {id}")) && l.contains("exited with status 0")),
+        "{journal}"
+    );
+    node.run_ok(&["ctr", "-n", &ns, "images", "rm", kybernate_testbed::IMAGE]);
+
+    // The same line with uninstall.sh.
+    let uninstall = line.replace("installer/install.sh", "installer/uninstall.sh");
+    let removed = in_checkout(&uninstall);
+    let after = node.wait_for_restart("containerd", restarted);
+    assert!(!loaded(after), "{removed}");
+    for name in BINARIES {
+        assert!(!node.path(&format!("/usr/local/bin/{name}")).exists(), "{name} left: {removed}");
     }
 }

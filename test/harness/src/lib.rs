@@ -9,6 +9,9 @@
 //! plugin (the kubelet's API, on the same socket) for host-network pods, with a pause-like
 //! sandbox image ([`PAUSE_IMAGE`]) built from [`IMAGE`] at start ([`cri`]).
 //!
+//! [`Node`] boots this machine's root as a container whose PID 1 is systemd (`test/lib/kbt-node`),
+//! for what needs `systemctl` and `journalctl`: containerd as the `containerd.service` unit.
+//!
 //! Everything needs root and a machine prepared by `test/setup.sh`; [`check_preconditions`] says
 //! what is missing. The shell side of the same test bed is `test/lib/testbed.sh`, and the
 //! constants below mirror `test/lib/common.sh`: change both together.
@@ -21,6 +24,7 @@ mod bundle;
 mod cleanup;
 pub mod cri;
 pub mod fakes;
+mod node;
 mod registry;
 mod testbed;
 
@@ -31,6 +35,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 pub use bundle::{Bundle, Runc};
 pub use cri::{CriRuntime, CriStyle, CRI_NAMESPACE, PAUSE_IMAGE};
+pub use node::{kbt_node, Node};
 pub use registry::{Registry, REGISTRY_BINARY};
 pub use testbed::{Builder, Testbed};
 
