@@ -117,6 +117,17 @@ impl Host {
     }
 }
 
+/// Whether the containerd with main PID `pid` on `node` loaded the runtime `kybernate` with our
+/// runtime type: containerd 1.6 logs its whole CRI config when it starts.
+fn loads_our_runtime(node: &Node, pid: u32) -> bool {
+    let journal = node.run_ok(&["journalctl", &format!("_PID={pid}"), "--no-pager", "-o", "cat"]);
+    let cri = journal
+        .lines()
+        .find(|l| l.contains("Start cri plugin with config"))
+        .unwrap_or_else(|| panic!("containerd {pid} logged no CRI config:\n{journal}"));
+    cri.contains("kybernate:{Type:io.containerd.kybernate.v1")
+}
+
 /// The installer's backups (`*.kybernate-backup-*`) in `dir`, sorted.
 fn backups_in(dir: &Path) -> Vec<String> {
     let mut found: Vec<String> = fs::read_dir(dir)
@@ -706,27 +717,13 @@ fn the_installer_image_builds_from_its_dockerfile_and_installs_a_node() {
         node.run_ok(&["ctr", "-n", &ns, "containers", "delete", &id]);
         output
     };
-    // What the running containerd loaded: containerd 1.6 logs its CRI config when it starts.
-    let cri_config = |pid: u32| -> String {
-        let journal = node.run_ok(&["journalctl", &format!("_PID={pid}"), "--no-pager", "-o", "cat"]);
-        journal
-            .lines()
-            .find(|l| l.contains("Start cri plugin with config"))
-            .unwrap_or_else(|| panic!("containerd {pid} logged no CRI config:\n{journal}"))
-            .to_string()
-    };
-    let ours = "kybernate:{Type:io.containerd.kybernate.v1";
 
     let before = node.main_pid("containerd");
-    assert!(!cri_config(before).contains(ours));
+    assert!(!loads_our_runtime(&node, before));
     let first = run(1, &[]);
     let restarted = node.wait_for_restart("containerd", before);
     assert!(first.contains("done"), "{first}");
-    assert!(
-        cri_config(restarted).contains(ours),
-        "the restarted containerd has no runtime kybernate: {}",
-        cri_config(restarted)
-    );
+    assert!(loads_our_runtime(&node, restarted), "the restarted containerd has no runtime kybernate\n{first}");
     for name in BINARIES {
         let installed = node.path(&format!("/usr/local/bin/{name}"));
         assert_eq!(mode(&installed), 0o755, "{name}: {first}");
@@ -741,7 +738,8 @@ fn the_installer_image_builds_from_its_dockerfile_and_installs_a_node() {
     assert_eq!(backups.len(), 1, "{backups:?}");
     assert_eq!(fs::read_to_string(node.path(&format!("/etc/containerd/{}", backups[0]))).unwrap(), stock);
 
-    // Kubelet's containers go on through the restart; a second run changes nothing and restarts nothing.
+    // The installer's task went on through the restart, as a pod's does. A second run changes
+    // nothing and restarts nothing.
     let second = run(2, &[]);
     assert!(second.contains("already installed"), "{second}");
     assert!(second.contains("containerd not restarted"), "{second}");
@@ -752,7 +750,7 @@ fn the_installer_image_builds_from_its_dockerfile_and_installs_a_node() {
     // The documented uninstall: the same image with uninstall.sh as its command.
     let third = run(3, &["/opt/kybernate/uninstall.sh"]);
     let after_uninstall = node.wait_for_restart("containerd", restarted);
-    assert!(!cri_config(after_uninstall).contains(ours), "{third}");
+    assert!(!loads_our_runtime(&node, after_uninstall), "{third}");
     for name in BINARIES {
         assert!(!node.path(&format!("/usr/local/bin/{name}")).exists(), "{name} left: {third}");
     }
@@ -1005,21 +1003,13 @@ fn documented_source_install_on_a_systemd_node() {
         Command::new("cp").arg("-a").arg(repo().join("packaging")).arg(node.path(checkout)),
     );
     let in_checkout = |line: &str| node.run_ok(&["env", "-C", checkout, "bash", "-c", line]);
-    let loaded = |pid: u32| -> bool {
-        let journal = node.run_ok(&["journalctl", &format!("_PID={pid}"), "--no-pager", "-o", "cat"]);
-        let cri = journal
-            .lines()
-            .find(|l| l.contains("Start cri plugin with config"))
-            .unwrap_or_else(|| panic!("containerd {pid} logged no CRI config:\n{journal}"));
-        cri.contains("kybernate:{Type:io.containerd.kybernate.v1")
-    };
 
     let before = node.main_pid("containerd");
-    assert!(!loaded(before));
+    assert!(!loads_our_runtime(&node, before));
     let installed = in_checkout(&line);
     assert!(installed.contains("done"), "{installed}");
     let restarted = node.wait_for_restart("containerd", before);
-    assert!(loaded(restarted), "the restarted containerd has no runtime kybernate\n{installed}");
+    assert!(loads_our_runtime(&node, restarted), "the restarted containerd has no runtime kybernate\n{installed}");
 
     // A container through the installed shim: containerd finds it on the unit's PATH.
     let ns = unique_name("node");
@@ -1056,7 +1046,7 @@ fn documented_source_install_on_a_systemd_node() {
     let uninstall = line.replace("installer/install.sh", "installer/uninstall.sh");
     let removed = in_checkout(&uninstall);
     let after = node.wait_for_restart("containerd", restarted);
-    assert!(!loaded(after), "{removed}");
+    assert!(!loads_our_runtime(&node, after), "{removed}");
     for name in BINARIES {
         assert!(!node.path(&format!("/usr/local/bin/{name}")).exists(), "{name} left: {removed}");
     }

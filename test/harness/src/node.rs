@@ -93,11 +93,6 @@ impl Node {
         PathBuf::from(format!("/proc/{}/root", self.leader)).join(path.trim_start_matches('/'))
     }
 
-    /// The node's PID 1, as the host sees it.
-    pub fn leader(&self) -> u32 {
-        self.leader
-    }
-
     /// `systemctl show -p MainPID --value UNIT`, on the node; 0 when the unit is not running.
     pub fn main_pid(&self, unit: &str) -> u32 {
         let out = self.run_ok(&["systemctl", "show", "-p", "MainPID", "--value", unit]);
