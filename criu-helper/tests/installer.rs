@@ -22,7 +22,7 @@ use serde_yaml_ng::Value as Yaml;
 mod common;
 
 use common::{built_binaries, show, text, wait_for, BINARIES};
-use kybernate_testbed::{unique_name, Node, BASE_ROOTFS};
+use kybernate_testbed::{sigterm_and_wait, unique_name, Node, BASE_ROOTFS};
 
 /// Mirrors test/lib/common.sh's KBT_BUILDAH: `kbt-buildah DIR ARGS...` runs buildah with all its
 /// state under DIR, in a private mount namespace (written by test/setup.sh).
@@ -815,15 +815,10 @@ impl Dockerd {
 impl Drop for Dockerd {
     fn drop(&mut self) {
         let pid = self.child.id() as libc::pid_t;
-        // SAFETY: signals to the process (group) this test spawned.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
+        if sigterm_and_wait(&mut self.child, Duration::from_secs(30)) {
+            return;
         }
+        // SAFETY: the process group this test spawned (dockerd's leader is not reaped yet).
         unsafe { libc::killpg(pid, libc::SIGKILL) };
         let _ = self.child.wait();
     }

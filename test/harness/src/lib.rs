@@ -206,6 +206,22 @@ pub fn wait_for_within<T>(timeout: std::time::Duration, what: &str, mut f: impl 
     }
 }
 
+/// Sends SIGTERM to `child` (not yet reaped, so its pid is still ours) and waits up to `timeout`
+/// for it to exit, reaping it. Returns false if it is still running: killing it then, and how
+/// (the child alone, or its process group), is the caller's choice.
+pub fn sigterm_and_wait(child: &mut std::process::Child, timeout: std::time::Duration) -> bool {
+    // SAFETY: signalling our own child, which is not reaped yet (so its pid is still ours).
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    false
+}
+
 /// A name unique in this machine for as long as this process lives: `kbt-<pid>-<n>[-tag]`.
 ///
 /// Use it for namespaces, container ids (runc's cgroup paths are global) and scratch dirs. The

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::{cleanup, unique_name, wait_for_within, Error, IoContext, Result, RUN_BASE};
+use crate::{cleanup, sigterm_and_wait, unique_name, wait_for_within, Error, IoContext, Result, RUN_BASE};
 
 /// The wrapper that boots a node (`kbt-node DIR`), in this repository.
 pub fn kbt_node() -> PathBuf {
@@ -122,19 +122,8 @@ impl Node {
 
 impl Drop for Node {
     fn drop(&mut self) {
-        let pid = self.child.id() as libc::pid_t;
-        // SAFETY: a signal to the kbt-node process this guard spawned; it shuts the node down.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-        let deadline = Instant::now() + BOOT_TIMEOUT;
-        let mut exited = false;
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                exited = true;
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        if !exited {
+        // SIGTERM makes kbt-node shut the node down.
+        if !sigterm_and_wait(&mut self.child, BOOT_TIMEOUT) {
             eprintln!("kbt-node {} did not shut down in {BOOT_TIMEOUT:?}; killing it", self.dir.display());
             let _ = self.child.kill();
             let _ = self.child.wait();

@@ -11,7 +11,10 @@ use std::time::{Duration, Instant};
 
 use crate::cleanup;
 use crate::cri::{self, CriRuntime, CRI_NAMESPACE, PAUSE_IMAGE};
-use crate::{check_preconditions, describe_output, find_in_path, unique_name, Containerd, Error, IoContext, Result};
+use crate::{
+    check_preconditions, describe_output, find_in_path, sigterm_and_wait, unique_name, Containerd, Error, IoContext,
+    Result,
+};
 use crate::{IMAGE, IMAGE_ARCHIVE, RUN_BASE, SYSTEM_PATH};
 
 /// How long containerd may take to answer after start (generous: CI machines have 2 cores).
@@ -447,14 +450,8 @@ state = "{d}/state"
         let Some(mut child) = self.child.take() else {
             return;
         };
-        // SAFETY: signalling our own child, which is not reaped yet (so its pid is still ours).
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        if sigterm_and_wait(&mut child, STOP_TIMEOUT) {
+            return;
         }
         eprintln!("kybernate-testbed: containerd ignored SIGTERM for {STOP_TIMEOUT:?}; killing it");
         let _ = child.kill();
