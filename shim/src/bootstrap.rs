@@ -8,6 +8,7 @@
 //! critical path of every container start (docs/benchmarks.md). Its `run` still serves the
 //! `start` and `delete` actions; only the daemon's bootstrap is ours.
 
+use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fs;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
@@ -19,7 +20,7 @@ use std::sync::Arc;
 
 use containerd_shim::monitor::monitor_notify_by_pid;
 use containerd_shim::protos::shim::shim_ttrpc::{create_task, Task};
-use containerd_shim::protos::ttrpc::Server;
+use containerd_shim::protos::ttrpc::{MethodHandler, Server};
 use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{logger, Config, Shim, StartOpts};
 use log::{debug, info, warn};
@@ -166,7 +167,7 @@ pub fn serve(runtime_id: &str, listener: OwnedFd) -> Result<()> {
     logger::init(flags.debug, &config.default_log_level, &flags.namespace, &flags.id)
         .map_err(Error::shim("opening containerd's log FIFO"))?;
     let publisher = RemotePublisher::new(&ttrpc_address).map_err(Error::shim("connecting to containerd's events"))?;
-    let task: Box<dyn Task + Send + Sync> = Box::new(shim.create_task_service(publisher));
+    let task: Arc<dyn Task + Send + Sync> = Arc::new(shim.create_task_service(publisher));
     let ttrpc = |context: &'static str| {
         move |e: containerd_shim::protos::ttrpc::Error| Error::Shim { context: context.into(), message: e.to_string() }
     };
@@ -179,7 +180,8 @@ pub fn serve(runtime_id: &str, listener: OwnedFd) -> Result<()> {
         .set_thread_count_max(3)
         .add_listener(listener.into_raw_fd())
         .map_err(ttrpc("serving the inherited socket"))?
-        .register_service(create_task(Arc::from(task)));
+        .register_service(create_task(task.clone()))
+        .register_service(as_task_v3(create_task(task)));
     server.start().map_err(ttrpc("starting the ttrpc server"))?;
     info!("serving on {}", flags.socket);
 
@@ -194,6 +196,27 @@ pub fn serve(runtime_id: &str, listener: OwnedFd) -> Result<()> {
     remove_socket(&flags.socket);
     Ok(())
 }
+
+/// The same handlers under task API v3's method names. containerd 2.x speaks v3 to a shim whose
+/// bootstrap said so, and the stock `containerd-shim-runc-v2` hands out the socket of a live shim
+/// of the same group as its own: with `runtime_path` registration (style (b)), CRI's restore of a
+/// checkpoint archive starts the stock shim, which finds the pod's shim (ours) and containerd then
+/// calls `containerd.task.v3.Task/Create` on it. v3's messages are v2's, field for field (v2 adds
+/// only `oom_path`, which we do not read); v3's optional `Events` stream is not offered, as our
+/// bootstrap never announces it.
+fn as_task_v3(
+    v2: HashMap<String, Box<dyn MethodHandler + Send + Sync>>,
+) -> HashMap<String, Box<dyn MethodHandler + Send + Sync>> {
+    v2.into_iter()
+        .filter_map(|(path, handler)| {
+            let method = path.strip_prefix(TASK_V2)?;
+            Some((format!("{TASK_V3}{method}"), handler))
+        })
+        .collect()
+}
+
+const TASK_V2: &str = "/containerd.task.v2.Task/";
+const TASK_V3: &str = "/containerd.task.v3.Task/";
 
 /// Waits for every child on SIGCHLD and hands the exit (128+signal when killed) to the monitor.
 fn reap_children(mut signals: Signals) {
@@ -234,6 +257,37 @@ mod tests {
         assert!(matches!(bind_group_socket(&address).unwrap(), GroupSocket::Live));
         drop(first); // the socket file stays, with nobody listening: a killed shim
         assert!(matches!(bind_group_socket(&address).unwrap(), GroupSocket::Bound(_)));
+    }
+
+    #[test]
+    fn every_task_method_is_served_under_v3_too() {
+        struct Defaults;
+        impl Task for Defaults {}
+        let v3 = as_task_v3(create_task(Arc::new(Defaults)));
+        let mut methods: Vec<&str> = v3.keys().map(|k| k.strip_prefix(TASK_V3).expect("a v3 path")).collect();
+        methods.sort_unstable();
+        // containerd's api/runtime/task/v3/shim.proto, less the optional Events stream.
+        let mut want = [
+            "State",
+            "Create",
+            "Start",
+            "Delete",
+            "Pids",
+            "Pause",
+            "Resume",
+            "Checkpoint",
+            "Kill",
+            "Exec",
+            "ResizePty",
+            "CloseIO",
+            "Update",
+            "Wait",
+            "Stats",
+            "Connect",
+            "Shutdown",
+        ];
+        want.sort_unstable();
+        assert_eq!(methods, want);
     }
 
     #[test]

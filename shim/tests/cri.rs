@@ -1,15 +1,16 @@
 //! The kubelet's view, end to end: CRI v1 calls (what the kubelet sends) into a real containerd
 //! (bookworm's 1.6 unless a test names 1.7 or 2.x, which `test/setup.sh` unpacks beside it) whose
-//! CRI plugin runs our shim under the runtime handler `kybernate`, with real runc and CRIU. Pods are host-network (no CNI here); see shim/tests/common/cri.rs for the client and
-//! the test bed, and docs/testing.md ("CRI / kubelet") for what each test shows.
+//! CRI plugin runs our shim under the runtime handler `kybernate`, with real runc and CRIU. Pods
+//! are host-network (no CNI here); see shim/tests/common/cri.rs for the client and the test bed, and docs/testing.md ("CRI / kubelet") for what each test shows.
 //!
 //! Two registration styles (docs/installation.md): (a) `runtime_type =
 //! "io.containerd.kybernate.v1"` + `options.ConfigPath`, and (b) `runtime_type =
 //! "io.containerd.runc.v2"` + `runtime_path` = our shim. Measured here: containerd 1.6.20's CRI
 //! ignores `runtime_path` and starts the stock `containerd-shim-runc-v2` for style (b) pods
 //! (1.7.24 and 2.1.9 honour it), and containerd 2.1's restore from a checkpoint archive ignores it
-//! too, so everything that needs our shim under CRI uses style (a); the `lifecycle_runtime_path*`
-//! tests and `containerd_2_style_b_*` pin what style (b) gets.
+//! too (it reaches our pod shim through the stock one, over task API v3). So everything that
+//! needs our shim under CRI uses style (a); the `lifecycle_runtime_path*` tests and
+//! `containerd_2_style_b_*` pin what style (b) gets.
 
 use std::path::{Path, PathBuf};
 
@@ -35,10 +36,20 @@ use common::{text, wait_for, wait_until, SHIM};
 // ---------------------------------------------------------------------------------------------
 // Helpers
 
-/// The shim's ttrpc socket for a CRI container (its bundle's `address` file).
+/// The shim's ttrpc socket for a CRI container: its bundle's `address` file, or from containerd
+/// 2.x on, `bootstrap.json`'s `address`.
 fn shim_client(b: &CriBed, id: &str) -> TaskClient {
-    let file = b.tb.cri_bundle_dir(id).join("address");
-    let address = std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("reading {}: {e}", file.display()));
+    let dir = b.tb.cri_bundle_dir(id);
+    let address = match std::fs::read_to_string(dir.join("bootstrap.json")) {
+        Ok(json) => {
+            let v: serde_json::Value = serde_json::from_str(&json).expect("bootstrap.json");
+            v["address"].as_str().unwrap_or_else(|| panic!("no address in bootstrap.json: {json}")).to_string()
+        }
+        Err(_) => {
+            let file = dir.join("address");
+            std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("reading {}: {e}", file.display()))
+        }
+    };
     let client = Client::connect(address.trim()).unwrap_or_else(|e| panic!("connecting to the shim: {e}"));
     TaskClient::new(client)
 }
@@ -660,15 +671,21 @@ fn create_from_archive(b: &CriBed, pod: &Pod, archive: &Path) -> Result<String, 
     b.cri.create(&pod.id, config, &pod.config)
 }
 
-/// The whole kubelet flow under containerd 2.x with style (a): CheckpointContainer writes an
-/// archive from our shim's flat checkpoint; the container runs on; then, as after a move to
-/// another node, it is removed and a new pod's CreateContainer names the archive as its image:
-/// containerd applies the rootfs diff, our shim restores CRIU's images from the unpacked
-/// `checkpoint/`, and the counter goes on from where it was, with the file written before.
-#[test]
-fn containerd_2_kubelet_checkpoint_and_restore_from_the_archive() {
-    let (b, _registry, pod, id) = counter_pod_on_containerd_2(Style::RuntimeType);
+/// The whole kubelet flow under containerd 2.x: CheckpointContainer writes an archive from our
+/// shim's flat checkpoint; the container runs on; then, as after a move to another node, it is
+/// removed and a new pod's CreateContainer names the archive as its image: containerd applies the
+/// rootfs diff, our shim restores CRIU's images from the unpacked `checkpoint/`, and the counter
+/// goes on from where it was, with the file written before. Returns the bed, the new pod, the
+/// restored container and the pod's shim pid.
+fn kubelet_checkpoint_and_restore_from_the_archive(style: Style) -> (CriBed, Registry, Pod, String, u32) {
+    let (b, registry, pod, id) = counter_pod_on_containerd_2(style);
+    assert_eq!(shim_binary_of(&b, &pod.id), SHIM, "the pod is not on our shim");
     let (archive, before) = cri_checkpoint_archive(&b, &id);
+    if style == Style::RuntimePath {
+        let out = std::process::Command::new("tar").arg("-tf").arg(&archive).output().expect("tar -tf");
+        let entries = text(&out.stdout);
+        assert!(entries.lines().any(|l| l == "stats-dump"), "no stats-dump from the work path:\n{entries}");
+    }
     b.cri.stop(&id, 0).expect("StopContainer");
     b.cri.remove(&id).expect("RemoveContainer");
     remove_pod(&b, &pod, &[]);
@@ -688,42 +705,45 @@ fn containerd_2_kubelet_checkpoint_and_restore_from_the_archive() {
         "our shim did not restore {restored}:\n{}",
         b.tb.log_tail(30)
     );
-    assert!(shim_binary_of(&b, &pod.id).ends_with("/containerd-shim-kybernate-v1"), "the pod is not on our shim");
+    // ... in the pod's own shim process.
+    let shim_pid = |id: &str| {
+        let r = shim_client(&b, id).connect(context::with_duration(CHECKPOINT_TIMEOUT), &Default::default());
+        r.unwrap_or_else(|e| panic!("Connect to the shim of {id}: {e}")).shim_pid
+    };
+    let pid = shim_pid(&pod.id);
+    assert_eq!(shim_pid(&restored), pid, "the restored container is not in its pod's shim");
+    assert_eq!(shim_binary_of(&b, &pod.id), SHIM, "the pod is not on our shim");
+    (b, registry, pod, restored, pid)
+}
+
+/// Style (a): containerd knows our runtime type all along.
+#[test]
+fn containerd_2_kubelet_checkpoint_and_restore_from_the_archive() {
+    let (b, _registry, pod, restored, _) = kubelet_checkpoint_and_restore_from_the_archive(Style::RuntimeType);
+    assert_eq!(shim_binary_of(&b, &restored), SHIM);
     remove_pod(&b, &pod, &[&restored]);
 }
 
-/// Style (b) under containerd 2.x: CheckpointContainer works (containerd sends runc options with
-/// a `work_path`, and copies our `stats-dump` and `dump.log` from there), but the restore does not
-/// reach our shim: containerd 2.1's restore path does not apply `runtime_path`, starts the stock
-/// `containerd-shim-runc-v2`, which finds the pod's shim socket (ours) and speaks task API v3
-/// to it. Measured on containerd 2.1.9; this test flips when containerd changes, so that
-/// docs/installation.md (restore from archives needs style (a)) can follow.
+/// Style (b) under containerd 2.x. CheckpointContainer sends runc options with a `work_path`, and
+/// the archive gets our `stats-dump` and `dump.log` from there. The restore path of containerd
+/// 2.1 does not apply `runtime_path`: it starts the stock `containerd-shim-runc-v2`, whose `start`
+/// finds the pod's shim socket (ours) and hands it out as its own, announcing task API v3. Our
+/// shim serves v3 as well as v2, so the restore lands in the pod's shim all the same; containerd
+/// records the stock shim for that container (measured on 2.1.9), and when the pod's shim is
+/// killed, cleans the container up through it.
 #[test]
-fn containerd_2_style_b_checkpoints_but_its_archive_restore_bypasses_runtime_path() {
-    let (b, _registry, pod, id) = counter_pod_on_containerd_2(Style::RuntimePath);
-    assert_eq!(shim_binary_of(&b, &pod.id), SHIM, "containerd 2.x ignored runtime_path for the pod");
-    let (archive, _before) = cri_checkpoint_archive(&b, &id);
-    let out = std::process::Command::new("tar").arg("-tf").arg(&archive).output().expect("tar -tf");
-    let entries = text(&out.stdout);
-    assert!(entries.lines().any(|l| l == "stats-dump"), "no stats-dump from the work path:\n{entries}");
+fn containerd_2_style_b_kubelet_checkpoint_and_restore_from_the_archive() {
+    let (b, _registry, pod, restored, shim) = kubelet_checkpoint_and_restore_from_the_archive(Style::RuntimePath);
+    let recorded = shim_binary_of(&b, &restored);
+    assert!(recorded.ends_with("/containerd-shim-runc-v2"), "the restored container's shim-binary-path: {recorded}");
 
-    b.cri.stop(&id, 0).expect("StopContainer");
-    b.cri.remove(&id).expect("RemoveContainer");
-    remove_pod(&b, &pod, &[]);
-
-    let pod = self::pod(&b, "default", &[]);
-    let restored = create_from_archive(&b, &pod, &archive).unwrap_or_else(|e| panic!("CreateContainer: {e}"));
-    match b.cri.start(&restored) {
-        Err(e) => assert!(
-            e.message().contains("containerd.task.v3.Task"),
-            "the archive restore under style (b) failed otherwise than measured: {e}\n{}",
-            b.tb.log_tail(30)
-        ),
-        Ok(()) => panic!(
-            "containerd {:?} now restores archives under style (b) (shim: {}): update docs/installation.md",
-            b.tb.containerd_version(),
-            shim_binary_of(&b, &restored)
-        ),
-    }
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(shim as i32), nix::sys::signal::Signal::SIGKILL)
+        .expect("SIGKILL to the pod's shim");
+    wait_until(
+        "the restored container to be reported exited",
+        || state(&b, &restored),
+        |s| *s == ContainerState::ContainerExited as i32,
+    );
+    b.cri.remove(&restored).expect("RemoveContainer");
     remove_pod(&b, &pod, &[&restored]);
 }
