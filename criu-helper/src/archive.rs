@@ -1,7 +1,7 @@
 //! Moving checkpoints between nodes as single tar files, in the layout
 //! checkpointctl and `kubectl checkpoint` archives use.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, DirBuilder, File};
 use std::io::{self, BufReader, BufWriter, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -10,8 +10,12 @@ use std::time::SystemTime;
 
 use tar::{Archive, Builder, EntryType, Header};
 
-use crate::manifest::{Manifest, CONFIG_DUMP, IMAGES_DIR, MANIFEST_FILE, SPEC_DUMP};
-use crate::store::{create_private_dirs, fsync_dir, hidden_sibling, is_plain_relative, verify, Store, StoreError};
+use crate::manifest::{Manifest, CONFIG_DUMP, IMAGES_DIR, MANIFEST_FILE, ROOTFS_DIFF, SPEC_DUMP};
+use crate::rootfs::{overlay_diff_from_oci_layer, RootfsError};
+use crate::store::{
+    collect_files, create_private_dirs, fsync_dir, hidden_sibling, is_plain_relative, verify, write_manifest, Store,
+    StoreError,
+};
 use crate::VerifyError;
 
 /// Why a checkpoint could not be exported or imported. Every variant names the file at fault.
@@ -32,10 +36,17 @@ pub enum ArchiveError {
         #[source]
         source: io::Error,
     },
-    /// A kubelet/crictl (CRI) checkpoint archive: CRIU's images and CRI's dumps, but no manifest of
-    /// ours at its root, so nothing to verify its files against.
-    #[error("{}: a kubelet/crictl checkpoint archive (checkpoint/, {CONFIG_DUMP}, {SPEC_DUMP}), not one written by `kybernate export`: it has no {MANIFEST_FILE} at its root", archive.display())]
+    /// A kubelet/crictl (CRI) checkpoint archive not taken through our shim: CRIU's images and
+    /// CRI's dumps, but no manifest of ours in `checkpoint/`, so nothing to verify the images against.
+    #[error("{}: a kubelet/crictl checkpoint archive (checkpoint/, {CONFIG_DUMP}, {SPEC_DUMP}) that was not taken through the Kybernate shim: it has no {IMAGES_DIR}/{MANIFEST_FILE} to verify CRIU's images against", archive.display())]
     CriArchive { archive: PathBuf },
+    /// The rootfs diff of a kubelet/crictl archive could not be made ours.
+    #[error("{}: {source}", archive.display())]
+    RootfsDiff {
+        archive: PathBuf,
+        #[source]
+        source: RootfsError,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -123,10 +134,11 @@ pub fn import(archive: &Path, store: &Store) -> Result<(PathBuf, Manifest), Arch
         .map_err(io_ctx(format!("{}: cannot create directory", work.display())))?;
     let mut guard = Cleanup(Some(work.clone()));
     unpack(archive, &work)?;
-    if is_cri_archive(&work) {
-        return Err(ArchiveError::CriArchive { archive: archive.to_path_buf() });
-    }
-    let manifest = verify(&work).map_err(|source| ArchiveError::Verify { path: archive.to_path_buf(), source })?;
+    let manifest = if is_cri_archive(&work) {
+        adopt_cri_checkpoint(archive, &work)?
+    } else {
+        verify(&work).map_err(|source| ArchiveError::Verify { path: archive.to_path_buf(), source })?
+    };
 
     let created = humantime::parse_rfc3339_weak(&manifest.created).unwrap_or_else(|_| SystemTime::now());
     let mut dest = store.new_checkpoint_path(&manifest.namespace, &manifest.container_id, created)?;
@@ -155,6 +167,45 @@ fn is_cri_archive(dir: &Path) -> bool {
     !dir.join(MANIFEST_FILE).exists()
         && dir.join(IMAGES_DIR).is_dir()
         && (dir.join(CONFIG_DUMP).is_file() || dir.join(SPEC_DUMP).is_file())
+}
+
+/// Makes an unpacked kubelet/crictl archive (containerd 2.x's CRI, taken through our shim) a
+/// checkpoint of our store, in place. The shim's flat manifest in `checkpoint/` vouches for CRIU's
+/// images, which are verified against it first; CRI's own files (`config.dump`, `spec.dump`,
+/// `status.dump`, the rootfs diff, ...) carry no checksum, so the new manifest records them as
+/// they arrived. The rootfs diff, an OCI layer there, is rewritten in our form.
+fn adopt_cri_checkpoint(archive: &Path, work: &Path) -> Result<Manifest, ArchiveError> {
+    let images = work.join(IMAGES_DIR);
+    if !images.join(MANIFEST_FILE).is_file() {
+        return Err(ArchiveError::CriArchive { archive: archive.to_path_buf() });
+    }
+    let verified = verify(&images).map_err(|source| ArchiveError::Verify { path: archive.to_path_buf(), source })?;
+    if !verified.flat {
+        return Err(ArchiveError::Entry {
+            archive: archive.to_path_buf(),
+            entry: format!("{IMAGES_DIR}/{MANIFEST_FILE}"),
+            reason: "not the manifest our shim writes beside CRIU's images for CRI (flat)",
+        });
+    }
+    let inner = images.join(MANIFEST_FILE);
+    fs::remove_file(&inner).map_err(io_ctx(format!("{}: cannot remove", inner.display())))?;
+
+    let diff = work.join(ROOTFS_DIFF);
+    let rootfs_diff = diff.is_file();
+    if rootfs_diff {
+        let ours = work.join(format!(".{ROOTFS_DIFF}"));
+        overlay_diff_from_oci_layer(&diff, &ours)
+            .map_err(|source| ArchiveError::RootfsDiff { archive: archive.to_path_buf(), source })?;
+        fs::rename(&ours, &diff).map_err(io_ctx(format!("cannot move {} to {}", ours.display(), diff.display())))?;
+    }
+
+    // CRIU's images as verified; every other file as it arrived (hashed once, here).
+    let mut files: BTreeMap<_, _> =
+        verified.files.iter().map(|(rel, entry)| (format!("{IMAGES_DIR}/{rel}"), entry.clone())).collect();
+    collect_files(work, "", &[IMAGES_DIR], &mut files)?;
+    let manifest = Manifest { files, flat: false, rootfs_diff, ..verified };
+    write_manifest(work, &manifest)?;
+    Ok(manifest)
 }
 
 fn unpack(archive: &Path, work: &Path) -> Result<(), ArchiveError> {

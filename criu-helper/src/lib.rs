@@ -32,7 +32,7 @@ pub use preflight::{
     check_space, find_criu, free_bytes, memory_estimate, parse_criu_version, require_criu_version, CriuVersion,
     PreflightError, MIN_CRIU, SPACE_HEADROOM,
 };
-pub use rootfs::{apply_rootfs_diff, overlay_upperdir, write_rootfs_diff, RootfsError};
+pub use rootfs::{apply_rootfs_diff, overlay_diff_from_oci_layer, overlay_upperdir, write_rootfs_diff, RootfsError};
 pub use store::{
     dir_size, read_manifest, verify, verify_quick, PartialCheckpoint, Store, StoreError, VerifyError, INVENTORY,
     PHASE_CRIU_DUMP, PHASE_FILE, PHASE_GPU_CHECKPOINT, PHASE_GPU_LOCK,

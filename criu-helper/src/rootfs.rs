@@ -5,9 +5,10 @@
 //! The diff is the overlay upper dir, with whiteouts kept as overlay writes
 //! them (char device 0/0) so that deletions survive too.
 
+use std::collections::BTreeSet;
 use std::ffi::CString;
 use std::fs::{self, File};
-use std::io::{self, BufReader, BufWriter};
+use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
@@ -181,6 +182,124 @@ pub fn apply_rootfs_diff(tar: &Path, rootfs: &Path) -> Result<(), RootfsError> {
     Ok(())
 }
 
+/// OCI layer whiteouts: `.wh.NAME` deletes NAME, `.wh..wh..opq` makes its directory opaque.
+const OCI_WHITEOUT_PREFIX: &str = ".wh.";
+const OCI_OPAQUE_MARKER: &str = ".wh..wh..opq";
+
+/// Rewrites a rootfs diff in OCI layer form into ours, as [`apply_rootfs_diff`] reads it. That is
+/// what containerd 2.x's CRI puts in a kubelet/crictl checkpoint archive: gzip-compressed (plain
+/// tar is read too), deletions as `.wh.` files. Whiteouts become char 0/0 entries, opaque markers
+/// an xattr record on their directory's entry. Two passes over `src`, as a marker may come after
+/// its directory. `dst` must not exist; on error it is removed.
+pub fn overlay_diff_from_oci_layer(src: &Path, dst: &Path) -> Result<(), RootfsError> {
+    let read_ctx = || format!("{}: cannot read rootfs diff", src.display());
+    let mut opaque = BTreeSet::new();
+    for entry in layer_entries(src)?.entries().map_err(io_ctx(read_ctx()))? {
+        let entry = entry.map_err(io_ctx(read_ctx()))?;
+        let (rel, raw) = layer_path(src, &entry)?;
+        if rel.file_name().is_some_and(|n| n == OCI_OPAQUE_MARKER) {
+            let dir = rel.parent().unwrap_or(Path::new("")).to_path_buf();
+            if dir.as_os_str().is_empty() {
+                let what = "opaque marker for the rootfs itself".to_string();
+                return Err(RootfsError::Unsupported { tar: src.to_path_buf(), entry: raw, what });
+            }
+            opaque.insert(dir);
+        }
+    }
+    let write_ctx = || format!("{}: cannot write rootfs diff", dst.display());
+    let file = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(dst);
+    let mut builder = Builder::new(BufWriter::new(file.map_err(io_ctx(write_ctx()))?));
+    let converted = convert_layer(src, &mut builder, &mut opaque).and_then(|()| {
+        let file = builder.into_inner().and_then(|w| w.into_inner().map_err(io::IntoInnerError::into_error));
+        file.and_then(|f| f.sync_all()).map_err(io_ctx(write_ctx()))
+    });
+    if converted.is_err() {
+        let _ = fs::remove_file(dst);
+    }
+    converted
+}
+
+/// The second pass of [`overlay_diff_from_oci_layer`]; `opaque` loses each directory it meets.
+fn convert_layer<W: Write>(
+    src: &Path,
+    builder: &mut Builder<W>,
+    opaque: &mut BTreeSet<PathBuf>,
+) -> Result<(), RootfsError> {
+    let read_ctx = || format!("{}: cannot read rootfs diff", src.display());
+    let write_ctx = || format!("{}: cannot convert rootfs diff", src.display());
+    for entry in layer_entries(src)?.entries().map_err(io_ctx(read_ctx()))? {
+        let mut entry = entry.map_err(io_ctx(read_ctx()))?;
+        let (rel, raw) = layer_path(src, &entry)?;
+        if rel.as_os_str().is_empty() {
+            continue; // the layer's root
+        }
+        let name = rel.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let mut header = entry.header().clone();
+        let kind = header.entry_type();
+        let written = if name == OCI_OPAQUE_MARKER {
+            Ok(())
+        } else if let Some(target) = name.strip_prefix(OCI_WHITEOUT_PREFIX) {
+            let mut h = Header::new_gnu();
+            h.set_entry_type(EntryType::Char);
+            h.set_mode(0);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(header.mtime().unwrap_or(0));
+            h.set_size(0);
+            h.set_device_major(0)
+                .and_then(|()| h.set_device_minor(0))
+                .and_then(|()| builder.append_data(&mut h, rel.with_file_name(target), io::empty()))
+        } else if kind.is_dir() {
+            let marked = if opaque.remove(&rel) {
+                builder.append_pax_extensions([(format!("{PAX_XATTR_PREFIX}{}", OPAQUE_XATTRS[0]).as_str(), &b"y"[..])])
+            } else {
+                Ok(())
+            };
+            marked.and_then(|()| builder.append_data(&mut header, &rel, io::empty()))
+        } else if matches!(kind, EntryType::Symlink | EntryType::Link) {
+            match entry.link_name() {
+                Ok(Some(target)) => builder.append_link(&mut header, &rel, target),
+                _ => {
+                    let what = format!("{kind:?} without a target");
+                    return Err(RootfsError::Unsupported { tar: src.to_path_buf(), entry: raw, what });
+                }
+            }
+        } else if matches!(
+            kind,
+            EntryType::Regular | EntryType::Continuous | EntryType::Char | EntryType::Block | EntryType::Fifo
+        ) {
+            builder.append_data(&mut header, &rel, &mut entry)
+        } else {
+            let what = format!("tar entry of type {kind:?}");
+            return Err(RootfsError::Unsupported { tar: src.to_path_buf(), entry: raw, what });
+        };
+        written.map_err(io_ctx(write_ctx()))?;
+    }
+    if let Some(dir) = opaque.iter().next() {
+        let what = "opaque marker for a directory the diff has no entry for".to_string();
+        return Err(RootfsError::Unsupported { tar: src.to_path_buf(), entry: dir.display().to_string(), what });
+    }
+    Ok(())
+}
+
+/// A tar reader over `path`, gunzipping it when it starts with gzip's magic.
+fn layer_entries(path: &Path) -> Result<Archive<Box<dyn Read>>, RootfsError> {
+    let ctx = || format!("{}: cannot read rootfs diff", path.display());
+    let mut file = BufReader::new(File::open(path).map_err(io_ctx(ctx()))?);
+    let gzip = io::BufRead::fill_buf(&mut file).map_err(io_ctx(ctx()))?.starts_with(&[0x1f, 0x8b]);
+    let reader: Box<dyn Read> = if gzip { Box::new(flate2::bufread::GzDecoder::new(file)) } else { Box::new(file) };
+    Ok(Archive::new(reader))
+}
+
+/// The entry's path made plain and relative, with its raw form for messages.
+fn layer_path<R: Read>(tar: &Path, entry: &tar::Entry<'_, R>) -> Result<(PathBuf, String), RootfsError> {
+    let raw = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+    match entry.path().ok().and_then(|p| plain_relative(&p)) {
+        Some(rel) => Ok((rel, raw)),
+        None => Err(RootfsError::Escape { tar: tar.to_path_buf(), entry: raw }),
+    }
+}
+
 /// `p` with `.` dropped, or None if it is absolute or climbs with `..`.
 fn plain_relative(p: &Path) -> Option<PathBuf> {
     let mut out = PathBuf::new();
@@ -307,6 +426,112 @@ mod tests {
         let fifo = fs::symlink_metadata(rootfs.join("var/fifo")).unwrap();
         assert!(fifo.file_type().is_fifo());
         assert_eq!(fifo.permissions().mode() & 0o777, 0o620);
+    }
+
+    /// An OCI layer as containerd's differ writes one (gzip or not): `.wh.` whiteouts, an opaque
+    /// marker after its directory, a symlink, a hard link and a name past tar's 100 bytes.
+    fn oci_layer(gzip: bool, extra: &[(&str, EntryType)]) -> Vec<u8> {
+        let long = format!("deep/{}/file", "d".repeat(120));
+        let mut entries: Vec<(String, EntryType)> = [
+            ("etc/", EntryType::Directory),
+            ("etc/app.conf", EntryType::Regular),
+            ("etc/.wh.gone", EntryType::Regular),
+            (".wh.olddir", EntryType::Regular),
+            ("cache/", EntryType::Directory),
+            ("cache/new", EntryType::Regular),
+            ("cache/.wh..wh..opq", EntryType::Regular),
+            ("etc/link", EntryType::Symlink),
+            ("etc/hard", EntryType::Link),
+            (long.as_str(), EntryType::Regular),
+        ]
+        .iter()
+        .chain(extra)
+        .map(|(p, k)| (p.to_string(), *k))
+        .collect();
+        entries.insert(0, ("./".into(), EntryType::Directory));
+        let mut b = Builder::new(Vec::new());
+        for (path, kind) in entries {
+            let mut h = Header::new_gnu();
+            h.set_entry_type(kind);
+            h.set_mode(if kind.is_dir() { 0o755 } else { 0o640 });
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(1_700_000_000);
+            let data: &[u8] = if kind == EntryType::Regular && !path.contains(".wh.") { b"new" } else { b"" };
+            h.set_size(data.len() as u64);
+            match kind {
+                EntryType::Symlink => b.append_link(&mut h, &path, "app.conf").unwrap(),
+                EntryType::Link => b.append_link(&mut h, &path, "etc/app.conf").unwrap(),
+                _ => b.append_data(&mut h, &path, data).unwrap(),
+            }
+        }
+        let tar = b.into_inner().unwrap();
+        if !gzip {
+            return tar;
+        }
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&tar).unwrap();
+        gz.finish().unwrap()
+    }
+
+    #[test]
+    fn an_oci_layer_becomes_our_diff_with_its_deletions() {
+        for gzip in [true, false] {
+            let d = tempfile::tempdir().unwrap();
+            let (layer, ours) = (d.path().join("rootfs-diff.tar"), d.path().join("ours.tar"));
+            fs::write(&layer, oci_layer(gzip, &[])).unwrap();
+            overlay_diff_from_oci_layer(&layer, &ours).unwrap();
+
+            let rootfs = d.path().join("rootfs");
+            fs::create_dir_all(rootfs.join("olddir/sub")).unwrap();
+            fs::create_dir_all(rootfs.join("etc")).unwrap();
+            fs::create_dir_all(rootfs.join("cache")).unwrap();
+            fs::write(rootfs.join("etc/gone"), "old").unwrap();
+            fs::write(rootfs.join("etc/keep"), "keep").unwrap();
+            fs::write(rootfs.join("cache/old"), "old").unwrap();
+            apply_rootfs_diff(&ours, &rootfs).unwrap();
+
+            assert_eq!(fs::read_to_string(rootfs.join("etc/app.conf")).unwrap(), "new", "gzip: {gzip}");
+            assert_eq!(fs::metadata(rootfs.join("etc/app.conf")).unwrap().permissions().mode() & 0o777, 0o640);
+            assert!(!rootfs.join("etc/gone").exists(), "a whiteout was not applied (gzip: {gzip})");
+            assert!(!rootfs.join("olddir").exists(), "a directory whiteout was not applied (gzip: {gzip})");
+            assert!(!rootfs.join("etc/.wh.gone").exists() && !rootfs.join("cache/.wh..wh..opq").exists());
+            assert_eq!(fs::read_to_string(rootfs.join("etc/keep")).unwrap(), "keep");
+            assert!(rootfs.join("cache/new").exists() && !rootfs.join("cache/old").exists(), "cache/ not opaque");
+            assert_eq!(fs::read_link(rootfs.join("etc/link")).unwrap(), Path::new("app.conf"));
+            assert_eq!(fs::read_to_string(rootfs.join("etc/hard")).unwrap(), "new");
+            let long = rootfs.join("deep").join("d".repeat(120)).join("file");
+            assert_eq!(fs::read_to_string(long).unwrap(), "new");
+        }
+    }
+
+    #[test]
+    fn a_layer_that_cannot_be_converted_leaves_no_output() {
+        let d = tempfile::tempdir().unwrap();
+        let (layer, ours) = (d.path().join("rootfs-diff.tar"), d.path().join("ours.tar"));
+        // An opaque marker whose directory has no entry of its own.
+        fs::write(&layer, oci_layer(true, &[("var/.wh..wh..opq", EntryType::Regular)])).unwrap();
+        let err = overlay_diff_from_oci_layer(&layer, &ours).unwrap_err();
+        assert!(matches!(err, RootfsError::Unsupported { ref entry, .. } if entry == "var"), "{err}");
+        assert!(!ours.exists());
+        // A device node is carried over, and refused where every diff's devices are: on apply.
+        fs::write(&layer, oci_layer(false, &[("dev/sda", EntryType::Block)])).unwrap();
+        overlay_diff_from_oci_layer(&layer, &ours).unwrap();
+        let rootfs = d.path().join("rootfs");
+        fs::create_dir(&rootfs).unwrap();
+        let err = apply_rootfs_diff(&ours, &rootfs).unwrap_err();
+        assert!(matches!(err, RootfsError::Unsupported { ref entry, .. } if entry == "dev/sda"), "{err}");
+        fs::remove_file(&ours).unwrap();
+        // An entry that climbs out, and a truncated archive.
+        fs::write(&layer, tar_with(b"../evil", None)).unwrap();
+        let err = overlay_diff_from_oci_layer(&layer, &ours).unwrap_err();
+        assert!(matches!(err, RootfsError::Escape { .. }), "{err}");
+        assert!(!ours.exists());
+        let whole = oci_layer(true, &[]);
+        fs::write(&layer, &whole[..whole.len() / 2]).unwrap();
+        let err = overlay_diff_from_oci_layer(&layer, &ours).unwrap_err();
+        assert!(err.to_string().contains("cannot read rootfs diff"), "{err}");
+        assert!(!ours.exists());
     }
 
     /// Marks `dir` opaque as overlayfs does; false where the filesystem refuses trusted xattrs.

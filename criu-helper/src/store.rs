@@ -333,24 +333,11 @@ impl PartialCheckpoint {
             _ => {}
         }
         let mut files = BTreeMap::new();
-        collect_files(&self.dir, "", &mut files)?;
+        collect_files(&self.dir, "", &[], &mut files)?;
         files.remove(MANIFEST_FILE);
         manifest.files = files;
         manifest.flat = self.flat;
-        let text = serde_json::to_vec_pretty(&manifest).map_err(|e| StoreError::Io {
-            context: format!("{}: cannot serialise manifest", self.target.display()),
-            source: io::Error::other(e),
-        })?;
-        let path = self.dir.join(MANIFEST_FILE);
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(store_io("create", &path))?;
-        f.write_all(&text).and_then(|()| f.sync_all()).map_err(store_io("write", &path))?;
-        fsync_dir(&self.dir).map_err(store_io("sync", &self.dir))?;
+        write_manifest(&self.dir, &manifest)?;
         check_target_free(&self.target)?;
         // rename(2) atomically replaces an empty directory.
         fs::rename(&self.dir, &self.target).map_err(|source| StoreError::Io {
@@ -395,11 +382,40 @@ fn check_target_free(target: &Path) -> Result<(), StoreError> {
 }
 
 /// Hashes (and fsyncs) every regular file under `dir`, keyed by '/'-separated relative path.
-fn collect_files(dir: &Path, prefix: &str, out: &mut BTreeMap<String, FileEntry>) -> Result<(), StoreError> {
+/// Writes `manifest` as `dir`'s `kybernate.json` (0600) and syncs it and `dir`.
+pub(crate) fn write_manifest(dir: &Path, manifest: &Manifest) -> Result<(), StoreError> {
+    let path = dir.join(MANIFEST_FILE);
+    let text = serde_json::to_vec_pretty(manifest).map_err(|e| StoreError::Io {
+        context: format!("{}: cannot serialise manifest", path.display()),
+        source: io::Error::other(e),
+    })?;
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(store_io("create", &path))?;
+    f.write_all(&text).and_then(|()| f.sync_all()).map_err(store_io("write", &path))?;
+    fsync_dir(dir).map_err(store_io("sync", dir))
+}
+
+/// Records every regular file under `dir` (hashed and synced) in `out`, by path relative to the
+/// checkpoint with `prefix`, except the entries of `dir` named in `skip`; anything but
+/// directories and regular files is an error.
+pub(crate) fn collect_files(
+    dir: &Path,
+    prefix: &str,
+    skip: &[&str],
+    out: &mut BTreeMap<String, FileEntry>,
+) -> Result<(), StoreError> {
     for (name, path, meta) in read_dir_sorted(dir).map_err(|(p, e)| store_io("list", &p)(e))? {
+        if skip.contains(&name.as_str()) {
+            continue;
+        }
         let rel = format!("{prefix}{name}");
         if meta.is_dir() {
-            collect_files(&path, &format!("{rel}/"), out)?;
+            collect_files(&path, &format!("{rel}/"), &[], out)?;
         } else if meta.is_file() {
             let (size, sha256) = hash_file(&path, true).map_err(store_io("read", &path))?;
             out.insert(rel, FileEntry { size, sha256 });

@@ -7,6 +7,10 @@ use std::path::Path;
 use kybernate_criu::manifest::{FORMAT_VERSION, MANIFEST_FILE};
 use kybernate_criu::{export, import, ArchiveError, CheckpointFlags, Manifest, PartialCheckpoint, Store, ToolInfo};
 
+mod common;
+
+use common::{kubelet_archive, oci_layer};
+
 fn checkpoint(target: &Path) -> Manifest {
     let p = PartialCheckpoint::begin(target).unwrap();
     fs::write(p.images_dir().join("inventory.img"), b"inventory").unwrap();
@@ -172,4 +176,98 @@ fn export_refuses_an_invalid_checkpoint() {
     assert!(matches!(&err, ArchiveError::Verify { .. }), "{err}");
     assert!(err.to_string().contains("extra"), "{err}");
     assert!(!out.exists());
+}
+
+// ---------------------------------------------------------------------------------------------
+// kubelet/crictl archives (containerd 2.x's CRI CheckpointContainer through our shim)
+
+#[test]
+fn a_kubelet_archive_taken_through_our_shim_is_imported_as_a_checkpoint_of_the_store() {
+    let d = tempfile::tempdir().unwrap();
+    let archive = kubelet_archive(d.path(), |_| {}, &[]);
+    let store = Store::new(d.path().join("store"));
+    let (path, m) = import(&archive, &store).unwrap();
+
+    assert_eq!(path.parent().unwrap(), store.root().join("k8s.io/abc123"));
+    assert_eq!((m.tenant(), m.flat, m.rootfs_diff), ("default", false, true));
+    assert_eq!(kybernate_criu::verify(&path).unwrap(), m, "the store's checkpoint does not verify");
+    let listed: Vec<&str> = m.files.keys().map(String::as_str).collect();
+    assert_eq!(
+        listed,
+        [
+            "checkpoint/inventory.img",
+            "checkpoint/pages-1.img",
+            "config.dump",
+            "container.log",
+            "rootfs-diff.tar",
+            "spec.dump",
+            "status",
+            "status.dump"
+        ]
+    );
+    assert!(!path.join("checkpoint").join(MANIFEST_FILE).exists(), "the shim's flat manifest stays behind");
+
+    // The diff is ours now: plain tar, the deletion a whiteout the restore applies.
+    let rootfs = d.path().join("rootfs");
+    fs::create_dir_all(rootfs.join("etc")).unwrap();
+    fs::write(rootfs.join("etc/gone"), b"old").unwrap();
+    kybernate_criu::apply_rootfs_diff(&path.join("rootfs-diff.tar"), &rootfs).unwrap();
+    assert_eq!(fs::read_to_string(rootfs.join("data.txt")).unwrap(), "kept\n");
+    assert_eq!(fs::read_to_string(rootfs.join("tmp/counter")).unwrap(), "42");
+    assert!(!rootfs.join("etc/gone").exists() && !rootfs.join("etc/.wh.gone").exists());
+
+    // The imported checkpoint exports and imports like any other.
+    let out = d.path().join("again.tar");
+    assert_eq!(export(&path, &out).unwrap(), m);
+    let (again, m2) = import(&out, &store).unwrap();
+    assert_eq!((m2, again.parent()), (m, path.parent()));
+}
+
+#[test]
+fn kubelet_archives_we_cannot_vouch_for_are_refused_and_leave_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let store = Store::new(d.path().join("store"));
+    let refused = |archive: &Path| {
+        let err = import(archive, &store).unwrap_err();
+        let left: Vec<_> =
+            fs::read_dir(store.root()).map(|r| r.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+        assert!(left.is_empty(), "{err}: left {left:?}");
+        err
+    };
+
+    // An image changed after the shim recorded it.
+    let archive =
+        kubelet_archive(d.path(), |flat| fs::write(flat.join("pages-1.img"), vec![0xacu8; 300_000]).unwrap(), &[]);
+    let err = refused(&archive);
+    assert!(matches!(&err, ArchiveError::Verify { .. }) && err.to_string().contains("pages-1.img"), "{err}");
+
+    // Taken through another runtime (the stock runc shim, CRI-O): no manifest of ours.
+    let archive = kubelet_archive(d.path(), |flat| fs::remove_file(flat.join(MANIFEST_FILE)).unwrap(), &[]);
+    let err = refused(&archive);
+    assert!(matches!(&err, ArchiveError::CriArchive { .. }), "{err}");
+    assert!(err.to_string().contains("not taken through the Kybernate shim"), "{err}");
+
+    // A manifest in checkpoint/ that is not the shim's flat one.
+    let archive = kubelet_archive(
+        d.path(),
+        |flat| {
+            let mut m = kybernate_criu::read_manifest(flat).unwrap();
+            m.flat = false;
+            m.files = BTreeMap::from([("checkpoint/inventory.img".into(), m.files["inventory.img"].clone())]);
+            fs::create_dir(flat.join("checkpoint")).unwrap();
+            fs::rename(flat.join("inventory.img"), flat.join("checkpoint/inventory.img")).unwrap();
+            fs::remove_file(flat.join("pages-1.img")).unwrap();
+            fs::write(flat.join(MANIFEST_FILE), serde_json::to_vec(&m).unwrap()).unwrap();
+        },
+        &[],
+    );
+    let err = refused(&archive);
+    assert!(matches!(&err, ArchiveError::Entry { entry, .. } if entry == "checkpoint/kybernate.json"), "{err}");
+    assert!(err.to_string().contains("flat"), "{err}");
+
+    // A rootfs diff with an opaque marker for a directory it does not carry.
+    let diff = oci_layer(&[("data.txt", b"x"), ("var/.wh..wh..opq", b"")]);
+    let archive = kubelet_archive(d.path(), |_| {}, &[("rootfs-diff.tar", diff)]);
+    let err = refused(&archive);
+    assert!(matches!(&err, ArchiveError::RootfsDiff { .. }) && err.to_string().contains("opaque"), "{err}");
 }

@@ -10,7 +10,7 @@ use serde_json::Value;
 
 mod common;
 
-use common::{fake_checkpoint, fake_checkpoint_with, fake_manifest, show};
+use common::{fake_checkpoint, fake_checkpoint_with, fake_manifest, kubelet_archive, show};
 use kybernate_criu::cuda::ProcessState;
 use kybernate_criu::gpu::{CudaProcessRecord, GpuInfo, GpuMode, GpuRecord};
 
@@ -392,18 +392,19 @@ fn import_of_a_tampered_archive_fails_and_leaves_nothing() {
     assert_eq!(out.status.code(), Some(2), "{}", show(&out));
 }
 
-/// What docs/operations.md says about a kubelet/crictl archive (containerd 2.x, taken through our
-/// shim: CRIU's images and our flat manifest in `checkpoint/`, CRI's dumps beside it, a gzip RW
-/// diff): `kybernate import` refuses it, says what it is and where it restores, and leaves the store empty.
+/// What docs/operations.md says about a kubelet/crictl archive not taken through our shim (the
+/// stock runc shim's, CRI-O's: CRIU's images in `checkpoint/` without our manifest, CRI's dumps
+/// beside them, a gzip RW diff): `kybernate import` refuses it, says what it is and where it
+/// restores, and leaves the store empty. (One taken through our shim is imported:
+/// criu-helper/tests/archive.rs, shim/tests/cri.rs.)
 #[test]
-fn import_of_a_kubelet_archive_is_refused_and_leaves_nothing() {
+fn import_of_a_foreign_kubelet_archive_is_refused_and_leaves_nothing() {
     let node = Node::new();
     let archive = node.tmp.path().join("checkpoint-pod_default-counter-2026-11-24T00:00:00Z.tar");
     let mut tar = tar::Builder::new(fs::File::create(&archive).unwrap());
     for (path, data) in [
         ("checkpoint/inventory.img", &b"\x01\x02"[..]),
         ("checkpoint/pages-1.img", &[7u8; 4096][..]),
-        ("checkpoint/kybernate.json", br#"{"format_version":1,"flat":true}"#),
         ("config.dump", br#"{"id":"abc","name":"counter"}"#),
         ("spec.dump", br#"{"ociVersion":"1.2.0"}"#),
         ("status.dump", br#"{"exit_code":0}"#),
@@ -422,13 +423,39 @@ fn import_of_a_kubelet_archive_is_refused_and_leaves_nothing() {
     assert_eq!(out.status.code(), Some(1), "{}", show(&out));
     let err = stderr(&out);
     assert!(err.starts_with("kybernate: ") && err.trim_end().lines().count() == 1, "{err}");
-    for want in
-        [archive.to_str().unwrap(), "a kubelet/crictl checkpoint archive", "no kybernate.json", "nothing was imported"]
-    {
+    for want in [
+        archive.to_str().unwrap(),
+        "a kubelet/crictl checkpoint archive",
+        "not taken through the Kybernate shim",
+        "no checkpoint/kybernate.json",
+        "nothing was imported",
+    ] {
         assert!(err.contains(want), "{want:?} missing: {err}");
     }
     let left: Vec<_> = fs::read_dir(node.root()).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
     assert!(left.is_empty(), "store must be empty, has {left:?}");
+}
+
+/// docs/operations.md's `kybernate import` of a kubelet archive taken through our shim: it lands
+/// in the store under the checkpointed container, as a checkpoint that verifies and lists like any
+/// other. (The archive's content, and a real one from containerd 2.1: criu-helper/tests/archive.rs,
+/// shim/tests/cri.rs.)
+#[test]
+fn import_of_a_kubelet_archive_taken_through_our_shim() {
+    let node = Node::new();
+    let archive = kubelet_archive(node.tmp.path(), |_| {}, &[]);
+    let out = node.run(&["import", archive.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let first = stdout(&out).lines().next().unwrap_or_default().to_string();
+    let prefix = format!("imported {} as k8s.io/abc123/", archive.display());
+    assert!(first.starts_with(&prefix), "{}", show(&out));
+    let id = first.strip_prefix("imported ").and_then(|l| l.split(" as ").nth(1)).unwrap().to_string();
+
+    let v = node.json(&["inspect", &id], 0);
+    assert_eq!(v["verification"]["ok"], true, "{v}");
+    assert_eq!((v["namespace"].as_str(), v["container"].as_str()), (Some("k8s.io"), Some("abc123")), "{v}");
+    let listed = node.json(&["list"], 0);
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
 }
 
 #[test]

@@ -747,3 +747,34 @@ fn containerd_2_style_b_kubelet_checkpoint_and_restore_from_the_archive() {
     b.cri.remove(&restored).expect("RemoveContainer");
     remove_pod(&b, &pod, &[&restored]);
 }
+
+/// The kubelet's archive moved to a node without containerd 2.x: containerd 2.1's CRI checkpoints
+/// the counter through our shim into an archive, `kybernate import` (the library call behind it)
+/// makes that a checkpoint of another node's store, and a pod on containerd 1.6 (no
+/// CheckpointContainer, no archive restore) with `kybernate.io/restore-from` comes up restored:
+/// the counter goes on, and the file written before the checkpoint is back from containerd's
+/// gzipped rootfs diff.
+#[test]
+fn a_kubelet_archive_imported_into_the_store_restores_on_containerd_1_6() {
+    let (b2, _registry, pod2, id) = counter_pod_on_containerd_2(Style::RuntimeType);
+    let (archive, before) = cri_checkpoint_archive(&b2, &id);
+    b2.cri.stop(&id, 0).expect("StopContainer");
+    b2.cri.remove(&id).expect("RemoveContainer");
+    remove_pod(&b2, &pod2, &[]);
+
+    let b = cri_bed(Style::RuntimeType);
+    let store = kybernate_criu::Store::new(&b.store);
+    let (path, manifest) =
+        kybernate_criu::import(&archive, &store).unwrap_or_else(|e| panic!("importing the kubelet's archive: {e}"));
+    assert_eq!((manifest.tenant(), manifest.container_id.as_str()), ("default", id.as_str()));
+    assert!(manifest.rootfs_diff && !manifest.flat, "{manifest:?}");
+    let reference = path.strip_prefix(&b.store).expect("inside the store").display().to_string();
+
+    let pod = pod(&b, "default", &[(RESTORE_ANNOTATION, &reference)]);
+    let restored = b.run(&pod, "counter", &["sh", "-c", COUNTER], &[]);
+    assert_counter_continues(&b, &restored, before);
+    let r = b.cri.exec(&restored, &["cat", "/data.txt"]).expect("ExecSync");
+    assert_eq!((r.exit_code, text(&r.stdout)), (0, "kept\n".to_string()), "the rootfs diff was not applied");
+    assert_sandbox_runs_pause(&b, &pod);
+    remove_pod(&b, &pod, &[&restored]);
+}

@@ -84,16 +84,20 @@ fn export_hint(e: &ArchiveError) -> &'static str {
         ArchiveError::Verify { .. } | ArchiveError::Entry { .. } => {
             "the checkpoint is damaged and can be neither exported nor restored; see `kybernate inspect`, remove it with `kybernate rm`"
         }
-        ArchiveError::Io { .. } | ArchiveError::Store(_) | ArchiveError::CriArchive { .. } => {
-            "check the archive's path, permissions and free space"
-        }
+        ArchiveError::Io { .. }
+        | ArchiveError::Store(_)
+        | ArchiveError::CriArchive { .. }
+        | ArchiveError::RootfsDiff { .. } => "check the archive's path, permissions and free space",
     }
 }
 
 fn import_hint(e: &ArchiveError) -> &'static str {
     match e {
         ArchiveError::Verify { .. } | ArchiveError::Entry { .. } => {
-            "the archive is damaged or was changed after export; nothing was imported; export the checkpoint again on the source node"
+            "the archive is damaged or was changed after it was written; nothing was imported; export (or checkpoint) the container again on the source node"
+        }
+        ArchiveError::RootfsDiff { .. } => {
+            "nothing was imported; restore the archive through the kubelet or `crictl create` (containerd >= 2.0, docs/operations.md)"
         }
         ArchiveError::CriArchive { .. } => {
             "nothing was imported; restore it through the kubelet or `crictl create` (containerd >= 2.0, docs/operations.md), or take the checkpoint with `kybernate checkpoint` and move it with `kybernate export`"
