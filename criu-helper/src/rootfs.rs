@@ -239,6 +239,11 @@ fn convert_layer<W: Write>(
         let written = if name == OCI_OPAQUE_MARKER {
             Ok(())
         } else if let Some(target) = name.strip_prefix(OCI_WHITEOUT_PREFIX) {
+            // `.wh.`, `.wh..` and `.wh...` would name the directory itself or its parent.
+            if matches!(target, "" | "." | "..") {
+                let what = "whiteout that names no file".to_string();
+                return Err(RootfsError::Unsupported { tar: src.to_path_buf(), entry: raw, what });
+            }
             let mut h = Header::new_gnu();
             h.set_entry_type(EntryType::Char);
             h.set_mode(0);
@@ -522,6 +527,13 @@ mod tests {
         let err = apply_rootfs_diff(&ours, &rootfs).unwrap_err();
         assert!(matches!(err, RootfsError::Unsupported { ref entry, .. } if entry == "dev/sda"), "{err}");
         fs::remove_file(&ours).unwrap();
+        // Whiteouts that would delete their own directory or its parent.
+        for bad in ["etc/.wh.", "etc/.wh..", "etc/.wh..."] {
+            fs::write(&layer, oci_layer(true, &[(bad, EntryType::Regular)])).unwrap();
+            let err = overlay_diff_from_oci_layer(&layer, &ours).unwrap_err();
+            assert!(matches!(err, RootfsError::Unsupported { ref entry, .. } if entry == bad), "{bad}: {err}");
+            assert!(!ours.exists());
+        }
         // An entry that climbs out, and a truncated archive.
         fs::write(&layer, tar_with(b"../evil", None)).unwrap();
         let err = overlay_diff_from_oci_layer(&layer, &ours).unwrap_err();
