@@ -381,7 +381,6 @@ fn check_target_free(target: &Path) -> Result<(), StoreError> {
     }
 }
 
-/// Hashes (and fsyncs) every regular file under `dir`, keyed by '/'-separated relative path.
 /// Writes `manifest` as `dir`'s `kybernate.json` (0600) and syncs it and `dir`.
 pub(crate) fn write_manifest(dir: &Path, manifest: &Manifest) -> Result<(), StoreError> {
     let path = dir.join(MANIFEST_FILE);

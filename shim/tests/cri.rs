@@ -1,7 +1,8 @@
 //! The kubelet's view, end to end: CRI v1 calls (what the kubelet sends) into a real containerd
 //! (bookworm's 1.6 unless a test names 1.7 or 2.x, which `test/setup.sh` unpacks beside it) whose
 //! CRI plugin runs our shim under the runtime handler `kybernate`, with real runc and CRIU. Pods
-//! are host-network (no CNI here); see shim/tests/common/cri.rs for the client and the test bed, and docs/testing.md ("CRI / kubelet") for what each test shows.
+//! are host-network (no CNI here); see shim/tests/common/cri.rs for the client and the test bed,
+//! and docs/testing.md ("CRI / kubelet") for what each test shows.
 //!
 //! Two registration styles (docs/installation.md): (a) `runtime_type =
 //! "io.containerd.kybernate.v1"` + `options.ConfigPath`, and (b) `runtime_type =
@@ -640,18 +641,19 @@ fn counter_pod_on_containerd_2(style: Style) -> (CriBed, Registry, Pod, String) 
 }
 
 /// `kubectl`'s checkpoint API / `crictl checkpoint --export` (CRI CheckpointContainer) into an
-/// archive; asserts what the archive holds and that the container ran on. Returns the archive
-/// and the counter read just before the checkpoint.
-fn cri_checkpoint_archive(b: &CriBed, id: &str) -> (PathBuf, u64) {
+/// archive; asserts what the archive holds (with `also` beside the usual files) and that the
+/// container ran on. Returns the archive and the counter read just before the checkpoint.
+fn cri_checkpoint_archive(b: &CriBed, id: &str, also: &[&str]) -> (PathBuf, u64) {
     let archive = b.tb.dir().join("checkpoint.tar");
     let before = counter(b, id).expect("counter before the checkpoint");
     b.cri.checkpoint(id, &archive).unwrap_or_else(|e| panic!("CheckpointContainer: {e}\n{}", b.tb.log_tail(30)));
     let out = std::process::Command::new("tar").arg("-tf").arg(&archive).output().expect("tar -tf");
     assert!(out.status.success(), "tar -tf {}: {}", archive.display(), text(&out.stderr));
     let entries = text(&out.stdout);
-    for want in ["checkpoint/inventory.img", "checkpoint/kybernate.json", "config.dump", "spec.dump", "rootfs-diff.tar"]
-    {
-        assert!(entries.lines().any(|l| l == want), "no {want} in the archive:\n{entries}");
+    let usual =
+        ["checkpoint/inventory.img", "checkpoint/kybernate.json", "config.dump", "spec.dump", "rootfs-diff.tar"];
+    for want in usual.iter().chain(also) {
+        assert!(entries.lines().any(|l| l == *want), "no {want} in the archive:\n{entries}");
     }
     assert!(
         entries.lines().all(|l| l == "checkpoint/" || !l.starts_with("checkpoint/") || !l.ends_with('/')),
@@ -680,12 +682,9 @@ fn create_from_archive(b: &CriBed, pod: &Pod, archive: &Path) -> Result<String, 
 fn kubelet_checkpoint_and_restore_from_the_archive(style: Style) -> (CriBed, Registry, Pod, String, u32) {
     let (b, registry, pod, id) = counter_pod_on_containerd_2(style);
     assert_eq!(shim_binary_of(&b, &pod.id), SHIM, "the pod is not on our shim");
-    let (archive, before) = cri_checkpoint_archive(&b, &id);
-    if style == Style::RuntimePath {
-        let out = std::process::Command::new("tar").arg("-tf").arg(&archive).output().expect("tar -tf");
-        let entries = text(&out.stdout);
-        assert!(entries.lines().any(|l| l == "stats-dump"), "no stats-dump from the work path:\n{entries}");
-    }
+    // Style (b) gets runc options with a work_path, from which containerd copies CRIU's stats-dump.
+    let stats: &[&str] = if style == Style::RuntimePath { &["stats-dump"] } else { &[] };
+    let (archive, before) = cri_checkpoint_archive(&b, &id, stats);
     b.cri.stop(&id, 0).expect("StopContainer");
     b.cri.remove(&id).expect("RemoveContainer");
     remove_pod(&b, &pod, &[]);
@@ -757,7 +756,7 @@ fn containerd_2_style_b_kubelet_checkpoint_and_restore_from_the_archive() {
 #[test]
 fn a_kubelet_archive_imported_into_the_store_restores_on_containerd_1_6() {
     let (b2, _registry, pod2, id) = counter_pod_on_containerd_2(Style::RuntimeType);
-    let (archive, before) = cri_checkpoint_archive(&b2, &id);
+    let (archive, before) = cri_checkpoint_archive(&b2, &id, &[]);
     b2.cri.stop(&id, 0).expect("StopContainer");
     b2.cri.remove(&id).expect("RemoveContainer");
     remove_pod(&b2, &pod2, &[]);
