@@ -562,6 +562,7 @@ impl OciRuntime {
         let mut cmd = Command::new(&self.opts.binary);
         cmd.args(self.global_args(bundle, subcommand)).arg(subcommand).args(args);
         cmd.envs(self.opts.criu_env.iter().map(|(k, v)| (k, v)));
+        cmd.env_remove(NOTIFY_SOCKET);
         let (input, capture) = match io {
             CallIo::Child(stdio) => {
                 cmd.stdin(stdio_or_null(stdio.stdin))
@@ -594,6 +595,15 @@ impl OciRuntime {
         })
     }
 }
+
+/// systemd's readiness socket, in the environment of a containerd run as a `Type=notify` unit
+/// (Debian's, Ubuntu's and upstream's containerd.service) and so in ours. runc reads it as a
+/// request to proxy it into the container: `create` binds a socket in its state dir (too long a
+/// path for a unix socket with CRI's 64-hex ids: every pod failed on such a node, measured) and
+/// `start` blocks until the container sends READY=1 or exits, then passes it on to containerd's
+/// unit with the container's pid as MAINPID (runc's notify_socket.go). go-runc drops it from
+/// every runtime call; so do we.
+const NOTIFY_SOCKET: &str = "NOTIFY_SOCKET";
 
 /// Output of `BINARY ARG` (e.g. `criu --version`), all of stdout, run through `spawner`.
 /// Fails like a runtime call when the tool cannot run or exits non-zero.
@@ -1124,6 +1134,42 @@ exit 0
         assert!(!path.exists());
         let left: Vec<_> = std::fs::read_dir(&b).unwrap().flatten().map(|e| e.file_name()).collect();
         assert!(left.iter().all(|n| n == LOG_FILE), "left in the bundle: {left:?}");
+    }
+
+    /// Records each command's environment edits instead of running it.
+    #[derive(Default)]
+    struct EnvRecorder(std::sync::Mutex<Vec<Vec<(OsString, Option<OsString>)>>>);
+
+    impl Spawner for EnvRecorder {
+        fn run(&self, cmd: Command, _: Option<&[u8]>, _: Capture) -> io::Result<RunOutput> {
+            let envs = cmd.get_envs().map(|(k, v)| (k.to_owned(), v.map(std::ffi::OsStr::to_owned))).collect();
+            self.0.lock().unwrap().push(envs);
+            Ok(RunOutput { code: 0, stdout: vec![], stderr: vec![] })
+        }
+    }
+
+    #[test]
+    fn systemds_notify_socket_never_reaches_the_runtime() {
+        let recorder = Arc::new(EnvRecorder::default());
+        let opts = RuntimeOpts {
+            binary: "/usr/bin/runc".into(),
+            root: "/run/containerd/runc/k8s.io".into(),
+            systemd_cgroup: false,
+            criu: None,
+            criu_env: vec![],
+        };
+        let rt = OciRuntime::new(opts, recorder.clone()).with_criu_env("CRIU_CONFIG_FILE", "/dev/null");
+        let bundle = Path::new("/nonexistent/bundle");
+        rt.start("c1", bundle).unwrap();
+        rt.kill("c1", bundle, 15, false).unwrap();
+        rt.delete("c1", bundle, true).unwrap();
+        let calls = recorder.0.lock().unwrap();
+        assert_eq!(calls.len(), 3);
+        for envs in calls.iter() {
+            assert!(envs.contains(&(NOTIFY_SOCKET.into(), None)), "{envs:?}");
+            // The runtime's own additions stay.
+            assert!(envs.contains(&("CRIU_CONFIG_FILE".into(), Some("/dev/null".into()))), "{envs:?}");
+        }
     }
 
     #[test]
