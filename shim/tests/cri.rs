@@ -26,7 +26,9 @@ use containerd_shim_protos::ttrpc::context;
 use containerd_shim_protos::{Client, TaskClient};
 use k8s_cri::v1::ImageSpec;
 use k8s_cri::v1::{ContainerState, PodSandboxState};
-use kybernate_testbed::{unique_name, Containerd, Registry, CONTAINERD_RUNC_ROOT, CRI_NAMESPACE, IMAGE};
+use kybernate_testbed::{
+    unique_name, Containerd, Node, Registry, CONTAINERD_RUNC_ROOT, CRI_NAMESPACE, IMAGE, PAUSE_IMAGE,
+};
 
 mod common;
 
@@ -56,22 +58,22 @@ fn shim_client(b: &CriBed, id: &str) -> TaskClient {
 }
 
 /// The counter of a container, read through ExecSync as a kubelet probe would.
-fn counter(b: &CriBed, id: &str) -> Option<u64> {
-    let r = b.cri.exec(id, &["cat", "/tmp/counter"]).ok()?;
+fn counter(cri: &Cri, id: &str) -> Option<u64> {
+    let r = cri.exec(id, &["cat", "/tmp/counter"]).ok()?;
     (r.exit_code == 0).then(|| text(&r.stdout).trim().parse().ok()).flatten()
 }
 
-fn wait_counter(b: &CriBed, id: &str, at_least: u64) -> u64 {
-    wait_for(&format!("counter of {id} to reach {at_least}"), || counter(b, id).filter(|&n| n >= at_least))
+fn wait_counter(cri: &Cri, id: &str, at_least: u64) -> u64 {
+    wait_for(&format!("counter of {id} to reach {at_least}"), || counter(cri, id).filter(|&n| n >= at_least))
 }
 
 /// Asserts that the counter of `id` continues from `from` (not from 1) and advances by 5 more.
-fn assert_counter_continues(b: &CriBed, id: &str, from: u64) {
-    let first = wait_for(&format!("counter of {id}"), || counter(b, id));
+fn assert_counter_continues(cri: &Cri, id: &str, from: u64) {
+    let first = wait_for(&format!("counter of {id}"), || counter(cri, id));
     assert!(first >= from, "counter of {id} restarted: {first} after a checkpoint at {from}");
     let mut last = first;
     wait_for(&format!("counter of {id} to advance past {}", from + 5), || {
-        let n = counter(b, id)?;
+        let n = counter(cri, id)?;
         assert!(n >= last, "counter of {id} went backwards: {last} -> {n}");
         last = n;
         (n >= from + 5).then_some(())
@@ -298,10 +300,10 @@ fn gpu_evidence_goes_through_the_gpu_runtime_and_the_rest_through_runc() {
 fn checkpointed_counter(b: &CriBed, namespace: &str) -> (String, u64) {
     let pod = pod(b, namespace, &[]);
     let id = b.run(&pod, "counter", &["sh", "-c", COUNTER], &[]);
-    wait_counter(b, &id, 3);
+    wait_counter(&b.cri, &id, 3);
     let name = unique_name("cp");
     let target = b.store.join(CRI_NAMESPACE).join(&id).join(&name);
-    let before = counter(b, &id).expect("counter before the checkpoint");
+    let before = counter(&b.cri, &id).expect("counter before the checkpoint");
     let o = CheckpointOptions { exit: true, image_path: target.display().to_string(), ..Default::default() };
     let req = CheckpointTaskRequest { id: id.clone(), options: Some(runc_options(&o)).into(), ..Default::default() };
     shim_client(b, &id)
@@ -341,7 +343,7 @@ fn a_pod_annotation_restores_its_container_from_the_store() {
 
     let pod = pod(&b, &namespace, &[(RESTORE_ANNOTATION, &reference)]);
     let id = b.run(&pod, "counter", &["sh", "-c", COUNTER], &[]);
-    assert_counter_continues(&b, &id, before);
+    assert_counter_continues(&b.cri, &id, before);
     let r = b.cri.exec(&id, &["cat", "/proc/1/cmdline"]).expect("ExecSync");
     assert!(text(&r.stdout).contains("counter.new"), "not the counter: {:?}", text(&r.stdout));
     // The sandbox keeps its own process: the annotation is meant for the pod's containers.
@@ -360,7 +362,7 @@ fn restore_from_in_a_containers_env_restores_it_under_cri() {
 
     let pod = pod(&b, &namespace, &[]);
     let id = b.run(&pod, "counter", &["sh", "-c", COUNTER], &[("RESTORE_FROM", &reference)]);
-    assert_counter_continues(&b, &id, before);
+    assert_counter_continues(&b.cri, &id, before);
     assert_sandbox_runs_pause(&b, &pod);
     // The restored container stops, and is removed, like any other.
     b.cri.stop(&id, 2).expect("StopContainer");
@@ -546,13 +548,13 @@ fn containerd_2_cri_checkpoint_of_a_runc_v2_runtime() {
     let b = cri_bed(Style::RuntimeType);
     let pod = pod(&b, "default", &[]);
     let id = b.run(&pod, "counter", &["sh", "-c", COUNTER], &[]);
-    wait_counter(&b, &id, 3);
-    let before = counter(&b, &id).expect("counter");
+    wait_counter(&b.cri, &id, 3);
+    let before = counter(&b.cri, &id).expect("counter");
     let work = b.tb.dir().join("root/io.containerd.grpc.v1.cri/containers").join(&id);
     let o = CheckpointOptions { exit: false, work_path: work.display().to_string(), ..Default::default() };
     let path = checkpoint_as_containerd_2(&b, &id, Some(runc_options(&o)));
-    let n = counter(&b, &id).expect("counter");
-    wait_counter(&b, &id, n + 3);
+    let n = counter(&b.cri, &id).expect("counter");
+    wait_counter(&b.cri, &id, n + 3);
     assert!(work.join("stats-dump").is_file(), "no stats-dump in the work path {} (CRI copies it)", work.display());
     assert_flat_criu_images(&path);
     // Restore as 2.x does for a runc-type runtime: the images in `checkpoint` and in
@@ -577,11 +579,11 @@ fn containerd_2_cri_checkpoint_of_our_runtime_type() {
     let b = cri_bed(Style::RuntimeType);
     let pod = pod(&b, "default", &[]);
     let id = b.run(&pod, "counter", &["sh", "-c", COUNTER], &[]);
-    wait_counter(&b, &id, 3);
-    let before = counter(&b, &id).expect("counter");
+    wait_counter(&b.cri, &id, 3);
+    let before = counter(&b.cri, &id).expect("counter");
     let path = checkpoint_as_containerd_2(&b, &id, None);
-    let n = counter(&b, &id).expect("counter");
-    wait_counter(&b, &id, n + 3);
+    let n = counter(&b.cri, &id).expect("counter");
+    wait_counter(&b.cri, &id, n + 3);
     assert_flat_criu_images(&path);
     let images = b.tb.dir().join("cri-2x-archive/checkpoint");
     unpack_like_cri_2(&path, &images);
@@ -634,7 +636,7 @@ fn counter_pod_on_containerd_2(style: Style) -> (CriBed, Registry, Pod, String) 
     config.image = Some(ImageSpec { image, ..Default::default() });
     let id = b.cri.create(&pod.id, config, &pod.config).unwrap_or_else(|e| panic!("CreateContainer: {e}"));
     b.cri.start(&id).unwrap_or_else(|e| panic!("StartContainer: {e}\n{}", b.tb.log_tail(30)));
-    wait_counter(&b, &id, 3);
+    wait_counter(&b.cri, &id, 3);
     let r = b.cri.exec(&id, &["sh", "-c", "echo kept > /data.txt"]).expect("ExecSync");
     assert_eq!(r.exit_code, 0, "writing /data.txt: {}", text(&r.stderr));
     (b, registry, pod, id)
@@ -645,7 +647,7 @@ fn counter_pod_on_containerd_2(style: Style) -> (CriBed, Registry, Pod, String) 
 /// container ran on. Returns the archive and the counter read just before the checkpoint.
 fn cri_checkpoint_archive(b: &CriBed, id: &str, also: &[&str]) -> (PathBuf, u64) {
     let archive = b.tb.dir().join("checkpoint.tar");
-    let before = counter(b, id).expect("counter before the checkpoint");
+    let before = counter(&b.cri, id).expect("counter before the checkpoint");
     b.cri.checkpoint(id, &archive).unwrap_or_else(|e| panic!("CheckpointContainer: {e}\n{}", b.tb.log_tail(30)));
     let out = std::process::Command::new("tar").arg("-tf").arg(&archive).output().expect("tar -tf");
     assert!(out.status.success(), "tar -tf {}: {}", archive.display(), text(&out.stderr));
@@ -661,7 +663,7 @@ fn cri_checkpoint_archive(b: &CriBed, id: &str, also: &[&str]) -> (PathBuf, u64)
     );
     // The kubelet's checkpoint leaves the container running.
     assert_eq!(state(b, id), ContainerState::ContainerRunning as i32);
-    assert_counter_continues(b, id, before);
+    assert_counter_continues(&b.cri, id, before);
     (archive, before)
 }
 
@@ -692,7 +694,7 @@ fn kubelet_checkpoint_and_restore_from_the_archive(style: Style) -> (CriBed, Reg
     let pod = self::pod(&b, "default", &[]);
     let restored = create_from_archive(&b, &pod, &archive).unwrap_or_else(|e| panic!("CreateContainer: {e}"));
     b.cri.start(&restored).unwrap_or_else(|e| panic!("StartContainer (restore): {e}\n{}", b.tb.log_tail(30)));
-    assert_counter_continues(&b, &restored, before);
+    assert_counter_continues(&b.cri, &restored, before);
     let r = b.cri.exec(&restored, &["cat", "/data.txt"]).expect("ExecSync");
     assert_eq!((r.exit_code, text(&r.stdout)), (0, "kept\n".to_string()), "the RW layer was not restored");
     // Our shim made the container (its runtime record) and ran the restore.
@@ -771,9 +773,193 @@ fn a_kubelet_archive_imported_into_the_store_restores_on_containerd_1_6() {
 
     let pod = pod(&b, "default", &[(RESTORE_ANNOTATION, &reference)]);
     let restored = b.run(&pod, "counter", &["sh", "-c", COUNTER], &[]);
-    assert_counter_continues(&b, &restored, before);
+    assert_counter_continues(&b.cri, &restored, before);
     let r = b.cri.exec(&restored, &["cat", "/data.txt"]).expect("ExecSync");
     assert_eq!((r.exit_code, text(&r.stdout)), (0, "kept\n".to_string()), "the rootfs diff was not applied");
     assert_sandbox_runs_pause(&b, &pod);
     remove_pod(&b, &pod, &[&restored]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// A node as the installer leaves it
+
+/// `containerd config default` of containerd 1.6, the file the installer merges into (also the
+/// installer tests' "stock" fixture).
+const STOCK_CONTAINERD_CONFIG: &str =
+    include_str!("../../criu-helper/tests/fixtures/containerd/containerd-1.6-default.toml");
+
+/// A value of a top-level `key = "value"` line in the CRI section of a containerd config.
+fn config_value<'a>(config: &'a str, key: &str) -> &'a str {
+    config
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(key)?.trim().strip_prefix('=')?.trim().strip_prefix('"')?.strip_suffix('"'))
+        .unwrap_or_else(|| panic!("no {key} in the config"))
+}
+
+/// Our shims on the node, as the node's `ps` lists them: (pid there, `-id` argument).
+fn node_shims(node: &Node) -> Vec<(u32, String)> {
+    let ps = node.run_ok(&["ps", "-eo", "pid=,args="]);
+    ps.lines()
+        .filter_map(|l| {
+            let args: Vec<&str> = l.split_whitespace().collect();
+            let pid = args.first()?.parse().ok()?;
+            args.get(1).filter(|a| a.ends_with("containerd-shim-kybernate-v1"))?;
+            let id = args.windows(2).find(|w| w[0] == "-id").map(|w| w[1].to_string()).unwrap_or_default();
+            Some((pid, id))
+        })
+        .collect()
+}
+
+/// The kubelet's path and the SRE's runbook on a node as a cluster admin gets it: a systemd node
+/// (kbt-node) running Debian's containerd as its unit from the stock config, Kybernate put there
+/// by the installer (install.sh: the three binaries, the default config, the runtime merged into
+/// containerd's config in style (a), containerd restarted), and the sandbox and app images
+/// imported as on an air-gapped node. The only edit to the stock config is
+/// `restrict_oom_score_adj = true`: this machine's root lacks CAP_SYS_RESOURCE, as a nested
+/// node's does, so runc cannot give the sandbox its -998 (the test beds set it for the same
+/// reason, docs/testing.md).
+///
+/// Then, over the node's CRI socket: a pod with the handler `kybernate` runs its sandbox and a
+/// counter through one shim of ours; the installed `kybernate checkpoint --pod … --exit` (no flags
+/// but the pod's names: the default config and socket) takes it into the store; a new pod in the
+/// same namespace annotated `kybernate.io/restore-from` comes up restored and counting;
+/// `systemctl restart containerd` keeps it running in the same shim, and ExecSync reaches it
+/// through the restarted containerd; removing the pods leaves nothing on the node.
+#[test]
+fn kubelet_pods_on_a_node_the_installer_set_up() {
+    let node = Node::boot().expect("a systemd node (kbt-node)");
+    let config = STOCK_CONTAINERD_CONFIG.replace("restrict_oom_score_adj = false", "restrict_oom_score_adj = true");
+    assert_ne!(config, STOCK_CONTAINERD_CONFIG, "the stock config has no restrict_oom_score_adj = false");
+    std::fs::write(node.path("/etc/containerd/config.toml"), &config).expect("writing the stock config");
+
+    // The installer, from a copy of the checkout's packaging/ and the built binaries.
+    let checkout = "/root/kybernate";
+    let bin = format!("{checkout}/bin");
+    std::fs::create_dir_all(node.path(&bin)).expect("creating the binaries' dir");
+    for name in ["containerd-shim-kybernate-v1", "kybernate", "kybernate-select"] {
+        let built = common::shim_dir().join(name);
+        assert!(built.is_file(), "{} missing: build the workspace (cargo test --workspace)", built.display());
+        std::fs::copy(&built, node.path(&format!("{bin}/{name}"))).expect("copying a binary");
+    }
+    let packaging = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging");
+    let copied = std::process::Command::new("cp").arg("-a").arg(&packaging).arg(node.path(checkout)).status();
+    assert!(copied.is_ok_and(|s| s.success()), "copying packaging/ to the node");
+    let before = node.main_pid("containerd");
+    let installed = node.run_ok(&[
+        "env",
+        "HOST_ROOT=/",
+        &format!("KYBERNATE_BIN_DIR={bin}"),
+        "CONTAINERD_RESTART=systemctl restart containerd",
+        "KYBERNATE_INSTALL_ONESHOT=1",
+        "bash",
+        &format!("{checkout}/packaging/kubernetes/installer/install.sh"),
+    ]);
+    assert!(installed.contains("done"), "{installed}");
+    let containerd = node.wait_for_restart("containerd", before);
+    let merged = std::fs::read_to_string(node.path("/etc/containerd/config.toml")).expect("the merged config");
+    assert!(merged.contains("restrict_oom_score_adj = true"), "the merge lost a setting:\n{merged}");
+
+    // The images, as on a node without a registry: the pause image under the config's
+    // sandbox_image, which the installer left alone.
+    let sandbox_image = config_value(&merged, "sandbox_image");
+    let pause_archive = "/var/tmp/pause-oci.tar";
+    kybernate_testbed::cri::build_pause_archive(&node.path(pause_archive), &node.path("/var/tmp/pause-oci"))
+        .expect("building the pause image");
+    let busybox_archive = "/var/tmp/busybox-oci.tar";
+    std::fs::copy(kybernate_testbed::IMAGE_ARCHIVE, node.path(busybox_archive)).expect("copying the image");
+    for archive in [pause_archive, busybox_archive] {
+        node.run_ok(&["ctr", "-n", CRI_NAMESPACE, "images", "import", archive]);
+    }
+    node.run_ok(&["ctr", "-n", CRI_NAMESPACE, "images", "tag", PAUSE_IMAGE, sandbox_image]);
+
+    let cri = Cri::connect(&node.path("/run/containerd/containerd.sock"));
+    cri.wait_image(sandbox_image);
+    let namespace = unique_name("team");
+    let run_pod = |annotations: &[(&str, &str)]| -> Pod {
+        let name = unique_name("pod");
+        let logs = PathBuf::from(format!("/var/log/pods/{namespace}_{name}_{name}"));
+        std::fs::create_dir_all(node.path(&logs.display().to_string())).expect("creating the pod's log dir");
+        let config = host_network_pod(&name, &logs, "", &namespace, annotations);
+        let id = cri
+            .run_pod(&config)
+            .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", node.journal_tail("containerd", 40)));
+        Pod { id, config }
+    };
+    let run_counter = |pod: &Pod| -> String {
+        let id = cri
+            .create(&pod.id, container_config("counter", &["sh", "-c", COUNTER], &[]), &pod.config)
+            .unwrap_or_else(|e| panic!("CreateContainer: {e}\n{}", node.journal_tail("containerd", 40)));
+        cri.start(&id).unwrap_or_else(|e| panic!("StartContainer: {e}\n{}", node.journal_tail("containerd", 40)));
+        id
+    };
+    let running = |id: &str| cri.status(id).is_ok_and(|s| s.state == ContainerState::ContainerRunning as i32);
+
+    // A pod through our shim: one shim process for its sandbox and its container.
+    let pod1 = run_pod(&[]);
+    let id1 = run_counter(&pod1);
+    for id in [&pod1.id, &id1] {
+        let info = node.run_ok(&["ctr", "-n", CRI_NAMESPACE, "containers", "info", id]);
+        let info: serde_json::Value = serde_json::from_str(&info).expect("ctr containers info");
+        assert_eq!(info["Runtime"]["Name"], "io.containerd.kybernate.v1", "{id}: {info}");
+    }
+    let shims = node_shims(&node);
+    assert_eq!(shims.iter().map(|(_, id)| id.as_str()).collect::<Vec<_>>(), [pod1.id.as_str()], "{shims:?}");
+    wait_counter(&cri, &id1, 3);
+
+    // The SRE's checkpoint, with the installed CLI and its defaults.
+    let pod_name = &pod1.config.metadata.as_ref().expect("pod metadata").name;
+    let before = counter(&cri, &id1).expect("counter before the checkpoint");
+    let out = node.run_ok(&[
+        "kybernate",
+        "-o",
+        "json",
+        "checkpoint",
+        "--pod",
+        pod_name,
+        "--pod-namespace",
+        &namespace,
+        "--container",
+        "counter",
+        "--exit",
+    ]);
+    let checkpoint: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let reference = checkpoint["id"].as_str().unwrap_or_else(|| panic!("no id: {checkpoint}")).to_string();
+    assert!(reference.starts_with(&format!("{CRI_NAMESPACE}/{id1}/")), "{checkpoint}");
+    assert_eq!(checkpoint["path"], format!("/var/lib/kybernate/checkpoints/{reference}"), "{checkpoint}");
+    assert_eq!(checkpoint["pod_namespace"], namespace.as_str(), "{checkpoint}");
+    assert_eq!(checkpoint["status"], "ok", "{checkpoint}");
+    wait_for("the checkpointed container to exit", || {
+        cri.status(&id1).is_ok_and(|s| s.state == ContainerState::ContainerExited as i32).then_some(())
+    });
+    cri.stop_pod(&pod1.id).expect("StopPodSandbox");
+    cri.remove_pod(&pod1.id).expect("RemovePodSandbox");
+
+    // Restored on create by the pod annotation the installer let through.
+    let pod2 = run_pod(&[(RESTORE_ANNOTATION, &reference)]);
+    let id2 = run_counter(&pod2);
+    assert_counter_continues(&cri, &id2, before);
+    let shim = node_shims(&node);
+    assert_eq!(shim.iter().map(|(_, id)| id.as_str()).collect::<Vec<_>>(), [pod2.id.as_str()], "{shim:?}");
+
+    // containerd restarts (an upgrade, the installer's next run): the pod runs on in the same
+    // shim, and the kubelet's calls reach it through the new containerd.
+    node.run_ok(&["systemctl", "restart", "containerd"]);
+    node.wait_for_restart("containerd", containerd);
+    wait_for("CRI to answer after the restart", || running(&id2).then_some(()));
+    assert_eq!(node_shims(&node), shim, "the shim changed over containerd's restart");
+    let n = counter(&cri, &id2).expect("ExecSync after the restart");
+    wait_counter(&cri, &id2, n + 3);
+
+    cri.stop_pod(&pod2.id).expect("StopPodSandbox");
+    cri.remove_pod(&pod2.id).expect("RemovePodSandbox");
+    let tasks = node.run_ok(&["ctr", "-n", CRI_NAMESPACE, "tasks", "ls", "-q"]);
+    let containers = node.run_ok(&["ctr", "-n", CRI_NAMESPACE, "containers", "ls", "-q"]);
+    for id in [&pod1.id, &id1, &pod2.id, &id2] {
+        assert!(!tasks.contains(id.as_str()) && !containers.contains(id.as_str()), "{id} left:\n{tasks}\n{containers}");
+        for dir in ["/run/containerd/runc/k8s.io", "/run/containerd/io.containerd.runtime.v2.task/k8s.io"] {
+            let left = node.path(&format!("{dir}/{id}"));
+            assert!(!left.exists(), "{} left", left.display());
+        }
+    }
+    wait_for("our shims on the node to exit", || node_shims(&node).is_empty().then_some(()));
 }

@@ -184,6 +184,19 @@ pub fn pod_config(tb: &Testbed, namespace: &str, annotations: &[(&str, &str)]) -
     let name = unique_name("pod");
     let log_directory = tb.dir().join("pods").join(&name);
     std::fs::create_dir_all(&log_directory).expect("creating the pod's log dir");
+    host_network_pod(&name, &log_directory, &tb.cri_cgroup_parent(), namespace, annotations)
+}
+
+/// The config of host-network pod `name` (also its uid): `log_directory` as containerd sees it,
+/// made by the caller; an empty `cgroup_parent` leaves containerd's default (`/<ns>/<id>`).
+pub fn host_network_pod(
+    name: &str,
+    log_directory: &Path,
+    cgroup_parent: &str,
+    namespace: &str,
+    annotations: &[(&str, &str)],
+) -> PodSandboxConfig {
+    let name = name.to_string();
     let labels = HashMap::from([
         ("io.kubernetes.pod.name".to_string(), name.clone()),
         ("io.kubernetes.pod.namespace".to_string(), namespace.to_string()),
@@ -200,7 +213,7 @@ pub fn pod_config(tb: &Testbed, namespace: &str, annotations: &[(&str, &str)]) -
         labels,
         annotations: annotations.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         linux: Some(LinuxPodSandboxConfig {
-            cgroup_parent: tb.cri_cgroup_parent(),
+            cgroup_parent: cgroup_parent.to_string(),
             security_context: Some(LinuxSandboxSecurityContext {
                 namespace_options: Some(namespaces()),
                 ..Default::default()
@@ -333,7 +346,24 @@ impl Cri {
         Ok(())
     }
 
-    pub fn create(&self, pod: &str, config: ContainerConfig, pod_config: &PodSandboxConfig) -> Result<String, Status> {
+    /// CreateContainer, with the pod's labels on the container as the kubelet puts them there
+    /// (kuberuntime's `newContainerLabels`: pod name, namespace and uid); CRI copies them onto
+    /// containerd's container, where `kybernate checkpoint --pod` finds it.
+    pub fn create(
+        &self,
+        pod: &str,
+        mut config: ContainerConfig,
+        pod_config: &PodSandboxConfig,
+    ) -> Result<String, Status> {
+        if let Some(m) = &pod_config.metadata {
+            for (key, value) in [
+                ("io.kubernetes.pod.name", &m.name),
+                ("io.kubernetes.pod.namespace", &m.namespace),
+                ("io.kubernetes.pod.uid", &m.uid),
+            ] {
+                config.labels.entry(key.to_string()).or_insert_with(|| value.clone());
+            }
+        }
         let mut c = self.runtime.clone();
         let req = CreateContainerRequest {
             pod_sandbox_id: pod.to_string(),

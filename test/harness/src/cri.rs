@@ -155,7 +155,7 @@ pub(crate) fn config_toml(dir: &Path, runtimes: &[CriRuntime]) -> String {
 
 /// Writes an OCI archive of [`PAUSE_IMAGE`] to `out`: [`crate::IMAGE`]'s layer with a config whose
 /// command is [`PAUSE_COMMAND`] (new config, manifest and index; `work` is scratch space).
-pub(crate) fn build_pause_archive(out: &Path, work: &Path) -> Result<()> {
+pub fn build_pause_archive(out: &Path, work: &Path) -> Result<()> {
     std::fs::create_dir_all(work).ctx(|| format!("creating {}", work.display()))?;
     run(Command::new("tar").arg("-xf").arg(IMAGE_ARCHIVE).arg("-C").arg(work), "unpacking the image archive")?;
     let index_path = work.join("index.json");
