@@ -93,8 +93,17 @@ impl ShimOptions {
         PathBuf::from(root).join(namespace)
     }
 
-    pub fn systemd_cgroup(&self) -> bool {
-        self.runc.as_ref().is_some_and(|o| o.systemd_cgroup)
+    /// Whether runc manages the container's cgroups through systemd (`--systemd-cgroup`), for a
+    /// spec whose `linux.cgroupsPath` is `cgroups_path`. Runc options (style (b), Go clients)
+    /// decide with `SystemdCgroup`, as for the Go shim. Without them (our runtime type: CRI sends
+    /// only `ConfigPath`) the path says it: CRI writes systemd's `slice:prefix:name` when the
+    /// kubelet's pod cgroup is a slice (its systemd cgroup driver), a form runc's cgroupfs driver
+    /// would take as a directory name inside the shim's own cgroup.
+    pub fn systemd_cgroup(&self, cgroups_path: Option<&str>) -> bool {
+        match &self.runc {
+            Some(o) => o.systemd_cgroup,
+            None => cgroups_path.is_some_and(is_systemd_cgroups_path),
+        }
     }
 
     pub fn no_pivot_root(&self) -> bool {
@@ -140,6 +149,18 @@ fn decode_runtime_options(bytes: &[u8]) -> Result<Option<String>, containerd_shi
         }
     }
     Ok(config_path)
+}
+
+/// runc's systemd form of `cgroupsPath`, `slice:prefix:name`: three fields, the slice empty or a
+/// `.slice` unit, a non-empty name. A cgroupfs path (`/kubepods/pod…/<id>`) has no colons.
+pub fn is_systemd_cgroups_path(path: &str) -> bool {
+    let mut fields = path.split(':');
+    match (fields.next(), fields.next(), fields.next(), fields.next()) {
+        (Some(slice), Some(_prefix), Some(name), None) => {
+            (slice.is_empty() || slice.ends_with(".slice")) && !slice.contains('/') && !name.is_empty()
+        }
+        _ => false,
+    }
 }
 
 #[cfg(test)]
@@ -188,9 +209,50 @@ mod tests {
         let s = ShimOptions::from_any(Some(&any(RUNC_OPTIONS, bytes))).unwrap();
         assert_eq!(s.binary_name().as_deref(), Some("nvidia-container-runtime"));
         assert_eq!(s.runtime_root("default"), PathBuf::from("/run/kbt/default"));
-        assert!(s.systemd_cgroup() && s.no_pivot_root() && !s.no_new_keyring());
+        assert!(s.systemd_cgroup(None) && s.no_pivot_root() && !s.no_new_keyring());
         assert_eq!(s.shim_cgroup(), Some("/kybernate"));
         assert_eq!(s.criu_path, Some(PathBuf::from("/opt/criu")));
+    }
+
+    #[test]
+    fn systemd_cgroups_come_from_runc_options_else_from_the_path() {
+        let kubelet = Some("kubepods-besteffort-pod1234_ab.slice:cri-containerd:0123abcd");
+        let cgroupfs = Some("/kubepods/besteffort/pod1234/0123abcd");
+        // Our runtime type (runtimeoptions, or none at all): the path decides.
+        for o in [
+            ShimOptions::default(),
+            ShimOptions { config_path: Some("/etc/kybernate/config.toml".into()), ..Default::default() },
+        ] {
+            assert!(o.systemd_cgroup(kubelet));
+            assert!(!o.systemd_cgroup(cgroupfs));
+            assert!(!o.systemd_cgroup(None));
+        }
+        // Runc options: SystemdCgroup, whatever the path, as for the Go shim.
+        let mut runc = RuncOptions::new();
+        let off = ShimOptions { runc: Some(runc.clone()), ..Default::default() };
+        assert!(!off.systemd_cgroup(kubelet));
+        runc.systemd_cgroup = true;
+        let on = ShimOptions { runc: Some(runc), ..Default::default() };
+        assert!(on.systemd_cgroup(cgroupfs));
+    }
+
+    #[test]
+    fn systemd_cgroups_path_form() {
+        for yes in ["system.slice:docker:abc", ":cri-containerd:abc", "kubepods.slice::abc", "a-b.slice:p:n"] {
+            assert!(is_systemd_cgroups_path(yes), "{yes}");
+        }
+        for no in [
+            "/kubepods/pod1/abc",
+            "kubepods/abc",
+            "",
+            "system.slice:docker",
+            "system.slice:docker:",
+            "a:b:c:d",
+            "/system.slice:docker:abc",
+            "notaslice:docker:abc",
+        ] {
+            assert!(!is_systemd_cgroups_path(no), "{no}");
+        }
     }
 
     #[test]

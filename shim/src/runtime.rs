@@ -1136,9 +1136,12 @@ exit 0
         assert!(left.iter().all(|n| n == LOG_FILE), "left in the bundle: {left:?}");
     }
 
+    /// One command's environment edits: set (`Some`) or removed (`None`).
+    type EnvEdits = Vec<(OsString, Option<OsString>)>;
+
     /// Records each command's environment edits instead of running it.
     #[derive(Default)]
-    struct EnvRecorder(std::sync::Mutex<Vec<Vec<(OsString, Option<OsString>)>>>);
+    struct EnvRecorder(std::sync::Mutex<Vec<EnvEdits>>);
 
     impl Spawner for EnvRecorder {
         fn run(&self, cmd: Command, _: Option<&[u8]>, _: Capture) -> io::Result<RunOutput> {

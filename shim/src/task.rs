@@ -272,10 +272,15 @@ impl Inner {
                 source: Box::new(source),
             })?;
         }
+        let cgroups_path = spec.linux().as_ref().and_then(|l| l.cgroups_path().as_ref()).and_then(|p| p.to_str());
+        let systemd_cgroup = opts.systemd_cgroup(cgroups_path);
+        if systemd_cgroup && opts.runc.is_none() {
+            info!("container {}: cgroups through systemd (cgroupsPath {:?} is systemd's form)", req.id, cgroups_path);
+        }
         let record = RuntimeRecord {
             binary,
             root: opts.runtime_root(&self.namespace),
-            systemd_cgroup: opts.systemd_cgroup(),
+            systemd_cgroup,
             source: decision.source.as_str().to_string(),
             gpu: decision.gpu,
             evidence,
