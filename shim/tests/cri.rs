@@ -810,23 +810,14 @@ fn node_shims(node: &Node) -> Vec<(u32, String)> {
         .collect()
 }
 
-/// The kubelet's path and the SRE's runbook on a node as a cluster admin gets it: a systemd node
-/// (kbt-node) running Debian's containerd as its unit from the stock config, Kybernate put there
-/// by the installer (install.sh: the three binaries, the default config, the runtime merged into
-/// containerd's config in style (a), containerd restarted), and the sandbox and app images
-/// imported as on an air-gapped node. The only edit to the stock config is
-/// `restrict_oom_score_adj = true`: this machine's root lacks CAP_SYS_RESOURCE, as a nested
-/// node's does, so runc cannot give the sandbox its -998 (the test beds set it for the same
-/// reason, docs/testing.md).
-///
-/// Then, over the node's CRI socket: a pod with the handler `kybernate` runs its sandbox and a
-/// counter through one shim of ours; the installed `kybernate checkpoint --pod … --exit` (no flags
-/// but the pod's names: the default config and socket) takes it into the store; a new pod in the
-/// same namespace annotated `kybernate.io/restore-from` comes up restored and counting;
-/// `systemctl restart containerd` keeps it running in the same shim, and ExecSync reaches it
-/// through the restarted containerd; removing the pods leaves nothing on the node.
-#[test]
-fn kubelet_pods_on_a_node_the_installer_set_up() {
+/// A systemd node (kbt-node) running Debian's containerd as its unit from the stock config,
+/// Kybernate put there by the installer (install.sh: the three binaries, the default config, the
+/// runtime merged into containerd's config in style (a), containerd restarted), and the sandbox
+/// and app images imported as on an air-gapped node; with a CRI client on the node's socket.
+/// The only edit to the stock config is `restrict_oom_score_adj = true`: this machine's root
+/// lacks CAP_SYS_RESOURCE, as a nested node's does, so runc cannot give the sandbox its -998
+/// (the test beds set it for the same reason, docs/testing.md).
+fn installed_node() -> NodeBed {
     let node = Node::boot().expect("a systemd node (kbt-node)");
     let config = STOCK_CONTAINERD_CONFIG.replace("restrict_oom_score_adj = false", "restrict_oom_score_adj = true");
     assert_ne!(config, STOCK_CONTAINERD_CONFIG, "the stock config has no restrict_oom_score_adj = false");
@@ -858,6 +849,7 @@ fn kubelet_pods_on_a_node_the_installer_set_up() {
     let containerd = node.wait_for_restart("containerd", before);
     let merged = std::fs::read_to_string(node.path("/etc/containerd/config.toml")).expect("the merged config");
     assert!(merged.contains("restrict_oom_score_adj = true"), "the merge lost a setting:\n{merged}");
+    assert_eq!(containerd, node.main_pid("containerd"));
 
     // The images, as on a node without a registry: the pause image under the config's
     // sandbox_image, which the installer left alone.
@@ -874,41 +866,68 @@ fn kubelet_pods_on_a_node_the_installer_set_up() {
 
     let cri = Cri::connect(&node.path("/run/containerd/containerd.sock"));
     cri.wait_image(sandbox_image);
+    NodeBed { cri, node }
+}
+
+/// A node and a CRI client on it. Field order matters: the client drops first and removes its
+/// pods while the node's containerd still runs.
+struct NodeBed {
+    cri: Cri,
+    node: Node,
+}
+
+/// RunPodSandbox of a host-network pod with our handler on the node; `cgroup_parent` as the
+/// kubelet sends it ("" for containerd's default).
+fn node_pod(cri: &Cri, node: &Node, namespace: &str, cgroup_parent: &str, annotations: &[(&str, &str)]) -> Pod {
+    let name = unique_name("pod");
+    let logs = PathBuf::from(format!("/var/log/pods/{namespace}_{name}_{name}"));
+    std::fs::create_dir_all(node.path(&logs.display().to_string())).expect("creating the pod's log dir");
+    let config = host_network_pod(&name, &logs, cgroup_parent, namespace, annotations);
+    let id =
+        cri.run_pod(&config).unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", node.journal_tail("containerd", 40)));
+    Pod { id, config }
+}
+
+/// CreateContainer + StartContainer of the counter in `pod` on the node.
+fn node_counter(cri: &Cri, node: &Node, pod: &Pod) -> String {
+    let id = cri
+        .create(&pod.id, container_config("counter", &["sh", "-c", COUNTER], &[]), &pod.config)
+        .unwrap_or_else(|e| panic!("CreateContainer: {e}\n{}", node.journal_tail("containerd", 40)));
+    cri.start(&id).unwrap_or_else(|e| panic!("StartContainer: {e}\n{}", node.journal_tail("containerd", 40)));
+    id
+}
+
+/// The kubelet's path and the SRE's runbook on a node as a cluster admin gets it
+/// ([`installed_node`]), over the node's CRI socket: a pod with the handler `kybernate` runs its
+/// sandbox and a counter through one shim of ours; the installed `kybernate checkpoint --pod …
+/// --exit` (no flags but the pod's names: the default config and socket) takes it into the
+/// store; a new pod in the same namespace annotated `kybernate.io/restore-from` comes up
+/// restored and counting; `systemctl restart containerd` keeps it running in the same shim, and
+/// ExecSync reaches it through the restarted containerd; removing the pods leaves nothing on the
+/// node.
+#[test]
+fn kubelet_pods_on_a_node_the_installer_set_up() {
+    let bed = installed_node();
+    let (cri, node) = (&bed.cri, &bed.node);
+    let containerd = node.main_pid("containerd");
     let namespace = unique_name("team");
-    let run_pod = |annotations: &[(&str, &str)]| -> Pod {
-        let name = unique_name("pod");
-        let logs = PathBuf::from(format!("/var/log/pods/{namespace}_{name}_{name}"));
-        std::fs::create_dir_all(node.path(&logs.display().to_string())).expect("creating the pod's log dir");
-        let config = host_network_pod(&name, &logs, "", &namespace, annotations);
-        let id = cri
-            .run_pod(&config)
-            .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", node.journal_tail("containerd", 40)));
-        Pod { id, config }
-    };
-    let run_counter = |pod: &Pod| -> String {
-        let id = cri
-            .create(&pod.id, container_config("counter", &["sh", "-c", COUNTER], &[]), &pod.config)
-            .unwrap_or_else(|e| panic!("CreateContainer: {e}\n{}", node.journal_tail("containerd", 40)));
-        cri.start(&id).unwrap_or_else(|e| panic!("StartContainer: {e}\n{}", node.journal_tail("containerd", 40)));
-        id
-    };
     let running = |id: &str| cri.status(id).is_ok_and(|s| s.state == ContainerState::ContainerRunning as i32);
 
     // A pod through our shim: one shim process for its sandbox and its container.
-    let pod1 = run_pod(&[]);
-    let id1 = run_counter(&pod1);
+    let pod1 = node_pod(cri, node, &namespace, "", &[]);
+    let id1 = node_counter(cri, node, &pod1);
     for id in [&pod1.id, &id1] {
         let info = node.run_ok(&["ctr", "-n", CRI_NAMESPACE, "containers", "info", id]);
         let info: serde_json::Value = serde_json::from_str(&info).expect("ctr containers info");
         assert_eq!(info["Runtime"]["Name"], "io.containerd.kybernate.v1", "{id}: {info}");
     }
-    let shims = node_shims(&node);
+    let shims = node_shims(node);
     assert_eq!(shims.iter().map(|(_, id)| id.as_str()).collect::<Vec<_>>(), [pod1.id.as_str()], "{shims:?}");
-    wait_counter(&cri, &id1, 3);
+    wait_counter(cri, &id1, 3);
 
     // The SRE's checkpoint, with the installed CLI and its defaults.
     let pod_name = &pod1.config.metadata.as_ref().expect("pod metadata").name;
-    let before = counter(&cri, &id1).expect("counter before the checkpoint");
+    let before = counter(cri, &id1).expect("counter before the checkpoint");
     let out = node.run_ok(&[
         "kybernate",
         "-o",
@@ -935,10 +954,10 @@ fn kubelet_pods_on_a_node_the_installer_set_up() {
     cri.remove_pod(&pod1.id).expect("RemovePodSandbox");
 
     // Restored on create by the pod annotation the installer let through.
-    let pod2 = run_pod(&[(RESTORE_ANNOTATION, &reference)]);
-    let id2 = run_counter(&pod2);
-    assert_counter_continues(&cri, &id2, before);
-    let shim = node_shims(&node);
+    let pod2 = node_pod(cri, node, &namespace, "", &[(RESTORE_ANNOTATION, &reference)]);
+    let id2 = node_counter(cri, node, &pod2);
+    assert_counter_continues(cri, &id2, before);
+    let shim = node_shims(node);
     assert_eq!(shim.iter().map(|(_, id)| id.as_str()).collect::<Vec<_>>(), [pod2.id.as_str()], "{shim:?}");
 
     // containerd restarts (an upgrade, the installer's next run): the pod runs on in the same
@@ -946,9 +965,9 @@ fn kubelet_pods_on_a_node_the_installer_set_up() {
     node.run_ok(&["systemctl", "restart", "containerd"]);
     node.wait_for_restart("containerd", containerd);
     wait_for("CRI to answer after the restart", || running(&id2).then_some(()));
-    assert_eq!(node_shims(&node), shim, "the shim changed over containerd's restart");
-    let n = counter(&cri, &id2).expect("ExecSync after the restart");
-    wait_counter(&cri, &id2, n + 3);
+    assert_eq!(node_shims(node), shim, "the shim changed over containerd's restart");
+    let n = counter(cri, &id2).expect("ExecSync after the restart");
+    wait_counter(cri, &id2, n + 3);
 
     cri.stop_pod(&pod2.id).expect("StopPodSandbox");
     cri.remove_pod(&pod2.id).expect("RemovePodSandbox");
@@ -961,5 +980,78 @@ fn kubelet_pods_on_a_node_the_installer_set_up() {
             assert!(!left.exists(), "{} left", left.display());
         }
     }
-    wait_for("our shims on the node to exit", || node_shims(&node).is_empty().then_some(()));
+    wait_for("our shims on the node to exit", || node_shims(node).is_empty().then_some(()));
+}
+
+/// Where a task's init process sits in `hierarchy` on the node (`/proc/<pid>/cgroup` there).
+fn node_cgroup(node: &Node, id: &str, hierarchy: &str) -> String {
+    let tasks = node.run_ok(&["ctr", "-n", CRI_NAMESPACE, "tasks", "ls"]);
+    let pid = tasks
+        .lines()
+        .find_map(|l| l.strip_prefix(id)?.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| panic!("no task {id}:\n{tasks}"));
+    let cgroups = node.run_ok(&["cat", &format!("/proc/{pid}/cgroup")]);
+    cgroups
+        .lines()
+        .find_map(|l| {
+            let (_, rest) = l.split_once(':')?;
+            let (controllers, path) = rest.split_once(':')?;
+            controllers.split(',').any(|c| c == hierarchy).then(|| path.to_string())
+        })
+        .unwrap_or_else(|| panic!("no {hierarchy} line for {id}:\n{cgroups}"))
+}
+
+/// The kubelet's systemd cgroup driver (kubeadm's default since Kubernetes 1.22) hands CRI a
+/// pod cgroup parent that is a systemd slice; CRI turns it into runc's `slice:prefix:name` form
+/// (`kubepods-besteffort-pod<uid>.slice:cri-containerd:<id>`), which runc understands only with
+/// `--systemd-cgroup`: then systemd puts each container in a scope of the pod's slice, where the
+/// kubelet's QoS limits apply. Style (a) carries no `SystemdCgroup` option, so the shim must read
+/// the form itself.
+#[test]
+fn pods_of_a_systemd_cgroup_driver_kubelet_land_in_their_slice() {
+    let bed = installed_node();
+    let (cri, node) = (&bed.cri, &bed.node);
+    let scopes = || node.run_ok(&["systemctl", "list-units", "--no-legend", "--plain", "cri-containerd-*.scope"]);
+    // The kubelet's pod slice: the uid's dashes become underscores (a dash nests slices).
+    let pod_slice = || {
+        let uid = unique_name("uid").replace('-', "_");
+        format!("/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{uid}.slice")
+    };
+    let assert_in_scopes = |parent: &str, tasks: [&str; 2]| {
+        for task in tasks {
+            let scope = format!("{parent}/cri-containerd-{task}.scope");
+            for hierarchy in ["name=systemd", "memory", "pids"] {
+                let path = node_cgroup(node, task, hierarchy);
+                assert!(path.ends_with(&scope), "{task} is in {hierarchy} {path}, not in {scope}");
+            }
+            assert!(scopes().contains(&format!("cri-containerd-{task}.scope")), "{}", scopes());
+        }
+    };
+    let parent = pod_slice();
+    let pod = node_pod(cri, node, "default", &parent, &[]);
+    let id = node_counter(cri, node, &pod);
+    wait_counter(cri, &id, 3);
+    assert_in_scopes(&parent, [&pod.id, &id]);
+
+    // A checkpoint and a restore into another pod's slice: runc restores the process into a new
+    // scope there (CRIU itself does not touch the cgroups).
+    let before = counter(cri, &id).expect("counter before the checkpoint");
+    let out = node.run_ok(&["kybernate", "-o", "json", "-n", CRI_NAMESPACE, "checkpoint", &id, "--exit"]);
+    let checkpoint: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let reference = checkpoint["id"].as_str().unwrap_or_else(|| panic!("no id: {checkpoint}")).to_string();
+    cri.stop_pod(&pod.id).expect("StopPodSandbox");
+    cri.remove_pod(&pod.id).expect("RemovePodSandbox");
+    let parent2 = pod_slice();
+    let pod2 = node_pod(cri, node, "default", &parent2, &[(RESTORE_ANNOTATION, &reference)]);
+    let id2 = node_counter(cri, node, &pod2);
+    assert_counter_continues(cri, &id2, before);
+    assert_in_scopes(&parent2, [&pod2.id, &id2]);
+
+    cri.stop_pod(&pod2.id).expect("StopPodSandbox");
+    cri.remove_pod(&pod2.id).expect("RemovePodSandbox");
+    wait_for("the pods' scopes to go", || {
+        let left = scopes();
+        [&pod.id, &id, &pod2.id, &id2].iter().all(|t| !left.contains(t.as_str())).then_some(())
+    });
+    wait_for("our shims on the node to exit", || node_shims(node).is_empty().then_some(()));
 }
