@@ -910,6 +910,37 @@ fn kubelet_pods_on_a_node_the_installer_set_up() {
     let bed = installed_node();
     let (cri, node) = (&bed.cri, &bed.node);
     let containerd = node.main_pid("containerd");
+
+    // First a plain `ctr run -d` under the unit, with a short id: runc given containerd's
+    // NOTIFY_SOCKET would block in `start` until the container said READY=1 (it never does).
+    let short = unique_name("ctr");
+    let started = node.run(&[
+        "timeout",
+        "30",
+        "ctr",
+        "-n",
+        CRI_NAMESPACE,
+        "run",
+        "-d",
+        "--runtime",
+        "io.containerd.kybernate.v1",
+        IMAGE,
+        &short,
+        "sleep",
+        "600",
+    ]);
+    assert!(started.status.success(), "ctr run -d: {started:?}\n{}", node.journal_tail("containerd", 20));
+    let tasks = node.run_ok(&["ctr", "-n", CRI_NAMESPACE, "tasks", "ls"]);
+    assert!(tasks.lines().any(|l| l.starts_with(&short) && l.contains("RUNNING")), "{tasks}");
+    assert_eq!(node.main_pid("containerd"), containerd, "containerd's unit changed its main PID");
+    node.run_ok(&["ctr", "-n", CRI_NAMESPACE, "tasks", "kill", "-s", "SIGKILL", &short]);
+    wait_for("the ctr container to stop", || {
+        let tasks = node.run_ok(&["ctr", "-n", CRI_NAMESPACE, "tasks", "ls"]);
+        tasks.lines().any(|l| l.starts_with(&short) && l.contains("STOPPED")).then_some(())
+    });
+    node.run_ok(&["ctr", "-n", CRI_NAMESPACE, "tasks", "delete", &short]);
+    node.run_ok(&["ctr", "-n", CRI_NAMESPACE, "containers", "delete", &short]);
+
     let namespace = unique_name("team");
     let running = |id: &str| cri.status(id).is_ok_and(|s| s.state == ContainerState::ContainerRunning as i32);
 
