@@ -788,7 +788,7 @@ fn a_kubelet_archive_imported_into_the_store_restores_on_containerd_1_6() {
 const STOCK_CONTAINERD_CONFIG: &str =
     include_str!("../../criu-helper/tests/fixtures/containerd/containerd-1.6-default.toml");
 
-/// A value of a top-level `key = "value"` line in the CRI section of a containerd config.
+/// The value of the first `key = "value"` line of a containerd config.
 fn config_value<'a>(config: &'a str, key: &str) -> &'a str {
     config
         .lines()
@@ -846,10 +846,9 @@ fn installed_node() -> NodeBed {
         &format!("{checkout}/packaging/kubernetes/installer/install.sh"),
     ]);
     assert!(installed.contains("done"), "{installed}");
-    let containerd = node.wait_for_restart("containerd", before);
+    node.wait_for_restart("containerd", before);
     let merged = std::fs::read_to_string(node.path("/etc/containerd/config.toml")).expect("the merged config");
     assert!(merged.contains("restrict_oom_score_adj = true"), "the merge lost a setting:\n{merged}");
-    assert_eq!(containerd, node.main_pid("containerd"));
 
     // The images, as on a node without a registry: the pause image under the config's
     // sandbox_image, which the installer left alone.
