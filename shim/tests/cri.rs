@@ -796,6 +796,19 @@ fn config_value<'a>(config: &'a str, key: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no {key} in the config"))
 }
 
+/// `(pid, status)` of the task `id` in the node's `k8s.io` namespace, if listed.
+fn node_task(node: &Node, id: &str) -> Option<(u32, String)> {
+    common::task_row_in(&node.run_ok(&["ctr", "-n", CRI_NAMESPACE, "tasks", "ls"]), id)
+}
+
+/// `kybernate -o json ARGS` on the node, a checkpoint command: its checkpoint object and id.
+fn node_checkpoint(node: &Node, args: &[&str]) -> (serde_json::Value, String) {
+    let out = node.run_ok(&[&["kybernate", "-o", "json"], args].concat());
+    let checkpoint: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let reference = checkpoint["id"].as_str().unwrap_or_else(|| panic!("no id: {checkpoint}")).to_string();
+    (checkpoint, reference)
+}
+
 /// Our shims on the node, as the node's `ps` lists them: (pid there, `-id` argument).
 fn node_shims(node: &Node) -> Vec<(u32, String)> {
     let ps = node.run_ok(&["ps", "-eo", "pid=,args="]);
@@ -929,14 +942,11 @@ fn kubelet_pods_on_a_node_the_installer_set_up() {
         "600",
     ]);
     assert!(started.status.success(), "ctr run -d: {started:?}\n{}", node.journal_tail("containerd", 20));
-    let tasks = node.run_ok(&["ctr", "-n", CRI_NAMESPACE, "tasks", "ls"]);
-    assert!(tasks.lines().any(|l| l.starts_with(&short) && l.contains("RUNNING")), "{tasks}");
+    let status = node_task(node, &short).map(|(_, status)| status);
+    assert_eq!(status.as_deref(), Some("RUNNING"), "ctr task {short}");
     assert_eq!(node.main_pid("containerd"), containerd, "containerd's unit changed its main PID");
     node.run_ok(&["ctr", "-n", CRI_NAMESPACE, "tasks", "kill", "-s", "SIGKILL", &short]);
-    wait_for("the ctr container to stop", || {
-        let tasks = node.run_ok(&["ctr", "-n", CRI_NAMESPACE, "tasks", "ls"]);
-        tasks.lines().any(|l| l.starts_with(&short) && l.contains("STOPPED")).then_some(())
-    });
+    wait_for("the ctr container to stop", || node_task(node, &short).filter(|(_, s)| s == "STOPPED"));
     node.run_ok(&["ctr", "-n", CRI_NAMESPACE, "tasks", "delete", &short]);
     node.run_ok(&["ctr", "-n", CRI_NAMESPACE, "containers", "delete", &short]);
 
@@ -958,21 +968,10 @@ fn kubelet_pods_on_a_node_the_installer_set_up() {
     // The SRE's checkpoint, with the installed CLI and its defaults.
     let pod_name = &pod1.config.metadata.as_ref().expect("pod metadata").name;
     let before = counter(cri, &id1).expect("counter before the checkpoint");
-    let out = node.run_ok(&[
-        "kybernate",
-        "-o",
-        "json",
-        "checkpoint",
-        "--pod",
-        pod_name,
-        "--pod-namespace",
-        &namespace,
-        "--container",
-        "counter",
-        "--exit",
-    ]);
-    let checkpoint: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
-    let reference = checkpoint["id"].as_str().unwrap_or_else(|| panic!("no id: {checkpoint}")).to_string();
+    let (checkpoint, reference) = node_checkpoint(
+        node,
+        &["checkpoint", "--pod", pod_name, "--pod-namespace", &namespace, "--container", "counter", "--exit"],
+    );
     assert!(reference.starts_with(&format!("{CRI_NAMESPACE}/{id1}/")), "{checkpoint}");
     assert_eq!(checkpoint["path"], format!("/var/lib/kybernate/checkpoints/{reference}"), "{checkpoint}");
     assert_eq!(checkpoint["pod_namespace"], namespace.as_str(), "{checkpoint}");
@@ -1015,11 +1014,7 @@ fn kubelet_pods_on_a_node_the_installer_set_up() {
 
 /// Where a task's init process sits in `hierarchy` on the node (`/proc/<pid>/cgroup` there).
 fn node_cgroup(node: &Node, id: &str, hierarchy: &str) -> String {
-    let tasks = node.run_ok(&["ctr", "-n", CRI_NAMESPACE, "tasks", "ls"]);
-    let pid = tasks
-        .lines()
-        .find_map(|l| l.strip_prefix(id)?.split_whitespace().next().map(str::to_string))
-        .unwrap_or_else(|| panic!("no task {id}:\n{tasks}"));
+    let (pid, _) = node_task(node, id).unwrap_or_else(|| panic!("no task {id} on the node"));
     let cgroups = node.run_ok(&["cat", &format!("/proc/{pid}/cgroup")]);
     cgroups
         .lines()
@@ -1066,9 +1061,7 @@ fn pods_of_a_systemd_cgroup_driver_kubelet_land_in_their_slice() {
     // A checkpoint and a restore into another pod's slice: runc restores the process into a new
     // scope there (CRIU itself does not touch the cgroups).
     let before = counter(cri, &id).expect("counter before the checkpoint");
-    let out = node.run_ok(&["kybernate", "-o", "json", "-n", CRI_NAMESPACE, "checkpoint", &id, "--exit"]);
-    let checkpoint: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
-    let reference = checkpoint["id"].as_str().unwrap_or_else(|| panic!("no id: {checkpoint}")).to_string();
+    let (_, reference) = node_checkpoint(node, &["-n", CRI_NAMESPACE, "checkpoint", &id, "--exit"]);
     cri.stop_pod(&pod.id).expect("StopPodSandbox");
     cri.remove_pod(&pod.id).expect("RemovePodSandbox");
     let parent2 = pod_slice();

@@ -55,7 +55,11 @@ pub fn wait_until<S: std::fmt::Debug>(what: &str, mut state: impl FnMut() -> S, 
 
 /// `(pid, status)` of the task `id` in `ctr tasks ls`, if listed.
 pub fn task_row(tb: &Testbed, id: &str) -> Option<(u32, String)> {
-    let out = tb.ctr_ok(&["tasks", "ls"]);
+    task_row_in(&tb.ctr_ok(&["tasks", "ls"]), id)
+}
+
+/// `(pid, status)` of the task `id` in the output of `ctr tasks ls`, if listed.
+pub fn task_row_in(out: &str, id: &str) -> Option<(u32, String)> {
     out.lines().find_map(|l| {
         let cols: Vec<&str> = l.split_whitespace().collect();
         (cols.first() == Some(&id)).then(|| {
