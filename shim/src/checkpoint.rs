@@ -551,11 +551,26 @@ pub const POINTER_FILE: &str = "kybernate-pointer.json";
 /// checkpoint after the first fails in containerd with "content sha256:…: already exists". A
 /// small pointer to where the checkpoint really is makes each blob unique and tells whoever
 /// finds it in the content store where to look. Best effort: the checkpoint itself is done.
+/// containerd 2.x passes `image_path` itself as the path (and commits nothing): then no pointer,
+/// or it would sit in the checkpoint, unlisted in its manifest, and break it.
 pub fn write_pointer(containerd_dir: &Path, target: &Path, id: &str) {
+    if is_same_dir(containerd_dir, target) {
+        return;
+    }
     let body = serde_json::json!({ "checkpoint": target, "container_id": id, "created": criu::now_rfc3339() });
     let path = containerd_dir.join(POINTER_FILE);
     if let Err(e) = std::fs::write(&path, body.to_string()) {
         warn!("container {id}: cannot write {}: {e}", path.display());
+    }
+}
+
+/// Whether `a` and `b` name the same directory (same device and inode: spelling, symlinks and
+/// trailing slashes aside).
+fn is_same_dir(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
     }
 }
 
@@ -873,6 +888,28 @@ mod tests {
         std::fs::write(dir.path().join("inventory.img"), b"x").unwrap();
         let plan = RestorePlan::from_containerd("c", dir.path()).unwrap();
         assert!(plan.manifest.is_none() && plan.images == dir.path());
+    }
+
+    /// containerd 1.6/1.7 hand the shim a temp dir of their own beside `image_path`; 2.x hands it
+    /// `image_path` itself, where a pointer would break the checkpoint's manifest.
+    #[test]
+    fn the_pointer_goes_only_into_a_dir_of_containerds_own() {
+        let store = tempfile::tempdir().unwrap();
+        let target = store.path().join("ns/c/1");
+        std::fs::create_dir_all(&target).unwrap();
+        let containerd = tempfile::tempdir().unwrap();
+        write_pointer(containerd.path(), &target, "c");
+        let pointer: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(containerd.path().join(POINTER_FILE)).unwrap()).unwrap();
+        assert_eq!(pointer["checkpoint"], target.display().to_string());
+        for same in [target.clone(), store.path().join("ns/c/../c/1/")] {
+            write_pointer(&same, &target, "c");
+            assert!(!target.join(POINTER_FILE).exists(), "pointer written into the checkpoint via {}", same.display());
+        }
+        let link = store.path().join("link");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        write_pointer(&link, &target, "c");
+        assert!(!target.join(POINTER_FILE).exists(), "pointer written into the checkpoint via a symlink");
     }
 
     #[test]

@@ -788,11 +788,16 @@ fn a_kubelet_archive_imported_into_the_store_restores_on_containerd_1_6() {
 const STOCK_CONTAINERD_CONFIG: &str =
     include_str!("../../criu-helper/tests/fixtures/containerd/containerd-1.6-default.toml");
 
-/// The value of the first `key = "value"` line of a containerd config.
+/// The value of the first `key = "value"` (or, as containerd 2.x writes it, `key = 'value'`)
+/// line of a containerd config.
 fn config_value<'a>(config: &'a str, key: &str) -> &'a str {
     config
         .lines()
-        .find_map(|l| l.trim().strip_prefix(key)?.trim().strip_prefix('=')?.trim().strip_prefix('"')?.strip_suffix('"'))
+        .find_map(|l| {
+            let quoted = l.trim().strip_prefix(key)?.trim().strip_prefix('=')?.trim();
+            let quote = quoted.chars().next().filter(|q| *q == '"' || *q == '\'')?;
+            quoted[1..].strip_suffix(quote)
+        })
         .unwrap_or_else(|| panic!("no {key} in the config"))
 }
 
@@ -823,18 +828,55 @@ fn node_shims(node: &Node) -> Vec<(u32, String)> {
         .collect()
 }
 
-/// A systemd node (kbt-node) running Debian's containerd as its unit from the stock config,
-/// Kybernate put there by the installer (install.sh: the three binaries, the default config, the
-/// runtime merged into containerd's config in style (a), containerd restarted), and the sandbox
-/// and app images imported as on an air-gapped node; with a CRI client on the node's socket.
-/// The only edit to the stock config is `restrict_oom_score_adj = true`: this machine's root
-/// lacks CAP_SYS_RESOURCE, as a nested node's does, so runc cannot give the sandbox its -998
-/// (the test beds set it for the same reason, docs/testing.md).
-fn installed_node() -> NodeBed {
-    let node = Node::boot().expect("a systemd node (kbt-node)");
-    let config = STOCK_CONTAINERD_CONFIG.replace("restrict_oom_score_adj = false", "restrict_oom_score_adj = true");
-    assert_ne!(config, STOCK_CONTAINERD_CONFIG, "the stock config has no restrict_oom_score_adj = false");
+/// Makes the node a node of containerd `release`, as the package upgrade would: the release's
+/// binaries (`containerd`, `ctr`, `containerd-shim-runc-v2`) and unit file replace Debian's,
+/// systemd reloads, and containerd restarts from the release's own `containerd config default`
+/// (for 2.x a version 3 file, as containerd's and kubeadm's guides have admins write it). Returns
+/// that config. For bookworm's 1.6 nothing is replaced, and the config is 1.6's stock one (the
+/// installer tests' fixture). Either way the only edit is `restrict_oom_score_adj = true`: this
+/// machine's root lacks CAP_SYS_RESOURCE, as a nested node's does, so runc cannot give the
+/// sandbox its -998 (the test beds set it for the same reason, docs/testing.md).
+fn containerd_release_on(node: &Node, release: Containerd) -> String {
+    let stock = match release.bin_dir() {
+        None => STOCK_CONTAINERD_CONFIG.to_string(),
+        Some(dir) => {
+            let out = std::process::Command::new(dir.join("containerd")).args(["config", "default"]).output();
+            let out = out.unwrap_or_else(|e| panic!("{}/containerd config default: {e}", dir.display()));
+            assert!(out.status.success(), "containerd config default: {}", String::from_utf8_lossy(&out.stderr));
+            String::from_utf8(out.stdout).expect("containerd config default")
+        }
+    };
+    let config = stock.replace("restrict_oom_score_adj = false", "restrict_oom_score_adj = true");
+    assert_ne!(config, stock, "the stock config has no restrict_oom_score_adj = false");
     std::fs::write(node.path("/etc/containerd/config.toml"), &config).expect("writing the stock config");
+    let Some(dir) = release.bin_dir() else { return config };
+
+    // Replaced by rename, as dpkg does: the running containerd keeps its file.
+    let unit = dir.join("../lib/systemd/system/containerd.service");
+    let files = ["containerd", "ctr", "containerd-shim-runc-v2"].map(|name| (dir.join(name), format!("/usr/bin/{name}")));
+    for (from, to) in files.iter().chain([(unit, "/lib/systemd/system/containerd.service".to_string())].iter()) {
+        let staged = node.path(&format!("{to}.kbt-new"));
+        std::fs::copy(from, &staged).unwrap_or_else(|e| panic!("copying {} to the node: {e}", from.display()));
+        std::fs::rename(&staged, node.path(to)).unwrap_or_else(|e| panic!("replacing {to} on the node: {e}"));
+    }
+    let before = node.main_pid("containerd");
+    node.run_ok(&["systemctl", "daemon-reload"]);
+    node.run_ok(&["systemctl", "restart", "containerd"]);
+    node.wait_for_restart("containerd", before);
+    let version = node.run_ok(&["ctr", "version"]);
+    let server = version.split("Server:").nth(1).unwrap_or_default();
+    assert!(server.contains(&format!("Version:  {}.", release.name())), "not containerd {}: {version}", release.name());
+    config
+}
+
+/// A systemd node (kbt-node) running containerd `release` as Debian's unit from the release's
+/// stock config ([`containerd_release_on`]), Kybernate put there by the installer (install.sh:
+/// the three binaries, the default config, the runtime merged into containerd's config in
+/// `style`, containerd restarted), and the sandbox and app images imported as on an air-gapped
+/// node; with a CRI client on the node's socket.
+fn installed_node(release: Containerd, style: Style) -> NodeBed {
+    let node = Node::boot().expect("a systemd node (kbt-node)");
+    let config = containerd_release_on(&node, release);
 
     // The installer, from a copy of the checkout's packaging/ and the built binaries.
     let checkout = "/root/kybernate";
@@ -855,6 +897,10 @@ fn installed_node() -> NodeBed {
         &format!("KYBERNATE_BIN_DIR={bin}"),
         "CONTAINERD_RESTART=systemctl restart containerd",
         "KYBERNATE_INSTALL_ONESHOT=1",
+        match style {
+            Style::RuntimeType => "KYBERNATE_STYLE=runtime-type",
+            Style::RuntimePath => "KYBERNATE_STYLE=runtime-path",
+        },
         "bash",
         &format!("{checkout}/packaging/kubernetes/installer/install.sh"),
     ]);
@@ -862,10 +908,12 @@ fn installed_node() -> NodeBed {
     node.wait_for_restart("containerd", before);
     let merged = std::fs::read_to_string(node.path("/etc/containerd/config.toml")).expect("the merged config");
     assert!(merged.contains("restrict_oom_score_adj = true"), "the merge lost a setting:\n{merged}");
+    let version = |text: &str| text.lines().find(|l| l.starts_with("version")).map(str::to_string);
+    assert_eq!(version(&merged), version(&config), "the merge changed the config's version");
 
-    // The images, as on a node without a registry: the pause image under the config's
-    // sandbox_image, which the installer left alone.
-    let sandbox_image = config_value(&merged, "sandbox_image");
+    // The images, as on a node without a registry: the pause image under the config's sandbox
+    // image (1.6/1.7: `sandbox_image`; 2.x: `pinned_images.sandbox`), which the installer left alone.
+    let sandbox_image = config_value(&merged, if release == Containerd::V2 { "sandbox" } else { "sandbox_image" });
     let pause_archive = "/var/tmp/pause-oci.tar";
     kybernate_testbed::cri::build_pause_archive(&node.path(pause_archive), &node.path("/var/tmp/pause-oci"))
         .expect("building the pause image");
@@ -878,7 +926,7 @@ fn installed_node() -> NodeBed {
 
     let cri = Cri::connect(&node.path("/run/containerd/containerd.sock"));
     cri.wait_image(sandbox_image);
-    NodeBed { cri, node }
+    NodeBed { cri, node, style }
 }
 
 /// A node and a CRI client on it. Field order matters: the client drops first and removes its
@@ -886,6 +934,7 @@ fn installed_node() -> NodeBed {
 struct NodeBed {
     cri: Cri,
     node: Node,
+    style: Style,
 }
 
 /// RunPodSandbox of a host-network pod with our handler on the node; `cgroup_parent` as the
@@ -919,7 +968,24 @@ fn node_counter(cri: &Cri, node: &Node, pod: &Pod) -> String {
 /// node.
 #[test]
 fn kubelet_pods_on_a_node_the_installer_set_up() {
-    let bed = installed_node();
+    kubelet_pods_on(installed_node(Containerd::V1_6, Style::RuntimeType));
+}
+
+/// The same on a containerd 2.x node: the installer merges into 2.x's own version 3 config
+/// (`plugins.'io.containerd.cri.v1.runtime'`), and 2.x's CRI loads it.
+#[test]
+fn kubelet_pods_on_a_containerd_2_node_the_installer_set_up() {
+    kubelet_pods_on(installed_node(Containerd::V2, Style::RuntimeType));
+}
+
+/// The same on a containerd 2.x node installed in style (b): a runc runtime whose `runtime_path`
+/// is our shim (containerd ≥ 1.7 honours it).
+#[test]
+fn kubelet_pods_on_a_containerd_2_node_the_installer_set_up_in_style_b() {
+    kubelet_pods_on(installed_node(Containerd::V2, Style::RuntimePath));
+}
+
+fn kubelet_pods_on(bed: NodeBed) {
     let (cri, node) = (&bed.cri, &bed.node);
     let containerd = node.main_pid("containerd");
 
@@ -959,7 +1025,11 @@ fn kubelet_pods_on_a_node_the_installer_set_up() {
     for id in [&pod1.id, &id1] {
         let info = node.run_ok(&["ctr", "-n", CRI_NAMESPACE, "containers", "info", id]);
         let info: serde_json::Value = serde_json::from_str(&info).expect("ctr containers info");
-        assert_eq!(info["Runtime"]["Name"], "io.containerd.kybernate.v1", "{id}: {info}");
+        let runtime = match bed.style {
+            Style::RuntimeType => "io.containerd.kybernate.v1",
+            Style::RuntimePath => "io.containerd.runc.v2",
+        };
+        assert_eq!(info["Runtime"]["Name"], runtime, "{id}: {info}");
     }
     let shims = node_shims(node);
     assert_eq!(shims.iter().map(|(_, id)| id.as_str()).collect::<Vec<_>>(), [pod1.id.as_str()], "{shims:?}");
@@ -1034,7 +1104,7 @@ fn node_cgroup(node: &Node, id: &str, hierarchy: &str) -> String {
 /// the form itself.
 #[test]
 fn pods_of_a_systemd_cgroup_driver_kubelet_land_in_their_slice() {
-    let bed = installed_node();
+    let bed = installed_node(Containerd::V1_6, Style::RuntimeType);
     let (cri, node) = (&bed.cri, &bed.node);
     let scopes = || node.run_ok(&["systemctl", "list-units", "--no-legend", "--plain", "cri-containerd-*.scope"]);
     // The kubelet's pod slice: the uid's dashes become underscores (a dash nests slices).

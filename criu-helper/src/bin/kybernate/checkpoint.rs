@@ -25,6 +25,8 @@ use crate::Output;
 
 /// Our runtime: only its shim writes checkpoints into the store.
 pub const RUNTIME: &str = "io.containerd.kybernate.v1";
+/// Our shim's file name: a runc runtime whose `runtime_path` names it is ours too.
+const SHIM_BINARY: &str = "containerd-shim-kybernate-v1";
 /// The type containerd (and our shim) expect checkpoint options under.
 const OPTIONS_TYPE: &str = "containerd.runc.v1.CheckpointOptions";
 /// The namespace of Kubernetes' containers, the default when containerd has it.
@@ -160,20 +162,27 @@ async fn run(
         )));
     };
     let runtime = container.runtime.map(|r| r.name).unwrap_or_default();
-    if runtime != RUNTIME {
-        return Err(CliError::Usage(format!(
-            "container {id:?} runs under runtime {runtime:?}; only containers of Kybernate's runtime {RUNTIME} can be checkpointed into the store"
-        )));
-    }
 
     let mut tasks = TasksClient::new(channel);
     let get = GetRequest { container_id: id.into(), exec_id: String::new() };
-    let status = match tasks.get(with_namespace!(get, ns)).await {
-        Ok(r) => r.into_inner().process.map(|p| p.status()),
+    let process = match tasks.get(with_namespace!(get, ns)).await {
+        Ok(r) => r.into_inner().process,
         Err(s) if s.code() == Code::NotFound => None,
         Err(s) => return Err(grpc_error(address, "get the task", s)),
     };
-    match status {
+    // Our runtime type, or a runtime whose shim is ours (CRI's `runtime_path` style: the container
+    // is recorded as a runc runtime). Any other shim would write a plain runc checkpoint, without
+    // a manifest, into the store.
+    if runtime != RUNTIME {
+        let shim = process.as_ref().and_then(|p| shim_binary_of(p.pid));
+        if shim.as_deref() != Some(SHIM_BINARY) {
+            let served = shim.map(|s| format!(", served by {s}")).unwrap_or_default();
+            return Err(CliError::Usage(format!(
+                "container {id:?} runs under runtime {runtime:?}{served}; only containers of Kybernate's runtime {RUNTIME}, or of a runtime whose runtime_path is {SHIM_BINARY}, can be checkpointed into the store"
+            )));
+        }
+    }
+    match process.map(|p| p.status()) {
         Some(TaskStatus::Running) => {}
         None => {
             return Err(CliError::Usage(format!(
@@ -217,6 +226,18 @@ async fn run(
         Err(s) if s.code() == Code::Unavailable => Err(unreachable(s.message().to_string())),
         Err(s) => Err(CliError::CheckpointFailed { id: id.into(), message: s.message().to_string() }),
     }
+}
+
+/// The file name of the shim serving the task whose init process is `pid` (as this node's
+/// `/proc` sees it): the init's parent, since a shim is the subreaper its runtime's init is
+/// reparented to. `None` when `/proc` does not show it (another PID namespace, a gone process).
+fn shim_binary_of(pid: u32) -> Option<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let ppid: u32 = status.lines().find_map(|l| l.strip_prefix("PPid:"))?.trim().parse().ok()?;
+    let exe = std::fs::read_link(format!("/proc/{ppid}/exe")).ok()?;
+    let name = exe.file_name()?.to_string_lossy().into_owned();
+    // A binary replaced since the shim started (an upgrade) reads "<name> (deleted)".
+    Some(name.strip_suffix(" (deleted)").map(str::to_string).unwrap_or(name))
 }
 
 /// containerd's "content sha256:<digest>: already exists" (sent as AlreadyExists or, by
@@ -316,6 +337,18 @@ mod tests {
         let o = CheckpointOptions { exit: true, image_path: "/x".into(), ..Default::default() };
         // field 1 varint 1; field 8 length-delimited "/x"
         assert_eq!(prost::Message::encode_to_vec(&o), vec![0x08, 0x01, 0x42, 0x02, b'/', b'x']);
+    }
+
+    /// A child's shim, as this reads it, is its parent: here, this test binary.
+    #[test]
+    fn the_shim_of_a_process_is_its_parents_binary() {
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let me = std::env::current_exe().unwrap();
+        let seen = shim_binary_of(child.id());
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(seen.as_deref(), me.file_name().and_then(|n| n.to_str()));
+        assert_eq!(shim_binary_of(u32::MAX), None);
     }
 
     #[test]
