@@ -852,9 +852,12 @@ fn containerd_release_on(node: &Node, release: Containerd) -> String {
     let Some(dir) = release.bin_dir() else { return config };
 
     // Replaced by rename, as dpkg does: the running containerd keeps its file.
-    let unit = dir.join("../lib/systemd/system/containerd.service");
-    let files = ["containerd", "ctr", "containerd-shim-runc-v2"].map(|name| (dir.join(name), format!("/usr/bin/{name}")));
-    for (from, to) in files.iter().chain([(unit, "/lib/systemd/system/containerd.service".to_string())].iter()) {
+    let mut files: Vec<(PathBuf, String)> = ["containerd", "ctr", "containerd-shim-runc-v2"]
+        .map(|name| (dir.join(name), format!("/usr/bin/{name}")))
+        .into();
+    let unit = "/lib/systemd/system/containerd.service";
+    files.push((dir.join("../lib/systemd/system/containerd.service"), unit.to_string()));
+    for (from, to) in &files {
         let staged = node.path(&format!("{to}.kbt-new"));
         std::fs::copy(from, &staged).unwrap_or_else(|e| panic!("copying {} to the node: {e}", from.display()));
         std::fs::rename(&staged, node.path(to)).unwrap_or_else(|e| panic!("replacing {to} on the node: {e}"));
