@@ -833,10 +833,11 @@ fn node_shims(node: &Node) -> Vec<(u32, String)> {
 /// systemd reloads, and containerd restarts from the release's own `containerd config default`
 /// (for 2.x a version 3 file, as containerd's and kubeadm's guides have admins write it). Returns
 /// that config. For bookworm's 1.6 nothing is replaced, and the config is 1.6's stock one (the
-/// installer tests' fixture). Either way the only edit is `restrict_oom_score_adj = true`: this
-/// machine's root lacks CAP_SYS_RESOURCE, as a nested node's does, so runc cannot give the
-/// sandbox its -998 (the test beds set it for the same reason, docs/testing.md).
-fn containerd_release_on(node: &Node, release: Containerd) -> String {
+/// installer tests' fixture). Either way it is edited only by `edits` (each a text replacement
+/// that must apply) and `restrict_oom_score_adj = true`: this machine's root lacks
+/// CAP_SYS_RESOURCE, as a nested node's does, so runc cannot give the sandbox its -998 (the test
+/// beds set it for the same reason, docs/testing.md).
+fn containerd_release_on(node: &Node, release: Containerd, edits: &[(&str, &str)]) -> String {
     let stock = match release.bin_dir() {
         None => STOCK_CONTAINERD_CONFIG.to_string(),
         Some(dir) => {
@@ -846,8 +847,11 @@ fn containerd_release_on(node: &Node, release: Containerd) -> String {
             String::from_utf8(out.stdout).expect("containerd config default")
         }
     };
-    let config = stock.replace("restrict_oom_score_adj = false", "restrict_oom_score_adj = true");
-    assert_ne!(config, stock, "the stock config has no restrict_oom_score_adj = false");
+    let mut config = stock;
+    for (from, to) in [("restrict_oom_score_adj = false", "restrict_oom_score_adj = true")].iter().chain(edits) {
+        assert!(config.contains(from), "the stock config has no {from}");
+        config = config.replace(from, to);
+    }
     std::fs::write(node.path("/etc/containerd/config.toml"), &config).expect("writing the stock config");
     let Some(dir) = release.bin_dir() else { return config };
 
@@ -876,10 +880,10 @@ fn containerd_release_on(node: &Node, release: Containerd) -> String {
 /// stock config ([`containerd_release_on`]), Kybernate put there by the installer (install.sh:
 /// the three binaries, the default config, the runtime merged into containerd's config in
 /// `style`, containerd restarted), and the sandbox and app images imported as on an air-gapped
-/// node; with a CRI client on the node's socket.
-fn installed_node(release: Containerd, style: Style) -> NodeBed {
+/// node; with a CRI client on the node's socket. `edits` are the admin's to the stock config.
+fn installed_node(release: Containerd, style: Style, edits: &[(&str, &str)]) -> NodeBed {
     let node = Node::boot().expect("a systemd node (kbt-node)");
-    let config = containerd_release_on(&node, release);
+    let config = containerd_release_on(&node, release, edits);
 
     // The installer, from a copy of the checkout's packaging/ and the built binaries.
     let checkout = "/root/kybernate";
@@ -971,21 +975,21 @@ fn node_counter(cri: &Cri, node: &Node, pod: &Pod) -> String {
 /// node.
 #[test]
 fn kubelet_pods_on_a_node_the_installer_set_up() {
-    kubelet_pods_on(installed_node(Containerd::V1_6, Style::RuntimeType));
+    kubelet_pods_on(installed_node(Containerd::V1_6, Style::RuntimeType, &[]));
 }
 
 /// The same on a containerd 2.x node: the installer merges into 2.x's own version 3 config
 /// (`plugins.'io.containerd.cri.v1.runtime'`), and 2.x's CRI loads it.
 #[test]
 fn kubelet_pods_on_a_containerd_2_node_the_installer_set_up() {
-    kubelet_pods_on(installed_node(Containerd::V2, Style::RuntimeType));
+    kubelet_pods_on(installed_node(Containerd::V2, Style::RuntimeType, &[]));
 }
 
 /// The same on a containerd 2.x node installed in style (b): a runc runtime whose `runtime_path`
 /// is our shim (containerd ≥ 1.7 honours it).
 #[test]
 fn kubelet_pods_on_a_containerd_2_node_the_installer_set_up_in_style_b() {
-    kubelet_pods_on(installed_node(Containerd::V2, Style::RuntimePath));
+    kubelet_pods_on(installed_node(Containerd::V2, Style::RuntimePath, &[]));
 }
 
 fn kubelet_pods_on(bed: NodeBed) {
@@ -1107,7 +1111,21 @@ fn node_cgroup(node: &Node, id: &str, hierarchy: &str) -> String {
 /// the form itself.
 #[test]
 fn pods_of_a_systemd_cgroup_driver_kubelet_land_in_their_slice() {
-    let bed = installed_node(Containerd::V1_6, Style::RuntimeType);
+    pods_land_in_their_slice(installed_node(Containerd::V1_6, Style::RuntimeType, &[]));
+}
+
+/// The same on a containerd 2.x node in style (b), set up as kubeadm's guide says for its
+/// systemd driver (`SystemdCgroup = true` on the runc runtime): the installer copies the option
+/// to our runtime, containerd sends it, and the shim runs runc with `--systemd-cgroup` because of
+/// it (without the edit the containers land in containerd's own cgroup: checked by leaving it
+/// out).
+#[test]
+fn pods_of_a_systemd_cgroup_driver_kubelet_land_in_their_slice_on_containerd_2_in_style_b() {
+    let edits = [("SystemdCgroup = false", "SystemdCgroup = true")];
+    pods_land_in_their_slice(installed_node(Containerd::V2, Style::RuntimePath, &edits));
+}
+
+fn pods_land_in_their_slice(bed: NodeBed) {
     let (cri, node) = (&bed.cri, &bed.node);
     let scopes = || node.run_ok(&["systemctl", "list-units", "--no-legend", "--plain", "cri-containerd-*.scope"]);
     // The kubelet's pod slice: the uid's dashes become underscores (a dash nests slices).
