@@ -886,7 +886,7 @@ fn installed_node(release: Containerd, style: Style, edits: &[(&str, &str)]) -> 
     let config = containerd_release_on(&node, release, edits);
 
     // The installer, from a copy of the checkout's packaging/ and the built binaries.
-    let checkout = "/root/kybernate";
+    let checkout = NODE_CHECKOUT;
     let bin = format!("{checkout}/bin");
     std::fs::create_dir_all(node.path(&bin)).expect("creating the binaries' dir");
     for name in ["containerd-shim-kybernate-v1", "kybernate", "kybernate-select"] {
@@ -897,22 +897,8 @@ fn installed_node(release: Containerd, style: Style, edits: &[(&str, &str)]) -> 
     let packaging = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging");
     let copied = std::process::Command::new("cp").arg("-a").arg(&packaging).arg(node.path(checkout)).status();
     assert!(copied.is_ok_and(|s| s.success()), "copying packaging/ to the node");
-    let before = node.main_pid("containerd");
-    let installed = node.run_ok(&[
-        "env",
-        "HOST_ROOT=/",
-        &format!("KYBERNATE_BIN_DIR={bin}"),
-        "CONTAINERD_RESTART=systemctl restart containerd",
-        "KYBERNATE_INSTALL_ONESHOT=1",
-        match style {
-            Style::RuntimeType => "KYBERNATE_STYLE=runtime-type",
-            Style::RuntimePath => "KYBERNATE_STYLE=runtime-path",
-        },
-        "bash",
-        &format!("{checkout}/packaging/kubernetes/installer/install.sh"),
-    ]);
+    let installed = run_installer(&node, "install.sh", style);
     assert!(installed.contains("done"), "{installed}");
-    node.wait_for_restart("containerd", before);
     let merged = std::fs::read_to_string(node.path("/etc/containerd/config.toml")).expect("the merged config");
     assert!(merged.contains("restrict_oom_score_adj = true"), "the merge lost a setting:\n{merged}");
     let version = |text: &str| text.lines().find(|l| l.starts_with("version")).map(str::to_string);
@@ -933,7 +919,31 @@ fn installed_node(release: Containerd, style: Style, edits: &[(&str, &str)]) -> 
 
     let cri = Cri::connect(&node.path("/run/containerd/containerd.sock"));
     cri.wait_image(sandbox_image);
-    NodeBed { cri, node, style }
+    NodeBed { cri, node, style, config }
+}
+
+/// Where [`installed_node`] puts a copy of the checkout's packaging/ and the built binaries.
+const NODE_CHECKOUT: &str = "/root/kybernate";
+
+/// Runs the installer's `script` (install.sh or uninstall.sh) on the node as a source checkout
+/// would (docs/installation.md), for `style`, and waits for the containerd restart it makes.
+fn run_installer(node: &Node, script: &str, style: Style) -> String {
+    let before = node.main_pid("containerd");
+    let out = node.run_ok(&[
+        "env",
+        "HOST_ROOT=/",
+        &format!("KYBERNATE_BIN_DIR={NODE_CHECKOUT}/bin"),
+        "CONTAINERD_RESTART=systemctl restart containerd",
+        "KYBERNATE_INSTALL_ONESHOT=1",
+        match style {
+            Style::RuntimeType => "KYBERNATE_STYLE=runtime-type",
+            Style::RuntimePath => "KYBERNATE_STYLE=runtime-path",
+        },
+        "bash",
+        &format!("{NODE_CHECKOUT}/packaging/kubernetes/installer/{script}"),
+    ]);
+    node.wait_for_restart("containerd", before);
+    out
 }
 
 /// A node and a CRI client on it. Field order matters: the client drops first and removes its
@@ -942,6 +952,8 @@ struct NodeBed {
     cri: Cri,
     node: Node,
     style: Style,
+    /// containerd's config as it was before the installer ran.
+    config: String,
 }
 
 /// RunPodSandbox of a host-network pod with our handler on the node; `cgroup_parent` as the
@@ -1087,6 +1099,21 @@ fn kubelet_pods_on(bed: NodeBed) {
         }
     }
     wait_for("our shims on the node to exit", || node_shims(node).is_empty().then_some(()));
+
+    // The documented uninstall: containerd's config is as it was before the install, and the
+    // restarted containerd no longer knows the handler.
+    let removed = run_installer(node, "uninstall.sh", bed.style);
+    let config = std::fs::read_to_string(node.path("/etc/containerd/config.toml")).expect("containerd's config");
+    assert_eq!(config, bed.config, "uninstall did not restore containerd's config\n{removed}");
+    let name = unique_name("pod");
+    let config = host_network_pod(&name, Path::new("/var/log/pods"), "", &namespace, &[]);
+    let refused = wait_for("CRI to answer after the uninstall", || match cri.run_pod(&config) {
+        Ok(id) => panic!("a pod with handler {HANDLER} ran after the uninstall: {id}"),
+        // The client's connection to the containerd that the uninstall stopped.
+        Err(e) if e.message() == "transport error" => None,
+        Err(e) => Some(e),
+    });
+    assert!(refused.message().contains(HANDLER), "{refused:?}");
 }
 
 /// Where a task's init process sits in `hierarchy` on the node (`/proc/<pid>/cgroup` there).
