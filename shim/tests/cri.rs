@@ -1035,6 +1035,17 @@ fn kubelet_pods_on(bed: NodeBed) {
     node.run_ok(&["ctr", "-n", CRI_NAMESPACE, "tasks", "delete", &short]);
     node.run_ok(&["ctr", "-n", CRI_NAMESPACE, "containers", "delete", &short]);
 
+    // The installed doctor, with its defaults, finds the node ready and names our handler in
+    // containerd's config (version 2 or 3).
+    let doctor = node.run_ok(&["kybernate", "-o", "json", "doctor"]);
+    let checks: Vec<serde_json::Value> = serde_json::from_str(&doctor).unwrap_or_else(|e| panic!("{e}: {doctor}"));
+    let check = |name: &str| checks.iter().find(|c| c["check"] == name).unwrap_or_else(|| panic!("{name}: {doctor}"));
+    for name in ["containerd", "shim", "cri runtime", "runc", "criu"] {
+        assert_eq!(check(name)["status"], "ok", "{}", check(name));
+    }
+    let cri_runtime = check("cri runtime")["detail"].as_str().unwrap_or_default().to_string();
+    assert!(cri_runtime.contains(HANDLER), "{cri_runtime}");
+
     let namespace = unique_name("team");
     let running = |id: &str| cri.status(id).is_ok_and(|s| s.state == ContainerState::ContainerRunning as i32);
 
