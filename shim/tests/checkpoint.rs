@@ -19,7 +19,7 @@ mod common;
 
 use common::ckpt::*;
 use common::{bundle_dir, runc_state_entries, shim_dir, task_status, text, wait_for, RUNTIME, TIMEOUT};
-use kybernate_testbed::{unique_name, Testbed, IMAGE};
+use kybernate_testbed::{unique_name, Containerd, Testbed, IMAGE};
 
 // ---------------------------------------------------------------------------------------------
 // Checkpoint through ctr and containerd's content store
@@ -82,6 +82,48 @@ fn ctr_task_checkpoint_leaves_the_container_running() {
     assert!(entries(&work).is_empty(), "--work-path was used: {:?}", entries(&work));
     remove(tb, &other);
     remove(tb, &id);
+}
+
+/// containerd 2.x's `ctr` sends `--exit`, `--image-path` and `--work-path` for every runtime (1.6's
+/// only for runc's names, above), and 2.x's task service hands the shim `image_path` itself as
+/// the checkpoint path. Into the node's store that is a checkpoint like the CLI's: the container
+/// stops, the checkpoint verifies (the content-store pointer the shim leaves for 1.6/1.7 must not
+/// land in it), CRIU's log is in the work path, and a container restored from it counts on.
+/// 2.x's client still records a checkpoint image (the container's spec and rootfs, no task
+/// state: it skips that only for the runtime `io.containerd.runc.v2`, client/task.go).
+#[test]
+fn ctr_task_checkpoint_into_the_store_under_containerd_2() {
+    let bed = bed_with(|b| b.containerd(Containerd::V2), "");
+    let tb = &bed.tb;
+    let id = unique_name("ctr2");
+    run_counter(tb, &id, &[]);
+    let before = wait_counter(tb, &id, 3);
+    let target = store_path(&bed, &id);
+    let scratch = kybernate_testbed::scratch_dir().unwrap();
+    let work = scratch.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let images = || tb.ctr_ok(&["images", "ls", "-q"]);
+    let images_before = images();
+    let (target_arg, work_arg) = (target.display().to_string(), work.display().to_string());
+    let printed =
+        tb.ctr_ok(&["tasks", "checkpoint", "--exit", "--image-path", &target_arg, "--work-path", &work_arg, &id]);
+    assert_eq!(printed.trim(), "");
+    wait_for("the checkpointed task to stop", || (task_status(tb, &id).as_deref() == Some("STOPPED")).then_some(()));
+    let manifest = kybernate_criu::verify(&target).unwrap_or_else(|e| panic!("{}: {e}", target.display()));
+    assert_eq!(manifest.container_id, id);
+    assert!(work.join("dump.log").is_file(), "no dump.log in the work path: {:?}", entries(&work));
+    let new: Vec<String> = images().lines().filter(|l| !images_before.contains(*l)).map(str::to_string).collect();
+    assert!(
+        new.len() == 1 && new[0].starts_with(&format!("containerd.io/checkpoint/{id}:")),
+        "want the client's checkpoint image of {id}, got {new:?}"
+    );
+
+    let restored = unique_name("ctr2-r");
+    run_restored_ok(&bed, &target, &restored, &[]);
+    assert_counter_continues(tb, &restored, before);
+    remove(tb, &restored);
+    remove(tb, &id);
+    tb.ctr_ok(&["images", "rm", &new[0]]);
 }
 
 #[test]
