@@ -28,6 +28,9 @@ pub(crate) fn sweep_stale() {
     for name in dir_names(Path::new(RUN_BASE)).into_iter().filter(|n| stale(n)) {
         eprintln!("kybernate-testbed: removing leftovers of a dead test process: {RUN_BASE}/{name}");
         let dir = Path::new(RUN_BASE).join(&name);
+        // A systemd node first: killing its kbt-node and nspawn (below) would leave the node's
+        // systemd, containerd, shims and containers running in their own PID namespace.
+        crate::node::shut_down_abandoned(&dir);
         // A containerd whose PDEATHSIG did not fire: anything with an argument inside `dir`.
         kill_matching(|args| args.iter().any(|a| Path::new(a).starts_with(&dir)));
         scrub(&name, &dir);
@@ -40,7 +43,49 @@ pub(crate) fn sweep_stale() {
         for name in dir_names(&ctrl).into_iter().filter(|n| stale(n)) {
             remove_cgroup_tree(&ctrl.join(name));
         }
+        // What is left of a node whose kbt-node is gone, found by its cgroup.
+        for name in dir_names(&ctrl) {
+            if name.strip_prefix(crate::node::CGROUP_PREFIX).is_some_and(stale) {
+                kill_cgroup(&ctrl.join(&name));
+                remove_cgroup_tree(&ctrl.join(name));
+            }
+        }
     }
+}
+
+/// SIGKILLs every process in the cgroup at `path` and below, until none is left (at most 10 s):
+/// a node's PID 1 among them takes its whole PID namespace with it.
+pub(crate) fn kill_cgroup(path: &Path) {
+    fn procs(path: &Path, out: &mut Vec<i32>) {
+        let listed = std::fs::read_to_string(path.join("cgroup.procs")).unwrap_or_default();
+        out.extend(listed.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
+        for child in dir_names(path) {
+            let c = path.join(child);
+            if c.is_dir() {
+                procs(&c, out);
+            }
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut pids = Vec::new();
+        procs(path, &mut pids);
+        pids.retain(|p| alive(*p));
+        if pids.is_empty() || Instant::now() > deadline {
+            return;
+        }
+        for pid in pids {
+            // SAFETY: plain syscall on a pid listed in the cgroup just now.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The pids of the processes (this one aside) whose argument vector matches.
+pub(crate) fn pids_matching(matches: impl Fn(&[String]) -> bool) -> Vec<i32> {
+    let me = std::process::id() as i32;
+    processes().into_iter().filter(|(pid, args)| *pid != me && matches(args)).map(|(p, _)| p).collect()
 }
 
 /// The pid in a `kbt-<pid>-…` name.
@@ -63,10 +108,14 @@ pub(crate) fn scrub(name: &str, dir: &Path) {
     remove_shim_sockets(dir, name);
     unmount_under(dir);
     for path in [&ns_root, &dir.to_path_buf()] {
-        if path.exists() {
-            if let Err(e) = std::fs::remove_dir_all(path) {
-                eprintln!("kybernate-testbed: cannot remove {}: {e}", path.display());
-            }
+        let removed = match std::fs::symlink_metadata(path) {
+            Err(_) => continue,
+            Ok(m) if m.is_dir() => std::fs::remove_dir_all(path),
+            // A node's console log is a file beside its dir (`<dir>.log`), swept by its name.
+            Ok(_) => std::fs::remove_file(path),
+        };
+        if let Err(e) = removed {
+            eprintln!("kybernate-testbed: cannot remove {}: {e}", path.display());
         }
     }
     for ctrl in dir_names(Path::new("/sys/fs/cgroup")) {
@@ -172,9 +221,7 @@ fn runc_roots_under(dir: &Path) -> Vec<PathBuf> {
 
 /// SIGKILLs every process whose argument vector matches, then waits (briefly) until they are gone.
 pub(crate) fn kill_matching(matches: impl Fn(&[String]) -> bool) {
-    let me = std::process::id() as i32;
-    let pids: Vec<i32> =
-        processes().into_iter().filter(|(pid, args)| *pid != me && matches(args)).map(|(p, _)| p).collect();
+    let pids = pids_matching(matches);
     for &pid in &pids {
         // SAFETY: plain syscall on a pid we just read; a reused pid cannot match the same argv.
         unsafe { libc::kill(pid, libc::SIGKILL) };

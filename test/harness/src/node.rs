@@ -17,6 +17,35 @@ pub fn kbt_node() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../lib/kbt-node")
 }
 
+/// kbt-node's cgroups are `<hierarchy>/kbt-node-<the node dir's name>` (the name as kbt-node
+/// shortens it: test nodes' names are short and plain, so it is the dir's name).
+pub(crate) const CGROUP_PREFIX: &str = "kbt-node-";
+
+/// Shuts down the node a dead test process left in `dir`, if one runs: SIGTERM to its kbt-node,
+/// which halts the node and removes its cgroups as [`Node`]'s drop does; whatever still runs in
+/// the node's cgroups afterwards (or if kbt-node itself was killed) is SIGKILLed.
+pub(crate) fn shut_down_abandoned(dir: &Path) {
+    let Some(name) = dir.file_name().and_then(|n| n.to_str()) else { return };
+    let dir_arg = dir.to_string_lossy();
+    let wrappers = cleanup::pids_matching(|args| {
+        args.len() == 3 && Path::new(&args[1]).file_name() == Some("kbt-node".as_ref()) && args[2] == dir_arg
+    });
+    for &pid in &wrappers {
+        // SAFETY: plain syscall on a pid whose argv names this dir.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+    }
+    let deadline = Instant::now() + BOOT_TIMEOUT;
+    while wrappers.iter().any(|p| cleanup::alive(*p)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for hierarchy in ["/sys/fs/cgroup/systemd", "/sys/fs/cgroup/unified"] {
+        let cgroup = Path::new(hierarchy).join(format!("{CGROUP_PREFIX}{name}"));
+        if cgroup.is_dir() {
+            cleanup::kill_cgroup(&cgroup);
+        }
+    }
+}
+
 /// How long a boot or a shutdown may take (boots take ~2 s; a shutdown waits for the node's units).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 
