@@ -978,13 +978,14 @@ fn node_counter(cri: &Cri, node: &Node, pod: &Pod) -> String {
 }
 
 /// The kubelet's path and the SRE's runbook on a node as a cluster admin gets it
-/// ([`installed_node`]), over the node's CRI socket: a pod with the handler `kybernate` runs its
-/// sandbox and a counter through one shim of ours; the installed `kybernate checkpoint --pod …
+/// ([`installed_node`]), over the node's CRI socket: the installed `kybernate doctor` finds the
+/// node ready; a pod with the handler `kybernate` runs its sandbox and a counter through one
+/// shim of ours; the installed `kybernate checkpoint --pod …
 /// --exit` (no flags but the pod's names: the default config and socket) takes it into the
 /// store; a new pod in the same namespace annotated `kybernate.io/restore-from` comes up
 /// restored and counting; `systemctl restart containerd` keeps it running in the same shim, and
 /// ExecSync reaches it through the restarted containerd; removing the pods leaves nothing on the
-/// node.
+/// node; the uninstall gives containerd's config back as it was.
 #[test]
 fn kubelet_pods_on_a_node_the_installer_set_up() {
     kubelet_pods_on(installed_node(Containerd::V1_6, Style::RuntimeType, &[]));
@@ -1117,8 +1118,8 @@ fn kubelet_pods_on(bed: NodeBed) {
     let config = std::fs::read_to_string(node.path("/etc/containerd/config.toml")).expect("containerd's config");
     assert_eq!(config, bed.config, "uninstall did not restore containerd's config\n{removed}");
     let name = unique_name("pod");
-    let config = host_network_pod(&name, Path::new("/var/log/pods"), "", &namespace, &[]);
-    let refused = wait_for("CRI to answer after the uninstall", || match cri.run_pod(&config) {
+    let pod = host_network_pod(&name, Path::new("/var/log/pods"), "", &namespace, &[]);
+    let refused = wait_for("CRI to answer after the uninstall", || match cri.run_pod(&pod) {
         Ok(id) => panic!("a pod with handler {HANDLER} ran after the uninstall: {id}"),
         // The client's connection to the containerd that the uninstall stopped.
         Err(e) if e.message() == "transport error" => None,
