@@ -102,7 +102,7 @@ fn ctr_task_checkpoint_into_the_store_under_containerd_2() {
     let scratch = kybernate_testbed::scratch_dir().unwrap();
     let work = scratch.path().join("work");
     std::fs::create_dir_all(&work).unwrap();
-    let images = || tb.ctr_ok(&["images", "ls", "-q"]);
+    let images = || tb.ctr_ok(&["images", "ls", "-q"]).lines().map(str::to_string).collect::<Vec<_>>();
     let images_before = images();
     let (target_arg, work_arg) = (target.display().to_string(), work.display().to_string());
     let printed =
@@ -112,7 +112,7 @@ fn ctr_task_checkpoint_into_the_store_under_containerd_2() {
     let manifest = kybernate_criu::verify(&target).unwrap_or_else(|e| panic!("{}: {e}", target.display()));
     assert_eq!(manifest.container_id, id);
     assert!(work.join("dump.log").is_file(), "no dump.log in the work path: {:?}", entries(&work));
-    let new: Vec<String> = images().lines().filter(|l| !images_before.contains(*l)).map(str::to_string).collect();
+    let new: Vec<String> = images().into_iter().filter(|n| !images_before.contains(n)).collect();
     assert!(
         new.len() == 1 && new[0].starts_with(&format!("containerd.io/checkpoint/{id}:")),
         "want the client's checkpoint image of {id}, got {new:?}"
