@@ -247,7 +247,8 @@ impl Checkpointer<'_> {
             warn!("container {id}: cannot list its processes for CUDA detection: {e}");
             Vec::new()
         });
-        let gpu = GpuCheckpoint::prepare(c, pid, &pids, criu_version, &c.checkpoint_config).map_err(gpu_err)?;
+        let gpu =
+            GpuCheckpoint::prepare(self.spawner, c, pid, &pids, criu_version, &c.checkpoint_config).map_err(gpu_err)?;
         if gpu.as_ref().is_some_and(|g| g.mode == GpuMode::DriverApi) {
             let empty = gpu::empty_plugin_dir(&c.bundle).map_err(gpu_err)?;
             runtime = runtime.with_criu_env(kybernate_criu::cuda::preflight::CRIU_LIBS_DIR, empty);

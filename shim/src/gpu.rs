@@ -3,14 +3,22 @@
 //! (mode, processes, GPUs, bytes, phases, device access), and giving a restored container its
 //! devices, driver mounts and CUDA state back.
 //!
-//! The CUDA driver sits behind `kybernate_criu::cuda::CudaDriver`; production loads
-//! `libcuda.so.1` (the `[checkpoint] libcuda` key) only when a container has CUDA processes.
+//! The CUDA driver sits behind `kybernate_criu::cuda::CudaDriver`. The shim never loads
+//! `libcuda.so.1` (the `[checkpoint] libcuda` key) itself: a helper process, this binary run as
+//! [`DRIVER_HELPER`], makes the driver calls of one checkpoint or restore and exits (see
+//! `kybernate_criu::cuda::remote` for why).
 
 use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::io::{BufReader, Write};
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use kybernate_criu::cuda::{
-    self, preflight::CRIU_LIBS_DIR, Chosen, CudaDriver, CudaProcess, GpuSession, LibCuda, PluginReady, Wanted,
+    self, preflight::CRIU_LIBS_DIR, Chosen, CudaDriver, CudaProcess, GpuSession, HelperError, PluginReady,
+    RemoteDriver, Wanted,
 };
 use kybernate_criu::gpu::{self, GpuDevices, GpuMode, GpuRecord};
 use kybernate_criu::CriuVersion;
@@ -18,6 +26,12 @@ use kybernate_runtime_select::{CheckpointConfig, CudaMode};
 use log::{info, warn};
 
 use crate::container::Container;
+use crate::runtime::Spawner;
+
+/// `argv[1]` that makes this binary the CUDA driver helper instead of a shim.
+pub const DRIVER_HELPER: &str = "cuda-driver";
+/// How long a helper may take to exit once its input is closed, before it is killed.
+const HELPER_EXIT_GRACE: Duration = Duration::from_secs(10);
 
 /// `/proc` of the host (the shim runs in the host's pid namespace).
 pub const PROC: &str = "/proc";
@@ -42,7 +56,7 @@ pub enum GpuError {
     #[error("GPU restore: {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
     Restore(Vec<cuda::GpuRestoreError>),
     #[error("cannot load the CUDA driver for the restore: {0}")]
-    Load(#[from] cuda::LoadError),
+    Load(#[from] HelperError),
     #[error("{0}")]
     Mismatch(#[from] gpu::GpuMismatch),
     #[error("{0}")]
@@ -62,7 +76,7 @@ pub struct GpuCheckpoint {
     pub devices: GpuDevices,
     /// The CUDA processes found before the dump.
     pub processes: Vec<CudaProcess>,
-    driver: Option<LibCuda>,
+    driver: Option<RemoteDriver>,
     pub plugin: Option<PluginReady>,
     lock_timeout_ms: u32,
 }
@@ -71,6 +85,7 @@ impl GpuCheckpoint {
     /// Decides, before anything is frozen, whether `c` is a GPU container and how its CUDA state
     /// is handled. `None`: a CPU container (no GPU runtime decision, no CUDA process).
     pub fn prepare(
+        spawner: &dyn Spawner,
         c: &Container,
         init_pid: u32,
         pids: &[i32],
@@ -120,7 +135,7 @@ impl GpuCheckpoint {
                 &Path::new(PROC).join("driver/nvidia/version"),
             )
         };
-        let chosen = cuda::choose(wanted, plugin, || LibCuda::load(cfg.libcuda.as_ref()))?;
+        let chosen = cuda::choose(wanted, plugin, || start_driver(spawner, cfg.libcuda.as_ref()))?;
         let mut me = base(GpuMode::None);
         me.processes = processes;
         me.lock_timeout_ms = cfg.cuda_lock_timeout_ms;
@@ -381,9 +396,56 @@ fn restore_devices(id: &str, spec: &serde_json::Value, record: &GpuRecord) -> Re
     Ok(devices)
 }
 
+/// Starts the driver helper for `libcuda` (this binary again, through `/proc/self/exe`, so it is
+/// the same build even after the file was replaced by an upgrade). Dropping the driver ends it.
+pub fn start_driver(spawner: &dyn Spawner, libcuda: &OsStr) -> Result<RemoteDriver, HelperError> {
+    let mut cmd = Command::new("/proc/self/exe");
+    cmd.arg(DRIVER_HELPER).arg(libcuda).stderr(Stdio::null());
+    let child = spawner.start_piped(cmd).map_err(HelperError::Start)?;
+    let (pid, wait) = (child.pid, child.wait);
+    let finish = Box::new(move || match wait(HELPER_EXIT_GRACE) {
+        0 => {}
+        code => warn!("CUDA driver helper (pid {pid}) exited with {code}"),
+    });
+    RemoteDriver::connect(Box::new(child.stdin), Box::new(child.stdout), finish)
+}
+
+/// The helper's `main`: serves driver calls for the library named in `args` on stdin/stdout.
+/// Returns the exit code.
+pub fn serve_driver(args: &[std::ffi::OsString]) -> i32 {
+    let [library] = args else {
+        eprintln!("usage: containerd-shim-kybernate-v1 {DRIVER_HELPER} LIBCUDA");
+        return 2;
+    };
+    // The answers get stdout to themselves: whatever the driver library prints goes to stderr.
+    let answers = match std::io::stdout().as_fd().try_clone_to_owned() {
+        Ok(fd) => fd,
+        Err(e) => {
+            eprintln!("{DRIVER_HELPER}: {e}");
+            return 1;
+        }
+    };
+    // SAFETY: dup2 of two fds this process owns; stdout is not used through std from here on.
+    if unsafe { libc::dup2(libc::STDERR_FILENO, libc::STDOUT_FILENO) } < 0 {
+        eprintln!("{DRIVER_HELPER}: {}", std::io::Error::last_os_error());
+        return 1;
+    }
+    let mut out = std::fs::File::from(answers);
+    let served = kybernate_criu::cuda::remote::serve_library(library, BufReader::new(std::io::stdin()), &mut out);
+    let _ = out.flush();
+    match served {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("{DRIVER_HELPER}: {e}");
+            1
+        }
+    }
+}
+
 /// After the runtime restored a driver-api checkpoint: restore + unlock each recorded CUDA
 /// process at its restored pid. Returns the phase timings.
 pub fn restore_cuda(
+    spawner: &dyn Spawner,
     id: &str,
     record: &GpuRecord,
     pids: &[i32],
@@ -393,7 +455,7 @@ pub fn restore_cuda(
     if record.mode != GpuMode::DriverApi || record.processes.is_empty() {
         return Ok(phases);
     }
-    let driver = LibCuda::load(cfg.libcuda.as_ref())?;
+    let driver = start_driver(spawner, cfg.libcuda.as_ref())?;
     let restored = cuda::restore_processes(&driver, Path::new(PROC), &record.processes, pids, &mut phases)
         .map_err(GpuError::Restore)?;
     info!("restore {id}: CUDA state of pids {restored:?} restored and unlocked ({phases:?} ms)");

@@ -6,7 +6,12 @@ use kybernate_shim::service::{exit_dir, Service, ADDRESS_ENV};
 const RUNTIME_ID: &str = "io.containerd.kybernate.v1";
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
+    // The CUDA driver helper the shim starts for a GPU checkpoint or restore (gpu.rs).
+    let raw: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if raw.get(1).is_some_and(|a| a == kybernate_shim::gpu::DRIVER_HELPER) {
+        std::process::exit(kybernate_shim::gpu::serve_driver(&raw[2..]));
+    }
+    let args: Vec<String> = raw.into_iter().map(|a| a.to_string_lossy().into_owned()).collect();
     if args.iter().any(|a| a == "-v" || a == "--version" || a == "-version") {
         println!("containerd-shim-kybernate-v1 {}", env!("CARGO_PKG_VERSION"));
         return;

@@ -16,13 +16,16 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::ExitStatusExt;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use containerd_shim::monitor::{monitor_subscribe, wait_pid, Topic};
+use containerd_shim::monitor::{monitor_subscribe, wait_pid, ExitEvent, Subject, Topic};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 use serde::{Deserialize, Deserializer};
 
 /// Name of the runtime's log file in the bundle (what containerd's runc shim uses too).
@@ -62,6 +65,26 @@ pub trait Spawner: Send + Sync {
     /// `stdin_data` is given and captured streams become pipes), writes `stdin_data` to its stdin
     /// and closes it, reads the captured streams, and waits for the exit.
     fn run(&self, cmd: Command, stdin_data: Option<&[u8]>, capture: Capture) -> io::Result<RunOutput>;
+
+    /// Starts `cmd` with piped stdin and stdout and leaves it running (the CUDA driver helper,
+    /// which answers requests until its stdin closes).
+    fn start_piped(&self, cmd: Command) -> io::Result<PipedChild>;
+}
+
+/// A child started by [`Spawner::start_piped`].
+pub struct PipedChild {
+    pub pid: u32,
+    pub stdin: ChildStdin,
+    pub stdout: ChildStdout,
+    /// Waits for the exit and returns the code (128 + signal when killed); a child still running
+    /// after the given grace period is killed first, so the wait is bounded.
+    pub wait: Box<dyn FnOnce(Duration) -> i32 + Send>,
+}
+
+/// The pipes `start_piped` asked for, or an error naming the one that is missing.
+fn piped_ends(child: &mut Child) -> io::Result<(ChildStdin, ChildStdout)> {
+    let missing = |what| io::Error::other(format!("no {what} pipe to the child"));
+    Ok((child.stdin.take().ok_or_else(|| missing("stdin"))?, child.stdout.take().ok_or_else(|| missing("stdout"))?))
 }
 
 /// For the shim's serve and `delete` paths, where containerd-shim's reaper thread runs: subscribes
@@ -79,6 +102,40 @@ impl Spawner for MonitorSpawner {
             Ok(wait_pid(pid, sub))
         })
     }
+
+    fn start_piped(&self, mut cmd: Command) -> io::Result<PipedChild> {
+        let sub = monitor_subscribe(Topic::Pid).map_err(io::Error::other)?;
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
+        // std panics if its own waitpid after a failed exec loses to the reaper.
+        let mut child = catch_unwind(AssertUnwindSafe(|| cmd.spawn()))
+            .map_err(|_| io::Error::other("exec failed (the reaper took the exit)"))??;
+        drop(cmd);
+        let pid = child.id();
+        let (stdin, stdout) = piped_ends(&mut child)?;
+        drop(child); // waited for through the monitor, never by std
+        let wait = move |grace: Duration| {
+            let mut deadline = Instant::now() + grace;
+            let mut killed = false;
+            loop {
+                match sub.rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                    Ok(ExitEvent { subject: Subject::Pid(p), exit_code }) if u32::try_from(p) == Ok(pid) => {
+                        return exit_code
+                    }
+                    Ok(_) => {}
+                    Err(mpsc::RecvTimeoutError::Timeout) if !killed => {
+                        // No exit reported yet, so the pid is still the child's.
+                        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                        killed = true;
+                        deadline = Instant::now() + grace;
+                    }
+                    // Killed and still not reported: the reaper reaps it whenever it exits;
+                    // the caller is not kept waiting any longer.
+                    Err(_) => return 128 + Signal::SIGKILL as i32,
+                }
+            }
+        };
+        Ok(PipedChild { pid, stdin, stdout, wait: Box::new(wait) })
+    }
 }
 
 /// Waits with `Command`'s own `wait`. Only where no thread reaps with `waitpid(-1)`: tests, and
@@ -92,6 +149,31 @@ impl Spawner for DirectSpawner {
             let status = child.wait()?;
             Ok(status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
         })
+    }
+
+    fn start_piped(&self, mut cmd: Command) -> io::Result<PipedChild> {
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
+        let mut child = cmd.spawn()?;
+        drop(cmd);
+        let (stdin, stdout) = piped_ends(&mut child)?;
+        let pid = child.id();
+        let wait = move |grace: Duration| {
+            let deadline = Instant::now() + grace;
+            while Instant::now() < deadline {
+                match child.try_wait() {
+                    Ok(Some(_)) | Err(_) => break,
+                    Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+            if matches!(child.try_wait(), Ok(None)) {
+                let _ = child.kill();
+            }
+            match child.wait() {
+                Ok(status) => status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)),
+                Err(_) => 128 + Signal::SIGKILL as i32,
+            }
+        };
+        Ok(PipedChild { pid, stdin, stdout, wait: Box::new(wait) })
     }
 }
 
@@ -1149,6 +1231,10 @@ exit 0
             self.0.lock().unwrap().push(envs);
             Ok(RunOutput { code: 0, stdout: vec![], stderr: vec![] })
         }
+
+        fn start_piped(&self, _: Command) -> io::Result<PipedChild> {
+            Err(io::Error::other("EnvRecorder starts nothing"))
+        }
     }
 
     #[test]
@@ -1211,6 +1297,32 @@ exit 0
         cmd.args(["-c", "echo hidden; echo hidden >&2"]).stdout(Stdio::null()).stderr(Stdio::null());
         let out = DirectSpawner.run(cmd, None, Capture::default()).unwrap();
         assert_eq!(out, RunOutput { code: 0, stdout: vec![], stderr: vec![] });
+    }
+
+    #[test]
+    fn a_piped_child_answers_until_its_stdin_closes_and_is_killed_after_the_grace() {
+        use std::io::{BufRead, BufReader};
+        let mut cmd = Command::new("/bin/sh");
+        cmd.args(["-c", "while read l; do echo \"got $l\"; done; exit 3"]);
+        let PipedChild { mut stdin, stdout, wait, .. } = DirectSpawner.start_piped(cmd).unwrap();
+        let mut answers = BufReader::new(stdout);
+        for word in ["one", "two"] {
+            writeln!(stdin, "{word}").unwrap();
+            let mut line = String::new();
+            answers.read_line(&mut line).unwrap();
+            assert_eq!(line, format!("got {word}\n"));
+        }
+        drop(stdin);
+        assert_eq!(wait(Duration::from_secs(10)), 3, "it ended on EOF with its own code");
+
+        // One that ignores EOF is killed once the grace is over, and still waited for.
+        let mut cmd = Command::new("/bin/sleep");
+        cmd.arg("600");
+        let child = DirectSpawner.start_piped(cmd).unwrap();
+        let pid = child.pid;
+        drop(child.stdin);
+        assert_eq!((child.wait)(Duration::from_millis(50)), 128 + 9);
+        assert!(!Path::new(&format!("/proc/{pid}")).exists(), "pid {pid} is gone, not a zombie");
     }
 
     #[test]

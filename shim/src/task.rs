@@ -469,7 +469,8 @@ impl Inner {
             // give it back to the GPUs and unlock them. A container whose GPU state cannot be
             // restored is stopped, not left running half-restored.
             let restored = c.runtime.ps(&c.id, &c.bundle).map_err(Error::from).and_then(|pids| {
-                crate::gpu::restore_cuda(&c.id, gpu, &pids, &c.checkpoint_config).map_err(|e| gpu_err(e).into())
+                crate::gpu::restore_cuda(self.spawner.as_ref(), &c.id, gpu, &pids, &c.checkpoint_config)
+                    .map_err(|e| gpu_err(e).into())
             });
             if let Err(e) = restored {
                 if let Err(de) = c.runtime.delete(&c.id, &c.bundle, true) {

@@ -21,7 +21,7 @@ use serde_json::Value;
 mod common;
 
 use common::ckpt::*;
-use common::{bundle_dir, fake_gpu_runtime_binary, task_status, text, wait_for, RUNTIME};
+use common::{bundle_dir, fake_gpu_runtime_binary, task_row, task_status, text, wait_for, RUNTIME};
 
 /// The counter, beside two long-lived "GPU workers" holding the (fake) NVIDIA control device
 /// open, as a tensor-parallel server runs one CUDA process per GPU (neither is init).
@@ -178,6 +178,7 @@ fn driver_api_checkpoint_and_restore_give_back_cuda_state_devices_and_mounts() {
     }
     assert!(calls.iter().all(|c| c.code == 0), "{calls:?}");
     assert_running_gpu(&g, &id);
+    assert_driver_stayed_out_of_the_shim(&g, &id);
 
     let m = manifest(&dir);
     let gpu = &m["gpu"];
@@ -247,8 +248,77 @@ fn driver_api_checkpoint_and_restore_give_back_cuda_state_devices_and_mounts() {
         assert!(list.lines().any(|l| l.starts_with("c 195:0 ")), "{}: {list}", "devices.list");
     }
 
+    assert_driver_stayed_out_of_the_shim(&g, &restored);
+
     remove(tb, &restored);
     remove(tb, &id);
+}
+
+/// The driver calls above were made (the fake logged them), but by helper processes: the shim
+/// serving `id` never mapped the driver library, and no helper outlived its operation.
+fn assert_driver_stayed_out_of_the_shim(g: &GpuBed, id: &str) {
+    let (init, _) = task_row(&g.bed.tb, id).expect("the task is listed");
+    let shim = ppid(init as i32);
+    let maps = std::fs::read_to_string(format!("/proc/{shim}/maps")).unwrap();
+    let lib = g.cuda.lib.to_string_lossy();
+    assert!(!maps.contains(lib.as_ref()), "shim {shim} (of {id}) has {lib} mapped:\n{maps}");
+    let helpers: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| ppid(pid) == shim)
+        .filter_map(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(" cuda-driver "))
+        .collect();
+    assert!(helpers.is_empty(), "driver helpers left under shim {shim}: {helpers:?}");
+}
+
+/// The parent of `pid` (/proc/PID/stat: `pid (comm) state ppid ...`); -1 when it is gone.
+fn ppid(pid: i32) -> i32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after_comm = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    after_comm.split_whitespace().nth(1).and_then(|f| f.parse().ok()).unwrap_or(-1)
+}
+
+#[test]
+fn the_driver_helper_answers_on_its_own_stdout_and_reports_what_does_not_load() {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let dir = kybernate_testbed::scratch_dir().expect("scratch dir");
+    let cuda = FakeCuda::build(&dir.path().join("cuda"), true);
+    let helper = |lib: &Path, input: &str| {
+        let mut child = Command::new(common::SHIM)
+            .arg("cuda-driver")
+            .arg(lib)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        child.wait_with_output().unwrap()
+    };
+
+    let out = helper(&cuda.lib, "{\"call\":\"driver-version\"}\n{\"call\":\"unlock\",\"pid\":4242}\n");
+    assert!(out.status.success(), "{out:?}");
+    let lines: Vec<Value> = text(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines[0], "ready", "{lines:?}");
+    assert_eq!(lines[1], serde_json::json!({"number": 12080}), "{lines:?}");
+    // The fake's own answer for a process it never locked, code and name as the driver gave them.
+    assert!(lines[2]["failed"]["code"].as_i64().is_some_and(|c| c != 0 && c != 999), "{lines:?}");
+    assert!(lines[2]["failed"]["name"].as_str().is_some_and(|n| n.starts_with("CUDA_ERROR_")), "{lines:?}");
+    assert!(cuda.calls().iter().any(|c| c.function == "cuCheckpointProcessUnlock" && c.pid == 4242));
+
+    let old = FakeCuda::build(&dir.path().join("old"), false);
+    let out = helper(&old.lib, "");
+    assert!(out.status.success(), "{out:?}");
+    let hello: Value = serde_json::from_str(text(&out.stdout).trim()).unwrap();
+    assert!(hello["load-failed"].as_str().is_some_and(|m| m.contains("cuCheckpointProcessLock")), "{hello}");
+
+    let out = Command::new(common::SHIM).arg("cuda-driver").output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(text(&out.stderr).contains("usage"), "{out:?}");
 }
 
 fn ns_pid_recorded(procs: &[Value], pid: i32) -> i32 {

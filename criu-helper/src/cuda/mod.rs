@@ -6,10 +6,12 @@ pub mod driver;
 pub mod libcuda;
 pub mod preflight;
 pub mod procs;
+pub mod remote;
 pub mod session;
 
 pub use driver::{CudaDriver, CudaError, ProcessState};
 pub use libcuda::{LibCuda, LoadError};
 pub use preflight::{check_criu_plugin, choose, Chosen, ModeError, PluginPreflightError, PluginReady, Wanted};
 pub use procs::{find_cuda_processes, CudaProcess};
+pub use remote::{HelperError, RemoteDriver};
 pub use session::{restore_processes, GpuRestoreError, GpuSession, GpuStepError};
