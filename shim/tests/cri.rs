@@ -1005,6 +1005,13 @@ fn kubelet_pods_on_a_containerd_2_node_the_installer_set_up_in_style_b() {
     kubelet_pods_on(installed_node(Containerd::V2, Style::RuntimePath, &[]));
 }
 
+/// The same on a containerd 1.7 node (Debian trixie's package) installed in style (b): 1.7 is the
+/// first release that honours a runc runtime's `runtime_path`, and still reads version 2 configs.
+#[test]
+fn kubelet_pods_on_a_containerd_1_7_node_the_installer_set_up_in_style_b() {
+    kubelet_pods_on(installed_node(Containerd::V1_7, Style::RuntimePath, &[]));
+}
+
 fn kubelet_pods_on(bed: NodeBed) {
     let (cri, node) = (&bed.cri, &bed.node);
     let containerd = node.main_pid("containerd");
