@@ -147,7 +147,7 @@ impl Spawner for DirectSpawner {
     fn run(&self, cmd: Command, stdin_data: Option<&[u8]>, capture: Capture) -> io::Result<RunOutput> {
         run_child(cmd, stdin_data, capture, |child| {
             let status = child.wait()?;
-            Ok(status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+            Ok(exit_code(status))
         })
     }
 
@@ -169,12 +169,17 @@ impl Spawner for DirectSpawner {
                 let _ = child.kill();
             }
             match child.wait() {
-                Ok(status) => status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)),
+                Ok(status) => exit_code(status),
                 Err(_) => 128 + Signal::SIGKILL as i32,
             }
         };
         Ok(PipedChild { pid, stdin, stdout, wait: Box::new(wait) })
     }
+}
+
+/// The exit status as a code: 128 + the signal for a process killed by one.
+fn exit_code(status: std::process::ExitStatus) -> i32 {
+    status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
 }
 
 /// Spawns, feeds and drains the child on helper threads (so a child that fills one pipe while we

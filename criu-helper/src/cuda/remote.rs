@@ -192,12 +192,7 @@ impl RemoteDriver {
 
     fn call(&self, request: Request) -> Result<Reply, CudaError> {
         let mut guard = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
-        let broken = |why: &str| CudaError {
-            call: request.function(),
-            pid: request.pid(),
-            code: CUDA_ERROR_UNKNOWN,
-            name: format!("CUDA driver helper: {why}"),
-        };
+        let broken = |why: &str| helper_failed(request, why);
         let Some(conn) = guard.as_mut() else { return Err(broken("closed")) };
         if let Some(why) = &conn.broken {
             return Err(broken(why));
@@ -220,15 +215,11 @@ impl RemoteDriver {
 
     fn unexpected(&self, request: Request, reply: Reply) -> CudaError {
         let why = format!("unexpected answer {reply:?}");
+        let err = helper_failed(request, &why);
         if let Some(conn) = self.conn.lock().unwrap_or_else(PoisonError::into_inner).as_mut() {
-            conn.broken = Some(why.clone());
+            conn.broken = Some(why);
         }
-        CudaError {
-            call: request.function(),
-            pid: request.pid(),
-            code: CUDA_ERROR_UNKNOWN,
-            name: format!("CUDA driver helper: {why}"),
-        }
+        err
     }
 
     fn done(&self, request: Request) -> Result<(), CudaError> {
@@ -243,6 +234,16 @@ impl RemoteDriver {
             Reply::Number(n) => Ok(n),
             other => Err(self.unexpected(request, other)),
         }
+    }
+}
+
+/// A call that failed because of the helper, not the driver.
+fn helper_failed(request: Request, why: &str) -> CudaError {
+    CudaError {
+        call: request.function(),
+        pid: request.pid(),
+        code: CUDA_ERROR_UNKNOWN,
+        name: format!("CUDA driver helper: {why}"),
     }
 }
 
