@@ -21,7 +21,6 @@ use std::sync::Arc;
 use containerd_shim::monitor::monitor_notify_by_pid;
 use containerd_shim::protos::shim::shim_ttrpc::{create_task, Task};
 use containerd_shim::protos::ttrpc::{MethodHandler, Server};
-use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{logger, Config, Shim, StartOpts};
 use log::{debug, info, warn};
 use nix::errno::Errno;
@@ -32,6 +31,7 @@ use signal_hook::consts::{SIGCHLD, SIGINT, SIGPIPE, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use crate::error::{Error, Result};
+use crate::events::RemoteEvents;
 use crate::service::Service;
 
 /// Names the fd number of the listening socket `start` hands to the daemon. Only our own `start`
@@ -166,8 +166,9 @@ pub fn serve(runtime_id: &str, listener: OwnedFd) -> Result<()> {
     let mut shim = Service::new(runtime_id, &flags, &mut config);
     logger::init(flags.debug, &config.default_log_level, &flags.namespace, &flags.id)
         .map_err(Error::shim("opening containerd's log FIFO"))?;
-    let publisher = RemotePublisher::new(&ttrpc_address).map_err(Error::shim("connecting to containerd's events"))?;
-    let task: Arc<dyn Task + Send + Sync> = Arc::new(shim.create_task_service(publisher));
+    let events = RemoteEvents::connect(ttrpc_address)
+        .map_err(|e| Error::Shim { context: "connecting to containerd's events".into(), message: e.to_string() })?;
+    let task: Arc<dyn Task + Send + Sync> = Arc::new(shim.task_service(events));
     let ttrpc = |context: &'static str| {
         move |e: containerd_shim::protos::ttrpc::Error| Error::Shim { context: context.into(), message: e.to_string() }
     };

@@ -3,6 +3,14 @@
 //! Task handlers only enqueue; one forwarding thread delivers events in order,
 //! retrying transient failures (containerd restarting, a dropped connection) a
 //! bounded number of times so a dead containerd cannot wedge the shim.
+//!
+//! Events go out without protobuf reflection. containerd-shim's `RemotePublisher` names each
+//! event by its message descriptor and copies it through reflection; the first event then builds
+//! the descriptors of the event protos and everything they import (`descriptor.proto` with its
+//! source comments among them), ~400 KiB of heap that every shim kept for the rest of its pod's
+//! life (docs/benchmarks.md). Here each event type carries its protobuf name as a constant
+//! ([`TypedEvent`]), and an event is encoded when it is sent, through its static type:
+//! protobuf's `dyn` encoder looks the descriptor up too, for the name in a size error.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc::{self, Receiver, Sender};
@@ -11,9 +19,16 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use containerd_shim::event::Event;
-use containerd_shim::protos::protobuf::MessageDyn;
+use containerd_shim::protos::events::task::{
+    TaskCheckpointed, TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskOOM, TaskPaused,
+    TaskResumed, TaskStart,
+};
+use containerd_shim::protos::protobuf::well_known_types::any::Any;
+use containerd_shim::protos::protobuf::Message;
+use containerd_shim::protos::shim::event::Envelope;
+use containerd_shim::protos::shim::events::ForwardRequest;
 use containerd_shim::protos::ttrpc::context;
-use containerd_shim::publisher::RemotePublisher;
+use containerd_shim::protos::{Client, EventsClient};
 use thiserror::Error;
 
 /// Why one publish attempt failed.
@@ -31,6 +46,12 @@ pub enum PublishError {
         #[source]
         source: containerd_shim::Error,
     },
+    #[error("encode {topic}: {source}")]
+    Encode {
+        topic: String,
+        #[source]
+        source: containerd_shim::protos::protobuf::Error,
+    },
     #[error("publisher panicked")]
     Panicked,
     /// For publishers other than containerd's (test doubles, adapters).
@@ -45,30 +66,78 @@ pub enum EventError {
     FlushTimeout { pending: usize },
 }
 
-/// The blocking call that hands one event to containerd; the seam tests replace.
-pub trait Publisher: Send + Sync {
-    /// Publishes `event` under `topic`; must not keep a reference to `event`, so it can be retried.
-    fn publish(&self, topic: &str, namespace: &str, event: &dyn MessageDyn) -> Result<(), PublishError>;
+/// An event type the shim publishes, with its protobuf full name: containerd's `Any.type_url`
+/// for it (containerd takes the bare name, without `type.googleapis.com/`).
+pub trait TypedEvent: Event + Message {
+    const TYPE_URL: &'static str;
 }
 
-/// Publishes over containerd's ttrpc `Events.Forward`, reconnecting after a failure.
-///
-/// `RemotePublisher` never reconnects, so a failed call drops the connection
-/// and the next attempt dials `address` again.
+/// Every event of containerd's `events/task.proto` (package `containerd.events`) that we send;
+/// `every_type_url_is_the_descriptors_full_name` checks the names against the descriptors.
+macro_rules! task_events {
+    ($($event:ident),+ $(,)?) => {
+        $(impl TypedEvent for $event {
+            const TYPE_URL: &'static str = concat!("containerd.events.", stringify!($event));
+        })+
+    };
+}
+
+task_events!(
+    TaskCreate,
+    TaskStart,
+    TaskDelete,
+    TaskExit,
+    TaskExecAdded,
+    TaskExecStarted,
+    TaskPaused,
+    TaskResumed,
+    TaskOOM,
+    TaskCheckpointed,
+);
+
+/// One event, encoded when it was sent: what `Events.Forward` carries besides the namespace.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub topic: String,
+    pub type_url: &'static str,
+    pub value: Vec<u8>,
+}
+
+impl Outgoing {
+    /// Encodes `event` with its generated code; no descriptor is looked up.
+    pub fn encode<E: TypedEvent>(event: &E) -> Result<Outgoing, PublishError> {
+        let topic = event.topic();
+        match event.write_to_bytes() {
+            Ok(value) => Ok(Outgoing { topic, type_url: E::TYPE_URL, value }),
+            Err(source) => Err(PublishError::Encode { topic, source }),
+        }
+    }
+}
+
+/// The blocking call that hands one event to containerd; the seam tests replace.
+pub trait Publisher: Send + Sync {
+    /// Publishes `event`; may be called again with the same event after a failure.
+    fn publish(&self, namespace: &str, event: &Outgoing) -> Result<(), PublishError>;
+}
+
+/// Publishes over containerd's ttrpc `Events.Forward`, reconnecting after a failure: a failed
+/// call drops the connection and the next attempt dials `address` again.
 pub struct RemoteEvents {
     address: String,
     timeout: Duration,
-    client: Mutex<Option<RemotePublisher>>,
+    client: Mutex<Option<EventsClient>>,
 }
 
 impl RemoteEvents {
     /// Default per-call deadline; ttrpc's default context has none and could hang forever.
     pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 
-    /// Reuses the publisher `containerd_shim::run` already connected; `address`
-    /// (`$TTRPC_ADDRESS`, no `unix://`) is dialled again after a failure.
-    pub fn new(publisher: RemotePublisher, address: impl Into<String>) -> RemoteEvents {
-        RemoteEvents { address: address.into(), timeout: Self::DEFAULT_TIMEOUT, client: Mutex::new(Some(publisher)) }
+    /// Connects to `address` (`$TTRPC_ADDRESS`, no `unix://`) now, so that a shim that cannot
+    /// reach containerd fails at start; it is dialled again after a failure.
+    pub fn connect(address: impl Into<String>) -> Result<RemoteEvents, PublishError> {
+        let address = address.into();
+        let client = dial(&address)?;
+        Ok(RemoteEvents { address, timeout: Self::DEFAULT_TIMEOUT, client: Mutex::new(Some(client)) })
     }
 
     /// Connects on the first publish instead of now.
@@ -84,22 +153,46 @@ impl RemoteEvents {
 }
 
 impl Publisher for RemoteEvents {
-    fn publish(&self, topic: &str, namespace: &str, event: &dyn MessageDyn) -> Result<(), PublishError> {
+    fn publish(&self, namespace: &str, event: &Outgoing) -> Result<(), PublishError> {
+        let forward = ForwardRequest {
+            envelope: Some(Envelope {
+                timestamp: containerd_shim::util::timestamp().ok().into(),
+                namespace: namespace.to_owned(),
+                topic: event.topic.clone(),
+                event: Some(Any {
+                    type_url: event.type_url.to_owned(),
+                    value: event.value.clone(),
+                    ..Default::default()
+                })
+                .into(),
+                ..Default::default()
+            })
+            .into(),
+            ..Default::default()
+        };
         let mut client = lock(&self.client);
-        let publisher = match client.take() {
-            Some(publisher) => publisher,
-            None => RemotePublisher::new(&self.address)
-                .map_err(|source| PublishError::Connect { address: self.address.clone(), source })?,
+        let events = match client.take() {
+            Some(events) => events,
+            None => dial(&self.address)?,
         };
         let timeout_ns = i64::try_from(self.timeout.as_nanos()).unwrap_or(i64::MAX);
-        publisher
-            .publish(context::with_timeout(timeout_ns), topic, namespace, event.clone_box())
-            .map_err(|source| PublishError::Forward { topic: topic.to_owned(), source })?;
+        events
+            .forward(context::with_timeout(timeout_ns), &forward)
+            .map_err(|e| PublishError::Forward { topic: event.topic.clone(), source: e.into() })?;
         // Kept only after a success: the connection may be dead (containerd restarted),
         // so a failure makes the next attempt dial again.
-        *client = Some(publisher);
+        *client = Some(events);
         Ok(())
     }
+}
+
+/// A ttrpc client of containerd's `Events` service at `address`.
+fn dial(address: &str) -> Result<EventsClient, PublishError> {
+    let connect_error = |source| PublishError::Connect { address: address.to_owned(), source };
+    let fd = containerd_shim::util::connect(address).map_err(connect_error)?;
+    // Client::new owns the fd from here on, and closes it on failure too.
+    let client = Client::new(fd).map_err(|e| connect_error(e.into()))?;
+    Ok(EventsClient::new(client))
 }
 
 /// One event as the [`RecordingPublisher`] saw it.
@@ -107,10 +200,8 @@ impl Publisher for RemoteEvents {
 pub struct PublishedEvent {
     pub topic: String,
     pub namespace: String,
-    /// Protobuf full name, e.g. `containerd.events.TaskExit`.
+    /// Protobuf full name as it would be sent, e.g. `containerd.events.TaskExit`.
     pub type_name: String,
-    /// Protobuf text format, for assertions and failure messages.
-    pub text: String,
     /// Serialized message, to decode with `M::parse_from_bytes`.
     pub bytes: Vec<u8>,
 }
@@ -156,7 +247,7 @@ impl RecordingPublisher {
 }
 
 impl Publisher for RecordingPublisher {
-    fn publish(&self, topic: &str, namespace: &str, event: &dyn MessageDyn) -> Result<(), PublishError> {
+    fn publish(&self, namespace: &str, event: &Outgoing) -> Result<(), PublishError> {
         let delay = {
             let mut state = lock(&self.state);
             state.attempts += 1;
@@ -168,15 +259,13 @@ impl Publisher for RecordingPublisher {
         let mut state = lock(&self.state);
         if state.fail_next > 0 {
             state.fail_next -= 1;
-            return Err(PublishError::Rejected(format!("injected failure for {topic}")));
+            return Err(PublishError::Rejected(format!("injected failure for {}", event.topic)));
         }
-        let bytes = event.write_to_bytes_dyn().map_err(|e| PublishError::Rejected(e.to_string()))?;
         state.events.push(PublishedEvent {
-            topic: topic.to_owned(),
+            topic: event.topic.clone(),
             namespace: namespace.to_owned(),
-            type_name: event.descriptor_dyn().full_name().to_owned(),
-            text: containerd_shim::protos::protobuf::text_format::print_to_string(event),
-            bytes,
+            type_name: event.type_url.to_owned(),
+            bytes: event.value.clone(),
         });
         Ok(())
     }
@@ -203,11 +292,6 @@ impl Default for RetryPolicy {
     }
 }
 
-struct Queued {
-    topic: String,
-    event: Box<dyn Event>,
-}
-
 /// Number of events sent but not yet delivered or dropped; flush waits for zero.
 #[derive(Default)]
 struct Pending {
@@ -232,7 +316,7 @@ impl Pending {
 /// Ordered, non-blocking event delivery to containerd; clones share one queue.
 #[derive(Clone)]
 pub struct EventQueue {
-    tx: Sender<Queued>,
+    tx: Sender<Outgoing>,
     pending: Arc<Pending>,
 }
 
@@ -260,15 +344,13 @@ impl EventQueue {
     }
 
     /// Enqueues `event` for its own topic and returns at once.
-    pub fn send(&self, event: impl Event + 'static) {
-        self.send_boxed(Box::new(event));
-    }
-
-    /// Like [`EventQueue::send`], for an already boxed event.
-    pub fn send_boxed(&self, event: Box<dyn Event>) {
-        let topic = event.topic();
+    pub fn send<E: TypedEvent>(&self, event: E) {
+        let event = match Outgoing::encode(&event) {
+            Ok(event) => event,
+            Err(e) => return log::error!("dropping event: {e}"),
+        };
         self.pending.add();
-        if let Err(mpsc::SendError(lost)) = self.tx.send(Queued { topic, event }) {
+        if let Err(mpsc::SendError(lost)) = self.tx.send(event) {
             log::warn!("event forwarder is gone; dropping {} event", lost.topic);
             self.pending.done();
         }
@@ -292,30 +374,29 @@ impl EventQueue {
     }
 }
 
-fn forward(rx: Receiver<Queued>, publisher: &dyn Publisher, namespace: &str, policy: RetryPolicy, pending: &Pending) {
-    for queued in rx {
-        deliver(&queued, publisher, namespace, policy);
+fn forward(rx: Receiver<Outgoing>, publisher: &dyn Publisher, namespace: &str, policy: RetryPolicy, pending: &Pending) {
+    for event in rx {
+        deliver(&event, publisher, namespace, policy);
         pending.done();
     }
 }
 
-fn deliver(queued: &Queued, publisher: &dyn Publisher, namespace: &str, policy: RetryPolicy) {
-    let event: &dyn MessageDyn = queued.event.as_ref();
+fn deliver(event: &Outgoing, publisher: &dyn Publisher, namespace: &str, policy: RetryPolicy) {
     let attempts = policy.attempts.max(1);
     let mut backoff = policy.initial_backoff;
     for attempt in 1..=attempts {
         // A panicking publisher must not kill the thread and silently stop all later events.
-        let result = catch_unwind(AssertUnwindSafe(|| publisher.publish(&queued.topic, namespace, event)))
+        let result = catch_unwind(AssertUnwindSafe(|| publisher.publish(namespace, event)))
             .unwrap_or(Err(PublishError::Panicked));
         match result {
             Ok(()) => return,
             Err(e) if attempt < attempts => {
-                log::debug!("publish {} (attempt {attempt}/{attempts}) failed: {e}; retrying", queued.topic);
+                log::debug!("publish {} (attempt {attempt}/{attempts}) failed: {e}; retrying", event.topic);
                 thread::sleep(backoff);
                 backoff = (backoff * 2).min(policy.max_backoff);
             }
             Err(e) => {
-                log::warn!("dropping {} event after {attempts} attempts: {e}", queued.topic);
+                log::warn!("dropping {} event after {attempts} attempts: {e}", event.topic);
             }
         }
     }
@@ -329,8 +410,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use containerd_shim::protos::events::task::{TaskExit, TaskOOM, TaskStart};
-    use containerd_shim::protos::protobuf::Message;
+    use containerd_shim::protos::protobuf::{Message, MessageFull};
     use containerd_shim::protos::topics;
 
     fn fast_policy() -> RetryPolicy {
@@ -348,6 +428,23 @@ mod tests {
 
     fn pids(events: &[PublishedEvent]) -> Vec<u32> {
         events.iter().map(|e| TaskStart::parse_from_bytes(&e.bytes).unwrap().pid).collect()
+    }
+
+    #[test]
+    fn every_type_url_is_the_descriptors_full_name() {
+        fn check<E: TypedEvent + MessageFull>() {
+            assert_eq!(E::TYPE_URL, E::descriptor().full_name());
+        }
+        check::<TaskCreate>();
+        check::<TaskStart>();
+        check::<TaskDelete>();
+        check::<TaskExit>();
+        check::<TaskExecAdded>();
+        check::<TaskExecStarted>();
+        check::<TaskPaused>();
+        check::<TaskResumed>();
+        check::<TaskOOM>();
+        check::<TaskCheckpointed>();
     }
 
     #[test]
@@ -372,7 +469,7 @@ mod tests {
         let exit = &events[50];
         assert_eq!(exit.topic, topics::TASK_EXIT_EVENT_TOPIC);
         assert_eq!(exit.type_name, "containerd.events.TaskExit");
-        assert!(exit.text.contains("exit_status: 137"), "{}", exit.text);
+        assert_eq!(TaskExit::parse_from_bytes(&exit.bytes).unwrap().exit_status, 137);
     }
 
     /// Blocks inside `publish` until the test releases it, like a hung containerd.
@@ -383,10 +480,10 @@ mod tests {
     }
 
     impl Publisher for GatedPublisher {
-        fn publish(&self, topic: &str, namespace: &str, event: &dyn MessageDyn) -> Result<(), PublishError> {
+        fn publish(&self, namespace: &str, event: &Outgoing) -> Result<(), PublishError> {
             let _ = lock(&self.entered).send(());
             let _ = lock(&self.release).recv();
-            self.inner.publish(topic, namespace, event)
+            self.inner.publish(namespace, event)
         }
     }
 
@@ -460,7 +557,7 @@ mod tests {
     struct PanickingPublisher;
 
     impl Publisher for PanickingPublisher {
-        fn publish(&self, _: &str, _: &str, _: &dyn MessageDyn) -> Result<(), PublishError> {
+        fn publish(&self, _: &str, _: &Outgoing) -> Result<(), PublishError> {
             panic!("boom");
         }
     }
@@ -525,16 +622,15 @@ mod tests {
         let socket = dir.path().join("containerd.sock.ttrpc");
         let fake = Arc::new(FakeContainerd::default());
         let server = serve(&socket, &fake);
-        let connected = RemotePublisher::new(socket.to_string_lossy()).unwrap();
-        let remote = RemoteEvents::new(connected, socket.to_string_lossy()).timeout(Duration::from_secs(2));
-        remote.publish(topics::TASK_START_EVENT_TOPIC, "k8s.io", &start_event(1)).unwrap();
+        let remote = RemoteEvents::connect(socket.to_string_lossy()).unwrap().timeout(Duration::from_secs(2));
+        remote.publish("k8s.io", &Outgoing::encode(&start_event(1)).unwrap()).unwrap();
         server.shutdown();
 
-        let err = remote.publish(topics::TASK_START_EVENT_TOPIC, "k8s.io", &start_event(2)).unwrap_err();
+        let err = remote.publish("k8s.io", &Outgoing::encode(&start_event(2)).unwrap()).unwrap_err();
         assert!(matches!(err, PublishError::Forward { .. } | PublishError::Connect { .. }), "{err}");
 
         let server = serve(&socket, &fake);
-        remote.publish(topics::TASK_OOM_EVENT_TOPIC, "k8s.io", &TaskOOM::default()).unwrap();
+        remote.publish("k8s.io", &Outgoing::encode(&TaskOOM::default()).unwrap()).unwrap();
         server.shutdown();
 
         let received = lock(&fake.received).clone();
@@ -589,7 +685,9 @@ mod tests {
     #[test]
     fn remote_events_reports_connect_failures() {
         let remote = RemoteEvents::lazy("/nonexistent/containerd.sock.ttrpc").timeout(Duration::from_millis(100));
-        let err = remote.publish(topics::TASK_START_EVENT_TOPIC, "default", &start_event(1)).unwrap_err();
-        assert!(matches!(err, PublishError::Connect { .. }), "{err}");
+        let err = remote.publish("default", &Outgoing::encode(&start_event(1)).unwrap());
+        assert!(matches!(err, Err(PublishError::Connect { .. })), "{err:?}");
+        let err = RemoteEvents::connect("/nonexistent/containerd.sock.ttrpc").err();
+        assert!(matches!(err, Some(PublishError::Connect { .. })), "{err:?}");
     }
 }

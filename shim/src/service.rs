@@ -119,9 +119,19 @@ impl Shim for Service {
         }
     }
 
+    /// containerd-shim's bootstrap (a daemon not started by ours) connected `publisher`; we send
+    /// events through our own connection instead (events.rs says why), dialled lazily here.
     fn create_task_service(&self, publisher: RemotePublisher) -> TaskService {
+        drop(publisher);
         let ttrpc_address = std::env::var("TTRPC_ADDRESS").unwrap_or_default();
-        let events = EventQueue::start(Arc::new(RemoteEvents::new(publisher, ttrpc_address)), self.namespace.clone());
+        self.task_service(RemoteEvents::lazy(ttrpc_address))
+    }
+}
+
+impl Service {
+    /// The task service, publishing its events through `events`.
+    pub fn task_service(&self, events: RemoteEvents) -> TaskService {
+        let events = EventQueue::start(Arc::new(events), self.namespace.clone());
         let exits = monitor_subscribe(Topic::All)
             // Without exits no task ever finishes: say so loudly rather than die silently.
             .inspect_err(|e| log::error!("cannot subscribe to process exits: {e}"))
