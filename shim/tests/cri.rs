@@ -500,12 +500,17 @@ fn restore_as_containerd_2(b: &CriBed, pod: &Pod, from: &str, images: &Path, opt
         PathBuf::from(options.iter().find_map(|o| o.strip_prefix("upperdir=")).expect("upperdir"))
     };
     let new_mounts = mounts(&id);
+    // The source counter still runs (the checkpoint left it running) and renames its files every
+    // 100 ms: frozen, its layer is as consistent as the diff 2.x takes at checkpoint time, and
+    // `cp` cannot list a file that is gone when it copies it.
+    b.tb.ctr_ok_in(CRI_NAMESPACE, &["tasks", "pause", from]);
     let out = std::process::Command::new("cp")
         .arg("-a")
         .arg(format!("{}/.", upper(&mounts(from)).display()))
         .arg(upper(&new_mounts))
         .output()
         .expect("cp");
+    b.tb.ctr_ok_in(CRI_NAMESPACE, &["tasks", "resume", from]);
     assert!(out.status.success(), "copying the RW layer: {}", text(&out.stderr));
 
     let bundle = b.tb.dir().join("bundles-2x").join(&id);
