@@ -195,15 +195,11 @@ fn dial(address: &str) -> Result<EventsClient, PublishError> {
     Ok(EventsClient::new(client))
 }
 
-/// One event as the [`RecordingPublisher`] saw it.
+/// One event as the [`RecordingPublisher`] saw it: decode `event.value` with `M::parse_from_bytes`.
 #[derive(Debug, Clone)]
 pub struct PublishedEvent {
-    pub topic: String,
     pub namespace: String,
-    /// Protobuf full name as it would be sent, e.g. `containerd.events.TaskExit`.
-    pub type_name: String,
-    /// Serialized message, to decode with `M::parse_from_bytes`.
-    pub bytes: Vec<u8>,
+    pub event: Outgoing,
 }
 
 #[derive(Default)]
@@ -261,12 +257,7 @@ impl Publisher for RecordingPublisher {
             state.fail_next -= 1;
             return Err(PublishError::Rejected(format!("injected failure for {}", event.topic)));
         }
-        state.events.push(PublishedEvent {
-            topic: event.topic.clone(),
-            namespace: namespace.to_owned(),
-            type_name: event.type_url.to_owned(),
-            bytes: event.value.clone(),
-        });
+        state.events.push(PublishedEvent { namespace: namespace.to_owned(), event: event.clone() });
         Ok(())
     }
 }
@@ -427,7 +418,7 @@ mod tests {
     }
 
     fn pids(events: &[PublishedEvent]) -> Vec<u32> {
-        events.iter().map(|e| TaskStart::parse_from_bytes(&e.bytes).unwrap().pid).collect()
+        events.iter().map(|e| TaskStart::parse_from_bytes(&e.event.value).unwrap().pid).collect()
     }
 
     #[test]
@@ -465,11 +456,13 @@ mod tests {
 
         let events = publisher.events();
         assert_eq!(pids(&events[..50]), (1..=50).collect::<Vec<_>>());
-        assert!(events[..50].iter().all(|e| e.topic == topics::TASK_START_EVENT_TOPIC && e.namespace == "k8s.io"));
-        let exit = &events[50];
+        assert!(events[..50]
+            .iter()
+            .all(|e| e.event.topic == topics::TASK_START_EVENT_TOPIC && e.namespace == "k8s.io"));
+        let exit = &events[50].event;
         assert_eq!(exit.topic, topics::TASK_EXIT_EVENT_TOPIC);
-        assert_eq!(exit.type_name, "containerd.events.TaskExit");
-        assert_eq!(TaskExit::parse_from_bytes(&exit.bytes).unwrap().exit_status, 137);
+        assert_eq!(exit.type_url, "containerd.events.TaskExit");
+        assert_eq!(TaskExit::parse_from_bytes(&exit.value).unwrap().exit_status, 137);
     }
 
     /// Blocks inside `publish` until the test releases it, like a hung containerd.
@@ -536,8 +529,8 @@ mod tests {
 
         let events = publisher.events();
         assert_eq!(events.len(), 2);
-        assert_eq!(events[0].topic, topics::TASK_OOM_EVENT_TOPIC);
-        assert_eq!(events[1].topic, topics::TASK_START_EVENT_TOPIC);
+        assert_eq!(events[0].event.topic, topics::TASK_OOM_EVENT_TOPIC);
+        assert_eq!(events[1].event.topic, topics::TASK_START_EVENT_TOPIC);
         assert_eq!(publisher.attempts(), 5);
     }
 
