@@ -30,6 +30,13 @@ pub enum StoreError {
     OutsideRoot { reference: String, resolved: PathBuf, root: PathBuf },
     #[error("checkpoint {reference:?} not found")]
     NotFound { reference: String },
+    /// Inside the store, but in a directory whose name starts with '.': the work directory of a
+    /// checkpoint being written, removed or imported, which is never restored from.
+    #[error("checkpoint {reference:?} resolves to {}: {hidden:?} is a hidden work directory (a checkpoint being written, removed or imported), not a committed checkpoint", resolved.display())]
+    Hidden { reference: String, resolved: PathBuf, hidden: String },
+    /// Inside the store, but not `<root>/<namespace>/<container>/<checkpoint>` holding the manifest.
+    #[error("checkpoint {reference:?} resolves to {}, which is not a checkpoint directory ({}/<namespace>/<container>/<checkpoint> holding {MANIFEST_FILE}): {why}", resolved.display(), root.display())]
+    NotACheckpoint { reference: String, resolved: PathBuf, root: PathBuf, why: &'static str },
     #[error("{}: already exists and is not an empty directory", target.display())]
     TargetExists { target: PathBuf },
     #[error("{}: unexpected {what} in checkpoint (only directories and regular files are allowed)", path.display())]
@@ -111,7 +118,10 @@ impl Store {
 
     /// Resolves a checkpoint reference from a user, annotation or env var: an absolute path, or a
     /// path relative to the root. Both are canonicalised and the result must be strictly inside
-    /// the root, so `../` and symlinks cannot reach another tenant's files or the host.
+    /// the root, so `../` and symlinks cannot reach another tenant's files or the host; and it
+    /// must be a committed checkpoint, `<root>/<namespace>/<container>/<checkpoint>` holding the
+    /// manifest with no hidden component, so that a checkpoint still being written, removed or
+    /// imported (or a directory above or inside one) is never restored from.
     pub fn resolve(&self, reference: &str) -> Result<PathBuf, StoreError> {
         if reference.is_empty() {
             return Err(StoreError::NotFound { reference: reference.into() });
@@ -124,10 +134,25 @@ impl Store {
             }
             Err(source) => return Err(StoreError::Io { context: format!("checkpoint {reference:?}"), source }),
         };
-        if resolved == root || !resolved.starts_with(&root) {
+        let Ok(rel) = resolved.strip_prefix(&root) else {
+            return Err(StoreError::OutsideRoot { reference: reference.into(), resolved, root });
+        };
+        let parts: Vec<&std::ffi::OsStr> = rel.iter().collect();
+        if parts.is_empty() {
             return Err(StoreError::OutsideRoot { reference: reference.into(), resolved, root });
         }
-        Ok(resolved)
+        if let Some(hidden) = parts.iter().find(|p| p.as_encoded_bytes().starts_with(b".")) {
+            let hidden = hidden.to_string_lossy().into_owned();
+            return Err(StoreError::Hidden { reference: reference.into(), resolved, hidden });
+        }
+        let why = match parts.len() {
+            1 => "it is a namespace directory",
+            2 => "it is a container directory",
+            3 if resolved.join(MANIFEST_FILE).is_file() => return Ok(resolved),
+            3 => "it holds no manifest",
+            _ => "it lies below a checkpoint directory",
+        };
+        Err(StoreError::NotACheckpoint { reference: reference.into(), resolved, root, why })
     }
 
     /// Hidden work directories whose writer is gone: partial checkpoints (`.<name>.partial-<pid>-<n>`),
@@ -160,16 +185,18 @@ impl Store {
         out
     }
 
-    /// Every checkpoint (a directory at depth 3 holding the manifest) with its parsed manifest;
-    /// partial checkpoints (names starting with '.') are skipped. A missing root is an empty store.
+    /// Every checkpoint (a directory at depth 3 holding the manifest) with its parsed and
+    /// validated manifest ([`Manifest::validate`]); partial checkpoints (names starting with '.')
+    /// are skipped. A missing root is an empty store.
     #[allow(clippy::type_complexity)] // spelt out: the shim and the CLI are written against it
     pub fn list(&self) -> Result<Vec<(PathBuf, Result<Manifest, VerifyError>)>, StoreError> {
         let mut found = Vec::new();
+        let now = SystemTime::now();
         for ns in subdirs(&self.root)? {
             for container in subdirs(&ns)? {
                 for cp in subdirs(&container)? {
                     if cp.join(MANIFEST_FILE).is_file() {
-                        let manifest = read_manifest(&cp);
+                        let manifest = read_manifest(&cp).and_then(|m| validated(&cp, m, now));
                         found.push((cp, manifest));
                     }
                 }
@@ -514,8 +541,17 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest, VerifyError> {
     serde_json::from_slice(&text).map_err(|e| VerifyError::Manifest { path, reason: e.to_string() })
 }
 
-/// Verifies a checkpoint directory before restore: the manifest parses and has our format
-/// version, CRIU's inventory is listed, and the files present are exactly those listed,
+/// `manifest` (read from `dir`) if its fields validate ([`Manifest::validate`]); a manifest that
+/// does not is a broken checkpoint, reported with the field and value.
+fn validated(dir: &Path, manifest: Manifest, now: SystemTime) -> Result<Manifest, VerifyError> {
+    manifest
+        .validate(now)
+        .map_err(|e| VerifyError::Manifest { path: dir.join(MANIFEST_FILE), reason: e.to_string() })?;
+    Ok(manifest)
+}
+
+/// Verifies a checkpoint directory before restore: the manifest parses, has our format version
+/// and valid fields, CRIU's inventory is listed, and the files present are exactly those listed,
 /// each with the recorded size and sha256.
 pub fn verify(dir: &Path) -> Result<Manifest, VerifyError> {
     let manifest = verify_quick(dir)?;
@@ -541,6 +577,7 @@ pub fn verify_quick(dir: &Path) -> Result<Manifest, VerifyError> {
             supported: FORMAT_VERSION,
         });
     }
+    let manifest = validated(dir, manifest, SystemTime::now())?;
     for entry in manifest.files.keys() {
         if !is_plain_relative(entry) || entry == MANIFEST_FILE {
             return Err(VerifyError::BadPath { path: manifest_path, entry: entry.clone() });
@@ -605,4 +642,137 @@ pub fn dir_size(dir: &Path) -> u64 {
             _ => 0,
         })
         .fold(0u64, u64::saturating_add)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::symlink;
+
+    use super::*;
+    use crate::manifest::sample;
+
+    /// A store with one committed checkpoint `ns/c1/t1` and the work dirs the shim and the CLI
+    /// leave beside it while they write, remove or import one, each holding a manifest.
+    struct Fixture {
+        _tmp: tempfile::TempDir,
+        store: Store,
+        root: PathBuf,
+    }
+
+    fn fixture() -> Fixture {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::new(tmp.path().join("store"));
+        let p = PartialCheckpoint::begin(&store.root().join("ns/c1/t1")).unwrap();
+        fs::write(p.images_dir().join(INVENTORY_FILE), b"inventory").unwrap();
+        p.commit(sample()).unwrap();
+        let root = fs::canonicalize(store.root()).unwrap();
+        for work in ["ns/c1/.t2.partial-4242-1", "ns/c1/.t0.removing-4242-2", ".import-4242-3", "ns/.keep", "ns/c1/.t3"]
+        {
+            fs::create_dir_all(root.join(work).join(IMAGES_DIR)).unwrap();
+            fs::copy(root.join("ns/c1/t1").join(MANIFEST_FILE), root.join(work).join(MANIFEST_FILE)).unwrap();
+        }
+        Fixture { _tmp: tmp, store, root }
+    }
+
+    #[test]
+    fn a_committed_checkpoint_resolves() {
+        let f = fixture();
+        let cp = f.root.join("ns/c1/t1");
+        assert_eq!(f.store.resolve("ns/c1/t1").unwrap(), cp);
+        assert_eq!(f.store.resolve(cp.to_str().unwrap()).unwrap(), cp);
+        assert_eq!(f.store.resolve("ns/c1/.t3/../t1").unwrap(), cp, "judged by where it leads");
+        // A visible or hidden link to a committed checkpoint is that checkpoint.
+        symlink("t1", f.root.join("ns/c1/latest")).unwrap();
+        symlink("t1", f.root.join("ns/c1/.latest")).unwrap();
+        assert_eq!(f.store.resolve("ns/c1/latest").unwrap(), cp);
+        assert_eq!(f.store.resolve("ns/c1/.latest").unwrap(), cp);
+    }
+
+    #[test]
+    fn hidden_work_dirs_are_no_restore_sources() {
+        let f = fixture();
+        symlink(".t2.partial-4242-1", f.root.join("ns/c1/t2")).unwrap();
+        let absolute = f.root.join("ns/c1/.t2.partial-4242-1");
+        for (reference, hidden) in [
+            ("ns/c1/.t2.partial-4242-1", ".t2.partial-4242-1"),
+            ("ns/c1/.t0.removing-4242-2", ".t0.removing-4242-2"),
+            (".import-4242-3", ".import-4242-3"),
+            ("ns/.keep", ".keep"),
+            ("ns/c1/.t3", ".t3"),
+            // A visible name that leads into a work dir, and a path inside one.
+            ("ns/c1/t2", ".t2.partial-4242-1"),
+            ("ns/c1/.t2.partial-4242-1/checkpoint", ".t2.partial-4242-1"),
+            (absolute.to_str().unwrap(), ".t2.partial-4242-1"),
+        ] {
+            let err = f.store.resolve(reference).unwrap_err();
+            assert!(
+                matches!(&err, StoreError::Hidden { reference: r, hidden: h, .. } if r == reference && h == hidden),
+                "{reference}: {err}"
+            );
+            let text = err.to_string();
+            assert!(text.starts_with(&format!("checkpoint {reference:?} resolves to ")), "{text}");
+            let why = "is a hidden work directory (a checkpoint being written, removed or imported), not a \
+                       committed checkpoint";
+            assert!(text.ends_with(&format!("{hidden:?} {why}")), "{text}");
+        }
+    }
+
+    #[test]
+    fn only_checkpoint_directories_are_restore_sources() {
+        let f = fixture();
+        fs::create_dir_all(f.root.join("ns/c1/empty")).unwrap();
+        fs::write(f.root.join("ns/c1/file"), b"x").unwrap();
+        symlink("c1", f.root.join("ns/link-to-container")).unwrap();
+        for (reference, why) in [
+            ("ns", "it is a namespace directory"),
+            ("ns/c1", "it is a container directory"),
+            ("ns/link-to-container", "it is a container directory"),
+            ("ns/c1/t1/checkpoint", "it lies below a checkpoint directory"),
+            ("ns/c1/t1/kybernate.json", "it lies below a checkpoint directory"),
+            ("ns/c1/empty", "it holds no manifest"),
+            ("ns/c1/file", "it holds no manifest"),
+        ] {
+            let err = f.store.resolve(reference).unwrap_err();
+            assert!(
+                matches!(&err, StoreError::NotACheckpoint { reference: r, why: w, .. } if r == reference && *w == why),
+                "{reference}: {err}"
+            );
+            let text = err.to_string();
+            let layout = format!("{}/<namespace>/<container>/<checkpoint> holding kybernate.json", f.root.display());
+            assert!(text.contains("which is not a checkpoint directory") && text.contains(&layout), "{text}");
+        }
+        // Unchanged: the root itself and what lies outside, and what does not exist.
+        assert!(matches!(f.store.resolve("."), Err(StoreError::OutsideRoot { .. })));
+        assert!(matches!(f.store.resolve("ns/../.."), Err(StoreError::OutsideRoot { .. })));
+        assert!(matches!(f.store.resolve("ns/c1/t9"), Err(StoreError::NotFound { .. })));
+        assert!(matches!(f.store.resolve(""), Err(StoreError::NotFound { .. })));
+    }
+
+    #[test]
+    fn list_and_verify_refuse_manifests_that_do_not_validate() {
+        let f = fixture();
+        let cp = f.root.join("ns/c1/t1");
+        assert!(verify(&cp).is_ok());
+        let mut m = read_manifest(&cp).unwrap();
+        m.created = "9999-01-01T00:00:00Z".into();
+        write_manifest(&cp, &m).unwrap();
+        for err in
+            [verify_quick(&cp).unwrap_err(), verify(&cp).unwrap_err(), f.store.list().unwrap().remove(0).1.unwrap_err()]
+        {
+            assert!(matches!(&err, VerifyError::Manifest { path, .. } if *path == cp.join(MANIFEST_FILE)), "{err}");
+            assert!(
+                err.to_string()
+                    .contains(r#"invalid checkpoint manifest: created "9999-01-01T00:00:00Z" is in the future"#),
+                "{err}"
+            );
+        }
+        // Read as stored, for inspect to show.
+        assert_eq!(read_manifest(&cp).unwrap().created, "9999-01-01T00:00:00Z");
+        m.created = sample().created;
+        m.container_id = "../../c1".into();
+        write_manifest(&cp, &m).unwrap();
+        let err = verify(&cp).unwrap_err();
+        let why = r#"container_id "../../c1" is not a valid containerd identifier (letters and digits, separated by "#;
+        assert!(err.to_string().ends_with(&format!("{why}single '.', '_' or '-', at most 76 characters)")), "{err}");
+    }
 }

@@ -168,6 +168,97 @@ fn list_shows_broken_checkpoints_and_an_empty_store() {
     assert!(text.lines().any(|l| l.starts_with(&bad) && l.contains("broken: ")), "{text}");
 }
 
+/// A manifest whose `created` lies in the future (year 9999) is a broken checkpoint, though every
+/// checksum matches (the manifest itself is not hashed): `list` says why, and `prune --keep 1`
+/// keeps the real newest checkpoint instead of taking the forged one for it.
+#[test]
+fn a_checkpoint_created_in_the_future_is_broken_and_never_the_newest() {
+    let node = Node::new();
+    let old = node.checkpoint("k8s.io", "web", DAY);
+    let newest = node.checkpoint("k8s.io", "web", HOUR);
+    let at = SystemTime::now() - Duration::from_secs(60);
+    let mut m = fake_manifest("k8s.io", "web", at);
+    m.created = "9999-01-01T00:00:00Z".into();
+    let forged = fake_checkpoint_with(&node.store, m, at);
+    assert_eq!(read_manifest(&node.root().join(&forged)).unwrap().created, "9999-01-01T00:00:00Z");
+
+    let v = node.json(&["list"], 0);
+    assert_eq!(ids(&v), vec![forged.clone(), newest.clone(), old.clone()], "sorted by the directory's time: {v}");
+    assert_eq!(v[0]["status"], "broken", "{v}");
+    let error = v[0]["error"].as_str().unwrap();
+    assert!(
+        error.contains(
+            r#"kybernate.json: invalid checkpoint manifest: created "9999-01-01T00:00:00Z" is in the future"#
+        ),
+        "{error}"
+    );
+    // The time shown is the directory's, not the forged one.
+    assert_eq!(v[0]["created"], humantime::format_rfc3339_seconds(at).to_string().as_str(), "{v}");
+    let text = stdout(&node.run(&["list"]));
+    assert!(
+        text.lines().any(|l| l.starts_with(&forged) && l.contains("broken: ") && l.contains("in the future")),
+        "{text}"
+    );
+    assert!(!text.contains("9999-01-01T00:00:00Z  "), "a forged time in the CREATED column: {text}");
+
+    let v = node.json(&["prune", "--keep", "1", "--dry-run"], 0);
+    assert_eq!(ids(&v), vec![old.clone()], "{v}");
+    let v = node.json(&["prune", "--keep", "1"], 0);
+    assert_eq!(ids(&v), vec![old], "{v}");
+    assert_eq!(ids(&node.json(&["list"], 0)), vec![forged.clone(), newest.clone()]);
+    // Neither restored nor exported: verification refuses it, naming the field.
+    let out = node.run(&["restore", &forged, "--pod-annotation"]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    assert!(stderr(&out).contains(r#"created "9999-01-01T00:00:00Z" is in the future"#), "{}", show(&out));
+    assert!(node.root().join(&newest).is_dir());
+}
+
+/// A checkpoint the shim is still writing (its hidden partial directory, manifest and all) is no
+/// CHECKPOINT for any command, by id, absolute or relative path, or a visible link to it.
+#[test]
+fn hidden_work_dirs_are_refused_by_every_command() {
+    let node = Node::new();
+    let id = node.checkpoint("k8s.io", "web", HOUR);
+    let p =
+        kybernate_criu::PartialCheckpoint::begin(&node.store.root().join("k8s.io/web/20261207T120000.000Z")).unwrap();
+    fs::write(p.images_dir().join("inventory.img"), b"inventory").unwrap();
+    let committed = node.root().join(&id);
+    for file in ["kybernate.json", "spec.dump"] {
+        fs::copy(committed.join(file), p.dir().join(file)).unwrap();
+    }
+    let name = p.dir().file_name().unwrap().to_str().unwrap().to_string();
+    let partial = node.root().join("k8s.io/web").join(&name);
+    std::os::unix::fs::symlink(&name, node.root().join("k8s.io/web/latest")).unwrap();
+    let archive = node.tmp.path().join("partial.tar");
+    let hidden_id = format!("k8s.io/web/{name}");
+    for reference in [hidden_id.as_str(), partial.to_str().unwrap(), "k8s.io/web/latest"] {
+        for args in [
+            &["inspect", reference][..],
+            &["rm", reference],
+            &["export", reference, archive.to_str().unwrap()],
+            &["restore", reference, "--pod-annotation"],
+            &["--address", "/nonexistent/containerd.sock", "restore", reference],
+        ] {
+            let out = node.run(args);
+            assert_eq!(out.status.code(), Some(2), "{args:?}: {}", show(&out));
+            let err = stderr(&out);
+            assert!(err.starts_with(&format!("kybernate: checkpoint {reference:?} resolves to ")), "{args:?}: {err}");
+            let why = "is a hidden work directory (a checkpoint being written, removed or imported), not a committed \
+                       checkpoint";
+            assert!(err.contains(&format!("{name:?} {why}")), "{args:?}: {err}");
+            assert!(err.trim_end().lines().count() == 1, "{err}");
+        }
+    }
+    let out = node.run_in(partial.parent().unwrap(), &["inspect", &format!("./{name}")]);
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    assert!(stderr(&out).contains("is a hidden work directory"), "{}", show(&out));
+    assert!(partial.is_dir() && !archive.exists(), "a refused command touched the work dir");
+    // Not listed either; the committed checkpoint still is, and still resolves.
+    assert_eq!(ids(&node.json(&["list"], 0)), vec![id.clone()]);
+    assert_eq!(node.json(&["inspect", &id], 0)["verification"]["ok"], true);
+    drop(p);
+}
+
 #[test]
 fn inspect_shows_manifest_and_verification() {
     let node = Node::new();

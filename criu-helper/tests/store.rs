@@ -63,7 +63,7 @@ fn resolve_stays_inside_the_store() {
     let d = tempfile::tempdir().unwrap();
     let root = d.path().join("store");
     let cp = root.join("ns/c1/t1");
-    fs::create_dir_all(&cp).unwrap();
+    checkpoint(&cp);
     fs::create_dir_all(d.path().join("outside")).unwrap();
     let s = Store::new(&root);
     let canon = |p: &Path| fs::canonicalize(p).unwrap();
@@ -84,6 +84,35 @@ fn resolve_stays_inside_the_store() {
     assert!(matches!(s.resolve(root.to_str().unwrap()), Err(StoreError::OutsideRoot { .. })));
     let err = s.resolve("ns/c1/nope").unwrap_err();
     assert!(matches!(&err, StoreError::NotFound { reference } if reference == "ns/c1/nope"), "{err}");
+}
+
+/// The shim's own work dir while it writes a checkpoint is no restore source; the same checkpoint
+/// is, once committed. (Every kind of refusal: the unit tests of `store.rs`.)
+#[test]
+fn only_committed_checkpoints_resolve() {
+    let d = tempfile::tempdir().unwrap();
+    let s = Store::new(d.path().join("store"));
+    let target = s.root().join("k8s.io/web/t1");
+    let p = PartialCheckpoint::begin(&target).unwrap();
+    fs::write(p.images_dir().join("inventory.img"), b"inventory").unwrap();
+    // Hand-made manifest: a partial dir that looks complete is still not committed.
+    fs::write(p.dir().join(MANIFEST_FILE), serde_json::to_vec(&manifest()).unwrap()).unwrap();
+    let partial = p.dir().to_path_buf();
+    let name = partial.file_name().unwrap().to_str().unwrap().to_string();
+    let by_id = format!("k8s.io/web/{name}");
+    for reference in [by_id.as_str(), partial.to_str().unwrap()] {
+        let err = s.resolve(reference).unwrap_err();
+        assert!(matches!(&err, StoreError::Hidden { hidden, .. } if *hidden == name), "{reference}: {err}");
+        let why =
+            "is a hidden work directory (a checkpoint being written, removed or imported), not a committed checkpoint";
+        assert!(err.to_string().contains(why), "{err}");
+    }
+    fs::remove_file(partial.join(MANIFEST_FILE)).unwrap();
+    p.commit(manifest()).unwrap();
+    assert_eq!(s.resolve("k8s.io/web/t1").unwrap(), fs::canonicalize(&target).unwrap());
+    let err = s.resolve("k8s.io/web").unwrap_err();
+    assert!(matches!(&err, StoreError::NotACheckpoint { why: "it is a container directory", .. }), "{err}");
+    assert!(err.to_string().contains("is not a checkpoint directory ("), "{err}");
 }
 
 #[test]
@@ -254,6 +283,50 @@ fn verify_checks_manifest_contents() {
         let err = verify_err(&target);
         assert!(matches!(&err, VerifyError::BadPath { entry, .. } if entry == bad), "{bad}: {err}");
     }
+}
+
+/// The manifest is not covered by the checksums: its fields are validated wherever it is read
+/// for a decision (verify before restore, list for prune).
+#[test]
+fn verify_and_list_refuse_manifests_whose_fields_do_not_validate() {
+    let d = tempfile::tempdir().unwrap();
+    let s = Store::new(d.path().join("store"));
+    let target = s.root().join("k8s.io/c1/t1");
+    checkpoint(&target);
+    let mpath = target.join(MANIFEST_FILE);
+    let soon = humantime::format_rfc3339_seconds(SystemTime::now() + Duration::from_secs(60)).to_string();
+    let later = humantime::format_rfc3339_seconds(SystemTime::now() + Duration::from_secs(600)).to_string();
+    let future = format!("created {later:?} is in the future");
+    let cases = [
+        ("created", "9999-01-01T00:00:00Z", r#"created "9999-01-01T00:00:00Z" is in the future"#),
+        ("created", &later, &future),
+        ("created", "../../x", r#"created "../../x" is not an RFC 3339"#),
+        ("created", "", r#"created "" is not an RFC 3339"#),
+        ("namespace", "../k8s.io", r#"namespace "../k8s.io" is not a valid containerd identifier"#),
+        ("pod_namespace", "Team-A", r#"pod_namespace "Team-A" is not a valid Kubernetes name"#),
+    ];
+    for (field, value, reason) in cases {
+        let edit = |m: &mut Manifest| match field {
+            "created" => m.created = value.into(),
+            "namespace" => m.namespace = value.into(),
+            _ => m.pod_namespace = Some(value.into()),
+        };
+        rewrite_manifest(&target, |m| *m = Manifest { files: m.files.clone(), ..manifest() });
+        verify(&target).unwrap();
+        rewrite_manifest(&target, edit);
+        let err = verify_err(&target);
+        assert!(matches!(&err, VerifyError::Manifest { path, .. } if *path == mpath), "{reason}: {err}");
+        assert!(err.to_string().contains(&format!("kybernate.json: invalid checkpoint manifest: {reason}")), "{err}");
+        let listed = s.list().unwrap();
+        assert!(
+            matches!(&listed[0].1, Err(VerifyError::Manifest { reason: r, .. }) if r.starts_with(reason)),
+            "{reason}: {listed:?}"
+        );
+    }
+    // A minute ahead is clock skew between nodes, not a forgery.
+    rewrite_manifest(&target, |m| *m = Manifest { files: m.files.clone(), created: soon.clone(), ..manifest() });
+    verify(&target).unwrap();
+    assert!(s.list().unwrap()[0].1.is_ok());
 }
 
 #[test]

@@ -190,7 +190,8 @@ fn report_removed(out: Output, removed: &[Checkpoint], dry_run: bool) -> Result<
 /// What `prune` removes, per container.
 #[derive(Debug, Clone, Copy)]
 pub enum Rule {
-    /// All but the newest N.
+    /// All but the newest N good (status ok) checkpoints; a broken one is removed when it is
+    /// older than the N-th newest good one, and never takes one of the N places.
     Keep(usize),
     /// Those created more than this long ago (checkpoints of unknown age are kept).
     OlderThan(Duration),
@@ -232,6 +233,10 @@ fn sweep_stale_work_dirs(store: &Store, dry_run: bool) {
 }
 
 /// The ids `rule` removes from `all` (sorted newest first), each container on its own.
+///
+/// A broken checkpoint cannot be restored, so under `Keep` it never counts as one of the newest:
+/// otherwise a newer broken one (a forged `created`, a truncated image) would make prune remove
+/// the good checkpoint it displaced. Its time comes from a manifest only when that validates.
 fn select_for_prune(all: &[Checkpoint], rule: Rule, now: SystemTime) -> HashSet<String> {
     let mut by_container: BTreeMap<(&str, &str), Vec<&Checkpoint>> = BTreeMap::new();
     for c in all {
@@ -240,7 +245,17 @@ fn select_for_prune(all: &[Checkpoint], rule: Rule, now: SystemTime) -> HashSet<
     let mut victims = HashSet::new();
     for group in by_container.values() {
         match rule {
-            Rule::Keep(n) => victims.extend(group.iter().skip(n).map(|c| c.id.clone())),
+            Rule::Keep(n) => {
+                // Everything after the N-th newest good checkpoint; nothing if there are fewer.
+                let mut good = 0;
+                for c in group {
+                    if good >= n {
+                        victims.insert(c.id.clone());
+                    } else if c.status == store::Status::Ok {
+                        good += 1;
+                    }
+                }
+            }
             Rule::OlderThan(age) => {
                 let Some(cutoff) = now.checked_sub(age) else { continue };
                 victims.extend(group.iter().filter(|c| c.time.is_some_and(|t| t < cutoff)).map(|c| c.id.clone()));
@@ -367,5 +382,45 @@ mod tests {
         let old = select_for_prune(&all, Rule::OlderThan(Duration::from_secs(500)), now);
         assert_eq!(old, HashSet::from(["a/c1/1".to_string(), "a/c2/1".to_string()]));
         assert!(select_for_prune(&all, Rule::OlderThan(Duration::MAX), now).is_empty());
+    }
+
+    fn broken(ns: &str, container: &str, name: &str, secs_ago: Option<u64>, now: SystemTime) -> Checkpoint {
+        Checkpoint {
+            status: store::Status::Broken,
+            error: Some("broken".into()),
+            ..cp(ns, container, name, secs_ago, now)
+        }
+    }
+
+    #[test]
+    fn broken_checkpoints_never_count_as_the_newest() {
+        let now = SystemTime::now();
+        let mut all = vec![
+            broken("a", "c1", "b-new", Some(5), now),
+            cp("a", "c1", "g1", Some(10), now),
+            broken("a", "c1", "b-mid", Some(50), now),
+            cp("a", "c1", "g2", Some(100), now),
+            cp("a", "c1", "g3", Some(1000), now),
+            broken("a", "c1", "b-old", Some(2000), now),
+            broken("a", "c1", "b-unknown", None, now),
+            broken("a", "only-broken", "1", Some(10), now),
+            broken("a", "only-broken", "2", Some(1000), now),
+        ];
+        store::sort_newest_first(&mut all);
+        let ids = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<HashSet<_>>();
+        // The newest good one stays, with the broken one newer than it; everything older goes.
+        assert_eq!(
+            select_for_prune(&all, Rule::Keep(1), now),
+            ids(&["a/c1/b-mid", "a/c1/g2", "a/c1/g3", "a/c1/b-old", "a/c1/b-unknown"])
+        );
+        assert_eq!(select_for_prune(&all, Rule::Keep(2), now), ids(&["a/c1/g3", "a/c1/b-old", "a/c1/b-unknown"]));
+        // Fewer good ones than N: nothing goes, broken or not.
+        assert!(select_for_prune(&all, Rule::Keep(3), now).contains("a/c1/b-old"));
+        assert!(select_for_prune(&all, Rule::Keep(4), now).is_empty());
+        // By age, broken ones go like any other; of unknown age they stay.
+        assert_eq!(
+            select_for_prune(&all, Rule::OlderThan(Duration::from_secs(500)), now),
+            ids(&["a/c1/g3", "a/c1/b-old", "a/only-broken/2"])
+        );
     }
 }

@@ -6,7 +6,7 @@ use std::fs;
 use std::path::{Component, Path, PathBuf};
 use std::time::SystemTime;
 
-use kybernate_criu::{read_manifest, verify_quick, Manifest, Store, StoreError, ToolInfo, MANIFEST_FILE};
+use kybernate_criu::{read_manifest, verify_quick, Manifest, Store, StoreError, ToolInfo};
 use kybernate_runtime_select::config::CONFIG_ENV;
 use kybernate_runtime_select::{Config, ConfigSource};
 use serde::Serialize;
@@ -27,8 +27,8 @@ pub fn load_config(config: Option<&Path>) -> Result<Config, CliError> {
     Ok(Config::load(&source)?)
 }
 
-/// Whether a checkpoint is usable as far as listing can tell (the manifest reads, every file it
-/// lists is there with its size); `inspect` adds the checksums.
+/// Whether a checkpoint is usable as far as listing can tell (the manifest reads and its fields
+/// validate, every file it lists is there with its size); `inspect` adds the checksums.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
@@ -46,7 +46,7 @@ pub struct Checkpoint {
     /// containerd namespace and container id, from the store layout.
     pub namespace: String,
     pub container: String,
-    /// RFC 3339; from the manifest, else from the directory name.
+    /// RFC 3339; from the manifest when it validates, else from the directory name.
     pub created: Option<String>,
     /// Bytes on disk under the directory.
     pub size_bytes: u64,
@@ -80,8 +80,11 @@ impl Checkpoint {
         let manifest = read_manifest(path).ok();
         let error = verify_quick(path).err().map(|e| e.to_string());
         let dir_time = parts.get(2).and_then(|name| time_from_dir_name(name));
-        let manifest_time = manifest.as_ref().and_then(|m| humantime::parse_rfc3339_weak(&m.created).ok());
-        let created = match &manifest {
+        // Only a manifest whose fields validate gives the time: a forged `created` (year 9999)
+        // would otherwise sort first, and `prune --keep` would remove the real newest.
+        let valid = manifest.as_ref().filter(|m| m.validate(SystemTime::now()).is_ok());
+        let manifest_time = valid.and_then(|m| humantime::parse_rfc3339(&m.created).ok());
+        let created = match valid {
             Some(m) => Some(m.created.clone()),
             None => dir_time.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
         };
@@ -146,7 +149,8 @@ pub fn sort_newest_first(list: &mut [Checkpoint]) {
 
 /// Resolves a user's CHECKPOINT: an id (relative to the store root), an absolute path, or a path
 /// relative to the working directory (tried when it is no id, or when it starts with `./` or `../`).
-/// The result must be a checkpoint directory strictly inside the store.
+/// The result must be a committed checkpoint directory strictly inside the store (the library's
+/// [`Store::resolve`] rules: never a hidden work directory).
 pub fn resolve(store: &Store, reference: &str) -> Result<Checkpoint, CliError> {
     let not_found = || CliError::NotFound { reference: reference.into(), root: store.root().to_path_buf() };
     if reference.is_empty() || !store.root().is_dir() {
@@ -171,11 +175,6 @@ pub fn resolve(store: &Store, reference: &str) -> Result<Checkpoint, CliError> {
             source,
         })
     })?;
-    let rel: Vec<_> = resolved.strip_prefix(&root).map(|r| r.components().collect()).unwrap_or_default();
-    let hidden = rel.iter().any(|c| c.as_os_str().as_encoded_bytes().starts_with(b"."));
-    if rel.len() != 3 || hidden || !resolved.join(MANIFEST_FILE).is_file() {
-        return Err(CliError::NotACheckpoint { reference: reference.into(), path: resolved });
-    }
     Ok(Checkpoint::load(&root, &resolved))
 }
 
@@ -204,6 +203,12 @@ fn resolve_cwd_path(store: &Store, reference: &str) -> Result<PathBuf, CliError>
         StoreError::OutsideRoot { resolved, root, .. } => {
             CliError::OutsideStore(StoreError::OutsideRoot { reference: reference.into(), resolved, root })
         }
+        StoreError::Hidden { resolved, hidden, .. } => {
+            store_error(store, StoreError::Hidden { reference: reference.into(), resolved, hidden })
+        }
+        StoreError::NotACheckpoint { resolved, .. } => {
+            CliError::NotACheckpoint { reference: reference.into(), path: resolved }
+        }
         e => store_error(store, e),
     })
 }
@@ -212,6 +217,14 @@ fn store_error(store: &Store, e: StoreError) -> CliError {
     match e {
         StoreError::NotFound { reference } => CliError::NotFound { reference, root: store.root().to_path_buf() },
         e @ StoreError::OutsideRoot { .. } => CliError::OutsideStore(e),
+        // The library's message says what the directory is; a usage error (exit 2) like any
+        // other reference that names no checkpoint.
+        e @ StoreError::Hidden { .. } => {
+            CliError::Usage(format!("{e}; run `kybernate list` to see the committed checkpoints"))
+        }
+        StoreError::NotACheckpoint { reference, resolved, .. } => {
+            CliError::NotACheckpoint { reference, path: resolved }
+        }
         StoreError::BadName { what, value } => {
             CliError::Usage(format!("invalid {what} {value:?}; run `kybernate list` to see the checkpoints"))
         }
