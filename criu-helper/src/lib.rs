@@ -12,6 +12,8 @@ pub mod archive;
 pub mod cuda;
 pub mod flags;
 pub mod gpu;
+pub mod grants;
+pub mod images;
 pub mod logtail;
 pub mod manifest;
 pub mod policy;

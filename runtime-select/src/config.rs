@@ -81,6 +81,17 @@ pub struct CheckpointConfig {
     /// driver, often late; refuse it unless this (or the container's
     /// `kybernate.io/allow-gpu-mismatch` annotation) allows it.
     pub allow_gpu_mismatch: bool,
+    /// Whether the `RESTORE_FROM` environment variable restores a container on create. Any pod
+    /// can set an environment variable, and no `pod_annotations` entry stands in its way, so it
+    /// is off unless the node's admin opts in.
+    pub allow_env_restore: bool,
+    /// Whether the `kybernate.io/restore-from` annotation restores a container on create (it
+    /// only reaches the shim where the admin listed it in the runtime's `pod_annotations`). On
+    /// by default for compatibility with the installer; off switches restore-on-create off.
+    pub allow_annotation_restore: bool,
+    /// Where CDI specs are read from when a restored GPU container's own devices are resolved
+    /// (containerd's CRI option of the same name).
+    pub cdi_spec_dirs: Vec<PathBuf>,
 }
 
 impl Default for CheckpointConfig {
@@ -92,6 +103,9 @@ impl Default for CheckpointConfig {
             libcuda: "libcuda.so.1".into(),
             cuda_lock_timeout_ms: 10_000,
             allow_gpu_mismatch: false,
+            allow_env_restore: false,
+            allow_annotation_restore: true,
+            cdi_spec_dirs: vec![PathBuf::from("/etc/cdi"), PathBuf::from("/var/run/cdi")],
         }
     }
 }
@@ -221,6 +235,9 @@ allow_cross_namespace_restore = true
 libcuda = "/usr/local/nvidia/lib64/libcuda.so.1"
 cuda_lock_timeout_ms = 30000
 allow_gpu_mismatch = true
+allow_env_restore = true
+allow_annotation_restore = false
+cdi_spec_dirs = ["/srv/cdi"]
 "#,
         )
         .unwrap();
@@ -233,6 +250,15 @@ allow_gpu_mismatch = true
         assert_eq!(c.checkpoint.libcuda, "/usr/local/nvidia/lib64/libcuda.so.1");
         assert_eq!(c.checkpoint.cuda_lock_timeout_ms, 30_000);
         assert!(c.checkpoint.allow_gpu_mismatch);
+        assert!(c.checkpoint.allow_env_restore && !c.checkpoint.allow_annotation_restore);
+        assert_eq!(c.checkpoint.cdi_spec_dirs, vec![PathBuf::from("/srv/cdi")]);
+    }
+
+    #[test]
+    fn restore_triggers_default_to_annotation_only() {
+        let c = CheckpointConfig::default();
+        assert!(!c.allow_env_restore, "any pod can set RESTORE_FROM: off unless the admin opts in");
+        assert!(c.allow_annotation_restore);
     }
 
     #[test]

@@ -70,8 +70,9 @@ pub enum CheckpointError {
     Store {
         what: &'static str,
         id: String,
+        /// Boxed: its variants carry several paths, and every shim result would pay for them.
         #[source]
-        source: criu::StoreError,
+        source: Box<criu::StoreError>,
     },
     /// The runtime's checkpoint or restore failed (boxed: it is by far the largest variant).
     #[error(transparent)]
@@ -103,6 +104,15 @@ pub enum CheckpointError {
     },
     #[error("restore {id}: {message}")]
     Restore { id: String, message: String },
+    /// The credentials check: the checkpoint's processes would get more than the new spec grants
+    /// (or its images or the spec cannot be read to tell).
+    #[error("restore {id} from {checkpoint}: refused: {source}")]
+    Grants {
+        id: String,
+        checkpoint: String,
+        #[source]
+        source: Box<criu::grants::GrantError>,
+    },
     /// The CUDA side of a checkpoint or restore (mode preconditions, a driver call, the GPUs).
     #[error("{what} {id}: {source}")]
     Gpu {
@@ -133,18 +143,22 @@ impl CheckpointError {
     /// Refusals of the request itself (as opposed to failures while carrying it out).
     pub fn is_invalid_argument(&self) -> bool {
         matches!(self, CheckpointError::BadRequest { .. } | CheckpointError::Verify { .. })
+            || matches!(self, CheckpointError::Grants { source, .. } if !matches!(**source, criu::grants::GrantError::Excess(_)))
+            || matches!(self, CheckpointError::Store { source, .. }
+                if matches!(**source, criu::StoreError::Hidden { .. } | criu::StoreError::NotACheckpoint { .. }))
     }
 
     pub fn is_permission_denied(&self) -> bool {
         matches!(self, CheckpointError::Policy { .. })
-            || matches!(self, CheckpointError::Store { source: criu::StoreError::OutsideRoot { .. }, .. })
+            || matches!(self, CheckpointError::Grants { source, .. } if matches!(**source, criu::grants::GrantError::Excess(_)))
+            || matches!(self, CheckpointError::Store { source, .. } if matches!(**source, criu::StoreError::OutsideRoot { .. }))
     }
 
     pub fn is_precondition(&self) -> bool {
         matches!(
             self,
             CheckpointError::Busy { .. } | CheckpointError::Preflight { .. } | CheckpointError::Restore { .. }
-        ) || matches!(self, CheckpointError::Store { source: criu::StoreError::NotFound { .. }, .. })
+        ) || matches!(self, CheckpointError::Store { source, .. } if matches!(**source, criu::StoreError::NotFound { .. }))
             || matches!(self, CheckpointError::Gpu { source, .. }
                 if matches!(**source, GpuError::Mode(_) | GpuError::Mismatch(_) | GpuError::Cdi(_)))
     }
@@ -267,7 +281,7 @@ impl Checkpointer<'_> {
         let partial = begin(target).map_err(|source| CheckpointError::Store {
             what: "checkpoint",
             id: id.to_string(),
-            source,
+            source: Box::new(source),
         })?;
         let mut session = gpu.as_ref().and_then(GpuCheckpoint::session);
         if let (Some(s), Some(g)) = (session.as_mut(), gpu.as_ref()) {
@@ -481,7 +495,7 @@ impl Checkpointer<'_> {
         let manifest = partial.commit(manifest).map_err(|source| CheckpointError::Store {
             what: "checkpoint",
             id: id.to_string(),
-            source,
+            source: Box::new(source),
         })?;
         info!(
             "container {id}: checkpoint {} complete: {} in {} ms",
@@ -696,7 +710,7 @@ impl RestorePlan {
         let dir = store.resolve(reference).map_err(|source| CheckpointError::Store {
             what: "restore",
             id: id.to_string(),
-            source,
+            source: Box::new(source),
         })?;
         let plan = Self::verified(id, &dir)?;
         if let Some(m) = &plan.manifest {
@@ -768,21 +782,101 @@ impl RestorePlan {
     }
 }
 
+/// What asks a new container to be restored from the node's store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RestoreTrigger {
+    /// The annotation `kybernate.io/restore-from` (a pod annotation the admin let through).
+    Annotation(String),
+    /// `RESTORE_FROM` in the container's environment (any pod can set it).
+    Env(String),
+}
+
+impl RestoreTrigger {
+    pub fn reference(&self) -> &str {
+        match self {
+            RestoreTrigger::Annotation(r) | RestoreTrigger::Env(r) => r,
+        }
+    }
+
+    pub fn source(&self) -> &'static str {
+        match self {
+            RestoreTrigger::Annotation(_) => "annotation kybernate.io/restore-from",
+            RestoreTrigger::Env(_) => "environment variable RESTORE_FROM",
+        }
+    }
+
+    /// `None` when the node's config allows this kind of trigger, else the config key that
+    /// switches it on.
+    pub fn disabled_by(&self, config: &CheckpointConfig) -> Option<&'static str> {
+        match self {
+            RestoreTrigger::Annotation(_) if !config.allow_annotation_restore => {
+                Some("[checkpoint] allow_annotation_restore = false")
+            }
+            RestoreTrigger::Env(_) if !config.allow_env_restore => Some("[checkpoint] allow_env_restore = false"),
+            _ => None,
+        }
+    }
+}
+
 /// The checkpoint a new container asks to be restored from: the annotation, else the last
 /// `RESTORE_FROM` in its process environment. Never for a pod's sandbox (pause) container: CRI
 /// copies pod annotations into the sandbox's spec too, and the checkpoint is the app container's.
-pub fn restore_reference(spec: &Spec) -> Option<(String, &'static str)> {
+pub fn restore_trigger(spec: &Spec) -> Option<RestoreTrigger> {
     if spec_annotation(Some(spec), CONTAINER_TYPE_ANNOTATION).as_deref() == Some("sandbox") {
         return None;
     }
     if let Some(v) = spec_annotation(Some(spec), RESTORE_ANNOTATION) {
-        return Some((v, "annotation kybernate.io/restore-from"));
+        return Some(RestoreTrigger::Annotation(v));
     }
     let env = spec.process().as_ref()?.env().as_ref()?;
     env.iter()
         .rev()
         .find_map(|e| e.strip_prefix(RESTORE_ENV)?.strip_prefix('=').filter(|v| !v.is_empty()))
-        .map(|v| (v.to_string(), "environment variable RESTORE_FROM"))
+        .map(|v| RestoreTrigger::Env(v.to_string()))
+}
+
+/// The pod a container belongs to, as CRI annotates it, for log lines: `namespace/name`, or
+/// `-` outside Kubernetes.
+pub fn pod_of(spec: &Spec) -> String {
+    let ns = POD_NAMESPACE_ANNOTATIONS.iter().find_map(|k| spec_annotation(Some(spec), k));
+    let name = POD_NAME_ANNOTATIONS.iter().find_map(|k| spec_annotation(Some(spec), k));
+    match (ns, name) {
+        (None, None) => "-".into(),
+        (ns, name) => format!("{}/{}", ns.as_deref().unwrap_or("?"), name.as_deref().unwrap_or("?")),
+    }
+}
+
+/// The id a store checkpoint goes by (`<namespace>/<container>/<checkpoint>`), else its path.
+pub fn checkpoint_name(dir: &Path, config: &CheckpointConfig) -> String {
+    let root = std::fs::canonicalize(&config.root).unwrap_or_else(|_| config.root.clone());
+    dir.strip_prefix(&root).map_or_else(|_| dir.display().to_string(), |rel| rel.display().to_string())
+}
+
+/// Every restore decision is logged at info: who asked (container, pod, trigger), which
+/// checkpoint, and what became of it.
+pub fn log_restore_decision(id: &str, pod: &str, checkpoint: &str, trigger: &str, decision: &str) {
+    info!("restore decision: container {id} (pod {pod}), checkpoint {checkpoint} ({trigger}): {decision}");
+}
+
+/// The credentials check of a restore: the checkpoint's CRIU images against the new
+/// container's spec as runc will run it (`config.json` after the GPU edits). Nothing is read
+/// from `spec.dump` or the manifest for this.
+pub fn check_grants(id: &str, checkpoint: &str, images: &Path, bundle: &Path) -> Result<criu::grants::Summary> {
+    let grants =
+        |source| CheckpointError::Grants { id: id.into(), checkpoint: checkpoint.into(), source: Box::new(source) };
+    let config = bundle.join("config.json");
+    let text = std::fs::read(&config).map_err(|source| CheckpointError::Write {
+        id: id.into(),
+        context: format!("read {}", config.display()),
+        source,
+    })?;
+    let spec: serde_json::Value = serde_json::from_slice(&text).map_err(|e| {
+        grants(criu::grants::GrantError::Spec(criu::grants::SpecError {
+            field: "(document)".into(),
+            reason: format!("{}: {e}", config.display()),
+        }))
+    })?;
+    criu::grants::check_restore(images, &spec, &criu::grants::Host::this_node()).map_err(grants)
 }
 
 /// Who owns a container for the restore policy: its pod's Kubernetes namespace, else the
@@ -849,28 +943,28 @@ mod tests {
     }
 
     #[test]
-    fn restore_reference_prefers_the_annotation_then_the_last_env_entry() {
+    fn restore_trigger_prefers_the_annotation_then_the_last_env_entry() {
         let s = spec(serde_json::json!({
             "ociVersion": "1.0.2",
             "annotations": {"kybernate.io/restore-from": "default/a/1"},
             "process": {"cwd": "/", "user": {"uid": 0, "gid": 0}, "args": ["sh"], "env": ["RESTORE_FROM=x", "RESTORE_FROM=y"]}
         }));
-        assert_eq!(restore_reference(&s).unwrap().0, "default/a/1");
+        assert_eq!(restore_trigger(&s), Some(RestoreTrigger::Annotation("default/a/1".into())));
         let s = spec(serde_json::json!({
             "ociVersion": "1.0.2",
             "process": {"cwd": "/", "user": {"uid": 0, "gid": 0}, "args": ["sh"], "env": ["RESTORE_FROM=x", "RESTORE_FROM_NOT=z", "RESTORE_FROM=y"]}
         }));
-        assert_eq!(restore_reference(&s).unwrap(), ("y".to_string(), "environment variable RESTORE_FROM"));
+        assert_eq!(restore_trigger(&s), Some(RestoreTrigger::Env("y".into())));
         let s = spec(
             serde_json::json!({"ociVersion": "1.0.2", "process": {"cwd": "/", "user": {"uid": 0, "gid": 0}, "args": ["sh"], "env": ["RESTORE_FROM="]}}),
         );
-        assert_eq!(restore_reference(&s), None);
+        assert_eq!(restore_trigger(&s), None);
         // A pod's sandbox carries the pod annotation too: never restored.
         let s = spec(serde_json::json!({
             "ociVersion": "1.0.2",
             "annotations": {"kybernate.io/restore-from": "k8s.io/a/1", "io.kubernetes.cri.container-type": "sandbox"}
         }));
-        assert_eq!(restore_reference(&s), None);
+        assert_eq!(restore_trigger(&s), None);
     }
 
     #[test]

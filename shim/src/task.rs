@@ -231,41 +231,33 @@ impl Inner {
             warn!("container {}: {w}", req.id);
         }
         // A restore: containerd's checkpoint (`ctr c restore --live`), else a checkpoint of the
-        // node's store named by the annotation or RESTORE_FROM. Verified before anything is set up.
-        let restore = if !req.checkpoint.is_empty() {
-            Some(RestorePlan::from_containerd(&req.id, Path::new(&req.checkpoint))?)
-        } else if let Some((reference, from)) = checkpoint::restore_reference(&spec) {
-            info!("container {}: restore from checkpoint {reference} ({from})", req.id);
-            let tenant = checkpoint::tenant(&spec, &self.namespace);
-            Some(RestorePlan::from_store(&req.id, &reference, &selector.config.checkpoint, &tenant)?)
-        } else {
-            None
-        };
+        // node's store named by the annotation or RESTORE_FROM, where the node's config allows
+        // that trigger. Verified, then checked against this container's own spec, before
+        // anything is set up; every decision is logged.
+        let restore = self.plan_restore(req, &spec, &selector.config.checkpoint)?;
         let mut binary = decision.runtime.clone();
-        if let Some(recorded) = restore.as_ref().map(|p| p.runtime_binary(&req.id)).transpose()?.flatten() {
-            if recorded != binary {
-                info!(
-                    "container {}: restoring with {}, the runtime that took the checkpoint (selected: {})",
-                    req.id,
-                    recorded.display(),
-                    binary.display()
-                );
-            }
-            binary = recorded;
-        }
-        // A GPU checkpoint: the right GPUs, and its devices and driver mounts back in the spec
-        // (the GPU runtime edits specs only on create; a restore passes straight to runc).
-        let restore_gpu = restore.as_ref().and_then(RestorePlan::gpu);
-        if let Some(gpu) = restore_gpu {
-            let changes =
-                crate::gpu::prepare_restore(&req.id, &bundle, gpu, &selector.config.checkpoint).map_err(|source| {
-                    CheckpointError::Gpu { what: "restore", id: req.id.clone(), source: Box::new(source) }
-                })?;
-            for change in &changes {
-                info!("container {}: restore: {change}", req.id);
+        let mut restore_gpu = false;
+        if let Some(r) = &restore {
+            match prepare_restore(&req.id, &bundle, r, &selector.config.checkpoint) {
+                Ok((recorded, gpu)) => {
+                    if let Some(recorded) = recorded.filter(|b| *b != binary) {
+                        info!(
+                            "container {}: restoring with {}, the runtime that took the checkpoint (selected: {})",
+                            req.id,
+                            recorded.display(),
+                            binary.display()
+                        );
+                        binary = recorded;
+                    }
+                    restore_gpu = gpu;
+                }
+                Err(e) => {
+                    r.who.log(&format!("refused: {e}"));
+                    return Err(e);
+                }
             }
         }
-        if decision.gpu || restore_gpu.is_some() {
+        if decision.gpu || restore_gpu {
             crate::gpu::attach_criu_config(&req.id, &bundle).map_err(|source| CheckpointError::Gpu {
                 what: "create",
                 id: req.id.clone(),
@@ -308,7 +300,7 @@ impl Inner {
         let created = match &restore {
             // The restore itself runs at Start (as in containerd's runc shim); only the rootfs
             // changes of a store checkpoint are applied now.
-            Some(plan) => apply_rootfs_diff(&req.id, plan, &rootfs).map(|()| (0, None)),
+            Some(r) => apply_rootfs_diff(&req.id, &r.plan, &rootfs).map(|()| (0, None)),
             None => self.create_init(&req.id, &bundle, &runtime, &opts, &stdio).map(|(pid, io)| (pid, Some(io))),
         };
         let (pid, io) = match created {
@@ -338,8 +330,8 @@ impl Inner {
         c.rootfs_upper = req.rootfs.iter().find_map(|m| kybernate_criu::overlay_upperdir(&m.type_, &m.options));
         c.checkpoint_config = selector.config.checkpoint.clone();
         let c = Arc::new(c);
-        if let Some(plan) = restore {
-            c.set_restore(plan);
+        if let Some(r) = restore {
+            c.set_restore(r.plan);
         }
         lock(&self.containers).insert(req.id.clone(), c.clone());
         if pid != 0 {
@@ -364,6 +356,56 @@ impl Inner {
             ..Default::default()
         });
         Ok(pid)
+    }
+
+    /// The restore a new container asks for, verified and allowed by the node's policy (trigger
+    /// switches, store confinement, tenant), or `None` for a fresh start. Refusals and ignored
+    /// triggers are logged here; the rest of the decision in [`prepare_restore`].
+    fn plan_restore(
+        &self,
+        req: &CreateTaskRequest,
+        spec: &oci_spec::runtime::Spec,
+        config: &kybernate_runtime_select::CheckpointConfig,
+    ) -> Result<Option<Restoring>> {
+        let pod = checkpoint::pod_of(spec);
+        if !req.checkpoint.is_empty() {
+            let who = RestoreLog {
+                id: req.id.clone(),
+                pod,
+                checkpoint: req.checkpoint.clone(),
+                trigger: "containerd's checkpoint",
+            };
+            return match RestorePlan::from_containerd(&req.id, Path::new(&req.checkpoint)) {
+                Ok(plan) => Ok(Some(Restoring { plan, who })),
+                Err(e) => {
+                    who.log(&format!("refused: {e}"));
+                    Err(e.into())
+                }
+            };
+        }
+        let Some(trigger) = checkpoint::restore_trigger(spec) else { return Ok(None) };
+        let mut who = RestoreLog {
+            id: req.id.clone(),
+            pod,
+            checkpoint: trigger.reference().to_string(),
+            trigger: trigger.source(),
+        };
+        if let Some(key) = trigger.disabled_by(config) {
+            who.log(&format!("ignored ({key} on this node): the container starts fresh"));
+            warn!("container {}: {} ignored: {key}; the container starts fresh", req.id, trigger.source());
+            return Ok(None);
+        }
+        let tenant = checkpoint::tenant(spec, &self.namespace);
+        match RestorePlan::from_store(&req.id, trigger.reference(), config, &tenant) {
+            Ok(plan) => {
+                who.checkpoint = checkpoint::checkpoint_name(&plan.dir, config);
+                Ok(Some(Restoring { plan, who }))
+            }
+            Err(e) => {
+                who.log(&format!("refused: {e}"));
+                Err(e.into())
+            }
+        }
     }
 
     /// Runs `<runtime> create` with the process IO wired up; returns the init pid.
@@ -736,6 +778,53 @@ fn read_pid(path: &Path) -> Result<u32> {
 }
 
 /// Applies a store checkpoint's `rootfs-diff.tar` onto the freshly mounted rootfs.
+/// A restore decided at Create, carried out at Start.
+struct Restoring {
+    plan: RestorePlan,
+    who: RestoreLog,
+}
+
+/// Who asked for a restore of which checkpoint, for the decision log line.
+struct RestoreLog {
+    id: String,
+    pod: String,
+    checkpoint: String,
+    trigger: &'static str,
+}
+
+impl RestoreLog {
+    fn log(&self, decision: &str) {
+        checkpoint::log_restore_decision(&self.id, &self.pod, &self.checkpoint, self.trigger, decision);
+    }
+}
+
+/// The rest of a restore's decision, once its checkpoint is verified: the runtime that took it
+/// (returned when recorded), a GPU checkpoint's devices from this container's own GPU request
+/// (returns whether it is one), then the credentials check of CRIU's images against the spec
+/// as runc will run it.
+fn prepare_restore(
+    id: &str,
+    bundle: &Path,
+    r: &Restoring,
+    config: &kybernate_runtime_select::CheckpointConfig,
+) -> Result<(Option<PathBuf>, bool)> {
+    let recorded = r.plan.runtime_binary(id)?;
+    let gpu = r.plan.gpu();
+    if let Some(gpu) = gpu {
+        let changes = crate::gpu::prepare_restore(id, bundle, gpu, config).map_err(|source| CheckpointError::Gpu {
+            what: "restore",
+            id: id.to_string(),
+            source: Box::new(source),
+        })?;
+        for change in &changes {
+            info!("container {id}: restore: {change}");
+        }
+    }
+    let summary = checkpoint::check_grants(id, &r.who.checkpoint, &r.plan.images, bundle)?;
+    r.who.log(&format!("allowed: its processes need nothing this container's spec does not grant ({summary})"));
+    Ok((recorded, gpu.is_some()))
+}
+
 fn apply_rootfs_diff(id: &str, plan: &RestorePlan, rootfs: &Path) -> Result<()> {
     let Some(diff) = plan.rootfs_diff() else { return Ok(()) };
     kybernate_criu::apply_rootfs_diff(&diff, rootfs).map_err(|e| {
