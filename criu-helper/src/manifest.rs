@@ -146,20 +146,42 @@ impl Manifest {
         if now.checked_add(MAX_CLOCK_SKEW).is_some_and(|latest| created > latest) {
             return Err(ManifestError::CreatedInFuture { value: shown(&self.created), now: rfc3339(now) });
         }
-        let fields = [
-            ("namespace", Some(&self.namespace), valid_identifier as fn(&str) -> bool, CONTAINERD_ID),
-            ("container_id", Some(&self.container_id), valid_identifier, CONTAINERD_ID),
-            ("pod_namespace", self.pod_namespace.as_ref(), valid_dns_label, DNS_LABEL),
-            ("pod_name", self.pod_name.as_ref(), valid_dns_subdomain, DNS_SUBDOMAIN),
-            ("container_name", self.container_name.as_ref(), valid_dns_label, DNS_LABEL),
-        ];
-        for (field, value, valid, rule) in fields {
-            if let Some(value) = value.filter(|v| !valid(v.as_str())) {
-                return Err(ManifestError::BadField { field, value: shown(value), rule });
-            }
-        }
-        Ok(())
+        validate_identity(&Identity {
+            namespace: &self.namespace,
+            container_id: &self.container_id,
+            pod_namespace: self.pod_namespace.as_deref(),
+            pod_name: self.pod_name.as_deref(),
+            container_name: self.container_name.as_deref(),
+        })
     }
+}
+
+/// Who a checkpoint belongs to, as its manifest records it.
+#[derive(Debug, Clone, Copy)]
+pub struct Identity<'a> {
+    pub namespace: &'a str,
+    pub container_id: &'a str,
+    pub pod_namespace: Option<&'a str>,
+    pub pod_name: Option<&'a str>,
+    pub container_name: Option<&'a str>,
+}
+
+/// The identity rules of [`Manifest::validate`], for a checkpoint about to be taken: the shim
+/// refuses to write a checkpoint that could never be restored.
+pub fn validate_identity(id: &Identity<'_>) -> Result<(), ManifestError> {
+    let fields = [
+        ("namespace", Some(id.namespace), valid_identifier as fn(&str) -> bool, CONTAINERD_ID),
+        ("container_id", Some(id.container_id), valid_identifier, CONTAINERD_ID),
+        ("pod_namespace", id.pod_namespace, valid_dns_label, DNS_LABEL),
+        ("pod_name", id.pod_name, valid_dns_subdomain, DNS_SUBDOMAIN),
+        ("container_name", id.container_name, valid_dns_label, DNS_LABEL),
+    ];
+    for (field, value, valid, rule) in fields {
+        if let Some(value) = value.filter(|v| !valid(v)) {
+            return Err(ManifestError::BadField { field, value: shown(value), rule });
+        }
+    }
+    Ok(())
 }
 
 /// containerd's identifier rule (namespaces, container ids): letters and digits, separated by

@@ -160,7 +160,7 @@ impl CheckpointError {
             CheckpointError::Busy { .. } | CheckpointError::Preflight { .. } | CheckpointError::Restore { .. }
         ) || matches!(self, CheckpointError::Store { source, .. } if matches!(**source, criu::StoreError::NotFound { .. }))
             || matches!(self, CheckpointError::Gpu { source, .. }
-                if matches!(**source, GpuError::Mode(_) | GpuError::Mismatch(_) | GpuError::Cdi(_)))
+                if matches!(**source, GpuError::Mode(_) | GpuError::Mismatch(_) | GpuError::Cdi(_) | GpuError::Assignment(_)))
     }
 }
 
@@ -251,6 +251,7 @@ impl Checkpointer<'_> {
         was_paused: bool,
     ) -> Result<Manifest> {
         let id = c.id.as_str();
+        self.check_identity(c)?;
         let (criu_path, criu_version) = self.criu(c, "checkpoint")?;
         let mut runtime = c.runtime.with_criu(criu_path.clone());
         let gpu_err = |source| CheckpointError::Gpu { what: "checkpoint", id: id.into(), source: Box::new(source) };
@@ -507,6 +508,32 @@ impl Checkpointer<'_> {
             return Err(CheckpointError::GpuResume { id: id.into(), target, source: Box::new(e.into()) });
         }
         Ok(manifest)
+    }
+
+    /// Refuses, before anything is frozen, a checkpoint whose manifest could never be restored:
+    /// its namespace, container id and the pod names CRI annotates must be what a restore
+    /// accepts (`Manifest::validate`). A hand-made annotation (`ctr run --annotation
+    /// io.kubernetes.pod.namespace=Team_A`) would otherwise give a checkpoint that every
+    /// restore refuses as broken.
+    fn check_identity(&self, c: &Container) -> Result<()> {
+        let spec = kybernate_runtime_select::load_spec(&c.bundle).ok();
+        let annotation = |keys: &[&str]| keys.iter().find_map(|k| spec_annotation(spec.as_ref(), k));
+        let (pod_namespace, pod_name, container_name) = (
+            annotation(&POD_NAMESPACE_ANNOTATIONS),
+            annotation(&POD_NAME_ANNOTATIONS),
+            annotation(&[CONTAINER_NAME_ANNOTATION]),
+        );
+        criu::validate_identity(&criu::Identity {
+            namespace: self.namespace,
+            container_id: &c.id,
+            pod_namespace: pod_namespace.as_deref(),
+            pod_name: pod_name.as_deref(),
+            container_name: container_name.as_deref(),
+        })
+        .map_err(|e| CheckpointError::BadRequest {
+            id: c.id.clone(),
+            message: format!("its checkpoint could not be restored: {e} (from its spec's annotations or ids)"),
+        })
     }
 
     /// Finds CRIU (the runc option `CriuPath`, else `criu` on PATH) and checks its version.

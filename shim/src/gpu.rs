@@ -20,7 +20,7 @@ use kybernate_criu::cuda::{
     self, preflight::CRIU_LIBS_DIR, Chosen, CudaDriver, CudaProcess, GpuSession, HelperError, PluginReady,
     RemoteDriver, Wanted,
 };
-use kybernate_criu::gpu::{self, GpuDevices, GpuMode, GpuRecord};
+use kybernate_criu::gpu::{self, GpuDevices, GpuMode, GpuRecord, GpuRequest};
 use kybernate_criu::CriuVersion;
 use kybernate_runtime_select::{CheckpointConfig, CudaMode};
 use log::{info, warn};
@@ -35,6 +35,8 @@ const HELPER_EXIT_GRACE: Duration = Duration::from_secs(10);
 
 /// `/proc` of the host (the shim runs in the host's pid namespace).
 pub const PROC: &str = "/proc";
+/// `/dev` of the host: device nodes of a restored container's GPUs when there are no CDI specs.
+pub const DEV: &str = "/dev";
 /// Annotation that lets one restore proceed onto different GPUs.
 pub const ALLOW_MISMATCH_ANNOTATION: &str = "kybernate.io/allow-gpu-mismatch";
 /// Phase name of the CRIU dump in the manifest's `phases_ms`.
@@ -61,6 +63,10 @@ pub enum GpuError {
     Mismatch(#[from] gpu::GpuMismatch),
     #[error("{0}")]
     Cdi(#[from] gpu::CdiError),
+    /// The container's own GPU request cannot be given on this node, or gives fewer GPUs than
+    /// the checkpoint used.
+    #[error("{0}")]
+    Assignment(#[from] gpu::AssignmentError),
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -343,57 +349,123 @@ pub fn empty_plugin_dir(bundle: &Path) -> Result<PathBuf, GpuError> {
     Ok(dir)
 }
 
-/// At Create from a GPU checkpoint: refuses different GPUs (unless allowed), then puts the
-/// recorded devices, cgroup rules and driver mounts (or, where the container names CDI devices
-/// and CDI specs exist, what they resolve to) into the bundle's config.json.
+/// Where a restore looks up a container's own GPU assignment on this node (seams for tests).
+#[derive(Debug, Clone)]
+struct NodeRoots {
+    /// `[checkpoint] cdi_spec_dirs`, lowest priority first.
+    cdi_dirs: Vec<PathBuf>,
+    /// The host's `/proc` (the driver's GPU list).
+    proc: PathBuf,
+    /// The host's `/dev` (GPU and control device nodes).
+    dev: PathBuf,
+}
+
+impl NodeRoots {
+    fn of(cfg: &CheckpointConfig) -> Self {
+        Self { cdi_dirs: cfg.cdi_spec_dirs.clone(), proc: PathBuf::from(PROC), dev: PathBuf::from(DEV) }
+    }
+}
+
+/// At Create from a GPU checkpoint: refuses different GPUs (unless allowed), gives the container
+/// the devices, cgroup rules and driver mounts of its own GPU request (see `own_devices`) in
+/// its config.json, and refuses it when that is fewer GPUs than the checkpoint used. The
+/// checkpoint's record of devices and mounts is never injected (a checkpoint is untrusted: see
+/// `kybernate_criu::gpu::assign`). Returns one line per change.
 pub fn prepare_restore(
     id: &str,
     bundle: &Path,
     record: &GpuRecord,
     cfg: &CheckpointConfig,
 ) -> Result<Vec<String>, GpuError> {
+    prepare_restore_in(id, bundle, record, cfg.allow_gpu_mismatch, &NodeRoots::of(cfg))
+}
+
+/// [`prepare_restore`] on the node seen under `roots`.
+fn prepare_restore_in(
+    id: &str,
+    bundle: &Path,
+    record: &GpuRecord,
+    allow_gpu_mismatch: bool,
+    roots: &NodeRoots,
+) -> Result<Vec<String>, GpuError> {
     let mut spec = read_spec(bundle)?;
-    let allowed = cfg.allow_gpu_mismatch
+    let allowed = allow_gpu_mismatch
         || spec
             .pointer(&format!("/annotations/{}", ALLOW_MISMATCH_ANNOTATION.replace('/', "~1")))
             .and_then(|v| v.as_str())
             .is_some_and(|v| v.eq_ignore_ascii_case("true"));
-    let node = gpu::node_gpus(Path::new(PROC));
+    let node = gpu::node_gpus(&roots.proc);
     if let Err(e) = gpu::check_compatible(&record.gpus, &node.gpus) {
         if !allowed {
             return Err(e.into());
         }
         warn!("restore {id}: {e} (allowed)");
     }
-    let devices = restore_devices(id, &spec, record)?;
+    let request = gpu::gpu_request(&spec);
+    let devices = own_devices(id, &request, roots)?;
     let changes = gpu::inject(&mut spec, &devices);
+    gpu::check_gpu_count(record, &spec, &request)?;
+    log_recorded_mounts(id, record, &spec);
     if !changes.is_empty() {
         write_spec(bundle, &spec)?;
     }
     Ok(changes)
 }
 
-/// CDI names the restored container carries resolve through the node's CDI specs (that is what
-/// the GPU runtime would have done at create); otherwise the devices recorded at checkpoint.
-fn restore_devices(id: &str, spec: &serde_json::Value, record: &GpuRecord) -> Result<GpuDevices, GpuError> {
-    let mut names = gpu::cdi_device_names(spec);
-    if names.is_empty() {
-        names = record.devices.cdi_devices.clone();
-    }
-    let dirs: Vec<&Path> = gpu::CDI_DIRS.iter().map(Path::new).filter(|d| d.is_dir()).collect();
-    if names.is_empty() || dirs.is_empty() {
-        return Ok(record.devices.clone());
-    }
-    let resolved = gpu::resolve_cdi(&names, &dirs)?;
-    info!("restore {id}: CDI devices [{}] resolved through {:?}", names.join(", "), dirs);
-    // The recorded driver mounts stay (a CDI spec may list fewer than a hook mounted).
-    let mut devices = resolved;
-    for m in &record.devices.mounts {
-        if !devices.mounts.iter().any(|d| d.destination == m.destination) {
-            devices.mounts.push(m.clone());
+/// The device access a container's own request means on this node, as the GPU runtime would
+/// have given it at create: its CDI names resolved through the node's CDI specs; its
+/// `NVIDIA_VISIBLE_DEVICES` as `nvidia.com/gpu=<each>` through them where they declare that
+/// kind, else as this node's device nodes for those GPUs (no driver mounts). NVIDIA devices
+/// already in its spec are its own and stay; nothing comes from the checkpoint.
+fn own_devices(id: &str, request: &GpuRequest, roots: &NodeRoots) -> Result<GpuDevices, GpuError> {
+    let dirs: Vec<&Path> = roots.cdi_dirs.iter().map(PathBuf::as_path).collect();
+    match request {
+        GpuRequest::Nothing { .. } => Ok(GpuDevices::default()),
+        GpuRequest::Cdi(names) => {
+            let devices = gpu::resolve_cdi(names, &dirs)?;
+            info!("restore {id}: its CDI devices [{}] resolved through {dirs:?}", names.join(", "));
+            Ok(devices)
+        }
+        GpuRequest::VisibleDevices { value, wanted } => {
+            let names = wanted.cdi_names();
+            if let Some(devices) = gpu::resolve_cdi_for_kind(&names, &dirs, gpu::NVIDIA_GPU_KIND)? {
+                info!(
+                    "restore {id}: NVIDIA_VISIBLE_DEVICES={value} as CDI devices [{}], resolved through {dirs:?}",
+                    names.join(", ")
+                );
+                return Ok(devices);
+            }
+            let devices = gpu::node_device_access(wanted, &roots.proc, &roots.dev)?;
+            info!(
+                "restore {id}: NVIDIA_VISIBLE_DEVICES={value}: no CDI spec for {} in {dirs:?}, so this node's device \
+                 nodes [{}] and no driver mounts (without CDI there is no trusted list of them)",
+                gpu::NVIDIA_GPU_KIND,
+                devices.devices.iter().map(|d| d.path.as_str()).collect::<Vec<_>>().join(", ")
+            );
+            Ok(devices)
         }
     }
-    Ok(devices)
+}
+
+/// Which recorded driver mounts the container's own mounts cover. Those they do not are not
+/// given; the restore's credentials check then names any the checkpoint's processes need.
+fn log_recorded_mounts(id: &str, record: &GpuRecord, spec: &serde_json::Value) {
+    let own = gpu::devices::spec_mount_destinations(spec);
+    let (covered, missing): (Vec<&str>, Vec<&str>) = record
+        .devices
+        .mounts
+        .iter()
+        .map(|m| m.destination.as_str())
+        .partition(|d| own.contains(&gpu::devices::normalize_dest(d)));
+    if !covered.is_empty() {
+        info!("restore {id}: recorded driver mounts its own mounts cover: {}", covered.join(", "));
+    }
+    if !missing.is_empty() {
+        info!(
+            "restore {id}: recorded driver mounts not given (its own GPU request does not mount them): {}",
+            missing.join(", ")
+        );
+    }
 }
 
 /// Starts the driver helper for `libcuda` (this binary again, through `/proc/self/exe`, so it is
@@ -465,6 +537,231 @@ pub fn restore_cuda(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
+    use std::fs;
+
+    /// A node under a temp dir: `proc` with one GPU (minor 0), `dev` with its node and
+    /// /dev/nvidiactl (real char devices: `None` where mknod is not permitted, and the caller
+    /// skips), `cdi` empty, and a bundle holding `spec` as config.json.
+    struct Node {
+        dir: tempfile::TempDir,
+        roots: NodeRoots,
+        bundle: PathBuf,
+    }
+
+    impl Node {
+        fn new(spec: &serde_json::Value) -> Option<Self> {
+            let dir = tempfile::tempdir().unwrap();
+            let roots = NodeRoots {
+                cdi_dirs: vec![dir.path().join("cdi")],
+                proc: dir.path().join("proc"),
+                dev: dir.path().join("dev"),
+            };
+            let gpu = roots.proc.join("driver/nvidia/gpus/0000:18:00.0");
+            fs::create_dir_all(&gpu).unwrap();
+            fs::write(
+                gpu.join("information"),
+                "Model: \t NVIDIA H100\nGPU UUID: \t GPU-aaaa\nBus Location: \t 0000:18:00.0\nDevice Minor: \t 0\n",
+            )
+            .unwrap();
+            fs::create_dir_all(&roots.dev).unwrap();
+            fs::create_dir_all(&roots.cdi_dirs[0]).unwrap();
+            let node = |name: &str, minor| {
+                nix::sys::stat::mknod(
+                    &roots.dev.join(name),
+                    nix::sys::stat::SFlag::S_IFCHR,
+                    nix::sys::stat::Mode::from_bits_truncate(0o666),
+                    nix::sys::stat::makedev(195, minor),
+                )
+            };
+            if let Err(e) = node("nvidia0", 0).and_then(|_| node("nvidiactl", 255)) {
+                eprintln!("skipped: mknod not permitted here: {e}");
+                return None;
+            }
+            let bundle = dir.path().join("bundle");
+            fs::create_dir_all(&bundle).unwrap();
+            fs::write(bundle.join("config.json"), serde_json::to_vec(spec).unwrap()).unwrap();
+            Some(Node { dir, roots, bundle })
+        }
+
+        fn restore(&self, record: &GpuRecord) -> Result<Vec<String>, GpuError> {
+            prepare_restore_in("c1", &self.bundle, record, false, &self.roots)
+        }
+
+        fn spec(&self) -> serde_json::Value {
+            serde_json::from_slice(&fs::read(self.bundle.join("config.json")).unwrap()).unwrap()
+        }
+
+        /// A CDI spec for nvidia.com/gpu device "0" with a driver mount from `lib`.
+        fn write_cdi(&self) -> PathBuf {
+            let lib = self.dir.path().join("libnvidia-ml.so.1");
+            fs::write(&lib, "lib").unwrap();
+            let cdi = json!({
+                "cdiVersion": "0.5.0", "kind": "nvidia.com/gpu",
+                "devices": [{"name": "0", "containerEdits": {"deviceNodes": [{"path": "/dev/nvidia0", "hostPath": self.roots.dev.join("nvidia0")}]}}],
+                "containerEdits": {"mounts": [{"hostPath": lib, "containerPath": "/usr/lib/libnvidia-ml.so.1", "options": ["ro", "nosuid", "nodev", "bind"]}]}
+            });
+            fs::write(self.roots.cdi_dirs[0].join("nvidia.json"), cdi.to_string()).unwrap();
+            lib
+        }
+    }
+
+    /// A GPU checkpoint's record: one GPU, plus what an edited manifest could claim (a disk, a
+    /// host directory mounted over a driver path).
+    fn record(gpus: &[u32]) -> GpuRecord {
+        let mut devices: Vec<gpu::DeviceNode> = gpus
+            .iter()
+            .map(|&m| gpu::DeviceNode {
+                path: format!("/dev/nvidia{m}"),
+                kind: "c".into(),
+                major: 195,
+                minor: i64::from(m),
+                file_mode: None,
+                uid: None,
+                gid: None,
+            })
+            .collect();
+        devices.push(gpu::DeviceNode {
+            path: "/dev/sda".into(),
+            kind: "b".into(),
+            major: 8,
+            minor: 0,
+            file_mode: None,
+            uid: None,
+            gid: None,
+        });
+        GpuRecord {
+            mode: GpuMode::None,
+            processes: vec![],
+            // The node's: the model check passes.
+            gpus: vec![gpu::GpuInfo { model: "NVIDIA H100".into(), ..Default::default() }],
+            driver_version: None,
+            cuda_driver_version: None,
+            bytes_per_gpu: BTreeMap::new(),
+            bytes_total: 0,
+            phases_ms: BTreeMap::new(),
+            devices: GpuDevices {
+                devices,
+                rules: vec![gpu::DeviceRule {
+                    allow: true,
+                    kind: Some("b".into()),
+                    major: Some(8),
+                    minor: Some(0),
+                    access: Some("rwm".into()),
+                }],
+                mounts: vec![gpu::MountRecord {
+                    destination: "/usr/lib/libnvidia-ml.so.1".into(),
+                    source: "/etc".into(),
+                    kind: "bind".into(),
+                    options: vec!["rbind".into()],
+                }],
+                cdi_devices: vec!["nvidia.com/gpu=0".into()],
+            },
+        }
+    }
+
+    fn paths(spec: &serde_json::Value, ptr: &str, key: &str) -> Vec<String> {
+        spec.pointer(ptr)
+            .and_then(|v| v.as_array())
+            .map(|a| a.iter().filter_map(|d| d.get(key)?.as_str().map(str::to_string)).collect())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn a_container_without_a_gpu_request_gets_nothing_and_is_refused() {
+        let spec = json!({"process": {"env": ["PATH=/bin"]}, "linux": {}});
+        let Some(node) = Node::new(&spec) else { return };
+        node.write_cdi();
+        let err = node.restore(&record(&[0])).unwrap_err();
+        assert!(matches!(err, GpuError::Assignment(gpu::AssignmentError::FewerGpus { .. })), "{err:?}");
+        assert!(
+            err.to_string().starts_with(
+                "the checkpoint used 1 GPU (/dev/nvidia0); this container has none (its spec requests no GPU: no \
+                 NVIDIA device, no cdi.k8s.io annotation, no NVIDIA_VISIBLE_DEVICES)"
+            ),
+            "{err}"
+        );
+        assert_eq!(node.spec(), spec, "nothing written");
+        // A checkpoint that used no GPU (devices only, none a GPU) restores into it unchanged.
+        assert_eq!(node.restore(&record(&[])).unwrap(), Vec::<String>::new());
+        assert_eq!(node.spec(), spec);
+    }
+
+    #[test]
+    fn cdi_annotations_give_the_cdi_spec_never_the_record() {
+        let spec = json!({"annotations": {"cdi.k8s.io/gpu": "nvidia.com/gpu=0"}, "mounts": []});
+        let Some(node) = Node::new(&spec) else { return };
+        let lib = node.write_cdi();
+        node.restore(&record(&[0])).unwrap();
+        let got = node.spec();
+        assert_eq!(paths(&got, "/linux/devices", "path"), ["/dev/nvidia0"]);
+        assert_eq!(
+            got["linux"]["resources"]["devices"],
+            json!([{"allow": true, "type": "c", "major": 195, "minor": 0, "access": "rwm"}])
+        );
+        assert_eq!(paths(&got, "/mounts", "source"), [lib.to_str().unwrap()], "not the record's /etc");
+
+        // The checkpoint used two GPUs; the container asks for one.
+        let Some(node) = Node::new(&spec) else { return };
+        node.write_cdi();
+        let err = node.restore(&record(&[0, 1])).unwrap_err();
+        assert!(
+            err.to_string().starts_with(
+                "the checkpoint used 2 GPUs (/dev/nvidia0, /dev/nvidia1); this container has 1 (/dev/nvidia0)"
+            ),
+            "{err}"
+        );
+        assert_eq!(node.spec(), spec, "nothing written");
+
+        // A CDI device the node's specs lack.
+        let spec = json!({"annotations": {"cdi.k8s.io/gpu": "nvidia.com/gpu=3"}});
+        let Some(node) = Node::new(&spec) else { return };
+        node.write_cdi();
+        assert!(matches!(node.restore(&record(&[0])), Err(GpuError::Cdi(_))));
+    }
+
+    #[test]
+    fn visible_devices_through_cdi_or_the_nodes_device_nodes() {
+        let spec = json!({"process": {"env": ["NVIDIA_VISIBLE_DEVICES=0"]}});
+        // With a CDI spec for nvidia.com/gpu: the CDI device, driver mount included.
+        let Some(node) = Node::new(&spec) else { return };
+        let lib = node.write_cdi();
+        node.restore(&record(&[0])).unwrap();
+        assert_eq!(paths(&node.spec(), "/linux/devices", "path"), ["/dev/nvidia0"]);
+        assert_eq!(paths(&node.spec(), "/mounts", "source"), [lib.to_str().unwrap()]);
+
+        // Without: the node's device node and control node, each with its rule; no mounts.
+        let Some(node) = Node::new(&spec) else { return };
+        let changes = node.restore(&record(&[0])).unwrap();
+        let got = node.spec();
+        assert_eq!(paths(&got, "/linux/devices", "path"), ["/dev/nvidia0", "/dev/nvidiactl"], "{changes:?}");
+        let rules: Vec<(i64, i64)> = got["linux"]["resources"]["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| (r["major"].as_i64().unwrap(), r["minor"].as_i64().unwrap()))
+            .collect();
+        assert_eq!(rules, [(195, 0), (195, 255)]);
+        assert!(got.get("mounts").is_none(), "{got}");
+
+        // A GPU the node does not have.
+        let spec = json!({"process": {"env": ["NVIDIA_VISIBLE_DEVICES=GPU-zzzz"]}});
+        let Some(node) = Node::new(&spec) else { return };
+        let err = node.restore(&record(&[0])).unwrap_err();
+        assert!(matches!(err, GpuError::Assignment(gpu::AssignmentError::UnknownGpu { .. })), "{err:?}");
+        assert!(err.to_string().contains("GPU-aaaa"), "{err}");
+    }
+
+    #[test]
+    fn its_own_nvidia_devices_stay_and_count() {
+        // `ctr run --device` of a host node: its own, a GPU (minor 0), nothing else asked for.
+        let spec = json!({"linux": {"devices": [{"path": "/tmp/d/nvidia0", "type": "c", "major": 195, "minor": 0}]}});
+        let Some(node) = Node::new(&spec) else { return };
+        node.write_cdi();
+        assert_eq!(node.restore(&record(&[0])).unwrap(), Vec::<String>::new());
+        assert_eq!(node.spec(), spec);
+        assert!(node.restore(&record(&[0, 1])).is_err());
+    }
 
     #[test]
     fn bytes_go_to_the_gpus_a_process_holds() {

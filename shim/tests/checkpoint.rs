@@ -221,7 +221,8 @@ fn restore_on_create_from_the_annotation() {
 
 #[test]
 fn restore_on_create_from_restore_from_env() {
-    let bed = bed();
+    // RESTORE_FROM is off by default (any pod can set it): the node's admin opts in.
+    let bed = bed_with(|b| b, "allow_env_restore = true\n");
     let tb = &bed.tb;
     let id = unique_name("env");
     run_counter(tb, &id, &[]);
@@ -580,7 +581,8 @@ fn annotation(dir: &str) -> String {
 
 #[test]
 fn tampered_truncated_foreign_and_escaping_checkpoints_are_refused() {
-    let bed = bed();
+    // RESTORE_FROM too, below: the node allows it.
+    let bed = bed_with(|b| b, "allow_env_restore = true\n");
     let tb = &bed.tb;
     let id = unique_name("src");
     run_counter(tb, &id, &[]);
@@ -681,16 +683,17 @@ fn a_failed_restore_is_reported_and_the_container_can_be_removed() {
     let id = unique_name("src2");
     run_counter(tb, &id, &[]);
     let (dir, _) = store_checkpoint(&bed, &id, true);
-    // A checkpoint that verifies (its manifest no longer lists pstree.img) but that CRIU cannot restore.
-    std::fs::remove_file(dir.join("checkpoint/pstree.img")).unwrap();
+    // A checkpoint that verifies (its manifest no longer lists mm-1.img) and passes the credentials
+    // check (which never reads memory images) but that CRIU cannot restore.
+    std::fs::remove_file(dir.join("checkpoint/mm-1.img")).unwrap();
     let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("kybernate.json")).unwrap()).unwrap();
-    m["files"].as_object_mut().unwrap().remove("checkpoint/pstree.img");
+    m["files"].as_object_mut().unwrap().remove("checkpoint/mm-1.img");
     std::fs::write(dir.join("kybernate.json"), serde_json::to_vec(&m).unwrap()).unwrap();
 
     let restored = unique_name("broken");
     let a = annotation(dir.to_str().unwrap());
     let out = tb.ctr(&["run", "-d", "--runtime", RUNTIME, "--annotation", &a, IMAGE, &restored, "sleep", "1000"]);
-    assert!(!out.status.success(), "restore of a checkpoint without pstree.img succeeded");
+    assert!(!out.status.success(), "restore of a checkpoint without mm-1.img succeeded");
     let err = text(&out.stderr);
     assert!(err.contains("restore") && err.contains("restore.log"), "{err}");
     // ctr's own cleanup path: kill (nothing runs), wait, delete. None of it may hang.

@@ -352,11 +352,15 @@ fn a_pod_annotation_restores_its_container_from_the_store() {
 }
 
 /// The other way to name a checkpoint, `RESTORE_FROM` in the container's environment (a pod's
-/// `env`), reaches only that container: the restore itself works under CRI (CRI's mounts,
-/// the pod's IPC namespace, host network), and the sandbox is left alone.
+/// `env`), on a node whose admin allowed it (`allow_env_restore`: any pod can set a variable),
+/// reaches only that container: the restore itself works under CRI (CRI's mounts, the pod's IPC
+/// namespace, host network), and the sandbox is left alone.
 #[test]
 fn restore_from_in_a_containers_env_restores_it_under_cri() {
-    let b = cri_bed(Style::RuntimeType);
+    let b = cri_bed_with(
+        Style::RuntimeType,
+        Setup { checkpoint_config: "allow_env_restore = true\n", ..Default::default() },
+    );
     let namespace = unique_name("team");
     let (reference, before) = checkpointed_counter(&b, &namespace);
 

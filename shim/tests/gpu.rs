@@ -8,6 +8,8 @@
 //! The container is a counter beside two long-lived "GPU workers" that hold `/dev/nvidiactl`
 //! open, which is how CUDA processes look from /proc. Its GPU evidence is a
 //! char device of major 195 in its spec (`ctr run --device` of a node made for the test).
+//! A restored container asks for its GPU itself (a `cdi.k8s.io` annotation or
+//! `NVIDIA_VISIBLE_DEVICES`), resolved through the test bed's own CDI spec dir (never /etc/cdi).
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -30,6 +32,8 @@ const GPU_COUNTER: &str = "sleep 100000 </dev/nvidiactl & sleep 100001 </dev/nvi
 /// A driver library the fake GPU runtime bind-mounts, as the real one mounts libnvidia-ml.
 const DRIVER_MOUNT: &str = "/usr/lib/x86_64-linux-gnu/libnvidia-ml.so.1";
 const DRIVER_TEXT: &str = "fake NVIDIA management library\n";
+/// How a restored container asks for GPU 0 through CDI (`ctr run --annotation`).
+const CDI_GPU0: &str = "cdi.k8s.io/gpu=nvidia.com/gpu=0";
 
 struct GpuBed {
     bed: Bed,
@@ -38,6 +42,8 @@ struct GpuBed {
     nvidia: PathBuf,
     /// The host device node given to containers with `--device` (char 195:0).
     device: PathBuf,
+    /// The driver file the GPU runtime (and the CDI spec) mounts at [`DRIVER_MOUNT`].
+    driver: PathBuf,
     /// Exists → the CRIU wrapper fails every dump and restore.
     criu_fail: PathBuf,
     _dir: tempfile::TempDir,
@@ -84,6 +90,7 @@ fn gpu_bed_with(
     std::fs::write(nvidia.join("edits.json"), edits.to_string()).unwrap();
 
     let device = nvidia_device_node(&d.join("dev/nvidia0"));
+    write_cdi_spec(&d.join("cdi"), &device, &driver);
 
     let criu_bin = d.join("criu-bin");
     std::fs::create_dir_all(&criu_bin).unwrap();
@@ -102,9 +109,71 @@ fn gpu_bed_with(
     .unwrap();
     std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
 
-    let config = format!("libcuda = \"{}\"\n{extra}", cuda.lib.display());
+    let config =
+        format!("libcuda = \"{}\"\ncdi_spec_dirs = [\"{}\"]\n{extra}", cuda.lib.display(), d.join("cdi").display());
     let bed = bed_with(|b| configure(b.path_prepend(&nvidia).path_prepend(&criu_bin)), &config);
-    GpuBed { bed, cuda, nvidia, device, criu_fail, _dir: dir }
+    GpuBed { bed, cuda, nvidia, device, driver, criu_fail, _dir: dir }
+}
+
+/// The node's CDI spec, as `nvidia-ctk cdi generate` would describe this fake node: GPU "0" is
+/// the test's char 195:0 node, and every device gets the control node (here /dev/null's
+/// numbers, so that CUDA processes can open it) and the driver library mount.
+fn write_cdi_spec(dir: &Path, device: &Path, driver: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let yaml = format!(
+        "---\ncdiVersion: 0.5.0\nkind: nvidia.com/gpu\ndevices:\n- name: \"0\"\n  containerEdits:\n    deviceNodes:\n    \
+         - path: /dev/nvidia0\n      hostPath: {device}\ncontainerEdits:\n  deviceNodes:\n  - path: /dev/nvidiactl\n    \
+         hostPath: /dev/null\n  mounts:\n  - hostPath: {driver}\n    containerPath: {DRIVER_MOUNT}\n    \
+         options: [ro, nosuid, nodev, bind]\n",
+        device = device.display(),
+        driver = driver.display(),
+    );
+    std::fs::write(dir.join("nvidia.yaml"), yaml).unwrap();
+}
+
+/// Edits a checkpoint's manifest (which is not hashed: anyone who can write the store can do
+/// this) so that its record of devices and mounts claims more than the container had: its
+/// driver mount from a host file of /etc, a mount of the host's /etc, and the host's disk.
+fn poison_record(dir: &Path) {
+    let path = dir.join("kybernate.json");
+    let mut m = manifest(dir);
+    let devices = &mut m["gpu"]["devices"];
+    for mount in devices["mounts"].as_array_mut().unwrap() {
+        mount["source"] = "/etc/passwd".into();
+    }
+    devices["mounts"].as_array_mut().unwrap().push(serde_json::json!(
+        {"destination": POISON_MOUNT, "source": "/etc", "type": "bind", "options": ["rbind"]}
+    ));
+    devices["devices"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({"path": "/dev/sda", "type": "b", "major": 8, "minor": 0, "fileMode": 432}));
+    devices["rules"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({"allow": true, "type": "b", "major": 8, "minor": 0, "access": "rwm"}));
+    std::fs::write(&path, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+}
+
+/// Where [`poison_record`] claims the host's /etc was mounted.
+const POISON_MOUNT: &str = "/usr/lib/nvidia-host-etc";
+
+/// The restored container got nothing of a poisoned record: no disk, no rule for it, no mount
+/// from /etc; its driver mount is the CDI spec's.
+fn assert_nothing_from_the_record(g: &GpuBed, id: &str) {
+    let tb = &g.bed.tb;
+    let spec: Value = serde_json::from_slice(&std::fs::read(bundle_dir(tb, id).join("config.json")).unwrap()).unwrap();
+    let list = |ptr: &str| spec.pointer(ptr).and_then(Value::as_array).cloned().unwrap_or_default();
+    assert!(!list("/linux/devices").iter().any(|d| d["path"] == "/dev/sda" || d["major"] == 8), "{spec}");
+    assert!(!list("/linux/resources/devices").iter().any(|r| r["major"] == 8), "{spec}");
+    let from_etc = |m: &Value| m["source"].as_str().is_some_and(|s| s.starts_with("/etc"));
+    assert!(!list("/mounts").iter().any(|m| from_etc(m) || m["destination"] == POISON_MOUNT), "{spec}");
+    let mounts = list("/mounts");
+    let driver: Vec<&Value> = mounts.iter().filter(|m| m["destination"] == DRIVER_MOUNT).collect();
+    assert_eq!(driver.len(), 1, "{spec}");
+    assert_eq!(driver[0]["source"], g.driver.to_str().unwrap(), "{spec}");
+    let out = tb.ctr(&["tasks", "exec", "--exec-id", "sda", id, "ls", "/dev/sda", POISON_MOUNT]);
+    assert!(!out.status.success(), "{}", text(&out.stdout));
 }
 
 fn run_gpu_counter(g: &GpuBed, id: &str) {
@@ -204,10 +273,12 @@ fn driver_api_checkpoint_and_restore_give_back_cuda_state_devices_and_mounts() {
     assert!(devices["mounts"].as_array().unwrap().iter().any(|r| r["destination"] == DRIVER_MOUNT), "{m}");
 
     // Restore on create (the Kubernetes path): a fresh spec that never went through the GPU
-    // runtime's create, so devices, rule and driver mount must come from the checkpoint.
+    // runtime's create, and asks for its GPU by CDI annotation, so devices, rule and driver
+    // mount must come from the node's CDI spec — never from the checkpoint's record, which
+    // anyone who can write the store can edit.
+    poison_record(&dir);
     let restored = unique_name("gpu-r");
-    let device = g.device.display().to_string();
-    run_restored_ok(&g.bed, &dir, &restored, &["--device", &device]);
+    run_restored_ok(&g.bed, &dir, &restored, &["--annotation", CDI_GPU0]);
     assert_counter_continues(tb, &restored, at_checkpoint);
     let nvidia_calls = std::fs::read_to_string(g.nvidia.join("calls.log")).unwrap();
     assert!(
@@ -238,6 +309,10 @@ fn driver_api_checkpoint_and_restore_give_back_cuda_state_devices_and_mounts() {
     assert!(has("/linux/devices", &|d| d["path"] == "/dev/nvidia0" && d["major"] == 195), "{spec}");
     assert!(has("/linux/resources/devices", &|r| r["major"] == 195 && r["allow"] == true), "{spec}");
     assert!(has("/mounts", &|m| m["destination"] == DRIVER_MOUNT), "{spec}");
+    assert_nothing_from_the_record(&g, &restored);
+    // What was given is logged (the refusal tests rely on these lines).
+    let log = std::fs::read_to_string(tb.log_path()).unwrap_or_default();
+    assert!(log.contains(&format!("container {restored}: restore: device /dev/nvidia0 (c 195:0)")), "not logged");
     let out = tb.ctr_ok(&["tasks", "exec", "--exec-id", "lib", &restored, "cat", DRIVER_MOUNT]);
     assert_eq!(out, DRIVER_TEXT);
     let out = tb.ctr_ok(&["tasks", "exec", "--exec-id", "dev", &restored, "ls", "-l", "/dev/nvidia0"]);
@@ -411,7 +486,9 @@ fn a_failed_gpu_restore_stops_the_container_and_other_gpus_are_refused() {
     cuda_pids(&g, &id);
     let (dir, _) = store_checkpoint(&g.bed, &id, true);
     let device = g.device.display().to_string();
-    let run = |name: &str, extra: &[&str]| run_restored(&g.bed, &dir, name, &[&["--device", &device], extra].concat());
+    let run = |name: &str, extra: &[&str]| {
+        run_restored(&g.bed, &dir, name, &[&["--device", &device, "--annotation", CDI_GPU0], extra].concat())
+    };
 
     // The driver refuses the GPU restore: Start fails, nothing of the container keeps running.
     g.cuda.fail("restore", None, 999);
@@ -506,18 +583,118 @@ fn a_driver_mount_made_by_a_hook_is_declared_to_criu_and_given_back() {
     assert!(conf.contains(&format!("external mnt[{DRIVER_MOUNT}]:{DRIVER_MOUNT}")), "{conf}");
     let m = manifest(&dir);
     let mounts = m["gpu"]["devices"]["mounts"].as_array().unwrap().clone();
-    let driver = g.nvidia.parent().unwrap().join("driver/libnvidia-ml.so.1");
     assert!(
-        mounts.iter().any(|x| x["destination"] == DRIVER_MOUNT && x["source"] == driver.to_str().unwrap()),
+        mounts.iter().any(|x| x["destination"] == DRIVER_MOUNT && x["source"] == g.driver.to_str().unwrap()),
         "{mounts:?}"
     );
 
+    // The restored container asks for GPU 0 by NVIDIA_VISIBLE_DEVICES (the node has a CDI spec
+    // for nvidia.com/gpu, so through it): the driver mount comes from the CDI spec, declared to
+    // CRIU by runc as a spec bind mount, not from the (poisoned) record.
+    poison_record(&dir);
     let restored = unique_name("gpu-hook-r");
-    let device = g.device.display().to_string();
-    run_restored_ok(&g.bed, &dir, &restored, &["--device", &device]);
+    run_restored_ok(&g.bed, &dir, &restored, &["--env", "NVIDIA_VISIBLE_DEVICES=0"]);
     assert_counter_continues(tb, &restored, at_checkpoint);
+    assert_nothing_from_the_record(&g, &restored);
     let out = tb.ctr_ok(&["tasks", "exec", "--exec-id", "lib", &restored, "cat", DRIVER_MOUNT]);
     assert_eq!(out, DRIVER_TEXT);
     remove(tb, &restored);
     remove(tb, &id);
+}
+
+/// The refusal of a restore at Create: `ctr run` fails naming it, no task exists, runc never
+/// created the container, and the shim logged no device access given to it.
+fn assert_refused(g: &GpuBed, id: &str, out: &std::process::Output, want: &str) {
+    let tb = &g.bed.tb;
+    assert!(!out.status.success(), "{id} was restored");
+    let err = text(&out.stderr);
+    assert!(err.contains(want), "want {want:?} in: {err}");
+    assert_eq!(task_row(tb, id), None, "{id} has a task");
+    assert!(!common::runc_state_entries(tb).contains(&id.to_string()), "runc created {id}");
+    let decision = format!("restore decision: container {id} (pod -), checkpoint ");
+    let log = wait_for(&format!("the refusal of {id} in the log"), || {
+        let log = std::fs::read_to_string(tb.log_path()).ok()?;
+        log.lines().any(|l| l.contains(&decision) && l.contains("refused: ") && l.contains(want)).then_some(log)
+    });
+    let given = format!("container {id}: restore: ");
+    assert!(!log.lines().any(|l| l.contains(&given)), "{id} was given device access");
+    let _ = tb.ctr(&["containers", "delete", id]);
+}
+
+#[test]
+fn a_cpu_container_restoring_a_gpu_checkpoint_is_refused_and_gets_nothing() {
+    let g = gpu_bed("cuda = \"driver-api\"\n");
+    let id = unique_name("gpu-cpu");
+    run_gpu_counter(&g, &id);
+    cuda_pids(&g, &id);
+    let (dir, _) = store_checkpoint(&g.bed, &id, false);
+
+    // No NVIDIA device, no cdi.k8s.io annotation, no NVIDIA_VISIBLE_DEVICES: a pod that asked
+    // for no GPU, restoring a checkpoint that recorded one (and, edited, more).
+    poison_record(&dir);
+    let r = unique_name("gpu-cpu-r");
+    let out = run_restored(&g.bed, &dir, &r, &[]);
+    assert_refused(
+        &g,
+        &r,
+        &out,
+        "the checkpoint used 1 GPU (/dev/nvidia0); this container has none (its spec requests no GPU: no NVIDIA \
+         device, no cdi.k8s.io annotation, no NVIDIA_VISIBLE_DEVICES)",
+    );
+    // Asking for no GPU explicitly is the same.
+    let r = unique_name("gpu-void-r");
+    let out = run_restored(&g.bed, &dir, &r, &["--env", "NVIDIA_VISIBLE_DEVICES=void"]);
+    assert_refused(&g, &r, &out, "this container has none (its spec requests no GPU: ");
+    assert_running_gpu(&g, &id);
+    remove(&g.bed.tb, &id);
+}
+
+#[test]
+fn a_container_with_fewer_gpus_than_the_checkpoint_used_is_refused() {
+    let g = gpu_bed("cuda = \"driver-api\"\n");
+    let tb = &g.bed.tb;
+    let id = unique_name("gpu-two");
+    run_gpu_counter(&g, &id);
+    cuda_pids(&g, &id);
+    let (dir, at_checkpoint) = store_checkpoint(&g.bed, &id, true);
+
+    // The record claims a second GPU (as a checkpoint of a two-GPU container would); the new
+    // container asks for one.
+    let path = dir.join("kybernate.json");
+    let original = std::fs::read(&path).unwrap();
+    let mut m = manifest(&dir);
+    m["gpu"]["devices"]["devices"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({"path": "/dev/nvidia1", "type": "c", "major": 195, "minor": 1, "fileMode": 438}));
+    std::fs::write(&path, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+    let r = unique_name("gpu-one-r");
+    let out = run_restored(&g.bed, &dir, &r, &["--annotation", CDI_GPU0]);
+    assert_refused(
+        &g,
+        &r,
+        &out,
+        "the checkpoint used 2 GPUs (/dev/nvidia0, /dev/nvidia1); this container has 1 (/dev/nvidia0)",
+    );
+
+    // The same for a second GPU one of its CUDA processes held open.
+    m["gpu"]["devices"]["devices"].as_array_mut().unwrap().pop();
+    m["gpu"]["processes"][0]["gpu_minors"] = serde_json::json!([0, 1]);
+    std::fs::write(&path, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+    let r = unique_name("gpu-one-p");
+    let out = run_restored(&g.bed, &dir, &r, &["--env", "NVIDIA_VISIBLE_DEVICES=0"]);
+    assert_refused(
+        &g,
+        &r,
+        &out,
+        "the checkpoint used 2 GPUs (/dev/nvidia0, /dev/nvidia1); this container has 1 (/dev/nvidia0)",
+    );
+
+    // As recorded (one GPU), the same request restores.
+    std::fs::write(&path, original).unwrap();
+    let r = unique_name("gpu-one-ok");
+    run_restored_ok(&g.bed, &dir, &r, &["--annotation", CDI_GPU0]);
+    assert_counter_continues(tb, &r, at_checkpoint);
+    remove(tb, &r);
+    let _ = tb.ctr(&["tasks", "delete", &id]);
 }

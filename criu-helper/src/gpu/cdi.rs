@@ -99,7 +99,28 @@ fn valid_kind(kind: &str) -> bool {
 /// error) when a requested device is then not found. A device node without major/minor numbers
 /// takes them from its host path; when that cannot be stat'ed, that is an error.
 pub fn resolve_cdi(names: &[String], dirs: &[&Path]) -> Result<GpuDevices, CdiError> {
-    let mut out = GpuDevices::default();
+    let wanted = qualified(names)?;
+    if wanted.is_empty() {
+        return Ok(GpuDevices::default());
+    }
+    resolve_in(&Registry::load(dirs), &wanted, dirs)
+}
+
+/// [`resolve_cdi`] where some spec in `dirs` declares devices of `kind` (e.g. `nvidia.com/gpu`);
+/// `Ok(None)` where none does, so the caller can fall back to another source of devices.
+/// The spec files are read once.
+pub fn resolve_cdi_for_kind(names: &[String], dirs: &[&Path], kind: &str) -> Result<Option<GpuDevices>, CdiError> {
+    let wanted = qualified(names)?;
+    let registry = Registry::load(dirs);
+    if !registry.specs.iter().any(|s| s.kind == kind) {
+        return Ok(None);
+    }
+    resolve_in(&registry, &wanted, dirs).map(Some)
+}
+
+/// The names trimmed, de-duplicated and split into (name, kind); an error for one that is not
+/// fully qualified.
+fn qualified(names: &[String]) -> Result<Vec<(&str, &str)>, CdiError> {
     let mut wanted: Vec<(&str, &str)> = Vec::new();
     for name in names {
         let name = name.trim();
@@ -114,14 +135,14 @@ pub fn resolve_cdi(names: &[String], dirs: &[&Path]) -> Result<GpuDevices, CdiEr
         })?;
         wanted.push((name, kind));
     }
-    if wanted.is_empty() {
-        return Ok(out);
-    }
+    Ok(wanted)
+}
 
-    let registry = Registry::load(dirs);
+fn resolve_in(registry: &Registry, wanted: &[(&str, &str)], dirs: &[&Path]) -> Result<GpuDevices, CdiError> {
+    let mut out = GpuDevices::default();
     let mut used_specs: BTreeSet<usize> = BTreeSet::new();
     let mut skipped = SkippedEdits::default();
-    for (name, kind) in &wanted {
+    for (name, kind) in wanted {
         let (spec_idx, dev_idx) = registry.lookup(name, kind, dirs)?;
         let Some(spec) = registry.specs.get(spec_idx) else {
             return Err(CdiError::new(Some(name), format!("CDI device {name:?}: internal lookup error")));
@@ -815,6 +836,23 @@ containerEdits:
         let got = d.resolve(&["x.com/y=nullmounts"]).unwrap();
         assert!(got.devices.is_empty() && got.mounts.is_empty());
         assert_eq!(got.cdi_devices, names(&["x.com/y=nullmounts"]));
+    }
+
+    #[test]
+    fn resolving_for_a_kind_says_when_no_spec_declares_it() {
+        let d = Dirs::new();
+        let dirs = [d.etc.as_path(), d.run.as_path()];
+        let gpu0 = names(&["nvidia.com/gpu=0"]);
+        assert_eq!(resolve_cdi_for_kind(&gpu0, &dirs, "nvidia.com/gpu"), Ok(None), "no specs at all");
+        fs::write(d.etc.join("fpga.yaml"), "cdiVersion: 0.5.0\nkind: vendor.example/fpga\ndevices: []\n").unwrap();
+        assert_eq!(resolve_cdi_for_kind(&gpu0, &dirs, "nvidia.com/gpu"), Ok(None), "only other kinds");
+        fs::write(d.run.join("nvidia.yaml"), NVIDIA_YAML).unwrap();
+        let got = resolve_cdi_for_kind(&gpu0, &dirs, "nvidia.com/gpu").unwrap().unwrap();
+        assert!(got.devices.contains(&node("/dev/nvidia0", 195, 0)), "{got:?}");
+        // Declared kind, unknown device: an error, not a fallback.
+        let err = resolve_cdi_for_kind(&names(&["nvidia.com/gpu=7"]), &dirs, "nvidia.com/gpu").unwrap_err();
+        assert!(err.to_string().contains("devices of kind nvidia.com/gpu: 0, 1, all"), "{err}");
+        assert!(resolve_cdi_for_kind(&names(&["bad"]), &dirs, "nvidia.com/gpu").is_err());
     }
 
     #[test]

@@ -61,7 +61,22 @@ fn record_devices(spec: &Value, container_root: &Path) -> Vec<DeviceNode> {
     devices
 }
 
-fn is_nvidia_device(dev: &DeviceNode) -> bool {
+/// Every `linux.devices` entry of a spec that has a path and device numbers, in order.
+pub fn spec_devices(spec: &Value) -> Vec<DeviceNode> {
+    array_at(spec, &["linux", "devices"]).iter().filter_map(spec_device).collect()
+}
+
+/// The destinations of a spec's `mounts`, normalized ("/a//b/" is "/a/b").
+pub fn spec_mount_destinations(spec: &Value) -> BTreeSet<String> {
+    array_at(spec, &["mounts"])
+        .iter()
+        .filter_map(|m| m.get("destination").and_then(Value::as_str))
+        .map(normalize_dest)
+        .collect()
+}
+
+/// An NVIDIA device node: a character device of major 195, or a `/dev/nvidia*` path.
+pub fn is_nvidia_device(dev: &DeviceNode) -> bool {
     (matches!(dev.kind.as_str(), "c" | "u") && dev.major == NVIDIA_MAJOR) || dev.path.starts_with("/dev/nvidia")
 }
 
@@ -294,7 +309,7 @@ fn spec_driver_mount(entry: &Value, destination: &str) -> Option<MountRecord> {
 }
 
 /// "/a/b/" and "/a//b" name the same destination as "/a/b".
-fn normalize_dest(dest: &str) -> String {
+pub fn normalize_dest(dest: &str) -> String {
     let parts: Vec<&str> = dest.split('/').filter(|p| !p.is_empty() && *p != ".").collect();
     format!("/{}", parts.join("/"))
 }

@@ -1,8 +1,10 @@
-//! What a GPU container had and a restore must give back: the node's GPUs (for the
-//! compatibility check), and the NVIDIA device nodes, devices-cgroup rules and driver mounts of
-//! the running container (nvidia-container-runtime edits the spec only on `create`, so a
-//! `restore` through it would get none of them).
+//! GPU containers through a checkpoint and a restore: the node's GPUs (for the compatibility
+//! check), the NVIDIA device nodes, devices-cgroup rules and driver mounts of the running
+//! container (recorded, to compare), and what a restored container's own spec gives it
+//! (nvidia-container-runtime edits the spec only on `create`, so a `restore` through it would get
+//! none of them; [`assign`]).
 
+pub mod assign;
 pub mod cdi;
 pub mod devices;
 pub mod inventory;
@@ -13,7 +15,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::cuda::ProcessState;
 
-pub use cdi::{cdi_device_names, resolve_cdi, CdiError, CDI_DIRS};
+pub use assign::{
+    check_gpu_count, gpu_request, node_device_access, recorded_gpus, AssignmentError, GpuRequest, VisibleDevices,
+    NVIDIA_GPU_KIND,
+};
+pub use cdi::{cdi_device_names, resolve_cdi, resolve_cdi_for_kind, CdiError, CDI_DIRS};
 pub use devices::{inject, record};
 pub use inventory::{check_compatible, node_gpus, GpuMismatch, NodeGpus};
 
@@ -98,7 +104,8 @@ pub struct MountRecord {
     pub options: Vec<String>,
 }
 
-/// The NVIDIA device access of a container: what a restore must put back into its spec.
+/// The NVIDIA device access of a container (recorded at checkpoint, or resolved for a restored
+/// container from its own request).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GpuDevices {
     #[serde(default)]
@@ -163,7 +170,8 @@ pub struct GpuRecord {
     /// Milliseconds per phase: "gpu-lock", "gpu-checkpoint", "criu-dump", "gpu-restore", "gpu-unlock".
     #[serde(default)]
     pub phases_ms: BTreeMap<String, u64>,
-    /// Device nodes, cgroup rules and driver mounts to give back on restore.
+    /// Device nodes, cgroup rules and driver mounts the container had. Untrusted at restore (anyone
+    /// who can edit a checkpoint controls it): only its GPU count is used, never its contents.
     #[serde(default)]
     pub devices: GpuDevices,
 }

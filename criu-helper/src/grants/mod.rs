@@ -19,6 +19,8 @@ pub use spec::{clean_path, is_under, SpecError, SpecGrants};
 
 use crate::images::{self, CheckpointImages, DeviceNode, ImageError, Mount, NsKind, Seccomp, Task};
 
+/// The source of runc's masks over files.
+const DEV_NULL: &str = "/dev/null";
 /// `SECBIT_NO_SETUID_FIXUP`: keeps capabilities across uid changes; setting it needs CAP_SETPCAP.
 const SECBIT_NO_SETUID_FIXUP: u32 = 1 << 2;
 /// Device nodes runc creates in every container's `/dev` (`libcontainer/specconv`'s
@@ -131,7 +133,7 @@ pub enum Excess {
     Lsm { label: String, expected: String, pids: Vec<u32> },
     /// AppArmor policies CRIU would load into the kernel.
     AppArmorPolicies { names: Vec<String> },
-    /// The checkpoint was taken in the host's namespace of a kind the spec makes the container's own.
+    /// The checkpoint was taken in the host's namespace of a kind the spec creates for the container.
     HostNamespace { kind: NsKind },
     /// Processes in a namespace other than the container's: the host's, or nested ones.
     OtherNamespace { kind: NsKind, pids: Vec<u32>, host: bool },
@@ -477,7 +479,9 @@ fn check_namespaces(images: &CheckpointImages, live: &[&Task], spec: &SpecGrants
     for kind in NsKind::ALL {
         let init_id = init_ns.get(kind);
         let host_id = host.get(kind);
-        if spec.has_namespace(kind) && init_id.is_some() && init_id == host_id {
+        // A namespace the spec joins by path is the one runc has CRIU restore into, whichever it
+        // is; a new one the host's namespace of the dump must not stand in for.
+        if spec.creates_namespace(kind) && init_id.is_some() && init_id == host_id {
             out.push(Excess::HostNamespace { kind });
         }
         let (mut in_host, mut nested) = (Vec::new(), Vec::new());
@@ -555,11 +559,14 @@ fn check_mounts(images: &CheckpointImages, spec: &SpecGrants, host: &Host<'_>, o
         .map(|m| m.destination.as_str())
         .collect();
     let device_paths: BTreeSet<&str> = spec.devices.iter().map(|d| d.path.as_str()).collect();
+    // The keys runc maps to sources at restore (libcontainer's restore mounts): the spec's bind
+    // mounts and devices by destination, cgroup v1 controllers under the spec's cgroup mount,
+    // and "/dev/null", the source of the masks over files, when the spec masks paths.
     let external_ok = |key: &str| {
         spec.mounts.iter().any(|m| m.is_bind() && m.destination == key)
             || cgroup_dirs.iter().any(|d| is_under(key, d))
-            || spec.masked_paths.iter().any(|p| p == key)
             || device_paths.contains(key)
+            || (key == DEV_NULL && !spec.masked_paths.is_empty())
     };
     // Host mounts in any mount namespace CRIU rebuilds.
     let mut keys = BTreeSet::new();
@@ -591,12 +598,22 @@ fn check_mounts(images: &CheckpointImages, spec: &SpecGrants, host: &Host<'_>, o
             continue;
         }
         if m.external.is_some() {
-            continue; // checked above: the spec's own source is mounted there at restore
+            // The spec's own source is mounted there at restore (checked above), with the
+            // checkpoint's mount flags; cgroup v1 controllers are bound read-only under a
+            // read-only cgroup mount.
+            let ro = spec.mount_at(path).is_some_and(|sm| sm.readonly())
+                || spec.mounts.iter().any(|sm| sm.kind == "cgroup" && sm.readonly() && is_under(path, &sm.destination));
+            if ro && !m.readonly {
+                out.push(Excess::Writable { path: path.clone(), why: "the new spec mounts it read-only" });
+            }
+            continue;
         }
         if let Some(sm) = spec.mount_at(path) {
+            // runc emulates a cgroup v1 mount with a writable tmpfs holding read-only controllers.
+            let v1_cgroup_tmpfs = sm.kind == "cgroup" && m.fstype == images::FSTYPE_TMPFS;
             if type_matches(&sm.kind, m) == Some(false) {
                 out.push(Excess::MountType { path: path.clone(), found: fstype_name(m), want: sm.kind.clone() });
-            } else if sm.readonly() && !m.readonly {
+            } else if sm.readonly() && !m.readonly && !v1_cgroup_tmpfs {
                 out.push(Excess::Writable { path: path.clone(), why: "the new spec mounts it read-only" });
             }
             continue;
@@ -627,13 +644,17 @@ fn check_mounts(images: &CheckpointImages, spec: &SpecGrants, host: &Host<'_>, o
         }
     }
     for p in &spec.masked_paths {
-        if exists(p)
-            && !at.contains_key(p)
-            && !mounts.iter().any(|m| m.external.as_deref().map(clean_path).as_deref() == Some(p))
-        {
+        if exists(p) && !at.get(p).is_some_and(|m| is_mask(m)) {
             out.push(Excess::Unmasked { path: p.clone() });
         }
     }
+}
+
+/// Whether `m` hides what is under it as runc's masks do: `/dev/null` bound over a file (the
+/// host's, declared external, or the container's own from its /dev tmpfs), or a read-only tmpfs
+/// over a directory.
+fn is_mask(m: &Mount) -> bool {
+    m.external.as_deref() == Some(DEV_NULL) || (m.fstype == images::FSTYPE_TMPFS && (m.readonly || m.root == "/null"))
 }
 
 /// A mount's place in the container, cleaned ("/" for the root).

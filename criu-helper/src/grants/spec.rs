@@ -198,6 +198,12 @@ impl SpecGrants {
         self.namespaces.iter().any(|(k, _)| *k == kind)
     }
 
+    /// Whether runc creates a new namespace of `kind` for the container (listed, without a path
+    /// to join).
+    pub fn creates_namespace(&self, kind: NsKind) -> bool {
+        self.namespaces.iter().any(|(k, path)| *k == kind && path.is_none())
+    }
+
     /// Whether the container's uids/gids are those of a user namespace the spec maps.
     pub fn user_namespace(&self) -> bool {
         self.has_namespace(NsKind::User)

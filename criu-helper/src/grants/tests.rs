@@ -68,7 +68,7 @@ fn dump() -> CheckpointImages {
         mnt("/dev", images::FSTYPE_TMPFS, false),
         mnt("/sys", images::FSTYPE_SYSFS, true),
         mnt("/proc/sys", images::FSTYPE_PROC, true),
-        mnt("/proc/kcore", images::FSTYPE_TMPFS, false),
+        Mount { root: "/null".into(), ..mnt("/proc/kcore", images::FSTYPE_TMPFS, false) },
     ];
     CheckpointImages {
         dump_host_ns: Some(ns(1)),
@@ -281,9 +281,12 @@ fn namespaces_of_the_host_or_nested_ones_are_excesses() {
         text(&run(&d, &default_spec())),
         "the checkpoint was taken in the host's network namespace, the new spec gives the container its own (CRIU would restore it into the host's)"
     );
-    // ... fine for a spec that shares the host's network itself.
+    // ... fine for a spec that shares the host's network itself, or joins a network namespace
+    // by path (a CRI pod's, host network or not): runc restores into the one it names.
     let mut spec = default_spec();
     spec["linux"]["namespaces"] = json!([{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}]);
+    assert_eq!(run(&d, &spec), vec![]);
+    spec["linux"]["namespaces"].as_array_mut().unwrap().push(json!({"type": "network", "path": "/proc/42/ns/net"}));
     assert_eq!(run(&d, &spec), vec![]);
 
     // One process entered the host's mount namespace, another made its own.
@@ -314,7 +317,7 @@ fn mounts_the_spec_does_not_make_or_protect_are_excesses() {
     let mut cgroup = mnt("/sys/fs/cgroup/cpu", 0, false);
     cgroup.external = Some("/sys/fs/cgroup/cpu".into());
     let mut masked = mnt("/proc/kcore", 0, false);
-    masked.external = Some("/proc/kcore".into());
+    masked.external = Some("/dev/null".into());
     d.mount_namespaces.get_mut(&24).unwrap().extend([host, cgroup, masked]);
     let t = text(&run(&d, &spec));
     assert_eq!(
@@ -328,11 +331,43 @@ fn mounts_the_spec_does_not_make_or_protect_are_excesses() {
         json!({"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup"}),
     ]);
     assert_eq!(run(&d, &spec2), vec![]);
+    // A read-only cgroup mount: runc's v1 emulation is a writable tmpfs with read-only controllers.
+    let mut ro_cgroup = spec2.clone();
+    ro_cgroup["mounts"][4]["options"] = json!(["ro"]);
+    d.mount_namespaces.get_mut(&24).unwrap().push(mnt("/sys/fs/cgroup", images::FSTYPE_TMPFS, false));
+    assert_eq!(
+        text(&run(&d, &ro_cgroup)),
+        "/sys/fs/cgroup/cpu is read-write in the checkpoint, the new spec mounts it read-only"
+    );
+    d.mount_namespaces
+        .get_mut(&24)
+        .unwrap()
+        .iter_mut()
+        .find(|m| m.mountpoint == "/sys/fs/cgroup/cpu")
+        .unwrap()
+        .readonly = true;
+    assert_eq!(run(&d, &ro_cgroup), vec![]);
+    d.mount_namespaces.get_mut(&24).unwrap().last_mut().unwrap().fstype = images::FSTYPE_CGROUP2;
+    assert_eq!(
+        text(&run(&d, &ro_cgroup)),
+        "/sys/fs/cgroup is read-write in the checkpoint, the new spec mounts it read-only"
+    );
+    d.mount_namespaces.get_mut(&24).unwrap().pop();
+    // The spec's source is mounted with the checkpoint's flags: read-only must stay so.
+    let mut ro = spec2.clone();
+    ro["mounts"][3]["options"] = json!(["rbind", "ro"]);
+    assert_eq!(text(&run(&d, &ro)), "/host is read-write in the checkpoint, the new spec mounts it read-only");
+    // Keyed "/dev/null" (runc's masks over files) only where the spec masks something.
+    let mut unmasked = spec2.clone();
+    unmasked["linux"]["maskedPaths"] = json!([]);
+    assert!(text(&run(&d, &unmasked)).contains("host mount at /dev/null"));
 
     // /sys writable, /proc/sys writable, /proc/kcore unmasked, a devtmpfs as /dev, a tmpfs of its own.
     let mut d = dump();
     let mounts = d.mount_namespaces.get_mut(&24).unwrap();
-    mounts.retain(|m| m.mountpoint != "/proc/sys" && m.mountpoint != "/proc/kcore");
+    mounts.retain(|m| m.mountpoint != "/proc/sys");
+    // A writable tmpfs over /proc/kcore hides nothing from whoever writes it.
+    mounts.iter_mut().find(|m| m.mountpoint == "/proc/kcore").unwrap().root = "/".into();
     mounts.iter_mut().find(|m| m.mountpoint == "/sys").unwrap().readonly = false;
     mounts.iter_mut().find(|m| m.mountpoint == "/dev").unwrap().fstype = 3;
     mounts.push(mnt("/mnt", images::FSTYPE_TMPFS, false));
@@ -396,8 +431,13 @@ fn dev_device_nodes_must_be_the_specs_or_runcs() {
 fn check_restore_reads_the_images_and_names_what_is_unreadable() {
     let dir = tempfile::tempdir().unwrap();
     crate::images::tests::write_dump(dir.path());
-    let s = check_restore(dir.path(), &json!({"process": {"user": {"uid": 0}}}), &host()).unwrap();
-    assert_eq!(s.to_string(), "2 processes, 3 threads, 4 mounts");
+    let bare = json!({"process": {"user": {"uid": 0}}});
+    let e = check_restore(dir.path(), &bare, &host()).unwrap_err();
+    assert_eq!(e.to_string(), "the checkpoint has a host mount at /data, the new spec does not mount anything there");
+    let with_data = json!({"process": {"user": {"uid": 0}},
+                           "mounts": [{"destination": "/data", "type": "bind", "source": "/srv/data", "options": ["rbind"]}]});
+    let s = check_restore(dir.path(), &with_data, &host()).unwrap();
+    assert_eq!(s.to_string(), "2 processes, 3 threads, 5 mounts");
     let e = check_restore(dir.path(), &json!({"process": {"capabilities": {"bounding": 3}}}), &host()).unwrap_err();
     assert!(matches!(e, GrantError::Spec(_)) && e.to_string().contains("process.capabilities.bounding"), "{e}");
     std::fs::remove_file(dir.path().join("pstree.img")).unwrap();

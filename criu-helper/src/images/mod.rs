@@ -283,8 +283,9 @@ pub struct Mount {
     pub source: String,
     pub options: String,
     pub readonly: bool,
-    /// Declared external at dump (a bind mount from the host, runc's spec bind mounts): CRIU
-    /// restores it from what the restoring side maps `ext_key` to.
+    /// Declared external at dump (a bind mount from the host): the key CRIU restores it from,
+    /// whatever the restoring side maps that key to. runc keys the spec's bind mounts and devices
+    /// by their destination, cgroup v1 controllers by theirs, and masked files by "/dev/null".
     pub external: Option<String>,
     pub root_dev: u32,
 }
@@ -408,7 +409,13 @@ fn mount_from_proto(m: &proto::MntEntry) -> Mount {
         source: m.source.clone(),
         options: m.options.clone(),
         readonly: m.flags & MS_RDONLY != 0 || m.sb_flags.unwrap_or(0) & MS_RDONLY != 0,
-        external: m.ext_mount.unwrap_or(false).then(|| m.ext_key.clone().unwrap_or_else(|| m.mountpoint.clone())),
+        // CRIU ≥ 3.x records an external mount by its key alone (`ext_mount` is from older
+        // releases, which keyed it by the mountpoint).
+        external: match (&m.ext_key, m.ext_mount) {
+            (Some(key), _) if !key.is_empty() => Some(key.clone()),
+            (_, Some(true)) => Some(m.mountpoint.clone()),
+            _ => None,
+        },
         root_dev: m.root_dev,
     }
 }

@@ -168,8 +168,7 @@ pub struct MntEntry {
     pub source: String,
     #[prost(string, required, tag = "9")]
     pub options: String,
-    /// A mount from outside (runc declares the spec's bind mounts so): restored from what the
-    /// restoring side maps `ext_key` to.
+    /// Set by old CRIU releases for an external mount; current ones set only `ext_key`.
     #[prost(bool, optional, tag = "13")]
     pub ext_mount: Option<bool>,
     #[prost(string, optional, tag = "14")]
@@ -177,6 +176,8 @@ pub struct MntEntry {
     /// Superblock flags (`MS_RDONLY` = 1 for a read-only filesystem).
     #[prost(uint32, optional, tag = "17")]
     pub sb_flags: Option<u32>,
+    /// The key of an external mount (a bind mount from outside the container): the restoring
+    /// side maps it to a source.
     #[prost(string, optional, tag = "18")]
     pub ext_key: Option<String>,
 }

@@ -108,6 +108,8 @@ pub(crate) fn write_dump(dir: &Path) {
         mount(2, 1, "/proc", FSTYPE_PROC, false),
         mount(3, 1, "/dev", FSTYPE_TMPFS, false),
         mount(4, 1, "/sys", FSTYPE_SYSFS, true),
+        // A host bind mount as CRIU 4.x records it: by its key alone, no `ext_mount`.
+        MntEntry { ext_key: Some("/data".into()), ..mount(5, 1, "/data", 0, false) },
     ];
     write_image(
         &dir.join("mountpoints-24.img"),
@@ -150,8 +152,9 @@ fn a_dump_reads_back_with_every_thread_and_mount_and_never_its_pages() {
     assert_eq!(imgs.dump_host_ns.unwrap().get(NsKind::Network), Some(2));
     assert_eq!(child.ns.unwrap().get(NsKind::Mount), Some(24));
     let mounts = imgs.container_mounts().unwrap();
-    assert_eq!(mounts.len(), 4);
-    assert!(mounts.iter().any(|m| m.mountpoint == "/sys" && m.readonly));
+    assert_eq!(mounts.len(), 5);
+    assert!(mounts.iter().any(|m| m.mountpoint == "/sys" && m.readonly && m.external.is_none()));
+    assert_eq!(mounts.iter().find(|m| m.mountpoint == "/data").unwrap().external.as_deref(), Some("/data"));
 }
 
 #[test]

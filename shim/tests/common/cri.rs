@@ -70,6 +70,8 @@ pub struct Setup {
     pub pod_annotations: Option<Vec<&'static str>>,
     /// The containerd release to run (default: the system's 1.6).
     pub containerd: Containerd,
+    /// More `[checkpoint]` keys for the node's config (e.g. `allow_env_restore = true`).
+    pub checkpoint_config: &'static str,
 }
 
 pub fn cri_bed(style: Style) -> CriBed {
@@ -81,7 +83,8 @@ pub fn cri_bed_with(style: Style, setup: Setup) -> CriBed {
     let dir = scratch.path();
     let store = dir.join("checkpoints");
     let config = dir.join("kybernate.toml");
-    std::fs::write(&config, format!("[checkpoint]\nroot = \"{}\"\n", store.display())).expect("writing the config");
+    std::fs::write(&config, format!("[checkpoint]\nroot = \"{}\"\n{}", store.display(), setup.checkpoint_config))
+        .expect("writing the config");
     let mut runtime = match style {
         Style::RuntimeType => CriRuntime::runtime_type(HANDLER, Some(&config)),
         Style::RuntimePath => CriRuntime::runtime_path(HANDLER, Path::new(SHIM)),
