@@ -586,3 +586,27 @@ fn hidden_work_directories_in_the_store_are_never_restored_from() {
     remove(tb, &restored);
     let _ = tb.ctr(&["tasks", "delete", &id]);
 }
+
+/// CRI names a restore would refuse as broken (`ctr run --annotation io.kubernetes.pod.namespace=Team_A`)
+/// are refused at the checkpoint, before anything is frozen: no checkpoint that could never be
+/// restored is written, and the container keeps running.
+#[test]
+fn a_checkpoint_no_restore_would_accept_is_refused_before_freezing() {
+    let bed = bed();
+    let tb = &bed.tb;
+    let id = unique_name("badns");
+    run_counter(tb, &id, &["--annotation", "io.kubernetes.pod.namespace=Team_A"]);
+    wait_counter(tb, &id, 3);
+    let target = store_path(&bed, &id);
+    let o = containerd_shim_protos::shim::oci::CheckpointOptions {
+        image_path: target.display().to_string(),
+        ..Default::default()
+    };
+    let (code, message) = error_of(checkpoint(tb, &id, o));
+    assert_eq!(code, Code::INVALID_ARGUMENT, "{message}");
+    assert!(message.contains("pod_namespace \"Team_A\" is not a valid Kubernetes name"), "{message}");
+    assert!(!target.exists(), "a checkpoint was written: {}", target.display());
+    assert!(entries(target.parent().unwrap()).is_empty(), "partial checkpoint left behind");
+    assert_running(tb, &id, "after its refused checkpoint");
+    remove(tb, &id);
+}
