@@ -666,7 +666,8 @@ fn gpu_checkpoints_show_their_gpu_record_and_other_gpus_are_refused() {
     assert_eq!(out.status.code(), Some(1), "{}", show(&out));
     let err = stderr(&out);
     assert!(err.contains("NVIDIA H100 80GB HBM3") && err.contains("--allow-gpu-mismatch"), "{err}");
-    // Allowed: it gets as far as containerd.
+    // Allowed: the GPU check passes (this fake checkpoint is then refused by the checks of its
+    // spec and images, before containerd is asked).
     let out = node.run(&["--address", "/nonexistent/containerd.sock", "restore", &id, "--allow-gpu-mismatch"]);
     assert_ne!(out.status.code(), Some(0));
     assert!(!stderr(&out).contains("--allow-gpu-mismatch"), "{}", show(&out));

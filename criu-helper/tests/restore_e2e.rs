@@ -13,8 +13,8 @@ use std::process::Command;
 use std::time::SystemTime;
 
 use common::{
-    assert_exit, assert_exit_ok, bed, bed_with, fake_checkpoint, fake_gpu_runtime_binary, json, task_status, text,
-    wait_for, Bed, KYBERNATE, RUNTIME,
+    assert_exit, assert_exit_ok, bed, bed_with, edit_checkpoint_json, fake_checkpoint, fake_gpu_runtime_binary, json,
+    task_status, text, wait_for, Bed, KYBERNATE, RUNTIME,
 };
 use kybernate_criu::Store;
 use kybernate_testbed::fakes::{nvidia_device_node, FakeCuda};
@@ -48,7 +48,9 @@ fn checkpoint_export_import_and_restore_continues_the_counter_on_containerd_2() 
 
 fn checkpoint_export_import_and_restore(bed: Bed) {
     let id = unique_name("rs");
-    bed.run_counter(&id, RUNTIME);
+    // With containerd's RuntimeDefault seccomp profile: the checkpoint's spec grants nothing
+    // beyond the image defaults, so no --trust-spec is needed.
+    bed.run_counter_with(&id, RUNTIME, &["--seccomp"]);
     bed.wait_counter(&id, 30);
 
     // Checkpoint and stop it.
@@ -93,6 +95,8 @@ fn checkpoint_export_import_and_restore(bed: Bed) {
     assert!(restored["pid"].as_u64().is_some_and(|p| p > 0), "{restored}");
     assert!(restored["duration_ms"].is_u64(), "{restored}");
     assert_eq!(restored["checkpoint"]["id"], imported.as_str(), "{restored}");
+    assert_eq!(restored["spec"], format!("spec.dump of {imported}"), "{restored}");
+    assert_eq!(restored["privileges"], serde_json::json!([]), "{restored}");
 
     assert_eq!(task_status(&bed.tb, &new_id).as_deref(), Some("RUNNING"));
     let labels = bed.tb.ctr_ok(&["containers", "info", &new_id]);
@@ -120,23 +124,76 @@ fn restore_refuses_bad_input_and_creates_nothing() {
     let cp_path = PathBuf::from(json(&out)["path"].as_str().expect("path"));
     let before = bed.containers();
 
+    // `ctr run` without --seccomp: the spec grants exactly one thing beyond the image defaults,
+    // and that alone needs --trust-spec. Refused before containerd is asked.
+    let unconfined = "seccomp unconfined (no profile)";
+    let refused = unique_name("untrusted");
+    let out = bed.kybernate(&["-o", "json", "restore", &cp_id, "--as", &refused, "--image", IMAGE]);
+    assert_exit(&out, 2, &["refused", unconfined, "--trust-spec", "--spec FILE", "nothing was created"]);
+    let v = json(&out);
+    assert_eq!(v["privileges"], serde_json::json!([unconfined]), "{v}");
+    assert_eq!((v["restore"].as_bool(), v["dry_run"].as_bool()), (Some(false), Some(false)), "{v}");
+    assert_eq!(v["spec"], format!("spec.dump of {cp_id}"), "{v}");
+    assert_eq!(v["credentials"]["ok"], true, "the checkpoint's processes need nothing beyond it: {v}");
+    let out = bed.kybernate(&["restore", &cp_id, "--as", &refused, "--image", IMAGE]);
+    assert_exit(&out, 2, &[unconfined]);
+    assert_eq!(
+        text(&out.stdout),
+        format!("the spec (spec.dump of {cp_id}) grants beyond the image defaults:\n  {unconfined}\n")
+    );
+    // --dry-run: the same verdict without and with --trust-spec, and nothing created.
+    let out = bed.kybernate(&["restore", &cp_id, "--as", &refused, "--image", IMAGE, "--dry-run"]);
+    assert_exit(&out, 2, &[unconfined]);
+    assert!(text(&out.stdout).contains("would be refused as"), "{}", text(&out.stdout));
+    let out = bed.kybernate(&[
+        "-o",
+        "json",
+        "restore",
+        &cp_id,
+        "--as",
+        &refused,
+        "--image",
+        IMAGE,
+        "--dry-run",
+        "--trust-spec",
+    ]);
+    assert_exit_ok(&out);
+    let v = json(&out);
+    assert_eq!((v["dry_run"].as_bool(), v["restore"].as_bool(), v["error"].is_null()), (Some(true), Some(true), true));
+    assert_eq!(v["privileges"], serde_json::json!([unconfined]), "{v}");
+    assert!(v["credentials"]["processes"].as_u64().is_some_and(|n| n >= 1), "{v}");
+    bed.assert_nothing_named(&refused);
+    assert_eq!(bed.containers(), before, "nothing may be created");
+
     assert_exit(&bed.kybernate(&["restore", "nope/nope/nope", "--image", IMAGE]), 2, &["not found"]);
     // The id of an existing container (the original is still running).
-    assert_exit(&bed.kybernate(&["restore", &cp_id, "--as", &id, "--image", IMAGE]), 2, &["already exists", "--as"]);
+    let trusted = |args: &[&str]| {
+        let mut all = vec!["restore", &cp_id, "--trust-spec"];
+        all.extend_from_slice(args);
+        all.into_iter().map(str::to_string).collect::<Vec<_>>()
+    };
+    let run = |args: Vec<String>| bed.kybernate(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_exit(&run(trusted(&["--as", &id, "--image", IMAGE])), 2, &["already exists", "--as"]);
     let missing_image = "docker.io/kybernate/missing:none";
-    assert_exit(&bed.kybernate(&["restore", &cp_id, "--image", missing_image]), 2, &["not found", missing_image]);
-    assert_exit(&bed.kybernate(&["restore", &cp_id, "--as", "bad/id", "--image", IMAGE]), 2, &["invalid container id"]);
-    let out =
-        bed.kybernate_at(Path::new("/nonexistent.sock"), bed.tb.namespace(), &["restore", &cp_id, "--image", IMAGE]);
+    assert_exit(&run(trusted(&["--image", missing_image])), 2, &["not found", missing_image]);
+    assert_exit(&run(trusted(&["--as", "bad/id", "--image", IMAGE])), 2, &["invalid container id"]);
+    let args = trusted(&["--image", IMAGE]);
+    let out = bed.kybernate_at(
+        Path::new("/nonexistent.sock"),
+        bed.tb.namespace(),
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
     assert_exit(&out, 1, &["cannot reach containerd at /nonexistent.sock", "is containerd running?"]);
     assert_eq!(bed.containers(), before, "nothing may be created");
 
     // The table form, with the default id, while the original still runs (in its own cgroup).
-    let out = bed.kybernate(&["restore", &cp_id, "--image", IMAGE]);
+    let out = bed.kybernate(&["restore", &cp_id, "--image", IMAGE, "--trust-spec"]);
     if !out.status.success() {
         panic!("restore failed: {}\n--- containerd log ---\n{}", text(&out.stderr), bed.tb.log_tail(40));
     }
     let table = text(&out.stdout);
+    let header = format!("the spec (spec.dump of {cp_id}) grants beyond the image defaults:\n  {unconfined}\n");
+    let table = table.strip_prefix(&header).unwrap_or_else(|| panic!("no privileges before the summary:\n{table}"));
     let prefix = format!("{id}-restored-");
     let new_id = table
         .lines()
@@ -145,7 +202,13 @@ fn restore_refuses_bad_input_and_creates_nothing() {
         .unwrap_or_else(|| panic!("no container: {prefix}<seconds> line:\n{table}"))
         .to_string();
     assert!(table.starts_with(&format!("restored {cp_id} as {new_id}\n")), "{table}");
-    for want in ["namespace:", "pid:", "checkpoint:", "duration:"] {
+    for want in [
+        "namespace:",
+        "pid:",
+        "checkpoint:",
+        "duration:",
+        "privileges: 1 beyond the image defaults, allowed by --trust-spec",
+    ] {
         assert!(table.contains(want), "table lacks {want:?}:\n{table}");
     }
     assert_eq!(task_status(&bed.tb, &new_id).as_deref(), Some("RUNNING"));
@@ -162,28 +225,62 @@ fn restore_refuses_bad_input_and_creates_nothing() {
     };
     ctr_other(&["images", "import", kybernate_testbed::IMAGE_ARCHIVE]);
     let crossed = unique_name("crossed");
-    let out = bed.kybernate_at(bed.tb.address(), &other, &["restore", &cp_id, "--as", &crossed, "--image", IMAGE]);
+    let out = bed.kybernate_at(
+        bed.tb.address(),
+        &other,
+        &["restore", &cp_id, "--as", &crossed, "--image", IMAGE, "--trust-spec"],
+    );
     assert_exit(&out, 1, &["restore of container", &crossed, "cannot be restored into namespace"]);
     assert_eq!(ctr_other(&["containers", "ls", "-q"]).trim(), "", "the failed restore's container must be removed");
     let snapshots = ctr_other(&["snapshots", "ls"]);
     assert!(!snapshots.contains(&crossed), "the failed restore's snapshot must be removed: {snapshots}");
 
-    // A failure at Start: CRIU cannot read a garbage inventory.img that the manifest vouches
-    // for (its checksum rewritten), so the task is created, fails to start, and is deleted.
+    // A garbage inventory.img that the manifest vouches for (its checksum rewritten): the CLI's
+    // credentials check cannot read CRIU's images and refuses before containerd is asked.
     let out = bed.kybernate(&["-o", "json", "checkpoint", &id, "--name", "garbage"]);
     assert_exit_ok(&out);
     let garbage = json(&out);
     let garbage_path = PathBuf::from(garbage["path"].as_str().unwrap());
-    let inventory = b"not a CRIU image".to_vec();
-    fs::write(garbage_path.join("checkpoint/inventory.img"), &inventory).unwrap();
-    let manifest_path = garbage_path.join("kybernate.json");
-    let mut m: Value = serde_json::from_slice(&fs::read(&manifest_path).unwrap()).unwrap();
-    let hex: String = Sha256::digest(&inventory).iter().map(|b| format!("{b:02x}")).collect();
-    m["files"]["checkpoint/inventory.img"] = serde_json::json!({"size": inventory.len(), "sha256": hex});
-    fs::write(&manifest_path, serde_json::to_vec(&m).unwrap()).unwrap();
+    rewrite_file(&garbage_path, "checkpoint/inventory.img", b"not a CRIU image");
     assert_exit_ok(&bed.kybernate(&["inspect", garbage["id"].as_str().unwrap()]));
+    let unreadable = unique_name("unreadable");
+    let out = bed.kybernate(&[
+        "restore",
+        garbage["id"].as_str().unwrap(),
+        "--as",
+        &unreadable,
+        "--image",
+        IMAGE,
+        "--trust-spec",
+    ]);
+    assert_exit(&out, 2, &["the credentials check failed", "inventory.img"]);
+    bed.assert_nothing_named(&unreadable);
+    assert_eq!(bed.containers(), before, "a refused restore must create nothing");
+
+    // A failure at Start: CRIU cannot read a garbage pagemap image (which the credentials check
+    // does not read), so the task is created, fails to start, and is deleted.
+    let out = bed.kybernate(&["-o", "json", "checkpoint", &id, "--name", "badpages"]);
+    assert_exit_ok(&out);
+    let badpages = json(&out);
+    let badpages_path = PathBuf::from(badpages["path"].as_str().unwrap());
+    let pagemap = fs::read_dir(badpages_path.join("checkpoint"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with("pagemap-") && n.ends_with(".img"))
+        .expect("a pagemap image");
+    rewrite_file(&badpages_path, &format!("checkpoint/{pagemap}"), b"not a CRIU image");
+    assert_exit_ok(&bed.kybernate(&["inspect", badpages["id"].as_str().unwrap()]));
     let failing = unique_name("failing");
-    let out = bed.kybernate(&["restore", garbage["id"].as_str().unwrap(), "--as", &failing, "--image", IMAGE]);
+    let out = bed.kybernate(&[
+        "restore",
+        badpages["id"].as_str().unwrap(),
+        "--as",
+        &failing,
+        "--image",
+        IMAGE,
+        "--trust-spec",
+    ]);
     assert_exit(&out, 1, &["restore of container", &failing]);
     assert_eq!(bed.containers(), before, "the failed restore's container must be removed");
     assert_eq!(task_status(&bed.tb, &failing), None, "the failed restore's task must be deleted");
@@ -195,7 +292,7 @@ fn restore_refuses_bad_input_and_creates_nothing() {
     let mut bytes = fs::read(&pages).unwrap();
     bytes[0] ^= 0xff;
     fs::write(&pages, bytes).unwrap();
-    let out = bed.kybernate(&["restore", &cp_id, "--as", &unique_name("tampered"), "--image", IMAGE]);
+    let out = bed.kybernate(&["restore", &cp_id, "--as", &unique_name("tampered"), "--image", IMAGE, "--trust-spec"]);
     assert_exit(&out, 1, &["pages-1.img", "failed verification"]);
     assert_eq!(bed.containers(), before, "a tampered checkpoint must create nothing");
     let snapshots = bed.tb.ctr_ok(&["snapshots", "ls"]);
@@ -337,12 +434,29 @@ fn a_gpu_checkpoint_from_other_gpus_is_refused_then_restored_with_allow_gpu_mism
 
     // With it: restored through containerd, the shim and the GPU runtime.
     let calls_before = cuda.calls().len();
-    let out =
-        bed.kybernate(&["-o", "json", "restore", &cp_id, "--as", &new_id, "--image", IMAGE, "--allow-gpu-mismatch"]);
+    // Its spec.dump names the GPU devices (`ctr run --device`, the GPU runtime's edits) and no
+    // seccomp profile: beyond the image defaults, so --trust-spec.
+    let out = bed.kybernate(&[
+        "-o",
+        "json",
+        "restore",
+        &cp_id,
+        "--as",
+        &new_id,
+        "--image",
+        IMAGE,
+        "--allow-gpu-mismatch",
+        "--trust-spec",
+    ]);
     if !out.status.success() {
         panic!("restore failed: {}\n--- containerd log ---\n{}", text(&out.stderr), bed.tb.log_tail(40));
     }
     assert_eq!(json(&out)["container"], new_id.as_str());
+    let privileges = json(&out)["privileges"].clone();
+    assert!(
+        privileges.as_array().is_some_and(|p| p.iter().any(|p| p.as_str().is_some_and(|p| p.starts_with("device ")))),
+        "{privileges}"
+    );
     assert_eq!(task_status(&bed.tb, &new_id).as_deref(), Some("RUNNING"));
     let info: Value = serde_json::from_str(&bed.tb.ctr_ok(&["containers", "info", &new_id])).unwrap();
     assert_eq!(info["Spec"]["annotations"]["kybernate.io/allow-gpu-mismatch"], "true", "{info}");
@@ -361,6 +475,213 @@ fn a_gpu_checkpoint_from_other_gpus_is_refused_then_restored_with_allow_gpu_mism
         assert!(restore.is_some() && unlock.is_some() && restore < unlock, "pid {pid}: {calls:?}");
         assert_eq!(cuda.state_of_pid(pid).as_deref(), Some("running"), "pid {pid}");
     }
+
+    bed.remove(&new_id);
+    bed.remove(&id);
+}
+
+/// Replaces `file` of the checkpoint in `dir` with `data`, and its size and sha256 in the manifest:
+/// the checkpoint still verifies.
+fn rewrite_file(dir: &Path, file: &str, data: &[u8]) {
+    fs::write(dir.join(file), data).unwrap();
+    let manifest_path = dir.join("kybernate.json");
+    let mut m: Value = serde_json::from_slice(&fs::read(&manifest_path).unwrap()).unwrap();
+    let hex: String = Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect();
+    m["files"][file] = serde_json::json!({"size": data.len(), "sha256": hex});
+    fs::write(&manifest_path, serde_json::to_vec(&m).unwrap()).unwrap();
+}
+
+/// Every privilege `kybernate restore` must name for the edited spec.dump below, in its order
+/// (the prestart hook goes before the CRIU config file).
+const EDITED_PRIVILEGES: [&str; 11] = [
+    "privileged: all capabilities",
+    "host pid namespace",
+    "host network namespace",
+    "/sys read-write",
+    "host bind mount / at /host (rw)",
+    "device /dev/sda (b 8:0)",
+    "devices cgroup allows all devices (a *:* rwm)",
+    "seccomp unconfined (no profile)",
+    "masked paths removed: /proc/acpi, /proc/asound, /proc/kcore, /proc/keys, /proc/latency_stats, /proc/timer_list, \
+     /proc/timer_stats, /proc/sched_debug, /sys/firmware, /proc/scsi",
+    "no_new_privs off (setuid binaries and file capabilities can raise privileges)",
+    "CRIU config file /etc/kybernate-test-criu.conf (org.criu.config: CRIU options, scripts included, run as root)",
+];
+
+/// A checkpoint whose `spec.dump` (and `config.dump`) were edited to grant everything — all
+/// capabilities, host namespaces, a host bind mount, a device, no seccomp, no masked paths, a
+/// prestart hook and a CRIU config file — with the manifest's sums recomputed, so that it
+/// verifies: `kybernate restore` refuses it (exit 2) without --trust-spec, naming each, and
+/// creates nothing in containerd (the hook never runs); --dry-run says the same and creates
+/// nothing either; --spec with a clean spec restores it, and the counter counts on.
+#[test]
+fn an_edited_spec_dump_is_refused_without_trust_spec_and_a_clean_spec_restores() {
+    let bed = bed();
+    let id = unique_name("rsspec");
+    bed.run_counter_with(&id, RUNTIME, &["--seccomp"]);
+    bed.wait_counter(&id, 10);
+    let out = bed.kybernate(&["-o", "json", "checkpoint", &id, "--exit"]);
+    assert_exit_ok(&out);
+    let cp_id = json(&out)["id"].as_str().expect("id").to_string();
+    let cp_path = PathBuf::from(json(&out)["path"].as_str().expect("path"));
+    wait_for(&format!("{id} to stop after --exit"), || {
+        (task_status(&bed.tb, &id).as_deref() != Some("RUNNING")).then_some(())
+    });
+    let at_checkpoint = bed.counter(&id).expect("the counter of the checkpointed container");
+
+    // The spec as the shim recorded it: containerd's defaults with RuntimeDefault. Kept aside as
+    // the operator's clean spec.
+    let clean = bed.dir.path().join("clean-spec.json");
+    fs::copy(cp_path.join("spec.dump"), &clean).unwrap();
+    let dry = bed.kybernate(&["-o", "json", "restore", &cp_id, "--image", IMAGE, "--dry-run"]);
+    assert_exit_ok(&dry);
+    assert_eq!(json(&dry)["privileges"], serde_json::json!([]), "the recorded spec grants nothing extra");
+
+    let hook_ran = bed.dir.path().join("hook-ran");
+    let hook = format!("touch {}", hook_ran.display());
+    edit_checkpoint_json(&cp_path, "spec.dump", |spec| {
+        let caps = serde_json::json!(kybernate_criu::grants::caps::NAMES.to_vec());
+        for set in ["bounding", "effective", "permitted", "inheritable", "ambient"] {
+            spec["process"]["capabilities"][set] = caps.clone();
+        }
+        spec["process"]["noNewPrivileges"] = false.into();
+        let linux = &mut spec["linux"];
+        linux.as_object_mut().unwrap().remove("seccomp");
+        linux["maskedPaths"] = serde_json::json!([]);
+        linux["namespaces"]
+            .as_array_mut()
+            .expect("linux.namespaces")
+            .retain(|n| n["type"] != "network" && n["type"] != "pid");
+        linux["devices"] =
+            serde_json::json!([{"path": "/dev/sda", "type": "b", "major": 8, "minor": 0, "fileMode": 432}]);
+        linux["resources"]["devices"] = serde_json::json!([{"allow": true, "access": "rwm"}]);
+        let mounts = spec["mounts"].as_array_mut().expect("mounts");
+        for m in mounts.iter_mut().filter(|m| m["destination"] == "/sys") {
+            m["options"] = serde_json::json!(["nosuid", "noexec", "nodev", "rw"]);
+        }
+        mounts.push(
+            serde_json::json!({"destination": "/host", "type": "bind", "source": "/", "options": ["rbind", "rw"]}),
+        );
+        spec["hooks"] = serde_json::json!({"prestart": [{"path": "/bin/sh", "args": ["sh", "-c", hook]}]});
+        spec["annotations"] = serde_json::json!({"org.criu.config": "/etc/kybernate-test-criu.conf"});
+    });
+    edit_checkpoint_json(&cp_path, "config.dump", |c| {
+        c["privileged"] = true.into();
+        c["hostNetwork"] = true.into();
+        c["hostPID"] = true.into();
+        c["mounts"] = serde_json::json!([{"containerPath": "/host", "hostPath": "/"}]);
+        c["devices"] = serde_json::json!([{"containerPath": "/dev/sda", "hostPath": "/dev/sda", "permissions": "rwm"}]);
+    });
+    assert_exit_ok(&bed.kybernate(&["inspect", &cp_id]));
+    let hook_line = format!("hooks: prestart /bin/sh -c {hook} (runs on the host as root)");
+    let mut want: Vec<String> = EDITED_PRIVILEGES.iter().map(|p| p.to_string()).collect();
+    want.insert(10, hook_line.clone());
+
+    let before = bed.containers();
+    let new_id = unique_name("rsspec-r");
+    let assert_nothing_created = || {
+        bed.assert_nothing_named(&new_id);
+        assert_eq!(bed.containers(), before, "a refused restore must create nothing");
+        assert!(!hook_ran.exists(), "the spec's prestart hook ran");
+    };
+
+    // Refused, naming each: on stderr (one line) and, for a table, on stdout one per line.
+    let out = bed.kybernate(&["restore", &cp_id, "--as", &new_id, "--image", IMAGE]);
+    let mut stderr_has: Vec<&str> = want.iter().map(String::as_str).collect();
+    stderr_has.extend(["refused", "--trust-spec", "--spec FILE"]);
+    assert_exit(&out, 2, &stderr_has);
+    assert_eq!(text(&out.stderr).trim_end().lines().count(), 1, "one error line");
+    let table = text(&out.stdout);
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines[0], format!("the spec (spec.dump of {cp_id}) grants beyond the image defaults:"), "{table}");
+    assert_eq!(lines[1..].iter().map(|l| l.trim_start()).collect::<Vec<_>>(), want, "{table}");
+    assert_nothing_created();
+
+    // JSON: the same list, the refusal, and the credentials check, which refuses too: without
+    // the masked paths the checkpoint's masks (/dev/null bound over /proc/kcore, ...) are host
+    // mounts this spec does not make. Every reason at once.
+    let out = bed.kybernate(&["-o", "json", "restore", &cp_id, "--as", &new_id, "--image", IMAGE]);
+    assert_exit(&out, 2, &["refused", "--trust-spec", "the checkpoint's processes hold more than the spec"]);
+    let v = json(&out);
+    assert_eq!(v["privileges"], serde_json::json!(want), "{v}");
+    assert_eq!(v["restore"], false, "{v}");
+    assert_eq!(v["credentials"]["ok"], false, "{v}");
+    let excesses = v["credentials"]["excesses"].to_string();
+    assert!(excesses.contains("with the host's /dev/null, the new spec masks no paths"), "{v}");
+    assert!(v["error"].as_str().is_some_and(|e| e.contains("--trust-spec")), "{v}");
+    assert_nothing_created();
+
+    // --dry-run says the same, and creates nothing either.
+    let out = bed.kybernate(&["restore", &cp_id, "--as", &new_id, "--image", IMAGE, "--dry-run"]);
+    assert_exit(&out, 2, &["refused"]);
+    let table = text(&out.stdout);
+    for want in want.iter().map(String::as_str).chain([
+        "would be refused as",
+        "nothing was created",
+        "not allowed without --trust-spec",
+        "credentials: refused: the checkpoint masks /proc/",
+        "with the host's /dev/null, the new spec masks no paths",
+    ]) {
+        assert!(table.contains(want), "dry run lacks {want:?}:\n{table}");
+    }
+    let out = bed.kybernate(&["-o", "json", "restore", &cp_id, "--as", &new_id, "--image", IMAGE, "--dry-run"]);
+    assert_exit(&out, 2, &["refused"]);
+    let v = json(&out);
+    assert_eq!((v["dry_run"].as_bool(), v["restore"].as_bool()), (Some(true), Some(false)), "{v}");
+    assert_eq!(v["privileges"], serde_json::json!(want), "{v}");
+    // --trust-spec allows what the spec grants, never what the checkpoint's processes hold
+    // beyond it: still refused, for that reason only.
+    let out = bed.kybernate(&[
+        "-o",
+        "json",
+        "restore",
+        &cp_id,
+        "--as",
+        &new_id,
+        "--image",
+        IMAGE,
+        "--dry-run",
+        "--trust-spec",
+    ]);
+    assert_exit(&out, 2, &["the checkpoint's processes hold more than the spec"]);
+    assert!(!text(&out.stderr).contains("pass --trust-spec"), "{}", text(&out.stderr));
+    let v = json(&out);
+    assert_eq!((v["dry_run"].as_bool(), v["restore"].as_bool()), (Some(true), Some(false)), "{v}");
+    assert_nothing_created();
+
+    // A --spec file that cannot be read is bad input.
+    let missing = bed.dir.path().join("missing.json");
+    let out = bed.kybernate(&["restore", &cp_id, "--image", IMAGE, "--spec", missing.to_str().unwrap()]);
+    assert_exit(&out, 2, &["--spec", "missing.json", "cannot read"]);
+
+    // The operator's clean spec: restored, counting on from the checkpoint.
+    let out = bed.kybernate(&[
+        "-o",
+        "json",
+        "restore",
+        &cp_id,
+        "--as",
+        &new_id,
+        "--image",
+        IMAGE,
+        "--spec",
+        clean.to_str().unwrap(),
+    ]);
+    if !out.status.success() {
+        panic!("restore failed: {}\n--- containerd log ---\n{}", text(&out.stderr), bed.tb.log_tail(40));
+    }
+    let v = json(&out);
+    assert_eq!(v["spec"], clean.to_str().unwrap(), "{v}");
+    assert_eq!(v["privileges"], serde_json::json!([]), "{v}");
+    assert_eq!(task_status(&bed.tb, &new_id).as_deref(), Some("RUNNING"));
+    let info: Value = serde_json::from_str(&bed.tb.ctr_ok(&["containers", "info", &new_id])).unwrap();
+    assert!(info["Spec"].get("hooks").is_none(), "{info}");
+    assert!(info["Spec"]["annotations"].get("org.criu.config").is_none(), "{info}");
+    assert!(info["Spec"]["linux"]["seccomp"].is_object(), "the clean spec's profile: {info}");
+    let first = wait_for("the restored counter", || bed.counter(&new_id));
+    assert!(first >= at_checkpoint, "restored counter {first} < {at_checkpoint} at checkpoint: not restored");
+    wait_for("the restored counter to increase", || bed.counter(&new_id).filter(|&n| n > first));
+    assert!(!hook_ran.exists(), "the edited spec's prestart hook ran");
 
     bed.remove(&new_id);
     bed.remove(&id);

@@ -9,6 +9,7 @@
 //! `spec.dump` and the manifest are never consulted: only the images decide what is restored.
 
 pub mod caps;
+pub mod defaults;
 pub mod spec;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -138,7 +139,7 @@ pub enum Excess {
     /// Processes in a namespace other than the container's: the host's, or nested ones.
     OtherNamespace { kind: NsKind, pids: Vec<u32>, host: bool },
     /// An external (host) mount the spec does not make.
-    HostMount { key: String },
+    HostMount { key: String, at: Vec<String> },
     /// Read-write where the spec mounts read-only (a spec mount, a read-only path, the root).
     Writable { path: String, why: &'static str },
     /// A mount of another filesystem type than the spec's at the same place.
@@ -198,13 +199,15 @@ impl fmt::Display for Excess {
             ),
             Excess::Lsm { label, expected, pids } => write!(
                 f,
-                "LSM label: checkpoint processes ({}) run as {label:?}, the new container's processes run as {expected:?}",
-                pid_list(pids)
+                "LSM label: checkpoint processes ({}) run as \"{}\", the new container's processes run as \"{}\"",
+                pid_list(pids),
+                shown(label),
+                shown(expected)
             ),
             Excess::AppArmorPolicies { names } => write!(
                 f,
                 "the checkpoint would load AppArmor policies {} into the kernel, which needs CAP_MAC_ADMIN, not granted by the new spec",
-                names.join(", ")
+                names.iter().map(|n| shown(n)).collect::<Vec<_>>().join(", ")
             ),
             Excess::HostNamespace { kind } => write!(
                 f,
@@ -220,22 +223,42 @@ impl fmt::Display for Excess {
                 "checkpoint processes ({}) live in a nested {kind} namespace; creating one needs CAP_SYS_ADMIN, which the new spec does not grant",
                 pid_list(pids)
             ),
-            Excess::HostMount { key } => {
-                write!(f, "the checkpoint has a host mount at {key}, the new spec does not mount anything there")
+            Excess::HostMount { key, at } if key == DEV_NULL => write!(
+                f,
+                "the checkpoint masks {} with the host's /dev/null, the new spec masks no paths",
+                at.iter().map(|p| shown(p)).collect::<Vec<_>>().join(", ")
+            ),
+            Excess::HostMount { key, at } if at.iter().all(|p| p == key) => {
+                write!(f, "the checkpoint has a host mount at {}, the new spec does not mount anything there", shown(key))
             }
-            Excess::Writable { path, why } => write!(f, "{path} is read-write in the checkpoint, {why}"),
-            Excess::MountType { path, found, want } => {
-                write!(f, "the checkpoint has a {found} mount at {path}, the new spec mounts a {want} there")
+            Excess::HostMount { key, at } => write!(
+                f,
+                "the checkpoint has host mount {} at {}, the new spec does not mount anything at {}",
+                shown(key),
+                at.iter().map(|p| shown(p)).collect::<Vec<_>>().join(", "),
+                shown(key)
+            ),
+            Excess::Writable { path, why } => write!(f, "{} is read-write in the checkpoint, {why}", shown(path)),
+            Excess::MountType { path, found, want } => write!(
+                f,
+                "the checkpoint has a {} mount at {}, the new spec mounts a {} there",
+                shown(found),
+                shown(path),
+                shown(want)
+            ),
+            Excess::Unmasked { path } => {
+                write!(f, "{} is not masked in the checkpoint, the new spec masks it", shown(path))
             }
-            Excess::Unmasked { path } => write!(f, "{path} is not masked in the checkpoint, the new spec masks it"),
             Excess::ExtraMount { path, fstype } => write!(
                 f,
-                "the checkpoint has a {fstype} mount at {path} that the new spec does not make; mounting needs CAP_SYS_ADMIN, which it does not grant"
+                "the checkpoint has a {} mount at {} that the new spec does not make; mounting needs CAP_SYS_ADMIN, which it does not grant",
+                shown(fstype),
+                shown(path)
             ),
             Excess::Devices { nodes } => {
                 const SHOWN: usize = 8;
                 let mut list: Vec<String> =
-                    nodes.iter().take(SHOWN).map(|d| format!("{} ({} {}:{})", d.path, d.kind, d.major, d.minor)).collect();
+                    nodes.iter().take(SHOWN).map(|d| format!("{} ({} {}:{})", shown(&d.path), d.kind, d.major, d.minor)).collect();
                 if nodes.len() > SHOWN {
                     list.push(format!("and {} more", nodes.len() - SHOWN));
                 }
@@ -247,6 +270,27 @@ impl fmt::Display for Excess {
             }
         }
     }
+}
+
+/// Text from the images or the spec as it goes into a message and the log: control characters
+/// escaped (a hostile name must not drive the terminal that shows it), at most 200 characters.
+fn shown(s: &str) -> String {
+    const MAX: usize = 200;
+    let mut out: String = s
+        .chars()
+        .take(MAX)
+        .flat_map(|c| -> Box<dyn Iterator<Item = char>> {
+            if c.is_control() {
+                Box::new(c.escape_default())
+            } else {
+                Box::new(std::iter::once(c))
+            }
+        })
+        .collect();
+    if s.chars().count() > MAX {
+        out.push_str("...");
+    }
+    out
 }
 
 fn pid_list(pids: &[u32]) -> String {
@@ -568,19 +612,19 @@ fn check_mounts(images: &CheckpointImages, spec: &SpecGrants, host: &Host<'_>, o
             || device_paths.contains(key)
             || (key == DEV_NULL && !spec.masked_paths.is_empty())
     };
-    // Host mounts in any mount namespace CRIU rebuilds.
-    let mut keys = BTreeSet::new();
+    // Host mounts in any mount namespace CRIU rebuilds, by key, with where they are mounted.
+    let mut keys: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for mounts in images.mount_namespaces.values() {
         for m in mounts {
             if let Some(key) = &m.external {
                 let key = clean_path(key);
                 if !external_ok(&key) {
-                    keys.insert(key);
+                    keys.entry(key).or_default().insert(mountpoint(m));
                 }
             }
         }
     }
-    out.extend(keys.into_iter().map(|key| Excess::HostMount { key }));
+    out.extend(keys.into_iter().map(|(key, at)| Excess::HostMount { key, at: at.into_iter().collect() }));
 
     let Some(mounts) = images.container_mounts() else { return };
     let may_mount = caps::has(spec.caps.bounding, caps::SYS_ADMIN);

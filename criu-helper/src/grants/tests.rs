@@ -287,6 +287,7 @@ fn namespaces_of_the_host_or_nested_ones_are_excesses() {
     spec["linux"]["namespaces"] = json!([{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}]);
     assert_eq!(run(&d, &spec), vec![]);
     spec["linux"]["namespaces"].as_array_mut().unwrap().push(json!({"type": "network", "path": "/proc/42/ns/net"}));
+    spec["linux"]["namespaces"].as_array_mut().unwrap().push(json!({"type": "time"}));
     assert_eq!(run(&d, &spec), vec![]);
 
     // One process entered the host's mount namespace, another made its own.
@@ -360,7 +361,16 @@ fn mounts_the_spec_does_not_make_or_protect_are_excesses() {
     // Keyed "/dev/null" (runc's masks over files) only where the spec masks something.
     let mut unmasked = spec2.clone();
     unmasked["linux"]["maskedPaths"] = json!([]);
-    assert!(text(&run(&d, &unmasked)).contains("host mount at /dev/null"));
+    assert_eq!(
+        text(&run(&d, &unmasked)),
+        "the checkpoint masks /proc/kcore with the host's /dev/null, the new spec masks no paths"
+    );
+    // Names from the images reach terminals and logs with control characters escaped.
+    let mut evil = mnt("/x\u{1b}[2J", 0, false);
+    evil.external = Some("/x\u{1b}[2J".into());
+    d.mount_namespaces.get_mut(&24).unwrap().push(evil);
+    let t = text(&run(&d, &spec2));
+    assert!(t.contains("host mount at /x\\u{1b}[2J") && !t.contains('\u{1b}'), "{t}");
 
     // /sys writable, /proc/sys writable, /proc/kcore unmasked, a devtmpfs as /dev, a tmpfs of its own.
     let mut d = dump();

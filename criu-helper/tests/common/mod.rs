@@ -325,3 +325,46 @@ pub fn built_binaries(into: &Path) -> PathBuf {
     }
     into.to_path_buf()
 }
+
+impl Bed {
+    /// [`Bed::run_counter`] with more `ctr run` flags: `--seccomp` gives the container containerd's
+    /// RuntimeDefault profile, so that its checkpoint's `spec.dump` grants nothing beyond the image
+    /// defaults and `kybernate restore` needs no `--trust-spec`.
+    pub fn run_counter_with(&self, id: &str, runtime: &str, extra: &[&str]) {
+        let mut args = vec!["run", "-d", "--runtime", runtime];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&[IMAGE, id, "sh", "-c", COUNTER]);
+        self.tb.ctr_ok(&args);
+        self.wait_running(id);
+    }
+
+    /// Asserts that containerd has nothing named `id` in the test bed's namespace: no container,
+    /// no task, no snapshot.
+    pub fn assert_nothing_named(&self, id: &str) {
+        assert!(!self.containers().iter().any(|c| c == id), "container {id} was created");
+        assert_eq!(task_status(&self.tb, id), None, "task {id} was created");
+        let snapshots = self.tb.ctr_ok(&["snapshots", "ls"]);
+        assert!(
+            !snapshots.lines().any(|l| l.split_whitespace().next() == Some(id)),
+            "snapshot {id} was prepared:\n{snapshots}"
+        );
+    }
+}
+
+/// Rewrites the JSON file `file` of the checkpoint in `dir` with `edit` applied, and its size and
+/// sha256 in the manifest, so that the checkpoint still verifies: the manifest itself is not
+/// hashed, so whoever can write into the store (or hand over an archive) can do this.
+pub fn edit_checkpoint_json(dir: &Path, file: &str, edit: impl FnOnce(&mut Value)) {
+    use sha2::{Digest, Sha256};
+    let path = dir.join(file);
+    let mut v: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    edit(&mut v);
+    let bytes = serde_json::to_vec_pretty(&v).unwrap();
+    std::fs::write(&path, &bytes).unwrap();
+    let manifest = dir.join("kybernate.json");
+    let mut m: Value = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+    assert!(m["files"].get(file).is_some(), "{file} is not in the manifest: {m}");
+    let hex: String = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+    m["files"][file] = serde_json::json!({"size": bytes.len(), "sha256": hex});
+    std::fs::write(&manifest, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+}

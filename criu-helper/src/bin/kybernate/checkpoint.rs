@@ -285,7 +285,7 @@ fn check_name(name: &str) -> Result<(), CliError> {
 /// containerd's namespace rule (letters, digits, and `.`, `_`, `-` between them), checked here so
 /// that a bad `--namespace` is a usage error rather than an invalid gRPC header.
 pub(crate) fn check_namespace(ns: &str) -> Result<(), CliError> {
-    if !crate::restore::valid_identifier(ns) {
+    if !kybernate_criu::manifest::valid_identifier(ns) {
         return Err(CliError::Usage(format!(
             "invalid containerd namespace {ns:?}: letters and digits, separated by '.', '_' or '-'; e.g. -n k8s.io"
         )));

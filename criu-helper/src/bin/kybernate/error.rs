@@ -22,8 +22,8 @@ pub enum CliError {
     NotFound { reference: String, root: PathBuf },
     #[error("{0}; name a checkpoint by its id from `kybernate list` or by a directory inside the store")]
     OutsideStore(StoreError),
-    #[error("{reference:?} ({}) is not a checkpoint (a <namespace>/<container>/<timestamp> directory holding kybernate.json); run `kybernate list` to see the checkpoints", path.display())]
-    NotACheckpoint { reference: String, path: PathBuf },
+    #[error("{reference:?} ({}) is not a checkpoint (a <namespace>/<container>/<timestamp> directory holding kybernate.json): {why}; run `kybernate list` to see the checkpoints", path.display())]
+    NotACheckpoint { reference: String, path: PathBuf, why: &'static str },
     #[error("{0}; check that the store is readable and writable by you (usually root) and has free space")]
     Store(StoreError),
     #[error("checkpoint {id:?} failed verification: {source}; do not restore it; remove it with `kybernate rm {id}`")]
@@ -48,6 +48,10 @@ pub enum CliError {
     Unreachable { address: PathBuf, reason: String },
     #[error("checkpoint of container {id:?} failed: {message}; see containerd's log for the shim's details")]
     CheckpointFailed { id: String, message: String },
+    /// A restore refused before anything was created: what the spec grants beyond the image
+    /// defaults (without `--trust-spec`), or what the checkpoint's processes hold beyond it.
+    #[error("restore of checkpoint {id:?} refused: {reasons}; nothing was created")]
+    Refused { id: String, reasons: String },
     #[error("{0}")]
     Failed(String),
     #[error("cannot encode JSON output: {0}; please report this as a bug")]
@@ -64,7 +68,8 @@ impl CliError {
             | Self::NotFound { .. }
             | Self::OutsideStore(_)
             | Self::NotACheckpoint { .. }
-            | Self::BadArchivePath { .. } => USAGE,
+            | Self::BadArchivePath { .. }
+            | Self::Refused { .. } => USAGE,
             Self::Store(_)
             | Self::Verify { .. }
             | Self::Export(_)

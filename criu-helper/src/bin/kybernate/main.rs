@@ -211,11 +211,18 @@ left in the store. The checkpoint keeps the namespace and container of its manif
 Examples:
   kybernate restore default/web/20261123T212501.123Z                   as web-restored-<unix seconds>
   kybernate restore default/web/20261123T212501.123Z --as web2 --image docker.io/library/nginx:1
+  kybernate restore default/web/20261123T212501.123Z --dry-run         check, create nothing
+  kybernate restore default/web/20261123T212501.123Z --spec web.json   from a spec you trust
   kybernate restore k8s.io/<id>/20261123T212501.123Z --pod-annotation  for a Kubernetes pod instead
 
-The checkpoint is verified first. The new container runs under io.containerd.kybernate.v1 in the
-checkpoint's containerd namespace (or -n), on a fresh snapshot of the image; the shim applies the
-checkpoint's rootfs changes and restores the processes at Start.")]
+The checkpoint is verified first. The new container is created from the checkpoint's spec.dump
+(or --spec FILE); whatever that spec grants beyond the image defaults (capabilities, host
+namespaces, host mounts, devices, no seccomp, hooks, a CRIU config file, ...) is listed, and
+refused (exit 2) unless --trust-spec: spec.dump is as trustworthy as whoever could write the
+checkpoint. The checkpoint's processes must need nothing beyond that spec (the credentials check,
+also run by the shim). The container runs under io.containerd.kybernate.v1 in the checkpoint's
+containerd namespace (or -n), on a fresh snapshot of the image; the shim applies the checkpoint's
+rootfs changes and restores the processes at Start.")]
     Restore {
         /// Checkpoint id (from `kybernate list`) or directory.
         checkpoint: String,
@@ -232,6 +239,17 @@ checkpoint's rootfs changes and restores the processes at Start.")]
         /// then fail in the driver).
         #[arg(long)]
         allow_gpu_mismatch: bool,
+        /// Create the container from this OCI runtime spec (config.json) instead of the
+        /// checkpoint's spec.dump.
+        #[arg(long, value_name = "FILE", conflicts_with = "pod_annotation")]
+        spec: Option<PathBuf>,
+        /// Create it although the spec grants more than the image defaults (listed first).
+        #[arg(long, conflicts_with = "pod_annotation")]
+        trust_spec: bool,
+        /// Verify and check, print what the restore would do; create nothing. Exit 0 if it would
+        /// go ahead, 2 if it would be refused.
+        #[arg(long, conflicts_with = "pod_annotation")]
+        dry_run: bool,
     },
     /// Check whether this node is ready for Kybernate: containerd, the shim, runc, CRIU, GPU, store.
     #[command(after_long_help = "\
@@ -352,8 +370,28 @@ fn run(cli: Cli) -> Result<ExitCode, CliError> {
         }
         Command::Export { checkpoint, file } => commands::export(&store, out, &checkpoint, &file),
         Command::Import { file } => commands::import(&store, out, &file),
-        Command::Restore { checkpoint, new_id, image, pod_annotation, allow_gpu_mismatch } => {
-            let args = restore::Args { checkpoint, new_id, image, pod_annotation, allow_gpu_mismatch };
+        Command::Restore {
+            checkpoint,
+            new_id,
+            image,
+            pod_annotation,
+            allow_gpu_mismatch,
+            spec,
+            trust_spec,
+            dry_run,
+        } => {
+            let cdi_spec_dirs = store::load_config(cli.config.as_deref())?.checkpoint.cdi_spec_dirs;
+            let args = restore::Args {
+                checkpoint,
+                new_id,
+                image,
+                pod_annotation,
+                allow_gpu_mismatch,
+                spec,
+                trust_spec,
+                dry_run,
+                cdi_spec_dirs,
+            };
             restore::restore(&store, out, &cli.address, ns, &args)
         }
         Command::Doctor { containerd_config } => {

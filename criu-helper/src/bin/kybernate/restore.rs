@@ -1,14 +1,23 @@
 //! `kybernate restore`: restores a checkpoint of the node's store as a new container, through
 //! containerd's gRPC API, or prints the pod annotation that makes Kubernetes do it.
 //!
-//! The new container gets the checkpoint's `spec.dump` with the annotation
-//! `kybernate.io/restore-from` naming the checkpoint; our shim sees it at Create, verifies the
-//! checkpoint, applies its `rootfs-diff.tar` on the fresh rootfs (the image's snapshot) and runs
-//! `runc restore` at Start instead of starting the process fresh.
+//! The new container gets the checkpoint's `spec.dump` (or the operator's `--spec FILE`) with
+//! the annotation `kybernate.io/restore-from` naming the checkpoint; our shim sees it at Create,
+//! verifies the checkpoint, applies its `rootfs-diff.tar` on the fresh rootfs (the image's
+//! snapshot) and runs `runc restore` at Start instead of starting the process fresh.
+//!
+//! `spec.dump` is untrusted: the manifest's sums detect corruption, not tampering, and the spec
+//! is what grants the container its capabilities, namespaces, mounts, devices and hooks. So
+//! before anything is created the spec is compared with the image defaults
+//! (`kybernate_criu::grants::defaults`) and a spec that grants more is refused unless
+//! `--trust-spec`; the shim's credentials check (the checkpoint's processes against that spec)
+//! runs here too, so that every excess is named at once, before containerd is asked.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs;
-use std::path::Path;
+use std::io::Read;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -29,7 +38,11 @@ use containerd_client::tonic::metadata::MetadataValue;
 use containerd_client::tonic::transport::Channel;
 use containerd_client::tonic::{Code, Request, Status};
 use containerd_client::types::Descriptor;
-use kybernate_criu::{Manifest, Store, SPEC_DUMP};
+use kybernate_criu::grants::defaults::{beyond_defaults, Privilege};
+use kybernate_criu::grants::{GrantError, Host, Summary};
+use kybernate_criu::images::ImageError;
+use kybernate_criu::manifest::{valid_identifier, MAX_IDENTIFIER_LEN};
+use kybernate_criu::{gpu, Manifest, Store, SPEC_DUMP};
 use serde::Serialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -50,8 +63,6 @@ const RESTORED_FROM_LABEL: &str = "kybernate.io/restored-from";
 const SNAPSHOTTER: &str = "overlayfs";
 /// The type containerd stores an OCI runtime spec under.
 const SPEC_TYPE: &str = "types.containerd.io/opencontainers/runtime-spec/1/Spec";
-/// containerd's limit on the length of an identifier (container id, snapshot key).
-const MAX_ID_LEN: usize = 76;
 /// Image index and manifest list media types.
 const INDEX_TYPES: [&str; 2] =
     ["application/vnd.oci.image.index.v1+json", "application/vnd.docker.distribution.manifest.list.v2+json"];
@@ -60,9 +71,15 @@ const INDEX_TYPES: [&str; 2] =
 const LEASE_EXPIRY: Duration = Duration::from_secs(3600);
 /// Manifests and image configs are small; anything bigger is not one.
 const MAX_BLOB: i64 = 16 << 20;
+/// An OCI spec is a few KiB (a seccomp profile included); a bigger `spec.dump` or `--spec` file
+/// is not read into memory.
+const MAX_SPEC: u64 = 16 << 20;
+/// The hint of a refusal for what the spec grants.
+const TRUST_HINT_DUMP: &str =
+    "pass --trust-spec if you trust where this checkpoint came from, or --spec FILE to create the container from a spec you trust";
 
 /// What `kybernate restore` was asked to do.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Args {
     /// Checkpoint id or directory.
     pub checkpoint: String,
@@ -74,6 +91,137 @@ pub struct Args {
     pub pod_annotation: bool,
     /// `--allow-gpu-mismatch`: restore a GPU checkpoint onto other GPUs.
     pub allow_gpu_mismatch: bool,
+    /// `--spec`: the OCI spec to create the container from instead of the checkpoint's `spec.dump`.
+    pub spec: Option<PathBuf>,
+    /// `--trust-spec`: create it although the spec grants more than the image defaults.
+    pub trust_spec: bool,
+    /// `--dry-run`: verify and check, print what the restore would do, create nothing.
+    pub dry_run: bool,
+    /// `[checkpoint] cdi_spec_dirs`: where the shim resolves a GPU container's CDI devices.
+    pub cdi_spec_dirs: Vec<PathBuf>,
+}
+
+/// Where the new container's spec comes from.
+enum SpecSource<'a> {
+    /// The checkpoint's `spec.dump`.
+    Dump { id: &'a str, path: PathBuf },
+    /// `--spec FILE`.
+    File(&'a Path),
+}
+
+impl SpecSource<'_> {
+    fn path(&self) -> &Path {
+        match self {
+            SpecSource::Dump { path, .. } => path,
+            SpecSource::File(path) => path,
+        }
+    }
+
+    /// How messages name it: `spec.dump of <id>` or the file as given.
+    fn label(&self) -> String {
+        match self {
+            SpecSource::Dump { id, .. } => format!("{SPEC_DUMP} of {id}"),
+            SpecSource::File(path) => path.display().to_string(),
+        }
+    }
+
+    /// How the one-line refusal names it (the checkpoint is named there already).
+    fn short_label(&self) -> String {
+        match self {
+            SpecSource::Dump { .. } => SPEC_DUMP.to_string(),
+            SpecSource::File(path) => path.display().to_string(),
+        }
+    }
+
+    fn trust_hint(&self) -> String {
+        match self {
+            SpecSource::Dump { .. } => TRUST_HINT_DUMP.to_string(),
+            SpecSource::File(path) => format!(
+                "pass --trust-spec if the container is meant to have this, or remove it from {}",
+                path.display()
+            ),
+        }
+    }
+}
+
+/// What the checks before a restore found: the spec's privileges beyond the image defaults and
+/// the credentials check of the checkpoint's processes against that spec.
+struct Checks {
+    spec: String,
+    privileges: Vec<String>,
+    /// The spec has a field of the wrong shape: what it grants cannot be told.
+    unreadable: Option<String>,
+    credentials: Result<Summary, GrantError>,
+}
+
+impl Checks {
+    /// Why the restore must not go ahead (one line), if it must not.
+    fn refusal(&self, source: &SpecSource<'_>, trust_spec: bool) -> Option<String> {
+        let mut reasons = Vec::new();
+        if let Some(e) = &self.unreadable {
+            reasons.push(format!(
+                "the spec ({}) cannot be checked: {e}; create the container from a spec you trust (--spec FILE)",
+                source.short_label()
+            ));
+        }
+        if !self.privileges.is_empty() && !trust_spec {
+            reasons.push(format!(
+                "the spec ({}) grants beyond the image defaults: {}; {}",
+                source.short_label(),
+                self.privileges.join("; "),
+                source.trust_hint()
+            ));
+        }
+        match &self.credentials {
+            Ok(_) => {}
+            // The same field, already named.
+            Err(GrantError::Spec(_)) if self.unreadable.is_some() => {}
+            Err(GrantError::Excess(excesses)) => reasons.push(format!(
+                "the checkpoint's processes hold more than the spec grants: {}; restore it only with a spec that grants this (--spec FILE), and only if you trust the checkpoint",
+                excesses.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+            )),
+            Err(e) => reasons.push(format!("the credentials check failed: {e}")),
+        }
+        (!reasons.is_empty()).then(|| reasons.join("; and "))
+    }
+
+    fn credentials_json(&self) -> Credentials {
+        match &self.credentials {
+            Ok(s) => Credentials {
+                ok: true,
+                processes: Some(s.processes),
+                threads: Some(s.threads),
+                mounts: Some(s.mounts),
+                excesses: Vec::new(),
+                error: None,
+            },
+            Err(GrantError::Excess(excesses)) => Credentials {
+                ok: false,
+                excesses: excesses.iter().map(ToString::to_string).collect(),
+                ..Credentials::default()
+            },
+            Err(e) => Credentials { ok: false, error: Some(e.to_string()), ..Credentials::default() },
+        }
+    }
+
+    fn credentials_line(&self) -> String {
+        match &self.credentials {
+            Ok(s) => format!("ok: the checkpoint's processes need nothing beyond the spec ({s})"),
+            Err(GrantError::Excess(excesses)) => {
+                format!("refused: {}", excesses.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))
+            }
+            Err(e) => format!("failed: {e}"),
+        }
+    }
+
+    /// The lines printed before anything is created: what the spec grants beyond the defaults.
+    fn privileges_text(&self) -> String {
+        let mut text = format!("the spec ({}) grants beyond the image defaults:\n", self.spec);
+        for p in &self.privileges {
+            text.push_str(&format!("  {p}\n"));
+        }
+        text
+    }
 }
 
 /// `restore -o json`.
@@ -83,7 +231,40 @@ struct Restored<'a> {
     namespace: &'a str,
     pid: u32,
     duration_ms: u64,
+    /// The spec the container was created from: `spec.dump of <id>` or the `--spec` file.
+    spec: &'a str,
+    /// What that spec grants beyond the image defaults (allowed by `--trust-spec`).
+    privileges: &'a [String],
     checkpoint: &'a Checkpoint,
+}
+
+/// `restore --dry-run -o json`, and `restore -o json` when it is refused.
+#[derive(Serialize)]
+struct Checked<'a> {
+    dry_run: bool,
+    /// Whether the restore goes ahead (with the flags given).
+    restore: bool,
+    container: &'a str,
+    namespace: &'a str,
+    image: &'a str,
+    spec: &'a str,
+    privileges: &'a [String],
+    trust_spec: bool,
+    credentials: Credentials,
+    /// Why it would be refused; `null` when it goes ahead.
+    error: Option<&'a str>,
+    checkpoint: &'a Checkpoint,
+}
+
+/// The credentials check in JSON: `ok`, what it looked at, or why not.
+#[derive(Serialize, Default)]
+struct Credentials {
+    ok: bool,
+    processes: Option<usize>,
+    threads: Option<usize>,
+    mounts: Option<usize>,
+    excesses: Vec<String>,
+    error: Option<String>,
 }
 
 /// `restore --pod-annotation -o json`.
@@ -132,9 +313,46 @@ pub fn restore(
             cp.id
         ))
     })?;
-    let mut spec = restore_spec(&cp, &manifest, &new_id)?;
-    if args.allow_gpu_mismatch {
-        spec["annotations"][ALLOW_GPU_MISMATCH_ANNOTATION] = Value::String("true".into());
+    let source = match &args.spec {
+        Some(file) => SpecSource::File(file),
+        None => SpecSource::Dump { id: &cp.id, path: cp.path.join(SPEC_DUMP) },
+    };
+    let mut spec = restore_spec(&cp, &manifest, &new_id, &source)?;
+    set_gpu_mismatch_annotation(&mut spec, args.allow_gpu_mismatch);
+    let checks = run_checks(&cp, &manifest, &spec, &source, args)?;
+    let refusal = checks.refusal(&source, args.trust_spec);
+    let refused = |refusal: String| CliError::Refused { id: cp.id.clone(), reasons: refusal };
+
+    if args.dry_run || refusal.is_some() {
+        match out {
+            Output::Json => output::json(&Checked {
+                dry_run: args.dry_run,
+                restore: refusal.is_none(),
+                container: &new_id,
+                namespace: &ns,
+                image: &image,
+                spec: &checks.spec,
+                privileges: &checks.privileges,
+                trust_spec: args.trust_spec,
+                credentials: checks.credentials_json(),
+                error: refusal.as_deref(),
+                checkpoint: &cp,
+            })?,
+            Output::Table => {
+                let mut text = if checks.privileges.is_empty() { String::new() } else { checks.privileges_text() };
+                if args.dry_run {
+                    text.push_str(&dry_run_table(&cp, &new_id, &ns, &image, &checks, args, refusal.is_none()));
+                }
+                output::write(&text)?;
+            }
+        }
+        return match refusal {
+            Some(r) => Err(refused(r)),
+            None => Ok(ExitCode::SUCCESS),
+        };
+    }
+    if out == Output::Table && !checks.privileges.is_empty() {
+        output::write(&checks.privileges_text())?;
     }
     let plan = Plan { ns: &ns, id: &new_id, image: &image, spec: &spec, checkpoint_id: &cp.id };
 
@@ -144,9 +362,15 @@ pub fn restore(
     let duration = started.elapsed();
     let duration_ms = u64::try_from(duration.as_millis()).unwrap_or(u64::MAX);
     match out {
-        Output::Json => {
-            output::json(&Restored { container: &new_id, namespace: &ns, pid, duration_ms, checkpoint: &cp })?
-        }
+        Output::Json => output::json(&Restored {
+            container: &new_id,
+            namespace: &ns,
+            pid,
+            duration_ms,
+            spec: &checks.spec,
+            privileges: &checks.privileges,
+            checkpoint: &cp,
+        })?,
         Output::Table => {
             let lines = [
                 ("container", new_id.clone()),
@@ -154,6 +378,8 @@ pub fn restore(
                 ("pid", pid.to_string()),
                 ("checkpoint", cp.id.clone()),
                 ("image", image.clone()),
+                ("spec", checks.spec.clone()),
+                ("privileges", privileges_summary(&checks.privileges, true)),
                 ("duration", humantime::format_duration(Duration::from_millis(duration_ms)).to_string()),
             ];
             let mut text = format!("restored {} as {new_id}\n", cp.id);
@@ -164,6 +390,118 @@ pub fn restore(
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The checks before anything is created: what the spec grants beyond the image defaults, and
+/// the credentials check (CRIU's images against the spec as the shim will check it). Both run,
+/// so that a refusal names everything at once. Errors: the GPU devices the shim would add cannot
+/// be resolved (exit 2), the images cannot be read at all (exit 1).
+fn run_checks(
+    cp: &Checkpoint,
+    manifest: &Manifest,
+    spec: &Value,
+    source: &SpecSource<'_>,
+    args: &Args,
+) -> Result<Checks, CliError> {
+    let (privileges, unreadable) = match beyond_defaults(spec) {
+        Ok(found) => (found.iter().map(Privilege::to_string).collect(), None),
+        Err(e) => (Vec::new(), Some(e.to_string())),
+    };
+    let checked = match manifest.gpu {
+        Some(_) => with_own_gpu_devices(spec, &args.cdi_spec_dirs).map_err(|e| CliError::Refused {
+            id: cp.id.clone(),
+            reasons: format!(
+                "the GPU devices the shim would give the new container cannot be resolved: {e}; see docs/gpu.md"
+            ),
+        })?,
+        None => Cow::Borrowed(spec),
+    };
+    let images = cp.path.join("checkpoint");
+    let credentials = kybernate_criu::grants::check_restore(&images, &checked, &Host::this_node());
+    if let Err(GrantError::Images(e @ ImageError::Io { .. })) = &credentials {
+        return Err(CliError::Failed(format!(
+            "checkpoint {:?}: cannot read its CRIU images for the credentials check: {e}; check the store's permissions (usually root)",
+            cp.id
+        )));
+    }
+    Ok(Checks { spec: source.label(), privileges, unreadable, credentials })
+}
+
+/// The spec as the shim checks it at Create for a GPU checkpoint: with the devices, cgroup rules
+/// and driver mounts of the container's own GPU request added (shim/src/gpu.rs `own_devices`:
+/// its CDI annotations, else its `NVIDIA_VISIBLE_DEVICES`), never the checkpoint's record.
+fn with_own_gpu_devices<'a>(spec: &'a Value, cdi_dirs: &[PathBuf]) -> Result<Cow<'a, Value>, String> {
+    let dirs: Vec<&Path> = cdi_dirs.iter().map(PathBuf::as_path).collect();
+    let devices = match gpu::gpu_request(spec) {
+        gpu::GpuRequest::Nothing { .. } => return Ok(Cow::Borrowed(spec)),
+        gpu::GpuRequest::Cdi(names) => gpu::resolve_cdi(&names, &dirs).map_err(|e| e.to_string())?,
+        gpu::GpuRequest::VisibleDevices { wanted, .. } => {
+            match gpu::resolve_cdi_for_kind(&wanted.cdi_names(), &dirs, gpu::NVIDIA_GPU_KIND)
+                .map_err(|e| e.to_string())?
+            {
+                Some(devices) => devices,
+                None => gpu::node_device_access(&wanted, Path::new("/proc"), Path::new("/dev"))
+                    .map_err(|e| e.to_string())?,
+            }
+        }
+    };
+    let mut spec = spec.clone();
+    gpu::inject(&mut spec, &devices);
+    Ok(Cow::Owned(spec))
+}
+
+/// "none beyond the image defaults", or how many and whether `--trust-spec` allows them.
+fn privileges_summary(privileges: &[String], trusted: bool) -> String {
+    match (privileges.len(), trusted) {
+        (0, _) => "none beyond the image defaults".into(),
+        (n, true) => format!("{n} beyond the image defaults, allowed by --trust-spec (listed above)"),
+        (n, false) => format!("{n} beyond the image defaults, not allowed without --trust-spec (listed above)"),
+    }
+}
+
+/// `--dry-run`'s table: what the restore would do, and whether it goes ahead.
+fn dry_run_table(
+    cp: &Checkpoint,
+    new_id: &str,
+    ns: &str,
+    image: &str,
+    checks: &Checks,
+    args: &Args,
+    goes_ahead: bool,
+) -> String {
+    let verdict = if goes_ahead { "would be restored" } else { "would be refused" };
+    let mut text = format!("dry run: {} {verdict} as {new_id}; nothing was created\n", cp.id);
+    let lines = [
+        ("container", new_id.to_string()),
+        ("namespace", ns.to_string()),
+        ("checkpoint", cp.id.clone()),
+        ("verified", "every file's size and sha256".to_string()),
+        ("image", image.to_string()),
+        ("spec", checks.spec.clone()),
+        (
+            "privileges",
+            match &checks.unreadable {
+                Some(e) => format!("cannot be checked: {e}"),
+                None => privileges_summary(&checks.privileges, args.trust_spec),
+            },
+        ),
+        ("credentials", checks.credentials_line()),
+    ];
+    for (k, v) in lines {
+        text.push_str(&format!("{:<12} {v}\n", format!("{k}:")));
+    }
+    text
+}
+
+/// The GPU-mismatch annotation is the CLI's to set (`--allow-gpu-mismatch`): a spec that
+/// brings its own would switch the shim's GPU check off unasked.
+fn set_gpu_mismatch_annotation(spec: &mut Value, allow: bool) {
+    let Some(annotations) = spec.get_mut("annotations").and_then(Value::as_object_mut) else { return };
+    if allow {
+        annotations.insert(ALLOW_GPU_MISMATCH_ANNOTATION.into(), Value::String("true".into()));
+    } else {
+        annotations.remove(ALLOW_GPU_MISMATCH_ANNOTATION);
+    }
 }
 
 /// `--pod-annotation`: what to put on a pod so that the kubelet's container is restored.
@@ -205,39 +543,37 @@ fn pod_snippet(cp: &Checkpoint, m: &Manifest, image: Option<&str>, allow_gpu_mis
 fn default_id(container: &str, now: SystemTime) -> String {
     let secs = now.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let suffix = format!("-restored-{secs}");
-    let keep = MAX_ID_LEN.saturating_sub(suffix.len());
+    let keep = MAX_IDENTIFIER_LEN.saturating_sub(suffix.len());
     let base: String = container.chars().take(keep).collect();
     let base = base.trim_end_matches(['.', '_', '-']);
     format!("{base}{suffix}")
 }
 
-/// containerd's identifier rule: letters and digits, separated by single '.', '_' or '-', at most 76.
-pub(crate) fn valid_identifier(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= MAX_ID_LEN
-        && s.split(['.', '_', '-']).all(|part| !part.is_empty() && part.bytes().all(|b| b.is_ascii_alphanumeric()))
-}
-
 fn check_id(id: &str) -> Result<(), CliError> {
     if !valid_identifier(id) {
         return Err(CliError::Usage(format!(
-            "invalid container id {id:?}: letters and digits, separated by '.', '_' or '-', at most {MAX_ID_LEN} characters; e.g. --as web-restored"
+            "invalid container id {id:?}: letters and digits, separated by '.', '_' or '-', at most {MAX_IDENTIFIER_LEN} characters; e.g. --as web-restored"
         )));
     }
     Ok(())
 }
 
-/// The checkpoint's `spec.dump`, made the new container's: the restore annotation (the
-/// checkpoint's absolute directory), the rootfs at `rootfs` in the bundle, its own cgroup.
-fn restore_spec(cp: &Checkpoint, m: &Manifest, new_id: &str) -> Result<Value, CliError> {
-    let path = cp.path.join(SPEC_DUMP);
-    let bad = |what: String| {
-        CliError::Failed(format!(
-            "{}: {what}; the checkpoint cannot be restored through containerd (the shim needs its spec)",
+/// The spec the new container is created from (`spec.dump`, or `--spec FILE`), made the new
+/// container's: the restore annotation (the checkpoint's absolute directory), the rootfs at
+/// `rootfs` in the bundle, its own cgroup. An unreadable `spec.dump` fails the restore (exit 1);
+/// an unreadable `--spec` file is bad input (exit 2).
+fn restore_spec(cp: &Checkpoint, m: &Manifest, new_id: &str, source: &SpecSource<'_>) -> Result<Value, CliError> {
+    let path = source.path();
+    let bad = |what: String| match source {
+        SpecSource::Dump { .. } => CliError::Failed(format!(
+            "{}: {what}; the checkpoint cannot be restored through containerd from its own spec; pass --spec FILE",
             path.display()
-        ))
+        )),
+        SpecSource::File(_) => {
+            CliError::Usage(format!("--spec {}: {what}; name an OCI runtime spec (config.json)", path.display()))
+        }
     };
-    let text = fs::read(&path).map_err(|e| bad(format!("cannot read: {e}")))?;
+    let text = read_limited(path).map_err(bad)?;
     let mut spec: Value = serde_json::from_slice(&text).map_err(|e| bad(format!("not an OCI spec: {e}")))?;
     let Some(obj) = spec.as_object_mut() else { return Err(bad("not an OCI spec: not a JSON object".into())) };
     let annotations = obj.entry("annotations").or_insert_with(|| Value::Object(Default::default()));
@@ -256,6 +592,17 @@ fn restore_spec(cp: &Checkpoint, m: &Manifest, new_id: &str) -> Result<Value, Cl
         }
     }
     Ok(spec)
+}
+
+/// A spec file's bytes, at most [`MAX_SPEC`].
+fn read_limited(path: &Path) -> Result<Vec<u8>, String> {
+    let file = fs::File::open(path).map_err(|e| format!("cannot read: {e}"))?;
+    let mut text = Vec::new();
+    file.take(MAX_SPEC + 1).read_to_end(&mut text).map_err(|e| format!("cannot read: {e}"))?;
+    if text.len() as u64 > MAX_SPEC {
+        return Err(format!("more than {MAX_SPEC} bytes, too big for an OCI spec"));
+    }
+    Ok(text)
 }
 
 /// The old container's cgroups path with its id replaced by the new one, so that the two never
@@ -599,6 +946,85 @@ fn chain_id(diff_ids: &[&str]) -> Option<String> {
 mod tests {
     use super::*;
 
+    fn checks(privileges: &[&str], credentials: Result<Summary, GrantError>) -> Checks {
+        Checks {
+            spec: "spec.dump of default/web/1".into(),
+            privileges: privileges.iter().map(|p| p.to_string()).collect(),
+            unreadable: None,
+            credentials,
+        }
+    }
+
+    fn ok() -> Result<Summary, GrantError> {
+        Ok(Summary { processes: 1, threads: 1, mounts: 14 })
+    }
+
+    #[test]
+    fn privileges_are_refused_without_trust_spec_and_excesses_always() {
+        let dump = SpecSource::Dump { id: "default/web/1", path: PathBuf::from("/s/spec.dump") };
+        let c = checks(&["seccomp unconfined (no profile)", "host network namespace"], ok());
+        let r = c.refusal(&dump, false).expect("refused without --trust-spec");
+        assert_eq!(
+            r,
+            format!(
+                "the spec (spec.dump) grants beyond the image defaults: seccomp unconfined (no profile); host network \
+                 namespace; {TRUST_HINT_DUMP}"
+            )
+        );
+        assert_eq!(c.refusal(&dump, true), None, "--trust-spec allows what the spec grants");
+        assert_eq!(checks(&[], ok()).refusal(&dump, false), None, "nothing beyond the defaults");
+        let file = SpecSource::File(Path::new("web.json"));
+        assert!(
+            c.refusal(&file, false).unwrap().ends_with("or remove it from web.json"),
+            "{:?}",
+            c.refusal(&file, false)
+        );
+
+        // The credentials check is not the spec's to waive.
+        let excess =
+            Err(GrantError::Excess(vec![kybernate_criu::grants::Excess::Unmasked { path: "/proc/kcore".into() }]));
+        let c = checks(&["seccomp unconfined (no profile)"], excess);
+        let r = c.refusal(&dump, true).expect("refused with --trust-spec too");
+        assert!(
+            r.starts_with("the checkpoint's processes hold more than the spec grants: /proc/kcore is not masked"),
+            "{r}"
+        );
+        let both = c.refusal(&dump, false).unwrap();
+        assert!(both.contains("seccomp unconfined") && both.contains("/proc/kcore"), "every reason at once: {both}");
+        let json = c.credentials_json();
+        assert!(!json.ok && json.excesses.len() == 1 && json.processes.is_none());
+
+        // A spec whose fields cannot be read cannot be trusted either; its field is named once.
+        let mut c = checks(
+            &[],
+            Err(GrantError::Spec(kybernate_criu::grants::SpecError { field: "hooks".into(), reason: "x".into() })),
+        );
+        c.unreadable = Some("spec field hooks: x".into());
+        let r = c.refusal(&dump, true).unwrap();
+        assert_eq!(r.matches("spec field hooks").count(), 1, "{r}");
+    }
+
+    #[test]
+    fn the_gpu_mismatch_annotation_is_the_clis() {
+        let mut spec = serde_json::json!({"annotations": {ALLOW_GPU_MISMATCH_ANNOTATION: "true", "x": "y"}});
+        set_gpu_mismatch_annotation(&mut spec, false);
+        assert_eq!(spec, serde_json::json!({"annotations": {"x": "y"}}));
+        set_gpu_mismatch_annotation(&mut spec, true);
+        assert_eq!(spec["annotations"][ALLOW_GPU_MISMATCH_ANNOTATION], "true");
+    }
+
+    #[test]
+    fn spec_files_are_read_up_to_a_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = dir.path().join("big.json");
+        fs::File::create(&big).unwrap().set_len(MAX_SPEC + 1).unwrap();
+        assert!(read_limited(&big).unwrap_err().contains("too big"));
+        let small = dir.path().join("small.json");
+        fs::write(&small, b"{}").unwrap();
+        assert_eq!(read_limited(&small).unwrap(), b"{}");
+        assert!(read_limited(&dir.path().join("missing")).unwrap_err().starts_with("cannot read: "));
+    }
+
     #[test]
     fn chain_ids_follow_the_oci_rule() {
         assert_eq!(chain_id(&[]), None);
@@ -631,7 +1057,7 @@ mod tests {
         let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         assert_eq!(default_id("web", t), "web-restored-1700000000");
         let long = default_id(&"a".repeat(64), t);
-        assert_eq!(long.len(), MAX_ID_LEN);
+        assert_eq!(long.len(), MAX_IDENTIFIER_LEN);
         assert!(valid_identifier(&long));
         assert!(valid_identifier(&default_id(&format!("{}-b", "a".repeat(53)), t)));
         assert!(!valid_identifier("a/b") && !valid_identifier("-a") && !valid_identifier(&"a".repeat(77)));

@@ -206,8 +206,8 @@ fn resolve_cwd_path(store: &Store, reference: &str) -> Result<PathBuf, CliError>
         StoreError::Hidden { resolved, hidden, .. } => {
             store_error(store, StoreError::Hidden { reference: reference.into(), resolved, hidden })
         }
-        StoreError::NotACheckpoint { resolved, .. } => {
-            CliError::NotACheckpoint { reference: reference.into(), path: resolved }
+        StoreError::NotACheckpoint { resolved, why, .. } => {
+            CliError::NotACheckpoint { reference: reference.into(), path: resolved, why }
         }
         e => store_error(store, e),
     })
@@ -222,8 +222,8 @@ fn store_error(store: &Store, e: StoreError) -> CliError {
         e @ StoreError::Hidden { .. } => {
             CliError::Usage(format!("{e}; run `kybernate list` to see the committed checkpoints"))
         }
-        StoreError::NotACheckpoint { reference, resolved, .. } => {
-            CliError::NotACheckpoint { reference, path: resolved }
+        StoreError::NotACheckpoint { reference, resolved, why, .. } => {
+            CliError::NotACheckpoint { reference, path: resolved, why }
         }
         StoreError::BadName { what, value } => {
             CliError::Usage(format!("invalid {what} {value:?}; run `kybernate list` to see the checkpoints"))
@@ -239,7 +239,11 @@ pub fn remove(store: &Store, checkpoint: &Checkpoint) -> Result<(), CliError> {
     let path = &checkpoint.path;
     let fail = |source| CliError::Remove { path: path.clone(), source };
     let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
-        return Err(CliError::NotACheckpoint { reference: checkpoint.id.clone(), path: path.clone() });
+        return Err(CliError::NotACheckpoint {
+            reference: checkpoint.id.clone(),
+            path: path.clone(),
+            why: "it has no parent directory",
+        });
     };
     let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
     let trash = parent.join(format!(".{}.removing-{}-{nanos}", name.to_string_lossy(), std::process::id()));
