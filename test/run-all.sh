@@ -28,6 +28,7 @@ for script in test/bench/*.sh; do
 done
 bash test/bench/shim.sh 5 20
 bash test/bench/checkpoint.sh 1 16
+bash test/bench/restore_check.sh 1 4 64
 
 echo "== cargo test --workspace"
 # Last, so that cargo's own summary closes the output.
