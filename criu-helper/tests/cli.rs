@@ -213,6 +213,30 @@ fn a_checkpoint_created_in_the_future_is_broken_and_never_the_newest() {
     assert!(node.root().join(&newest).is_dir());
 }
 
+/// A manifest is untrusted text: a pod name with terminal escape sequences (a broken checkpoint,
+/// since names are validated) is listed, inspected and reported, but its control characters never
+/// reach the terminal raw, in tables, JSON or error messages.
+#[test]
+fn control_characters_in_a_manifest_never_reach_the_terminal() {
+    let node = Node::new();
+    let at = SystemTime::now() - Duration::from_secs(60);
+    let mut m = fake_manifest("k8s.io", "web", at);
+    m.pod_name = Some("evil\u{1b}]0;owned\u{7}\u{1b}[2J\u{9b}31m".into());
+    let forged = fake_checkpoint_with(&node.store, m, at);
+    for args in [&["list"][..], &["-o", "json", "list"], &["inspect", &forged], &["-o", "json", "inspect", &forged]] {
+        let out = node.run(args);
+        for (stream, bytes) in [("stdout", &out.stdout), ("stderr", &out.stderr)] {
+            let raw = String::from_utf8_lossy(bytes);
+            assert!(
+                !raw.chars().any(|c| c.is_control() && c != '\n' && c != '\t'),
+                "kybernate {args:?}: a raw control character on {stream}: {raw:?}"
+            );
+        }
+    }
+    let v = node.json(&["list"], 0);
+    assert_eq!(v[0]["status"], "broken", "{v}");
+}
+
 /// A checkpoint the shim is still writing (its hidden partial directory, manifest and all) is no
 /// CHECKPOINT for any command, by id, absolute or relative path, or a visible link to it.
 #[test]

@@ -337,51 +337,6 @@ fn a_host_bind_mount_restores_only_into_a_spec_that_makes_it() {
 // ---------------------------------------------------------------------------------------------
 // (5) spec.dump and config.dump grant nothing
 
-/// Every capability up to CAP_CHECKPOINT_RESTORE (40).
-const ALL_CAPS: [&str; 41] = [
-    "CAP_CHOWN",
-    "CAP_DAC_OVERRIDE",
-    "CAP_DAC_READ_SEARCH",
-    "CAP_FOWNER",
-    "CAP_FSETID",
-    "CAP_KILL",
-    "CAP_SETGID",
-    "CAP_SETUID",
-    "CAP_SETPCAP",
-    "CAP_LINUX_IMMUTABLE",
-    "CAP_NET_BIND_SERVICE",
-    "CAP_NET_BROADCAST",
-    "CAP_NET_ADMIN",
-    "CAP_NET_RAW",
-    "CAP_IPC_LOCK",
-    "CAP_IPC_OWNER",
-    "CAP_SYS_MODULE",
-    "CAP_SYS_RAWIO",
-    "CAP_SYS_CHROOT",
-    "CAP_SYS_PTRACE",
-    "CAP_SYS_PACCT",
-    "CAP_SYS_ADMIN",
-    "CAP_SYS_BOOT",
-    "CAP_SYS_NICE",
-    "CAP_SYS_RESOURCE",
-    "CAP_SYS_TIME",
-    "CAP_SYS_TTY_CONFIG",
-    "CAP_MKNOD",
-    "CAP_LEASE",
-    "CAP_AUDIT_WRITE",
-    "CAP_AUDIT_CONTROL",
-    "CAP_SETFCAP",
-    "CAP_MAC_OVERRIDE",
-    "CAP_MAC_ADMIN",
-    "CAP_SYSLOG",
-    "CAP_WAKE_ALARM",
-    "CAP_BLOCK_SUSPEND",
-    "CAP_AUDIT_READ",
-    "CAP_PERFMON",
-    "CAP_BPF",
-    "CAP_CHECKPOINT_RESTORE",
-];
-
 /// Rewrites `file` of checkpoint `dir` with `edit` applied to its JSON, and its size and sha256
 /// in the manifest, so that the checkpoint still verifies (the manifest itself is not hashed).
 fn edit_json(dir: &Path, file: &str, edit: impl FnOnce(&mut serde_json::Value)) {
@@ -411,7 +366,7 @@ fn privileges_written_into_spec_dump_and_config_dump_are_not_granted() {
     let (dir, at_checkpoint) = store_checkpoint(&bed, &id, true);
 
     edit_json(&dir, "spec.dump", |spec| {
-        let caps: Vec<serde_json::Value> = ALL_CAPS.iter().map(|&c| c.into()).collect();
+        let caps: Vec<serde_json::Value> = kybernate_criu::grants::caps::NAMES.iter().map(|&c| c.into()).collect();
         for set in ["bounding", "effective", "permitted", "inheritable", "ambient"] {
             spec["process"]["capabilities"][set] = caps.clone().into();
         }
@@ -444,7 +399,10 @@ fn privileges_written_into_spec_dump_and_config_dump_are_not_granted() {
         c["devices"] = serde_json::json!([{"containerPath": "/dev/sda", "hostPath": "/dev/sda", "permissions": "rwm"}]);
     });
     let spec: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("spec.dump")).unwrap()).unwrap();
-    assert_eq!(spec["process"]["capabilities"]["effective"].as_array().unwrap().len(), ALL_CAPS.len());
+    assert_eq!(
+        spec["process"]["capabilities"]["effective"].as_array().unwrap().len(),
+        kybernate_criu::grants::caps::NAMES.len()
+    );
     kybernate_criu::verify(&dir).unwrap_or_else(|e| panic!("the edited checkpoint does not verify: {e}"));
 
     let restored = unique_name("dump-r");

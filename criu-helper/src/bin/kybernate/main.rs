@@ -316,14 +316,14 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => e.exit(), // --help, --version: print, exit 0
         Err(e) => {
-            eprintln!("kybernate: {}", error::usage_line(&e));
+            eprintln!("kybernate: {}", output::printable(&error::usage_line(&e)));
             return ExitCode::from(2);
         }
     };
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("kybernate: {e}");
+            eprintln!("kybernate: {}", output::printable(&e.to_string()));
             ExitCode::from(e.exit_code())
         }
     }

@@ -10,10 +10,27 @@ use crate::store::{Checkpoint, Status};
 
 pub fn write(text: &str) -> Result<(), CliError> {
     let mut out = io::stdout().lock();
+    let text = printable(text);
     match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
         Err(e) if e.kind() != io::ErrorKind::BrokenPipe => Err(CliError::Stdout(e)),
         _ => Ok(()),
     }
+}
+
+/// `text` with every control character but newline and tab written as `\u00XX`. Checkpoints,
+/// specs and CRIU images are untrusted and their names reach the terminal (a manifest's pod name,
+/// a mount path): an escape sequence in one must not drive it. serde_json already escapes the C0
+/// controls; DEL and C1 (which some terminals take as CSI) come out as the same `\u00XX` escape,
+/// so JSON stays valid and means the same.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    let unsafe_char = |c: char| c.is_control() && c != '\n' && c != '\t';
+    if !text.chars().any(unsafe_char) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    text.chars()
+        .map(|c| if unsafe_char(c) { format!("\\u{:04x}", c as u32) } else { c.to_string() })
+        .collect::<String>()
+        .into()
 }
 
 /// Pretty JSON and a newline.
@@ -145,5 +162,15 @@ mod tests {
         assert_eq!(human_size(1536), "1.5 KiB");
         assert_eq!(human_size(5 * 1024 * 1024 * 1024), "5.0 GiB");
         assert_eq!(human_size(u64::MAX), "16.0 EiB");
+    }
+
+    #[test]
+    fn control_characters_never_reach_the_terminal() {
+        assert_eq!(printable("plain\ttext\n"), "plain\ttext\n");
+        assert_eq!(printable("pod \u{1b}[2Jx\u{9b}1m\u{7f}"), "pod \\u001b[2Jx\\u009b1m\\u007f");
+        // Still the same JSON string.
+        let json = serde_json::to_string("a\u{9b}b").unwrap();
+        let back: String = serde_json::from_str(&printable(&json)).unwrap();
+        assert_eq!(back, "a\u{9b}b");
     }
 }
