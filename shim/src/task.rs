@@ -777,7 +777,6 @@ fn read_pid(path: &Path) -> Result<u32> {
         .ok_or_else(|| Error::InvalidArgument(format!("{}: not a pid: {text:?}", path.display())))
 }
 
-/// Applies a store checkpoint's `rootfs-diff.tar` onto the freshly mounted rootfs.
 /// A restore decided at Create, carried out at Start.
 struct Restoring {
     plan: RestorePlan,
@@ -825,6 +824,7 @@ fn prepare_restore(
     Ok((recorded, gpu.is_some()))
 }
 
+/// Applies a store checkpoint's `rootfs-diff.tar` onto the freshly mounted rootfs.
 fn apply_rootfs_diff(id: &str, plan: &RestorePlan, rootfs: &Path) -> Result<()> {
     let Some(diff) = plan.rootfs_diff() else { return Ok(()) };
     kybernate_criu::apply_rootfs_diff(&diff, rootfs).map_err(|e| {
