@@ -412,39 +412,31 @@ fn prepare_restore_in(
     Ok(changes)
 }
 
-/// The device access a container's own request means on this node, as the GPU runtime would
-/// have given it at create: its CDI names resolved through the node's CDI specs; its
-/// `NVIDIA_VISIBLE_DEVICES` as `nvidia.com/gpu=<each>` through them where they declare that
-/// kind, else as this node's device nodes for those GPUs (no driver mounts). NVIDIA devices
-/// already in its spec are its own and stay; nothing comes from the checkpoint.
+/// The container's own GPU request resolved on this node (`kybernate_criu::gpu::own_devices`),
+/// logged with how it was resolved.
 fn own_devices(id: &str, request: &GpuRequest, roots: &NodeRoots) -> Result<GpuDevices, GpuError> {
     let dirs: Vec<&Path> = roots.cdi_dirs.iter().map(PathBuf::as_path).collect();
-    match request {
-        GpuRequest::Nothing { .. } => Ok(GpuDevices::default()),
-        GpuRequest::Cdi(names) => {
-            let devices = gpu::resolve_cdi(names, &dirs)?;
+    let (devices, how) = gpu::own_devices(request, &dirs, &roots.proc, &roots.dev).map_err(|e| match e {
+        gpu::OwnDevicesError::Cdi(e) => GpuError::Cdi(e),
+        gpu::OwnDevicesError::Assignment(e) => GpuError::Assignment(e),
+    })?;
+    match (how, request) {
+        (gpu::Resolution::Cdi, GpuRequest::Cdi(names)) => {
             info!("restore {id}: its CDI devices [{}] resolved through {dirs:?}", names.join(", "));
-            Ok(devices)
         }
-        GpuRequest::VisibleDevices { value, wanted } => {
-            let names = wanted.cdi_names();
-            if let Some(devices) = gpu::resolve_cdi_for_kind(&names, &dirs, gpu::NVIDIA_GPU_KIND)? {
-                info!(
-                    "restore {id}: NVIDIA_VISIBLE_DEVICES={value} as CDI devices [{}], resolved through {dirs:?}",
-                    names.join(", ")
-                );
-                return Ok(devices);
-            }
-            let devices = gpu::node_device_access(wanted, &roots.proc, &roots.dev)?;
-            info!(
-                "restore {id}: NVIDIA_VISIBLE_DEVICES={value}: no CDI spec for {} in {dirs:?}, so this node's device \
-                 nodes [{}] and no driver mounts (without CDI there is no trusted list of them)",
-                gpu::NVIDIA_GPU_KIND,
-                devices.devices.iter().map(|d| d.path.as_str()).collect::<Vec<_>>().join(", ")
-            );
-            Ok(devices)
-        }
+        (gpu::Resolution::VisibleDevicesAsCdi(names), GpuRequest::VisibleDevices { value, .. }) => info!(
+            "restore {id}: NVIDIA_VISIBLE_DEVICES={value} as CDI devices [{}], resolved through {dirs:?}",
+            names.join(", ")
+        ),
+        (gpu::Resolution::NodeDevices, GpuRequest::VisibleDevices { value, .. }) => info!(
+            "restore {id}: NVIDIA_VISIBLE_DEVICES={value}: no CDI spec for {} in {dirs:?}, so this node's device \
+             nodes [{}] and no driver mounts (without CDI there is no trusted list of them)",
+            gpu::NVIDIA_GPU_KIND,
+            devices.devices.iter().map(|d| d.path.as_str()).collect::<Vec<_>>().join(", ")
+        ),
+        _ => {}
     }
+    Ok(devices)
 }
 
 /// Which recorded driver mounts the container's own mounts cover. Those they do not are not

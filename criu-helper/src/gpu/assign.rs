@@ -13,7 +13,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use super::cdi::{cdi_device_names, parse_qualified_name};
+use super::cdi::{cdi_device_names, parse_qualified_name, resolve_cdi, resolve_cdi_for_kind, CdiError};
 use super::devices::{device_node_from_metadata, is_nvidia_device, spec_devices, NVIDIA_MAJOR};
 use super::inventory::node_gpus;
 use super::{DeviceNode, DeviceRule, GpuDevices, GpuRecord};
@@ -213,6 +213,52 @@ fn why_none(own: &[DeviceNode], request: &GpuRequest) -> String {
         }
         GpuRequest::VisibleDevices { value, .. } => {
             format!("its {VISIBLE_DEVICES_ENV}={value:?} gives no NVIDIA GPU device node on this node")
+        }
+    }
+}
+
+/// How a container's own GPU request was resolved, for the log line of a restore.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resolution {
+    /// It asks for no GPU.
+    Nothing,
+    /// Its CDI names, through the CDI specs.
+    Cdi,
+    /// Its `NVIDIA_VISIBLE_DEVICES`, as these CDI names, through the CDI specs.
+    VisibleDevicesAsCdi(Vec<String>),
+    /// Its `NVIDIA_VISIBLE_DEVICES`, as this node's device nodes (no CDI spec declares the kind).
+    NodeDevices,
+}
+
+/// Why a container's own GPU request cannot be resolved on this node.
+#[derive(Debug, thiserror::Error)]
+pub enum OwnDevicesError {
+    #[error(transparent)]
+    Cdi(#[from] CdiError),
+    #[error(transparent)]
+    Assignment(#[from] AssignmentError),
+}
+
+/// The device access a container's own request means on this node, as the GPU runtime would
+/// have given it at create: its CDI names resolved through the CDI specs in `cdi_dirs`; its
+/// `NVIDIA_VISIBLE_DEVICES` as `nvidia.com/gpu=<each>` through them where they declare that
+/// kind, else as this node's device nodes ([`node_device_access`]). Nothing comes from a
+/// checkpoint. The shim injects the result at a restore; the CLI checks a spec with it.
+pub fn own_devices(
+    request: &GpuRequest,
+    cdi_dirs: &[&Path],
+    proc_root: &Path,
+    dev_root: &Path,
+) -> Result<(GpuDevices, Resolution), OwnDevicesError> {
+    match request {
+        GpuRequest::Nothing { .. } => Ok((GpuDevices::default(), Resolution::Nothing)),
+        GpuRequest::Cdi(names) => Ok((resolve_cdi(names, cdi_dirs)?, Resolution::Cdi)),
+        GpuRequest::VisibleDevices { wanted, .. } => {
+            let names = wanted.cdi_names();
+            if let Some(devices) = resolve_cdi_for_kind(&names, cdi_dirs, NVIDIA_GPU_KIND)? {
+                return Ok((devices, Resolution::VisibleDevicesAsCdi(names)));
+            }
+            Ok((node_device_access(wanted, proc_root, dev_root)?, Resolution::NodeDevices))
         }
     }
 }

@@ -16,8 +16,8 @@ use serde::{Deserialize, Serialize};
 use crate::cuda::ProcessState;
 
 pub use assign::{
-    check_gpu_count, gpu_request, node_device_access, recorded_gpus, AssignmentError, GpuRequest, VisibleDevices,
-    NVIDIA_GPU_KIND,
+    check_gpu_count, gpu_request, node_device_access, own_devices, recorded_gpus, AssignmentError, GpuRequest,
+    OwnDevicesError, Resolution, VisibleDevices, NVIDIA_GPU_KIND,
 };
 pub use cdi::{cdi_device_names, resolve_cdi, resolve_cdi_for_kind, CdiError, CDI_DIRS};
 pub use devices::{inject, record};

@@ -17,8 +17,8 @@ use std::fmt;
 
 use serde_json::Value;
 
-use super::caps;
 use super::spec::{SpecError, SpecGrants, SpecMount};
+use super::{caps, shown};
 use crate::images::NsKind;
 
 /// containerd's default masked paths (containerd 1.6; later releases add more, never fewer).
@@ -308,27 +308,6 @@ fn rw(writable: bool) -> &'static str {
     } else {
         "ro"
     }
-}
-
-/// The longest piece of spec text shown; the spec is untrusted and a terminal is not a log file.
-const MAX_SHOWN: usize = 200;
-
-/// Untrusted text made safe for a terminal line: control characters escaped (no escape
-/// sequences, no line breaks), at most [`MAX_SHOWN`] characters.
-fn shown(s: &str) -> String {
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i == MAX_SHOWN {
-            out.push('…');
-            break;
-        }
-        if c.is_control() {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 fn shown_list(items: &[String]) -> String {

@@ -272,23 +272,25 @@ impl fmt::Display for Excess {
     }
 }
 
-/// Text from the images or the spec as it goes into a message and the log: control characters
-/// escaped (a hostile name must not drive the terminal that shows it), at most 200 characters.
-fn shown(s: &str) -> String {
-    const MAX: usize = 200;
-    let mut out: String = s
-        .chars()
-        .take(MAX)
-        .flat_map(|c| -> Box<dyn Iterator<Item = char>> {
-            if c.is_control() {
-                Box::new(c.escape_default())
-            } else {
-                Box::new(std::iter::once(c))
-            }
-        })
-        .collect();
-    if s.chars().count() > MAX {
-        out.push_str("...");
+/// The longest piece of image or spec text shown; both are untrusted and a terminal is not a
+/// log file.
+const MAX_SHOWN: usize = 200;
+
+/// Untrusted text (from CRIU's images or a spec) made safe for a message, the log and a terminal
+/// line: control characters escaped (no escape sequences, no line breaks), at most
+/// [`MAX_SHOWN`] characters.
+pub(crate) fn shown(s: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i == MAX_SHOWN {
+            out.push('…');
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
     }
     out
 }

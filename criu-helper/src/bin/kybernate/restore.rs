@@ -428,23 +428,15 @@ fn run_checks(
 }
 
 /// The spec as the shim checks it at Create for a GPU checkpoint: with the devices, cgroup rules
-/// and driver mounts of the container's own GPU request added (shim/src/gpu.rs `own_devices`:
-/// its CDI annotations, else its `NVIDIA_VISIBLE_DEVICES`), never the checkpoint's record.
+/// and driver mounts of the container's own GPU request added (`gpu::own_devices`, as the shim
+/// resolves it), never the checkpoint's record.
 fn with_own_gpu_devices<'a>(spec: &'a Value, cdi_dirs: &[PathBuf]) -> Result<Cow<'a, Value>, String> {
     let dirs: Vec<&Path> = cdi_dirs.iter().map(PathBuf::as_path).collect();
-    let devices = match gpu::gpu_request(spec) {
-        gpu::GpuRequest::Nothing { .. } => return Ok(Cow::Borrowed(spec)),
-        gpu::GpuRequest::Cdi(names) => gpu::resolve_cdi(&names, &dirs).map_err(|e| e.to_string())?,
-        gpu::GpuRequest::VisibleDevices { wanted, .. } => {
-            match gpu::resolve_cdi_for_kind(&wanted.cdi_names(), &dirs, gpu::NVIDIA_GPU_KIND)
-                .map_err(|e| e.to_string())?
-            {
-                Some(devices) => devices,
-                None => gpu::node_device_access(&wanted, Path::new("/proc"), Path::new("/dev"))
-                    .map_err(|e| e.to_string())?,
-            }
-        }
-    };
+    let (devices, how) = gpu::own_devices(&gpu::gpu_request(spec), &dirs, Path::new("/proc"), Path::new("/dev"))
+        .map_err(|e| e.to_string())?;
+    if how == gpu::Resolution::Nothing {
+        return Ok(Cow::Borrowed(spec));
+    }
     let mut spec = spec.clone();
     gpu::inject(&mut spec, &devices);
     Ok(Cow::Owned(spec))
