@@ -4,12 +4,12 @@ use std::ffi::OsString;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use oci_spec::runtime::Spec;
 use serde::Serialize;
 
 use crate::config::{Config, ConfigError, ConfigSource, OnMissingGpuRuntime, CONFIG_ENV};
 use crate::evidence::{self, Evidence};
 use crate::resolve::{resolve, ResolveError};
+use crate::spec::{BundleError, SpecView};
 
 /// Environment override: forces one runtime for every container (seed design).
 pub const RUNTIME_ENV: &str = "KYBERNATE_RUNTIME";
@@ -109,25 +109,6 @@ impl Context {
     }
 }
 
-/// A bundle whose `config.json` cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum BundleError {
-    #[error("{path}: cannot read OCI runtime spec: {source}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{path}: malformed OCI runtime spec: the top level must be a JSON object")]
-    NotAnObject { path: PathBuf },
-    #[error("{path}: malformed OCI runtime spec: {source}")]
-    Parse {
-        path: PathBuf,
-        #[source]
-        source: serde_json::Error,
-    },
-}
-
 /// Why no runtime could be chosen.
 #[derive(Debug, thiserror::Error)]
 pub enum SelectError {
@@ -162,15 +143,9 @@ pub enum SelectError {
     },
 }
 
-/// Reads and parses `<bundle>/config.json`.
-pub fn load_spec(bundle: &Path) -> Result<Spec, BundleError> {
-    let path = bundle.join("config.json");
-    let bytes = std::fs::read(&path).map_err(|source| BundleError::Read { path: path.clone(), source })?;
-    // serde reads a JSON array as a positional struct; runc would refuse one.
-    if bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
-        return Err(BundleError::NotAnObject { path });
-    }
-    serde_json::from_slice(&bytes).map_err(|source| BundleError::Parse { path, source })
+/// Reads `<bundle>/config.json` as a lenient [`SpecView`].
+pub fn load_spec(bundle: &Path) -> Result<SpecView, BundleError> {
+    SpecView::load(bundle)
 }
 
 /// A loaded config plus the process context: makes decisions for bundles.
@@ -198,7 +173,7 @@ impl Selector {
     }
 
     /// Decides for an already parsed spec.
-    pub fn select(&self, spec: &Spec) -> Result<Decision, SelectError> {
+    pub fn select(&self, spec: &SpecView) -> Result<Decision, SelectError> {
         let evidence = evidence::collect(spec);
         let gpu = evidence.iter().any(Evidence::wants_gpu_devices);
         let mut warnings = Vec::new();
@@ -222,7 +197,7 @@ impl Selector {
         }
 
         let rt = &self.config.runtime;
-        let annotation = spec.annotations().as_ref().and_then(|a| a.get(RUNTIME_ANNOTATION)).filter(|v| !v.is_empty());
+        let annotation = spec.annotation(RUNTIME_ANNOTATION);
         if let Some(value) = annotation {
             if !rt.allow_annotation_override {
                 warnings.push(format!(
@@ -232,7 +207,7 @@ impl Selector {
             } else if !rt.allowed.iter().any(|a| a == value) {
                 return Err(SelectError::AnnotationNotAllowed {
                     config: self.config_path.clone(),
-                    value: value.clone(),
+                    value: value.to_string(),
                     allowed: rt.allowed.clone(),
                 });
             } else {

@@ -7,8 +7,9 @@
 use std::fmt;
 use std::path::{Component, Path, PathBuf};
 
-use oci_spec::runtime::{LinuxDeviceType, Spec};
 use serde::Serialize;
+
+use crate::spec::SpecView;
 
 /// The env var the NVIDIA toolkit reads to pick GPUs.
 pub const NVIDIA_VISIBLE_DEVICES: &str = "NVIDIA_VISIBLE_DEVICES";
@@ -65,10 +66,10 @@ impl fmt::Display for Evidence {
 
 /// Collects every item of GPU evidence in `spec`, in a stable order
 /// (env, annotations sorted by key, devices, mounts).
-pub fn collect(spec: &Spec) -> Vec<Evidence> {
+pub fn collect(spec: &SpecView) -> Vec<Evidence> {
     let mut found = Vec::new();
 
-    if let Some(value) = spec.process().as_ref().and_then(|p| env_value(p.env().as_deref()?, NVIDIA_VISIBLE_DEVICES)) {
+    if let Some(value) = spec.env_value(NVIDIA_VISIBLE_DEVICES) {
         match value.trim() {
             "" | "void" => {}
             "none" => found.push(Evidence::DriverOnly),
@@ -76,43 +77,35 @@ pub fn collect(spec: &Spec) -> Vec<Evidence> {
         }
     }
 
-    if let Some(annotations) = spec.annotations() {
-        let mut keys: Vec<&String> = annotations.keys().filter(|k| k.starts_with(CDI_ANNOTATION_PREFIX)).collect();
-        keys.sort();
-        for key in keys {
-            for device in annotations[key].split(',').map(str::trim) {
-                if cdi_kind(device) == Some(CDI_NVIDIA_GPU_KIND) {
-                    found.push(Evidence::CdiDevice { annotation: key.clone(), device: device.to_string() });
-                }
+    let mut cdi: Vec<(&str, &str)> = spec.annotations().filter(|(k, _)| k.starts_with(CDI_ANNOTATION_PREFIX)).collect();
+    cdi.sort();
+    for (key, value) in cdi {
+        for device in value.split(',').map(str::trim) {
+            if cdi_kind(device) == Some(CDI_NVIDIA_GPU_KIND) {
+                found.push(Evidence::CdiDevice { annotation: key.to_string(), device: device.to_string() });
             }
         }
     }
 
-    if let Some(devices) = spec.linux().as_ref().and_then(|l| l.devices().as_ref()) {
-        for d in devices {
-            let char_195 = d.major() == NVIDIA_MAJOR && matches!(d.typ(), LinuxDeviceType::C | LinuxDeviceType::U);
-            if char_195 || is_nvidia_dev_node(d.path()) {
-                found.push(Evidence::DeviceNode { path: d.path().clone(), major: d.major() });
-            }
+    for d in spec.devices() {
+        // Character devices only: `c` and `u` (unbuffered) are both char devices to runc.
+        let char_195 = d.major == Some(NVIDIA_MAJOR) && matches!(d.typ, "c" | "u");
+        if char_195 || is_nvidia_dev_node(Path::new(d.path)) {
+            found.push(Evidence::DeviceNode { path: PathBuf::from(d.path), major: d.major.unwrap_or(0) });
         }
     }
 
-    if let Some(mounts) = spec.mounts() {
-        for m in mounts {
-            let hit = |p: &Path| is_nvidia_dev_node(p) || DEVICE_LIST_DIRS.iter().any(|dir| is_strictly_under(p, dir));
-            if hit(m.destination()) || m.source().as_deref().is_some_and(hit) {
-                found.push(Evidence::Mount { source: m.source().clone(), destination: m.destination().clone() });
-            }
+    for m in spec.mounts() {
+        let hit = |p: &Path| is_nvidia_dev_node(p) || DEVICE_LIST_DIRS.iter().any(|dir| is_strictly_under(p, dir));
+        if hit(Path::new(m.destination)) || m.source.map(Path::new).is_some_and(hit) {
+            found.push(Evidence::Mount {
+                source: m.source.map(PathBuf::from),
+                destination: PathBuf::from(m.destination),
+            });
         }
     }
 
     found
-}
-
-/// The value of `key` in an OCI env list. The last entry wins, as in the NVIDIA
-/// toolkit (which builds a map from the list).
-pub fn env_value<'a>(env: &'a [String], key: &str) -> Option<&'a str> {
-    env.iter().rev().find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
 }
 
 /// `vendor/class` of a fully qualified CDI device name `vendor/class=name`.
@@ -157,10 +150,12 @@ mod tests {
 
     #[test]
     fn env_last_entry_wins() {
-        let env = vec!["NVIDIA_VISIBLE_DEVICES=all".to_string(), "NVIDIA_VISIBLE_DEVICES=void".to_string()];
-        assert_eq!(env_value(&env, NVIDIA_VISIBLE_DEVICES), Some("void"));
-        let env = vec!["NVIDIA_VISIBLE_DEVICES_X=1".to_string()];
-        assert_eq!(env_value(&env, NVIDIA_VISIBLE_DEVICES), None);
+        let spec = |env: serde_json::Value| SpecView::from_value(serde_json::json!({"process": {"env": env}}));
+        let s = spec(serde_json::json!(["NVIDIA_VISIBLE_DEVICES=all", "NVIDIA_VISIBLE_DEVICES=void"]));
+        assert_eq!(s.env_value(NVIDIA_VISIBLE_DEVICES), Some("void"));
+        assert!(collect(&s).is_empty());
+        let s = spec(serde_json::json!(["NVIDIA_VISIBLE_DEVICES_X=1"]));
+        assert_eq!(s.env_value(NVIDIA_VISIBLE_DEVICES), None);
     }
 
     #[test]

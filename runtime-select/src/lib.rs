@@ -10,10 +10,10 @@ pub mod config;
 pub mod decision;
 pub mod evidence;
 pub mod resolve;
+pub mod spec;
 
 pub use config::{CheckpointConfig, Config, ConfigError, ConfigSource, CudaMode, OnMissingGpuRuntime, RuntimeConfig};
-pub use decision::{
-    load_spec, BundleError, Context, Decision, SelectError, Selector, Source, RUNTIME_ANNOTATION, RUNTIME_ENV,
-};
+pub use decision::{load_spec, Context, Decision, SelectError, Selector, Source, RUNTIME_ANNOTATION, RUNTIME_ENV};
 pub use evidence::Evidence;
 pub use resolve::{resolve, ResolveError};
+pub use spec::{BundleError, SpecView};

@@ -46,6 +46,28 @@ fn json_output_is_exactly_one_object_with_the_documented_keys() {
     );
 }
 
+/// Bundles runc runs are decided on, however minimal or new: no `process.user` (issue 23), a
+/// capability or personality domain no release knows, fields of a future runtime-spec.
+#[test]
+fn minimal_and_future_bundles_that_runc_runs_are_decided() {
+    let rt = FakeRuntimes::new();
+    let cfg = tempfile::tempdir().unwrap();
+    let cfg = write_config(cfg.path(), "");
+    for doc in [
+        json!({"ociVersion": "1.0.2", "process": {"args": ["true"], "cwd": "/"}, "root": {"path": "rootfs"}}),
+        json!({"ociVersion": "1.3.0", "process": {"args": ["true"], "cwd": "/", "user": {"uid": 0, "gid": 0},
+            "capabilities": {"bounding": ["CAP_FUTURE_42"]}, "ioPriority": {"class": "IOPRIO_CLASS_FUTURE"}},
+            "root": {"path": "rootfs"}, "linux": {"personality": {"domain": "LINUX_FUTURE"}, "futureField": 1},
+            "futureTop": {"x": [1]}}),
+    ] {
+        let b = bundle(&doc);
+        let o = select(&rt, &[b.path().to_str().unwrap(), "--config", cfg.to_str().unwrap(), "--json"], &[]);
+        assert!(o.status.success(), "{doc}: {}", stderr(&o));
+        let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
+        assert_eq!(v["gpu"], json!(false), "{doc}");
+    }
+}
+
 #[test]
 fn human_output_explains_the_decision() {
     let rt = FakeRuntimes::new();

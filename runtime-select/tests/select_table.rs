@@ -370,15 +370,7 @@ fn missing_config_json_is_a_read_error_naming_the_file() {
 #[test]
 fn invalid_json_is_a_parse_error_naming_the_file() {
     let c = Case::new();
-    for text in [
-        "{\"ociVersion\": ",
-        "[]",
-        " [\"1.0\"]",
-        "42",
-        "null",
-        "{\"process\": {\"env\": 7}}",
-        "{\"linux\": {\"devices\": [{\"path\": 1}]}}",
-    ] {
+    for text in ["{\"ociVersion\": ", "[]", " [\"1.0\"]", "42", "null"] {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("config.json"), text).unwrap();
         let selector = Selector { config: c.config.clone(), config_path: "/x".into(), context: Context::default() };
@@ -388,6 +380,24 @@ fn invalid_json_is_a_parse_error_naming_the_file() {
             "{text}: {err}"
         );
         assert!(err.to_string().contains("config.json: malformed OCI runtime spec"), "{err}");
+    }
+}
+
+/// Parts of the wrong shape are runc's to refuse, with its own message: the decision reads them
+/// as absent and never fails on them.
+#[test]
+fn parts_of_the_wrong_shape_are_left_to_the_runtime() {
+    let c = Case::new();
+    for text in [
+        "{\"process\": {\"env\": 7}}",
+        "{\"process\": {\"env\": [\"NVIDIA_VISIBLE_DEVICES=0\", 7]}, \"annotations\": []}",
+        "{\"linux\": {\"devices\": [{\"path\": 1}]}}",
+        "{\"linux\": {\"devices\": [{\"type\": \"c\", \"path\": \"/dev/x\", \"major\": \"195\"}]}}",
+        "{\"mounts\": {\"destination\": \"/dev/nvidia0\"}}",
+    ] {
+        let d = c.ok(&serde_json::from_str(text).unwrap());
+        let want_gpu = text.contains("NVIDIA_VISIBLE_DEVICES=0");
+        assert_eq!(d.gpu, want_gpu, "{text}");
     }
 }
 

@@ -712,6 +712,41 @@ mod tests {
         assert!(matches!(node.restore(&record(&[0])), Err(GpuError::Cdi(_))));
     }
 
+    /// The spec edits (CRIU config annotation, device re-injection) keep every part they do not
+    /// understand: fields and values of later runtime-spec releases, and wrong shapes, are runc's.
+    #[test]
+    fn spec_edits_keep_what_they_do_not_understand() {
+        let future = json!({
+            "ociVersion": "1.3.0",
+            "futureTop": {"x": [1, {"y": null}]},
+            "process": {"args": ["true"], "capabilities": {"bounding": ["CAP_FUTURE_42"]}, "ioPriority": {"class": "IOPRIO_CLASS_FUTURE"}},
+            "annotations": {"cdi.k8s.io/gpu": "nvidia.com/gpu=0", "n": "1"},
+            "mounts": [{"destination": "/m", "type": "futurefs", "options": ["futureopt"], "uidMappings": []}],
+            "linux": {"personality": {"domain": "LINUX_FUTURE"}, "namespaces": [{"type": "future"}],
+                "resources": {"futureController": {"a": 1}}, "futureLinux": true}
+        });
+        let Some(node) = Node::new(&future) else { return };
+        attach_criu_config("c1", &node.bundle).unwrap();
+        let mut want = future.clone();
+        want["annotations"][CRIU_CONFIG_ANNOTATION] = json!(node.bundle.join(CRIU_CONFIG_FILE).display().to_string());
+        assert_eq!(node.spec(), want);
+
+        node.write_cdi();
+        node.restore(&record(&[0])).unwrap();
+        let mut got = node.spec();
+        // Only the parts the re-injection owns changed; the rest is byte for byte the original.
+        assert_eq!(paths(&got, "/linux/devices", "path"), ["/dev/nvidia0"]);
+        let mounts = got["mounts"].as_array().unwrap().clone();
+        assert_eq!(mounts[0], future["mounts"][0]);
+        for v in [&mut got, &mut want] {
+            let linux = v["linux"].as_object_mut().unwrap();
+            linux.remove("devices");
+            linux["resources"].as_object_mut().unwrap().remove("devices");
+            v.as_object_mut().unwrap().remove("mounts");
+        }
+        assert_eq!(got, want);
+    }
+
     #[test]
     fn visible_devices_through_cdi_or_the_nodes_device_nodes() {
         let spec = json!({"process": {"env": ["NVIDIA_VISIBLE_DEVICES=0"]}});

@@ -115,6 +115,7 @@ fn container_lifecycle_through_every_method() {
     let mut process = oci_spec::runtime::Process::default();
     process.set_args(Some(vec!["sh".into(), "-c".into(), "echo exec says $MARK".into()]));
     process.set_env(Some(vec!["PATH=/bin".into(), "MARK=hi".into()]));
+    let process = serde_json::to_value(&process).unwrap();
     let exec_opts = ExecOpts { pid_file: b.join("e1.pid"), console_socket: None };
     let exec_stdio = ChildStdio { stdin: None, stdout: Some(exec_out_w), stderr: None };
     rt.exec(&id, b, &process, &exec_opts, exec_stdio).expect("exec");
