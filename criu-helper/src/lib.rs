@@ -26,9 +26,9 @@ pub use archive::{export, import, ArchiveError};
 pub use flags::{CheckpointFlags, FlagsError, RestoreArgs, CGROUPS_MODES, EMPTY_NS_ALLOWED};
 pub use logtail::tail_lines;
 pub use manifest::{
-    host_name, kernel_release, now_rfc3339, validate_identity, ConfigDump, FileEntry, Identity, Manifest, ManifestError,
-    ToolInfo, CONFIG_DUMP, FORMAT_VERSION,
-    IMAGES_DIR, MANIFEST_FILE, ROOTFS_DIFF, SPEC_DUMP, STATS_DUMP,
+    host_name, kernel_release, now_rfc3339, validate_identity, ConfigDump, FileEntry, Identity, Manifest,
+    ManifestError, ToolInfo, CONFIG_DUMP, FORMAT_VERSION, IMAGES_DIR, MANIFEST_FILE, ROOTFS_DIFF, SPEC_DUMP,
+    STATS_DUMP,
 };
 pub use policy::{check_namespace, PolicyError};
 pub use preflight::{

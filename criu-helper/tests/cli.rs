@@ -507,6 +507,128 @@ fn import_of_a_tampered_archive_fails_and_leaves_nothing() {
     assert_eq!(out.status.code(), Some(2), "{}", show(&out));
 }
 
+/// Appends a regular file (or, for `None`, a directory) to a tar being built.
+fn tar_entry<W: std::io::Write>(tar: &mut tar::Builder<W>, path: &str, data: Option<&[u8]>) {
+    let mut h = tar::Header::new_gnu();
+    match data {
+        Some(d) => {
+            h.set_size(d.len() as u64);
+            h.set_mode(0o600);
+        }
+        None => {
+            h.set_entry_type(tar::EntryType::Directory);
+            h.set_size(0);
+            h.set_mode(0o700);
+        }
+    }
+    tar.append_data(&mut h, path, data.unwrap_or_default()).unwrap();
+}
+
+/// The store holds nothing (a refused import leaves no work dir behind).
+fn assert_store_empty(node: &Node) {
+    let left: Vec<_> = fs::read_dir(node.root()).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+    assert!(left.is_empty(), "store must be empty, has {left:?}");
+}
+
+/// A tar bomb in `kybernate export`'s format (the manifest first) is refused at its first
+/// unlisted entry, while reading: the archive goes on with a header that does not parse, which an
+/// import that extracted everything before checking would report instead. A bomb of 2000-deep
+/// directories before any manifest is refused at the depth bound. Neither leaves anything behind.
+#[test]
+fn import_of_a_tar_bomb_stops_at_the_first_unlisted_entry() {
+    let node = Node::new();
+    let id = node.checkpoint("k8s.io", "web", HOUR);
+    let dir = node.root().join(&id);
+    let manifest = fs::read(dir.join(kybernate_criu::MANIFEST_FILE)).unwrap();
+    node.json(&["rm", &id], 0);
+
+    let archive = node.tmp.path().join("bomb.tar");
+    let mut tar = tar::Builder::new(fs::File::create(&archive).unwrap());
+    tar_entry(&mut tar, "kybernate.json", Some(&manifest));
+    tar_entry(&mut tar, "checkpoint/", None);
+    tar_entry(&mut tar, "checkpoint/inventory.img", Some(b"inventory"));
+    for i in 0..1000 {
+        tar_entry(&mut tar, &format!("bomb/f{i}"), Some(b""));
+    }
+    let mut file = tar.into_inner().unwrap();
+    std::io::Write::write_all(&mut file, &[0xffu8; 1024]).unwrap();
+    drop(file);
+    let out = node.run(&["import", archive.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!(
+            "{}: refused archive entry \"bomb/f0\": not listed in the archive's manifest",
+            archive.display()
+        )),
+        "{err}"
+    );
+    assert!(err.contains("nothing was imported") && err.trim_end().lines().count() == 1, "{err}");
+    assert_store_empty(&node);
+
+    let deep = node.tmp.path().join("deep.tar");
+    let mut tar = tar::Builder::new(fs::File::create(&deep).unwrap());
+    let mut path = String::new();
+    for _ in 0..2000 {
+        path.push_str("d/");
+        tar_entry(&mut tar, &path, None);
+    }
+    tar.finish().unwrap();
+    drop(tar);
+    let out = node.run(&["import", deep.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("refused archive entry \"{}\": nested deeper than 8 levels", "d/".repeat(9))),
+        "{err}"
+    );
+    assert_store_empty(&node);
+}
+
+/// Not a tar at all: one clean line naming the file, where and what, no raw bytes; a manifest
+/// whose namespace the store cannot hold is refused before anything it lists is unpacked, with a
+/// hint about the manifest (not about disk space).
+#[test]
+fn import_of_garbage_or_a_bad_manifest_says_what_and_where() {
+    let node = Node::new();
+    let garbage = node.tmp.path().join("garbage.tar");
+    fs::write(&garbage, (0..=255u8).cycle().take(4096).collect::<Vec<u8>>()).unwrap();
+    let out = node.run(&["import", garbage.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    let err = stderr(&out);
+    assert!(
+        err.starts_with(&format!("kybernate: {}: not a valid tar archive at byte 0 (entry 1): ", garbage.display())),
+        "{err}"
+    );
+    assert!(err.chars().all(|c| c == '\n' || (!c.is_control() && c != char::REPLACEMENT_CHARACTER)), "{err:?}");
+    assert!(err.contains("nothing was imported") && err.trim_end().lines().count() == 1, "{err}");
+    assert_store_empty(&node);
+
+    let bad = node.tmp.path().join("bad-ns.tar");
+    let mut tar = tar::Builder::new(fs::File::create(&bad).unwrap());
+    let mut m = fake_manifest("bad ns", "web", SystemTime::now() - HOUR);
+    m.files.insert("checkpoint/inventory.img".into(), kybernate_criu::FileEntry { size: 3, sha256: "00".into() });
+    tar_entry(&mut tar, "kybernate.json", Some(&serde_json::to_vec(&m).unwrap()));
+    tar_entry(&mut tar, "checkpoint/inventory.img", Some(b"inv"));
+    tar.finish().unwrap();
+    drop(tar);
+    let out = node.run(&["import", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!(
+            "{}: entry \"kybernate.json\": invalid checkpoint manifest: namespace \"bad ns\"",
+            bad.display()
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains("the archive's manifest is not one this Kybernate writes") && !err.contains("free space"),
+        "{err}"
+    );
+    assert_store_empty(&node);
+}
+
 /// What docs/operations.md says about a kubelet/crictl archive not taken through our shim (the
 /// stock runc shim's, CRI-O's: CRIU's images in `checkpoint/` without our manifest, CRI's dumps
 /// beside them, a gzip RW diff): `kybernate import` refuses it, says what it is and where it
@@ -601,6 +723,45 @@ fn bad_flags_and_config_are_usage_errors() {
     let out = node.run(&["list"]);
     assert_eq!(out.status.code(), Some(2), "{}", show(&out));
     assert!(stderr(&out).contains("rot"), "{}", show(&out));
+}
+
+/// `[checkpoint] root` must be absolute (the shim and the CLI would otherwise name different
+/// stores), and `--config` naming a FIFO fails at once instead of waiting for a writer.
+#[test]
+fn a_relative_store_root_or_a_fifo_config_is_refused() {
+    let node = Node::new();
+    fs::write(&node.config, "[checkpoint]\nroot = \"store\"\n").unwrap();
+    let out = node.run(&["list"]);
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("{}:2: key `checkpoint.root`: \"store\" is a relative path", node.config.display())),
+        "{err}"
+    );
+
+    let fifo = node.tmp.path().join("fifo.toml");
+    let status = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(status.success());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kybernate"))
+        .arg("--config")
+        .arg(&fifo)
+        .arg("list")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("kybernate --config FIFO blocked");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    assert!(stderr(&out).contains("a FIFO, not a regular file"), "{}", show(&out));
 }
 
 #[test]

@@ -173,7 +173,7 @@ impl Config {
     /// Loads the config named by `source`.
     pub fn load(source: &ConfigSource) -> Result<Self, ConfigError> {
         let path = source.path();
-        match std::fs::read_to_string(path) {
+        match read_config_file(path) {
             Ok(text) => Self::parse(&text, path),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && matches!(source, ConfigSource::Default(_)) => {
                 Ok(Self::default())
@@ -191,12 +191,97 @@ impl Config {
             message: err.message().trim_end().to_string(),
         };
         let de = toml::Deserializer::parse(text).map_err(|e| invalid(&e, String::new()))?;
-        serde_path_to_error::deserialize(de).map_err(|e| {
+        let config: Self = serde_path_to_error::deserialize(de).map_err(|e| {
             let key = e.path().to_string();
             let key = if key == "." || key.is_empty() { String::new() } else { format!("key `{key}`: ") };
             invalid(e.inner(), key)
+        })?;
+        config.check_paths(text, path)?;
+        Ok(config)
+    }
+
+    /// Paths that the shim, `kybernate-select` and the CLI must read alike: a relative
+    /// `[checkpoint] root` would name a different store in each (each resolves it against its own
+    /// working directory), so it is refused here with the key and its line.
+    fn check_paths(&self, text: &str, path: &Path) -> Result<(), ConfigError> {
+        if self.checkpoint.root.is_absolute() {
+            return Ok(());
+        }
+        Err(ConfigError::Invalid {
+            path: path.to_path_buf(),
+            line: root_line(text).unwrap_or(0),
+            key: "key `checkpoint.root`: ".into(),
+            message: format!(
+                "{:?} is a relative path; the store's root must be absolute, e.g. \"/var/lib/kybernate/checkpoints\"",
+                self.checkpoint.root
+            ),
         })
     }
+}
+
+/// The largest config file read: a config is a few hundred bytes; anything much bigger is not one.
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// Reads a config file without ever blocking on what the path names: opened non-blocking (a
+/// FIFO opens at once instead of waiting for a writer), then the open file itself is checked
+/// (no race between a check and the open), and only a regular file of at most
+/// [`MAX_CONFIG_BYTES`] is read. Symlinks are followed: config maps mount their files as links.
+fn read_config_file(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path)?;
+    let meta = file.metadata()?;
+    let kind = meta.file_type();
+    let what = if kind.is_file() {
+        None
+    } else if kind.is_dir() {
+        Some("a directory")
+    } else if kind.is_fifo() {
+        Some("a FIFO")
+    } else if kind.is_socket() {
+        Some("a socket")
+    } else {
+        Some("a device")
+    };
+    if let Some(what) = what {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{what}, not a regular file; name the config file itself"),
+        ));
+    }
+    if meta.len() > MAX_CONFIG_BYTES {
+        return Err(too_big());
+    }
+    let mut bytes = Vec::new();
+    // The size may change after the fstat: never read more than the limit.
+    file.take(MAX_CONFIG_BYTES + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(too_big());
+    }
+    String::from_utf8(bytes)
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8 text; a config is TOML"))
+}
+
+fn too_big() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::InvalidData,
+        format!("larger than {} KiB, too big for a config file", MAX_CONFIG_BYTES >> 10),
+    )
+}
+
+/// The 1-based line of `[checkpoint] root`, read with spans (the typed parse has none).
+fn root_line(text: &str) -> Option<usize> {
+    #[derive(Deserialize)]
+    struct Doc {
+        checkpoint: Option<Section>,
+    }
+    #[derive(Deserialize)]
+    struct Section {
+        root: Option<toml::Spanned<toml::Value>>,
+    }
+    let doc: Doc = toml::from_str(text).ok()?;
+    let span = doc.checkpoint?.root?.span();
+    Some(line_of(text, span.start))
 }
 
 /// 1-based line number of byte offset `at` in `text`.
@@ -311,6 +396,58 @@ cdi_spec_dirs = ["/srv/cdi"]
             ConfigSource::resolve(Some(Path::new("")), Some(OsStr::new(""))),
             ConfigSource::Default(DEFAULT_CONFIG_PATH.into())
         );
+    }
+
+    #[test]
+    fn a_relative_store_root_is_refused_with_its_key_file_and_line() {
+        let msg =
+            parse("[runtime]\ndefault = \"runc\"\n[checkpoint]\nroot = \"ckpt/store\"\n").unwrap_err().to_string();
+        assert!(msg.starts_with("/etc/kybernate/config.toml:4: key `checkpoint.root`: "), "{msg}");
+        assert!(msg.contains("\"ckpt/store\" is a relative path"), "{msg}");
+        let msg = parse("checkpoint.root = \".\"\n").unwrap_err().to_string();
+        assert!(msg.starts_with("/etc/kybernate/config.toml:1: key `checkpoint.root`"), "{msg}");
+        assert_eq!(parse("[checkpoint]\nroot = \"/srv/x\"\n").unwrap().checkpoint.root, PathBuf::from("/srv/x"));
+    }
+
+    /// Loads `path` as an explicit config on a thread: the error, or a panic if it blocks.
+    fn load_within(path: &Path, limit: std::time::Duration) -> String {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let source = ConfigSource::Explicit(path.to_path_buf());
+        std::thread::spawn(move || tx.send(Config::load(&source).map(|_| ()).map_err(|e| e.to_string())));
+        match rx.recv_timeout(limit) {
+            Ok(r) => r.expect_err("only a regular file is a config"),
+            // The blocked thread stays behind; the test process ends with the test.
+            Err(_) => panic!("loading {} blocked for {limit:?}", path.display()),
+        }
+    }
+
+    /// containerd's `ConfigPath` naming a FIFO (or anything but a regular file) must fail the
+    /// create at once, not hang it waiting for a writer.
+    #[test]
+    fn a_fifo_directory_or_oversized_config_is_refused_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("config.toml");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: plain syscall with a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "{}", std::io::Error::last_os_error());
+        let limit = std::time::Duration::from_secs(5);
+        let msg = load_within(&fifo, limit);
+        assert!(
+            msg.starts_with(&format!("{}: cannot read config file: a FIFO, not a regular file", fifo.display())),
+            "{msg}"
+        );
+        // Through a symlink too (followed: config maps mount links), and a directory.
+        let link = dir.path().join("link.toml");
+        std::os::unix::fs::symlink(&fifo, &link).unwrap();
+        assert!(load_within(&link, limit).contains("a FIFO, not a regular file"));
+        assert!(load_within(dir.path(), limit).contains("a directory, not a regular file"));
+        assert!(load_within(Path::new("/dev/null"), limit).contains("a device, not a regular file"));
+        let big = dir.path().join("big.toml");
+        std::fs::File::create(&big).unwrap().set_len(MAX_CONFIG_BYTES + 1).unwrap();
+        assert!(load_within(&big, limit).contains("too big for a config file"));
+        let ok = dir.path().join("ok.toml");
+        std::fs::write(&ok, "[checkpoint]\nroot = \"/srv/x\"\n").unwrap();
+        assert_eq!(Config::load(&ConfigSource::Explicit(ok)).unwrap().checkpoint.root, PathBuf::from("/srv/x"));
     }
 
     #[test]

@@ -76,6 +76,9 @@ struct Checkpointed<'a> {
     #[serde(flatten)]
     checkpoint: &'a Checkpoint,
     duration_ms: u64,
+    /// Set when containerd's answer was lost (containerd restarted) but the checkpoint committed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    note: Option<&'a str>,
 }
 
 pub fn checkpoint(
@@ -94,17 +97,38 @@ pub fn checkpoint(
     let runtime = async_runtime()?;
     // Progress only for a person watching: stderr a terminal, and not JSON.
     let progress = out == Output::Table && std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let (target, duration) = runtime.block_on(run(store, address, namespace, req, progress))?;
+    let done = runtime.block_on(run(store, address, namespace, req, progress))?;
+    // The shim records the image only from CRI's annotation; containerd's record has it for a
+    // container of any client (`ctr run`, nerdctl), so that `restore --as` needs no --image.
+    if let Err(e) = crate::store::record_image(&done.target, &done.image) {
+        eprintln!(
+            "kybernate: warning: cannot record image {:?} in the checkpoint's manifest: {e}; restore it with --image",
+            done.image
+        );
+    }
     // The store root may have been created by the shim just now: canonicalise it to build the id.
     let root = fs::canonicalize(store.root()).unwrap_or_else(|_| store.root().to_path_buf());
-    let target = fs::canonicalize(&target).unwrap_or(target);
+    let target = fs::canonicalize(&done.target).unwrap_or(done.target);
     let cp = Checkpoint::load(&root, &target);
-    let duration_ms = u64::try_from(duration.as_millis()).unwrap_or(u64::MAX);
+    let duration_ms = u64::try_from(done.duration.as_millis()).unwrap_or(u64::MAX);
+    if let Some(note) = &done.note {
+        eprintln!("kybernate: note: {note}");
+    }
     match out {
-        Output::Json => output::json(&Checkpointed { checkpoint: &cp, duration_ms })?,
-        Output::Table => output::write(&summary(&cp, req, duration))?,
+        Output::Json => output::json(&Checkpointed { checkpoint: &cp, duration_ms, note: done.note.as_deref() })?,
+        Output::Table => output::write(&summary(&cp, req, done.duration))?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// What a checkpoint request ended with: where it went, how long it took, the container's image
+/// (containerd's record; empty when it has none), and a note when containerd's answer was lost
+/// but the store shows the checkpoint committed.
+struct Done {
+    target: PathBuf,
+    duration: Duration,
+    image: String,
+    note: Option<String>,
 }
 
 /// The human summary: where it went, how big, how long, and the GPU mode (with what the GPU
@@ -135,7 +159,7 @@ async fn run(
     namespace: Option<&str>,
     req: &Args,
     progress: bool,
-) -> Result<(PathBuf, Duration), CliError> {
+) -> Result<Done, CliError> {
     let unreachable = |e: String| CliError::Unreachable { address: address.to_path_buf(), reason: e };
     let channel = containerd_client::connect(address).await.map_err(|e| unreachable(chain(&e)))?;
     let ns = match namespace {
@@ -162,6 +186,7 @@ async fn run(
         )));
     };
     let runtime = container.runtime.map(|r| r.name).unwrap_or_default();
+    let image = container.image;
 
     let mut tasks = TasksClient::new(channel);
     let get = GetRequest { container_id: id.into(), exec_id: String::new() };
@@ -214,18 +239,102 @@ async fn run(
     let started = Instant::now();
     let shown = progress.then(|| crate::progress::Progress::start(target.clone()));
     let result = tasks.checkpoint(with_namespace!(request, ns)).await;
-    drop(shown); // clears the progress line
-    let duration = started.elapsed();
-    match result {
-        Ok(_) => Ok((target, duration)),
-        // containerd 1.6 also stores the container's spec in its content store for every
-        // checkpoint; the second checkpoint of an unchanged container finds that blob there and
-        // fails with "content sha256:…: already exists" (no gRPC code) after our shim has
-        // written the checkpoint. The checkpoint itself is complete: accept it when it verifies.
-        Err(s) if is_content_exists(&s) && kybernate_criu::verify_quick(&target).is_ok() => Ok((target, duration)),
-        Err(s) if s.code() == Code::Unavailable => Err(unreachable(s.message().to_string())),
-        Err(s) => Err(CliError::CheckpointFailed { id: id.into(), message: s.message().to_string() }),
+    let done = |note| Done { target: target.clone(), duration: started.elapsed(), image: image.clone(), note };
+    let Err(s) = result else {
+        drop(shown);
+        return Ok(done(None));
+    };
+    // containerd 1.6 also stores the container's spec in its content store for every
+    // checkpoint; the second checkpoint of an unchanged container finds that blob there and
+    // fails with "content sha256:…: already exists" (no gRPC code) after our shim has
+    // written the checkpoint. The checkpoint itself is complete: accept it when it verifies.
+    if is_content_exists(&s) && kybernate_criu::verify_quick(&target).is_ok() {
+        drop(shown);
+        return Ok(done(None));
     }
+    // The answer was lost (containerd restarted or crashed while the shim worked): the shim
+    // goes on and commits, so the store, not the error, tells the outcome.
+    let lost = is_lost_answer(&s);
+    let outcome = settle(&target, &ns, id, lost, |pid| Path::new(&format!("/proc/{pid}")).exists()).await;
+    drop(shown); // clears the progress line
+    match outcome {
+        Outcome::Committed => Ok(done(Some(format!(
+            "containerd's answer was lost ({}: {}), but the checkpoint was committed to the store; check the container's state with `ctr -n {ns} tasks ls`",
+            code_name(s.code()),
+            s.message()
+        )))),
+        Outcome::Absent if lost => Err(unreachable(format!(
+            "{} ({}); no checkpoint was committed",
+            s.message(),
+            code_name(s.code())
+        ))),
+        Outcome::Absent => Err(CliError::CheckpointFailed { id: id.into(), message: s.message().to_string() }),
+    }
+}
+
+/// An error that says nothing about the checkpoint itself: the connection to containerd broke
+/// (containerd restarted, crashed or was stopped) before its answer arrived.
+fn is_lost_answer(s: &Status) -> bool {
+    match s.code() {
+        Code::Unavailable | Code::Cancelled | Code::Aborted => true,
+        Code::Unknown | Code::Internal => {
+            let m = s.message().to_ascii_lowercase();
+            ["transport error", "connection", "broken pipe", "stream closed", "h2 protocol error"]
+                .iter()
+                .any(|w| m.contains(w))
+        }
+        _ => false,
+    }
+}
+
+fn code_name(code: Code) -> String {
+    format!("{code:?}")
+}
+
+/// What the store says about a checkpoint request.
+#[derive(Debug, PartialEq, Eq)]
+enum Outcome {
+    /// The target is a committed checkpoint of this container.
+    Committed,
+    /// Nothing committed (and, when waited for, nothing being written any more).
+    Absent,
+}
+
+/// How long a checkpoint whose answer was lost is waited for while its writer still works on it.
+const SETTLE_LIMIT: Duration = Duration::from_secs(30 * 60);
+
+/// The outcome of the checkpoint into `target`: committed there for `ns`/`id`, or not. When the
+/// answer was `lost`, a partial checkpoint whose writer (the shim, by the pid in its name) is
+/// still `alive` is waited for: the shim commits or removes it.
+async fn settle(target: &Path, ns: &str, id: &str, lost: bool, alive: impl Fn(u32) -> bool) -> Outcome {
+    let deadline = Instant::now() + SETTLE_LIMIT;
+    loop {
+        if committed(target, ns, id) {
+            return Outcome::Committed;
+        }
+        if !lost || Instant::now() > deadline || !being_written(target, &alive) {
+            // The commit is a rename: one last look closes the race with a writer just done.
+            return if committed(target, ns, id) { Outcome::Committed } else { Outcome::Absent };
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `target` is a committed checkpoint (it verifies, cheaply) of container `id` in `ns`.
+fn committed(target: &Path, ns: &str, id: &str) -> bool {
+    kybernate_criu::verify_quick(target).is_ok_and(|m| m.namespace == ns && m.container_id == id)
+}
+
+/// A partial checkpoint for `target` (`.<name>.partial-<pid>-<nanos>` beside it) whose writer lives.
+fn being_written(target: &Path, alive: &impl Fn(u32) -> bool) -> bool {
+    let (Some(parent), Some(name)) = (target.parent(), target.file_name()) else { return false };
+    let prefix = format!(".{}.partial-", name.to_string_lossy());
+    let Ok(entries) = fs::read_dir(parent) else { return false };
+    entries.flatten().any(|e| {
+        let entry = e.file_name();
+        let Some(rest) = entry.to_str().and_then(|n| n.strip_prefix(&prefix)) else { return false };
+        rest.split('-').next().and_then(|pid| pid.parse().ok()).is_some_and(alive)
+    })
 }
 
 /// The file name of the shim serving the task whose init process is `pid` (as this node's
@@ -297,6 +406,8 @@ pub(crate) fn check_namespace(ns: &str) -> Result<(), CliError> {
 pub(crate) fn async_runtime() -> Result<tokio::runtime::Runtime, CliError> {
     tokio::runtime::Builder::new_current_thread()
         .enable_io()
+        // `checkpoint` polls the store when containerd's answer is lost.
+        .enable_time()
         .build()
         .map_err(|e| CliError::Failed(format!("cannot start the async runtime: {e}; please report this as a bug")))
 }
@@ -349,6 +460,67 @@ mod tests {
         child.wait().unwrap();
         assert_eq!(seen.as_deref(), me.file_name().and_then(|n| n.to_str()));
         assert_eq!(shim_binary_of(u32::MAX), None);
+    }
+
+    fn manifest(ns: &str, id: &str) -> kybernate_criu::Manifest {
+        serde_json::from_value(serde_json::json!({
+            "format_version": kybernate_criu::manifest::FORMAT_VERSION, "namespace": ns, "container_id": id,
+            "runtime": {"path": "/usr/bin/runc", "version": "1"}, "criu": {"path": "/usr/sbin/criu", "version": "4.2"},
+            "kernel": "6", "host": "h", "created": kybernate_criu::manifest::now_rfc3339(),
+            "options": kybernate_criu::CheckpointFlags::default(), "files": {},
+        }))
+        .unwrap()
+    }
+
+    /// A partial checkpoint for `target` as the shim writes it, committed on `commit`.
+    fn partial(target: &Path) -> kybernate_criu::PartialCheckpoint {
+        let p = kybernate_criu::PartialCheckpoint::begin(target).unwrap();
+        fs::write(p.images_dir().join("inventory.img"), b"inv").unwrap();
+        p
+    }
+
+    fn settled(target: &Path, id: &str, lost: bool, alive: impl Fn(u32) -> bool) -> Outcome {
+        async_runtime().unwrap().block_on(settle(target, "default", id, lost, alive))
+    }
+
+    /// containerd restarted during `kybernate checkpoint`: the store, not the lost answer, says
+    /// whether the checkpoint committed; a live writer's partial checkpoint is waited for.
+    #[test]
+    fn a_lost_answer_is_settled_by_the_store() {
+        let root = tempfile::tempdir().unwrap();
+        let target = root.path().join("default/web/20260101T000000.000Z");
+        assert_eq!(settled(&target, "web", true, |_| true), Outcome::Absent, "nothing written");
+
+        // The shim (here: this process) is still writing; it commits a moment later.
+        let p = partial(&target);
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            p.commit(manifest("default", "web")).unwrap();
+        });
+        let me = std::process::id();
+        assert_eq!(settled(&target, "web", true, |pid| pid == me), Outcome::Committed);
+        writer.join().unwrap();
+        assert_eq!(settled(&target, "web", false, |_| false), Outcome::Committed, "any error: the store decides");
+        assert_eq!(settled(&target, "db", true, |_| true), Outcome::Absent, "another container's checkpoint");
+
+        // A writer that died (the shim was killed) leaves a partial that never commits.
+        let other = root.path().join("default/web/20260101T000001.000Z");
+        let p = partial(&other);
+        assert_eq!(settled(&other, "web", true, |pid| pid != me), Outcome::Absent);
+        // Not waited for when the error is the shim's own.
+        let started = Instant::now();
+        assert_eq!(settled(&other, "web", false, |_| true), Outcome::Absent);
+        assert!(started.elapsed() < Duration::from_secs(1));
+        drop(p);
+    }
+
+    #[test]
+    fn transport_errors_are_lost_answers_and_the_shims_errors_are_not() {
+        assert!(is_lost_answer(&Status::unknown("transport error")));
+        assert!(is_lost_answer(&Status::unavailable("error trying to connect")));
+        assert!(is_lost_answer(&Status::cancelled("h2 protocol error: stream no longer needed")));
+        assert!(!is_lost_answer(&Status::unknown("runc checkpoint failed: criu dump: exit status 1")));
+        assert!(!is_lost_answer(&Status::failed_precondition("container is paused")));
     }
 
     #[test]

@@ -86,12 +86,13 @@ impl CliError {
 
 fn export_hint(e: &ArchiveError) -> &'static str {
     match e {
-        ArchiveError::Verify { .. } | ArchiveError::Entry { .. } => {
+        ArchiveError::Verify { .. } | ArchiveError::Entry { .. } | ArchiveError::Manifest { .. } => {
             "the checkpoint is damaged and can be neither exported nor restored; see `kybernate inspect`, remove it with `kybernate rm`"
         }
         ArchiveError::Io { .. }
         | ArchiveError::Store(_)
         | ArchiveError::CriArchive { .. }
+        | ArchiveError::Malformed { .. }
         | ArchiveError::RootfsDiff { .. } => "check the archive's path, permissions and free space",
     }
 }
@@ -100,6 +101,14 @@ fn import_hint(e: &ArchiveError) -> &'static str {
     match e {
         ArchiveError::Verify { .. } | ArchiveError::Entry { .. } => {
             "the archive is damaged or was changed after it was written; nothing was imported; export (or checkpoint) the container again on the source node"
+        }
+        // Also a manifest field the store cannot hold (a namespace or container id that is not a
+        // containerd identifier): not a matter of disk space or permissions.
+        ArchiveError::Manifest { .. } | ArchiveError::Store(StoreError::BadName { .. }) => {
+            "nothing was imported; the archive's manifest is not one this Kybernate writes (another version, or edited by hand); export the checkpoint again with `kybernate export` on the source node"
+        }
+        ArchiveError::Malformed { .. } => {
+            "nothing was imported; `kybernate import` reads the uncompressed tar files `kybernate export` (or the kubelet) writes; copy the archive again from the source node"
         }
         ArchiveError::RootfsDiff { .. } => {
             "nothing was imported; restore the archive through the kubelet or `crictl create` (containerd >= 2.0, docs/operations.md)"

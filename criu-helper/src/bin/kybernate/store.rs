@@ -259,6 +259,39 @@ pub fn remove(store: &Store, checkpoint: &Checkpoint) -> Result<(), CliError> {
     Ok(())
 }
 
+/// Records `image` in the manifest of the checkpoint at `dir` when the shim could not: it reads
+/// the image from the CRI annotation, which a container made by `ctr run` or another containerd
+/// client lacks, while containerd's container record has it whoever made the container. The
+/// manifest is not covered by the checksums; its other fields (unknown ones included) are kept,
+/// and it is replaced atomically (written beside the checkpoint directory, never inside it, so a
+/// crash leaves no unlisted file in the checkpoint). Returns whether the manifest changed.
+pub fn record_image(dir: &Path, image: &str) -> std::io::Result<bool> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join(kybernate_criu::MANIFEST_FILE);
+    let mut doc: serde_json::Value = serde_json::from_slice(&fs::read(&path)?).map_err(std::io::Error::other)?;
+    let Some(fields) = doc.as_object_mut() else { return Ok(false) };
+    if image.is_empty() || fields.get("image").and_then(serde_json::Value::as_str).is_some_and(|i| !i.is_empty()) {
+        return Ok(false);
+    }
+    fields.insert("image".into(), image.into());
+    let text = serde_json::to_vec_pretty(&doc).map_err(std::io::Error::other)?;
+    let (Some(parent), Some(name)) = (dir.parent(), dir.file_name()) else { return Ok(false) };
+    let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let tmp = parent.join(format!(".{}.manifest-{}-{nanos}", name.to_string_lossy(), std::process::id()));
+    let written = (|| {
+        let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+        f.write_all(&text)?;
+        f.sync_all()?;
+        fs::rename(&tmp, &path)?;
+        fs::File::open(dir)?.sync_all()
+    })();
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    written.map(|()| true)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
