@@ -18,6 +18,7 @@ pub mod container;
 pub mod error;
 pub mod events;
 pub mod gpu;
+pub mod info;
 pub mod io;
 pub mod oom;
 pub mod options;

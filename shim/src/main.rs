@@ -17,6 +17,11 @@ fn main() {
         println!("containerd-shim-kybernate-v1 {}", env!("CARGO_PKG_VERSION"));
         return;
     }
+    // containerd 2.x's introspection (info.rs): options on stdin, a RuntimeInfo on stdout. Both
+    // spellings, as Go's flag package (the stock shim's) takes them.
+    if args.iter().any(|a| a == "-info" || a == "--info") {
+        std::process::exit(kybernate_shim::info::main(RUNTIME_ID));
+    }
     // A panic in the shim orphans containers: make sure one at least reaches containerd's log.
     std::panic::set_hook(Box::new(|info| log::error!("shim panic: {info}")));
     // The daemon our own `start` spawned serves the socket it was handed (bootstrap.rs); the

@@ -18,7 +18,7 @@ use k8s_cri::v1::{
     KeyValue, LinuxContainerConfig, LinuxContainerSecurityContext, LinuxPodSandboxConfig, LinuxSandboxSecurityContext,
     ListContainersRequest, NamespaceMode, NamespaceOption, PodSandboxConfig, PodSandboxMetadata, PodSandboxStatus,
     PodSandboxStatusRequest, RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest,
-    StartContainerRequest, StopContainerRequest, StopPodSandboxRequest, VersionRequest,
+    StartContainerRequest, StatusRequest, StatusResponse, StopContainerRequest, StopPodSandboxRequest, VersionRequest,
 };
 use kybernate_testbed::{
     unique_name, Containerd, CriRuntime, Testbed, CONTAINERD_RUNC_ROOT, CRI_NAMESPACE, IMAGE, PAUSE_IMAGE,
@@ -72,6 +72,8 @@ pub struct Setup {
     pub containerd: Containerd,
     /// More `[checkpoint]` keys for the node's config (e.g. `allow_env_restore = true`).
     pub checkpoint_config: &'static str,
+    /// containerd's log level (default `info`; `debug` shows CRI's runtime introspection).
+    pub log_level: Option<&'static str>,
 }
 
 pub fn cri_bed(style: Style) -> CriBed {
@@ -93,6 +95,9 @@ pub fn cri_bed_with(style: Style, setup: Setup) -> CriBed {
         runtime = runtime.pod_annotations(patterns);
     }
     let mut builder = Testbed::builder().containerd(setup.containerd).cri_runtime(runtime);
+    if let Some(level) = setup.log_level {
+        builder = builder.log_level(level);
+    }
     builder = match style {
         Style::RuntimeType => builder.path_prepend(shim_dir()),
         Style::RuntimePath => builder.env("KYBERNATE_CONFIG", &config),
@@ -421,6 +426,12 @@ impl Cri {
             timeout: CRI_TIMEOUT.as_secs() as i64,
         };
         self.call(async move { c.checkpoint_container(req).await }).map(drop)
+    }
+
+    /// The runtime's Status (conditions, per-handler features), `verbose` adding containerd's info.
+    pub fn runtime_status(&self, verbose: bool) -> Result<StatusResponse, Status> {
+        let mut c = self.runtime.clone();
+        self.call(async move { c.status(StatusRequest { verbose }).await })
     }
 
     /// ExecSync with a 60 s timeout (CRI's own, on top of [`CRI_TIMEOUT`]).

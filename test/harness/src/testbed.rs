@@ -33,6 +33,7 @@ pub struct Builder {
     cri_runtimes: Vec<CriRuntime>,
     env: Vec<(OsString, OsString)>,
     release: Containerd,
+    log_level: Option<String>,
 }
 
 impl Builder {
@@ -86,6 +87,12 @@ impl Builder {
         self
     }
 
+    /// containerd's `[debug] level` (default `info`); `debug` shows, e.g., CRI's runtime introspection.
+    pub fn log_level(mut self, level: &str) -> Self {
+        self.log_level = Some(level.to_string());
+        self
+    }
+
     /// Sets an environment variable for containerd, and so for the shims it starts.
     pub fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Self {
         self.env.push((key.as_ref().to_owned(), value.as_ref().to_owned()));
@@ -134,7 +141,7 @@ impl Builder {
             release: self.release,
         };
         let cri_runtimes = self.cri.then_some(self.cri_runtimes.as_slice());
-        let config = tb.config_toml(cri_runtimes, &self.extra_config);
+        let config = tb.config_toml(cri_runtimes, &self.extra_config, self.log_level.as_deref().unwrap_or("info"));
         if self.cri {
             for sub in ["cni/bin", "cni/net.d"] {
                 let d = tb.dir.join(sub);
@@ -339,7 +346,7 @@ impl Testbed {
     }
 
     /// containerd's config; `cri`: the CRI plugin with these runtime handlers, else CRI disabled.
-    fn config_toml(&self, cri: Option<&[CriRuntime]>, extra: &str) -> String {
+    fn config_toml(&self, cri: Option<&[CriRuntime]>, extra: &str, log_level: &str) -> String {
         let d = self.dir.display();
         let mut toml = format!(
             r#"# Written by kybernate-testbed for namespace {ns}.
@@ -354,7 +361,7 @@ state = "{d}/state"
   address = "{d}/containerd.sock.ttrpc"
 
 [debug]
-  level = "info"
+  level = "{log_level}"
 
 [plugins."io.containerd.internal.v1.opt"]
   path = "{d}/opt"
@@ -578,7 +585,7 @@ mod tests {
     #[test]
     fn config_has_private_dirs_and_no_cri_by_default() {
         let tb = bed("/x/kbt-1-2");
-        let toml = tb.config_toml(None, "[plugins.\"a\"]\n  b = 1\n");
+        let toml = tb.config_toml(None, "[plugins.\"a\"]\n  b = 1\n", "info");
         assert!(toml.contains("root = \"/x/kbt-1-2/root\""));
         assert!(toml.contains("state = \"/x/kbt-1-2/state\""));
         assert!(toml.contains("address = \"/x/kbt-1-2/containerd.sock\""));
@@ -593,7 +600,7 @@ mod tests {
     #[test]
     fn cri_config_restricts_oom_score_adj() {
         let tb = bed("/x/kbt-1-2");
-        let toml = tb.config_toml(Some(&[]), "");
+        let toml = tb.config_toml(Some(&[]), "", "info");
         assert!(!toml.contains("disabled_plugins"));
         assert!(toml.contains("restrict_oom_score_adj = true"));
         std::mem::forget(tb);
