@@ -27,6 +27,7 @@ for script in test/bench/*.sh; do
     bash -n "$script"
 done
 bash test/bench/shim.sh 5 20
+bash test/bench/shared_pid_exit.sh 5
 bash test/bench/checkpoint.sh 1 16
 bash test/bench/restore_check.sh 1 4 64
 

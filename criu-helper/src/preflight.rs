@@ -46,8 +46,9 @@ pub enum PreflightError {
         source: io::Error,
     },
     #[error(
-        "{}: not enough free space for the checkpoint: need about {} (memory {} + 10% + 16 MiB), {} available",
-        dir.display(), mib(required_space(*needed)), mib(*needed), mib(*available)
+        "{}: not enough free space for the checkpoint: need about {} (memory {}, plus a tenth and {} of headroom), \
+         {} available",
+        dir.display(), mib(required_space(*needed)), mib(*needed), mib(SPACE_HEADROOM), mib(*available)
     )]
     NoSpace { dir: PathBuf, needed: u64, available: u64 },
     #[error("{context}: {source}")]
@@ -311,13 +312,15 @@ mod tests {
         assert!(*available > 0);
         let msg = err.to_string();
         assert!(msg.starts_with(&format!("{}: not enough free space", d.path().display())), "{msg}");
-        assert!(msg.contains("+ 10% + 16 MiB)") && msg.contains("available"), "{msg}");
+        assert!(msg.contains("plus a tenth and 16 MiB of headroom)") && msg.contains("available"), "{msg}");
     }
 
     #[test]
     fn no_space_message() {
         let err = PreflightError::NoSpace { dir: "/x".into(), needed: 256 * MIB, available: 12 * MIB };
-        let want = "/x: not enough free space for the checkpoint: need about 298 MiB (memory 256 MiB + 10% + 16 MiB), \
+        // No `%`: containerd formats a shim's error text (`%` would print as `%!(MISSING)`).
+        let want = "/x: not enough free space for the checkpoint: need about 298 MiB (memory 256 MiB, plus a tenth \
+                    and 16 MiB of headroom), \
                     12 MiB available";
         assert_eq!(err.to_string(), want);
     }

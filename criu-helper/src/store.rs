@@ -309,6 +309,7 @@ impl PartialCheckpoint {
         let dir = hidden_sibling(target, "partial").ok_or_else(bad)?;
         let parent = target.parent().ok_or_else(bad)?;
         create_private_dirs(parent)?;
+        remove_stale_partials(parent);
         check_target_free(target)?;
         DirBuilder::new().mode(0o700).create(&dir).map_err(store_io("create directory", &dir))?;
         Ok(Self { dir, target: target.to_path_buf(), committed: false, flat })
@@ -386,6 +387,26 @@ impl Drop for PartialCheckpoint {
         if !self.committed {
             if let Err(e) = fs::remove_dir_all(&self.dir) {
                 log::warn!("{}: cannot remove partial checkpoint: {e}", self.dir.display());
+            }
+        }
+    }
+}
+
+/// Removes the partial checkpoints in `parent` whose writer is gone (a shim killed mid-checkpoint):
+/// the next checkpoint beside them cleans up after it. Best effort; a writer whose pid was reused
+/// keeps its directory until `kybernate prune` or a later checkpoint.
+fn remove_stale_partials(parent: &Path) {
+    let Ok(entries) = fs::read_dir(parent) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = work_dir_writer(&name).filter(|_| name.contains(".partial-")) else { continue };
+        let gone = pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists();
+        if gone && e.file_type().is_ok_and(|t| t.is_dir()) {
+            match fs::remove_dir_all(e.path()) {
+                Ok(()) => {
+                    log::info!("{}: removed a partial checkpoint whose writer (pid {pid}) is gone", e.path().display())
+                }
+                Err(err) => log::warn!("{}: cannot remove stale partial checkpoint: {err}", e.path().display()),
             }
         }
     }
@@ -672,6 +693,23 @@ mod tests {
             fs::copy(root.join("ns/c1/t1").join(MANIFEST_FILE), root.join(work).join(MANIFEST_FILE)).unwrap();
         }
         Fixture { _tmp: tmp, store, root }
+    }
+
+    #[test]
+    fn a_new_checkpoint_removes_partials_of_dead_writers_beside_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("ns/c1");
+        // pid 2^22 + 1 is above any pid_max: its writer is surely gone.
+        let dead = dir.join(".t2.partial-4194305-1");
+        let live = dir.join(format!(".t3.partial-{}-1", std::process::id()));
+        let removal = dir.join(".t4.removing-4194305-1");
+        for d in [&dead, &live, &removal] {
+            fs::create_dir_all(d.join(IMAGES_DIR)).unwrap();
+        }
+        let p = PartialCheckpoint::begin(&dir.join("t5")).unwrap();
+        assert!(!dead.exists(), "the dead writer's partial checkpoint is removed");
+        assert!(live.exists() && removal.exists(), "a live writer's partial and other work dirs stay");
+        drop(p);
     }
 
     #[test]

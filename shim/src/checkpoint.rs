@@ -20,8 +20,8 @@ use kybernate_criu::{
     self as criu, CheckpointFlags, ConfigDump, Manifest, PartialCheckpoint, PreflightError, Store, ToolInfo,
 };
 use kybernate_runtime_select::CheckpointConfig;
+use kybernate_runtime_select::SpecView;
 use log::{info, warn};
-use oci_spec::runtime::Spec;
 
 use crate::container::Container;
 use crate::gpu::{self, GpuCheckpoint, GpuError};
@@ -284,6 +284,7 @@ impl Checkpointer<'_> {
             id: id.to_string(),
             source: Box::new(source),
         })?;
+        let _record = PartialRecord::write(&c.bundle, partial.dir());
         let mut session = gpu.as_ref().and_then(GpuCheckpoint::session);
         if let (Some(s), Some(g)) = (session.as_mut(), gpu.as_ref()) {
             partial.set_phase(criu::PHASE_GPU_LOCK);
@@ -304,6 +305,7 @@ impl Checkpointer<'_> {
                 id: id.into(),
                 source,
             })?;
+            test_stop_point(id, STOP_FREEZE);
         }
         let thaw_after_dump = (freeze || freeze_after_dump) && !req.flags.exit;
         let frozen = Frozen { was_paused, freeze_after_dump, thaw_after_dump };
@@ -402,7 +404,7 @@ impl Checkpointer<'_> {
             context: format!("read {}", c.bundle.join("config.json").display()),
             source,
         })?;
-        let spec: Option<Spec> = serde_json::from_slice(&spec_bytes).ok();
+        let spec: Option<SpecView> = SpecView::from_slice(&spec_bytes).ok();
         let write = |name: &str, bytes: &[u8]| {
             let path = partial.dir().join(name);
             std::fs::write(&path, bytes).map_err(|source| CheckpointError::Write {
@@ -417,6 +419,7 @@ impl Checkpointer<'_> {
         if !flat {
             write(criu::SPEC_DUMP, &spec_bytes)?;
         }
+        test_stop_point(id, STOP_ROOTFS_DIFF);
         let rootfs_diff = match (&c.rootfs_upper, readonly_root(spec.as_ref()), flat) {
             (Some(upper), false, false) => criu::write_rootfs_diff(upper, &partial.dir().join(criu::ROOTFS_DIFF))
                 .map_err(|source| CheckpointError::RootfsDiff { id: id.into(), source })?,
@@ -493,11 +496,13 @@ impl Checkpointer<'_> {
             gpu: gpu_record,
             flat: partial.is_flat(),
         };
+        test_stop_point(id, STOP_HASHING);
         let manifest = partial.commit(manifest).map_err(|source| CheckpointError::Store {
             what: "checkpoint",
             id: id.to_string(),
             source: Box::new(source),
         })?;
+        test_stop_point(id, STOP_COMMIT);
         info!(
             "container {id}: checkpoint {} complete: {} in {} ms",
             target.display(),
@@ -616,6 +621,67 @@ fn is_same_dir(a: &Path, b: &Path) -> bool {
     }
 }
 
+/// File in the bundle naming the partial checkpoint being written, for the `delete` action of a
+/// shim that died mid-checkpoint (the partial dir is beside the target, which `delete` does not
+/// know otherwise).
+pub const PARTIAL_RECORD: &str = "checkpoint-partial";
+
+/// [`PARTIAL_RECORD`] while a checkpoint runs; removed when dropped.
+struct PartialRecord(PathBuf);
+
+impl PartialRecord {
+    fn write(bundle: &Path, partial: &Path) -> Self {
+        let record = bundle.join(PARTIAL_RECORD);
+        if let Err(e) = std::fs::write(&record, partial.as_os_str().as_encoded_bytes()) {
+            warn!("{}: {e}", record.display());
+        }
+        PartialRecord(record)
+    }
+}
+
+impl Drop for PartialRecord {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Removes the partial checkpoint recorded in `bundle` (see [`PARTIAL_RECORD`]), if the record
+/// names one: a hidden `.<name>.partial-<pid>-<n>` directory, nothing else.
+pub fn remove_recorded_partial(bundle: &Path) {
+    let record = bundle.join(PARTIAL_RECORD);
+    let Ok(text) = std::fs::read_to_string(&record) else { return };
+    let dir = PathBuf::from(text.trim_end_matches('\n'));
+    let is_partial = dir.is_absolute()
+        && dir.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.') && n.contains(".partial-"));
+    if is_partial && std::fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir()) {
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            warn!("{}: cannot remove partial checkpoint: {e}", dir.display());
+        }
+    }
+    let _ = std::fs::remove_file(&record);
+}
+
+/// Test-only fault hook (docs/testing.md): when the shim's environment names a directory in
+/// `KYBERNATE_TEST_STOP_DIR` and `<dir>/<container id>` holds `phase`, the shim stops itself
+/// (SIGSTOP) there, so that a test can kill it at exactly that point. Never set in production.
+pub const TEST_STOP_ENV: &str = "KYBERNATE_TEST_STOP_DIR";
+/// Stop points of [`test_stop_point`]: the container just frozen; before the rootfs diff (still
+/// frozen); before the commit hashes the files; after the commit (frozen when `exit` is set);
+/// before a restore's checkpoint is verified.
+pub const STOP_FREEZE: &str = "freeze";
+pub const STOP_ROOTFS_DIFF: &str = "rootfs-diff";
+pub const STOP_HASHING: &str = "hashing";
+pub const STOP_COMMIT: &str = "commit";
+pub const STOP_RESTORE_VERIFY: &str = "restore-verify";
+
+pub fn test_stop_point(id: &str, phase: &str) {
+    let Some(dir) = std::env::var_os(TEST_STOP_ENV) else { return };
+    if std::fs::read_to_string(Path::new(&dir).join(id)).is_ok_and(|p| p.trim() == phase) {
+        warn!("container {id}: test hook {TEST_STOP_ENV}: stopping the shim at {phase}");
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGSTOP);
+    }
+}
+
 /// CRIU's work dir (its logs stay there): the request's `work_path`, else the runc option
 /// `CriuWorkPath`, else `<bundle>/work` as in containerd's runc shim. Created if missing.
 pub fn work_dir(c: &Container, requested: Option<&Path>) -> Result<PathBuf> {
@@ -673,12 +739,12 @@ fn log_excerpt(log: &Path) -> Option<String> {
     Some(errors[errors.len().saturating_sub(LOG_TAIL_LINES)..].join("\n"))
 }
 
-fn spec_annotation(spec: Option<&Spec>, key: &str) -> Option<String> {
-    spec?.annotations().as_ref()?.get(key).filter(|v| !v.is_empty()).cloned()
+fn spec_annotation(spec: Option<&SpecView>, key: &str) -> Option<String> {
+    spec?.annotation(key).map(str::to_string)
 }
 
-fn readonly_root(spec: Option<&Spec>) -> bool {
-    spec.and_then(|s| s.root().as_ref()).and_then(|r| r.readonly()).unwrap_or(false)
+fn readonly_root(spec: Option<&SpecView>) -> bool {
+    spec.is_some_and(SpecView::root_readonly)
 }
 
 /// A restore the container's Start will run.
@@ -748,6 +814,7 @@ impl RestorePlan {
     }
 
     fn verified(id: &str, dir: &Path) -> Result<Self> {
+        test_stop_point(id, STOP_RESTORE_VERIFY);
         let manifest = criu::verify(dir).map_err(|source| CheckpointError::Verify { id: id.to_string(), source })?;
         Ok(Self {
             dir: dir.into(),
@@ -848,15 +915,15 @@ impl RestoreTrigger {
 /// The checkpoint a new container asks to be restored from: the annotation, else the last
 /// `RESTORE_FROM` in its process environment. Never for a pod's sandbox (pause) container: CRI
 /// copies pod annotations into the sandbox's spec too, and the checkpoint is the app container's.
-pub fn restore_trigger(spec: &Spec) -> Option<RestoreTrigger> {
+pub fn restore_trigger(spec: &SpecView) -> Option<RestoreTrigger> {
     if spec_annotation(Some(spec), CONTAINER_TYPE_ANNOTATION).as_deref() == Some("sandbox") {
         return None;
     }
     if let Some(v) = spec_annotation(Some(spec), RESTORE_ANNOTATION) {
         return Some(RestoreTrigger::Annotation(v));
     }
-    let env = spec.process().as_ref()?.env().as_ref()?;
-    env.iter()
+    spec.env()
+        .into_iter()
         .rev()
         .find_map(|e| e.strip_prefix(RESTORE_ENV)?.strip_prefix('=').filter(|v| !v.is_empty()))
         .map(|v| RestoreTrigger::Env(v.to_string()))
@@ -864,7 +931,7 @@ pub fn restore_trigger(spec: &Spec) -> Option<RestoreTrigger> {
 
 /// The pod a container belongs to, as CRI annotates it, for log lines: `namespace/name`, or
 /// `-` outside Kubernetes.
-pub fn pod_of(spec: &Spec) -> String {
+pub fn pod_of(spec: &SpecView) -> String {
     let ns = POD_NAMESPACE_ANNOTATIONS.iter().find_map(|k| spec_annotation(Some(spec), k));
     let name = POD_NAME_ANNOTATIONS.iter().find_map(|k| spec_annotation(Some(spec), k));
     match (ns, name) {
@@ -908,7 +975,7 @@ pub fn check_grants(id: &str, checkpoint: &str, images: &Path, bundle: &Path) ->
 
 /// Who owns a container for the restore policy: its pod's Kubernetes namespace, else the
 /// containerd namespace.
-pub fn tenant(spec: &Spec, containerd_namespace: &str) -> String {
+pub fn tenant(spec: &SpecView, containerd_namespace: &str) -> String {
     POD_NAMESPACE_ANNOTATIONS
         .iter()
         .find_map(|k| spec_annotation(Some(spec), k))
@@ -965,8 +1032,8 @@ mod tests {
         assert!(CheckpointRequest::decode("c", Some(&any(&ns))).is_err());
     }
 
-    fn spec(json: serde_json::Value) -> Spec {
-        serde_json::from_value(json).unwrap()
+    fn spec(json: serde_json::Value) -> SpecView {
+        SpecView::from_value(json)
     }
 
     #[test]

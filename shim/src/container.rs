@@ -2,7 +2,6 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use kybernate_runtime_select::CheckpointConfig;
@@ -67,9 +66,13 @@ pub struct Container {
     pub rootfs_upper: Option<PathBuf>,
     /// `[checkpoint]` of the node config as read at create (CUDA mode, libcuda, GPU policy).
     pub checkpoint_config: CheckpointConfig,
-    /// Set at Create from a checkpoint; Start restores instead of starting.
+    /// Set at create when the spec gives the container no PID namespace of its own (it shares the
+    /// host's, a pod's or another container's; `SpecView::has_own_pid_namespace`): its processes
+    /// do not die with init, so init's exit kills them, as containerd's runc shim does.
+    pub kill_all_on_exit: bool,
+    /// What Start restores while init is [`Restoring`](crate::process::ProcessStatus::Restoring);
+    /// init's status, not this slot, says whether a restore is pending.
     restore: Mutex<Option<RestorePlan>>,
-    checkpointing: AtomicBool,
     execs: Mutex<HashMap<String, Arc<Process>>>,
     oom: Mutex<Option<OomWatcher>>,
 }
@@ -95,8 +98,8 @@ impl Container {
             criu_work: None,
             rootfs_upper: None,
             checkpoint_config: CheckpointConfig::default(),
+            kill_all_on_exit: false,
             restore: Mutex::new(None),
-            checkpointing: AtomicBool::new(false),
             execs: Mutex::new(HashMap::new()),
             oom: Mutex::new(None),
         }
@@ -116,11 +119,6 @@ impl Container {
     /// The pending restore, if any (taken: a restore runs at most once).
     pub fn take_restore(&self) -> Option<RestorePlan> {
         self.restore.lock().unwrap_or_else(|p| p.into_inner()).take()
-    }
-
-    /// Marks a checkpoint as running; `None` when one already is. The guard clears it.
-    pub fn begin_checkpoint(&self) -> Option<CheckpointGuard<'_>> {
-        (!self.checkpointing.swap(true, Ordering::AcqRel)).then_some(CheckpointGuard(&self.checkpointing))
     }
 
     fn execs(&self) -> MutexGuard<'_, HashMap<String, Arc<Process>>> {
@@ -166,15 +164,6 @@ impl Container {
 
     pub fn rootfs(&self) -> PathBuf {
         self.bundle.join("rootfs")
-    }
-}
-
-/// Clears a container's "checkpoint running" mark when dropped.
-pub struct CheckpointGuard<'a>(&'a AtomicBool);
-
-impl Drop for CheckpointGuard<'_> {
-    fn drop(&mut self) {
-        self.0.store(false, Ordering::Release);
     }
 }
 

@@ -78,6 +78,48 @@ impl Error {
 
 impl From<Error> for ttrpc::Error {
     fn from(e: Error) -> Self {
-        ttrpc::Error::RpcStatus(ttrpc::get_status(e.code(), e.to_string()))
+        ttrpc::Error::RpcStatus(ttrpc::get_status(e.code(), for_containerd(&e.to_string())))
+    }
+}
+
+/// FULLWIDTH PERCENT SIGN: reads as `%` to a person, but is no formatting verb to Go.
+const PERCENT_LOOKALIKE: char = '\u{FF05}';
+
+/// A message safe to hand to containerd, which uses a shim's error text as a Go format string
+/// (1.6/1.7's `errdefs.FromGRPC`: `fmt.Errorf(msg + ": %w", cls)`): each `%` becomes
+/// [`PERCENT_LOOKALIKE`], else `10% + 16 MiB` reaches the user as `10%! (MISSING)…`. A lookalike
+/// rather than a word keeps numbers and URI escapes (`a%20b`) readable; doubling (`%%`) would
+/// show as `%%` to any client that does not format the text.
+pub fn for_containerd(message: &str) -> String {
+    message.replace('%', &PERCENT_LOOKALIKE.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status_of(e: Error) -> (Code, String) {
+        match ttrpc::Error::from(e) {
+            ttrpc::Error::RpcStatus(s) => (s.code(), s.message().to_string()),
+            other => panic!("not a status: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn no_percent_sign_reaches_containerd() {
+        let (code, msg) = status_of(Error::FailedPrecondition("need memory + 10% + 16 MiB, %s %d %!".into()));
+        assert_eq!(code, Code::FAILED_PRECONDITION);
+        assert!(!msg.contains('%'), "{msg}");
+        assert_eq!(msg, "need memory + 10％ + 16 MiB, ％s ％d ％!");
+        // Wrapped errors are covered too: the text is rewritten once, after formatting.
+        let (code, msg) = status_of(Error::os("open /tmp/a%20b")(std::io::Error::from_raw_os_error(2)));
+        assert_eq!(code, Code::UNKNOWN);
+        assert!(msg.starts_with("open /tmp/a％20b: "), "{msg}");
+    }
+
+    #[test]
+    fn messages_without_percent_are_unchanged() {
+        let (code, msg) = status_of(Error::NotFound("container c1 not found".into()));
+        assert_eq!((code, msg.as_str()), (Code::NOT_FOUND, "container c1 not found"));
     }
 }

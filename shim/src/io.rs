@@ -8,6 +8,8 @@
 //!
 //! * keep the child's stdin open until CloseIO, whatever containerd's writer does;
 //! * drain stdout/stderr completely before the exit is reported ([`ProcessIo::wait_output`]);
+//! * copy output only once the runtime call succeeded, so that runc's own failure message (it
+//!   writes it to its stderr, the process's) stays out of the container's log ([`ProcessIo::prepare`]);
 //! * survive a containerd restart: we hold a read side of each output FIFO, so
 //!   writes block until a reader returns instead of failing with EPIPE.
 //!
@@ -811,6 +813,9 @@ pub struct ProcessIo {
     console_path: Option<PathBuf>,
     logger_pid: Option<u32>,
     console_timeout: Duration,
+    /// Output pipes whose copying starts at [`attach`](ProcessIo::attach): `(thread name, read
+    /// end, sink)`. Until then the runtime's own stderr is the process's; see `prepare`.
+    outputs: Vec<(String, Arc<OwnedFd>, Arc<Sink>)>,
 }
 
 impl fmt::Debug for ProcessIo {
@@ -852,8 +857,14 @@ fn open_sink(dest: &Dest, what: String) -> Result<Arc<Sink>, IoError> {
 
 impl ProcessIo {
     /// Before the runtime call: opens containerd's side, creates the pipes (or
-    /// the console socket) and, without a terminal, starts copying. Returns the
-    /// fds for the runtime child (all `None` for a terminal).
+    /// the console socket) and, without a terminal, starts copying stdin. Returns
+    /// the fds for the runtime child (all `None` for a terminal).
+    ///
+    /// Output copying waits for [`attach`](Self::attach): the runtime's stderr
+    /// is the process's (it hands its stdio on), and runc prints a failure there
+    /// as well as in its log. Copied only after the call succeeded, as in
+    /// containerd's runc shim, a refused create or exec never lands in the
+    /// container's log; the error names runc's message instead.
     ///
     /// `work_dir` (the bundle) hosts the console socket when its path is short
     /// enough; `id` and `namespace` go to a `binary://` logger.
@@ -915,6 +926,7 @@ impl ProcessIo {
             console_path: None,
             logger_pid: None,
             console_timeout: CONSOLE_TIMEOUT,
+            outputs: Vec::new(),
         };
         let mut child = ChildStdio::default();
 
@@ -973,7 +985,7 @@ impl ProcessIo {
             let Some(sink) = sink else { continue };
             let (r, w) = pipe(stream)?;
             set_nonblocking(&r, stream)?;
-            start_output(&io.copiers, format!("io-{stream}-{id}"), Arc::new(r), sink)?;
+            io.outputs.push((format!("io-{stream}-{id}"), Arc::new(r), sink));
             match stream {
                 "stdout" => child.stdout = Some(w),
                 _ => child.stderr = Some(w),
@@ -1007,10 +1019,14 @@ impl ProcessIo {
         self.logger_pid
     }
 
-    /// After the runtime call succeeded: for a terminal, receives the pty
-    /// master (bounded wait) and starts copying; the socket is removed either
-    /// way. Without a terminal, and on later calls, it does nothing.
+    /// After the runtime call succeeded: starts copying the output pipes; for
+    /// a terminal, receives the pty master (bounded wait) and starts copying,
+    /// the socket removed either way. Later calls do nothing. Never called
+    /// after a failed call: dropping the IO then discards what the runtime wrote.
     pub fn attach(&mut self) -> Result<(), IoError> {
+        for (name, src, dst) in std::mem::take(&mut self.outputs) {
+            start_output(&self.copiers, name, src, dst)?;
+        }
         let Some(pending) = self.pending.take() else { return Ok(()) };
         let received = pending.socket.receive(self.console_timeout);
         drop(pending.socket);
@@ -1216,13 +1232,31 @@ mod tests {
         let o = fifo(dir.path(), "out");
         let out = OutReader::open(&o);
         let stdio = StdioConfig { stdout: o.to_str().unwrap().into(), ..Default::default() };
-        let (io, child) = ProcessIo::prepare(&stdio, dir.path(), "c1", "ns").unwrap();
+        let (mut io, child) = ProcessIo::prepare(&stdio, dir.path(), "c1", "ns").unwrap();
         assert!(child.stdin.is_none() && child.stderr.is_none());
         let out = out.start();
         let mut c = spawn(child, "head -c 8388608 /dev/urandom");
+        io.attach().unwrap();
         assert!(wait_exit(&mut c, Duration::from_secs(30)).unwrap().success());
         assert!(io.wait_output(Duration::from_secs(10)));
         assert_eq!(out.join().unwrap().len(), 8 << 20);
+    }
+
+    /// A runtime that fails writes its error to the process's stderr (runc does):
+    /// without `attach`, none of it reaches containerd's side.
+    #[test]
+    fn output_before_a_failed_runtime_call_is_discarded() {
+        let _g = serial();
+        let dir = tempfile::tempdir().unwrap();
+        let (i, o, e) = (fifo(dir.path(), "in"), fifo(dir.path(), "out"), fifo(dir.path(), "err"));
+        let (out, err) = (OutReader::open(&o), OutReader::open(&e));
+        let (io, child) = ProcessIo::prepare(&cfg(&i, &o, &e), dir.path(), "c1", "ns").unwrap();
+        let (out, err) = (out.start(), err.start());
+        let mut c = spawn(child, "echo 'runc create failed: no such file' >&2; echo partial; exit 1");
+        assert!(!wait_exit(&mut c, Duration::from_secs(5)).unwrap().success());
+        drop(io);
+        assert_eq!(out.join().unwrap(), b"");
+        assert_eq!(err.join().unwrap(), b"");
     }
 
     /// containerd closing its stdin writer is not CloseIO: the child's stdin
@@ -1235,9 +1269,10 @@ mod tests {
         let out = OutReader::open(&o);
         let stdio =
             StdioConfig { stdin: i.to_str().unwrap().into(), stdout: o.to_str().unwrap().into(), ..Default::default() };
-        let (io, child) = ProcessIo::prepare(&stdio, dir.path(), "c1", "ns").unwrap();
+        let (mut io, child) = ProcessIo::prepare(&stdio, dir.path(), "c1", "ns").unwrap();
         let out = out.start();
         let mut c = spawn(child, "cat");
+        io.attach().unwrap();
         let mut w = stdin_writer(&i);
         w.write_all(b"a").unwrap();
         drop(w);
@@ -1271,10 +1306,11 @@ mod tests {
         let e = fifo(dir.path(), "err");
         let err = OutReader::open(&e);
         let stdio = StdioConfig { stderr: e.to_str().unwrap().into(), ..Default::default() };
-        let (io, child) = ProcessIo::prepare(&stdio, dir.path(), "c1", "ns").unwrap();
+        let (mut io, child) = ProcessIo::prepare(&stdio, dir.path(), "c1", "ns").unwrap();
         assert!(child.stdin.is_none() && child.stdout.is_none() && child.stderr.is_some());
         let err = err.start();
         let mut c = spawn(child, "echo out; echo err >&2; cat");
+        io.attach().unwrap();
         assert!(wait_exit(&mut c, Duration::from_secs(5)).unwrap().success());
         assert!(io.wait_output(Duration::from_secs(5)));
         assert_eq!(err.join().unwrap(), b"err\n");
@@ -1288,9 +1324,10 @@ mod tests {
         let out = OutReader::open(&o);
         let p = o.to_str().unwrap().to_string();
         let stdio = StdioConfig { stdout: p.clone(), stderr: p, ..Default::default() };
-        let (io, child) = ProcessIo::prepare(&stdio, dir.path(), "c1", "ns").unwrap();
+        let (mut io, child) = ProcessIo::prepare(&stdio, dir.path(), "c1", "ns").unwrap();
         let out = out.start();
         let mut c = spawn(child, "echo out; echo err >&2");
+        io.attach().unwrap();
         assert!(wait_exit(&mut c, Duration::from_secs(5)).unwrap().success());
         assert!(io.wait_output(Duration::from_secs(5)));
         let text = String::from_utf8(out.join().unwrap()).unwrap();
@@ -1309,8 +1346,9 @@ mod tests {
         for target in [&existing, &fresh] {
             let uri = format!("file://{}", target.display());
             let stdio = StdioConfig { stdout: uri.clone(), stderr: uri, ..Default::default() };
-            let (io, child) = ProcessIo::prepare(&stdio, dir.path(), "c1", "ns").unwrap();
+            let (mut io, child) = ProcessIo::prepare(&stdio, dir.path(), "c1", "ns").unwrap();
             let mut c = spawn(child, "echo out; echo err >&2");
+            io.attach().unwrap();
             assert!(wait_exit(&mut c, Duration::from_secs(5)).unwrap().success());
             assert!(io.wait_output(Duration::from_secs(5)));
         }
@@ -1543,10 +1581,11 @@ mod tests {
         let o = fifo(dir.path(), "out");
         let out = OutReader::open(&o);
         let stdio = StdioConfig { stdout: o.to_str().unwrap().into(), ..Default::default() };
-        let (io, child) = ProcessIo::prepare(&stdio, dir.path(), "c1", "ns").unwrap();
+        let (mut io, child) = ProcessIo::prepare(&stdio, dir.path(), "c1", "ns").unwrap();
         fcntl(&out.0, FcntlArg::F_SETFL(OFlag::empty())).unwrap();
         let mut reader = BufReader::new(out.0);
         let mut c = spawn(child, "sleep 30 & echo $!");
+        io.attach().unwrap();
         let mut line = String::new();
         reader.read_line(&mut line).unwrap();
         let daemon = Pid::from_raw(line.trim().parse().unwrap());

@@ -15,12 +15,12 @@ use std::fs::OpenOptions;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::OpenOptionsExt;
-use std::os::unix::process::ExitStatusExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex, PoisonError};
+use std::sync::{mpsc, Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use containerd_shim::monitor::{monitor_subscribe, wait_pid, ExitEvent, Subject, Topic};
@@ -66,6 +66,21 @@ pub trait Spawner: Send + Sync {
     /// and closes it, reads the captured streams, and waits for the exit.
     fn run(&self, cmd: Command, stdin_data: Option<&[u8]>, capture: Capture) -> io::Result<RunOutput>;
 
+    /// Like [`run`](Self::run), for a runtime call that starts CRIU (checkpoint, restore): the
+    /// runtime gets a process group of its own (CRIU inherits it), recorded in `group.path` while
+    /// it runs, so that a `delete` after the shim died can kill a CRIU the runtime left behind.
+    /// Doubles that run nothing keep this default.
+    fn run_grouped(
+        &self,
+        cmd: Command,
+        stdin_data: Option<&[u8]>,
+        capture: Capture,
+        group: &GroupRecord,
+    ) -> io::Result<RunOutput> {
+        let _ = group;
+        self.run(cmd, stdin_data, capture)
+    }
+
     /// Starts `cmd` with piped stdin and stdout and leaves it running (the CUDA driver helper,
     /// which answers requests until its stdin closes).
     fn start_piped(&self, cmd: Command) -> io::Result<PipedChild>;
@@ -103,13 +118,26 @@ impl Spawner for MonitorSpawner {
         })
     }
 
+    fn run_grouped(
+        &self,
+        mut cmd: Command,
+        stdin_data: Option<&[u8]>,
+        capture: Capture,
+        group: &GroupRecord,
+    ) -> io::Result<RunOutput> {
+        let sub = monitor_subscribe(Topic::Pid).map_err(io::Error::other)?;
+        cmd.process_group(0);
+        run_child(cmd, stdin_data, capture, move |child| {
+            let pid = i32::try_from(child.id()).map_err(io::Error::other)?;
+            group.write(child.id());
+            Ok(wait_pid(pid, sub))
+        })
+    }
+
     fn start_piped(&self, mut cmd: Command) -> io::Result<PipedChild> {
         let sub = monitor_subscribe(Topic::Pid).map_err(io::Error::other)?;
         cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
-        // std panics if its own waitpid after a failed exec loses to the reaper.
-        let mut child = catch_unwind(AssertUnwindSafe(|| cmd.spawn()))
-            .map_err(|_| io::Error::other("exec failed (the reaper took the exit)"))??;
-        drop(cmd);
+        let mut child = spawn_tied(cmd)?;
         let pid = child.id();
         let (stdin, stdout) = piped_ends(&mut child)?;
         drop(child); // waited for through the monitor, never by std
@@ -151,10 +179,24 @@ impl Spawner for DirectSpawner {
         })
     }
 
+    fn run_grouped(
+        &self,
+        mut cmd: Command,
+        stdin_data: Option<&[u8]>,
+        capture: Capture,
+        group: &GroupRecord,
+    ) -> io::Result<RunOutput> {
+        cmd.process_group(0);
+        run_child(cmd, stdin_data, capture, |child| {
+            group.write(child.id());
+            let status = child.wait()?;
+            Ok(exit_code(status))
+        })
+    }
+
     fn start_piped(&self, mut cmd: Command) -> io::Result<PipedChild> {
         cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
-        let mut child = cmd.spawn()?;
-        drop(cmd);
+        let mut child = spawn_tied(cmd)?;
         let (stdin, stdout) = piped_ends(&mut child)?;
         let pid = child.id();
         let wait = move |grace: Duration| {
@@ -182,6 +224,159 @@ fn exit_code(status: std::process::ExitStatus) -> i32 {
     status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
 }
 
+/// Spawns `cmd` so that it dies with the shim, as go-runc's children do (`Pdeathsig: SIGKILL`):
+/// a runtime left running by a killed shim would go on freezing, dumping or restoring a
+/// container nobody waits for. The kernel sends the parent-death signal when the *thread* that
+/// forked exits, not the process, and the ttrpc server ends idle worker threads; so every child
+/// is forked by one thread that lives as long as the process ([`spawner_thread`]).
+fn spawn_tied(mut cmd: Command) -> io::Result<Child> {
+    let parent = nix::unistd::getpid().as_raw();
+    // SAFETY: the closure runs in the child between fork and exec; it only makes the
+    // async-signal-safe calls prctl(2), getppid(2) and _exit(2), and allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // The shim died between the fork and the prctl: the signal was never sent.
+            if libc::getppid() != parent {
+                libc::_exit(128 + libc::SIGKILL);
+            }
+            Ok(())
+        });
+    }
+    let spawner = spawner_thread().ok_or_else(|| io::Error::other("the runtime spawner thread is not running"))?;
+    let (reply, answer) = mpsc::sync_channel(1);
+    spawner.send((cmd, reply)).map_err(|_| io::Error::other("the runtime spawner thread is gone"))?;
+    answer.recv().map_err(|_| io::Error::other("the runtime spawner thread is gone"))?
+}
+
+/// A command for the spawner thread, and where its child goes.
+type SpawnJob = (Command, mpsc::SyncSender<io::Result<Child>>);
+
+/// The thread that forks every runtime and helper process (see [`spawn_tied`]); started on
+/// first use, never ended. `None` when it could not be started.
+fn spawner_thread() -> Option<&'static mpsc::Sender<SpawnJob>> {
+    static SPAWNER: OnceLock<Option<mpsc::Sender<SpawnJob>>> = OnceLock::new();
+    SPAWNER
+        .get_or_init(|| {
+            let (tx, rx) = mpsc::channel::<SpawnJob>();
+            let started = std::thread::Builder::new().name("runtime-spawner".into()).spawn(move || {
+                for (mut cmd, reply) in rx {
+                    // std panics if its own waitpid after a failed exec loses to the reaper.
+                    let child = catch_unwind(AssertUnwindSafe(|| cmd.spawn()))
+                        .unwrap_or_else(|_| Err(io::Error::other("exec failed (the reaper took the exit)")));
+                    // Closes our copies of the fds handed to the child before the caller reads.
+                    drop(cmd);
+                    let _ = reply.send(child);
+                }
+            });
+            started.inspect_err(|e| log::error!("cannot start the runtime spawner thread: {e}")).ok().map(|_| tx)
+        })
+        .as_ref()
+}
+
+/// Name of the file in the bundle that records the process group of a running CRIU call.
+pub const GROUP_FILE: &str = "runtime-group";
+
+/// The process group of a runtime call that starts CRIU, recorded in the bundle while it runs.
+///
+/// runc starts `criu swrk` without a parent-death signal, and CRIU goes on dumping (holding the
+/// container's processes traced and frozen) after runc is gone. The runtime gets a process group
+/// of its own, which CRIU inherits; the record (`<pgid> <start time>`) lets whoever cleans up
+/// kill what is left of it. The start time (clock ticks after boot) tells the group's members
+/// from unrelated processes that got a recycled pid.
+#[derive(Debug, Clone)]
+pub struct GroupRecord {
+    path: PathBuf,
+}
+
+impl GroupRecord {
+    pub fn in_bundle(bundle: &Path) -> Self {
+        GroupRecord { path: bundle.join(GROUP_FILE) }
+    }
+
+    /// Records the group led by `pid` (the runtime, just spawned). Best effort: a missing record
+    /// only costs the cleanup after a shim crash.
+    fn write(&self, pid: u32) {
+        let Some(start) = proc_stat(pid).map(|s| s.start) else { return };
+        if let Err(e) = std::fs::write(&self.path, format!("{pid} {start}\n")) {
+            log::warn!("{}: {e}", self.path.display());
+        }
+    }
+
+    fn read(&self) -> Option<(u32, u64)> {
+        let text = std::fs::read_to_string(&self.path).ok()?;
+        let mut words = text.split_whitespace();
+        Some((words.next()?.parse().ok()?, words.next()?.parse().ok()?))
+    }
+
+    /// SIGKILLs every live member of the recorded group (a CRIU whose runtime died; the runtime
+    /// itself if it still runs) until none is left or 2 s have passed, then removes the record.
+    /// Returns how many processes were killed.
+    pub fn kill_leftovers(&self) -> usize {
+        let Some((pgid, start)) = self.read() else {
+            self.remove();
+            return 0;
+        };
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut killed = std::collections::HashSet::new();
+        loop {
+            let members = group_members(pgid, start);
+            if members.is_empty() || Instant::now() >= deadline {
+                if !members.is_empty() {
+                    log::warn!("process group {pgid}: {members:?} still alive after SIGKILL");
+                }
+                break;
+            }
+            for pid in members {
+                if kill(Pid::from_raw(pid as i32), Signal::SIGKILL).is_ok() && killed.insert(pid) {
+                    log::warn!("killed pid {pid}, left by a runtime call (process group {pgid})");
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.remove();
+        killed.len()
+    }
+
+    /// Forgets the record (the call ended and left nothing).
+    pub fn remove(&self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// What [`proc_stat`] reads of `/proc/<pid>/stat`.
+struct ProcStat {
+    state: char,
+    pgrp: u32,
+    /// Start time in clock ticks after boot.
+    start: u64,
+}
+
+fn proc_stat(pid: u32) -> Option<ProcStat> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: the fields start after the last ')'.
+    let fields: Vec<&str> = text.get(text.rfind(')')? + 1..)?.split_whitespace().collect();
+    Some(ProcStat {
+        state: fields.first()?.chars().next()?,
+        pgrp: fields.get(2)?.parse().ok()?,
+        start: fields.get(19)?.parse().ok()?,
+    })
+}
+
+/// Live (not zombie) processes in group `pgid` that started at `start` or later.
+fn group_members(pgid: u32, start: u64) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| {
+            proc_stat(pid).is_some_and(|s| s.pgrp == pgid && s.start >= start && !matches!(s.state, 'Z' | 'X'))
+        })
+        .collect()
+}
+
 /// Spawns, feeds and drains the child on helper threads (so a child that fills one pipe while we
 /// wait cannot deadlock), then waits with `wait`. Once spawned, the child is always waited for.
 fn run_child(
@@ -199,10 +394,9 @@ fn run_child(
     if capture.stderr {
         cmd.stderr(Stdio::piped());
     }
-    let mut child = cmd.spawn()?;
-    // Close our copies of the fds handed to the child now, so readers of those pipes see EOF
-    // when the child side closes them.
-    drop(cmd);
+    // Our copies of the fds handed to the child are closed with `cmd` by the spawn, so readers
+    // of those pipes see EOF when the child side closes them.
+    let mut child = spawn_tied(cmd)?;
 
     let mut setup_error = None;
     let mut collect = |pipe: Option<Box<dyn Read + Send>>| {
@@ -500,7 +694,7 @@ impl OciRuntime {
         &self,
         id: &str,
         bundle: &Path,
-        process: &oci_spec::runtime::Process,
+        process: &serde_json::Value,
         o: &ExecOpts,
         stdio: ChildStdio,
     ) -> Result<(), RuntimeError> {
@@ -663,11 +857,23 @@ impl OciRuntime {
             }
         };
         log::debug!("running {:?}", cmd);
-        let out = self.spawner.run(cmd, input, capture).map_err(|source| RuntimeError::Spawn {
-            binary: self.opts.binary.clone(),
-            subcommand: subcommand.into(),
-            source,
-        })?;
+        let spawn_error =
+            |source| RuntimeError::Spawn { binary: self.opts.binary.clone(), subcommand: subcommand.into(), source };
+        let out = if CRIU_SUBCOMMANDS.contains(&subcommand) {
+            let group = GroupRecord::in_bundle(bundle);
+            let out = self.spawner.run_grouped(cmd, input, capture, &group);
+            // No CRIU outlives its runtime. A restored container's processes are never in the
+            // runtime's group (CRIU gives them their own sessions), but a successful restore has
+            // nothing to clean up anyway.
+            if subcommand == "checkpoint" || !matches!(out, Ok(RunOutput { code: 0, .. })) {
+                group.kill_leftovers();
+            } else {
+                group.remove();
+            }
+            out.map_err(spawn_error)?
+        } else {
+            self.spawner.run(cmd, input, capture).map_err(spawn_error)?
+        };
         if out.code == 0 {
             return Ok(out.stdout);
         }
@@ -769,7 +975,7 @@ fn stderr_message(stderr: &[u8]) -> Option<String> {
 struct ProcessFile(PathBuf);
 
 impl ProcessFile {
-    fn write(bundle: &Path, process: &oci_spec::runtime::Process) -> Result<ProcessFile, RuntimeError> {
+    fn write(bundle: &Path, process: &serde_json::Value) -> Result<ProcessFile, RuntimeError> {
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let json =
             serde_json::to_vec(process).map_err(|source| RuntimeError::Encode { what: "the exec process", source })?;
@@ -957,7 +1163,7 @@ exit 0
         f.rt.create("c1", &b, &plain, ChildStdio::default()).unwrap();
         f.rt.start("c1", &b).unwrap();
         let exec = ExecOpts { pid_file: b.join("e1.pid"), console_socket: Some("/run/e1.sock".into()) };
-        f.rt.exec("c1", &b, &oci_spec::runtime::Process::default(), &exec, ChildStdio::default()).unwrap();
+        f.rt.exec("c1", &b, &serde_json::json!({"args": ["true"]}), &exec, ChildStdio::default()).unwrap();
         let exec_path = f.read("exec-path").trim().to_string();
         f.rt.kill("c1", &b, 15, false).unwrap();
         f.rt.kill("c1", &b, 9, true).unwrap();
@@ -1201,13 +1407,15 @@ exit 0
     fn exec_process_file_is_private_and_removed() {
         let f = Fake::new();
         let b = f.bundle();
-        let mut process = oci_spec::runtime::Process::default();
-        process.set_args(Some(vec!["/bin/echo".into(), "hi".into()]));
-        process.set_env(Some(vec!["SECRET=1".into()]));
+        // A capability and a field no release defines: passed on to the runtime as they are.
+        let process = serde_json::json!({
+            "args": ["/bin/echo", "hi"], "env": ["SECRET=1"], "cwd": "/",
+            "capabilities": {"bounding": ["CAP_FUTURE_42"]}, "futureField": {"x": 1}
+        });
         let o = ExecOpts { pid_file: b.join("e1.pid"), console_socket: None };
         f.rt.exec("c1", &b, &process, &o, ChildStdio::default()).unwrap();
 
-        let written: oci_spec::runtime::Process = serde_json::from_str(&f.read("exec-process.json")).unwrap();
+        let written: serde_json::Value = serde_json::from_str(&f.read("exec-process.json")).unwrap();
         assert_eq!(written, process);
         assert_eq!(f.read("exec-mode").trim(), "600");
         let path = PathBuf::from(f.read("exec-path").trim());
@@ -1328,6 +1536,47 @@ exit 0
         drop(child.stdin);
         assert_eq!((child.wait)(Duration::from_millis(50)), 128 + 9);
         assert!(!Path::new(&format!("/proc/{pid}")).exists(), "pid {pid} is gone, not a zombie");
+    }
+
+    #[test]
+    fn a_child_outlives_the_thread_that_asked_for_it() {
+        // The parent-death signal follows the forking thread: children come from the spawner
+        // thread, so a request thread (a ttrpc worker) that ends kills nothing.
+        let child = std::thread::spawn(|| {
+            let mut cmd = Command::new("/bin/sleep");
+            cmd.arg("600");
+            DirectSpawner.start_piped(cmd).unwrap()
+        })
+        .join()
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        let state = proc_stat(child.pid).map(|s| s.state);
+        assert!(matches!(state, Some('S' | 'R')), "the child died with the requesting thread: {state:?}");
+        drop(child.stdin);
+        assert_eq!((child.wait)(Duration::from_millis(50)), 128 + 9);
+    }
+
+    #[test]
+    fn leftovers_of_a_grouped_call_are_killed_and_the_record_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let group = GroupRecord::in_bundle(dir.path());
+        let pid_file = dir.path().join("bg.pid");
+        // Like runc leaving CRIU behind: the call exits, a process it started stays in its group.
+        let mut cmd = Command::new("/bin/sh");
+        cmd.args(["-c", "sleep 600 & echo $! > \"$0\"", pid_file.to_str().unwrap()]);
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+        let out = DirectSpawner.run_grouped(cmd, None, Capture::default(), &group).unwrap();
+        assert_eq!(out.code, 0);
+        let (pgid, _) = group.read().expect("the group is recorded");
+        let bg: u32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+        assert_eq!(proc_stat(bg).map(|s| s.pgrp), Some(pgid), "the leftover is in the runtime's group");
+        assert_ne!(pgid, std::process::id(), "the runtime has a group of its own");
+
+        assert_eq!(group.kill_leftovers(), 1);
+        assert!(proc_stat(bg).is_none_or(|s| s.state == 'Z'), "the leftover is dead");
+        assert!(!dir.path().join(GROUP_FILE).exists());
+        // Nothing recorded: nothing to do.
+        assert_eq!(group.kill_leftovers(), 0);
     }
 
     #[test]

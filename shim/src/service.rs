@@ -11,10 +11,11 @@ use containerd_shim::{cgroup, util, Config, DeleteResponse, ExitSignal, Flags, S
 use log::{info, warn};
 
 use crate::bootstrap::{self, GroupSocket};
+use crate::checkpoint;
 use crate::container::RuntimeRecord;
 use crate::events::{EventQueue, RemoteEvents};
 use crate::options::ShimOptions;
-use crate::runtime::{MonitorSpawner, OciRuntime, RuntimeOpts};
+use crate::runtime::{ContainerStatus, GroupRecord, MonitorSpawner, OciRuntime, RuntimeOpts};
 use crate::task::{unmount_rootfs, TaskService};
 
 /// Annotations that put containers into one shim process (a pod), in the order the Go shim checks them.
@@ -71,9 +72,15 @@ impl Shim for Service {
         Ok(address)
     }
 
-    /// containerd calls `delete` when the daemon died: remove what it left.
+    /// containerd calls `delete` when the daemon died: remove what it left, within containerd's
+    /// 5 s. A daemon killed during a checkpoint or restore may have left CRIU running (tracing
+    /// the container), the container frozen, runtime state without a container, the rootfs
+    /// mounted and a partial checkpoint: each is undone here, so that the id can be used again.
     fn delete_shim(&mut self) -> containerd_shim::Result<DeleteResponse> {
         let bundle = self.bundle.clone();
+        // First, so that nothing traces or freezes the container while it is deleted, and nothing
+        // writes into the partial checkpoint removed below.
+        GroupRecord::in_bundle(&bundle).kill_leftovers();
         let record = RuntimeRecord::read(&bundle).ok();
         let binary = match &record {
             Some(r) => Some(r.binary.clone()),
@@ -91,13 +98,15 @@ impl Shim for Service {
                 RuntimeOpts { binary, root, systemd_cgroup, criu: None, criu_env: vec![] },
                 Arc::new(MonitorSpawner),
             );
-            if let Err(e) = rt.delete(&self.id, &bundle, true) {
-                if !e.is_not_found() {
-                    eprintln!("delete {}: {e}", self.id);
-                }
-            }
+            force_delete(&rt, &self.id, &bundle);
         }
         unmount_rootfs(&bundle.join("rootfs"));
+        // A CRIU killed during a restore leaves its cgroup yard (`.criu.cgyard.*`) mounted in its
+        // work dir, `<bundle>/work`, a link into containerd's root, which containerd then cannot remove.
+        if let Ok(work) = std::fs::canonicalize(bundle.join("work")) {
+            unmount_rootfs(&work);
+        }
+        checkpoint::remove_recorded_partial(&bundle);
         Ok(DeleteResponse {
             exit_status: 128 + libc::SIGKILL as u32,
             exited_at: Some(util::timestamp()?).into(),
@@ -138,6 +147,102 @@ impl Service {
             .ok();
         info!("shim {} started for namespace {} (pid {})", self.id, self.namespace, std::process::id());
         TaskService::new(self.namespace.clone(), events, Arc::new(MonitorSpawner), self.exit.clone(), exits)
+    }
+}
+
+/// `delete --force` of a container whose shim died. runc cannot kill a frozen container (the
+/// SIGKILL waits for the thaw, and runc gives up after 10 s): a container left frozen by a
+/// checkpoint (our pause, or CRIU's freezer) is thawed first. A state dir that runc does not
+/// count as a container (no `state.json`: `runc restore` killed before it saved one) would make
+/// the next create of this id fail with "file exists": it is removed, with what runc had mounted
+/// there.
+fn force_delete(rt: &OciRuntime, id: &str, bundle: &Path) {
+    if let Ok(st) = rt.state(id, bundle) {
+        if matches!(st.status, ContainerStatus::Paused | ContainerStatus::Pausing) {
+            if let Err(e) = rt.resume(id, bundle) {
+                eprintln!("delete {id}: thaw: {e}");
+            }
+        }
+    }
+    if let Err(e) = rt.delete(id, bundle, true) {
+        if !e.is_not_found() {
+            eprintln!("delete {id}: {e}");
+        }
+    }
+    let state_dir = rt.opts().root.join(id);
+    if state_dir.is_dir() && !state_dir.join("state.json").exists() {
+        // `runc restore` bind-mounts the rootfs at `<state dir>/criu-root` while CRIU runs.
+        unmount_rootfs(&state_dir);
+        if let Err(e) = std::fs::remove_dir_all(&state_dir) {
+            eprintln!("delete {id}: remove {}: {e}", state_dir.display());
+        }
+        // runc made the cgroups, but no longer knows them.
+        let spec = kybernate_runtime_select::load_spec(bundle).ok();
+        if let Some(path) = spec.as_ref().and_then(|s| s.cgroups_path()).filter(|p| p.starts_with('/')) {
+            remove_cgroups(id, Path::new(CGROUP_ROOT), path);
+        }
+    }
+}
+
+/// Where the cgroup hierarchies are mounted: one per v1 controller below it, or v2 itself.
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
+/// Kills what is left in the cgroup `path` (as `linux.cgroupsPath` gives it, absolute) of every
+/// hierarchy under `root`, thawing a frozen v1 freezer so that the kill lands, and removes the
+/// cgroups, innermost first. For a container runc no longer knows; systemd-managed paths
+/// (`slice:prefix:name`) are not handled.
+fn remove_cgroups(id: &str, root: &Path, path: &str) {
+    let rel = path.trim_start_matches('/');
+    if rel.is_empty() || rel.split('/').any(|c| c == "..") {
+        return;
+    }
+    let mut dirs: Vec<PathBuf> = vec![root.join(rel)];
+    if let Ok(entries) = std::fs::read_dir(root) {
+        // v1: each controller's hierarchy (the comma-joined names are links to one of them).
+        dirs.extend(entries.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| e.path().join(rel)));
+    }
+    dirs.retain(|d| d.is_dir());
+    for dir in &dirs {
+        let _ = std::fs::write(dir.join("freezer.state"), "THAWED");
+        let _ = std::fs::write(dir.join("cgroup.freeze"), "0");
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    for dir in &dirs {
+        while let Some(pids) = cgroup_pids(dir).filter(|p| !p.is_empty()) {
+            if std::time::Instant::now() >= deadline {
+                eprintln!("delete {id}: {}: processes {pids:?} survive SIGKILL", dir.display());
+                break;
+            }
+            for pid in pids {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        remove_cgroup_tree(dir);
+    }
+}
+
+/// The pids in a cgroup and its children (`cgroup.procs` of each).
+fn cgroup_pids(dir: &Path) -> Option<Vec<i32>> {
+    let mut pids: Vec<i32> =
+        std::fs::read_to_string(dir.join("cgroup.procs")).ok()?.lines().filter_map(|l| l.trim().parse().ok()).collect();
+    for e in std::fs::read_dir(dir).ok()?.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())) {
+        pids.extend(cgroup_pids(&e.path()).unwrap_or_default());
+    }
+    Some(pids)
+}
+
+/// rmdir of a cgroup and its children (cgroup dirs are removed with rmdir, files and all).
+fn remove_cgroup_tree(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())) {
+            remove_cgroup_tree(&e.path());
+        }
+    }
+    if let Err(e) = std::fs::remove_dir(dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            eprintln!("remove cgroup {}: {e}", dir.display());
+        }
     }
 }
 
@@ -192,8 +297,7 @@ fn read_start_options() -> ShimOptions {
 /// The group a bundle belongs to, from its annotations.
 fn group_id(bundle: &Path) -> Option<String> {
     let spec = kybernate_runtime_select::load_spec(bundle).ok()?;
-    let annotations = spec.annotations().as_ref()?;
-    GROUP_ANNOTATIONS.iter().find_map(|k| annotations.get(*k).filter(|v| !v.is_empty()).cloned())
+    GROUP_ANNOTATIONS.iter().find_map(|k| spec.annotation(k)).map(str::to_string)
 }
 
 #[cfg(test)]

@@ -35,7 +35,7 @@ use crate::error::{Error, Result};
 use crate::events::EventQueue;
 use crate::io::{ProcessIo, StdioConfig};
 use crate::options::ShimOptions;
-use crate::process::{Process, ProcessStatus};
+use crate::process::{Action, Process, ProcessStatus};
 use crate::runtime::{CreateOpts, ExecOpts, OciRuntime, RuntimeOpts, Spawner};
 
 /// How long an exit waits for the process's output to drain: a daemonised
@@ -45,6 +45,11 @@ const OUTPUT_DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 const EXEC_EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Exits of pids we do not know yet are kept this long (runtime invocations exit here too).
 const PENDING_EXIT_TTL: Duration = Duration::from_secs(60);
+/// How long an exit waits for a start, pause, resume or checkpoint in flight (so that its TaskExit
+/// follows their events) before it is published anyway.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a Kill of a container whose restore runs waits for the restore to give it a pid.
+const RESTORE_KILL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Which process a pid belongs to, and exits that arrived before we learnt the pid.
 /// One lock makes "exit before pid known" and "pid known before exit" race-free.
@@ -52,6 +57,13 @@ const PENDING_EXIT_TTL: Duration = Duration::from_secs(60);
 struct PidTable {
     known: HashMap<u32, (String, Option<String>)>,
     pending: HashMap<u32, (u32, SystemTime, Instant)>,
+}
+
+/// A container id in the map: reserved while its Create runs (init is then
+/// [`Creating`](ProcessStatus::Creating), with no `Container` yet), then the container.
+enum Slot {
+    Creating,
+    Ready(Arc<Container>),
 }
 
 pub struct TaskService {
@@ -62,7 +74,7 @@ struct Inner {
     namespace: String,
     events: EventQueue,
     spawner: Arc<dyn Spawner>,
-    containers: Mutex<HashMap<String, Arc<Container>>>,
+    containers: Mutex<HashMap<String, Slot>>,
     pids: Mutex<PidTable>,
     exit_signal: Arc<ExitSignal>,
     /// Held while an exit is recorded and its TaskExit sent; see `handle_exit`.
@@ -112,7 +124,13 @@ impl TaskService {
 
 impl Inner {
     fn container(&self, id: &str) -> Result<Arc<Container>> {
-        lock(&self.containers).get(id).cloned().ok_or_else(|| Error::NotFound(format!("container {id} not found")))
+        match lock(&self.containers).get(id) {
+            Some(Slot::Ready(c)) => Ok(c.clone()),
+            Some(Slot::Creating) => {
+                Err(Error::FailedPrecondition(format!("container {id}: its create is still running")))
+            }
+            None => Err(Error::NotFound(format!("container {id} not found"))),
+        }
     }
 
     fn process(&self, id: &str, exec_id: &str) -> Result<(Arc<Container>, Arc<Process>)> {
@@ -174,9 +192,12 @@ impl Inner {
 
     fn handle_exit(&self, cid: &str, exec_id: Option<&str>, pid: u32, code: u32, at: SystemTime) {
         let Ok((c, p)) = self.process(cid, exec_id.unwrap_or_default()) else { return };
+        if exec_id.is_none() && c.kill_all_on_exit {
+            kill_the_rest(&c);
+        }
         // Output first: once Wait returns, clients (ctr run --rm) stop reading.
         p.with_io(|io| io.wait_output(OUTPUT_DRAIN_TIMEOUT));
-        p.wait_start_settled(Duration::from_secs(30));
+        p.wait_settled(SETTLE_TIMEOUT);
         if exec_id.is_none() {
             c.stop_oom_watcher();
             // containerd expects init's exit last. Init stays running until then (as in the Go
@@ -205,16 +226,35 @@ impl Inner {
         });
     }
 
+    /// Reserves the id before any work, so that a second Create of the same id is refused
+    /// instead of racing this one (whose runtime state its cleanup would delete).
     fn create(self: &Arc<Self>, req: &CreateTaskRequest) -> Result<u32> {
         if req.id.is_empty() {
             return Err(Error::InvalidArgument("create: empty container id".into()));
         }
-        if lock(&self.containers).contains_key(&req.id) {
-            return Err(Error::AlreadyExists(format!("container {} already exists", req.id)));
+        {
+            let mut containers = lock(&self.containers);
+            if containers.contains_key(&req.id) {
+                return Err(Error::AlreadyExists(format!("container {} already exists", req.id)));
+            }
+            containers.insert(req.id.clone(), Slot::Creating);
         }
+        let created = self.create_reserved(req);
+        if created.is_err() {
+            lock(&self.containers).remove(&req.id);
+        }
+        created
+    }
+
+    fn create_reserved(self: &Arc<Self>, req: &CreateTaskRequest) -> Result<u32> {
         let bundle = PathBuf::from(&req.bundle);
         let opts = ShimOptions::from_any(req.options.as_ref())?;
-        let spec = kybernate_runtime_select::load_spec(&bundle).map_err(kybernate_runtime_select::SelectError::from)?;
+        // Read leniently, as runc reads it; a document that is not even a JSON object is runc's
+        // to refuse, in its own words: decide as for an empty spec and let it.
+        let spec = kybernate_runtime_select::load_spec(&bundle).unwrap_or_else(|e| {
+            warn!("container {}: {e}; the runtime decides on it", req.id);
+            kybernate_runtime_select::SpecView::default()
+        });
         let selector =
             Selector::load(opts.config_path.as_deref(), SelectContext::from_process_env(opts.binary_name()))?;
         let decision = selector.select(&spec)?;
@@ -264,7 +304,7 @@ impl Inner {
                 source: Box::new(source),
             })?;
         }
-        let cgroups_path = spec.linux().as_ref().and_then(|l| l.cgroups_path().as_ref()).and_then(|p| p.to_str());
+        let cgroups_path = spec.cgroups_path();
         let systemd_cgroup = opts.systemd_cgroup(cgroups_path);
         if systemd_cgroup && opts.runc.is_none() {
             info!("container {}: cgroups through systemd (cgroupsPath {:?} is systemd's form)", req.id, cgroups_path);
@@ -319,6 +359,7 @@ impl Inner {
             }
         };
         let init = Arc::new(Process::new(req.id.clone(), None, stdio.clone(), None));
+        init.transition(Action::Created { restore: restore.is_some() })?;
         if let Some(io) = io {
             init.set_pid(pid);
             init.set_io(io);
@@ -329,16 +370,12 @@ impl Inner {
         c.criu_work = opts.criu_work_path();
         c.rootfs_upper = req.rootfs.iter().find_map(|m| kybernate_criu::overlay_upperdir(&m.type_, &m.options));
         c.checkpoint_config = selector.config.checkpoint.clone();
+        c.kill_all_on_exit = !spec.has_own_pid_namespace();
         let c = Arc::new(c);
         if let Some(r) = restore {
             c.set_restore(r.plan);
         }
-        lock(&self.containers).insert(req.id.clone(), c.clone());
-        if pid != 0 {
-            self.register_pid(&req.id, None, pid);
-            self.watch_oom(&c, pid);
-        }
-
+        lock(&self.containers).insert(req.id.clone(), Slot::Ready(c.clone()));
         self.events.send(TaskCreate {
             container_id: req.id.clone(),
             bundle: req.bundle.clone(),
@@ -355,6 +392,11 @@ impl Inner {
             pid,
             ..Default::default()
         });
+        // After TaskCreate: an exit that came before (kept as pending) is published now.
+        if pid != 0 {
+            self.register_pid(&req.id, None, pid);
+            self.watch_oom(&c, pid);
+        }
         Ok(pid)
     }
 
@@ -364,7 +406,7 @@ impl Inner {
     fn plan_restore(
         &self,
         req: &CreateTaskRequest,
-        spec: &oci_spec::runtime::Spec,
+        spec: &kybernate_runtime_select::SpecView,
         config: &kybernate_runtime_select::CheckpointConfig,
     ) -> Result<Option<Restoring>> {
         let pod = checkpoint::pod_of(spec);
@@ -443,8 +485,8 @@ impl Inner {
 
     fn start(self: &Arc<Self>, req: &StartRequest) -> Result<u32> {
         let (c, p) = self.process(&req.id, &req.exec_id)?;
-        p.begin_start()?;
-        let started = if req.exec_id.is_empty() { self.start_init(&c) } else { self.start_exec(&c, &p) };
+        let restore = p.transition(Action::Start)?.status == ProcessStatus::Restoring;
+        let started = if req.exec_id.is_empty() { self.start_init(&c, restore) } else { self.start_exec(&c, &p) };
         let pid = p.pid();
         if started.is_ok() {
             if req.exec_id.is_empty() {
@@ -458,15 +500,19 @@ impl Inner {
                 });
             }
         }
-        p.end_start(started.is_ok());
+        p.settle(started.is_ok());
         started.map(|_| pid)
     }
 
-    fn start_init(self: &Arc<Self>, c: &Arc<Container>) -> Result<()> {
-        match c.take_restore() {
-            Some(plan) => self.restore_init(c, plan),
-            None => Ok(c.runtime.start(&c.id, &c.bundle)?),
+    /// `restore`: init was [`Restoring`](ProcessStatus::Restoring), so its plan is there.
+    fn start_init(self: &Arc<Self>, c: &Arc<Container>, restore: bool) -> Result<()> {
+        if !restore {
+            return Ok(c.runtime.start(&c.id, &c.bundle)?);
         }
+        let plan = c
+            .take_restore()
+            .ok_or_else(|| Error::FailedPrecondition(format!("start {}: its restore plan is gone", c.id)))?;
+        self.restore_init(c, plan)
     }
 
     /// Start of a container created from a checkpoint: `runtime restore --detach`, with the
@@ -528,9 +574,21 @@ impl Inner {
         Ok(())
     }
 
+    /// Init is [`Checkpointing`](ProcessStatus::Checkpointing) for the whole checkpoint: the
+    /// requests that would change the container meanwhile are refused, Kill is not (see
+    /// docs/architecture.md, "Task states").
     fn checkpoint(&self, req: &CheckpointTaskRequest) -> Result<()> {
         let c = self.container(&req.id)?;
-        let st = c.init.require("checkpoint", &[ProcessStatus::Running, ProcessStatus::Paused])?;
+        let st = c.init.transition(Action::Checkpoint).map_err(|e| match c.init.state().status {
+            ProcessStatus::Checkpointing { .. } => CheckpointError::Busy { id: req.id.clone() }.into(),
+            _ => e,
+        })?;
+        let result = self.checkpoint_as(&c, st.pid, st.status == ProcessStatus::Paused, req);
+        c.init.settle(result.is_ok());
+        result
+    }
+
+    fn checkpoint_as(&self, c: &Arc<Container>, pid: u32, was_paused: bool, req: &CheckpointTaskRequest) -> Result<()> {
         let mut request = CheckpointRequest::decode(&req.id, req.options.as_ref())?;
         // A terminal container's pty is outside it: CRIU can only dump it as a shell job.
         request.flags.terminal |= c.init.stdio.terminal;
@@ -541,9 +599,8 @@ impl Inner {
             .ok_or_else(|| {
                 Error::InvalidArgument(format!("checkpoint {}: neither path nor image_path given", req.id))
             })?;
-        let _running = c.begin_checkpoint().ok_or_else(|| CheckpointError::Busy { id: req.id.clone() })?;
         let checkpointer = Checkpointer { spawner: self.spawner.as_ref(), namespace: &self.namespace };
-        checkpointer.checkpoint(&c, st.pid, &request, &target, st.status == ProcessStatus::Paused)?;
+        checkpointer.checkpoint(c, pid, &request, &target, was_paused)?;
         if request.image_path.is_some() && !req.path.is_empty() {
             checkpoint::write_pointer(Path::new(&req.path), &target, &c.id);
         }
@@ -556,7 +613,7 @@ impl Inner {
     }
 
     fn start_exec(self: &Arc<Self>, c: &Container, p: &Arc<Process>) -> Result<()> {
-        c.init.require("exec", &[ProcessStatus::Running])?;
+        c.init.transition(Action::Exec)?;
         let spec = p.spec.as_ref().ok_or_else(|| Error::InvalidArgument(format!("exec {}: no process spec", p.id)))?;
         let (mut io, child) = ProcessIo::prepare_owned(&p.stdio, &c.bundle, &p.id, &self.namespace, c.io_owner)?;
         let pid_file = c.bundle.join(format!("{}.pid", exec_file_stem(&p.id)));
@@ -573,14 +630,13 @@ impl Inner {
 
     fn delete(&self, req: &DeleteRequest) -> Result<api::DeleteResponse> {
         let (c, p) = self.process(&req.id, &req.exec_id)?;
-        let st = p.require("delete", &[ProcessStatus::Created, ProcessStatus::Stopped]).or_else(|e| match e {
-            // Deleting a finished process is the point of delete.
-            Error::NotFound(_) if p.state().status == ProcessStatus::Stopped => Ok(p.state()),
-            other => Err(other),
-        })?;
+        // Created (or Restoring) or Stopped; a failed delete goes back there and can be retried.
+        let st = p.transition(Action::Delete)?;
+        let never_started = matches!(st.status, ProcessStatus::Created | ProcessStatus::Restoring);
         let exit = if req.exec_id.is_empty() {
-            if let Err(e) = c.runtime.delete(&c.id, &c.bundle, st.status == ProcessStatus::Created) {
+            if let Err(e) = c.runtime.delete(&c.id, &c.bundle, never_started) {
                 if !e.is_not_found() {
+                    let _ = p.transition(Action::DeleteFailed(st.status));
                     return Err(e.into());
                 }
             }
@@ -603,10 +659,10 @@ impl Inner {
             p.state().exit
         };
         self.forget_pid(st.pid);
-        let _ = p.transition(ProcessStatus::Deleted);
+        let _ = p.transition(Action::Done);
         let (exit_status, exited_at) = match exit {
             Some(e) => (e.code, e.timestamp()),
-            None if st.status == ProcessStatus::Created && st.pid == 0 => (0, Default::default()),
+            None if never_started && st.pid == 0 => (0, Default::default()),
             // Killed by the delete and its exit never arrived: report SIGKILL like the Go shim.
             None => (128 + libc::SIGKILL as u32, SystemTime::now().into()),
         };
@@ -630,21 +686,34 @@ impl Inner {
         if req.exec_id.is_empty() {
             return Err(Error::InvalidArgument(format!("exec in {}: empty exec id", req.id)));
         }
-        c.init.require("exec", &[ProcessStatus::Running])?;
+        c.init.transition(Action::Exec)?;
         let any = req
             .spec
             .as_ref()
             .ok_or_else(|| Error::InvalidArgument(format!("exec {}: no process spec", req.exec_id)))?;
-        let mut spec: oci_spec::runtime::Process = serde_json::from_slice(&any.value)
-            .map_err(|e| Error::InvalidArgument(format!("exec {}: malformed process spec: {e}", req.exec_id)))?;
-        spec.set_terminal(Some(req.terminal));
+        // Kept as JSON: runc reads it, and fields or values this shim does not know (a new
+        // capability, a future field) are runc's to accept or refuse, as with the stock shim.
+        let mut spec = match serde_json::from_slice::<serde_json::Value>(&any.value) {
+            Ok(serde_json::Value::Object(o)) => o,
+            Ok(_) => {
+                return Err(Error::InvalidArgument(format!(
+                    "exec {}: the process spec is not a JSON object",
+                    req.exec_id
+                )))
+            }
+            Err(e) => return Err(Error::InvalidArgument(format!("exec {}: malformed process spec: {e}", req.exec_id))),
+        };
+        spec.insert("terminal".into(), serde_json::Value::Bool(req.terminal));
+        let spec = serde_json::Value::Object(spec);
         let stdio = StdioConfig {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),
             stderr: req.stderr.clone(),
             terminal: req.terminal,
         };
-        c.add_exec(Arc::new(Process::new(req.exec_id.clone(), Some(req.exec_id.clone()), stdio, Some(spec))))?;
+        let p = Process::new(req.exec_id.clone(), Some(req.exec_id.clone()), stdio, Some(spec));
+        p.transition(Action::Created { restore: false })?;
+        c.add_exec(Arc::new(p))?;
         self.events.send(TaskExecAdded {
             container_id: c.id.clone(),
             exec_id: req.exec_id.clone(),
@@ -655,29 +724,33 @@ impl Inner {
 
     fn kill(&self, req: &KillRequest) -> Result<()> {
         let (c, p) = self.process(&req.id, &req.exec_id)?;
-        let live = [ProcessStatus::Created, ProcessStatus::Running, ProcessStatus::Paused];
         if req.exec_id.is_empty() {
-            // With --all the remaining processes may need the signal even after init exited.
-            if !req.all {
-                p.require("kill", &live)?;
-            }
+            // Allowed in every live state (a checkpoint included); with --all also after init
+            // exited, for the processes that may remain.
+            p.transition(Action::Kill { all: req.all })?;
             if p.state().pid == 0 {
-                p.wait_start_settled(Duration::from_secs(30));
+                // A restore in flight gives init its pid.
+                p.wait_settled(RESTORE_KILL_TIMEOUT);
             }
             let st = p.state();
-            if st.pid == 0 && st.status == ProcessStatus::Created {
-                if st.starting {
-                    return Err(Error::FailedPrecondition(format!("kill {}: its restore is still running", c.id)));
+            if st.pid == 0 {
+                match st.status {
+                    ProcessStatus::Starting => {
+                        return Err(Error::FailedPrecondition(format!("kill {}: its restore is still running", c.id)))
+                    }
+                    // Created from a checkpoint and not restored (yet, or the restore failed):
+                    // there is no process to signal. It ends here, as a created runc container would.
+                    ProcessStatus::Restoring | ProcessStatus::Created => {
+                        self.handle_exit(&c.id, None, 0, 128 + req.signal, SystemTime::now());
+                        return Ok(());
+                    }
+                    _ => {}
                 }
-                // Created from a checkpoint and not restored (yet, or the restore failed): there
-                // is no process to signal. It ends here, as a created runc container would.
-                self.handle_exit(&c.id, None, 0, 128 + req.signal, SystemTime::now());
-                return Ok(());
             }
             c.runtime.kill(&c.id, &c.bundle, req.signal, req.all)?;
             return Ok(());
         }
-        let st = p.require("kill", &[ProcessStatus::Running, ProcessStatus::Paused])?;
+        let st = p.transition(Action::Signal)?;
         let sig = nix::sys::signal::Signal::try_from(req.signal as i32)
             .map_err(|_| Error::InvalidArgument(format!("kill: invalid signal {}", req.signal)))?;
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(st.pid as i32), sig).map_err(|e| match e {
@@ -688,24 +761,19 @@ impl Inner {
 
     fn pause(&self, id: &str, pause: bool) -> Result<()> {
         let c = self.container(id)?;
-        let (from, to) = if pause {
-            (ProcessStatus::Running, ProcessStatus::Paused)
-        } else {
-            (ProcessStatus::Paused, ProcessStatus::Running)
-        };
-        c.init.require(if pause { "pause" } else { "resume" }, &[from])?;
-        if pause {
-            c.runtime.pause(&c.id, &c.bundle)?;
-        } else {
-            c.runtime.resume(&c.id, &c.bundle)?;
+        // Pausing/Resuming while the runtime call runs: no checkpoint or second pause can start.
+        c.init.transition(if pause { Action::Pause } else { Action::Resume })?;
+        let done = if pause { c.runtime.pause(&c.id, &c.bundle) } else { c.runtime.resume(&c.id, &c.bundle) };
+        if done.is_ok() {
+            // Before settling: an exit waits for the settle, so its TaskExit comes after this.
+            if pause {
+                self.events.send(TaskPaused { container_id: c.id.clone(), ..Default::default() });
+            } else {
+                self.events.send(TaskResumed { container_id: c.id.clone(), ..Default::default() });
+            }
         }
-        c.init.transition(to)?;
-        if pause {
-            self.events.send(TaskPaused { container_id: c.id.clone(), ..Default::default() });
-        } else {
-            self.events.send(TaskResumed { container_id: c.id.clone(), ..Default::default() });
-        }
-        Ok(())
+        c.init.settle(done.is_ok());
+        Ok(done?)
     }
 
     fn pids(&self, id: &str) -> Result<PidsResponse> {
@@ -729,16 +797,25 @@ impl Inner {
 
     fn update(&self, req: &UpdateTaskRequest) -> Result<()> {
         let c = self.container(&req.id)?;
-        c.init.require("update", &[ProcessStatus::Created, ProcessStatus::Running, ProcessStatus::Paused])?;
+        c.init.transition(Action::Update)?;
         let any =
             req.resources.as_ref().ok_or_else(|| Error::InvalidArgument(format!("update {}: no resources", req.id)))?;
-        // Decode into the OCI type so a wrong shape is the client's error, not the runtime's.
-        let resources: oci_spec::runtime::LinuxResources = serde_json::from_slice(&any.value)
-            .map_err(|e| Error::InvalidArgument(format!("update {}: malformed resources: {e}", req.id)))?;
-        let resources = serde_json::to_value(&resources)
-            .map_err(|e| Error::InvalidArgument(format!("update {}: resources: {e}", req.id)))?;
+        // Passed on as JSON: fields this shim does not know are runc's to accept or refuse.
+        let resources = match serde_json::from_slice::<serde_json::Value>(&any.value) {
+            Ok(v @ serde_json::Value::Object(_)) => v,
+            Ok(_) => return Err(Error::InvalidArgument(format!("update {}: resources are not a JSON object", req.id))),
+            Err(e) => return Err(Error::InvalidArgument(format!("update {}: malformed resources: {e}", req.id))),
+        };
         c.runtime.update(&c.id, &c.bundle, &resources)?;
         Ok(())
+    }
+
+    fn stats(&self, id: &str) -> Result<StatsResponse> {
+        let c = self.container(id)?;
+        let pid = c.init.transition(Action::Stats)?.pid;
+        let stats = crate::stats::collect(pid)
+            .map_err(|e| Error::Os { context: format!("stats {id}"), source: std::io::Error::other(e.to_string()) })?;
+        Ok(StatsResponse { stats: Some(stats).into(), ..Default::default() })
     }
 
     fn state(&self, req: &StateRequest) -> Result<StateResponse> {
@@ -762,6 +839,17 @@ impl Inner {
 }
 
 /// Exec ids come from clients: never use them raw in a file name.
+/// After init's exit in a container without a PID namespace of its own, kills its other
+/// processes (`<runtime> kill --all KILL`, as containerd's runc shim does): nothing else ends them,
+/// and a child holding init's stdout would hold up the exit report for [`OUTPUT_DRAIN_TIMEOUT`].
+fn kill_the_rest(c: &Container) {
+    match c.runtime.kill(&c.id, &c.bundle, libc::SIGKILL as u32, true) {
+        Ok(()) => info!("container {}: init exited; killed the rest of its processes", c.id),
+        Err(e) if e.is_not_found() => {}
+        Err(e) => warn!("container {}: init exited; cannot kill the rest of its processes: {e}", c.id),
+    }
+}
+
 fn exec_file_stem(exec_id: &str) -> String {
     let safe: String =
         exec_id.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect();
@@ -929,14 +1017,7 @@ impl Task for TaskService {
     }
 
     fn stats(&self, _: &TtrpcContext, req: StatsRequest) -> TtrpcResult<StatsResponse> {
-        let c = self.inner.container(&req.id)?;
-        let pid =
-            c.init.require("stats", &[ProcessStatus::Created, ProcessStatus::Running, ProcessStatus::Paused])?.pid;
-        let stats = crate::stats::collect(pid).map_err(|e| Error::Os {
-            context: format!("stats {}", req.id),
-            source: std::io::Error::other(e.to_string()),
-        })?;
-        Ok(StatsResponse { stats: Some(stats).into(), ..Default::default() })
+        Ok(self.inner.stats(&req.id)?)
     }
 
     fn checkpoint(&self, _: &TtrpcContext, req: CheckpointTaskRequest) -> TtrpcResult<Empty> {
@@ -960,3 +1041,6 @@ impl Task for TaskService {
         Ok(Empty::new())
     }
 }
+
+#[cfg(test)]
+mod tests;
