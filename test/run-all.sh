@@ -13,7 +13,7 @@ echo "== test/demo.sh"
 bash test/demo.sh
 
 echo "== release build (docs/installation.md's command) and its binaries' --version"
-cargo build --release -p kybernate-criu -p containerd-shim-kybernate-v1 -p kybernate-runtime-select
+cargo build --release -p kybernate-cli -p containerd-shim-kybernate-v1 -p kybernate-runtime-select
 for b in kybernate containerd-shim-kybernate-v1 kybernate-select; do
     "target/release/$b" --version
 done

@@ -2,7 +2,7 @@
 # Builds the Debian package kybernate_<version>_<arch>.deb with dpkg-deb from binaries cargo
 # already built (no cargo-deb: see packaging/README.md).
 #
-#   cargo build --release -p kybernate-criu -p containerd-shim-kybernate-v1 -p kybernate-runtime-select
+#   cargo build --release -p kybernate-cli -p containerd-shim-kybernate-v1 -p kybernate-runtime-select
 #   packaging/deb/build.sh [--bin-dir DIR] [--out DIR] [--version V] [--compression xz|gzip|none]
 #                          [--maintainer "NAME <EMAIL>"]
 #

@@ -109,7 +109,7 @@ fn ctr_task_checkpoint_into_the_store_under_containerd_2() {
         tb.ctr_ok(&["tasks", "checkpoint", "--exit", "--image-path", &target_arg, "--work-path", &work_arg, &id]);
     assert_eq!(printed.trim(), "");
     wait_for("the checkpointed task to stop", || (task_status(tb, &id).as_deref() == Some("STOPPED")).then_some(()));
-    let manifest = kybernate_criu::verify(&target).unwrap_or_else(|e| panic!("{}: {e}", target.display()));
+    let manifest = kybernate_checkpoint::verify(&target).unwrap_or_else(|e| panic!("{}: {e}", target.display()));
     assert_eq!(manifest.container_id, id);
     assert!(work.join("dump.log").is_file(), "no dump.log in the work path: {:?}", entries(&work));
     let new: Vec<String> = images().into_iter().filter(|n| !images_before.contains(n)).collect();

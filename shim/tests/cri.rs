@@ -773,9 +773,9 @@ fn a_kubelet_archive_imported_into_the_store_restores_on_containerd_1_6() {
     remove_pod(&b2, &pod2, &[]);
 
     let b = cri_bed(Style::RuntimeType);
-    let store = kybernate_criu::Store::new(&b.store);
-    let (path, manifest) =
-        kybernate_criu::import(&archive, &store).unwrap_or_else(|e| panic!("importing the kubelet's archive: {e}"));
+    let store = kybernate_checkpoint::Store::new(&b.store);
+    let (path, manifest) = kybernate_checkpoint::import(&archive, &store)
+        .unwrap_or_else(|e| panic!("importing the kubelet's archive: {e}"));
     assert_eq!((manifest.tenant(), manifest.container_id.as_str()), ("default", id.as_str()));
     assert!(manifest.rootfs_diff && !manifest.flat, "{manifest:?}");
     let reference = path.strip_prefix(&b.store).expect("inside the store").display().to_string();
@@ -795,7 +795,7 @@ fn a_kubelet_archive_imported_into_the_store_restores_on_containerd_1_6() {
 /// `containerd config default` of containerd 1.6, the file the installer merges into (also the
 /// installer tests' "stock" fixture).
 const STOCK_CONTAINERD_CONFIG: &str =
-    include_str!("../../criu-helper/tests/fixtures/containerd/containerd-1.6-default.toml");
+    include_str!("../../criu-helper/cli/tests/fixtures/containerd/containerd-1.6-default.toml");
 
 /// The value of the first `key = "value"` (or, as containerd 2.x writes it, `key = 'value'`)
 /// line of a containerd config.

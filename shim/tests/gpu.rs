@@ -94,7 +94,7 @@ fn gpu_bed_with(
 
     let criu_bin = d.join("criu-bin");
     std::fs::create_dir_all(&criu_bin).unwrap();
-    let real_criu = kybernate_criu::find_criu(None, std::env::var_os("PATH").as_deref()).expect("criu on PATH");
+    let real_criu = kybernate_checkpoint::find_criu(None, std::env::var_os("PATH").as_deref()).expect("criu on PATH");
     let criu_fail = d.join("criu-fail");
     let wrapper = criu_bin.join("criu");
     std::fs::write(

@@ -366,7 +366,8 @@ fn privileges_written_into_spec_dump_and_config_dump_are_not_granted() {
     let (dir, at_checkpoint) = store_checkpoint(&bed, &id, true);
 
     edit_json(&dir, "spec.dump", |spec| {
-        let caps: Vec<serde_json::Value> = kybernate_criu::grants::caps::NAMES.iter().map(|&c| c.into()).collect();
+        let caps: Vec<serde_json::Value> =
+            kybernate_checkpoint::grants::caps::NAMES.iter().map(|&c| c.into()).collect();
         for set in ["bounding", "effective", "permitted", "inheritable", "ambient"] {
             spec["process"]["capabilities"][set] = caps.clone().into();
         }
@@ -401,9 +402,9 @@ fn privileges_written_into_spec_dump_and_config_dump_are_not_granted() {
     let spec: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("spec.dump")).unwrap()).unwrap();
     assert_eq!(
         spec["process"]["capabilities"]["effective"].as_array().unwrap().len(),
-        kybernate_criu::grants::caps::NAMES.len()
+        kybernate_checkpoint::grants::caps::NAMES.len()
     );
-    kybernate_criu::verify(&dir).unwrap_or_else(|e| panic!("the edited checkpoint does not verify: {e}"));
+    kybernate_checkpoint::verify(&dir).unwrap_or_else(|e| panic!("the edited checkpoint does not verify: {e}"));
 
     let restored = unique_name("dump-r");
     run_restored_ok(&bed, &dir, &restored, &[]);
@@ -501,7 +502,7 @@ fn hidden_work_directories_in_the_store_are_never_restored_from() {
         std::fs::create_dir_all(to.parent().unwrap()).unwrap();
         let status = std::process::Command::new("cp").arg("-a").arg(&dir).arg(to).status().unwrap();
         assert!(status.success());
-        kybernate_criu::verify(to).unwrap_or_else(|e| panic!("the copy {} does not verify: {e}", to.display()));
+        kybernate_checkpoint::verify(to).unwrap_or_else(|e| panic!("the copy {} does not verify: {e}", to.display()));
     };
     let container_dir = dir.parent().unwrap();
     let cp = dir.file_name().unwrap().to_string_lossy().into_owned();

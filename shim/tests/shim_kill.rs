@@ -235,7 +235,7 @@ fn checkpoint_killed_at(bed: &Bed, stop_dir: &Path, phase: &str, exit: bool) {
     footprint.assert_all_gone(bed, phase);
     if phase == "commit" {
         // Killed after the rename: the checkpoint is complete and stays.
-        assert!(target.join(kybernate_criu::MANIFEST_FILE).is_file(), "commit: the committed checkpoint is gone");
+        assert!(target.join(kybernate_checkpoint::MANIFEST_FILE).is_file(), "commit: the committed checkpoint is gone");
     } else {
         assert!(!target.exists(), "{phase}: an incomplete checkpoint at {}", target.display());
     }

@@ -14,7 +14,7 @@ RUNS=${2:-3}
 KYB=${KYBERNATE:-target/release/kybernate}
 if [ ! -x "$KYB" ]; then
     command -v cargo >/dev/null || export PATH="$HOME/.cargo/bin:$PATH"
-    cargo build --release -q -p kybernate-criu --bin kybernate
+    cargo build --release -q -p kybernate-cli --bin kybernate
 fi
 WORK=$(mktemp -d)
 IN=$WORK/in

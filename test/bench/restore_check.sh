@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What the credentials check of a restore costs (kybernate_criu::grants: CRIU's metadata images of a
+# What the credentials check of a restore costs (kybernate_checkpoint::grants: CRIU's metadata images of a
 # checkpoint against the new container's spec, as the shim runs it at every restore's Create), on a
 # checkpoint of PROCS processes holding MIB MiB of dirty memory in all, in one run against:
 #   verify: the sha256 of every checkpoint file against the manifest, which every restore already does;
@@ -34,7 +34,7 @@ trap 'exit 143' TERM
 
 command -v cargo >/dev/null || export PATH="$HOME/.cargo/bin:$PATH"
 cargo build --release -q -p containerd-shim-kybernate-v1 --bins --examples
-cargo build --release -q -p kybernate-criu --example restore_check
+cargo build --release -q -p kybernate-checkpoint --example restore_check
 gcc -O2 -static -o "$OUT/memhog" test/bench/memhog.c
 MEMHOG=$OUT/memhog
 RPC=$PWD/target/release/examples/checkpoint_rpc

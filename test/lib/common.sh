@@ -26,7 +26,7 @@ KBT_IMAGE=docker.io/kybernate/busybox:test
 # Where test beds put their private containerd dirs (on disk, so overlayfs works; short, as unix socket paths max out at 108 bytes).
 KBT_RUN_BASE=$KBT_STATE_DIR/run
 # Image tools for the installer image test (test/harness/src/lib.rs mirrors KBT_BASE_ROOTFS and KBT_NODE_DEBS,
-# criu-helper/tests/installer.rs KBT_BUILDAH and KBT_BASE_IMAGE): buildah (>= $KBT_BUILDAH_MIN_VERSION) from Debian $KBT_BUILDAH_SUITE unpacked into
+# criu-helper/cli/tests/installer.rs KBT_BUILDAH and KBT_BASE_IMAGE): buildah (>= $KBT_BUILDAH_MIN_VERSION) from Debian $KBT_BUILDAH_SUITE unpacked into
 # $KBT_IMAGE_TOOLS_PREFIX/buildah (patched to load that suite's glibc), bookworm's mmdebstrap and patchelf in
 # $KBT_IMAGE_TOOLS_PREFIX/bootstrap, and $KBT_BUILDAH, the wrapper that runs buildah isolated:
 #   kbt-buildah DIR ARGS...   (storage, config, temp files under DIR; nothing under /var/lib/containers,
@@ -42,7 +42,7 @@ KBT_BASE_IMAGE=docker.io/library/debian:bookworm-slim
 # The Debian package test's node is that rootfs with Debian's own containerd and runc .debs beside our package
 # (bookworm's, downloaded once), so `apt-get install ./kybernate_*.deb` resolves the Depends without a network.
 KBT_NODE_DEBS=$KBT_STATE_DIR/node-debs-bookworm
-# The installer image test also builds the image with `docker build` (criu-helper/tests/installer.rs mirrors
+# The installer image test also builds the image with `docker build` (criu-helper/cli/tests/installer.rs mirrors
 # KBT_DOCKERD): this release's docker.io unpacked into $KBT_DOCKER_PREFIX, and the wrapper that runs a private
 # dockerd (state, exec root and API socket under DIR; nothing under /etc/docker, /var/lib/docker or /run):
 #   kbt-dockerd DIR

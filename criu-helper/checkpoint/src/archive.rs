@@ -1,0 +1,481 @@
+//! Moving checkpoints between nodes as single tar files, in the layout
+//! checkpointctl and `kubectl checkpoint` archives use.
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{self, DirBuilder, File};
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use tar::{Archive, Builder, EntryType, Header};
+
+use crate::fsutil::{AtomicFile, Durability};
+use crate::manifest::{Manifest, CONFIG_DUMP, FORMAT_VERSION, IMAGES_DIR, MANIFEST_FILE, ROOTFS_DIFF, SPEC_DUMP};
+use crate::rootfs::{overlay_diff_from_oci_layer, RootfsError};
+use crate::store::{
+    collect_files, create_private_dirs, fsync_dir, is_plain_relative, verify, write_manifest, Store, StoreError,
+    VerifyError,
+};
+
+/// Why a checkpoint could not be exported or imported. Every variant names the file at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ArchiveError {
+    #[error("{}: {source}", path.display())]
+    Verify {
+        /// The checkpoint directory (export) or the archive (import).
+        path: PathBuf,
+        #[source]
+        source: VerifyError,
+    },
+    #[error("{}: refused archive entry {entry:?}: {reason}", archive.display())]
+    Entry { archive: PathBuf, entry: String, reason: Cow<'static, str> },
+    /// The archive's manifest (or, in a kubelet archive, the shim's manifest beside CRIU's
+    /// images) is not one this version writes: unparsable, another format version, or a field
+    /// (namespace, container id, created, a file path) the store cannot hold.
+    #[error("{}: entry {entry:?}: invalid checkpoint manifest: {reason}", archive.display())]
+    Manifest { archive: PathBuf, entry: String, reason: String },
+    /// Not a tar archive, or one damaged inside a header: `offset` is where the bad header
+    /// starts, `after` the last entry read whole.
+    #[error("{}: not a valid tar archive at byte {offset} (entry {index}{}): {reason}", archive.display(), after.as_ref().map(|a| format!(", after {a:?}")).unwrap_or_default())]
+    Malformed { archive: PathBuf, index: usize, offset: u64, after: Option<String>, reason: String },
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+    /// A kubelet/crictl (CRI) checkpoint archive not taken through our shim: CRIU's images and
+    /// CRI's dumps, but no manifest of ours in `checkpoint/`, so nothing to verify the images against.
+    #[error("{}: a kubelet/crictl checkpoint archive (checkpoint/, {CONFIG_DUMP}, {SPEC_DUMP}) that was not taken through the Kybernate shim: it has no {IMAGES_DIR}/{MANIFEST_FILE} to verify CRIU's images against", archive.display())]
+    CriArchive { archive: PathBuf },
+    /// The rootfs diff of a kubelet/crictl archive could not be made ours.
+    #[error("{}: {source}", archive.display())]
+    RootfsDiff {
+        archive: PathBuf,
+        #[source]
+        source: RootfsError,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn io_ctx(context: String) -> impl FnOnce(io::Error) -> ArchiveError {
+    move |source| ArchiveError::Io { context, source }
+}
+
+/// Removes a path on drop unless disarmed: nothing half-written is left behind.
+struct Cleanup(Option<PathBuf>);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let Some(p) = self.0.take() else { return };
+        let result = if p.is_dir() { fs::remove_dir_all(&p) } else { fs::remove_file(&p) };
+        if let Err(e) = result {
+            if e.kind() != io::ErrorKind::NotFound {
+                log::warn!("{}: cannot remove: {e}", p.display());
+            }
+        }
+    }
+}
+
+/// Writes one checkpoint as a single uncompressed tar with the checkpoint's files at the archive root
+/// (checkpoint/..., config.dump, spec.dump, rootfs-diff.tar, kybernate.json — the checkpointctl layout).
+/// The checkpoint is verified first; the tar is written to a hidden sibling of `out` and renamed when complete.
+pub fn export(dir: &Path, out: &Path) -> Result<Manifest, ArchiveError> {
+    let manifest = verify(dir).map_err(|source| ArchiveError::Verify { path: dir.to_path_buf(), source })?;
+    let ctx = || format!("{}: cannot write archive", out.display());
+    let mut file = AtomicFile::create(out, 0o600, Durability::Machine).map_err(io_ctx(ctx()))?;
+    let mut builder = Builder::new(BufWriter::new(file.file()));
+    builder.follow_symlinks(false);
+    let written = append_checkpoint(&mut builder, dir, &manifest)
+        .and_then(|()| builder.into_inner()?.into_inner().map_err(io::IntoInnerError::into_error).map(drop));
+    written.and_then(|()| file.commit()).map_err(io_ctx(ctx()))?;
+    Ok(manifest)
+}
+
+/// The manifest, then every listed file, each directory announced once before its first file so
+/// that plain `tar -x` recreates it with our mode.
+fn append_checkpoint<W: Write>(builder: &mut Builder<W>, dir: &Path, manifest: &Manifest) -> io::Result<()> {
+    let mut dirs = BTreeSet::new();
+    let mtime = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    for rel in std::iter::once(MANIFEST_FILE).chain(manifest.files.keys().map(String::as_str)) {
+        let parts: Vec<&str> = rel.split('/').collect();
+        for i in 1..parts.len() {
+            let d = parts[..i].join("/");
+            if dirs.insert(d.clone()) {
+                let mut h = Header::new_gnu();
+                h.set_entry_type(EntryType::Directory);
+                h.set_mode(0o700);
+                h.set_mtime(mtime);
+                h.set_size(0);
+                builder.append_data(&mut h, format!("{d}/"), io::empty())?;
+            }
+        }
+        builder.append_path_with_name(dir.join(rel), rel)?;
+    }
+    Ok(())
+}
+
+/// Imports an archive into the store: unpacks it into a hidden dir under the store root (only plain
+/// relative directories and regular files are accepted), verifies it, then moves it to
+/// `store.new_checkpoint_path(namespace, container_id, created)` (or now, if that exists).
+/// Returns the final path and manifest; on any error nothing is left in the store.
+pub fn import(archive: &Path, store: &Store) -> Result<(PathBuf, Manifest), ArchiveError> {
+    create_private_dirs(store.root())?;
+    let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let work = store.root().join(format!(".import-{}-{nanos}", std::process::id()));
+    DirBuilder::new()
+        .mode(0o700)
+        .create(&work)
+        .map_err(io_ctx(format!("{}: cannot create directory", work.display())))?;
+    let mut guard = Cleanup(Some(work.clone()));
+    unpack(archive, &work)?;
+    let manifest = if is_cri_archive(&work) {
+        adopt_cri_checkpoint(archive, &work)?
+    } else {
+        verify(&work).map_err(|source| ArchiveError::Verify { path: archive.to_path_buf(), source })?
+    };
+
+    let created = humantime::parse_rfc3339_weak(&manifest.created).unwrap_or_else(|_| SystemTime::now());
+    let mut dest = store.new_checkpoint_path(&manifest.namespace, &manifest.container_id, created)?;
+    if fs::symlink_metadata(&dest).is_ok() {
+        dest = store.new_checkpoint_path(&manifest.namespace, &manifest.container_id, SystemTime::now())?;
+    }
+    if let Some(parent) = dest.parent() {
+        create_private_dirs(parent)?;
+    }
+    if fs::symlink_metadata(&dest).is_ok() {
+        return Err(StoreError::TargetExists { target: dest }.into());
+    }
+    fs::rename(&work, &dest).map_err(io_ctx(format!("cannot move {} to {}", work.display(), dest.display())))?;
+    guard.0 = None;
+    if let Some(parent) = dest.parent() {
+        if let Err(e) = fsync_dir(parent) {
+            log::warn!("{}: cannot sync directory: {e}", parent.display());
+        }
+    }
+    Ok((dest, manifest))
+}
+
+/// The shape of the archives CRI writes for the kubelet (containerd ≥ 2.0, CRI-O): CRIU's images
+/// under `checkpoint/`, the container's config beside them, and no manifest of ours at the root.
+fn is_cri_archive(dir: &Path) -> bool {
+    !dir.join(MANIFEST_FILE).exists()
+        && dir.join(IMAGES_DIR).is_dir()
+        && (dir.join(CONFIG_DUMP).is_file() || dir.join(SPEC_DUMP).is_file())
+}
+
+/// Makes an unpacked kubelet/crictl archive (containerd 2.x's CRI, taken through our shim) a
+/// checkpoint of our store, in place. The shim's flat manifest in `checkpoint/` vouches for CRIU's
+/// images, which are verified against it first; CRI's own files (`config.dump`, `spec.dump`,
+/// `status.dump`, the rootfs diff, ...) carry no checksum, so the new manifest records them as
+/// they arrived. The rootfs diff, an OCI layer there, is rewritten in our form.
+fn adopt_cri_checkpoint(archive: &Path, work: &Path) -> Result<Manifest, ArchiveError> {
+    let images = work.join(IMAGES_DIR);
+    if !images.join(MANIFEST_FILE).is_file() {
+        return Err(ArchiveError::CriArchive { archive: archive.to_path_buf() });
+    }
+    let verified = verify(&images).map_err(|source| ArchiveError::Verify { path: archive.to_path_buf(), source })?;
+    if !verified.flat {
+        return Err(ArchiveError::Entry {
+            archive: archive.to_path_buf(),
+            entry: format!("{IMAGES_DIR}/{MANIFEST_FILE}"),
+            reason: "not the manifest our shim writes beside CRIU's images for CRI (flat)".into(),
+        });
+    }
+    let inner = images.join(MANIFEST_FILE);
+    fs::remove_file(&inner).map_err(io_ctx(format!("{}: cannot remove", inner.display())))?;
+
+    let diff = work.join(ROOTFS_DIFF);
+    let rootfs_diff = diff.is_file();
+    if rootfs_diff {
+        let ours = work.join(format!(".{ROOTFS_DIFF}"));
+        overlay_diff_from_oci_layer(&diff, &ours)
+            .map_err(|source| ArchiveError::RootfsDiff { archive: archive.to_path_buf(), source })?;
+        fs::rename(&ours, &diff).map_err(io_ctx(format!("cannot move {} to {}", ours.display(), diff.display())))?;
+    }
+
+    // CRIU's images as verified; every other file as it arrived (hashed once, here).
+    let mut files: BTreeMap<_, _> =
+        verified.files.iter().map(|(rel, entry)| (format!("{IMAGES_DIR}/{rel}"), entry.clone())).collect();
+    collect_files(work, "", &[IMAGES_DIR], &mut files)?;
+    let manifest = Manifest { files, flat: false, rootfs_diff, ..verified };
+    write_manifest(work, &manifest)?;
+    Ok(manifest)
+}
+
+/// How deep an archive's paths may go: a checkpoint's files are at most two levels deep
+/// (`checkpoint/pages-1.img`); the margin is for formats to come, not for 2000-level bombs.
+pub const MAX_DEPTH: usize = 8;
+/// How many entries may be unpacked before a manifest says which belong. `kybernate export` writes
+/// the manifest first, so this bounds only kubelet archives (whose order is CRI's) and archives
+/// repacked by hand; CRIU writes a few images per process and one per thread.
+pub const MAX_UNLISTED_ENTRIES: usize = 10_000;
+/// The largest manifest read into memory (about 100 bytes per listed file).
+const MAX_MANIFEST_BYTES: u64 = 64 << 20;
+/// The manifest our shim writes beside CRIU's images for CRI (a kubelet archive's).
+const INNER_MANIFEST: &str = "checkpoint/kybernate.json";
+
+/// Decides, entry by entry while the archive is read, what may be unpacked: once a manifest is
+/// read, only the files it lists (with their sizes) and the directories holding them; before,
+/// a bounded number of entries, checked against the manifest when it arrives. So a tar bomb is
+/// refused at its first unlisted entry (or at the bound), never after extracting it all.
+#[derive(Default)]
+struct Admission {
+    /// The root manifest's files and sizes, once read.
+    root: Option<BTreeMap<String, u64>>,
+    /// A kubelet archive's: the shim's manifest in `checkpoint/` (its keys relative to it).
+    inner: Option<BTreeMap<String, u64>>,
+    /// Entries unpacked before a manifest governed them: path, and size (None: a directory).
+    early: Vec<(String, Option<u64>)>,
+}
+
+impl Admission {
+    /// Whether `rel` (a directory when `size` is None) may be unpacked.
+    fn admit(&mut self, rel: &str, size: Option<u64>) -> Result<(), Cow<'static, str>> {
+        if rel.split('/').count() > MAX_DEPTH {
+            return Err(
+                format!("nested deeper than {MAX_DEPTH} levels; a checkpoint's files are at most 2 deep").into()
+            );
+        }
+        if let Some(files) = &self.root {
+            return listed(files, rel, size);
+        }
+        if let (Some(files), Some(inner)) = (&self.inner, rel.strip_prefix(&format!("{IMAGES_DIR}/"))) {
+            return listed(files, inner, size);
+        }
+        if self.early.len() >= MAX_UNLISTED_ENTRIES {
+            return Err(format!(
+                "more than {MAX_UNLISTED_ENTRIES} entries before the archive's manifest ({MANIFEST_FILE}, the first entry `kybernate export` writes)"
+            )
+            .into());
+        }
+        self.early.push((rel.to_string(), size));
+        Ok(())
+    }
+
+    /// Takes the root manifest's list; the entries unpacked before it must be on it.
+    fn set_root(&mut self, files: BTreeMap<String, u64>) -> Result<(), (String, Cow<'static, str>)> {
+        for (rel, size) in self.early.iter().filter(|(rel, _)| rel != MANIFEST_FILE) {
+            listed(&files, rel, *size).map_err(|why| (rel.clone(), why))?;
+        }
+        self.root = Some(files);
+        Ok(())
+    }
+
+    /// Takes the inner manifest's list; the `checkpoint/` entries unpacked before it must be on it.
+    fn set_inner(&mut self, files: BTreeMap<String, u64>) -> Result<(), (String, Cow<'static, str>)> {
+        let prefix = format!("{IMAGES_DIR}/");
+        for (rel, size) in self.early.iter().filter(|(rel, _)| rel != INNER_MANIFEST) {
+            if let Some(inner) = rel.strip_prefix(&prefix) {
+                listed(&files, inner, *size).map_err(|why| (rel.clone(), why))?;
+            }
+        }
+        self.inner = Some(files);
+        Ok(())
+    }
+}
+
+/// A file on the list with the listed size, or a directory holding a listed file.
+fn listed(files: &BTreeMap<String, u64>, rel: &str, size: Option<u64>) -> Result<(), Cow<'static, str>> {
+    match size {
+        None => {
+            let prefix = format!("{rel}/");
+            match files.range(prefix.clone()..).next() {
+                Some((first, _)) if first.starts_with(&prefix) => Ok(()),
+                _ => Err("a directory with no file listed in the archive's manifest".into()),
+            }
+        }
+        Some(size) => match files.get(rel) {
+            None => Err("not listed in the archive's manifest".into()),
+            Some(&want) if want != size => Err(format!("{size} bytes, the archive's manifest says {want}").into()),
+            Some(_) => Ok(()),
+        },
+    }
+}
+
+/// Parses and checks a manifest read from the archive, before anything it lists is unpacked:
+/// the format version, the fields the store builds paths from, the file paths.
+fn parse_manifest(bytes: &[u8]) -> Result<Manifest, String> {
+    let manifest: Manifest = serde_json::from_slice(bytes).map_err(|e| format!("not a manifest: {e}"))?;
+    if manifest.format_version != FORMAT_VERSION {
+        return Err(format!(
+            "format version {} (this Kybernate reads version {FORMAT_VERSION})",
+            manifest.format_version
+        ));
+    }
+    manifest.validate(SystemTime::now()).map_err(|e| e.to_string())?;
+    if let Some(bad) = manifest.files.keys().find(|k| !is_plain_relative(k) || *k == MANIFEST_FILE) {
+        return Err(format!("lists {bad:?}, which is not a plain relative path inside the checkpoint"));
+    }
+    Ok(manifest)
+}
+
+/// The tar crate's message without the raw bytes it quotes (`...: <bytes> when getting cksum
+/// for <name>` becomes `... (cksum field)`).
+fn clean_tar_error(e: &io::Error) -> String {
+    let text = e.to_string();
+    let head = text.split(": ").next().unwrap_or(&text);
+    let field = text.split(" when getting ").nth(1).and_then(|rest| rest.split(' ').next());
+    let head: String = head.chars().filter(|c| !c.is_control()).collect();
+    match field {
+        Some(f) if f.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') => format!("{head} ({f} field)"),
+        _ => head,
+    }
+}
+
+fn unpack(archive: &Path, work: &Path) -> Result<(), ArchiveError> {
+    let read_ctx = || format!("{}: cannot read archive", archive.display());
+    let file = File::open(archive).map_err(io_ctx(read_ctx()))?;
+    let mut tar = Archive::new(BufReader::new(file));
+    let mut admission = Admission::default();
+    // For a header that does not parse: where it starts and the last entry read whole.
+    let (mut index, mut offset, mut after) = (0usize, 0u64, None::<String>);
+    for entry in tar.entries().map_err(io_ctx(read_ctx()))? {
+        index += 1;
+        let mut entry = entry.map_err(|e| ArchiveError::Malformed {
+            archive: archive.to_path_buf(),
+            index,
+            offset,
+            after: after.clone(),
+            reason: clean_tar_error(&e),
+        })?;
+        let size = entry.header().entry_size().unwrap_or(0);
+        offset = entry.raw_file_position().saturating_add(size.div_ceil(512) * 512);
+        let raw = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+        let refuse = |reason: Cow<'static, str>| ArchiveError::Entry {
+            archive: archive.to_path_buf(),
+            entry: raw.clone(),
+            reason,
+        };
+        let rel = raw.strip_prefix("./").unwrap_or(&raw).trim_end_matches('/').to_string();
+        after = Some(raw.clone());
+        if rel.is_empty() || rel == "." {
+            continue;
+        }
+        if !is_plain_relative(&rel) {
+            return Err(refuse("absolute path or '..'".into()));
+        }
+        let dst = work.join(&rel);
+        let write_ctx = || format!("{}: cannot unpack {raw:?} to {}", archive.display(), dst.display());
+        match entry.header().entry_type() {
+            EntryType::Directory => {
+                admission.admit(&rel, None).map_err(refuse)?;
+                create_private_dirs(&dst)?;
+            }
+            EntryType::Regular | EntryType::Continuous => {
+                let manifest = rel == MANIFEST_FILE || (rel == INNER_MANIFEST && admission.root.is_none());
+                if manifest && size > MAX_MANIFEST_BYTES {
+                    return Err(refuse(format!("{size} bytes, too big for a manifest").into()));
+                }
+                admission.admit(&rel, Some(size)).map_err(refuse)?;
+                if let Some(parent) = dst.parent() {
+                    create_private_dirs(parent)?;
+                }
+                let mut f = match fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&dst) {
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Err(refuse("duplicate entry".into())),
+                    other => other.map_err(io_ctx(write_ctx()))?,
+                };
+                let copied = if manifest {
+                    let mut bytes = Vec::new();
+                    (&mut entry).take(MAX_MANIFEST_BYTES).read_to_end(&mut bytes).map_err(io_ctx(read_ctx()))?;
+                    f.write_all(&bytes).map_err(io_ctx(write_ctx()))?;
+                    if bytes.len() as u64 == size {
+                        let bad = |reason| ArchiveError::Manifest {
+                            archive: archive.to_path_buf(),
+                            entry: rel.clone(),
+                            reason,
+                        };
+                        let parsed = parse_manifest(&bytes).map_err(bad)?;
+                        let files = parsed.files.iter().map(|(k, v)| (k.clone(), v.size)).collect();
+                        let set =
+                            if rel == MANIFEST_FILE { admission.set_root(files) } else { admission.set_inner(files) };
+                        set.map_err(|(entry, reason)| ArchiveError::Entry {
+                            archive: archive.to_path_buf(),
+                            entry,
+                            reason,
+                        })?;
+                    }
+                    bytes.len() as u64
+                } else {
+                    io::copy(&mut entry, &mut f).map_err(io_ctx(read_ctx()))?
+                };
+                if copied != size {
+                    return Err(refuse(
+                        format!("truncated: the archive ends after {copied} of its {size} bytes").into(),
+                    ));
+                }
+                f.flush().and_then(|()| f.sync_all()).map_err(io_ctx(write_ctx()))?;
+            }
+            EntryType::Symlink => return Err(refuse("symlinks are not allowed in a checkpoint".into())),
+            EntryType::Link => return Err(refuse("hard links are not allowed in a checkpoint".into())),
+            _ => return Err(refuse("only directories and regular files are allowed in a checkpoint".into())),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn files(list: &[(&str, u64)]) -> BTreeMap<String, u64> {
+        list.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+    }
+
+    #[test]
+    fn entries_before_a_manifest_are_bounded_and_checked_when_it_arrives() {
+        let mut a = Admission::default();
+        for i in 0..MAX_UNLISTED_ENTRIES {
+            a.admit(&format!("f{i}"), Some(0)).unwrap();
+        }
+        let why = a.admit("one-more", Some(0)).unwrap_err();
+        assert!(why.starts_with(&format!("more than {MAX_UNLISTED_ENTRIES} entries before")), "{why}");
+
+        let mut a = Admission::default();
+        a.admit(MANIFEST_FILE, Some(10)).unwrap();
+        a.admit("checkpoint", None).unwrap();
+        a.admit("checkpoint/inventory.img", Some(3)).unwrap();
+        a.admit("stray", Some(1)).unwrap();
+        let (entry, why) = a.set_root(files(&[("checkpoint/inventory.img", 3)])).unwrap_err();
+        assert_eq!((entry.as_str(), why.as_ref()), ("stray", "not listed in the archive's manifest"));
+
+        let mut a = Admission::default();
+        a.set_root(files(&[("checkpoint/inventory.img", 3), ("spec.dump", 2)])).unwrap();
+        assert!(a.admit("checkpoint", None).is_ok());
+        assert!(a.admit("checkpoint/inventory.img", Some(3)).is_ok());
+        assert_eq!(a.admit("checkpoint/inventory.img", Some(4)).unwrap_err(), "4 bytes, the archive's manifest says 3");
+        assert!(a.admit("check", None).is_err(), "a directory holding no listed file");
+        assert!(a.admit("spec.dump/x", Some(0)).is_err());
+        let deep = ["checkpoint"; MAX_DEPTH + 1].join("/");
+        assert!(a.admit(&deep, None).unwrap_err().starts_with("nested deeper than"));
+    }
+
+    #[test]
+    fn a_kubelet_archives_images_are_checked_against_the_shims_manifest() {
+        let mut a = Admission::default();
+        a.admit("config.dump", Some(5)).unwrap();
+        a.admit("checkpoint/pages-1.img", Some(8)).unwrap();
+        a.admit(INNER_MANIFEST, Some(100)).unwrap();
+        a.set_inner(files(&[("pages-1.img", 8), ("inventory.img", 1)])).unwrap();
+        assert!(a.admit("checkpoint/inventory.img", Some(1)).is_ok());
+        assert!(a.admit("checkpoint/evil.img", Some(1)).is_err());
+        assert!(a.admit("status.dump", Some(1)).is_ok(), "CRI's own files are bounded, not listed");
+        let mut a = Admission::default();
+        a.admit("checkpoint/evil.img", Some(1)).unwrap();
+        assert_eq!(a.set_inner(files(&[("pages-1.img", 8)])).unwrap_err().0, "checkpoint/evil.img");
+    }
+
+    #[test]
+    fn tar_errors_lose_the_raw_bytes_they_quote() {
+        let e =
+            io::Error::other("numeric field did not have utf-8 text: \u{fffd}\u{1}\u{2} when getting cksum for \u{3}");
+        assert_eq!(clean_tar_error(&e), "numeric field did not have utf-8 text (cksum field)");
+        assert_eq!(
+            clean_tar_error(&io::Error::other("archive header checksum mismatch")),
+            "archive header checksum mismatch"
+        );
+    }
+}

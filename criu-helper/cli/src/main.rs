@@ -1,0 +1,411 @@
+//! `kybernate`: the SRE's command line for Kybernate's checkpoints.
+//!
+//! The store commands work on the node's checkpoint store only (list, inspect,
+//! rm, prune, export, import); checkpoint, restore and doctor go through
+//! containerd's API. Exit codes: 0 ok, 1 the operation failed,
+//! 2 usage or bad input. Errors are one line on stderr:
+//! `kybernate: <what was wrong>; <what to do next>`.
+
+mod checkpoint;
+mod commands;
+mod containerd;
+mod containerd_config;
+mod cuda_checkpoint;
+mod doctor;
+mod error;
+mod output;
+mod pods;
+mod progress;
+mod restore;
+mod store;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{ArgGroup, CommandFactory, Parser, Subcommand};
+
+use crate::error::CliError;
+use crate::output::Output;
+
+/// Long help examples, shown by `kybernate --help`.
+const EXAMPLES: &str = "\
+Examples:
+  kybernate checkpoint web                        checkpoint a running container, leave it running
+  kybernate list                                  every checkpoint on this node, newest first
+  kybernate -n k8s.io list --container web        one container's checkpoints
+  kybernate inspect k8s.io/web/20261123T212501.123Z
+  kybernate prune --keep 3 --dry-run              what keeping 3 per container would remove
+  kybernate export k8s.io/web/20261123T212501.123Z /tmp/web.tar
+  kybernate -o json list | jq '.[].id'";
+
+/// Manage Kybernate's checkpoints on this node.
+///
+/// Checkpoints live in the store named by `[checkpoint] root` in the Kybernate config
+/// (default /var/lib/kybernate/checkpoints) as <namespace>/<container>/<timestamp>/.
+/// A CHECKPOINT is its id from `kybernate list` (the path relative to the store) or a path to
+/// its directory; either way it must lie inside the store.
+#[derive(Debug, Parser)]
+#[command(name = "kybernate", version, verbatim_doc_comment, after_long_help = EXAMPLES)]
+struct Cli {
+    /// Kybernate config file [default: $KYBERNATE_CONFIG, else /etc/kybernate/config.toml].
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Output format: a table for people, JSON for scripts.
+    #[arg(short, long, global = true, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    /// containerd namespace: only its checkpoints (list, prune; unset: every namespace), or the
+    /// container's namespace (checkpoint; unset: k8s.io if containerd has it, else default), or
+    /// where a restored container is created (restore; unset: the checkpoint's namespace).
+    #[arg(short, long, global = true, env = "CONTAINERD_NAMESPACE", value_name = "NS")]
+    namespace: Option<String>,
+    /// containerd's socket, for the containerd-facing commands (checkpoint).
+    #[arg(
+        long,
+        global = true,
+        env = "CONTAINERD_ADDRESS",
+        value_name = "SOCKET",
+        default_value = "/run/containerd/containerd.sock"
+    )]
+    address: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Checkpoint a running container of Kybernate's runtime into the store, through containerd.
+    #[command(
+        group(ArgGroup::new("after").args(["leave_running", "exit"])),
+        after_long_help = "\
+Examples:
+  kybernate checkpoint web                          leave it running (the default)
+  kybernate -n k8s.io checkpoint web --exit         stop it after the checkpoint
+  kybernate checkpoint web --name before-upgrade    <ns>/web/before-upgrade instead of a timestamp
+  kybernate checkpoint web -o json
+
+The container must run under io.containerd.kybernate.v1 and its task must be running. The checkpoint
+lands in <root>/<namespace>/<container>/<timestamp or NAME>/; a NAME that exists is refused."
+    )]
+    Checkpoint {
+        /// containerd container id (for Kubernetes: the container's id from `crictl ps`, or use --pod).
+        #[arg(required_unless_present = "pod", conflicts_with = "pod")]
+        container: Option<String>,
+        /// Kubernetes pod whose container to checkpoint (with --container; found by CRI's labels).
+        #[arg(long, value_name = "NAME", requires = "pod_container")]
+        pod: Option<String>,
+        /// The pod's Kubernetes namespace.
+        #[arg(long, value_name = "NS", default_value = pods::DEFAULT_POD_NAMESPACE, requires = "pod")]
+        pod_namespace: String,
+        /// The container's name in the pod (with --pod).
+        #[arg(long = "container", id = "pod_container", value_name = "NAME", requires = "pod")]
+        pod_container: Option<String>,
+        /// Leave the container running after the checkpoint (the default).
+        #[arg(long)]
+        leave_running: bool,
+        /// Stop the container after the checkpoint.
+        #[arg(long)]
+        exit: bool,
+        /// Checkpoint established TCP connections (CRIU's --tcp-established).
+        #[arg(long)]
+        tcp: bool,
+        /// The checkpoint's directory name instead of the timestamp.
+        #[arg(long, value_name = "NAME")]
+        name: Option<String>,
+    },
+    /// List every checkpoint in the store, newest first (broken ones too, with the reason).
+    #[command(after_long_help = "\
+Examples:
+  kybernate list
+  kybernate list --namespace k8s.io --container web
+  kybernate list -o json
+
+STATUS is \"ok\" when the manifest is readable and every file it lists is present with its
+recorded size; checksums are only checked by `kybernate inspect`.")]
+    List {
+        /// Only checkpoints of this container id.
+        #[arg(long, value_name = "ID")]
+        container: Option<String>,
+    },
+    /// Show one checkpoint's manifest and verify every file's checksum.
+    #[command(after_long_help = "\
+Examples:
+  kybernate inspect k8s.io/web/20261123T212501.123Z
+  kybernate inspect /var/lib/kybernate/checkpoints/k8s.io/web/20261123T212501.123Z -o json
+
+Exits 1 when verification fails (the checkpoint must not be restored); the details are still printed.")]
+    Inspect {
+        /// Checkpoint id (from `kybernate list`) or directory.
+        checkpoint: String,
+    },
+    /// Remove checkpoints, and their container and namespace directories once empty.
+    #[command(after_long_help = "\
+Examples:
+  kybernate rm k8s.io/web/20261123T212501.123Z
+  kybernate rm k8s.io/web/20261123T212501.123Z k8s.io/web/20261124T080000.000Z
+
+Every CHECKPOINT is checked before anything is removed: one unknown id removes nothing.")]
+    Rm {
+        /// Checkpoint ids (from `kybernate list`) or directories.
+        #[arg(required = true, value_name = "CHECKPOINT")]
+        checkpoints: Vec<String>,
+    },
+    /// Remove old checkpoints, per container: all but the newest N, or those older than a duration.
+    #[command(
+        group(ArgGroup::new("rule").required(true).args(["keep", "older_than"])),
+        after_long_help = "\
+Examples:
+  kybernate prune --keep 3 --dry-run           keep the 3 newest of every container, show what goes
+  kybernate prune --older-than 7d              remove checkpoints created more than 7 days ago
+  kybernate prune --older-than 12h --namespace k8s.io --container web
+
+Broken checkpoints count like any other, by the time in their manifest or else in their directory name."
+    )]
+    Prune {
+        /// Keep the newest N checkpoints of each container (N ≥ 1; use `kybernate rm` to remove all).
+        #[arg(long, value_name = "N", value_parser = parse_keep)]
+        keep: Option<usize>,
+        /// Remove checkpoints older than this (e.g. 7d, 12h, 30m).
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        older_than: Option<Duration>,
+        /// Only checkpoints of this container id.
+        #[arg(long, value_name = "ID")]
+        container: Option<String>,
+        /// Show what would be removed, remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Write one checkpoint to a tar archive (checkpointctl layout) for another node.
+    #[command(after_long_help = "\
+Examples:
+  kybernate export k8s.io/web/20261123T212501.123Z /tmp/web.tar
+
+The checkpoint is verified first. The archive is uncompressed and holds process memory: treat it
+like a secret. FILE must not exist and must lie outside the store.")]
+    Export {
+        /// Checkpoint id (from `kybernate list`) or directory.
+        checkpoint: String,
+        /// The archive to write.
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// Add a checkpoint archive (from `kybernate export`) to this node's store.
+    #[command(after_long_help = "\
+Examples:
+  kybernate import /tmp/web.tar
+
+Only plain files and directories are accepted, and the result must verify; otherwise nothing is
+left in the store. The checkpoint keeps the namespace and container of its manifest.")]
+    Import {
+        /// The archive to read.
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// Restore a checkpoint as a new container through containerd, or print its pod annotation.
+    #[command(after_long_help = "\
+Examples:
+  kybernate restore default/web/20261123T212501.123Z                   as web-restored-<unix seconds>
+  kybernate restore default/web/20261123T212501.123Z --as web2 --image docker.io/library/nginx:1
+  kybernate restore default/web/20261123T212501.123Z --dry-run         check, create nothing
+  kybernate restore default/web/20261123T212501.123Z --spec web.json   from a spec you trust
+  kybernate restore k8s.io/<id>/20261123T212501.123Z --pod-annotation  for a Kubernetes pod instead
+
+The checkpoint is verified first. The new container is created from the checkpoint's spec.dump
+(or --spec FILE); whatever that spec grants beyond the image defaults (capabilities, host
+namespaces, host mounts, devices, no seccomp, hooks, a CRIU config file, ...) is listed, and
+refused (exit 2) unless --trust-spec: spec.dump is as trustworthy as whoever could write the
+checkpoint. The checkpoint's processes must need nothing beyond that spec (the credentials check,
+also run by the shim). The container runs under io.containerd.kybernate.v1 in the checkpoint's
+containerd namespace (or -n), on a fresh snapshot of the image; the shim applies the checkpoint's
+rootfs changes and restores the processes at Start.")]
+    Restore {
+        /// Checkpoint id (from `kybernate list`) or directory.
+        checkpoint: String,
+        /// The new container's id [default: <container>-restored-<unix seconds>].
+        #[arg(long = "as", value_name = "NEW_ID", conflicts_with = "pod_annotation")]
+        new_id: Option<String>,
+        /// The image whose snapshot becomes the rootfs [default: the image the manifest records].
+        #[arg(long, value_name = "IMAGE")]
+        image: Option<String>,
+        /// Print the pod annotation (and a pod snippet) that restores it under Kubernetes; create nothing.
+        #[arg(long)]
+        pod_annotation: bool,
+        /// Restore a GPU checkpoint onto GPUs of another model or count (the CUDA restore may
+        /// then fail in the driver).
+        #[arg(long)]
+        allow_gpu_mismatch: bool,
+        /// Create the container from this OCI runtime spec (config.json) instead of the
+        /// checkpoint's spec.dump.
+        #[arg(long, value_name = "FILE", conflicts_with = "pod_annotation")]
+        spec: Option<PathBuf>,
+        /// Create it although the spec grants more than the image defaults (listed first).
+        #[arg(long, conflicts_with = "pod_annotation")]
+        trust_spec: bool,
+        /// Verify and check, print what the restore would do; create nothing. Exit 0 if it would
+        /// go ahead, 2 if it would be refused.
+        #[arg(long, conflicts_with = "pod_annotation")]
+        dry_run: bool,
+    },
+    /// Check whether this node is ready for Kybernate: containerd, the shim, runc, CRIU, GPU, store.
+    #[command(after_long_help = "\
+Examples:
+  kybernate doctor
+  kybernate doctor --containerd-config /etc/containerd/config.toml -o json
+
+Each check prints ok, warn or fail, what it found and, for warn and fail, the fix.
+Exits 1 when a check failed, else 0.")]
+    Doctor {
+        /// containerd's config file, to find our runtime's registration for Kubernetes (CRI).
+        #[arg(long, value_name = "PATH", default_value = "/etc/containerd/config.toml")]
+        containerd_config: PathBuf,
+    },
+    /// Drop-in for NVIDIA's cuda-checkpoint over the CUDA driver API (for CRIU's CUDA plugin).
+    #[command(
+        name = "cuda-checkpoint",
+        after_long_help = "\
+Examples:
+  kybernate cuda-checkpoint --get-state --pid 4711
+  kybernate cuda-checkpoint --action lock --pid 4711 --timeout 10000
+  kybernate cuda-checkpoint --toggle --pid 4711
+
+Output is NVIDIA's (CRIU parses it); --output does not apply. The driver library is the config's
+[checkpoint] libcuda. Linked as `cuda-checkpoint`, kybernate runs this command:
+  ln -s /usr/local/bin/kybernate /usr/local/bin/cuda-checkpoint"
+    )]
+    CudaCheckpoint(cuda_checkpoint::Args),
+    /// Register Kybernate's runtime in containerd's config.toml (for a RuntimeClass), or remove it.
+    #[command(name = "containerd-config", after_long_help = containerd_config::EXAMPLES)]
+    ContainerdConfig(containerd_config::Args),
+    /// Print a shell completion script.
+    #[command(after_long_help = "\
+Examples:
+  kybernate completions bash > /etc/bash_completion.d/kybernate
+  kybernate completions zsh > \"${fpath[1]}/_kybernate\"
+  kybernate completions fish > ~/.config/fish/completions/kybernate.fish")]
+    Completions {
+        /// The shell to write the script for.
+        shell: clap_complete::Shell,
+    },
+}
+
+/// `--keep N`: at least 1, so that a typo cannot empty the store.
+fn parse_keep(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1 (to remove every checkpoint, use `kybernate rm`)".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err("expected a whole number of checkpoints to keep, e.g. 3".into()),
+    }
+}
+
+/// humantime's durations ("7d", "12h", "1h 30m") for `--older-than`.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (expected e.g. 7d, 12h, 30m)"))
+}
+
+fn main() -> ExitCode {
+    // Started through a `cuda-checkpoint` symlink (by CRIU's CUDA plugin): NVIDIA's command line.
+    if let Some(code) = cuda_checkpoint::main_by_argv0() {
+        return code;
+    }
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version: print, exit 0
+        Err(e) => {
+            eprintln!("kybernate: {}", output::printable(&error::usage_line(&e)));
+            return ExitCode::from(2);
+        }
+    };
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("kybernate: {}", output::printable(&e.to_string()));
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode, CliError> {
+    if let Command::Completions { shell } = cli.command {
+        let mut out = Vec::new();
+        clap_complete::generate(shell, &mut Cli::command(), "kybernate", &mut out);
+        std::io::stdout().write_all(&out).map_err(CliError::Stdout)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if let Command::CudaCheckpoint(args) = &cli.command {
+        return cuda_checkpoint::run(cli.config.as_deref(), args);
+    }
+    // Before the store: it edits containerd's config, and its --config is containerd's file.
+    if let Command::ContainerdConfig(args) = &cli.command {
+        return containerd_config::run(cli.output, args);
+    }
+    let store = store::open(cli.config.as_deref())?;
+    let ns = cli.namespace.as_deref().filter(|s| !s.is_empty());
+    let out = cli.output;
+    match cli.command {
+        Command::Checkpoint { container, pod, pod_namespace, pod_container, leave_running: _, exit, tcp, name } => {
+            let pod = pod.map(|pod| pods::PodContainer {
+                pod,
+                pod_namespace,
+                container: pod_container.unwrap_or_default(), // clap: --pod requires --container
+            });
+            let args = checkpoint::Args { container: container.unwrap_or_default(), pod, exit, tcp, name };
+            checkpoint::checkpoint(&store, out, &cli.address, ns, &args)
+        }
+        Command::List { container } => commands::list(&store, out, ns, container.as_deref()),
+        Command::Inspect { checkpoint } => commands::inspect(&store, out, &checkpoint),
+        Command::Rm { checkpoints } => commands::rm(&store, out, &checkpoints),
+        Command::Prune { keep, older_than, container, dry_run } => {
+            let rule = match (keep, older_than) {
+                (Some(n), _) => commands::Rule::Keep(n),
+                (None, Some(d)) => commands::Rule::OlderThan(d),
+                // clap's group makes exactly one of them required.
+                (None, None) => return Err(CliError::Usage("prune needs --keep or --older-than".into())),
+            };
+            commands::prune(&store, out, ns, container.as_deref(), rule, dry_run)
+        }
+        Command::Export { checkpoint, file } => commands::export(&store, out, &checkpoint, &file),
+        Command::Import { file } => commands::import(&store, out, &file),
+        Command::Restore {
+            checkpoint,
+            new_id,
+            image,
+            pod_annotation,
+            allow_gpu_mismatch,
+            spec,
+            trust_spec,
+            dry_run,
+        } => {
+            let cdi_spec_dirs = store::load_config(cli.config.as_deref())?.checkpoint.cdi_spec_dirs;
+            let args = restore::Args {
+                checkpoint,
+                new_id,
+                image,
+                pod_annotation,
+                allow_gpu_mismatch,
+                spec,
+                trust_spec,
+                dry_run,
+                cdi_spec_dirs,
+            };
+            restore::restore(&store, out, &cli.address, ns, &args)
+        }
+        Command::Doctor { containerd_config } => {
+            let libcuda = store::load_config(cli.config.as_deref())?.checkpoint.libcuda;
+            doctor::doctor(out, &cli.address, &containerd_config, store.root(), &libcuda)
+        }
+        Command::Completions { .. } | Command::CudaCheckpoint(_) | Command::ContainerdConfig(_) => {
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,183 @@
+//! Tables for people, JSON for scripts. Everything goes through `write`, so a closed pipe
+//! (`kybernate list | head`) ends quietly instead of panicking like `println!`.
+
+use std::io::{self, Write};
+
+use serde::Serialize;
+
+use crate::error::CliError;
+use crate::store::{Checkpoint, Status};
+
+/// `--output`: a table for people, JSON for scripts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+pub fn write(text: &str) -> Result<(), CliError> {
+    let mut out = io::stdout().lock();
+    let text = printable(text);
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != io::ErrorKind::BrokenPipe => Err(CliError::Stdout(e)),
+        _ => Ok(()),
+    }
+}
+
+/// `text` with every control character but newline and tab written as `\u00XX`. Checkpoints,
+/// specs and CRIU images are untrusted and their names reach the terminal (a manifest's pod name,
+/// a mount path): an escape sequence in one must not drive it. serde_json already escapes the C0
+/// controls; DEL and C1 (which some terminals take as CSI) come out as the same `\u00XX` escape,
+/// so JSON stays valid and means the same.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    let unsafe_char = |c: char| c.is_control() && c != '\n' && c != '\t';
+    if !text.chars().any(unsafe_char) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    text.chars()
+        .map(|c| if unsafe_char(c) { format!("\\u{:04x}", c as u32) } else { c.to_string() })
+        .collect::<String>()
+        .into()
+}
+
+/// Pretty JSON and a newline.
+pub fn json<T: Serialize + ?Sized>(value: &T) -> Result<(), CliError> {
+    let mut text = serde_json::to_string_pretty(value)?;
+    text.push('\n');
+    write(&text)
+}
+
+/// "1.5 MiB": binary units, one decimal above bytes.
+pub fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
+pub fn yes_no(value: Option<bool>) -> &'static str {
+    match value {
+        Some(true) => "yes",
+        Some(false) => "no",
+        None => "-",
+    }
+}
+
+pub fn status(c: &Checkpoint) -> String {
+    match (c.status, &c.error) {
+        (Status::Ok, _) => "ok".into(),
+        (Status::Broken, Some(e)) => format!("broken: {e}"),
+        (Status::Broken, None) => "broken".into(),
+    }
+}
+
+/// The checkpoint table of `list`, `rm`, `prune` and `import`, columns padded to their widest cell.
+pub fn table(checkpoints: &[Checkpoint]) -> String {
+    let header = ["ID", "CONTAINER", "NAMESPACE", "CREATED", "SIZE", "GPU", "STATUS"].map(String::from);
+    let rows: Vec<[String; 7]> = std::iter::once(header)
+        .chain(checkpoints.iter().map(|c| {
+            [
+                c.id.clone(),
+                c.container.clone(),
+                c.namespace.clone(),
+                c.created.clone().unwrap_or_else(|| "-".into()),
+                human_size(c.size_bytes),
+                yes_no(c.gpu).into(),
+                // The ID column already says which checkpoint: drop its path from the reason.
+                status(c).replace(&format!("{}/", c.path.display()), ""),
+            ]
+        }))
+        .collect();
+    let mut widths = [0usize; 7];
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in &rows {
+        let mut line = String::new();
+        for (i, cell) in row.iter().enumerate() {
+            if i + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                line.push_str(&format!("{cell:<width$}   ", width = widths[i]));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// Table lines describing a checkpoint's GPU record (mode, processes, GPUs, bytes, phases,
+/// device access), shared by `checkpoint` and `inspect`.
+pub fn gpu_lines(gpu: &kybernate_gpu::GpuRecord) -> Vec<(&'static str, String)> {
+    let mut lines = vec![("gpu mode", gpu.mode.as_str().to_string())];
+    let pids: Vec<String> = gpu
+        .processes
+        .iter()
+        .map(|p| match p.state_checkpointed {
+            Some(st) => format!("{} ({st})", p.pid),
+            None => p.pid.to_string(),
+        })
+        .collect();
+    lines.push(("cuda procs", if pids.is_empty() { "none".into() } else { pids.join(", ") }));
+    let models: Vec<&str> = gpu.gpus.iter().map(|g| g.model.as_str()).collect();
+    lines.push(("gpus", if models.is_empty() { "none recorded".into() } else { models.join(", ") }));
+    let versions = [
+        gpu.driver_version.as_deref().map(|v| format!("driver {v}")),
+        gpu.cuda_driver_version.as_deref().map(|v| format!("CUDA {v}")),
+    ];
+    let versions: Vec<String> = versions.into_iter().flatten().collect();
+    if !versions.is_empty() {
+        lines.push(("gpu driver", versions.join(", ")));
+    }
+    lines.push(("gpu bytes", format!("{} ({} bytes)", human_size(gpu.bytes_total), gpu.bytes_total)));
+    let phases: Vec<String> = gpu.phases_ms.iter().map(|(k, v)| format!("{k} {v} ms")).collect();
+    if !phases.is_empty() {
+        lines.push(("gpu phases", phases.join(", ")));
+    }
+    let d = &gpu.devices;
+    lines.push((
+        "gpu access",
+        format!(
+            "{} device node(s), {} cgroup rule(s), {} driver mount(s)",
+            d.devices.len(),
+            d.rules.len(),
+            d.mounts.len()
+        ),
+    ));
+    lines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_are_human() {
+        assert_eq!(human_size(0), "0 B");
+        assert_eq!(human_size(1023), "1023 B");
+        assert_eq!(human_size(1536), "1.5 KiB");
+        assert_eq!(human_size(5 * 1024 * 1024 * 1024), "5.0 GiB");
+        assert_eq!(human_size(u64::MAX), "16.0 EiB");
+    }
+
+    #[test]
+    fn control_characters_never_reach_the_terminal() {
+        assert_eq!(printable("plain\ttext\n"), "plain\ttext\n");
+        assert_eq!(printable("pod \u{1b}[2Jx\u{9b}1m\u{7f}"), "pod \\u001b[2Jx\\u009b1m\\u007f");
+        // Still the same JSON string.
+        let json = serde_json::to_string("a\u{9b}b").unwrap();
+        let back: String = serde_json::from_str(&printable(&json)).unwrap();
+        assert_eq!(back, "a\u{9b}b");
+    }
+}
