@@ -1,5 +1,5 @@
-//! How the shim daemon comes up: `start` binds the group's socket itself and hands the listening
-//! fd to the daemon it spawns, then exits at once, as containerd's Go shim does. containerd
+//! The start path: how the shim daemon comes up. `start` binds the group's socket itself and hands
+//! the listening fd to the daemon it spawns, then exits at once, as containerd's Go shim does. containerd
 //! connects as soon as `start` has printed the address; the kernel queues the connection until
 //! the daemon, still loading, accepts it.
 //!
@@ -11,6 +11,7 @@
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fs;
+use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -21,7 +22,7 @@ use std::sync::Arc;
 use containerd_shim::monitor::monitor_notify_by_pid;
 use containerd_shim::protos::shim::shim_ttrpc::{create_task, Task};
 use containerd_shim::protos::ttrpc::{MethodHandler, Server};
-use containerd_shim::{logger, Config, Shim, StartOpts};
+use containerd_shim::{cgroup, logger, util, Config, ExitSignal, StartOpts};
 use log::{debug, info, warn};
 use nix::errno::Errno;
 use nix::fcntl::{fcntl, FcntlArg, FdFlag};
@@ -32,7 +33,44 @@ use signal_hook::iterator::Signals;
 
 use crate::error::{Error, Result};
 use crate::events::RemoteEvents;
-use crate::service::Service;
+use crate::options::ShimOptions;
+use crate::task::TaskService;
+
+/// Annotations that put containers into one shim process (a pod), in the order the Go shim checks them.
+pub const GROUP_ANNOTATIONS: [&str; 2] = ["io.containerd.runc.v2.group", "io.kubernetes.cri.sandbox-id"];
+
+/// The `start` action, in the bundle dir: join the live shim of the container's group, else bind
+/// the group's socket and spawn the daemon that serves it. Returns the socket address. Nothing
+/// may be printed here: containerd reads stdout and stderr together as the address.
+pub fn start(opts: &StartOpts) -> containerd_shim::Result<String> {
+    let options = read_start_options();
+    let grouping = group_id(Path::new(".")).unwrap_or_else(|| opts.id.clone());
+    let address = containerd_shim::socket_address(&opts.address, &opts.namespace, &grouping);
+    let listener = match bind_group_socket(&address).map_err(start_error)? {
+        GroupSocket::Live => {
+            util::write_address(&address)?;
+            return Ok(address);
+        }
+        GroupSocket::Bound(listener) => listener,
+    };
+    let spawned = spawn_daemon(opts, &address, &listener);
+    block_signals_until_exit();
+    let pid = match spawned {
+        Ok(pid) => pid,
+        Err(e) => {
+            remove_socket(&address);
+            return Err(start_error(e));
+        }
+    };
+    if let Some(cg) = options.shim_cgroup() {
+        // Best effort, as in the Go shim: a missing cgroup must not stop the container.
+        let _ = cgroup::add_task_to_cgroup(cg, pid);
+    }
+    // Shims should die before containerd under memory pressure.
+    let _ = cgroup::adjust_oom_score(pid);
+    util::write_address(&address)?;
+    Ok(address)
+}
 
 /// Names the fd number of the listening socket `start` hands to the daemon. Only our own `start`
 /// sets it; a daemon started without it falls back to containerd-shim's bootstrap, which binds.
@@ -147,7 +185,7 @@ fn listener_fd(value: &OsString) -> std::result::Result<OwnedFd, String> {
 /// any thread starts, child subreaper, logger on containerd's log FIFO, event client, ttrpc server,
 /// then a thread that reaps every child and reports its exit to the crate's monitor (runtime
 /// invocations and container processes alike subscribe there).
-pub fn serve(runtime_id: &str, listener: OwnedFd) -> Result<()> {
+pub fn serve(listener: OwnedFd) -> Result<()> {
     let args: Vec<OsString> = std::env::args_os().collect();
     let flags = containerd_shim::parse(&args[1..]).map_err(Error::shim("parsing the daemon's arguments"))?;
     if flags.namespace.is_empty() {
@@ -162,16 +200,13 @@ pub fn serve(runtime_id: &str, listener: OwnedFd) -> Result<()> {
         return Err(Error::os("becoming a child subreaper")(std::io::Error::last_os_error()));
     }
 
-    let mut config = Config::default();
-    let mut shim = Service::new(runtime_id, &flags, &mut config);
+    let config = Config::default();
     logger::init(flags.debug, &config.default_log_level, &flags.namespace, &flags.id)
         .map_err(Error::shim("opening containerd's log FIFO"))?;
-    let events = RemoteEvents::connect(ttrpc_address)
-        .map_err(|e| Error::Shim { context: "connecting to containerd's events".into(), message: e.to_string() })?;
-    let task: Arc<dyn Task + Send + Sync> = Arc::new(shim.task_service(events));
-    let ttrpc = |context: &'static str| {
-        move |e: containerd_shim::protos::ttrpc::Error| Error::Shim { context: context.into(), message: e.to_string() }
-    };
+    let events = RemoteEvents::connect(ttrpc_address).map_err(Error::shim("connecting to containerd's events"))?;
+    let exit = Arc::new(ExitSignal::default());
+    let task: Arc<dyn Task + Send + Sync> =
+        Arc::new(TaskService::for_daemon(&flags.id, &flags.namespace, events, exit.clone()));
     // Idle ttrpc workers per connection: 2 to start, topped up when fewer than 1 is idle (a worker
     // blocked in Wait is not idle, so long calls never starve the rest), at most 3 kept idle.
     // ttrpc's defaults (3, 1, 5) cost threads a shim holding one container never uses.
@@ -180,17 +215,17 @@ pub fn serve(runtime_id: &str, listener: OwnedFd) -> Result<()> {
         .set_thread_count_min(1)
         .set_thread_count_max(3)
         .add_listener(listener.into_raw_fd())
-        .map_err(ttrpc("serving the inherited socket"))?
+        .map_err(Error::shim("serving the inherited socket"))?
         .register_service(create_task(task.clone()))
         .register_service(as_task_v3(create_task(task)));
-    server.start().map_err(ttrpc("starting the ttrpc server"))?;
+    server.start().map_err(Error::shim("starting the ttrpc server"))?;
     info!("serving on {}", flags.socket);
 
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || reap_children(signals))
         .map_err(Error::os("starting the signal thread"))?;
-    shim.wait();
+    exit.wait();
 
     info!("shutting down");
     server.shutdown();
@@ -242,6 +277,51 @@ fn reap_children(mut signals: Signals) {
             }
         }
     }
+}
+
+/// Blocks the signals containerd-shim handles, for the rest of the `start` action.
+///
+/// When `start` returns, containerd-shim 0.11 drops its signal-hook iterator, which closes the
+/// self-pipe's read end before it unregisters the handlers. A signal in between makes a handler
+/// `send` to the closed socket, which raises SIGPIPE, whose handler does the same, forever: the
+/// process spins and containerd's `start` (and `ctr run`) never returns. The SIGCHLD that does it
+/// comes from the daemon we just spawned when it exits at once (a daemon that fails to come up).
+/// `start` is single-threaded and needs no signals after the spawn; the daemon has its own mask
+/// (inherited before this call), and pending signals die with this process.
+fn block_signals_until_exit() {
+    use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow, Signal};
+    let mut set = SigSet::empty();
+    for sig in [Signal::SIGCHLD, Signal::SIGPIPE, Signal::SIGTERM, Signal::SIGINT] {
+        set.add(sig);
+    }
+    // Cannot fail with a valid `how`; if it did, we would only be back to the race.
+    let _ = pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), None);
+}
+
+/// containerd prints `start`'s stdout and stderr as the error when `start` fails.
+fn start_error(e: crate::error::Error) -> containerd_shim::Error {
+    containerd_shim::Error::Other(format!("start: {e}"))
+}
+
+/// The runtime options containerd writes to `start`'s stdin (empty when none).
+fn read_start_options() -> ShimOptions {
+    let mut buf = Vec::new();
+    if nix::unistd::isatty(std::io::stdin()).unwrap_or(false) {
+        return ShimOptions::default();
+    }
+    match std::io::stdin().read_to_end(&mut buf) {
+        Ok(_) => ShimOptions::from_start_stdin(&buf).unwrap_or_else(|e| {
+            warn!("ignoring start options: {e}");
+            ShimOptions::default()
+        }),
+        Err(_) => ShimOptions::default(),
+    }
+}
+
+/// The group a bundle belongs to, from its annotations.
+fn group_id(bundle: &Path) -> Option<String> {
+    let spec = kybernate_runtime_select::load_spec(bundle).ok()?;
+    GROUP_ANNOTATIONS.iter().find_map(|k| spec.annotation(k)).map(str::to_string)
 }
 
 #[cfg(test)]
@@ -323,5 +403,25 @@ mod tests {
         }
         let err = listener_fd(&OsString::from("987654")).unwrap_err();
         assert!(err.contains("fd 987654"), "{err}");
+    }
+
+    #[test]
+    fn group_id_prefers_runc_group_then_sandbox_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |ann: serde_json::Value| {
+            std::fs::write(
+                dir.path().join("config.json"),
+                serde_json::json!({"ociVersion": "1.0.2", "annotations": ann}).to_string(),
+            )
+            .unwrap()
+        };
+        write(serde_json::json!({"io.kubernetes.cri.sandbox-id": "pod1", "io.containerd.runc.v2.group": "g1"}));
+        assert_eq!(group_id(dir.path()).as_deref(), Some("g1"));
+        write(serde_json::json!({"io.kubernetes.cri.sandbox-id": "pod1"}));
+        assert_eq!(group_id(dir.path()).as_deref(), Some("pod1"));
+        write(serde_json::json!({"io.containerd.runc.v2.group": ""}));
+        assert_eq!(group_id(dir.path()), None);
+        std::fs::write(dir.path().join("config.json"), "garbage").unwrap();
+        assert_eq!(group_id(dir.path()), None);
     }
 }

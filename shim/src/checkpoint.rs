@@ -1,5 +1,5 @@
-//! Checkpoint orchestration: `Task.Checkpoint`, and restoring a container from a checkpoint
-//! (containerd's `checkpoint` at Create, or restore-on-create from the node's store).
+//! Checkpoint orchestration: `Task.Checkpoint` of a running container, from the request's
+//! options to a complete checkpoint in place (restoring one is [`crate::restore`]).
 //!
 //! The dump and the restore are runtime calls (`runc checkpoint` / `runc restore`, which drive
 //! CRIU). No shim lock is held across them: a GPU job's dump can take minutes, and the other
@@ -9,173 +9,30 @@
 //! checkpointctl use (`checkpoint/`, `config.dump`, `spec.dump`, `stats-dump`, `rootfs-diff.tar`) plus our
 //! manifest, into a hidden sibling of its target that is renamed into place only when complete.
 
-use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use containerd_shim::protos::protobuf::Message;
 use containerd_shim::protos::shim::oci::CheckpointOptions;
-use kybernate_criu::{
-    self as criu, CheckpointFlags, ConfigDump, Manifest, PartialCheckpoint, PreflightError, Store, ToolInfo,
-};
-use kybernate_runtime_select::CheckpointConfig;
+use kybernate_checkpoint::{self as criu, CheckpointFlags, ConfigDump, Manifest, PartialCheckpoint, ToolInfo};
+use kybernate_gpu::cuda::GpuSession;
+use kybernate_gpu::GpuMode;
 use kybernate_runtime_select::SpecView;
 use log::{info, warn};
 
 use crate::container::Container;
-use crate::gpu::{self, GpuCheckpoint, GpuError};
-use crate::runtime::{tool_output, ContainerStatus, OciRuntime, RuntimeError, Spawner};
-use kybernate_criu::cuda::GpuSession;
-use kybernate_criu::gpu::GpuMode;
+use crate::error::CheckpointError;
+use crate::gpu::{self, GpuCheckpoint};
+use crate::restore::{spec_annotation, POD_NAMESPACE_ANNOTATIONS, POD_NAME_ANNOTATIONS, POINTER_FILE};
+use crate::runtime::{tool_output, ContainerStatus, OciRuntime};
+use crate::spawn::Spawner;
+use crate::testhook::{test_stop_point, STOP_COMMIT, STOP_FREEZE, STOP_HASHING, STOP_ROOTFS_DIFF};
 
-/// Annotation naming a checkpoint in the node's store to restore on create (Kubernetes path).
-pub const RESTORE_ANNOTATION: &str = "kybernate.io/restore-from";
-/// Process environment variable with the same meaning (parity with the original prototype).
-pub const RESTORE_ENV: &str = "RESTORE_FROM";
 /// Type of the checkpoint options containerd forwards (bare URL in containerd 1.6).
 const CHECKPOINT_OPTIONS: &str = "containerd.runc.v1.CheckpointOptions";
-/// CRI annotations naming the pod's Kubernetes namespace (sandbox first, as CRI sets both).
-const POD_NAMESPACE_ANNOTATIONS: [&str; 2] = ["io.kubernetes.cri.sandbox-namespace", "io.kubernetes.pod.namespace"];
-const POD_NAME_ANNOTATIONS: [&str; 2] = ["io.kubernetes.cri.sandbox-name", "io.kubernetes.pod.name"];
 const CONTAINER_NAME_ANNOTATION: &str = "io.kubernetes.cri.container-name";
-/// CRI's "sandbox" or "container".
-const CONTAINER_TYPE_ANNOTATION: &str = "io.kubernetes.cri.container-type";
 const IMAGE_NAME_ANNOTATION: &str = "io.kubernetes.cri.image-name";
-/// How much of CRIU's log goes into an error message (the whole log stays in the work dir).
-const LOG_TAIL_LINES: usize = 20;
-
-/// Why a checkpoint or a restore failed. Every message names the container and what to look at.
-#[derive(Debug, thiserror::Error)]
-pub enum CheckpointError {
-    #[error("checkpoint {id}: {message}")]
-    BadRequest { id: String, message: String },
-    #[error("checkpoint {id}: a checkpoint of this container is already running")]
-    Busy { id: String },
-    #[error("{what} {id}: preflight: {source}")]
-    Preflight {
-        what: &'static str,
-        id: String,
-        #[source]
-        source: PreflightError,
-    },
-    #[error("{what} {id}: CRIU: {source}")]
-    Criu {
-        what: &'static str,
-        id: String,
-        #[source]
-        source: RuntimeError,
-    },
-    #[error("{what} {id}: {source}")]
-    Store {
-        what: &'static str,
-        id: String,
-        /// Boxed: its variants carry several paths, and every shim result would pay for them.
-        #[source]
-        source: Box<criu::StoreError>,
-    },
-    /// The runtime's checkpoint or restore failed (boxed: it is by far the largest variant).
-    #[error(transparent)]
-    Runtime(Box<RuntimeFailure>),
-    #[error("container {id}: {context}: {source}")]
-    Write {
-        id: String,
-        context: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("checkpoint {id}: rootfs changes: {source}")]
-    RootfsDiff {
-        id: String,
-        #[source]
-        source: criu::RootfsError,
-    },
-    #[error("restore {id}: {source}")]
-    Verify {
-        id: String,
-        #[source]
-        source: criu::VerifyError,
-    },
-    #[error("restore {id}: {source}")]
-    Policy {
-        id: String,
-        #[source]
-        source: criu::PolicyError,
-    },
-    #[error("restore {id}: {message}")]
-    Restore { id: String, message: String },
-    /// The credentials check: the checkpoint's processes would get more than the new spec grants
-    /// (or its images or the spec cannot be read to tell).
-    #[error("restore {id} from {checkpoint}: refused: {source}")]
-    Grants {
-        id: String,
-        checkpoint: String,
-        #[source]
-        source: Box<criu::grants::GrantError>,
-    },
-    /// The CUDA side of a checkpoint or restore (mode preconditions, a driver call, the GPUs).
-    #[error("{what} {id}: {source}")]
-    Gpu {
-        what: &'static str,
-        id: String,
-        #[source]
-        source: Box<GpuError>,
-    },
-    /// The checkpoint is complete, but its CUDA processes could not all be resumed.
-    #[error("checkpoint {id}: complete at {}, but {source}", target.display())]
-    GpuResume {
-        id: String,
-        target: PathBuf,
-        #[source]
-        source: Box<GpuError>,
-    },
-    /// The checkpoint is complete, but the container asked to exit could not be stopped.
-    #[error("checkpoint {id}: complete at {}, but the container could not be stopped: {source}", target.display())]
-    Stop {
-        id: String,
-        target: PathBuf,
-        #[source]
-        source: Box<RuntimeError>,
-    },
-}
-
-impl CheckpointError {
-    /// Refusals of the request itself (as opposed to failures while carrying it out).
-    pub fn is_invalid_argument(&self) -> bool {
-        matches!(self, CheckpointError::BadRequest { .. } | CheckpointError::Verify { .. })
-            || matches!(self, CheckpointError::Grants { source, .. } if !matches!(**source, criu::grants::GrantError::Excess(_)))
-            || matches!(self, CheckpointError::Store { source, .. }
-                if matches!(**source, criu::StoreError::Hidden { .. } | criu::StoreError::NotACheckpoint { .. }))
-    }
-
-    pub fn is_permission_denied(&self) -> bool {
-        matches!(self, CheckpointError::Policy { .. })
-            || matches!(self, CheckpointError::Grants { source, .. } if matches!(**source, criu::grants::GrantError::Excess(_)))
-            || matches!(self, CheckpointError::Store { source, .. } if matches!(**source, criu::StoreError::OutsideRoot { .. }))
-    }
-
-    pub fn is_precondition(&self) -> bool {
-        matches!(
-            self,
-            CheckpointError::Busy { .. } | CheckpointError::Preflight { .. } | CheckpointError::Restore { .. }
-        ) || matches!(self, CheckpointError::Store { source, .. } if matches!(**source, criu::StoreError::NotFound { .. }))
-            || matches!(self, CheckpointError::Gpu { source, .. }
-                if matches!(**source, GpuError::Mode(_) | GpuError::Mismatch(_) | GpuError::Cdi(_) | GpuError::Assignment(_)))
-    }
-}
-
-/// The runtime's checkpoint or restore failed: its message, the relevant part of CRIU's log,
-/// where the whole log is, and what became of the container.
-#[derive(Debug, thiserror::Error)]
-#[error("{what} {id} failed: {message}\n--- from {} ---\n{tail}\n--- end of CRIU log excerpt; {outcome}", log.display())]
-pub struct RuntimeFailure {
-    pub what: &'static str,
-    pub id: String,
-    pub message: String,
-    pub log: PathBuf,
-    pub tail: String,
-    pub outcome: String,
-}
 
 type Result<T, E = CheckpointError> = std::result::Result<T, E>;
 
@@ -262,11 +119,20 @@ impl Checkpointer<'_> {
             warn!("container {id}: cannot list its processes for CUDA detection: {e}");
             Vec::new()
         });
-        let gpu =
-            GpuCheckpoint::prepare(self.spawner, c, pid, &pids, criu_version, &c.checkpoint_config).map_err(gpu_err)?;
+        let gpu = GpuCheckpoint::prepare(
+            self.spawner,
+            id,
+            &c.bundle,
+            c.record.gpu,
+            pid,
+            &pids,
+            criu_version,
+            &c.checkpoint_config,
+        )
+        .map_err(gpu_err)?;
         if gpu.as_ref().is_some_and(|g| g.mode == GpuMode::DriverApi) {
             let empty = gpu::empty_plugin_dir(&c.bundle).map_err(gpu_err)?;
-            runtime = runtime.with_criu_env(kybernate_criu::cuda::preflight::CRIU_LIBS_DIR, empty);
+            runtime = runtime.with_criu_env(kybernate_gpu::cuda::preflight::CRIU_LIBS_DIR, empty);
         }
         if was_paused && gpu.as_ref().is_some_and(|g| g.mode != GpuMode::None) {
             // The driver cannot lock the threads of a frozen process.
@@ -388,7 +254,7 @@ impl Checkpointer<'_> {
         partial.set_phase(criu::PHASE_CRIU_DUMP);
         if let Err(e) = runtime.checkpoint(id, &c.bundle, args) {
             let outcome = self.recover(runtime, c, frozen.was_paused);
-            return Err(runtime_failure("checkpoint", id, e, &work.join("dump.log"), outcome));
+            return Err(CheckpointError::runtime_failure("checkpoint", id, e, &work.join("dump.log"), outcome));
         }
         let dump_ms = dump_started.elapsed().as_millis() as u64;
         if frozen.freeze_after_dump {
@@ -590,9 +456,6 @@ struct GpuContext<'p, 's> {
     session: &'s mut Option<GpuSession<'p>>,
 }
 
-/// File left in containerd's checkpoint dir when the checkpoint went to `image_path` instead.
-pub const POINTER_FILE: &str = "kybernate-pointer.json";
-
 /// containerd 1.6/1.7 commit their own checkpoint dir to the content store even when the
 /// checkpoint went to `image_path`. Left empty, that is the same blob every time, and every
 /// checkpoint after the first fails in containerd with "content sha256:…: already exists". A
@@ -661,27 +524,6 @@ pub fn remove_recorded_partial(bundle: &Path) {
     let _ = std::fs::remove_file(&record);
 }
 
-/// Test-only fault hook (docs/testing.md): when the shim's environment names a directory in
-/// `KYBERNATE_TEST_STOP_DIR` and `<dir>/<container id>` holds `phase`, the shim stops itself
-/// (SIGSTOP) there, so that a test can kill it at exactly that point. Never set in production.
-pub const TEST_STOP_ENV: &str = "KYBERNATE_TEST_STOP_DIR";
-/// Stop points of [`test_stop_point`]: the container just frozen; before the rootfs diff (still
-/// frozen); before the commit hashes the files; after the commit (frozen when `exit` is set);
-/// before a restore's checkpoint is verified.
-pub const STOP_FREEZE: &str = "freeze";
-pub const STOP_ROOTFS_DIFF: &str = "rootfs-diff";
-pub const STOP_HASHING: &str = "hashing";
-pub const STOP_COMMIT: &str = "commit";
-pub const STOP_RESTORE_VERIFY: &str = "restore-verify";
-
-pub fn test_stop_point(id: &str, phase: &str) {
-    let Some(dir) = std::env::var_os(TEST_STOP_ENV) else { return };
-    if std::fs::read_to_string(Path::new(&dir).join(id)).is_ok_and(|p| p.trim() == phase) {
-        warn!("container {id}: test hook {TEST_STOP_ENV}: stopping the shim at {phase}");
-        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGSTOP);
-    }
-}
-
 /// CRIU's work dir (its logs stay there): the request's `work_path`, else the runc option
 /// `CriuWorkPath`, else `<bundle>/work` as in containerd's runc shim. Created if missing.
 pub fn work_dir(c: &Container, requested: Option<&Path>) -> Result<PathBuf> {
@@ -699,292 +541,14 @@ fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / f64::from(1u32 << 20))
 }
 
-pub(crate) fn runtime_failure(
-    what: &'static str,
-    id: &str,
-    e: RuntimeError,
-    log: &Path,
-    outcome: String,
-) -> CheckpointError {
-    let message = match &e {
-        RuntimeError::Failed { message, .. } => message.clone(),
-        other => other.to_string(),
-    };
-    let tail = log_excerpt(log).unwrap_or_else(|| "(no CRIU log was written)".into());
-    CheckpointError::Runtime(Box::new(RuntimeFailure {
-        what,
-        id: id.to_string(),
-        message,
-        log: log.to_path_buf(),
-        tail,
-        outcome,
-    }))
-}
-
-/// What of CRIU's log goes into an error: its `Error (...)` lines, which name the cause (the
-/// last lines are often only the rollback), else its last lines.
-fn log_excerpt(log: &Path) -> Option<String> {
-    const MAX_READ: u64 = 4 << 20;
-    use std::io::{Read, Seek, SeekFrom};
-    let mut f = std::fs::File::open(log).ok()?;
-    let len = f.metadata().ok()?.len();
-    f.seek(SeekFrom::Start(len.saturating_sub(MAX_READ))).ok()?;
-    let mut bytes = Vec::new();
-    f.read_to_end(&mut bytes).ok()?;
-    let text = String::from_utf8_lossy(&bytes);
-    let errors: Vec<&str> = text.lines().filter(|l| l.contains("Error (")).collect();
-    if errors.is_empty() {
-        return criu::tail_lines(log, LOG_TAIL_LINES);
-    }
-    Some(errors[errors.len().saturating_sub(LOG_TAIL_LINES)..].join("\n"))
-}
-
-fn spec_annotation(spec: Option<&SpecView>, key: &str) -> Option<String> {
-    spec?.annotation(key).map(str::to_string)
-}
-
 fn readonly_root(spec: Option<&SpecView>) -> bool {
     spec.is_some_and(SpecView::root_readonly)
-}
-
-/// A restore the container's Start will run.
-#[derive(Debug, Clone)]
-pub struct RestorePlan {
-    /// The checkpoint directory (ours: with `checkpoint/` and the manifest; or a bare image dir).
-    pub dir: PathBuf,
-    /// CRIU images.
-    pub images: PathBuf,
-    /// The flags the checkpoint was taken with (restore needs the matching ones).
-    pub flags: CheckpointFlags,
-    pub manifest: Option<Manifest>,
-}
-
-impl RestorePlan {
-    /// containerd's checkpoint directory (`ctr c restore --live`, CRI in containerd 2.x): our
-    /// layout, verified; or a bare CRIU image dir as containerd's runc shim writes it, which has
-    /// no manifest to verify (containerd's content store checked its digests).
-    pub fn from_containerd(id: &str, dir: &Path) -> Result<Self> {
-        if dir.join(criu::MANIFEST_FILE).exists() || dir.join(criu::IMAGES_DIR).exists() {
-            // Ours, flat (CRIU's images beside the manifest) or in the store layout.
-            return Self::verified(id, dir);
-        }
-        if let Ok(text) = std::fs::read_to_string(dir.join(POINTER_FILE)) {
-            return Err(CheckpointError::Restore {
-                id: id.into(),
-                message: format!(
-                    "{}: this checkpoint image only points to a checkpoint in a node's store ({}); restore that one with the annotation {RESTORE_ANNOTATION}",
-                    dir.display(),
-                    text.trim()
-                ),
-            });
-        }
-        if dir.join("inventory.img").is_file() {
-            warn!(
-                "restore {id}: {} has no {} (not taken by this shim): not verified",
-                dir.display(),
-                criu::MANIFEST_FILE
-            );
-            return Ok(Self { dir: dir.into(), images: dir.into(), flags: Default::default(), manifest: None });
-        }
-        Err(CheckpointError::Restore {
-            id: id.into(),
-            message: format!(
-                "{}: not a checkpoint (no {} and no CRIU inventory.img)",
-                dir.display(),
-                criu::MANIFEST_FILE
-            ),
-        })
-    }
-
-    /// A checkpoint named by the restore annotation or `RESTORE_FROM`: confined to the store,
-    /// verified, and owned by the restoring container's tenant unless the config allows otherwise.
-    pub fn from_store(id: &str, reference: &str, config: &CheckpointConfig, tenant: &str) -> Result<Self> {
-        let store = Store::new(&config.root);
-        let dir = store.resolve(reference).map_err(|source| CheckpointError::Store {
-            what: "restore",
-            id: id.to_string(),
-            source: Box::new(source),
-        })?;
-        let plan = Self::verified(id, &dir)?;
-        if let Some(m) = &plan.manifest {
-            criu::check_namespace(m, tenant, config.allow_cross_namespace_restore)
-                .map_err(|source| CheckpointError::Policy { id: id.to_string(), source })?;
-        }
-        Ok(plan)
-    }
-
-    fn verified(id: &str, dir: &Path) -> Result<Self> {
-        test_stop_point(id, STOP_RESTORE_VERIFY);
-        let manifest = criu::verify(dir).map_err(|source| CheckpointError::Verify { id: id.to_string(), source })?;
-        Ok(Self {
-            dir: dir.into(),
-            images: dir.join(manifest.images_rel()),
-            flags: manifest.options.clone(),
-            manifest: Some(manifest),
-        })
-    }
-
-    /// The runtime binary that took the checkpoint, which must restore it; refused when it is gone.
-    pub fn runtime_binary(&self, id: &str) -> Result<Option<PathBuf>> {
-        let Some(m) = &self.manifest else { return Ok(None) };
-        let bin = &m.runtime.path;
-        if bin.as_os_str().is_empty() {
-            return Ok(None);
-        }
-        if !bin.is_file() {
-            return Err(CheckpointError::Restore {
-                id: id.into(),
-                message: format!(
-                    "checkpoint {} was taken with runtime {}, which does not exist on this node; install it to restore",
-                    self.dir.display(),
-                    bin.display()
-                ),
-            });
-        }
-        Ok(Some(bin.clone()))
-    }
-
-    /// The GPU record of the checkpoint (a GPU container's), if any.
-    pub fn gpu(&self) -> Option<&kybernate_criu::gpu::GpuRecord> {
-        self.manifest.as_ref()?.gpu.as_ref()
-    }
-
-    /// `rootfs-diff.tar` of a store checkpoint, to apply before the restore.
-    pub fn rootfs_diff(&self) -> Option<PathBuf> {
-        self.manifest.as_ref().filter(|m| m.rootfs_diff && !m.flat).map(|_| self.dir.join(criu::ROOTFS_DIFF))
-    }
-
-    /// Arguments of `runtime restore`.
-    pub fn restore_args(
-        &self,
-        bundle: &Path,
-        work: &Path,
-        pid_file: &Path,
-        console_socket: Option<&Path>,
-        no_pivot: bool,
-    ) -> Vec<OsString> {
-        criu::RestoreArgs {
-            images: self.images.clone(),
-            work: work.to_path_buf(),
-            bundle: bundle.to_path_buf(),
-            pid_file: pid_file.to_path_buf(),
-            console_socket: console_socket.map(Path::to_path_buf),
-            no_pivot,
-            flags: self.flags.clone(),
-        }
-        .args()
-    }
-}
-
-/// What asks a new container to be restored from the node's store.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RestoreTrigger {
-    /// The annotation `kybernate.io/restore-from` (a pod annotation the admin let through).
-    Annotation(String),
-    /// `RESTORE_FROM` in the container's environment (any pod can set it).
-    Env(String),
-}
-
-impl RestoreTrigger {
-    pub fn reference(&self) -> &str {
-        match self {
-            RestoreTrigger::Annotation(r) | RestoreTrigger::Env(r) => r,
-        }
-    }
-
-    pub fn source(&self) -> &'static str {
-        match self {
-            RestoreTrigger::Annotation(_) => "annotation kybernate.io/restore-from",
-            RestoreTrigger::Env(_) => "environment variable RESTORE_FROM",
-        }
-    }
-
-    /// `None` when the node's config allows this kind of trigger, else the config key that
-    /// switches it on.
-    pub fn disabled_by(&self, config: &CheckpointConfig) -> Option<&'static str> {
-        match self {
-            RestoreTrigger::Annotation(_) if !config.allow_annotation_restore => {
-                Some("[checkpoint] allow_annotation_restore = false")
-            }
-            RestoreTrigger::Env(_) if !config.allow_env_restore => Some("[checkpoint] allow_env_restore = false"),
-            _ => None,
-        }
-    }
-}
-
-/// The checkpoint a new container asks to be restored from: the annotation, else the last
-/// `RESTORE_FROM` in its process environment. Never for a pod's sandbox (pause) container: CRI
-/// copies pod annotations into the sandbox's spec too, and the checkpoint is the app container's.
-pub fn restore_trigger(spec: &SpecView) -> Option<RestoreTrigger> {
-    if spec_annotation(Some(spec), CONTAINER_TYPE_ANNOTATION).as_deref() == Some("sandbox") {
-        return None;
-    }
-    if let Some(v) = spec_annotation(Some(spec), RESTORE_ANNOTATION) {
-        return Some(RestoreTrigger::Annotation(v));
-    }
-    spec.env()
-        .into_iter()
-        .rev()
-        .find_map(|e| e.strip_prefix(RESTORE_ENV)?.strip_prefix('=').filter(|v| !v.is_empty()))
-        .map(|v| RestoreTrigger::Env(v.to_string()))
-}
-
-/// The pod a container belongs to, as CRI annotates it, for log lines: `namespace/name`, or
-/// `-` outside Kubernetes.
-pub fn pod_of(spec: &SpecView) -> String {
-    let ns = POD_NAMESPACE_ANNOTATIONS.iter().find_map(|k| spec_annotation(Some(spec), k));
-    let name = POD_NAME_ANNOTATIONS.iter().find_map(|k| spec_annotation(Some(spec), k));
-    match (ns, name) {
-        (None, None) => "-".into(),
-        (ns, name) => format!("{}/{}", ns.as_deref().unwrap_or("?"), name.as_deref().unwrap_or("?")),
-    }
-}
-
-/// The id a store checkpoint goes by (`<namespace>/<container>/<checkpoint>`), else its path.
-pub fn checkpoint_name(dir: &Path, config: &CheckpointConfig) -> String {
-    let root = std::fs::canonicalize(&config.root).unwrap_or_else(|_| config.root.clone());
-    dir.strip_prefix(&root).map_or_else(|_| dir.display().to_string(), |rel| rel.display().to_string())
-}
-
-/// Every restore decision is logged at info: who asked (container, pod, trigger), which
-/// checkpoint, and what became of it.
-pub fn log_restore_decision(id: &str, pod: &str, checkpoint: &str, trigger: &str, decision: &str) {
-    info!("restore decision: container {id} (pod {pod}), checkpoint {checkpoint} ({trigger}): {decision}");
-}
-
-/// The credentials check of a restore: the checkpoint's CRIU images against the new
-/// container's spec as runc will run it (`config.json` after the GPU edits). Nothing is read
-/// from `spec.dump` or the manifest for this.
-pub fn check_grants(id: &str, checkpoint: &str, images: &Path, bundle: &Path) -> Result<criu::grants::Summary> {
-    let grants =
-        |source| CheckpointError::Grants { id: id.into(), checkpoint: checkpoint.into(), source: Box::new(source) };
-    let config = bundle.join("config.json");
-    let text = std::fs::read(&config).map_err(|source| CheckpointError::Write {
-        id: id.into(),
-        context: format!("read {}", config.display()),
-        source,
-    })?;
-    let spec: serde_json::Value = serde_json::from_slice(&text).map_err(|e| {
-        grants(criu::grants::GrantError::Spec(criu::grants::SpecError {
-            field: "(document)".into(),
-            reason: format!("{}: {e}", config.display()),
-        }))
-    })?;
-    criu::grants::check_restore(images, &spec, &criu::grants::Host::this_node()).map_err(grants)
-}
-
-/// Who owns a container for the restore policy: its pod's Kubernetes namespace, else the
-/// containerd namespace.
-pub fn tenant(spec: &SpecView, containerd_namespace: &str) -> String {
-    POD_NAMESPACE_ANNOTATIONS
-        .iter()
-        .find_map(|k| spec_annotation(Some(spec), k))
-        .unwrap_or_else(|| containerd_namespace.to_string())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::restore::{RestorePlan, RESTORE_ANNOTATION};
 
     fn any(o: &CheckpointOptions) -> Any {
         Any { type_url: CHECKPOINT_OPTIONS.into(), value: o.write_to_bytes().unwrap(), ..Default::default() }
@@ -1032,35 +596,6 @@ mod tests {
         assert!(CheckpointRequest::decode("c", Some(&any(&ns))).is_err());
     }
 
-    fn spec(json: serde_json::Value) -> SpecView {
-        SpecView::from_value(json)
-    }
-
-    #[test]
-    fn restore_trigger_prefers_the_annotation_then_the_last_env_entry() {
-        let s = spec(serde_json::json!({
-            "ociVersion": "1.0.2",
-            "annotations": {"kybernate.io/restore-from": "default/a/1"},
-            "process": {"cwd": "/", "user": {"uid": 0, "gid": 0}, "args": ["sh"], "env": ["RESTORE_FROM=x", "RESTORE_FROM=y"]}
-        }));
-        assert_eq!(restore_trigger(&s), Some(RestoreTrigger::Annotation("default/a/1".into())));
-        let s = spec(serde_json::json!({
-            "ociVersion": "1.0.2",
-            "process": {"cwd": "/", "user": {"uid": 0, "gid": 0}, "args": ["sh"], "env": ["RESTORE_FROM=x", "RESTORE_FROM_NOT=z", "RESTORE_FROM=y"]}
-        }));
-        assert_eq!(restore_trigger(&s), Some(RestoreTrigger::Env("y".into())));
-        let s = spec(
-            serde_json::json!({"ociVersion": "1.0.2", "process": {"cwd": "/", "user": {"uid": 0, "gid": 0}, "args": ["sh"], "env": ["RESTORE_FROM="]}}),
-        );
-        assert_eq!(restore_trigger(&s), None);
-        // A pod's sandbox carries the pod annotation too: never restored.
-        let s = spec(serde_json::json!({
-            "ociVersion": "1.0.2",
-            "annotations": {"kybernate.io/restore-from": "k8s.io/a/1", "io.kubernetes.cri.container-type": "sandbox"}
-        }));
-        assert_eq!(restore_trigger(&s), None);
-    }
-
     #[test]
     fn containerd_dirs_without_a_checkpoint_are_explained() {
         let dir = tempfile::tempdir().unwrap();
@@ -1080,7 +615,7 @@ mod tests {
     }
 
     /// containerd 1.6/1.7 hand the shim a temp dir of their own beside `image_path`; 2.x hands it
-    /// `image_path` itself, where a pointer would break the checkpoint's manifest.
+
     #[test]
     fn the_pointer_goes_only_into_a_dir_of_containerds_own() {
         let store = tempfile::tempdir().unwrap();
@@ -1099,14 +634,5 @@ mod tests {
         std::os::unix::fs::symlink(&target, &link).unwrap();
         write_pointer(&link, &target, "c");
         assert!(!target.join(POINTER_FILE).exists(), "pointer written into the checkpoint via a symlink");
-    }
-
-    #[test]
-    fn tenant_is_the_pod_namespace_else_containerds() {
-        let s =
-            spec(serde_json::json!({"ociVersion": "1.0.2", "annotations": {"io.kubernetes.pod.namespace": "team-a"}}));
-        assert_eq!(tenant(&s, "k8s.io"), "team-a");
-        let s = spec(serde_json::json!({"ociVersion": "1.0.2"}));
-        assert_eq!(tenant(&s, "default"), "default");
     }
 }

@@ -7,12 +7,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use kybernate_runtime_select::CheckpointConfig;
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::RestorePlan;
 use crate::error::{Error, Result};
 use crate::io::IoOwner;
 use crate::oom::OomWatcher;
 use crate::process::Process;
+use crate::restore::RestorePlan;
 use crate::runtime::OciRuntime;
+use crate::sync::lock;
 
 /// File in the bundle recording which runtime binary the container was
 /// created with, so every later call (and `delete` after a shim crash) uses it.
@@ -33,7 +34,7 @@ pub struct RuntimeRecord {
 impl RuntimeRecord {
     pub fn write(&self, bundle: &Path) -> Result<()> {
         let path = bundle.join(RUNTIME_RECORD);
-        let json = serde_json::to_vec_pretty(self).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let json = serde_json::to_vec_pretty(self).map_err(Error::internal(format!("encode {}", path.display())))?;
         let tmp = bundle.join(format!(".{RUNTIME_RECORD}.tmp"));
         std::fs::write(&tmp, json).map_err(Error::os(format!("write {}", tmp.display())))?;
         std::fs::rename(&tmp, &path).map_err(Error::os(format!("rename to {}", path.display())))
@@ -42,8 +43,7 @@ impl RuntimeRecord {
     pub fn read(bundle: &Path) -> Result<Self> {
         let path = bundle.join(RUNTIME_RECORD);
         let bytes = std::fs::read(&path).map_err(Error::os(format!("read {}", path.display())))?;
-        serde_json::from_slice(&bytes)
-            .map_err(|e| Error::InvalidArgument(format!("{}: malformed runtime record: {e}", path.display())))
+        serde_json::from_slice(&bytes).map_err(Error::internal(format!("{}: malformed runtime record", path.display())))
     }
 }
 
@@ -113,16 +113,16 @@ impl Container {
 
     /// Records the restore that Start must run instead of `runtime start`.
     pub fn set_restore(&self, plan: RestorePlan) {
-        *self.restore.lock().unwrap_or_else(|p| p.into_inner()) = Some(plan);
+        *lock(&self.restore) = Some(plan);
     }
 
     /// The pending restore, if any (taken: a restore runs at most once).
     pub fn take_restore(&self) -> Option<RestorePlan> {
-        self.restore.lock().unwrap_or_else(|p| p.into_inner()).take()
+        lock(&self.restore).take()
     }
 
     fn execs(&self) -> MutexGuard<'_, HashMap<String, Arc<Process>>> {
-        self.execs.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.execs)
     }
 
     /// The init process for an empty exec id, else that exec.
@@ -155,11 +155,11 @@ impl Container {
     }
 
     pub fn set_oom_watcher(&self, w: OomWatcher) {
-        *self.oom.lock().unwrap_or_else(|p| p.into_inner()) = Some(w);
+        *lock(&self.oom) = Some(w);
     }
 
     pub fn stop_oom_watcher(&self) {
-        self.oom.lock().unwrap_or_else(|p| p.into_inner()).take();
+        lock(&self.oom).take();
     }
 
     pub fn rootfs(&self) -> PathBuf {

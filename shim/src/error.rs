@@ -1,8 +1,12 @@
-//! The shim's one error type, mapped to ttrpc status codes in one place.
+//! The shim's errors: one type, mapped to ttrpc status codes in one place, and the errors of a
+//! checkpoint or a restore that it carries (classified here too, for that mapping).
+
+use std::path::{Path, PathBuf};
 
 use containerd_shim::protos::ttrpc::{self, Code};
+use kybernate_checkpoint::{self as criu, PreflightError};
 
-use crate::checkpoint::CheckpointError;
+use crate::gpu::GpuError;
 use crate::io::IoError;
 use crate::options::OptionsError;
 use crate::runtime::RuntimeError;
@@ -40,8 +44,21 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    #[error("{context}: {message}")]
-    Shim { context: String, message: String },
+    /// A containerd-shim or ttrpc call failed (the daemon's start-up, mounting the rootfs).
+    #[error("{context}: {source}")]
+    Shim {
+        context: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The shim's own data could not be encoded, or read back as written (the runtime record,
+    /// a process's details): a fault of the shim or its host, never of the request.
+    #[error("{context}: {source}")]
+    Internal {
+        context: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 impl Error {
@@ -51,10 +68,18 @@ impl Error {
         move |source| Error::Os { context, source }
     }
 
-    /// Wraps a containerd-shim crate error with what we were doing.
-    pub fn shim(context: impl Into<String>) -> impl FnOnce(containerd_shim::Error) -> Error {
+    /// Wraps an error of containerd-shim (or its ttrpc) with what we were doing.
+    pub fn shim<E: std::error::Error + Send + Sync + 'static>(context: impl Into<String>) -> impl FnOnce(E) -> Error {
         let context = context.into();
-        move |e| Error::Shim { context, message: e.to_string() }
+        move |e| Error::Shim { context, source: Box::new(e) }
+    }
+
+    /// Wraps a failure to encode or read back the shim's own data with what we were doing.
+    pub fn internal<E: std::error::Error + Send + Sync + 'static>(
+        context: impl Into<String>,
+    ) -> impl FnOnce(E) -> Error {
+        let context = context.into();
+        move |e| Error::Internal { context, source: Box::new(e) }
     }
 
     pub fn code(&self) -> Code {
@@ -66,9 +91,11 @@ impl Error {
             Error::Select(SelectError::Bundle(_) | SelectError::Config(_)) => Code::INVALID_ARGUMENT,
             Error::Select(_) => Code::FAILED_PRECONDITION,
             Error::Runtime(e) if e.is_not_found() || e.is_not_running() => Code::NOT_FOUND,
+            Error::Io(e) if e.is_invalid_argument() => Code::INVALID_ARGUMENT,
             Error::Checkpoint(e) if e.is_invalid_argument() => Code::INVALID_ARGUMENT,
             Error::Checkpoint(e) if e.is_permission_denied() => Code::PERMISSION_DENIED,
             Error::Checkpoint(e) if e.is_precondition() => Code::FAILED_PRECONDITION,
+            Error::Internal { .. } => Code::INTERNAL,
             Error::Runtime(_) | Error::Io(_) | Error::Checkpoint(_) | Error::Os { .. } | Error::Shim { .. } => {
                 Code::UNKNOWN
             }
@@ -92,6 +119,189 @@ const PERCENT_LOOKALIKE: char = '\u{FF05}';
 /// show as `%%` to any client that does not format the text.
 pub fn for_containerd(message: &str) -> String {
     message.replace('%', &PERCENT_LOOKALIKE.to_string())
+}
+
+/// How much of CRIU's log goes into an error message (the whole log stays in the work dir).
+const LOG_TAIL_LINES: usize = 20;
+
+/// Why a checkpoint or a restore failed. Every message names the container and what to look at.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("checkpoint {id}: {message}")]
+    BadRequest { id: String, message: String },
+    #[error("checkpoint {id}: a checkpoint of this container is already running")]
+    Busy { id: String },
+    #[error("{what} {id}: preflight: {source}")]
+    Preflight {
+        what: &'static str,
+        id: String,
+        #[source]
+        source: PreflightError,
+    },
+    #[error("{what} {id}: CRIU: {source}")]
+    Criu {
+        what: &'static str,
+        id: String,
+        #[source]
+        source: RuntimeError,
+    },
+    #[error("{what} {id}: {source}")]
+    Store {
+        what: &'static str,
+        id: String,
+        /// Boxed: its variants carry several paths, and every shim result would pay for them.
+        #[source]
+        source: Box<criu::StoreError>,
+    },
+    /// The runtime's checkpoint or restore failed (boxed: it is by far the largest variant).
+    #[error(transparent)]
+    Runtime(Box<RuntimeFailure>),
+    #[error("container {id}: {context}: {source}")]
+    Write {
+        id: String,
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("checkpoint {id}: rootfs changes: {source}")]
+    RootfsDiff {
+        id: String,
+        #[source]
+        source: criu::RootfsError,
+    },
+    /// A store checkpoint's file changes could not be applied to the new container's rootfs.
+    #[error("restore {id}: apply {} to {}: {source}", diff.display(), rootfs.display())]
+    ApplyRootfsDiff {
+        id: String,
+        diff: PathBuf,
+        rootfs: PathBuf,
+        /// Boxed, as [`CheckpointError::Store`]'s source.
+        #[source]
+        source: Box<criu::RootfsError>,
+    },
+    #[error("restore {id}: {source}")]
+    Verify {
+        id: String,
+        #[source]
+        source: criu::VerifyError,
+    },
+    #[error("restore {id}: {source}")]
+    Policy {
+        id: String,
+        #[source]
+        source: criu::PolicyError,
+    },
+    #[error("restore {id}: {message}")]
+    Restore { id: String, message: String },
+    /// The credentials check: the checkpoint's processes would get more than the new spec grants
+    /// (or its images or the spec cannot be read to tell).
+    #[error("restore {id} from {checkpoint}: refused: {source}")]
+    Grants {
+        id: String,
+        checkpoint: String,
+        #[source]
+        source: Box<criu::grants::GrantError>,
+    },
+    /// The CUDA side of a checkpoint or restore (mode preconditions, a driver call, the GPUs).
+    #[error("{what} {id}: {source}")]
+    Gpu {
+        what: &'static str,
+        id: String,
+        #[source]
+        source: Box<GpuError>,
+    },
+    /// The checkpoint is complete, but its CUDA processes could not all be resumed.
+    #[error("checkpoint {id}: complete at {}, but {source}", target.display())]
+    GpuResume {
+        id: String,
+        target: PathBuf,
+        #[source]
+        source: Box<GpuError>,
+    },
+    /// The checkpoint is complete, but the container asked to exit could not be stopped.
+    #[error("checkpoint {id}: complete at {}, but the container could not be stopped: {source}", target.display())]
+    Stop {
+        id: String,
+        target: PathBuf,
+        #[source]
+        source: Box<RuntimeError>,
+    },
+}
+
+impl CheckpointError {
+    /// Refusals of the request itself (as opposed to failures while carrying it out).
+    pub fn is_invalid_argument(&self) -> bool {
+        matches!(self, CheckpointError::BadRequest { .. } | CheckpointError::Verify { .. })
+            || matches!(self, CheckpointError::Grants { source, .. } if !matches!(**source, criu::grants::GrantError::Excess(_)))
+            || matches!(self, CheckpointError::Store { source, .. }
+                if matches!(**source, criu::StoreError::Hidden { .. } | criu::StoreError::NotACheckpoint { .. }))
+    }
+
+    pub fn is_permission_denied(&self) -> bool {
+        matches!(self, CheckpointError::Policy { .. })
+            || matches!(self, CheckpointError::Grants { source, .. } if matches!(**source, criu::grants::GrantError::Excess(_)))
+            || matches!(self, CheckpointError::Store { source, .. } if matches!(**source, criu::StoreError::OutsideRoot { .. }))
+    }
+
+    pub fn is_precondition(&self) -> bool {
+        matches!(
+            self,
+            CheckpointError::Busy { .. } | CheckpointError::Preflight { .. } | CheckpointError::Restore { .. }
+        ) || matches!(self, CheckpointError::Store { source, .. } if matches!(**source, criu::StoreError::NotFound { .. }))
+            || matches!(self, CheckpointError::Gpu { source, .. }
+                if matches!(**source, GpuError::Mode(_) | GpuError::Mismatch(_) | GpuError::Cdi(_) | GpuError::Assignment(_)))
+    }
+}
+
+/// The runtime's checkpoint or restore failed: its message, the relevant part of CRIU's log,
+/// where the whole log is, and what became of the container.
+#[derive(Debug, thiserror::Error)]
+#[error("{what} {id} failed: {message}\n--- from {} ---\n{tail}\n--- end of CRIU log excerpt; {outcome}", log.display())]
+pub struct RuntimeFailure {
+    pub what: &'static str,
+    pub id: String,
+    pub message: String,
+    pub log: PathBuf,
+    pub tail: String,
+    pub outcome: String,
+}
+
+impl CheckpointError {
+    /// The runtime's checkpoint or restore failed: its message with the part of CRIU's `log`
+    /// that names the cause, and what became of the container (`outcome`).
+    pub fn runtime_failure(what: &'static str, id: &str, e: RuntimeError, log: &Path, outcome: String) -> Self {
+        let message = match &e {
+            RuntimeError::Failed { message, .. } => message.clone(),
+            other => other.to_string(),
+        };
+        let tail = log_excerpt(log).unwrap_or_else(|| "(no CRIU log was written)".into());
+        CheckpointError::Runtime(Box::new(RuntimeFailure {
+            what,
+            id: id.to_string(),
+            message,
+            log: log.to_path_buf(),
+            tail,
+            outcome,
+        }))
+    }
+}
+
+/// What of CRIU's log goes into an error: its `Error (...)` lines, which name the cause (the
+/// last lines are often only the rollback), else its last lines.
+fn log_excerpt(log: &Path) -> Option<String> {
+    const MAX_READ: u64 = 4 << 20;
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(log).ok()?;
+    let len = f.metadata().ok()?.len();
+    f.seek(SeekFrom::Start(len.saturating_sub(MAX_READ))).ok()?;
+    let mut bytes = Vec::new();
+    f.read_to_end(&mut bytes).ok()?;
+    let text = String::from_utf8_lossy(&bytes);
+    let errors: Vec<&str> = text.lines().filter(|l| l.contains("Error (")).collect();
+    if errors.is_empty() {
+        return criu::tail_lines(log, LOG_TAIL_LINES);
+    }
+    Some(errors[errors.len().saturating_sub(LOG_TAIL_LINES)..].join("\n"))
 }
 
 #[cfg(test)]
@@ -121,5 +331,22 @@ mod tests {
     fn messages_without_percent_are_unchanged() {
         let (code, msg) = status_of(Error::NotFound("container c1 not found".into()));
         assert_eq!((code, msg.as_str()), (Code::NOT_FOUND, "container c1 not found"));
+    }
+
+    /// The request's faults are InvalidArgument; the shim's own are not, and keep their source.
+    #[test]
+    fn internal_faults_are_not_the_requests() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(crate::container::RUNTIME_RECORD), "{").unwrap();
+        let e = crate::container::RuntimeRecord::read(dir.path()).unwrap_err();
+        assert!(std::error::Error::source(&e).is_some(), "the serde error is kept: {e:?}");
+        assert_eq!(status_of(e).0, Code::INTERNAL);
+
+        let bad_uri =
+            IoError::InvalidUri { stream: "stdout", uri: "bogus://x".into(), reason: "unknown scheme".into() };
+        assert_eq!(status_of(bad_uri.into()).0, Code::INVALID_ARGUMENT);
+        let failed = Error::shim("connecting")(std::io::Error::from_raw_os_error(libc::ECONNREFUSED));
+        assert!(std::error::Error::source(&failed).is_some());
+        assert_eq!(status_of(failed).0, Code::UNKNOWN);
     }
 }

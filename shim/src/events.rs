@@ -14,7 +14,7 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -30,6 +30,8 @@ use containerd_shim::protos::shim::events::ForwardRequest;
 use containerd_shim::protos::ttrpc::context;
 use containerd_shim::protos::{Client, EventsClient};
 use thiserror::Error;
+
+use crate::sync::{lock, unpoison};
 
 /// Why one publish attempt failed.
 #[derive(Debug, Error)]
@@ -356,10 +358,7 @@ impl EventQueue {
             if now >= deadline {
                 return Err(EventError::FlushTimeout { pending: *count });
             }
-            count = match self.pending.drained.wait_timeout(count, deadline - now) {
-                Ok((guard, _)) => guard,
-                Err(poisoned) => poisoned.into_inner().0,
-            };
+            count = unpoison(self.pending.drained.wait_timeout(count, deadline - now)).0;
         }
         Ok(())
     }
@@ -391,11 +390,6 @@ fn deliver(event: &Outgoing, publisher: &dyn Publisher, namespace: &str, policy:
             }
         }
     }
-}
-
-/// Locks, ignoring poisoning: the guarded data stays consistent between statements.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]

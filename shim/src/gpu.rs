@@ -3,10 +3,10 @@
 //! (mode, processes, GPUs, bytes, phases, device access), and giving a restored container its
 //! devices, driver mounts and CUDA state back.
 //!
-//! The CUDA driver sits behind `kybernate_criu::cuda::CudaDriver`. The shim never loads
+//! The CUDA driver sits behind `kybernate_gpu::cuda::CudaDriver`. The shim never loads
 //! `libcuda.so.1` (the `[checkpoint] libcuda` key) itself: a helper process, this binary run as
 //! [`DRIVER_HELPER`], makes the driver calls of one checkpoint or restore and exits (see
-//! `kybernate_criu::cuda::remote` for why).
+//! `kybernate_gpu::cuda::remote` for why).
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
@@ -16,17 +16,16 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use kybernate_criu::cuda::{
+use kybernate_checkpoint::CriuVersion;
+use kybernate_gpu::cuda::{
     self, preflight::CRIU_LIBS_DIR, Chosen, CudaDriver, CudaProcess, GpuSession, HelperError, PluginReady,
     RemoteDriver, Wanted,
 };
-use kybernate_criu::gpu::{self, GpuDevices, GpuMode, GpuRecord, GpuRequest};
-use kybernate_criu::CriuVersion;
+use kybernate_gpu::{self as gpu, GpuDevices, GpuMode, GpuRecord, GpuRequest};
 use kybernate_runtime_select::{CheckpointConfig, CudaMode};
 use log::{info, warn};
 
-use crate::container::Container;
-use crate::runtime::Spawner;
+use crate::spawn::Spawner;
 
 /// `argv[1]` that makes this binary the CUDA driver helper instead of a shim.
 pub const DRIVER_HELPER: &str = "cuda-driver";
@@ -88,24 +87,30 @@ pub struct GpuCheckpoint {
 }
 
 impl GpuCheckpoint {
-    /// Decides, before anything is frozen, whether `c` is a GPU container and how its CUDA state
-    /// is handled. `None`: a CPU container (no GPU runtime decision, no CUDA process).
+    /// Decides, before anything is frozen, whether container `id` (bundle `bundle`, `gpu`: the
+    /// runtime decision at create chose the GPU runtime) is a GPU container and how its CUDA
+    /// state is handled. `None`: a CPU container (no GPU runtime decision, no CUDA process).
+    #[allow(clippy::too_many_arguments)]
     pub fn prepare(
         spawner: &dyn Spawner,
-        c: &Container,
+        id: &str,
+        bundle: &Path,
+        gpu: bool,
         init_pid: u32,
         pids: &[i32],
         criu: CriuVersion,
         cfg: &CheckpointConfig,
     ) -> Result<Option<Self>, GpuError> {
         let processes = cuda::find_cuda_processes(Path::new(PROC), pids);
-        if !c.record.gpu && processes.is_empty() {
+        if !gpu && processes.is_empty() {
             return Ok(None);
         }
         let pids_text: Vec<String> = processes.iter().map(|p| format!("{} ({})", p.pid, p.evidence)).collect();
-        info!("container {}: GPU container, CUDA processes: [{}]", c.id, pids_text.join("; "));
-        let devices = record_devices(&c.bundle, init_pid)?;
-        declare_external_mounts(&c.id, &c.bundle, &devices)?;
+        info!("container {id}: GPU container, CUDA processes: [{}]", pids_text.join("; "));
+        // The final spec, as the GPU runtime left it: read once for both.
+        let spec = read_spec(bundle)?;
+        let devices = record_devices(&spec, init_pid);
+        declare_external_mounts(id, bundle, &spec, &devices)?;
         let base = |mode| Self {
             mode,
             devices: devices.clone(),
@@ -121,8 +126,7 @@ impl GpuCheckpoint {
         let wanted = match cfg.cuda {
             CudaMode::Off => {
                 warn!(
-                    "container {}: [checkpoint] cuda = \"off\": the CUDA state of {} process(es) is not checkpointed",
-                    c.id,
+                    "container {id}: [checkpoint] cuda = \"off\": the CUDA state of {} process(es) is not checkpointed",
                     processes.len()
                 );
                 return Ok(Some(base(GpuMode::None)));
@@ -148,8 +152,7 @@ impl GpuCheckpoint {
         match chosen {
             Chosen::CriuPlugin(ready) => {
                 info!(
-                    "container {}: CUDA state through CRIU's plugin {} ({}, driver {})",
-                    c.id,
+                    "container {id}: CUDA state through CRIU's plugin {} ({}, driver {})",
                     ready.plugin.display(),
                     ready.cuda_checkpoint.display(),
                     ready.driver_version
@@ -158,7 +161,7 @@ impl GpuCheckpoint {
                 me.plugin = Some(ready);
             }
             Chosen::DriverApi(driver) => {
-                info!("container {}: CUDA state through the driver API ({})", c.id, cfg.libcuda);
+                info!("container {id}: CUDA state through the driver API ({})", cfg.libcuda);
                 me.mode = GpuMode::DriverApi;
                 me.driver = Some(driver);
             }
@@ -248,47 +251,49 @@ fn bytes_per_gpu(processes: &[gpu::CudaProcessRecord], gpus: &[gpu::GpuInfo]) ->
     out
 }
 
-/// What the running container has of NVIDIA devices, rules and driver mounts: its final spec
+/// What the running container has of NVIDIA devices, rules and driver mounts: its final `spec`
 /// (as the GPU runtime left it) and, for what a hook mounted, its init's mountinfo and /dev.
-fn record_devices(bundle: &Path, init_pid: u32) -> Result<GpuDevices, GpuError> {
-    let spec = read_spec(bundle)?;
+fn record_devices(spec: &serde_json::Value, init_pid: u32) -> GpuDevices {
     let proc_dir = Path::new(PROC).join(init_pid.to_string());
     let read = |p: PathBuf| std::fs::read_to_string(&p).unwrap_or_default();
-    Ok(gpu::record(
-        &spec,
+    gpu::record(
+        spec,
         &proc_dir.join("root"),
         &read(proc_dir.join("mountinfo")),
         &read(Path::new(PROC).join("self/mountinfo")),
-    ))
+    )
 }
 
 /// At create of a GPU container: points runc's `org.criu.config` at our file in the bundle (an
 /// empty one for now), unless the spec names its own. runc reads the annotation only at create,
 /// and a checkpoint may later have to declare driver mounts that a hook (the GPU runtime's
-/// legacy mode) made outside the spec: CRIU refuses to dump mounts it cannot place.
-pub fn attach_criu_config(id: &str, bundle: &Path) -> Result<(), GpuError> {
-    let mut spec = read_spec(bundle)?;
-    if let Some(own) = annotation(&spec, CRIU_CONFIG_ANNOTATION) {
+/// legacy mode) made outside the spec: CRIU refuses to dump mounts it cannot place. Edits
+/// `spec` (the bundle's config.json, which the caller writes); returns whether it changed it.
+pub fn attach_criu_config(id: &str, bundle: &Path, spec: &mut serde_json::Value) -> Result<bool, GpuError> {
+    if let Some(own) = annotation(spec, CRIU_CONFIG_ANNOTATION) {
         info!(
             "container {id}: keeps its own CRIU config {own}; driver mounts outside its spec are not declared to CRIU"
         );
-        return Ok(());
+        return Ok(false);
     }
     let file = bundle.join(CRIU_CONFIG_FILE);
     write_file(&file, b"# Written by containerd-shim-kybernate-v1 at checkpoint time.\n")?;
-    let Some(obj) = spec.as_object_mut() else { return Ok(()) };
+    let Some(obj) = spec.as_object_mut() else { return Ok(false) };
     let annotations = obj.entry("annotations").or_insert_with(|| serde_json::Value::Object(Default::default()));
-    if let Some(a) = annotations.as_object_mut() {
-        a.insert(CRIU_CONFIG_ANNOTATION.into(), serde_json::Value::String(file.display().to_string()));
-    }
-    write_spec(bundle, &spec)
+    let Some(a) = annotations.as_object_mut() else { return Ok(false) };
+    a.insert(CRIU_CONFIG_ANNOTATION.into(), serde_json::Value::String(file.display().to_string()));
+    Ok(true)
 }
 
 /// Before a dump: driver mounts the container has but its spec lacks (runc declares only spec
 /// bind mounts to CRIU) go into our CRIU config as external mounts, keyed by their destination
 /// as runc keys its own, so that a restore with them in the spec maps them back.
-fn declare_external_mounts(id: &str, bundle: &Path, devices: &GpuDevices) -> Result<(), GpuError> {
-    let spec = read_spec(bundle)?;
+fn declare_external_mounts(
+    id: &str,
+    bundle: &Path,
+    spec: &serde_json::Value,
+    devices: &GpuDevices,
+) -> Result<(), GpuError> {
     let in_spec: Vec<&str> = spec
         .get("mounts")
         .and_then(|m| m.as_array())
@@ -297,7 +302,7 @@ fn declare_external_mounts(id: &str, bundle: &Path, devices: &GpuDevices) -> Res
     let outside: Vec<&str> =
         devices.mounts.iter().map(|m| m.destination.as_str()).filter(|d| !in_spec.contains(d)).collect();
     let ours = bundle.join(CRIU_CONFIG_FILE);
-    if annotation(&spec, CRIU_CONFIG_ANNOTATION).as_deref() != Some(ours.to_string_lossy().as_ref()) {
+    if annotation(spec, CRIU_CONFIG_ANNOTATION).as_deref() != Some(ours.to_string_lossy().as_ref()) {
         if !outside.is_empty() {
             warn!("container {id}: driver mounts outside the spec ({}) cannot be declared to CRIU: the container has its own CRIU config", outside.join(", "));
         }
@@ -323,17 +328,6 @@ fn read_spec(bundle: &Path) -> Result<serde_json::Value, GpuError> {
         .map_err(|source| GpuError::Io { context: format!("read {}", config.display()), source })?;
     serde_json::from_slice(&bytes)
         .map_err(|e| GpuError::Io { context: format!("parse {}", config.display()), source: e.into() })
-}
-
-/// Replaces the bundle's config.json atomically (a reader never sees half a spec).
-fn write_spec(bundle: &Path, spec: &serde_json::Value) -> Result<(), GpuError> {
-    let config = bundle.join("config.json");
-    let text = serde_json::to_vec(spec)
-        .map_err(|e| GpuError::Io { context: format!("encode {}", config.display()), source: e.into() })?;
-    let tmp = bundle.join(".config.json.kybernate-tmp");
-    write_file(&tmp, &text)?;
-    std::fs::rename(&tmp, &config)
-        .map_err(|source| GpuError::Io { context: format!("rename to {}", config.display()), source })
 }
 
 fn write_file(path: &Path, bytes: &[u8]) -> Result<(), GpuError> {
@@ -370,25 +364,25 @@ impl NodeRoots {
 /// the devices, cgroup rules and driver mounts of its own GPU request (see `own_devices`) in
 /// its config.json, and refuses it when that is fewer GPUs than the checkpoint used. The
 /// checkpoint's record of devices and mounts is never injected (a checkpoint is untrusted: see
-/// `kybernate_criu::gpu::assign`). Returns one line per change.
+/// `kybernate_gpu::assign`). Edits `spec` (the bundle's config.json, which the caller writes
+/// unless this refuses); returns one line per change.
 pub fn prepare_restore(
     id: &str,
-    bundle: &Path,
+    spec: &mut serde_json::Value,
     record: &GpuRecord,
     cfg: &CheckpointConfig,
 ) -> Result<Vec<String>, GpuError> {
-    prepare_restore_in(id, bundle, record, cfg.allow_gpu_mismatch, &NodeRoots::of(cfg))
+    prepare_restore_in(id, spec, record, cfg.allow_gpu_mismatch, &NodeRoots::of(cfg))
 }
 
 /// [`prepare_restore`] on the node seen under `roots`.
 fn prepare_restore_in(
     id: &str,
-    bundle: &Path,
+    spec: &mut serde_json::Value,
     record: &GpuRecord,
     allow_gpu_mismatch: bool,
     roots: &NodeRoots,
 ) -> Result<Vec<String>, GpuError> {
-    let mut spec = read_spec(bundle)?;
     let allowed = allow_gpu_mismatch
         || spec
             .pointer(&format!("/annotations/{}", ALLOW_MISMATCH_ANNOTATION.replace('/', "~1")))
@@ -401,18 +395,15 @@ fn prepare_restore_in(
         }
         warn!("restore {id}: {e} (allowed)");
     }
-    let request = gpu::gpu_request(&spec);
+    let request = gpu::gpu_request(spec);
     let devices = own_devices(id, &request, roots)?;
-    let changes = gpu::inject(&mut spec, &devices);
-    gpu::check_gpu_count(record, &spec, &request)?;
-    log_recorded_mounts(id, record, &spec);
-    if !changes.is_empty() {
-        write_spec(bundle, &spec)?;
-    }
+    let changes = gpu::inject(spec, &devices);
+    gpu::check_gpu_count(record, spec, &request)?;
+    log_recorded_mounts(id, record, spec);
     Ok(changes)
 }
 
-/// The container's own GPU request resolved on this node (`kybernate_criu::gpu::own_devices`),
+/// The container's own GPU request resolved on this node (`kybernate_gpu::own_devices`),
 /// logged with how it was resolved.
 fn own_devices(id: &str, request: &GpuRequest, roots: &NodeRoots) -> Result<GpuDevices, GpuError> {
     let dirs: Vec<&Path> = roots.cdi_dirs.iter().map(PathBuf::as_path).collect();
@@ -495,7 +486,7 @@ pub fn serve_driver(args: &[std::ffi::OsString]) -> i32 {
         return 1;
     }
     let mut out = std::fs::File::from(answers);
-    let served = kybernate_criu::cuda::remote::serve_library(library, BufReader::new(std::io::stdin()), &mut out);
+    let served = kybernate_gpu::cuda::remote::serve_library(library, BufReader::new(std::io::stdin()), &mut out);
     let _ = out.flush();
     match served {
         Ok(()) => 0,
@@ -576,8 +567,15 @@ mod tests {
             Some(Node { dir, roots, bundle })
         }
 
+        /// A restore's GPU edits as the container factory makes them: config.json read, edited,
+        /// and written back only when the edit succeeded and changed it.
         fn restore(&self, record: &GpuRecord) -> Result<Vec<String>, GpuError> {
-            prepare_restore_in("c1", &self.bundle, record, false, &self.roots)
+            let mut spec = self.spec();
+            let changes = prepare_restore_in("c1", &mut spec, record, false, &self.roots)?;
+            if !changes.is_empty() {
+                fs::write(self.bundle.join("config.json"), serde_json::to_vec(&spec).unwrap()).unwrap();
+            }
+            Ok(changes)
         }
 
         fn spec(&self) -> serde_json::Value {
@@ -726,7 +724,9 @@ mod tests {
                 "resources": {"futureController": {"a": 1}}, "futureLinux": true}
         });
         let Some(node) = Node::new(&future) else { return };
-        attach_criu_config("c1", &node.bundle).unwrap();
+        let mut spec = node.spec();
+        assert!(attach_criu_config("c1", &node.bundle, &mut spec).unwrap());
+        fs::write(node.bundle.join("config.json"), serde_json::to_vec(&spec).unwrap()).unwrap();
         let mut want = future.clone();
         want["annotations"][CRIU_CONFIG_ANNOTATION] = json!(node.bundle.join(CRIU_CONFIG_FILE).display().to_string());
         assert_eq!(node.spec(), want);

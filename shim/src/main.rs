@@ -28,7 +28,7 @@ fn main() {
     // `start` and `delete` actions, and a daemon started any other way, go through containerd-shim.
     match bootstrap::inherited_listener() {
         Some(Ok(listener)) => {
-            if let Err(e) = bootstrap::serve(RUNTIME_ID, listener) {
+            if let Err(e) = bootstrap::serve(listener) {
                 log::error!("shim daemon: {e}");
                 eprintln!("{RUNTIME_ID}: {e}");
                 std::process::exit(1);

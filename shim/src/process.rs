@@ -10,6 +10,7 @@ use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 
 use crate::error::{Error, Result};
 use crate::io::{ProcessIo, StdioConfig};
+use crate::sync::{lock, unpoison};
 
 /// Where a process is in its life. Transient states (`Starting`, `Pausing`, `Resuming`,
 /// `Checkpointing`, `Deleting`) are held while the runtime call runs, with no lock held, so that
@@ -187,6 +188,12 @@ impl ProcessStatus {
             ProcessStatus::Stopped | ProcessStatus::Deleted => {
                 Error::NotFound(format!("{verb} {id}: process already finished"))
             }
+            // Only a process that has ended (or never started) is deleted. containerd's runc shim
+            // answers a signal during its delete the same way, and CRI's StopContainer, racing the
+            // delete that follows an exit, takes NotFound as "already stopped".
+            ProcessStatus::Deleting if matches!(action, Action::Kill { .. } | Action::Signal) => {
+                Error::NotFound(format!("{verb} {id}: process already finished"))
+            }
             ProcessStatus::Checkpointing { .. } => Error::FailedPrecondition(format!(
                 "{verb} {id}: a checkpoint of this container is running; retry when it has finished"
             )),
@@ -274,9 +281,7 @@ impl Process {
     }
 
     fn lock(&self) -> MutexGuard<'_, ProcessState> {
-        // A poisoned lock only means another thread panicked mid-update of
-        // plain-old-data; the shim must keep serving, so take the data.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.state)
     }
 
     pub fn state(&self) -> ProcessState {
@@ -317,8 +322,7 @@ impl Process {
     /// so that an exit is published after the start, pause or checkpoint that preceded it.
     pub fn wait_settled(&self, timeout: Duration) {
         let s = self.lock();
-        let _ =
-            self.changed.wait_timeout_while(s, timeout, |s| s.status.is_transient()).unwrap_or_else(|p| p.into_inner());
+        let _ = unpoison(self.changed.wait_timeout_while(s, timeout, |s| s.status.is_transient()));
     }
 
     /// Records the exit and moves to Stopped; returns false if it was already recorded.
@@ -342,30 +346,29 @@ impl Process {
             if let Some(e) = s.exit {
                 return e;
             }
-            s = self.changed.wait(s).unwrap_or_else(|p| p.into_inner());
+            s = unpoison(self.changed.wait(s));
         }
     }
 
     /// Like [`wait`](Self::wait), bounded.
     pub fn wait_timeout(&self, timeout: Duration) -> Option<Exit> {
         let s = self.lock();
-        let (s, _) =
-            self.changed.wait_timeout_while(s, timeout, |s| s.exit.is_none()).unwrap_or_else(|p| p.into_inner());
+        let (s, _) = unpoison(self.changed.wait_timeout_while(s, timeout, |s| s.exit.is_none()));
         s.exit
     }
 
     pub fn set_io(&self, io: ProcessIo) {
-        *self.io.lock().unwrap_or_else(|p| p.into_inner()) = Some(io);
+        *lock(&self.io) = Some(io);
     }
 
     /// Runs `f` on the process IO, if any.
     pub fn with_io<T>(&self, f: impl FnOnce(&ProcessIo) -> T) -> Option<T> {
-        self.io.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(f)
+        lock(&self.io).as_ref().map(f)
     }
 
     /// Drops the IO (stops copiers, closes pipes).
     pub fn close_io(&self) {
-        self.io.lock().unwrap_or_else(|p| p.into_inner()).take();
+        lock(&self.io).take();
     }
 }
 
@@ -457,6 +460,21 @@ mod tests {
         }
         p.settle(false);
         assert_eq!(status(&p), Paused);
+    }
+
+    #[test]
+    fn a_signal_during_the_delete_finds_the_process_finished() {
+        let p = p();
+        p.transition(A::Start).unwrap();
+        p.settle(true);
+        p.set_exited(0, SystemTime::now());
+        p.transition(A::Delete).unwrap();
+        for a in [A::Kill { all: false }, A::Kill { all: true }, A::Signal] {
+            let e = p.transition(a).unwrap_err();
+            assert_eq!(e.code(), Code::NOT_FOUND, "{a:?}: {e}");
+            assert!(e.to_string().contains("process already finished"), "{e}");
+        }
+        assert_eq!(p.transition(A::Start).unwrap_err().code(), Code::FAILED_PRECONDITION);
     }
 
     #[test]

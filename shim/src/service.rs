@@ -1,25 +1,22 @@
-//! The shim process: `start` (spawn or reuse the group's daemon), `delete`
-//! (clean up after a dead daemon) and the daemon's task service.
+//! The shim binary's actions as containerd-shim runs them: `start` (the start path is
+//! [`bootstrap`]'s), `delete` (clean up after a dead daemon), and a daemon that containerd-shim's
+//! own bootstrap started.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use containerd_shim::monitor::{monitor_subscribe, Topic};
 use containerd_shim::publisher::RemotePublisher;
-use containerd_shim::{cgroup, util, Config, DeleteResponse, ExitSignal, Flags, Shim, StartOpts};
-use log::{info, warn};
+use containerd_shim::{util, Config, DeleteResponse, ExitSignal, Flags, Shim, StartOpts};
 
-use crate::bootstrap::{self, GroupSocket};
+use crate::bootstrap;
 use crate::checkpoint;
 use crate::container::RuntimeRecord;
-use crate::events::{EventQueue, RemoteEvents};
+use crate::events::RemoteEvents;
+use crate::factory::unmount_rootfs;
 use crate::options::ShimOptions;
-use crate::runtime::{ContainerStatus, GroupRecord, MonitorSpawner, OciRuntime, RuntimeOpts};
-use crate::task::{unmount_rootfs, TaskService};
-
-/// Annotations that put containers into one shim process (a pod), in the order the Go shim checks them.
-pub const GROUP_ANNOTATIONS: [&str; 2] = ["io.containerd.runc.v2.group", "io.kubernetes.cri.sandbox-id"];
+use crate::runtime::{ContainerStatus, OciRuntime, RuntimeOpts};
+use crate::spawn::{GroupRecord, MonitorSpawner};
+use crate::task::TaskService;
 
 pub struct Service {
     id: String,
@@ -40,36 +37,9 @@ impl Shim for Service {
         }
     }
 
-    /// Runs in the bundle dir. Nothing may be printed here: containerd reads
-    /// stdout and stderr together as the socket address.
+    /// Runs in the bundle dir: see [`bootstrap::start`].
     fn start_shim(&mut self, opts: StartOpts) -> containerd_shim::Result<String> {
-        let options = read_start_options();
-        let grouping = group_id(Path::new(".")).unwrap_or_else(|| opts.id.clone());
-        let address = containerd_shim::socket_address(&opts.address, &opts.namespace, &grouping);
-        let listener = match bootstrap::bind_group_socket(&address).map_err(start_error)? {
-            GroupSocket::Live => {
-                util::write_address(&address)?;
-                return Ok(address);
-            }
-            GroupSocket::Bound(listener) => listener,
-        };
-        let spawned = bootstrap::spawn_daemon(&opts, &address, &listener);
-        block_signals_until_exit();
-        let pid = match spawned {
-            Ok(pid) => pid,
-            Err(e) => {
-                bootstrap::remove_socket(&address);
-                return Err(start_error(e));
-            }
-        };
-        if let Some(cg) = options.shim_cgroup() {
-            // Best effort, as in the Go shim: a missing cgroup must not stop the container.
-            let _ = cgroup::add_task_to_cgroup(cg, pid);
-        }
-        // Shims should die before containerd under memory pressure.
-        let _ = cgroup::adjust_oom_score(pid);
-        util::write_address(&address)?;
-        Ok(address)
+        bootstrap::start(&opts)
     }
 
     /// containerd calls `delete` when the daemon died: remove what it left, within containerd's
@@ -133,20 +103,7 @@ impl Shim for Service {
     fn create_task_service(&self, publisher: RemotePublisher) -> TaskService {
         drop(publisher);
         let ttrpc_address = std::env::var("TTRPC_ADDRESS").unwrap_or_default();
-        self.task_service(RemoteEvents::lazy(ttrpc_address))
-    }
-}
-
-impl Service {
-    /// The task service, publishing its events through `events`.
-    pub fn task_service(&self, events: RemoteEvents) -> TaskService {
-        let events = EventQueue::start(Arc::new(events), self.namespace.clone());
-        let exits = monitor_subscribe(Topic::All)
-            // Without exits no task ever finishes: say so loudly rather than die silently.
-            .inspect_err(|e| log::error!("cannot subscribe to process exits: {e}"))
-            .ok();
-        info!("shim {} started for namespace {} (pid {})", self.id, self.namespace, std::process::id());
-        TaskService::new(self.namespace.clone(), events, Arc::new(MonitorSpawner), self.exit.clone(), exits)
+        TaskService::for_daemon(&self.id, &self.namespace, RemoteEvents::lazy(ttrpc_address), self.exit.clone())
     }
 }
 
@@ -253,74 +210,4 @@ pub const ADDRESS_ENV: &str = "KYBERNATE_SHIM_SOCKET";
 /// Private dir holding a copy of `address` for the exit path.
 pub fn exit_dir() -> PathBuf {
     PathBuf::from(format!("/run/kybernate/shim-exit-{}", std::process::id()))
-}
-
-/// Blocks the signals containerd-shim handles, for the rest of the `start` action.
-///
-/// When `start` returns, containerd-shim 0.11 drops its signal-hook iterator, which closes the
-/// self-pipe's read end before it unregisters the handlers. A signal in between makes a handler
-/// `send` to the closed socket, which raises SIGPIPE, whose handler does the same, forever: the
-/// process spins and containerd's `start` (and `ctr run`) never returns. The SIGCHLD that does it
-/// comes from the daemon we just spawned when it exits at once (a daemon that fails to come up).
-/// `start` is single-threaded and needs no signals after the spawn; the daemon has its own mask
-/// (inherited before this call), and pending signals die with this process.
-fn block_signals_until_exit() {
-    use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow, Signal};
-    let mut set = SigSet::empty();
-    for sig in [Signal::SIGCHLD, Signal::SIGPIPE, Signal::SIGTERM, Signal::SIGINT] {
-        set.add(sig);
-    }
-    // Cannot fail with a valid `how`; if it did, we would only be back to the race.
-    let _ = pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), None);
-}
-
-/// containerd prints `start`'s stdout and stderr as the error when `start` fails.
-fn start_error(e: crate::error::Error) -> containerd_shim::Error {
-    containerd_shim::Error::Other(format!("start: {e}"))
-}
-
-/// The runtime options containerd writes to `start`'s stdin (empty when none).
-fn read_start_options() -> ShimOptions {
-    let mut buf = Vec::new();
-    if nix::unistd::isatty(std::io::stdin()).unwrap_or(false) {
-        return ShimOptions::default();
-    }
-    match std::io::stdin().read_to_end(&mut buf) {
-        Ok(_) => ShimOptions::from_start_stdin(&buf).unwrap_or_else(|e| {
-            warn!("ignoring start options: {e}");
-            ShimOptions::default()
-        }),
-        Err(_) => ShimOptions::default(),
-    }
-}
-
-/// The group a bundle belongs to, from its annotations.
-fn group_id(bundle: &Path) -> Option<String> {
-    let spec = kybernate_runtime_select::load_spec(bundle).ok()?;
-    GROUP_ANNOTATIONS.iter().find_map(|k| spec.annotation(k)).map(str::to_string)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn group_id_prefers_runc_group_then_sandbox_id() {
-        let dir = tempfile::tempdir().unwrap();
-        let write = |ann: serde_json::Value| {
-            std::fs::write(
-                dir.path().join("config.json"),
-                serde_json::json!({"ociVersion": "1.0.2", "annotations": ann}).to_string(),
-            )
-            .unwrap()
-        };
-        write(serde_json::json!({"io.kubernetes.cri.sandbox-id": "pod1", "io.containerd.runc.v2.group": "g1"}));
-        assert_eq!(group_id(dir.path()).as_deref(), Some("g1"));
-        write(serde_json::json!({"io.kubernetes.cri.sandbox-id": "pod1"}));
-        assert_eq!(group_id(dir.path()).as_deref(), Some("pod1"));
-        write(serde_json::json!({"io.containerd.runc.v2.group": ""}));
-        assert_eq!(group_id(dir.path()), None);
-        std::fs::write(dir.path().join("config.json"), "garbage").unwrap();
-        assert_eq!(group_id(dir.path()), None);
-    }
 }

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use containerd_shim::api::{
@@ -16,7 +16,7 @@ use containerd_shim::api::{
     ResumeRequest, ShutdownRequest, StartRequest, StartResponse, StateRequest, StateResponse, StatsRequest,
     StatsResponse, UpdateTaskRequest, WaitRequest, WaitResponse,
 };
-use containerd_shim::monitor::{Subject, Subscription};
+use containerd_shim::monitor::{monitor_subscribe, Subject, Subscription, Topic};
 use containerd_shim::protos::events::task::{
     TaskCheckpointed, TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskPaused,
     TaskResumed, TaskStart,
@@ -26,17 +26,19 @@ use containerd_shim::protos::protobuf::Message;
 use containerd_shim::protos::shim::oci::ProcessDetails;
 use containerd_shim::protos::types::task::ProcessInfo;
 use containerd_shim::{api, ExitSignal, Task, TtrpcContext, TtrpcResult};
-use kybernate_runtime_select::{Context as SelectContext, Selector};
 use log::{info, warn};
 
-use crate::checkpoint::{self, CheckpointError, CheckpointRequest, Checkpointer, RestorePlan};
-use crate::container::{Container, RuntimeRecord};
-use crate::error::{Error, Result};
-use crate::events::EventQueue;
+use crate::checkpoint::{self, CheckpointRequest, Checkpointer};
+use crate::container::Container;
+use crate::error::{CheckpointError, Error, Result};
+use crate::events::{EventQueue, RemoteEvents};
+use crate::factory::{unmount_rootfs, ContainerFactory};
 use crate::io::{ProcessIo, StdioConfig};
-use crate::options::ShimOptions;
 use crate::process::{Action, Process, ProcessStatus};
-use crate::runtime::{CreateOpts, ExecOpts, OciRuntime, RuntimeOpts, Spawner};
+use crate::restore::RestorePlan;
+use crate::runtime::{read_pid_file, ExecOpts};
+use crate::spawn::{MonitorSpawner, Spawner};
+use crate::sync::lock;
 
 /// How long an exit waits for the process's output to drain: a daemonised
 /// grandchild can hold the pipe open forever.
@@ -81,11 +83,19 @@ struct Inner {
     exit_order: Mutex<()>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 impl TaskService {
+    /// The task service of shim daemon `id`: events go to containerd through `events`, every
+    /// child exit the shim's reaper sees is subscribed to, and `exit` is signalled at Shutdown.
+    pub fn for_daemon(id: &str, namespace: &str, events: RemoteEvents, exit: Arc<ExitSignal>) -> Self {
+        let events = EventQueue::start(Arc::new(events), namespace.to_string());
+        let exits = monitor_subscribe(Topic::All)
+            // Without exits no task ever finishes: say so loudly rather than die silently.
+            .inspect_err(|e| log::error!("cannot subscribe to process exits: {e}"))
+            .ok();
+        info!("shim {id} started for namespace {namespace} (pid {})", std::process::id());
+        Self::new(namespace.to_string(), events, Arc::new(MonitorSpawner), exit, exits)
+    }
+
     /// `exits` is a subscription to every child exit the shim's reaper sees
     /// (`None` only if subscribing failed; then no exit is ever reported).
     pub fn new(
@@ -246,135 +256,11 @@ impl Inner {
         created
     }
 
+    /// The factory builds the container; the service registers it and publishes TaskCreate.
     fn create_reserved(self: &Arc<Self>, req: &CreateTaskRequest) -> Result<u32> {
-        let bundle = PathBuf::from(&req.bundle);
-        let opts = ShimOptions::from_any(req.options.as_ref())?;
-        // Read leniently, as runc reads it; a document that is not even a JSON object is runc's
-        // to refuse, in its own words: decide as for an empty spec and let it.
-        let spec = kybernate_runtime_select::load_spec(&bundle).unwrap_or_else(|e| {
-            warn!("container {}: {e}; the runtime decides on it", req.id);
-            kybernate_runtime_select::SpecView::default()
-        });
-        let selector =
-            Selector::load(opts.config_path.as_deref(), SelectContext::from_process_env(opts.binary_name()))?;
-        let decision = selector.select(&spec)?;
-        let evidence: Vec<String> = decision.evidence.iter().map(ToString::to_string).collect();
-        info!(
-            "container {}: runtime {} (source: {}, gpu: {}, evidence: [{}])",
-            req.id,
-            decision.runtime.display(),
-            decision.source,
-            decision.gpu,
-            evidence.join("; ")
-        );
-        for w in &decision.warnings {
-            warn!("container {}: {w}", req.id);
-        }
-        // A restore: containerd's checkpoint (`ctr c restore --live`), else a checkpoint of the
-        // node's store named by the annotation or RESTORE_FROM, where the node's config allows
-        // that trigger. Verified, then checked against this container's own spec, before
-        // anything is set up; every decision is logged.
-        let restore = self.plan_restore(req, &spec, &selector.config.checkpoint)?;
-        let mut binary = decision.runtime.clone();
-        let mut restore_gpu = false;
-        if let Some(r) = &restore {
-            match prepare_restore(&req.id, &bundle, r, &selector.config.checkpoint) {
-                Ok((recorded, gpu)) => {
-                    if let Some(recorded) = recorded.filter(|b| *b != binary) {
-                        info!(
-                            "container {}: restoring with {}, the runtime that took the checkpoint (selected: {})",
-                            req.id,
-                            recorded.display(),
-                            binary.display()
-                        );
-                        binary = recorded;
-                    }
-                    restore_gpu = gpu;
-                }
-                Err(e) => {
-                    r.who.log(&format!("refused: {e}"));
-                    return Err(e);
-                }
-            }
-        }
-        if decision.gpu || restore_gpu {
-            crate::gpu::attach_criu_config(&req.id, &bundle).map_err(|source| CheckpointError::Gpu {
-                what: "create",
-                id: req.id.clone(),
-                source: Box::new(source),
-            })?;
-        }
-        let cgroups_path = spec.cgroups_path();
-        let systemd_cgroup = opts.systemd_cgroup(cgroups_path);
-        if systemd_cgroup && opts.runc.is_none() {
-            info!("container {}: cgroups through systemd (cgroupsPath {:?} is systemd's form)", req.id, cgroups_path);
-        }
-        let record = RuntimeRecord {
-            binary,
-            root: opts.runtime_root(&self.namespace),
-            systemd_cgroup,
-            source: decision.source.as_str().to_string(),
-            gpu: decision.gpu,
-            evidence,
-        };
-        record.write(&bundle)?;
-        let runtime = OciRuntime::new(
-            RuntimeOpts {
-                binary: record.binary.clone(),
-                root: record.root.clone(),
-                systemd_cgroup: record.systemd_cgroup,
-                criu: opts.criu_path.clone(),
-                criu_env: vec![],
-            },
-            self.spawner.clone(),
-        );
-
-        let rootfs = bundle.join("rootfs");
-        let mounted = mount_rootfs(&req.rootfs, &rootfs)?;
-        let stdio = StdioConfig {
-            stdin: req.stdin.clone(),
-            stdout: req.stdout.clone(),
-            stderr: req.stderr.clone(),
-            terminal: req.terminal,
-        };
-        let created = match &restore {
-            // The restore itself runs at Start (as in containerd's runc shim); only the rootfs
-            // changes of a store checkpoint are applied now.
-            Some(r) => apply_rootfs_diff(&req.id, &r.plan, &rootfs).map(|()| (0, None)),
-            None => self.create_init(&req.id, &bundle, &runtime, &opts, &stdio).map(|(pid, io)| (pid, Some(io))),
-        };
-        let (pid, io) = match created {
-            Ok(v) => v,
-            Err(e) => {
-                // Leave nothing behind: runtime state, process, mounts.
-                if let Err(de) = runtime.delete(&req.id, &bundle, true) {
-                    if !(de.is_not_found()) {
-                        warn!("create {}: cleanup: {de}", req.id);
-                    }
-                }
-                if mounted {
-                    unmount_rootfs(&rootfs);
-                }
-                return Err(e);
-            }
-        };
-        let init = Arc::new(Process::new(req.id.clone(), None, stdio.clone(), None));
-        init.transition(Action::Created { restore: restore.is_some() })?;
-        if let Some(io) = io {
-            init.set_pid(pid);
-            init.set_io(io);
-        }
-        let mut c = Container::new(req.id.clone(), bundle.clone(), runtime, record, init, mounted)
-            .with_io_owner(opts.io_owner());
-        c.no_pivot = opts.no_pivot_root();
-        c.criu_work = opts.criu_work_path();
-        c.rootfs_upper = req.rootfs.iter().find_map(|m| kybernate_criu::overlay_upperdir(&m.type_, &m.options));
-        c.checkpoint_config = selector.config.checkpoint.clone();
-        c.kill_all_on_exit = !spec.has_own_pid_namespace();
-        let c = Arc::new(c);
-        if let Some(r) = restore {
-            c.set_restore(r.plan);
-        }
+        let factory = ContainerFactory { namespace: &self.namespace, spawner: &self.spawner };
+        let c = Arc::new(factory.create(req)?);
+        let pid = c.init.pid();
         lock(&self.containers).insert(req.id.clone(), Slot::Ready(c.clone()));
         self.events.send(TaskCreate {
             container_id: req.id.clone(),
@@ -398,78 +284,6 @@ impl Inner {
             self.watch_oom(&c, pid);
         }
         Ok(pid)
-    }
-
-    /// The restore a new container asks for, verified and allowed by the node's policy (trigger
-    /// switches, store confinement, tenant), or `None` for a fresh start. Refusals and ignored
-    /// triggers are logged here; the rest of the decision in [`prepare_restore`].
-    fn plan_restore(
-        &self,
-        req: &CreateTaskRequest,
-        spec: &kybernate_runtime_select::SpecView,
-        config: &kybernate_runtime_select::CheckpointConfig,
-    ) -> Result<Option<Restoring>> {
-        let pod = checkpoint::pod_of(spec);
-        if !req.checkpoint.is_empty() {
-            let who = RestoreLog {
-                id: req.id.clone(),
-                pod,
-                checkpoint: req.checkpoint.clone(),
-                trigger: "containerd's checkpoint",
-            };
-            return match RestorePlan::from_containerd(&req.id, Path::new(&req.checkpoint)) {
-                Ok(plan) => Ok(Some(Restoring { plan, who })),
-                Err(e) => {
-                    who.log(&format!("refused: {e}"));
-                    Err(e.into())
-                }
-            };
-        }
-        let Some(trigger) = checkpoint::restore_trigger(spec) else { return Ok(None) };
-        let mut who = RestoreLog {
-            id: req.id.clone(),
-            pod,
-            checkpoint: trigger.reference().to_string(),
-            trigger: trigger.source(),
-        };
-        if let Some(key) = trigger.disabled_by(config) {
-            who.log(&format!("ignored ({key} on this node): the container starts fresh"));
-            warn!("container {}: {} ignored: {key}; the container starts fresh", req.id, trigger.source());
-            return Ok(None);
-        }
-        let tenant = checkpoint::tenant(spec, &self.namespace);
-        match RestorePlan::from_store(&req.id, trigger.reference(), config, &tenant) {
-            Ok(plan) => {
-                who.checkpoint = checkpoint::checkpoint_name(&plan.dir, config);
-                Ok(Some(Restoring { plan, who }))
-            }
-            Err(e) => {
-                who.log(&format!("refused: {e}"));
-                Err(e.into())
-            }
-        }
-    }
-
-    /// Runs `<runtime> create` with the process IO wired up; returns the init pid.
-    fn create_init(
-        &self,
-        id: &str,
-        bundle: &Path,
-        runtime: &OciRuntime,
-        opts: &ShimOptions,
-        stdio: &StdioConfig,
-    ) -> Result<(u32, ProcessIo)> {
-        let (mut io, child) = ProcessIo::prepare_owned(stdio, bundle, id, &self.namespace, opts.io_owner())?;
-        let pid_file = bundle.join("init.pid");
-        let create = CreateOpts {
-            pid_file: pid_file.clone(),
-            console_socket: io.console_socket().map(Path::to_path_buf),
-            no_pivot: opts.no_pivot_root(),
-            no_new_keyring: opts.no_new_keyring(),
-        };
-        runtime.create(id, bundle, &create, child)?;
-        io.attach()?;
-        Ok((read_pid(&pid_file)?, io))
     }
 
     fn watch_oom(&self, c: &Arc<Container>, pid: u32) {
@@ -523,10 +337,10 @@ impl Inner {
         let mut runtime = c.runtime.with_criu(criu_path);
         let gpu = plan.gpu().cloned();
         let gpu_err = |source| CheckpointError::Gpu { what: "restore", id: c.id.clone(), source: Box::new(source) };
-        if gpu.as_ref().is_some_and(|g| g.mode == kybernate_criu::gpu::GpuMode::DriverApi) {
+        if gpu.as_ref().is_some_and(|g| g.mode == kybernate_gpu::GpuMode::DriverApi) {
             // Our images carry no CUDA plugin state: a plugin installed on the node stays out.
             let empty = crate::gpu::empty_plugin_dir(&c.bundle).map_err(gpu_err)?;
-            runtime = runtime.with_criu_env(kybernate_criu::cuda::preflight::CRIU_LIBS_DIR, empty);
+            runtime = runtime.with_criu_env(kybernate_gpu::cuda::preflight::CRIU_LIBS_DIR, empty);
         }
         let work = checkpoint::work_dir(c, None)?;
         let (mut io, child) = ProcessIo::prepare_owned(&c.init.stdio, &c.bundle, &c.id, &self.namespace, c.io_owner)?;
@@ -541,7 +355,7 @@ impl Inner {
                 }
             }
             let log = work.join("restore.log");
-            return Err(checkpoint::runtime_failure(
+            return Err(CheckpointError::runtime_failure(
                 "restore",
                 &c.id,
                 e,
@@ -551,7 +365,7 @@ impl Inner {
             .into());
         }
         io.attach()?;
-        let pid = read_pid(&pid_file)?;
+        let pid = read_pid_file(&pid_file)?;
         if let Some(gpu) = &gpu {
             // The restored CUDA processes are locked with their device memory in host memory:
             // give it back to the GPUs and unlock them. A container whose GPU state cannot be
@@ -620,7 +434,7 @@ impl Inner {
         let opts = ExecOpts { pid_file: pid_file.clone(), console_socket: io.console_socket().map(Path::to_path_buf) };
         c.runtime.exec(&c.id, &c.bundle, spec, &opts, child)?;
         io.attach()?;
-        let pid = read_pid(&pid_file)?;
+        let pid = read_pid_file(&pid_file)?;
         let _ = std::fs::remove_file(&pid_file);
         p.set_io(io);
         p.set_pid(pid);
@@ -787,7 +601,9 @@ impl Inner {
                 let details = ProcessDetails { exec_id: exec_id.clone(), ..Default::default() };
                 let mut any = Any::new();
                 any.type_url = "containerd.runc.v1.ProcessDetails".into();
-                any.value = details.write_to_bytes().map_err(|e| Error::InvalidArgument(e.to_string()))?;
+                any.value = details
+                    .write_to_bytes()
+                    .map_err(Error::internal(format!("encode the details of exec {exec_id}")))?;
                 info.info = Some(any).into();
             }
             resp.processes.push(info);
@@ -814,7 +630,7 @@ impl Inner {
         let c = self.container(id)?;
         let pid = c.init.transition(Action::Stats)?.pid;
         let stats = crate::stats::collect(pid)
-            .map_err(|e| Error::Os { context: format!("stats {id}"), source: std::io::Error::other(e.to_string()) })?;
+            .map_err(|e| Error::Os { context: format!("stats {id}"), source: std::io::Error::other(e) })?;
         Ok(StatsResponse { stats: Some(stats).into(), ..Default::default() })
     }
 
@@ -854,98 +670,6 @@ fn exec_file_stem(exec_id: &str) -> String {
     let safe: String =
         exec_id.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect();
     format!("exec-{safe}")
-}
-
-fn read_pid(path: &Path) -> Result<u32> {
-    let text = std::fs::read_to_string(path).map_err(Error::os(format!("read pid file {}", path.display())))?;
-    text.trim()
-        .parse::<u32>()
-        .ok()
-        .filter(|p| *p > 0)
-        .ok_or_else(|| Error::InvalidArgument(format!("{}: not a pid: {text:?}", path.display())))
-}
-
-/// A restore decided at Create, carried out at Start.
-struct Restoring {
-    plan: RestorePlan,
-    who: RestoreLog,
-}
-
-/// Who asked for a restore of which checkpoint, for the decision log line.
-struct RestoreLog {
-    id: String,
-    pod: String,
-    checkpoint: String,
-    trigger: &'static str,
-}
-
-impl RestoreLog {
-    fn log(&self, decision: &str) {
-        checkpoint::log_restore_decision(&self.id, &self.pod, &self.checkpoint, self.trigger, decision);
-    }
-}
-
-/// The rest of a restore's decision, once its checkpoint is verified: the runtime that took it
-/// (returned when recorded), a GPU checkpoint's devices from this container's own GPU request
-/// (returns whether it is one), then the credentials check of CRIU's images against the spec
-/// as runc will run it.
-fn prepare_restore(
-    id: &str,
-    bundle: &Path,
-    r: &Restoring,
-    config: &kybernate_runtime_select::CheckpointConfig,
-) -> Result<(Option<PathBuf>, bool)> {
-    let recorded = r.plan.runtime_binary(id)?;
-    let gpu = r.plan.gpu();
-    if let Some(gpu) = gpu {
-        let changes = crate::gpu::prepare_restore(id, bundle, gpu, config).map_err(|source| CheckpointError::Gpu {
-            what: "restore",
-            id: id.to_string(),
-            source: Box::new(source),
-        })?;
-        for change in &changes {
-            info!("container {id}: restore: {change}");
-        }
-    }
-    let summary = checkpoint::check_grants(id, &r.who.checkpoint, &r.plan.images, bundle)?;
-    r.who.log(&format!("allowed: its processes need nothing this container's spec does not grant ({summary})"));
-    Ok((recorded, gpu.is_some()))
-}
-
-/// Applies a store checkpoint's `rootfs-diff.tar` onto the freshly mounted rootfs.
-fn apply_rootfs_diff(id: &str, plan: &RestorePlan, rootfs: &Path) -> Result<()> {
-    let Some(diff) = plan.rootfs_diff() else { return Ok(()) };
-    kybernate_criu::apply_rootfs_diff(&diff, rootfs).map_err(|e| {
-        Error::InvalidArgument(format!("restore {id}: apply {} to {}: {e}", diff.display(), rootfs.display()))
-    })
-}
-
-/// Mounts containerd's rootfs mounts on `target`; on failure unmounts what was mounted.
-fn mount_rootfs(mounts: &[containerd_shim::protos::types::mount::Mount], target: &Path) -> Result<bool> {
-    if mounts.is_empty() {
-        return Ok(false);
-    }
-    std::fs::create_dir_all(target).map_err(Error::os(format!("create {}", target.display())))?;
-    for m in mounts {
-        let (ty, src) =
-            (Some(m.type_.as_str()).filter(|s| !s.is_empty()), Some(m.source.as_str()).filter(|s| !s.is_empty()));
-        if let Err(e) = containerd_shim::mount::mount_rootfs(ty, src, &m.options, target) {
-            unmount_rootfs(target);
-            return Err(Error::Shim {
-                context: format!("mount rootfs {} ({}) on {}", m.source, m.type_, target.display()),
-                message: e.to_string(),
-            });
-        }
-    }
-    Ok(true)
-}
-
-pub fn unmount_rootfs(target: &Path) {
-    if let Some(t) = target.to_str() {
-        if let Err(e) = containerd_shim::mount::umount_recursive(Some(t), libc::MNT_DETACH) {
-            warn!("unmount {}: {e}", target.display());
-        }
-    }
 }
 
 impl Task for TaskService {

@@ -533,7 +533,7 @@ fn a_shim_holding_a_container_keeps_only_what_is_its_own_private() {
 fn containers_joining_a_running_group_shim_start_every_time() {
     // A container joining its group's running shim makes `start` spawn a daemon that exits at
     // once. Its SIGCHLD used to hit containerd-shim's signal teardown and spin `start` forever
-    // (about 1 start in 100 here), hanging `ctr run`; see service::block_signals_until_exit.
+    // (about 1 start in 100 here), hanging `ctr run`; see bootstrap::block_signals_until_exit.
     let tb = testbed();
     let group = format!("{GROUP_ANNOTATION}={}", unique_name("g"));
     let in_group = ["--label", group.as_str(), "--annotation", group.as_str()];

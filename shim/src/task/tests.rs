@@ -6,7 +6,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use containerd_shim::api::{
@@ -20,8 +20,11 @@ use containerd_shim::protos::ttrpc::Code;
 use containerd_shim::ExitSignal;
 
 use super::*;
+use crate::container::RuntimeRecord;
 use crate::events::RecordingPublisher;
-use crate::runtime::{Capture, PipedChild, RunOutput};
+use crate::runtime::{OciRuntime, RuntimeOpts};
+use crate::spawn::{Capture, PipedChild, RunOutput};
+use crate::sync::unpoison;
 
 const NS: &str = "task-tests";
 /// Above any kernel's `pid_max` (2^22): a signal to one of these pids can never hit a process.
@@ -70,10 +73,8 @@ impl FakeRuntime {
     /// Waits until a held `call` is blocked in the fake.
     fn wait_blocked(&self, call: &str) {
         let s = self.lock();
-        let (s, timeout) = self
-            .changed
-            .wait_timeout_while(s, Duration::from_secs(10), |s| !s.blocked.contains(call))
-            .unwrap_or_else(|p| p.into_inner());
+        let waited = self.changed.wait_timeout_while(s, Duration::from_secs(10), |s| !s.blocked.contains(call));
+        let (s, timeout) = unpoison(waited);
         assert!(!timeout.timed_out(), "{call} never ran; calls: {:?}", s.calls);
     }
 
@@ -112,7 +113,7 @@ impl Spawner for FakeRuntime {
         if s.held.contains(&call) {
             s.blocked.insert(call.clone());
             self.changed.notify_all();
-            s = self.changed.wait_while(s, |s| s.held.contains(&call)).unwrap_or_else(|p| p.into_inner());
+            s = unpoison(self.changed.wait_while(s, |s| s.held.contains(&call)));
             s.blocked.remove(&call);
         }
         if let Some(message) = s.fail.get(&call).cloned() {

@@ -32,7 +32,7 @@ use super::{fake_gpu_runtime_binary, shim_dir, text, wait_for, SHIM};
 pub const HANDLER: &str = "kybernate";
 /// Bound on one CRI call: StartContainer of a restore runs CRIU; CI machines have 2 cores.
 pub const CRI_TIMEOUT: Duration = Duration::from_secs(120);
-/// The restore annotation (shim/src/checkpoint.rs `RESTORE_ANNOTATION`).
+/// The restore annotation (shim/src/restore.rs `RESTORE_ANNOTATION`).
 pub const RESTORE_ANNOTATION: &str = "kybernate.io/restore-from";
 /// A container command that runs until SIGTERM and then exits 0 at once.
 pub const SLEEPER: [&str; 3] = ["sh", "-c", "trap 'exit 0' TERM; while :; do sleep 3600 & wait; done"];

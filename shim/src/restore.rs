@@ -1,0 +1,442 @@
+//! Restoring a container from a checkpoint, decided at Create and run at Start: which checkpoint
+//! a new container asks for (containerd's, or one of the node's store named by an annotation or
+//! `RESTORE_FROM`), whether the node's policy allows it, the checkpoint verified and its
+//! processes checked against the new container's spec, and the arguments of `runtime restore`.
+//!
+//! Every decision is logged (see [`log_restore_decision`]). Nothing here knows a running
+//! container: the Task service runs the restore that [`RestorePlan`] describes.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+use kybernate_checkpoint::{self as criu, CheckpointFlags, Manifest, Store};
+use kybernate_runtime_select::{CheckpointConfig, SpecView};
+use log::{info, warn};
+
+use crate::error::{CheckpointError, Error};
+use crate::gpu;
+use crate::testhook::{test_stop_point, STOP_RESTORE_VERIFY};
+
+/// Annotation naming a checkpoint in the node's store to restore on create (Kubernetes path).
+pub const RESTORE_ANNOTATION: &str = "kybernate.io/restore-from";
+/// Process environment variable with the same meaning (parity with the original prototype).
+pub const RESTORE_ENV: &str = "RESTORE_FROM";
+/// File left in containerd's checkpoint dir when the checkpoint went to `image_path` instead
+/// (see `checkpoint::write_pointer`).
+pub const POINTER_FILE: &str = "kybernate-pointer.json";
+/// CRI annotations naming the pod's Kubernetes namespace (sandbox first, as CRI sets both).
+pub(crate) const POD_NAMESPACE_ANNOTATIONS: [&str; 2] =
+    ["io.kubernetes.cri.sandbox-namespace", "io.kubernetes.pod.namespace"];
+pub(crate) const POD_NAME_ANNOTATIONS: [&str; 2] = ["io.kubernetes.cri.sandbox-name", "io.kubernetes.pod.name"];
+/// CRI's "sandbox" or "container".
+const CONTAINER_TYPE_ANNOTATION: &str = "io.kubernetes.cri.container-type";
+
+type Result<T, E = CheckpointError> = std::result::Result<T, E>;
+
+/// A restore the container's Start will run.
+#[derive(Debug, Clone)]
+pub struct RestorePlan {
+    /// The checkpoint directory (ours: with `checkpoint/` and the manifest; or a bare image dir).
+    pub dir: PathBuf,
+    /// CRIU images.
+    pub images: PathBuf,
+    /// The flags the checkpoint was taken with (restore needs the matching ones).
+    pub flags: CheckpointFlags,
+    pub manifest: Option<Manifest>,
+}
+
+impl RestorePlan {
+    /// containerd's checkpoint directory (`ctr c restore --live`, CRI in containerd 2.x): our
+    /// layout, verified; or a bare CRIU image dir as containerd's runc shim writes it, which has
+    /// no manifest to verify (containerd's content store checked its digests).
+    pub fn from_containerd(id: &str, dir: &Path) -> Result<Self> {
+        if dir.join(criu::MANIFEST_FILE).exists() || dir.join(criu::IMAGES_DIR).exists() {
+            // Ours, flat (CRIU's images beside the manifest) or in the store layout.
+            return Self::verified(id, dir);
+        }
+        if let Ok(text) = std::fs::read_to_string(dir.join(POINTER_FILE)) {
+            return Err(CheckpointError::Restore {
+                id: id.into(),
+                message: format!(
+                    "{}: this checkpoint image only points to a checkpoint in a node's store ({}); restore that one with the annotation {RESTORE_ANNOTATION}",
+                    dir.display(),
+                    text.trim()
+                ),
+            });
+        }
+        if dir.join("inventory.img").is_file() {
+            warn!(
+                "restore {id}: {} has no {} (not taken by this shim): not verified",
+                dir.display(),
+                criu::MANIFEST_FILE
+            );
+            return Ok(Self { dir: dir.into(), images: dir.into(), flags: Default::default(), manifest: None });
+        }
+        Err(CheckpointError::Restore {
+            id: id.into(),
+            message: format!(
+                "{}: not a checkpoint (no {} and no CRIU inventory.img)",
+                dir.display(),
+                criu::MANIFEST_FILE
+            ),
+        })
+    }
+
+    /// A checkpoint named by the restore annotation or `RESTORE_FROM`: confined to the store,
+    /// verified, and owned by the restoring container's tenant unless the config allows otherwise.
+    pub fn from_store(id: &str, reference: &str, config: &CheckpointConfig, tenant: &str) -> Result<Self> {
+        let store = Store::new(&config.root);
+        let dir = store.resolve(reference).map_err(|source| CheckpointError::Store {
+            what: "restore",
+            id: id.to_string(),
+            source: Box::new(source),
+        })?;
+        let plan = Self::verified(id, &dir)?;
+        if let Some(m) = &plan.manifest {
+            criu::check_namespace(m, tenant, config.allow_cross_namespace_restore)
+                .map_err(|source| CheckpointError::Policy { id: id.to_string(), source })?;
+        }
+        Ok(plan)
+    }
+
+    fn verified(id: &str, dir: &Path) -> Result<Self> {
+        test_stop_point(id, STOP_RESTORE_VERIFY);
+        let manifest = criu::verify(dir).map_err(|source| CheckpointError::Verify { id: id.to_string(), source })?;
+        Ok(Self {
+            dir: dir.into(),
+            images: dir.join(manifest.images_rel()),
+            flags: manifest.options.clone(),
+            manifest: Some(manifest),
+        })
+    }
+
+    /// The runtime binary that took the checkpoint, which must restore it; refused when it is gone.
+    pub fn runtime_binary(&self, id: &str) -> Result<Option<PathBuf>> {
+        let Some(m) = &self.manifest else { return Ok(None) };
+        let bin = &m.runtime.path;
+        if bin.as_os_str().is_empty() {
+            return Ok(None);
+        }
+        if !bin.is_file() {
+            return Err(CheckpointError::Restore {
+                id: id.into(),
+                message: format!(
+                    "checkpoint {} was taken with runtime {}, which does not exist on this node; install it to restore",
+                    self.dir.display(),
+                    bin.display()
+                ),
+            });
+        }
+        Ok(Some(bin.clone()))
+    }
+
+    /// The GPU record of the checkpoint (a GPU container's), if any.
+    pub fn gpu(&self) -> Option<&kybernate_gpu::GpuRecord> {
+        self.manifest.as_ref()?.gpu.as_ref()
+    }
+
+    /// `rootfs-diff.tar` of a store checkpoint, to apply before the restore.
+    pub fn rootfs_diff(&self) -> Option<PathBuf> {
+        self.manifest.as_ref().filter(|m| m.rootfs_diff && !m.flat).map(|_| self.dir.join(criu::ROOTFS_DIFF))
+    }
+
+    /// Applies a store checkpoint's `rootfs-diff.tar` onto the freshly mounted `rootfs`.
+    pub fn apply_rootfs_diff(&self, id: &str, rootfs: &Path) -> Result<(), Error> {
+        let Some(diff) = self.rootfs_diff() else { return Ok(()) };
+        criu::apply_rootfs_diff(&diff, rootfs).map_err(|source| {
+            CheckpointError::ApplyRootfsDiff {
+                id: id.to_string(),
+                diff: diff.clone(),
+                rootfs: rootfs.to_path_buf(),
+                source: Box::new(source),
+            }
+            .into()
+        })
+    }
+
+    /// Arguments of `runtime restore`.
+    pub fn restore_args(
+        &self,
+        bundle: &Path,
+        work: &Path,
+        pid_file: &Path,
+        console_socket: Option<&Path>,
+        no_pivot: bool,
+    ) -> Vec<OsString> {
+        criu::RestoreArgs {
+            images: self.images.clone(),
+            work: work.to_path_buf(),
+            bundle: bundle.to_path_buf(),
+            pid_file: pid_file.to_path_buf(),
+            console_socket: console_socket.map(Path::to_path_buf),
+            no_pivot,
+            flags: self.flags.clone(),
+        }
+        .args()
+    }
+}
+
+/// What asks a new container to be restored from the node's store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RestoreTrigger {
+    /// The annotation `kybernate.io/restore-from` (a pod annotation the admin let through).
+    Annotation(String),
+    /// `RESTORE_FROM` in the container's environment (any pod can set it).
+    Env(String),
+}
+
+impl RestoreTrigger {
+    pub fn reference(&self) -> &str {
+        match self {
+            RestoreTrigger::Annotation(r) | RestoreTrigger::Env(r) => r,
+        }
+    }
+
+    pub fn source(&self) -> &'static str {
+        match self {
+            RestoreTrigger::Annotation(_) => "annotation kybernate.io/restore-from",
+            RestoreTrigger::Env(_) => "environment variable RESTORE_FROM",
+        }
+    }
+
+    /// `None` when the node's config allows this kind of trigger, else the config key that
+    /// switches it on.
+    pub fn disabled_by(&self, config: &CheckpointConfig) -> Option<&'static str> {
+        match self {
+            RestoreTrigger::Annotation(_) if !config.allow_annotation_restore => {
+                Some("[checkpoint] allow_annotation_restore = false")
+            }
+            RestoreTrigger::Env(_) if !config.allow_env_restore => Some("[checkpoint] allow_env_restore = false"),
+            _ => None,
+        }
+    }
+}
+
+/// The checkpoint a new container asks to be restored from: the annotation, else the last
+/// `RESTORE_FROM` in its process environment. Never for a pod's sandbox (pause) container: CRI
+/// copies pod annotations into the sandbox's spec too, and the checkpoint is the app container's.
+pub fn restore_trigger(spec: &SpecView) -> Option<RestoreTrigger> {
+    if spec_annotation(Some(spec), CONTAINER_TYPE_ANNOTATION).as_deref() == Some("sandbox") {
+        return None;
+    }
+    if let Some(v) = spec_annotation(Some(spec), RESTORE_ANNOTATION) {
+        return Some(RestoreTrigger::Annotation(v));
+    }
+    spec.env()
+        .into_iter()
+        .rev()
+        .find_map(|e| e.strip_prefix(RESTORE_ENV)?.strip_prefix('=').filter(|v| !v.is_empty()))
+        .map(|v| RestoreTrigger::Env(v.to_string()))
+}
+
+/// The pod a container belongs to, as CRI annotates it, for log lines: `namespace/name`, or
+/// `-` outside Kubernetes.
+pub fn pod_of(spec: &SpecView) -> String {
+    let ns = POD_NAMESPACE_ANNOTATIONS.iter().find_map(|k| spec_annotation(Some(spec), k));
+    let name = POD_NAME_ANNOTATIONS.iter().find_map(|k| spec_annotation(Some(spec), k));
+    match (ns, name) {
+        (None, None) => "-".into(),
+        (ns, name) => format!("{}/{}", ns.as_deref().unwrap_or("?"), name.as_deref().unwrap_or("?")),
+    }
+}
+
+/// The id a store checkpoint goes by (`<namespace>/<container>/<checkpoint>`), else its path.
+pub fn checkpoint_name(dir: &Path, config: &CheckpointConfig) -> String {
+    let root = std::fs::canonicalize(&config.root).unwrap_or_else(|_| config.root.clone());
+    dir.strip_prefix(&root).map_or_else(|_| dir.display().to_string(), |rel| rel.display().to_string())
+}
+
+/// Every restore decision is logged at info: who asked (container, pod, trigger), which
+/// checkpoint, and what became of it.
+pub fn log_restore_decision(id: &str, pod: &str, checkpoint: &str, trigger: &str, decision: &str) {
+    info!("restore decision: container {id} (pod {pod}), checkpoint {checkpoint} ({trigger}): {decision}");
+}
+
+/// The credentials check of a restore: the checkpoint's CRIU images against the new
+/// container's spec as runc will run it (`config.json` after the GPU edits). Nothing is read
+/// from `spec.dump` or the manifest for this.
+pub fn check_grants(
+    id: &str,
+    checkpoint: &str,
+    images: &Path,
+    spec: &serde_json::Value,
+) -> Result<criu::grants::Summary> {
+    criu::grants::check_restore(images, spec, &criu::grants::Host::this_node()).map_err(|source| {
+        CheckpointError::Grants { id: id.into(), checkpoint: checkpoint.into(), source: Box::new(source) }
+    })
+}
+
+/// Who owns a container for the restore policy: its pod's Kubernetes namespace, else the
+/// containerd namespace.
+pub fn tenant(spec: &SpecView, containerd_namespace: &str) -> String {
+    POD_NAMESPACE_ANNOTATIONS
+        .iter()
+        .find_map(|k| spec_annotation(Some(spec), k))
+        .unwrap_or_else(|| containerd_namespace.to_string())
+}
+
+pub(crate) fn spec_annotation(spec: Option<&SpecView>, key: &str) -> Option<String> {
+    spec?.annotation(key).map(str::to_string)
+}
+
+/// A restore decided at Create, carried out at Start.
+pub struct Restoring {
+    pub plan: RestorePlan,
+    who: RestoreLog,
+}
+
+/// What the rest of a restore's decision gives the new container.
+#[derive(Debug, Default)]
+pub struct Prepared {
+    /// The runtime that took the checkpoint, when the manifest records it.
+    pub runtime: Option<PathBuf>,
+    /// A GPU checkpoint: the container gets the CRIU config of GPU containers.
+    pub gpu: bool,
+    /// The GPU edits changed the spec.
+    pub spec_changed: bool,
+}
+
+impl Restoring {
+    /// The restore a new container asks for, verified and allowed by the node's policy (trigger
+    /// switches, store confinement, tenant), or `None` for a fresh start. `checkpoint`:
+    /// containerd's checkpoint dir of the Create request (may be empty); `namespace`: this
+    /// shim's containerd namespace. Refusals and ignored triggers are logged here; the rest of
+    /// the decision in [`prepare`](Self::prepare).
+    pub fn plan(
+        id: &str,
+        checkpoint: &str,
+        spec: &SpecView,
+        config: &CheckpointConfig,
+        namespace: &str,
+    ) -> Result<Option<Self>, Error> {
+        let pod = pod_of(spec);
+        if !checkpoint.is_empty() {
+            let who = RestoreLog {
+                id: id.to_string(),
+                pod,
+                checkpoint: checkpoint.to_string(),
+                trigger: "containerd's checkpoint",
+            };
+            return match RestorePlan::from_containerd(id, Path::new(checkpoint)) {
+                Ok(plan) => Ok(Some(Self { plan, who })),
+                Err(e) => {
+                    who.log(&format!("refused: {e}"));
+                    Err(e.into())
+                }
+            };
+        }
+        let Some(trigger) = restore_trigger(spec) else { return Ok(None) };
+        let mut who = RestoreLog {
+            id: id.to_string(),
+            pod,
+            checkpoint: trigger.reference().to_string(),
+            trigger: trigger.source(),
+        };
+        if let Some(key) = trigger.disabled_by(config) {
+            who.log(&format!("ignored ({key} on this node): the container starts fresh"));
+            warn!("container {id}: {} ignored: {key}; the container starts fresh", trigger.source());
+            return Ok(None);
+        }
+        let tenant = tenant(spec, namespace);
+        match RestorePlan::from_store(id, trigger.reference(), config, &tenant) {
+            Ok(plan) => {
+                who.checkpoint = checkpoint_name(&plan.dir, config);
+                Ok(Some(Self { plan, who }))
+            }
+            Err(e) => {
+                who.log(&format!("refused: {e}"));
+                Err(e.into())
+            }
+        }
+    }
+
+    /// The rest of the decision, once the checkpoint is verified: the runtime that took it, a
+    /// GPU checkpoint's devices from this container's own GPU request (edited into `spec`), then
+    /// the credentials check of CRIU's images against `spec` as runc will run it. The caller
+    /// logs a refusal ([`refused`](Self::refused)).
+    pub fn prepare(
+        &self,
+        id: &str,
+        spec: &mut serde_json::Value,
+        config: &CheckpointConfig,
+    ) -> Result<Prepared, Error> {
+        let mut prepared = Prepared { runtime: self.plan.runtime_binary(id)?, ..Default::default() };
+        if let Some(gpu) = self.plan.gpu() {
+            let changes = gpu::prepare_restore(id, spec, gpu, config).map_err(|source| CheckpointError::Gpu {
+                what: "restore",
+                id: id.to_string(),
+                source: Box::new(source),
+            })?;
+            for change in &changes {
+                info!("container {id}: restore: {change}");
+            }
+            prepared.gpu = true;
+            prepared.spec_changed = !changes.is_empty();
+        }
+        let summary = check_grants(id, &self.who.checkpoint, &self.plan.images, spec)?;
+        self.who.log(&format!("allowed: its processes need nothing this container's spec does not grant ({summary})"));
+        Ok(prepared)
+    }
+
+    /// Logs the refusal of this restore.
+    pub fn refused(&self, e: &Error) {
+        self.who.log(&format!("refused: {e}"));
+    }
+}
+
+/// Who asked for a restore of which checkpoint, for the decision log line.
+struct RestoreLog {
+    id: String,
+    pod: String,
+    checkpoint: String,
+    trigger: &'static str,
+}
+
+impl RestoreLog {
+    fn log(&self, decision: &str) {
+        log_restore_decision(&self.id, &self.pod, &self.checkpoint, self.trigger, decision);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(json: serde_json::Value) -> SpecView {
+        SpecView::from_value(json)
+    }
+
+    #[test]
+    fn restore_trigger_prefers_the_annotation_then_the_last_env_entry() {
+        let s = spec(serde_json::json!({
+            "ociVersion": "1.0.2",
+            "annotations": {"kybernate.io/restore-from": "default/a/1"},
+            "process": {"cwd": "/", "user": {"uid": 0, "gid": 0}, "args": ["sh"], "env": ["RESTORE_FROM=x", "RESTORE_FROM=y"]}
+        }));
+        assert_eq!(restore_trigger(&s), Some(RestoreTrigger::Annotation("default/a/1".into())));
+        let s = spec(serde_json::json!({
+            "ociVersion": "1.0.2",
+            "process": {"cwd": "/", "user": {"uid": 0, "gid": 0}, "args": ["sh"], "env": ["RESTORE_FROM=x", "RESTORE_FROM_NOT=z", "RESTORE_FROM=y"]}
+        }));
+        assert_eq!(restore_trigger(&s), Some(RestoreTrigger::Env("y".into())));
+        let s = spec(
+            serde_json::json!({"ociVersion": "1.0.2", "process": {"cwd": "/", "user": {"uid": 0, "gid": 0}, "args": ["sh"], "env": ["RESTORE_FROM="]}}),
+        );
+        assert_eq!(restore_trigger(&s), None);
+        // A pod's sandbox carries the pod annotation too: never restored.
+        let s = spec(serde_json::json!({
+            "ociVersion": "1.0.2",
+            "annotations": {"kybernate.io/restore-from": "k8s.io/a/1", "io.kubernetes.cri.container-type": "sandbox"}
+        }));
+        assert_eq!(restore_trigger(&s), None);
+    }
+
+    #[test]
+    fn tenant_is_the_pod_namespace_else_containerds() {
+        let s =
+            spec(serde_json::json!({"ociVersion": "1.0.2", "annotations": {"io.kubernetes.pod.namespace": "team-a"}}));
+        assert_eq!(tenant(&s, "k8s.io"), "team-a");
+        let s = spec(serde_json::json!({"ociVersion": "1.0.2"}));
+        assert_eq!(tenant(&s, "default"), "default");
+    }
+}
