@@ -119,17 +119,8 @@ impl Checkpointer<'_> {
             warn!("container {id}: cannot list its processes for CUDA detection: {e}");
             Vec::new()
         });
-        let gpu = GpuCheckpoint::prepare(
-            self.spawner,
-            id,
-            &c.bundle,
-            c.record.gpu,
-            pid,
-            &pids,
-            criu_version,
-            &c.checkpoint_config,
-        )
-        .map_err(gpu_err)?;
+        let gpu = GpuCheckpoint::prepare(self.spawner, id, &c.bundle, c.record.gpu, pid, &pids, &c.checkpoint_config)
+            .map_err(gpu_err)?;
         if gpu.as_ref().is_some_and(|g| g.mode == GpuMode::DriverApi) {
             let empty = gpu::empty_plugin_dir(&c.bundle).map_err(gpu_err)?;
             runtime = runtime.with_criu_env(kybernate_gpu::cuda::preflight::CRIU_LIBS_DIR, empty);

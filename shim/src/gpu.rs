@@ -16,7 +16,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use kybernate_checkpoint::CriuVersion;
 use kybernate_gpu::cuda::{
     self, preflight::CRIU_LIBS_DIR, Chosen, CudaDriver, CudaProcess, GpuSession, HelperError, PluginReady,
     RemoteDriver, Wanted,
@@ -90,7 +89,6 @@ impl GpuCheckpoint {
     /// Decides, before anything is frozen, whether container `id` (bundle `bundle`, `gpu`: the
     /// runtime decision at create chose the GPU runtime) is a GPU container and how its CUDA
     /// state is handled. `None`: a CPU container (no GPU runtime decision, no CUDA process).
-    #[allow(clippy::too_many_arguments)]
     pub fn prepare(
         spawner: &dyn Spawner,
         id: &str,
@@ -98,7 +96,6 @@ impl GpuCheckpoint {
         gpu: bool,
         init_pid: u32,
         pids: &[i32],
-        criu: CriuVersion,
         cfg: &CheckpointConfig,
     ) -> Result<Option<Self>, GpuError> {
         let processes = cuda::find_cuda_processes(Path::new(PROC), pids);
@@ -139,7 +136,6 @@ impl GpuCheckpoint {
         let libs_dir = std::env::var_os(CRIU_LIBS_DIR);
         let plugin = || {
             cuda::check_criu_plugin(
-                criu,
                 &cuda::preflight::plugin_dirs(libs_dir.as_deref()),
                 path_env.as_deref(),
                 &Path::new(PROC).join("driver/nvidia/version"),

@@ -2,11 +2,24 @@
 //! (CRIU too old, disk full) costs the workload a pause for nothing.
 
 use std::ffi::OsStr;
+use std::fmt;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-pub use kybernate_gpu::CriuVersion;
+/// A CRIU release number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+pub struct CriuVersion {
+    pub major: u32,
+    pub minor: u32,
+    pub patch: u32,
+}
+
+impl fmt::Display for CriuVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}.{}", self.major, self.minor, self.patch)
+    }
+}
 
 /// The oldest CRIU Kybernate supports (the first with the CUDA plugin fixes and
 /// the restore behaviour runc 1.2+ relies on).

@@ -9,7 +9,6 @@
 
 pub mod assign;
 pub mod cdi;
-pub mod criu_version;
 pub mod cuda;
 pub mod devices;
 pub mod inventory;
@@ -20,7 +19,6 @@ pub use assign::{
     OwnDevicesError, Resolution, VisibleDevices, NVIDIA_GPU_KIND,
 };
 pub use cdi::{cdi_device_names, resolve_cdi, resolve_cdi_for_kind, CdiError, CDI_DIRS};
-pub use criu_version::CriuVersion;
 pub use devices::{inject, record};
 pub use inventory::{check_compatible, node_gpus, GpuMismatch, NodeGpus};
 pub use record::{CudaProcessRecord, DeviceNode, DeviceRule, GpuDevices, GpuInfo, GpuMode, GpuRecord, MountRecord};

@@ -8,11 +8,6 @@
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 
-use crate::CriuVersion;
-
-/// The oldest CRIU whose CUDA plugin checkpoints containers (also Kybernate's own minimum,
-/// `kybernate_checkpoint::MIN_CRIU`, for this reason among others).
-pub const PLUGIN_MIN_CRIU: CriuVersion = CriuVersion { major: 4, minor: 1, patch: 0 };
 /// CRIU's plugin file.
 pub const CUDA_PLUGIN: &str = "cuda_plugin.so";
 /// NVIDIA's tool the plugin runs (or `kybernate cuda-checkpoint` linked under that name).
@@ -43,10 +38,6 @@ pub struct PluginReady {
 /// One missing precondition of the criu-plugin mode.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PluginPreflightError {
-    #[error(
-        "CRIU {found} is too old for its CUDA plugin with containers (need ≥ {PLUGIN_MIN_CRIU}); install a newer CRIU"
-    )]
-    CriuTooOld { found: CriuVersion },
     #[error("CRIU's CUDA plugin ({CUDA_PLUGIN}) is not in {}; install CRIU's cuda plugin there (or point $CRIU_LIBS_DIR at it)", dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", "))]
     PluginMissing { dirs: Vec<PathBuf> },
     #[error("{CUDA_CHECKPOINT} is not on PATH ({path}); install NVIDIA's cuda-checkpoint, or link ours: ln -s \"$(command -v kybernate)\" /usr/local/bin/cuda-checkpoint")]
@@ -66,16 +57,14 @@ pub fn plugin_dirs(criu_libs_dir: Option<&OsStr>) -> Vec<PathBuf> {
     }
 }
 
-/// Checks the criu-plugin mode's preconditions in the order an admin would fix them.
+/// Checks the criu-plugin mode's preconditions in the order an admin would fix them. CRIU's own
+/// version is not one of them: Kybernate's minimum (`kybernate_checkpoint::MIN_CRIU`, 4.1, the
+/// first whose plugin checkpoints containers) is checked before any checkpoint.
 pub fn check_criu_plugin(
-    criu: CriuVersion,
     dirs: &[PathBuf],
     path_env: Option<&OsStr>,
     nvidia_version_file: &Path,
 ) -> Result<PluginReady, PluginPreflightError> {
-    if criu < PLUGIN_MIN_CRIU {
-        return Err(PluginPreflightError::CriuTooOld { found: criu });
-    }
     let plugin = dirs
         .iter()
         .map(|d| d.join(CUDA_PLUGIN))
@@ -153,8 +142,6 @@ mod tests {
     use std::fs;
     use std::os::unix::fs::PermissionsExt;
 
-    const V: CriuVersion = CriuVersion { major: 4, minor: 2, patch: 1 };
-
     struct Node {
         _dir: tempfile::TempDir,
         plugins: PathBuf,
@@ -182,14 +169,14 @@ mod tests {
         Node { _dir: dir, plugins, bin, version }
     }
 
-    fn check(n: &Node, criu: CriuVersion) -> Result<PluginReady, PluginPreflightError> {
-        check_criu_plugin(criu, std::slice::from_ref(&n.plugins), Some(n.bin.as_os_str()), &n.version)
+    fn check(n: &Node) -> Result<PluginReady, PluginPreflightError> {
+        check_criu_plugin(std::slice::from_ref(&n.plugins), Some(n.bin.as_os_str()), &n.version)
     }
 
     #[test]
     fn all_preconditions_hold() {
         let n = node();
-        let ready = check(&n, V).unwrap();
+        let ready = check(&n).unwrap();
         assert_eq!(ready.plugin, n.plugins.join(CUDA_PLUGIN));
         assert_eq!(ready.cuda_checkpoint, n.bin.join(CUDA_CHECKPOINT));
         assert_eq!(ready.driver_version, "580.65.06");
@@ -198,27 +185,23 @@ mod tests {
     #[test]
     fn each_missing_precondition_has_its_own_message() {
         let n = node();
-        let old = CriuVersion { major: 4, minor: 0, patch: 0 };
-        assert!(check(&n, old).unwrap_err().to_string().contains("CRIU 4.0.0 is too old"));
-
-        let n = node();
         fs::remove_file(n.plugins.join(CUDA_PLUGIN)).unwrap();
-        let e = check(&n, V).unwrap_err().to_string();
+        let e = check(&n).unwrap_err().to_string();
         assert!(e.contains("cuda_plugin.so") && e.contains(&n.plugins.display().to_string()), "{e}");
 
         let n = node();
         fs::set_permissions(n.bin.join(CUDA_CHECKPOINT), fs::Permissions::from_mode(0o644)).unwrap();
-        let e = check(&n, V).unwrap_err().to_string();
+        let e = check(&n).unwrap_err().to_string();
         assert!(e.contains("cuda-checkpoint is not on PATH") && e.contains("ln -s"), "{e}");
 
         let n = node();
         fs::remove_file(&n.version).unwrap();
-        let e = check(&n, V).unwrap_err().to_string();
+        let e = check(&n).unwrap_err().to_string();
         assert!(e.starts_with("no NVIDIA driver") && e.contains(&n.version.display().to_string()), "{e}");
 
         let n = node();
         fs::write(&n.version, "NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.15  Tue Mar  5 2024\n").unwrap();
-        let e = check(&n, V).unwrap_err().to_string();
+        let e = check(&n).unwrap_err().to_string();
         assert!(e.contains("driver 550.54.15 is too old") && e.contains("570"), "{e}");
     }
 
