@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use kybernate_checkpoint::fsutil::{write_atomic, Durability};
 use kybernate_runtime_select::CheckpointConfig;
 use serde::{Deserialize, Serialize};
 
@@ -35,9 +36,8 @@ impl RuntimeRecord {
     pub fn write(&self, bundle: &Path) -> Result<()> {
         let path = bundle.join(RUNTIME_RECORD);
         let json = serde_json::to_vec_pretty(self).map_err(Error::internal(format!("encode {}", path.display())))?;
-        let tmp = bundle.join(format!(".{RUNTIME_RECORD}.tmp"));
-        std::fs::write(&tmp, json).map_err(Error::os(format!("write {}", tmp.display())))?;
-        std::fs::rename(&tmp, &path).map_err(Error::os(format!("rename to {}", path.display())))
+        // The bundle is on tmpfs (`/run`): atomic for readers and a crash of the shim; no fsync.
+        write_atomic(&path, &json, 0o644, Durability::Process).map_err(Error::os(format!("write {}", path.display())))
     }
 
     pub fn read(bundle: &Path) -> Result<Self> {

@@ -7,11 +7,13 @@
 //! atomically, when an edit changed it (GPU device re-injection of a restore, the CRIU config of
 //! GPU containers): the edits keep every part of the document they do not understand.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 
 use containerd_shim::api::CreateTaskRequest;
 use containerd_shim::protos::types::mount::Mount;
+use kybernate_checkpoint::fsutil::{write_atomic, Durability};
 use kybernate_runtime_select::{BundleError, Context as SelectContext, SelectError, Selector, SpecView};
 use log::{info, warn};
 
@@ -221,9 +223,10 @@ impl SpecDoc {
             context: format!("encode {}", config.display()),
             source: source.into(),
         })?;
-        let tmp = bundle.join(".config.json.kybernate-tmp");
-        std::fs::write(&tmp, text).map_err(Error::os(format!("write {}", tmp.display())))?;
-        std::fs::rename(&tmp, &config).map_err(Error::os(format!("rename to {}", config.display())))
+        // Keep containerd's mode; the bundle is on tmpfs, so no fsync (see fsutil::Durability).
+        let mode = std::fs::metadata(&config).map_or(0o644, |m| m.permissions().mode() & 0o7777);
+        write_atomic(&config, &text, mode, Durability::Process)
+            .map_err(Error::os(format!("write {}", config.display())))
     }
 }
 
