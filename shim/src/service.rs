@@ -147,10 +147,13 @@ const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 /// Kills what is left in the cgroup `path` (as `linux.cgroupsPath` gives it, absolute) of every
 /// hierarchy under `root`, thawing a frozen v1 freezer so that the kill lands, and removes the
 /// cgroups, innermost first. For a container runc no longer knows; systemd-managed paths
-/// (`slice:prefix:name`) are not handled.
+/// (`slice:prefix:name`) are not handled. Only a cgroup named for the container (the last part
+/// of the path is its id, as containerd and CRI name them): a spec's `cgroupsPath` naming a
+/// shared cgroup (`/system.slice`, a pod's) must not get everything in it killed.
 fn remove_cgroups(id: &str, root: &Path, path: &str) {
     let rel = path.trim_start_matches('/');
-    if rel.is_empty() || rel.split('/').any(|c| c == "..") {
+    if rel.is_empty() || rel.split('/').any(|c| c == ".." || c == ".") || rel.rsplit('/').next() != Some(id) {
+        eprintln!("delete {id}: cgroup {path} is not named for the container: left alone");
         return;
     }
     let mut dirs: Vec<PathBuf> = vec![root.join(rel)];
@@ -210,4 +213,26 @@ pub const ADDRESS_ENV: &str = "KYBERNATE_SHIM_SOCKET";
 /// Private dir holding a copy of `address` for the exit path.
 pub fn exit_dir() -> PathBuf {
     PathBuf::from(format!("/run/kybernate/shim-exit-{}", std::process::id()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_cgroup_named_for_the_container_is_touched() {
+        // A plain directory tree stands in for the hierarchy: the thaw writes show what was acted on.
+        let root = tempfile::tempdir().unwrap();
+        let shared = root.path().join("system.slice");
+        let own = root.path().join("default/c1");
+        std::fs::create_dir_all(&shared).unwrap();
+        std::fs::create_dir_all(&own).unwrap();
+        for path in ["/system.slice", "/default", "/default/c1/..", "/", "/x/./c1"] {
+            remove_cgroups("c1", root.path(), path);
+        }
+        assert!(!shared.join("freezer.state").exists() && !own.join("freezer.state").exists());
+        assert!(!root.path().join("default/freezer.state").exists());
+        remove_cgroups("c1", root.path(), "/default/c1");
+        assert_eq!(std::fs::read_to_string(own.join("freezer.state")).unwrap(), "THAWED");
+    }
 }
