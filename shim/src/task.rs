@@ -37,7 +37,7 @@ use crate::io::{ProcessIo, StdioConfig};
 use crate::process::{Action, Process, ProcessStatus};
 use crate::restore::RestorePlan;
 use crate::runtime::{read_pid_file, ExecOpts};
-use crate::spawn::{MonitorSpawner, Spawner};
+use crate::spawn::{GroupRecord, MonitorSpawner, Spawner};
 use crate::sync::lock;
 
 /// How long an exit waits for the process's output to drain: a daemonised
@@ -562,6 +562,9 @@ impl Inner {
                 }
             }
             c.runtime.kill(&c.id, &c.bundle, req.signal, req.all)?;
+            if matches!(st.status, ProcessStatus::Checkpointing { .. }) && stops(req.signal) {
+                abandon_checkpoint(&c, req.signal);
+            }
             return Ok(());
         }
         let st = p.transition(Action::Signal)?;
@@ -658,6 +661,24 @@ impl Inner {
 /// After init's exit in a container without a PID namespace of its own, kills its other
 /// processes (`<runtime> kill --all KILL`, as containerd's runc shim does): nothing else ends them,
 /// and a child holding init's stdout would hold up the exit report for [`OUTPUT_DRAIN_TIMEOUT`].
+/// Signals that stop a job (kubelet's StopContainer, `ctr task kill`, `kill -9`): sent during a
+/// checkpoint, they end it too.
+fn stops(signal: u32) -> bool {
+    signal == libc::SIGKILL as u32 || signal == libc::SIGTERM as u32
+}
+
+/// A Kill during a checkpoint: the checkpoint is abandoned, so that an operator can stop a job
+/// whose checkpoint hangs. The signal is pending while CRIU holds the container frozen; killing
+/// the runtime call's process group (runc and CRIU) makes the checkpoint fail, its rollback thaws
+/// the container, and the signal lands. Past the dump there is no such call, and the checkpoint
+/// completes as the container ends.
+fn abandon_checkpoint(c: &Container, signal: u32) {
+    let killed = GroupRecord::in_bundle(&c.bundle).kill_leftovers();
+    if killed > 0 {
+        warn!("container {}: signal {signal} during its checkpoint: the checkpoint is abandoned ({killed} runtime process(es) killed)", c.id);
+    }
+}
+
 fn kill_the_rest(c: &Container) {
     match c.runtime.kill(&c.id, &c.bundle, libc::SIGKILL as u32, true) {
         Ok(()) => info!("container {}: init exited; killed the rest of its processes", c.id),

@@ -301,3 +301,37 @@ fn nothing_is_left_when_the_shim_dies_during_a_checkpoint_or_a_restore() {
     }
     eprintln!("shim-kill matrix: {:?}", started.elapsed());
 }
+
+/// An operator stops a job whose checkpoint hangs (CRIU stopped mid-dump stands for a CRIU that
+/// never returns): the Kill is taken, the checkpoint fails and leaves nothing, CRIU is gone, and
+/// the container ends; the shim lives on and the id can be cleaned up as usual.
+#[test]
+fn a_kill_during_a_stuck_checkpoint_ends_the_checkpoint_and_the_container() {
+    let bed = bed();
+    let tb = &bed.tb;
+    let id = unique_name("kill-stuck");
+    run_counter(tb, &id, &[]);
+    wait_counter(tb, &id, 3);
+    let footprint = Footprint::of(&bed, &id);
+    let init = footprint.pids[0];
+    let target = store_path(&bed, &id);
+    let o = CheckpointOptions { exit: false, image_path: target.display().to_string(), ..Default::default() };
+    let call = checkpoint_in_background(tb, &id, o);
+    let criu = catch("CRIU to trace the container", || tracer_of(init));
+    kill(Pid::from_raw(criu as i32), Signal::SIGSTOP).unwrap();
+
+    let started = Instant::now();
+    tb.ctr_ok(&["tasks", "kill", "--signal", "SIGKILL", &id]);
+    let (code, msg) = error_of(call.join().unwrap());
+    assert_ne!(code, containerd_shim_protos::ttrpc::Code::OK, "the abandoned checkpoint fails: {msg}");
+    wait_for("the killed container to stop", || {
+        (common::task_status(tb, &id).as_deref() == Some("STOPPED")).then_some(())
+    });
+    eprintln!("kill during a stuck checkpoint: stopped after {:?}: {msg}", started.elapsed());
+    assert!(!alive(criu) && !alive(init), "CRIU and the container's init are gone");
+    assert!(!target.exists(), "no checkpoint at {}", target.display());
+    let partial: Vec<String> = entries(&footprint.store_dir).into_iter().filter(|e| e.contains(".partial-")).collect();
+    assert!(partial.is_empty(), "no partial checkpoint: {partial:?}");
+    remove(tb, &id);
+    footprint.assert_reusable(&bed, "kill during a stuck checkpoint");
+}
