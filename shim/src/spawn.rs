@@ -236,6 +236,21 @@ fn spawn_tied(mut cmd: Command) -> io::Result<Child> {
     answer.recv().map_err(|_| io::Error::other("the runtime spawner thread is gone"))?
 }
 
+/// Why the exec of `program` failed, when std lost its errno to the reaper: a missing or
+/// non-executable path is told apart (callers report a missing runtime binary as such).
+fn exec_failure(program: &std::ffi::OsStr) -> io::Error {
+    use std::os::unix::fs::PermissionsExt;
+    let path = Path::new(program);
+    let what = match std::fs::metadata(path) {
+        Err(e) if path.components().count() > 1 => return e,
+        Ok(m) if !m.is_file() || m.permissions().mode() & 0o111 == 0 => {
+            return io::Error::new(io::ErrorKind::PermissionDenied, format!("{} is not executable", path.display()))
+        }
+        _ => "exec failed (the reaper took the exit)",
+    };
+    io::Error::other(format!("{}: {what}", path.display()))
+}
+
 /// A command for the spawner thread, and where its child goes.
 type SpawnJob = (Command, mpsc::SyncSender<io::Result<Child>>);
 
@@ -248,9 +263,10 @@ fn spawner_thread() -> Option<&'static mpsc::Sender<SpawnJob>> {
             let (tx, rx) = mpsc::channel::<SpawnJob>();
             let started = std::thread::Builder::new().name("runtime-spawner".into()).spawn(move || {
                 for (mut cmd, reply) in rx {
-                    // std panics if its own waitpid after a failed exec loses to the reaper.
+                    // std panics if its own waitpid after a failed exec loses to the reaper, and
+                    // the exec's errno is lost with it: say what the program's path says instead.
                     let child = catch_unwind(AssertUnwindSafe(|| cmd.spawn()))
-                        .unwrap_or_else(|_| Err(io::Error::other("exec failed (the reaper took the exit)")));
+                        .unwrap_or_else(|_| Err(exec_failure(cmd.get_program())));
                     // Closes our copies of the fds handed to the child before the caller reads.
                     drop(cmd);
                     let _ = reply.send(child);
