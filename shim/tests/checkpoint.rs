@@ -197,8 +197,9 @@ fn store_layout_is_root_only_and_checkpointctl_shaped() {
     assert_eq!(m["namespace"], tb.namespace());
     assert!(m["criu"]["version"].as_str().unwrap().starts_with("4."), "{m}");
     assert!(m["runtime"]["version"].as_str().unwrap().contains("runc"), "{m}");
-    assert!(m["files"]["checkpoint/inventory.img"]["sha256"].as_str().unwrap().len() == 64, "{m}");
-    assert!(m["files"]["stats-dump"]["sha256"].as_str().unwrap().len() == 64, "{m}");
+    assert!(m["files"]["checkpoint/inventory.img"]["blake3"].as_str().unwrap().len() == 64, "{m}");
+    assert!(m["files"]["stats-dump"]["blake3"].as_str().unwrap().len() == 64, "{m}");
+    assert_eq!((m["format_version"].as_u64(), m["digest"]["algorithm"].as_str()), (Some(2), Some("blake3")), "{m}");
     assert!(m["rootfs_diff"].as_bool().unwrap());
     // Nothing but the finished checkpoint in the container's dir: no partial siblings.
     assert_eq!(entries(dir.parent().unwrap()), vec![dir.file_name().unwrap().to_string_lossy().into_owned()]);

@@ -337,7 +337,7 @@ fn a_host_bind_mount_restores_only_into_a_spec_that_makes_it() {
 // ---------------------------------------------------------------------------------------------
 // (5) spec.dump and config.dump grant nothing
 
-/// Rewrites `file` of checkpoint `dir` with `edit` applied to its JSON, and its size and sha256
+/// Rewrites `file` of checkpoint `dir` with `edit` applied to its JSON, and its size and digests
 /// in the manifest, so that the checkpoint still verifies (the manifest itself is not hashed).
 fn edit_json(dir: &Path, file: &str, edit: impl FnOnce(&mut serde_json::Value)) {
     let path = dir.join(file);
@@ -345,15 +345,10 @@ fn edit_json(dir: &Path, file: &str, edit: impl FnOnce(&mut serde_json::Value)) 
     edit(&mut v);
     let bytes = serde_json::to_vec_pretty(&v).unwrap();
     std::fs::write(&path, &bytes).unwrap();
-    let out = std::process::Command::new("sha256sum").arg(&path).output().expect("sha256sum");
-    assert!(out.status.success());
-    let sha = text(&out.stdout).split_whitespace().next().unwrap().to_string();
     let manifest = dir.join("kybernate.json");
     let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
     assert!(m["files"].get(file).is_some(), "{file} not in the manifest: {m}");
-    let entry = &mut m["files"][file];
-    entry["size"] = bytes.len().into();
-    entry["sha256"] = sha.into();
+    m["files"][file] = serde_json::to_value(kybernate_checkpoint::digest::hash_entry(&path).unwrap()).unwrap();
     std::fs::write(&manifest, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
 }
 

@@ -2,7 +2,7 @@
 # What the credentials check of a restore costs (kybernate_checkpoint::grants: CRIU's metadata images of a
 # checkpoint against the new container's spec, as the shim runs it at every restore's Create), on a
 # checkpoint of PROCS processes holding MIB MiB of dirty memory in all, in one run against:
-#   verify: the sha256 of every checkpoint file against the manifest, which every restore already does;
+#   verify: the digest of every checkpoint file against the manifest, which every restore already does;
 #   pages:  reading CRIU's memory pages once (`cat pages-*.img`), the floor of anything that reads them.
 # The check reads only the small metadata images (process tree, cores, ids, mounts, seccomp, /dev's
 # archive), so it must stay flat while the other two grow with the memory. All three read from the page

@@ -11,8 +11,11 @@ use std::time::SystemTime;
 
 use tar::{Archive, Builder, EntryType, Header};
 
+use crate::digest::Algorithm;
 use crate::fsutil::{AtomicFile, Durability};
-use crate::manifest::{Manifest, CONFIG_DUMP, FORMAT_VERSION, IMAGES_DIR, MANIFEST_FILE, ROOTFS_DIFF, SPEC_DUMP};
+use crate::manifest::{
+    Manifest, CONFIG_DUMP, FORMAT_VERSION, IMAGES_DIR, MANIFEST_FILE, OLDEST_FORMAT_VERSION, ROOTFS_DIFF, SPEC_DUMP,
+};
 use crate::rootfs::{overlay_diff_from_oci_layer, RootfsError};
 use crate::store::{
     collect_files, create_private_dirs, fsync_dir, is_plain_relative, verify, write_manifest, Store, StoreError,
@@ -197,11 +200,25 @@ fn adopt_cri_checkpoint(archive: &Path, work: &Path) -> Result<Manifest, Archive
         fs::rename(&ours, &diff).map_err(io_ctx(format!("cannot move {} to {}", ours.display(), diff.display())))?;
     }
 
-    // CRIU's images as verified; every other file as it arrived (hashed once, here).
-    let mut files: BTreeMap<_, _> =
-        verified.files.iter().map(|(rel, entry)| (format!("{IMAGES_DIR}/{rel}"), entry.clone())).collect();
-    collect_files(work, "", &[IMAGES_DIR], &mut files)?;
-    let manifest = Manifest { files, flat: false, rootfs_diff, ..verified };
+    // CRIU's images as verified; every other file as it arrived (hashed once, here). Images of an
+    // older format are hashed again in the current one (just verified, in our private work dir),
+    // so that one manifest never mixes formats.
+    let current = Algorithm::current();
+    let mut files = BTreeMap::new();
+    if verified.format_version == FORMAT_VERSION && verified.digest == current.params() {
+        files.extend(verified.files.iter().map(|(rel, entry)| (format!("{IMAGES_DIR}/{rel}"), entry.clone())));
+        collect_files(work, "", &[IMAGES_DIR], &mut files)?;
+    } else {
+        collect_files(work, "", &[], &mut files)?;
+    }
+    let manifest = Manifest {
+        format_version: FORMAT_VERSION,
+        digest: current.params(),
+        files,
+        flat: false,
+        rootfs_diff,
+        ..verified
+    };
     write_manifest(work, &manifest)?;
     Ok(manifest)
 }
@@ -300,9 +317,9 @@ fn listed(files: &BTreeMap<String, u64>, rel: &str, size: Option<u64>) -> Result
 /// the format version, the fields the store builds paths from, the file paths.
 fn parse_manifest(bytes: &[u8]) -> Result<Manifest, String> {
     let manifest: Manifest = serde_json::from_slice(bytes).map_err(|e| format!("not a manifest: {e}"))?;
-    if manifest.format_version != FORMAT_VERSION {
+    if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&manifest.format_version) {
         return Err(format!(
-            "format version {} (this Kybernate reads version {FORMAT_VERSION})",
+            "format version {} (this Kybernate reads versions {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION})",
             manifest.format_version
         ));
     }

@@ -4,7 +4,7 @@
 //! (`checkpoint/`, `config.dump`, `spec.dump`, `rootfs-diff.tar`) so that
 //! checkpointctl can inspect our exports; the manifest adds what a safe
 //! restore needs: who owns the checkpoint, the flags it was dumped with, and
-//! a checksum of every file.
+//! a checksum of every file (format 2: BLAKE3 in chunks, see `digest`; format 1: SHA-256).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -21,8 +21,11 @@ pub const ROOTFS_DIFF: &str = "rootfs-diff.tar";
 /// CRIU's dump statistics (its work dir's `stats-dump`), at the root as in CRI-O's and containerd
 /// 2.x's archives, where `checkpointctl inspect --stats` reads them.
 pub const STATS_DUMP: &str = "stats-dump";
-/// Bumped on any change an older restore could misread.
-pub const FORMAT_VERSION: u32 = 1;
+/// Bumped on any change an older restore could misread. 2: files hashed with BLAKE3 in chunks
+/// (`digest`, [`FileEntry::blake3`], [`FileEntry::chunks`]); 1: one SHA-256 per file.
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format this version still reads and verifies.
+pub const OLDEST_FORMAT_VERSION: u32 = 1;
 /// How far a manifest's `created` may lie ahead of this node's clock. Node clocks differ slightly
 /// and checkpoints move between nodes (export/import), so a checkpoint taken a moment ago on a
 /// node whose clock runs ahead is still good; anything further ahead is a forged or broken
@@ -66,6 +69,9 @@ pub struct Manifest {
     pub rootfs_diff: bool,
     #[serde(default)]
     pub duration_ms: u64,
+    /// How the files are hashed (format 2; absent in format 1, where every file has a SHA-256).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<DigestParams>,
     /// Every file of the checkpoint except the manifest itself, by path relative to the checkpoint dir ('/'-separated).
     pub files: BTreeMap<String, FileEntry>,
     /// CUDA state, GPUs and device access of a GPU container; null for CPU containers.
@@ -86,12 +92,40 @@ pub struct ToolInfo {
     pub version: String,
 }
 
-/// Size and checksum of one checkpoint file.
+/// The digest a format-2 manifest's files are hashed with: `{"algorithm": "blake3", "chunk_size": 8388608}`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DigestParams {
+    pub algorithm: String,
+    /// Bytes per chunk digest (a power of two).
+    pub chunk_size: u64,
+}
+
+/// Size and checksum of one checkpoint file: `sha256` in format 1; `blake3` and `chunks` in
+/// format 2. Digests are lowercase hex.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FileEntry {
     pub size: u64,
-    /// Lowercase hex.
-    pub sha256: String,
+    /// Format 1: SHA-256 of the file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// Format 2: BLAKE3 of the file (what `b3sum` prints).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blake3: Option<String>,
+    /// Format 2, files larger than one chunk: the BLAKE3 chaining value of each `chunk_size`
+    /// bytes (a subtree of the file's BLAKE3 tree), in order; they merge into `blake3`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub chunks: Vec<String>,
+}
+
+impl FileEntry {
+    /// The file's whole digest as `algorithm:hex`, for display.
+    pub fn digest_text(&self) -> String {
+        match (&self.blake3, &self.sha256) {
+            (Some(b), _) => format!("blake3:{b}"),
+            (None, Some(s)) => format!("sha256:{s}"),
+            (None, None) => "-".into(),
+        }
+    }
 }
 
 impl Manifest {
@@ -285,6 +319,7 @@ pub(crate) fn sample() -> Manifest {
         options: CheckpointFlags { open_tcp: true, ..Default::default() },
         rootfs_diff: false,
         duration_ms: 0,
+        digest: crate::digest::Algorithm::current().params(),
         files: BTreeMap::new(),
         gpu: None,
         flat: false,
@@ -298,8 +333,11 @@ mod tests {
     #[test]
     fn manifest_round_trips_and_skips_empty_options() {
         let mut m = sample();
-        m.files.insert("checkpoint/inventory.img".into(), FileEntry { size: 3, sha256: "ab".into() });
-        m.files.insert("config.dump".into(), FileEntry { size: 4, sha256: "cd".into() });
+        m.files.insert(
+            "checkpoint/inventory.img".into(),
+            FileEntry { size: 3, blake3: Some("ab".into()), ..Default::default() },
+        );
+        m.files.insert("config.dump".into(), FileEntry { size: 4, sha256: Some("cd".into()), ..Default::default() });
         assert_eq!(m.total_size(), 7);
         assert_eq!(m.tenant(), "team-a");
         let text = serde_json::to_string(&m).unwrap();

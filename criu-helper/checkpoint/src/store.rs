@@ -6,15 +6,16 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, DirBuilder, File};
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::time::SystemTime;
 
-use sha2::{Digest, Sha256};
-
-use crate::manifest::{clamp_time, FileEntry, Manifest, FORMAT_VERSION, IMAGES_DIR, MANIFEST_FILE};
+use crate::digest::{self, Algorithm, Hashed, Job};
+use crate::manifest::{
+    clamp_time, FileEntry, Manifest, FORMAT_VERSION, IMAGES_DIR, MANIFEST_FILE, OLDEST_FORMAT_VERSION, ROOTFS_DIFF,
+};
 
 /// The file CRIU writes first and restore reads first: without it there is no checkpoint.
 pub const INVENTORY: &str = "checkpoint/inventory.img";
@@ -54,8 +55,8 @@ pub enum StoreError {
 pub enum VerifyError {
     #[error("{}: invalid checkpoint manifest: {reason}", path.display())]
     Manifest { path: PathBuf, reason: String },
-    #[error("{}: unsupported checkpoint format version {found} (this Kybernate reads version {supported})", path.display())]
-    Unsupported { path: PathBuf, found: u32, supported: u32 },
+    #[error("{}: unsupported checkpoint format version {found} (this Kybernate reads versions {oldest} to {supported})", path.display())]
+    Unsupported { path: PathBuf, found: u32, oldest: u32, supported: u32 },
     #[error("{}: manifest lists {entry:?}, which is not a plain relative path inside the checkpoint", path.display())]
     BadPath { path: PathBuf, entry: String },
     #[error("{}: checkpoint is incomplete: CRIU's inventory is not in the manifest", missing.display())]
@@ -66,8 +67,10 @@ pub enum VerifyError {
     NotRegular { file: PathBuf },
     #[error("{}: size is {found} bytes, the manifest says {expected}", file.display())]
     Size { file: PathBuf, expected: u64, found: u64 },
-    #[error("{}: checksum does not match the manifest (corrupted or tampered with)", file.display())]
-    Checksum { file: PathBuf },
+    /// A unit of the file hashes to another digest than the manifest's: bytes `start..end`, chunk
+    /// `chunk` of `chunks` (format 1 and files of one chunk: the whole file, chunk 1 of 1).
+    #[error("{}: checksum mismatch in bytes {start}..{end} (chunk {chunk} of {chunks}): the file failed verification (corrupted or tampered with)", file.display())]
+    Checksum { file: PathBuf, start: u64, end: u64, chunk: u64, chunks: u64 },
     #[error("{}: not listed in the manifest", file.display())]
     Unlisted { file: PathBuf },
     #[error("{context}: {source}")]
@@ -363,6 +366,8 @@ impl PartialCheckpoint {
         let mut files = BTreeMap::new();
         collect_files(&self.dir, "", &[], &mut files)?;
         files.remove(MANIFEST_FILE);
+        manifest.format_version = FORMAT_VERSION;
+        manifest.digest = Algorithm::current().params();
         manifest.files = files;
         manifest.flat = self.flat;
         write_manifest(&self.dir, &manifest)?;
@@ -447,30 +452,55 @@ pub(crate) fn write_manifest(dir: &Path, manifest: &Manifest) -> Result<(), Stor
     fsync_dir(dir).map_err(store_io("sync", dir))
 }
 
-/// Records every regular file under `dir` (hashed and synced) in `out`, by path relative to the
-/// checkpoint with `prefix`, except the entries of `dir` named in `skip`; anything but
-/// directories and regular files is an error.
+/// Records every regular file under `dir` (hashed in the current format on every core, and
+/// synced) in `out`, by path relative to the checkpoint with `prefix`, except the entries of `dir`
+/// named in `skip`; anything but directories and regular files is an error. The directories are
+/// synced after their files.
 pub(crate) fn collect_files(
     dir: &Path,
     prefix: &str,
     skip: &[&str],
     out: &mut BTreeMap<String, FileEntry>,
 ) -> Result<(), StoreError> {
+    let (mut files, mut dirs) = (Vec::new(), Vec::new());
+    list_files(dir, prefix, skip, &mut files, &mut dirs)?;
+    let jobs: Vec<Job> = files.iter().map(|(_, path)| Job { path: path.clone(), size: None }).collect();
+    let algorithm = Algorithm::current();
+    let hashed = digest::hash_files(&jobs, algorithm, true, digest::default_threads())
+        .map_err(|e| store_io("read", &e.path)(e.source))?;
+    for ((rel, _), h) in files.into_iter().zip(&hashed) {
+        out.insert(rel, digest::entry(algorithm, h));
+    }
+    for d in dirs.iter().rev() {
+        fsync_dir(d).map_err(store_io("sync", d))?;
+    }
+    Ok(())
+}
+
+/// The regular files under `dir` (relative name with `prefix`, path) and the directories, `dir`
+/// first; entries of `dir` named in `skip` are left out.
+fn list_files(
+    dir: &Path,
+    prefix: &str,
+    skip: &[&str],
+    files: &mut Vec<(String, PathBuf)>,
+    dirs: &mut Vec<PathBuf>,
+) -> Result<(), StoreError> {
+    dirs.push(dir.to_path_buf());
     for (name, path, meta) in read_dir_sorted(dir).map_err(|(p, e)| store_io("list", &p)(e))? {
         if skip.contains(&name.as_str()) {
             continue;
         }
         let rel = format!("{prefix}{name}");
         if meta.is_dir() {
-            collect_files(&path, &format!("{rel}/"), &[], out)?;
+            list_files(&path, &format!("{rel}/"), &[], files, dirs)?;
         } else if meta.is_file() {
-            let (size, sha256) = hash_file(&path, true).map_err(store_io("read", &path))?;
-            out.insert(rel, FileEntry { size, sha256 });
+            files.push((rel, path));
         } else {
             return Err(StoreError::Unexpected { path, what: file_kind(&meta) });
         }
     }
-    fsync_dir(dir).map_err(store_io("sync", dir))
+    Ok(())
 }
 
 /// Asks the kernel to start writing back every regular file under `dir` without waiting
@@ -526,29 +556,6 @@ fn file_kind(meta: &fs::Metadata) -> &'static str {
     }
 }
 
-/// Size and lowercase hex sha256 of a file, streamed; `sync` also fsyncs it.
-pub(crate) fn hash_file(path: &Path, sync: bool) -> io::Result<(u64, String)> {
-    let mut f = File::open(path)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut size = 0u64;
-    loop {
-        let n = match f.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        hasher.update(&buf[..n]);
-        size += n as u64;
-    }
-    if sync {
-        f.sync_all()?;
-    }
-    let hex = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
-    Ok((size, hex))
-}
-
 /// Reads and parses the manifest without checking files (for listing).
 pub fn read_manifest(dir: &Path) -> Result<Manifest, VerifyError> {
     let path = dir.join(MANIFEST_FILE);
@@ -571,34 +578,132 @@ fn validated(dir: &Path, manifest: Manifest, now: SystemTime) -> Result<Manifest
     Ok(manifest)
 }
 
-/// Verifies a checkpoint directory before restore: the manifest parses, has our format version
-/// and valid fields, CRIU's inventory is listed, and the files present are exactly those listed,
-/// each with the recorded size and sha256.
+/// Verifies a checkpoint directory before restore: the manifest parses, has a format version we
+/// read and valid fields, CRIU's inventory is listed, and the files present are exactly those
+/// listed, each with the recorded size and digests (hashed in parallel on every core; a changed
+/// chunk is named by its byte range).
 pub fn verify(dir: &Path) -> Result<Manifest, VerifyError> {
     let manifest = verify_quick(dir)?;
-    for (rel, entry) in &manifest.files {
-        let file = dir.join(rel);
-        let (_, sha) = hash_file(&file, false).map_err(verify_io("read", &file))?;
-        if !sha.eq_ignore_ascii_case(&entry.sha256) {
-            return Err(VerifyError::Checksum { file });
-        }
-    }
+    verify_digests(dir, &manifest, |_| true)?;
     Ok(manifest)
 }
 
-/// Everything [`verify`] checks except the checksums: cheap enough to run on every checkpoint
+/// [`verify_quick`], plus the digests of every file except the bulk that only CRIU (or the
+/// rootfs diff's unpacking) reads: memory pages (`pages-*.img`) and the rootfs diff. For a caller
+/// that reads the small files itself (the CLI's restore checks: spec.dump, CRIU's metadata
+/// images) and then hands the checkpoint to the shim, whose [`verify`] hashes everything once.
+pub fn verify_metadata(dir: &Path) -> Result<Manifest, VerifyError> {
+    let manifest = verify_quick(dir)?;
+    verify_digests(dir, &manifest, |rel| !is_bulk(rel))?;
+    Ok(manifest)
+}
+
+/// Whether a checkpoint file is bulk data no caller but CRIU and the rootfs unpacking reads.
+fn is_bulk(rel: &str) -> bool {
+    let name = rel.rsplit('/').next().unwrap_or(rel);
+    rel == ROOTFS_DIFF || (name.starts_with("pages-") && name.ends_with(".img"))
+}
+
+/// Hashes the listed files `include` selects (sizes already checked) and compares the digests.
+fn verify_digests(dir: &Path, manifest: &Manifest, include: impl Fn(&str) -> bool) -> Result<(), VerifyError> {
+    let algorithm = algorithm_of(dir, manifest)?;
+    let selected: Vec<(&String, &FileEntry)> = manifest.files.iter().filter(|(rel, _)| include(rel)).collect();
+    let jobs: Vec<Job> = selected.iter().map(|(rel, e)| Job { path: dir.join(rel), size: Some(e.size) }).collect();
+    let hashed = digest::hash_files(&jobs, algorithm, false, digest::default_threads())
+        .map_err(|e| verify_io("read", &e.path)(e.source))?;
+    for ((rel, entry), h) in selected.into_iter().zip(&hashed) {
+        compare(dir, rel, entry, h, algorithm)?;
+    }
+    Ok(())
+}
+
+/// The first unit of `hashed` whose digest is not the manifest's, as a `Checksum` error; a
+/// format-2 whole-file digest that does not match the (matching) chunks is a broken manifest.
+fn compare(dir: &Path, rel: &str, entry: &FileEntry, hashed: &Hashed, algorithm: Algorithm) -> Result<(), VerifyError> {
+    let file = dir.join(rel);
+    let expected: Vec<Option<digest::Digest32>> = match algorithm {
+        Algorithm::Sha256 => vec![entry.sha256.as_deref().and_then(digest::parse_hex)],
+        Algorithm::Blake3 { chunk_size } if entry.size > chunk_size => {
+            entry.chunks.iter().map(|c| digest::parse_hex(c)).collect()
+        }
+        Algorithm::Blake3 { .. } => vec![entry.blake3.as_deref().and_then(digest::parse_hex)],
+    };
+    let chunks = hashed.units.len() as u64;
+    for (i, (got, want)) in hashed.units.iter().zip(&expected).enumerate() {
+        if Some(*got) != *want {
+            let (start, end) = algorithm.range(entry.size, i as u64);
+            return Err(VerifyError::Checksum { file, start, end, chunk: i as u64 + 1, chunks });
+        }
+    }
+    if let Algorithm::Blake3 { chunk_size } = algorithm {
+        if entry.size > chunk_size {
+            let root = digest::blake3_root(&hashed.units, entry.size, chunk_size);
+            if entry.blake3.as_deref().and_then(digest::parse_hex) != Some(root) {
+                return Err(VerifyError::Manifest {
+                    path: dir.join(MANIFEST_FILE),
+                    reason: format!("{rel}: its blake3 does not match its chunk digests"),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The algorithm a manifest's format uses (format 2: as its `digest` names it).
+fn algorithm_of(dir: &Path, manifest: &Manifest) -> Result<Algorithm, VerifyError> {
+    let bad = |reason: String| VerifyError::Manifest { path: dir.join(MANIFEST_FILE), reason };
+    match (manifest.format_version, &manifest.digest) {
+        (1, None) => Ok(Algorithm::Sha256),
+        (1, Some(_)) => Err(bad("format version 1 names no digest; it hashes with sha256".into())),
+        (_, Some(params)) => Algorithm::from_params(params).map_err(bad),
+        (_, None) => Err(bad(format!("format version {} must name its digest", manifest.format_version))),
+    }
+}
+
+/// Every entry carries the digests its format needs, well formed: a forged or truncated manifest
+/// is refused before any file is hashed.
+fn check_entries(dir: &Path, manifest: &Manifest) -> Result<(), VerifyError> {
+    let algorithm = algorithm_of(dir, manifest)?;
+    let bad = |rel: &str, reason: &str| VerifyError::Manifest {
+        path: dir.join(MANIFEST_FILE),
+        reason: format!("{rel}: {reason}"),
+    };
+    let hex = |d: &Option<String>| d.as_deref().and_then(digest::parse_hex).is_some();
+    for (rel, e) in &manifest.files {
+        match algorithm {
+            Algorithm::Sha256 if !hex(&e.sha256) => return Err(bad(rel, "no valid sha256 (format 1)")),
+            Algorithm::Sha256 => {}
+            Algorithm::Blake3 { .. } if !hex(&e.blake3) => return Err(bad(rel, "no valid blake3 (format 2)")),
+            Algorithm::Blake3 { chunk_size } => {
+                let want = if e.size > chunk_size { algorithm.units(e.size) } else { 0 };
+                if e.chunks.len() as u64 != want {
+                    let reason = format!("{} chunk digests for {} bytes, expected {want}", e.chunks.len(), e.size);
+                    return Err(bad(rel, &reason));
+                }
+                if e.chunks.iter().any(|c| digest::parse_hex(c).is_none()) {
+                    return Err(bad(rel, "a chunk digest is not 64 hex digits"));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Everything [`verify`] checks except the checksums (their presence and form included): cheap enough to run on every checkpoint
 /// when listing the store, and it still catches truncated, missing and extra files.
 pub fn verify_quick(dir: &Path) -> Result<Manifest, VerifyError> {
     let manifest = read_manifest(dir)?;
     let manifest_path = dir.join(MANIFEST_FILE);
-    if manifest.format_version != FORMAT_VERSION {
+    if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&manifest.format_version) {
         return Err(VerifyError::Unsupported {
             path: manifest_path,
             found: manifest.format_version,
+            oldest: OLDEST_FORMAT_VERSION,
             supported: FORMAT_VERSION,
         });
     }
     let manifest = validated(dir, manifest, SystemTime::now())?;
+    check_entries(dir, &manifest)?;
     for entry in manifest.files.keys() {
         if !is_plain_relative(entry) || entry == MANIFEST_FILE {
             return Err(VerifyError::BadPath { path: manifest_path, entry: entry.clone() });

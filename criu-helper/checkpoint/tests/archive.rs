@@ -35,6 +35,7 @@ fn checkpoint(target: &Path) -> Manifest {
         options: CheckpointFlags { open_tcp: true, ..Default::default() },
         rootfs_diff: false,
         duration_ms: 5,
+        digest: None, // set by commit
         files: BTreeMap::new(),
         gpu: Some(kybernate_gpu::GpuRecord {
             mode: kybernate_gpu::GpuMode::DriverApi,

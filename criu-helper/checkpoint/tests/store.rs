@@ -28,6 +28,7 @@ fn manifest() -> Manifest {
         options: CheckpointFlags::default(),
         rootfs_diff: false,
         duration_ms: 12,
+        digest: None, // set by commit
         files: BTreeMap::new(),
         gpu: None,
         flat: false,
@@ -148,7 +149,10 @@ fn commit_renames_and_lists_files_with_checksums() {
     );
     let inv = &m.files["checkpoint/inventory.img"];
     assert_eq!(inv.size, 9);
-    assert_eq!(inv.sha256, sha256_hex(b"inventory"));
+    assert_eq!(inv.blake3.as_deref(), Some(blake3::hash(b"inventory").to_hex().as_str()));
+    assert_eq!((inv.sha256.as_deref(), inv.chunks.len()), (None, 0), "format 2, one chunk");
+    assert_eq!(m.format_version, FORMAT_VERSION);
+    assert_eq!(m.digest.as_ref().map(|d| (d.algorithm.as_str(), d.chunk_size)), Some(("blake3", 8 << 20)));
     assert_eq!(m.total_size(), 9 + 100_000 + 2);
     assert_eq!(mode(&target), 0o700);
     let on_disk: Manifest = serde_json::from_slice(&fs::read(target.join(MANIFEST_FILE)).unwrap()).unwrap();
@@ -160,15 +164,6 @@ fn commit_renames_and_lists_files_with_checksums() {
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].0, target);
     assert_eq!(listed[0].1.as_ref().unwrap(), &m);
-}
-
-/// Independent check of the hashing: `sha256sum` is on every Debian system.
-fn sha256_hex(data: &[u8]) -> String {
-    let d = tempfile::tempdir().unwrap();
-    let p = d.path().join("f");
-    fs::write(&p, data).unwrap();
-    let out = std::process::Command::new("sha256sum").arg(&p).output().unwrap();
-    String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_string()
 }
 
 #[test]
@@ -219,7 +214,7 @@ fn verify_catches_tampering() {
     data[5000] ^= 1;
     fs::write(&pages, &data).unwrap();
     let err = verify_err(&target);
-    assert!(matches!(&err, VerifyError::Checksum { file } if *file == pages), "{err}");
+    assert!(matches!(&err, VerifyError::Checksum { file, .. } if *file == pages), "{err}");
     assert!(err.to_string().contains(&pages.display().to_string()), "{err}");
     data[5000] ^= 1;
     fs::write(&pages, &data).unwrap();
@@ -273,8 +268,8 @@ fn verify_checks_manifest_contents() {
 
     let target = d.path().join("t2");
     checkpoint(&target);
-    rewrite_manifest(&target, |m| m.format_version = 2);
-    assert!(matches!(verify_err(&target), VerifyError::Unsupported { found: 2, .. }));
+    rewrite_manifest(&target, |m| m.format_version = 3);
+    assert!(matches!(verify_err(&target), VerifyError::Unsupported { found: 3, oldest: 1, supported: 2, .. }));
     for bad in ["../../etc/passwd", "/etc/passwd", "checkpoint/../config.dump", "checkpoint//x", "kybernate.json"] {
         rewrite_manifest(&target, |m| {
             m.format_version = FORMAT_VERSION;
@@ -313,7 +308,7 @@ fn verify_and_list_refuse_manifests_whose_fields_do_not_validate() {
             "namespace" => m.namespace = value.into(),
             _ => m.pod_namespace = Some(value.into()),
         };
-        rewrite_manifest(&target, |m| *m = Manifest { files: m.files.clone(), ..manifest() });
+        rewrite_manifest(&target, |m| *m = Manifest { files: m.files.clone(), digest: m.digest.clone(), ..manifest() });
         verify(&target).unwrap();
         rewrite_manifest(&target, edit);
         let err = verify_err(&target);
@@ -326,7 +321,9 @@ fn verify_and_list_refuse_manifests_whose_fields_do_not_validate() {
         );
     }
     // A minute ahead is clock skew between nodes, not a forgery.
-    rewrite_manifest(&target, |m| *m = Manifest { files: m.files.clone(), created: soon.clone(), ..manifest() });
+    rewrite_manifest(&target, |m| {
+        *m = Manifest { files: m.files.clone(), digest: m.digest.clone(), created: soon.clone(), ..manifest() }
+    });
     verify(&target).unwrap();
     assert!(s.list().unwrap()[0].1.is_ok());
 }

@@ -114,7 +114,7 @@ fn details(cp: &Checkpoint) -> String {
     if let Some(m) = cp.manifest.as_ref().filter(|m| !m.files.is_empty()) {
         let name_width = m.files.keys().map(|k| k.chars().count()).max().unwrap_or(0);
         for (name, f) in &m.files {
-            text.push_str(&format!("  {name:<name_width$}  {:>10}  sha256:{}\n", human_size(f.size), f.sha256));
+            text.push_str(&format!("  {name:<name_width$}  {:>10}  {}\n", human_size(f.size), f.digest_text()));
         }
     }
     text

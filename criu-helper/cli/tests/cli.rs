@@ -293,7 +293,7 @@ fn inspect_shows_manifest_and_verification() {
     assert!(v["verification"]["error"].is_null());
     assert_eq!(v["manifest"]["container_id"], "web");
     assert_eq!(v["manifest"]["options"]["open_tcp"], true);
-    assert!(v["manifest"]["files"]["checkpoint/pages-1.img"]["sha256"].is_string());
+    assert!(v["manifest"]["files"]["checkpoint/pages-1.img"]["blake3"].is_string());
 
     let out = node.run(&["inspect", &id]);
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
@@ -607,7 +607,10 @@ fn import_of_garbage_or_a_bad_manifest_says_what_and_where() {
     let bad = node.tmp.path().join("bad-ns.tar");
     let mut tar = tar::Builder::new(fs::File::create(&bad).unwrap());
     let mut m = fake_manifest("bad ns", "web", SystemTime::now() - HOUR);
-    m.files.insert("checkpoint/inventory.img".into(), kybernate_checkpoint::FileEntry { size: 3, sha256: "00".into() });
+    m.files.insert(
+        "checkpoint/inventory.img".into(),
+        kybernate_checkpoint::FileEntry { size: 3, blake3: Some("00".into()), ..Default::default() },
+    );
     tar_entry(&mut tar, "kybernate.json", Some(&serde_json::to_vec(&m).unwrap()));
     tar_entry(&mut tar, "checkpoint/inventory.img", Some(b"inv"));
     tar.finish().unwrap();

@@ -20,7 +20,6 @@ use kybernate_checkpoint::Store;
 use kybernate_testbed::fakes::{nvidia_device_node, FakeCuda};
 use kybernate_testbed::{unique_name, Containerd, IMAGE};
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 
 fn list_ids(bed: &Bed) -> Vec<String> {
     let out = bed.kybernate(&["-o", "json", "list"]);
@@ -478,14 +477,14 @@ fn a_gpu_checkpoint_from_other_gpus_is_refused_then_restored_with_allow_gpu_mism
     bed.remove(&id);
 }
 
-/// Replaces `file` of the checkpoint in `dir` with `data`, and its size and sha256 in the manifest:
+/// Replaces `file` of the checkpoint in `dir` with `data`, and its size and digests in the manifest:
 /// the checkpoint still verifies.
 fn rewrite_file(dir: &Path, file: &str, data: &[u8]) {
     fs::write(dir.join(file), data).unwrap();
     let manifest_path = dir.join("kybernate.json");
     let mut m: Value = serde_json::from_slice(&fs::read(&manifest_path).unwrap()).unwrap();
-    let hex: String = Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect();
-    m["files"][file] = serde_json::json!({"size": data.len(), "sha256": hex});
+    let entry = kybernate_checkpoint::digest::hash_entry(&dir.join(file)).unwrap();
+    m["files"][file] = serde_json::to_value(entry).unwrap();
     fs::write(&manifest_path, serde_json::to_vec(&m).unwrap()).unwrap();
 }
 

@@ -29,6 +29,7 @@ pub fn fake_manifest(ns: &str, container: &str, at: SystemTime) -> Manifest {
         options: CheckpointFlags { open_tcp: true, ..Default::default() },
         rootfs_diff: false,
         duration_ms: 42,
+        digest: None, // set by commit
         files: BTreeMap::new(),
         gpu: None,
         flat: false,

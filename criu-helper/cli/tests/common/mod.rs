@@ -245,10 +245,9 @@ impl Bed {
 }
 
 /// Rewrites the JSON file `file` of the checkpoint in `dir` with `edit` applied, and its size and
-/// sha256 in the manifest, so that the checkpoint still verifies: the manifest itself is not
+/// digests in the manifest, so that the checkpoint still verifies: the manifest itself is not
 /// hashed, so whoever can write into the store (or hand over an archive) can do this.
 pub fn edit_checkpoint_json(dir: &Path, file: &str, edit: impl FnOnce(&mut Value)) {
-    use sha2::{Digest, Sha256};
     let path = dir.join(file);
     let mut v: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
     edit(&mut v);
@@ -257,7 +256,7 @@ pub fn edit_checkpoint_json(dir: &Path, file: &str, edit: impl FnOnce(&mut Value
     let manifest = dir.join("kybernate.json");
     let mut m: Value = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
     assert!(m["files"].get(file).is_some(), "{file} is not in the manifest: {m}");
-    let hex: String = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
-    m["files"][file] = serde_json::json!({"size": bytes.len(), "sha256": hex});
+    let entry = kybernate_checkpoint::digest::hash_entry(&path).unwrap();
+    m["files"][file] = serde_json::to_value(entry).unwrap();
     std::fs::write(&manifest, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
 }
