@@ -7,6 +7,7 @@
 #   - containerd 1.7 (Debian trixie) and 2.x (Debian testing) unpacked into private prefixes, for the tests
 #     that run the shim and the CRI path under every containerd a node may have (not on PATH, not started),
 #     and Debian's docker-registry binary (unpacked, no service) for tests that need to pull
+#   - Debian's prometheus binary (unpacked, no service) that scrapes `kybernate metrics --listen` in its test
 #   - a tiny busybox OCI image archive, built locally (there is no registry here)
 #   - systemd-nspawn (systemd-container), with which test/lib/kbt-node boots this machine's own root as a node whose
 #     PID 1 is systemd, for the tests of `systemctl restart containerd` and `journalctl -u containerd`
@@ -300,8 +301,21 @@ install_registry() {
     log "installed docker-registry into $KBT_REGISTRY_PREFIX"
 }
 
+# Prometheus for the metrics test (it scrapes `kybernate metrics --listen` on loopback): the binary of this
+# release's prometheus package, unpacked, so no service, user or web assets are installed (a static Go binary).
+install_prometheus() {
+    if [ -x "$KBT_PROMETHEUS_PREFIX/usr/bin/prometheus" ]; then
+        log "prometheus already in $KBT_PROMETHEUS_PREFIX"
+        return
+    fi
+    install_unpacked "$CODENAME" prometheus "$KBT_PROMETHEUS_PREFIX" usr/bin/prometheus
+    "$KBT_PROMETHEUS_PREFIX/usr/bin/prometheus" --version >/dev/null || die "the unpacked prometheus does not run"
+    log "installed prometheus into $KBT_PROMETHEUS_PREFIX"
+}
+
 mkdir -p "$(dirname "$KBT_CONTAINERD_BASE")"
 install_registry
+install_prometheus
 for r in "${KBT_CONTAINERD_RELEASES[@]}"; do
     # shellcheck disable=SC2086 # "<release> <suite>" splits into two arguments
     install_containerd $r
@@ -642,6 +656,7 @@ cat <<EOF
   buildah     $(buildah_version) via $KBT_BUILDAH -> $KBT_IMAGE_TOOLS_PREFIX; base rootfs $KBT_BASE_ROOTFS (bookworm $(base_rootfs_release))
   docker      $(docker_version) via $KBT_DOCKERD -> $KBT_DOCKER_PREFIX (the installer image test's docker build)
   checkpoint  checkpointctl via $KBT_CHECKPOINTCTL -> $KBT_CHECKPOINTCTL_PREFIX
+  prometheus  $("$KBT_PROMETHEUS_PREFIX/usr/bin/prometheus" --version 2>&1 | awk 'NR==1 {print $3}') in $KBT_PROMETHEUS_PREFIX (scrapes kybernate metrics in its test)
   node        $(systemd-nspawn --version | awk 'NR==1 {print $1, $2}') for test/lib/kbt-node (systemd nodes: the installer's systemctl restart)
   node debs   $(cd "$KBT_NODE_DEBS" && echo *.deb)  (apt on the base rootfs, in the Debian package test)
   test beds   private containerd dirs under $KBT_RUN_BASE

@@ -20,6 +20,9 @@ KBT_CONTAINERD_RELEASES=("1.7 trixie" "2 forky")
 KBT_CONTAINERD_BASE=/opt/kybernate-test/containerd
 # Debian's docker-registry, unpacked (no service): tests push images to a loopback registry of their own.
 KBT_REGISTRY_PREFIX=/opt/kybernate-test/registry
+# Debian's prometheus, unpacked (no service): the metrics test scrapes `kybernate metrics --listen` with it
+# (criu-helper/cli/tests/metrics_e2e.rs mirrors the path).
+KBT_PROMETHEUS_PREFIX=/opt/kybernate-test/prometheus
 # The busybox OCI image: archive written by setup.sh, and the name it imports under.
 KBT_IMAGE_ARCHIVE=$KBT_STATE_DIR/busybox-oci.tar
 KBT_IMAGE=docker.io/kybernate/busybox:test
