@@ -92,6 +92,10 @@ pub struct CheckpointConfig {
     /// Where CDI specs are read from when a restored GPU container's own devices are resolved
     /// (containerd's CRI option of the same name).
     pub cdi_spec_dirs: Vec<PathBuf>,
+    /// Pre-dump rounds for a checkpoint that asks for none itself (`kybernate checkpoint
+    /// --pre-dump`, the `kybernate.io/checkpoint-pre-dump` annotation): memory copied while the
+    /// container runs, so that less is dumped frozen. Needs the kernel's soft-dirty bits; 0 = none.
+    pub pre_dump_rounds: u32,
 }
 
 impl Default for CheckpointConfig {
@@ -106,6 +110,7 @@ impl Default for CheckpointConfig {
             allow_env_restore: false,
             allow_annotation_restore: true,
             cdi_spec_dirs: vec![PathBuf::from("/etc/cdi"), PathBuf::from("/var/run/cdi")],
+            pre_dump_rounds: 0,
         }
     }
 }
@@ -323,6 +328,7 @@ allow_gpu_mismatch = true
 allow_env_restore = true
 allow_annotation_restore = false
 cdi_spec_dirs = ["/srv/cdi"]
+pre_dump_rounds = 2
 "#,
         )
         .unwrap();
@@ -337,6 +343,8 @@ cdi_spec_dirs = ["/srv/cdi"]
         assert!(c.checkpoint.allow_gpu_mismatch);
         assert!(c.checkpoint.allow_env_restore && !c.checkpoint.allow_annotation_restore);
         assert_eq!(c.checkpoint.cdi_spec_dirs, vec![PathBuf::from("/srv/cdi")]);
+        assert_eq!(c.checkpoint.pre_dump_rounds, 2);
+        assert_eq!(CheckpointConfig::default().pre_dump_rounds, 0, "pre-dump is opt-in");
     }
 
     #[test]

@@ -14,16 +14,21 @@ use std::time::Instant;
 
 use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use containerd_shim::protos::protobuf::Message;
+use containerd_shim::protos::protobuf::UnknownValueRef;
 use containerd_shim::protos::shim::oci::CheckpointOptions;
-use kybernate_checkpoint::{self as criu, CheckpointFlags, ConfigDump, Manifest, PartialCheckpoint, ToolInfo};
+use kybernate_checkpoint::journal::{self, Attempt, Clock, Kind};
+use kybernate_checkpoint::{
+    self as criu, CheckpointFlags, ConfigDump, Manifest, PartialCheckpoint, PreDumpLayout, ToolInfo,
+};
 use kybernate_gpu::cuda::GpuSession;
 use kybernate_gpu::GpuMode;
 use kybernate_runtime_select::SpecView;
 use log::{info, warn};
 
 use crate::container::Container;
-use crate::error::CheckpointError;
+use crate::error::{CheckpointError, Error};
 use crate::gpu::{self, GpuCheckpoint};
+use crate::predump;
 use crate::restore::{spec_annotation, POD_NAMESPACE_ANNOTATIONS, POD_NAME_ANNOTATIONS, POINTER_FILE};
 use crate::runtime::{tool_output, ContainerStatus, OciRuntime};
 use crate::spawn::Spawner;
@@ -45,6 +50,9 @@ pub struct CheckpointRequest {
     pub image_path: Option<PathBuf>,
     /// `work_path`: CRIU's work dir (logs) instead of the container's default.
     pub work_path: Option<PathBuf>,
+    /// Pre-dump rounds asked for by `kybernate checkpoint --pre-dump` (our field in the options,
+    /// [`criu::predump::OPTIONS_PRE_DUMP_FIELD`]); None: the annotation or the config decides.
+    pub pre_dump: Option<u32>,
 }
 
 impl CheckpointRequest {
@@ -68,7 +76,12 @@ impl CheckpointRequest {
         };
         flags.validate().map_err(|e| bad(e.to_string()))?;
         let path = |s: &str| Some(PathBuf::from(s)).filter(|p| !p.as_os_str().is_empty());
-        let req = Self { flags, image_path: path(&o.image_path), work_path: path(&o.work_path) };
+        let pre_dump = match o.special_fields.unknown_fields().get(criu::predump::OPTIONS_PRE_DUMP_FIELD) {
+            None => None,
+            Some(UnknownValueRef::Varint(n)) => Some(criu::predump::check_rounds(n).map_err(|e| bad(e.to_string()))?),
+            Some(_) => return Err(bad("malformed pre-dump rounds (field 1001 must be a varint)".into())),
+        };
+        let req = Self { flags, image_path: path(&o.image_path), work_path: path(&o.work_path), pre_dump };
         for p in [&req.image_path, &req.work_path].into_iter().flatten() {
             if !p.is_absolute() {
                 return Err(bad(format!("{} is not an absolute path", p.display())));
@@ -99,6 +112,9 @@ impl Checkpointer<'_> {
     /// is not handed to CRIU (which would kill the container right after the dump): the container
     /// stays frozen and is killed only once its checkpoint is safely on disk, so that a failure
     /// after the dump (a full disk, say) cannot lose the process.
+    ///
+    /// Every attempt, failed ones too, is appended to the store's journal with its phases and
+    /// the time the container was frozen (`kybernate metrics`).
     pub fn checkpoint(
         &self,
         c: &Container,
@@ -107,9 +123,56 @@ impl Checkpointer<'_> {
         target: &Path,
         was_paused: bool,
     ) -> Result<Manifest> {
+        let mut clock = Clock::start();
+        let result = self.checkpoint_timed(c, pid, req, target, was_paused, &mut clock);
+        let mut a = self.attempt(Kind::Checkpoint, c, &clock);
+        a.checkpoint = crate::restore::checkpoint_name(target, &c.checkpoint_config);
+        a.exit = req.flags.exit;
+        match &result {
+            Ok(m) => {
+                a.bytes = m.total_size();
+                a.gpu_bytes = m.gpu.as_ref().map_or(0, |g| g.bytes_total);
+            }
+            Err(e) => a.failed(checkpoint_error_class(e), &e.to_string()),
+        }
+        record(&c.checkpoint_config.root, &a);
+        result
+    }
+
+    /// A checkpoint request refused before it started (bad options, no target), for the journal.
+    pub fn refused(&self, c: &Container, e: &Error) {
+        let mut a = self.attempt(Kind::Checkpoint, c, &Clock::start());
+        a.failed(error_class(e), &e.to_string());
+        record(&c.checkpoint_config.root, &a);
+    }
+
+    /// A journal line for `c` with `clock`'s times.
+    pub fn attempt(&self, kind: Kind, c: &Container, clock: &Clock) -> Attempt {
+        let mut a = Attempt::new(kind, clock);
+        a.namespace = self.namespace.to_string();
+        a.container = c.id.clone();
+        a.pod = kybernate_runtime_select::load_spec(&c.bundle)
+            .ok()
+            .map(|spec| crate::restore::pod_of(&spec))
+            .filter(|p| p != "-");
+        a
+    }
+
+    fn checkpoint_timed(
+        &self,
+        c: &Container,
+        pid: u32,
+        req: &CheckpointRequest,
+        target: &Path,
+        was_paused: bool,
+        clock: &mut Clock,
+    ) -> Result<Manifest> {
         let id = c.id.as_str();
         self.check_identity(c)?;
         let (criu_path, criu_version) = self.criu(c, "checkpoint")?;
+        // Refused here, before anything is written or frozen, where the kernel cannot pre-dump.
+        let mut pre_dump = predump::decide(c, req.pre_dump)?;
+        predump::require_dirty_tracking(self.spawner, c, &criu_path, pre_dump)?;
         let mut runtime = c.runtime.with_criu(criu_path.clone());
         let gpu_err = |source| CheckpointError::Gpu { what: "checkpoint", id: id.into(), source: Box::new(source) };
 
@@ -132,6 +195,19 @@ impl Checkpointer<'_> {
                 message: "its CUDA state cannot be checkpointed while it is paused: resume it first".into(),
             });
         }
+        if pre_dump.rounds > 0 && (was_paused || gpu.as_ref().is_some_and(|g| g.mode != GpuMode::None)) {
+            // A paused container has nothing to gain (it is frozen already); CUDA state is
+            // moved only by the final dump's GPU steps. A node default gives way, a request not.
+            let why = if was_paused { "it is paused" } else { "it uses CUDA" };
+            if pre_dump.source != predump::Source::Config {
+                return Err(CheckpointError::BadRequest {
+                    id: id.into(),
+                    message: format!("pre-dump was asked for, but {why}: checkpoint it without pre-dump"),
+                });
+            }
+            info!("container {id}: no pre-dump ([checkpoint] pre_dump_rounds), since {why}");
+            pre_dump.rounds = 0;
+        }
         // The partial checkpoint exists from here, so that its phase file shows the GPU steps too.
         // Into containerd's own dir (no image_path): CRIU's images at the top, as containerd's
         // runc shim writes them and containerd 2.x's CRI unpacks them.
@@ -142,12 +218,21 @@ impl Checkpointer<'_> {
             source: Box::new(source),
         })?;
         let _record = PartialRecord::write(&c.bundle, partial.dir());
+        // Pre-dump rounds: the container's memory copied while it runs, before any GPU step or
+        // freeze, so that the final dump takes only what changed since the last round.
+        let pre_dumps =
+            PreDumpLayout { dir: partial.dir().to_path_buf(), images: partial.images_dir(), rounds: pre_dump.rounds };
+        if pre_dumps.rounds > 0 {
+            partial.set_phase(criu::PHASE_CRIU_DUMP);
+            let work = work_dir(c, req.work_path.as_deref())?;
+            predump::run_rounds(&runtime, c, &req.flags, &pre_dumps, &work, || self.recover(&runtime, c, false))?;
+        }
         let mut session = gpu.as_ref().and_then(GpuCheckpoint::session);
         if let (Some(s), Some(g)) = (session.as_mut(), gpu.as_ref()) {
             partial.set_phase(criu::PHASE_GPU_LOCK);
-            s.lock_all(g.lock_timeout_ms()).map_err(|e| gpu_err(e.into()))?;
+            clock.phase("gpu_lock", || s.lock_all(g.lock_timeout_ms())).map_err(|e| gpu_err(e.into()))?;
             partial.set_phase(criu::PHASE_GPU_CHECKPOINT);
-            s.checkpoint_all().map_err(|e| gpu_err(e.into()))?;
+            clock.phase("gpu_checkpoint", || s.checkpoint_all()).map_err(|e| gpu_err(e.into()))?;
         }
 
         // Frozen (unless the client paused it already) from before the dump until the rootfs
@@ -157,7 +242,9 @@ impl Checkpointer<'_> {
         let freeze = !was_paused && gpu.as_ref().map_or(true, GpuCheckpoint::freeze_before_dump);
         let freeze_after_dump = !was_paused && !freeze;
         if freeze {
-            runtime.pause(id, &c.bundle).map_err(|source| CheckpointError::Criu {
+            // Frozen from the request on: the cgroup freezes during the call.
+            clock.freeze();
+            clock.phase("freeze", || runtime.pause(id, &c.bundle)).map_err(|source| CheckpointError::Criu {
                 what: "checkpoint",
                 id: id.into(),
                 source,
@@ -165,18 +252,19 @@ impl Checkpointer<'_> {
             test_stop_point(id, STOP_FREEZE);
         }
         let thaw_after_dump = (freeze || freeze_after_dump) && !req.flags.exit;
-        let frozen = Frozen { was_paused, freeze_after_dump, thaw_after_dump };
+        let frozen = Frozen { was_paused, freeze_after_dump, thaw_after_dump, pre_dumps };
         let gpu_ctx = GpuContext { plan: gpu.as_ref(), session: &mut session };
-        let result = self.checkpoint_frozen(c, pid, req, partial, frozen, gpu_ctx, &runtime, criu_path, criu_version);
+        let result =
+            self.checkpoint_frozen(c, pid, req, partial, frozen, gpu_ctx, &runtime, criu_path, criu_version, clock);
         match (&result, req.flags.exit) {
             (Ok(_), true) => {
                 // Killed while frozen; `kill --all` thaws the cgroup itself on cgroup v1, else
                 // we do, so that the kill is delivered.
-                runtime.kill(id, &c.bundle, libc::SIGKILL as u32, true).map_err(|e| CheckpointError::Stop {
-                    id: id.into(),
-                    target: target.into(),
-                    source: Box::new(e),
-                })?;
+                clock
+                    .phase("kill", || runtime.kill(id, &c.bundle, libc::SIGKILL as u32, true))
+                    .map_err(|e| CheckpointError::Stop { id: id.into(), target: target.into(), source: Box::new(e) })?;
+                // Frozen until killed: it never runs again here.
+                clock.thaw();
                 if let Some(s) = session.as_mut() {
                     s.processes_exited();
                 }
@@ -188,6 +276,7 @@ impl Checkpointer<'_> {
                 if freeze || freeze_after_dump {
                     self.recover(&runtime, c, false);
                 }
+                clock.thaw();
                 if let Some(s) = session.as_mut() {
                     if let Err(e) = s.resume() {
                         warn!("container {id}: after the failed checkpoint: {e}");
@@ -211,6 +300,7 @@ impl Checkpointer<'_> {
         runtime: &OciRuntime,
         criu_path: PathBuf,
         criu_version: criu::CriuVersion,
+        clock: &mut Clock,
     ) -> Result<Manifest> {
         let id = c.id.as_str();
         let started = Instant::now();
@@ -227,7 +317,9 @@ impl Checkpointer<'_> {
         let work = work_dir(c, req.work_path.as_deref())?;
         // CRIU always leaves the container alive (see `checkpoint`); it stays frozen if it was.
         let dump_flags = CheckpointFlags { exit: false, ..req.flags.clone() };
-        let args = dump_flags.checkpoint_args(&partial.images_dir(), &work);
+        let mut args = dump_flags.checkpoint_args(&partial.images_dir(), &work);
+        // After pre-dumps: only the pages changed since the last round (CRIU links it as `parent`).
+        args.extend(criu::predump::parent_args(frozen.pre_dumps.final_parent().as_deref()));
         // The flags after --image-path I --work-path W, for the log.
         let flags: Vec<String> = args.iter().skip(4).map(|a| a.to_string_lossy().into_owned()).collect();
         info!(
@@ -243,13 +335,25 @@ impl Checkpointer<'_> {
         let _ = std::fs::remove_file(&stats);
         let dump_started = Instant::now();
         partial.set_phase(criu::PHASE_CRIU_DUMP);
-        if let Err(e) = runtime.checkpoint(id, &c.bundle, args) {
+        if frozen.freeze_after_dump {
+            clock.freeze(); // CRIU freezes it for the dump; we keep it frozen after
+        }
+        let dumped = runtime.checkpoint(id, &c.bundle, args);
+        clock.add_phase("dump", dump_started.elapsed());
+        if let Err(e) = dumped {
             let outcome = self.recover(runtime, c, frozen.was_paused);
+            clock.thaw();
             return Err(CheckpointError::runtime_failure("checkpoint", id, e, &work.join("dump.log"), outcome));
         }
         let dump_ms = dump_started.elapsed().as_millis() as u64;
+        // CRIU's `parent` links become nested directories: plain files the manifest lists.
+        frozen.pre_dumps.nest_rounds().map_err(|source| CheckpointError::Write {
+            id: id.into(),
+            context: format!("nest the {} pre-dump round(s) under the final dump", frozen.pre_dumps.rounds),
+            source,
+        })?;
         if frozen.freeze_after_dump {
-            runtime.pause(id, &c.bundle).map_err(|source| CheckpointError::Criu {
+            clock.phase("freeze", || runtime.pause(id, &c.bundle)).map_err(|source| CheckpointError::Criu {
                 what: "checkpoint",
                 id: id.into(),
                 source,
@@ -277,6 +381,7 @@ impl Checkpointer<'_> {
             write(criu::SPEC_DUMP, &spec_bytes)?;
         }
         test_stop_point(id, STOP_ROOTFS_DIFF);
+        let diff_started = Instant::now();
         let rootfs_diff = match (&c.rootfs_upper, readonly_root(spec.as_ref()), flat) {
             (Some(upper), false, false) => criu::write_rootfs_diff(upper, &partial.dir().join(criu::ROOTFS_DIFF))
                 .map_err(|source| CheckpointError::RootfsDiff { id: id.into(), source })?,
@@ -288,10 +393,12 @@ impl Checkpointer<'_> {
                 Err(e) => warn!("container {id}: no CRIU dump statistics in {}: {e}", stats.display()),
             }
         }
+        clock.add_phase("rootfs_diff", diff_started.elapsed());
         let mut gpu_resume = None;
         if frozen.thaw_after_dump {
             // Memory and files are captured: the rest (hashing, syncing) runs with the container live.
-            self.recover(runtime, c, false);
+            clock.phase("thaw", || self.recover(runtime, c, false));
+            clock.thaw();
             if let Some(s) = gpu.session.as_mut() {
                 gpu_resume = s.resume().err();
             }
@@ -349,12 +456,14 @@ impl Checkpointer<'_> {
             options: req.flags.clone(),
             rootfs_diff,
             duration_ms: started.elapsed().as_millis() as u64,
+            digest: None, // set by the commit, which hashes
             files: Default::default(),
             gpu: gpu_record,
             flat: partial.is_flat(),
         };
         test_stop_point(id, STOP_HASHING);
-        let manifest = partial.commit(manifest).map_err(|source| CheckpointError::Store {
+        // Hashing, syncing and the rename into place.
+        let manifest = clock.phase("commit", || partial.commit(manifest)).map_err(|source| CheckpointError::Store {
             what: "checkpoint",
             id: id.to_string(),
             source: Box::new(source),
@@ -430,8 +539,8 @@ impl Checkpointer<'_> {
     }
 }
 
-/// How the container is frozen around the dump.
-#[derive(Debug, Clone, Copy)]
+/// How the container is frozen around the dump, and what was copied before the freeze.
+#[derive(Debug, Clone)]
 struct Frozen {
     /// The client had paused it: never thaw it.
     was_paused: bool,
@@ -439,6 +548,8 @@ struct Frozen {
     freeze_after_dump: bool,
     /// Thaw once memory and files are captured (not with `exit`).
     thaw_after_dump: bool,
+    /// The pre-dump rounds taken while it ran (none: `rounds` 0): the final dump's parent.
+    pre_dumps: PreDumpLayout,
 }
 
 /// The GPU side of one checkpoint.
@@ -534,6 +645,47 @@ fn mib(bytes: u64) -> String {
 
 fn readonly_root(spec: Option<&SpecView>) -> bool {
     spec.is_some_and(SpecView::root_readonly)
+}
+
+/// Appends `a` to the journal of the store at `root` (never fails: see [`journal::record`]).
+/// Unit tests build containers with the default config: their attempts stay out of the host's store.
+pub(crate) fn record(root: &Path, a: &Attempt) {
+    if cfg!(test) && root == kybernate_runtime_select::CheckpointConfig::default().root {
+        return;
+    }
+    journal::record(root, a);
+}
+
+/// The journal's error class of a failed checkpoint or restore: a short, stable label value.
+pub(crate) fn error_class(e: &Error) -> &'static str {
+    match e {
+        Error::Checkpoint(e) => checkpoint_error_class(e),
+        Error::NotFound(_) => "not_found",
+        Error::AlreadyExists(_) => "already_exists",
+        Error::FailedPrecondition(_) => "failed_precondition",
+        Error::InvalidArgument(_) | Error::Options(_) => "bad_request",
+        Error::Select(_) | Error::Config(_) => "config",
+        Error::Runtime(_) => "runtime",
+        Error::Io(_) => "io",
+        Error::Os { .. } | Error::Shim { .. } | Error::Internal { .. } => "internal",
+    }
+}
+
+fn checkpoint_error_class(e: &CheckpointError) -> &'static str {
+    match e {
+        CheckpointError::BadRequest { .. } => "bad_request",
+        CheckpointError::Busy { .. } => "busy",
+        CheckpointError::Preflight { .. } => "preflight",
+        CheckpointError::Criu { .. } | CheckpointError::Runtime(_) => "runtime",
+        CheckpointError::Store { .. } => "store",
+        CheckpointError::Write { .. } => "write",
+        CheckpointError::RootfsDiff { .. } | CheckpointError::ApplyRootfsDiff { .. } => "rootfs_diff",
+        CheckpointError::Verify { .. } => "verify",
+        CheckpointError::Policy { .. } | CheckpointError::Grants { .. } => "policy",
+        CheckpointError::Restore { .. } => "restore",
+        CheckpointError::Gpu { .. } | CheckpointError::GpuResume { .. } => "gpu",
+        CheckpointError::Stop { .. } => "stop",
+    }
 }
 
 #[cfg(test)]

@@ -30,6 +30,7 @@ pub mod info;
 pub mod io;
 pub mod oom;
 pub mod options;
+pub mod predump;
 pub mod process;
 pub mod restore;
 pub mod runtime;

@@ -9,6 +9,7 @@
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
+use kybernate_checkpoint::journal::{Attempt, Clock, Kind};
 use kybernate_checkpoint::{self as criu, CheckpointFlags, Manifest, Store};
 use kybernate_runtime_select::{CheckpointConfig, SpecView};
 use log::{info, warn};
@@ -43,6 +44,8 @@ pub struct RestorePlan {
     /// The flags the checkpoint was taken with (restore needs the matching ones).
     pub flags: CheckpointFlags,
     pub manifest: Option<Manifest>,
+    /// The restore attempt's times from its decision on, for the journal.
+    pub clock: Clock,
 }
 
 impl RestorePlan {
@@ -70,7 +73,13 @@ impl RestorePlan {
                 dir.display(),
                 criu::MANIFEST_FILE
             );
-            return Ok(Self { dir: dir.into(), images: dir.into(), flags: Default::default(), manifest: None });
+            return Ok(Self {
+                dir: dir.into(),
+                images: dir.into(),
+                flags: Default::default(),
+                manifest: None,
+                clock: Clock::start(),
+            });
         }
         Err(CheckpointError::Restore {
             id: id.into(),
@@ -101,12 +110,16 @@ impl RestorePlan {
 
     fn verified(id: &str, dir: &Path) -> Result<Self> {
         test_stop_point(id, STOP_RESTORE_VERIFY);
-        let manifest = criu::verify(dir).map_err(|source| CheckpointError::Verify { id: id.to_string(), source })?;
+        let mut clock = Clock::start();
+        let manifest = clock
+            .phase("verify", || criu::verify(dir))
+            .map_err(|source| CheckpointError::Verify { id: id.to_string(), source })?;
         Ok(Self {
             dir: dir.into(),
             images: dir.join(manifest.images_rel()),
             flags: manifest.options.clone(),
             manifest: Some(manifest),
+            clock,
         })
     }
 
@@ -283,6 +296,8 @@ pub(crate) fn spec_annotation(spec: Option<&SpecView>, key: &str) -> Option<Stri
 pub struct Restoring {
     pub plan: RestorePlan,
     who: RestoreLog,
+    /// Where a refusal is journaled: the store root and this shim's containerd namespace.
+    journal: (PathBuf, String),
 }
 
 /// What the rest of a restore's decision gives the new container.
@@ -317,11 +332,14 @@ impl Restoring {
                 checkpoint: checkpoint.to_string(),
                 trigger: "containerd's checkpoint",
             };
+            let journal = (config.root.clone(), namespace.to_string());
             return match RestorePlan::from_containerd(id, Path::new(checkpoint)) {
-                Ok(plan) => Ok(Some(Self { plan, who })),
+                Ok(plan) => Ok(Some(Self { plan, who, journal })),
                 Err(e) => {
+                    let e = e.into();
                     who.log(&format!("refused: {e}"));
-                    Err(e.into())
+                    who.record_refusal(&journal, &e);
+                    Err(e)
                 }
             };
         }
@@ -341,11 +359,13 @@ impl Restoring {
         match RestorePlan::from_store(id, trigger.reference(), config, &tenant) {
             Ok(plan) => {
                 who.checkpoint = checkpoint_name(&plan.dir, config);
-                Ok(Some(Self { plan, who }))
+                Ok(Some(Self { plan, who, journal: (config.root.clone(), namespace.to_string()) }))
             }
             Err(e) => {
+                let e = e.into();
                 who.log(&format!("refused: {e}"));
-                Err(e.into())
+                who.record_refusal(&(config.root.clone(), namespace.to_string()), &e);
+                Err(e)
             }
         }
     }
@@ -381,6 +401,7 @@ impl Restoring {
     /// Logs the refusal of this restore.
     pub fn refused(&self, e: &Error) {
         self.who.log(&format!("refused: {e}"));
+        self.who.record_refusal(&self.journal, e);
     }
 }
 
@@ -396,6 +417,33 @@ impl RestoreLog {
     fn log(&self, decision: &str) {
         log_restore_decision(&self.id, &self.pod, &self.checkpoint, self.trigger, decision);
     }
+
+    /// A restore refused at Create goes into the journal as a failed attempt.
+    fn record_refusal(&self, (root, namespace): &(PathBuf, String), e: &Error) {
+        let mut a = Attempt::new(Kind::Restore, &Clock::start());
+        a.namespace = namespace.clone();
+        a.container = self.id.clone();
+        a.pod = Some(self.pod.clone()).filter(|p| p != "-");
+        a.checkpoint = self.checkpoint.clone();
+        a.failed(crate::checkpoint::error_class(e), &e.to_string());
+        crate::checkpoint::record(root, &a);
+    }
+}
+
+/// Journals a restore run at Start: `a` names the container, `clock` holds the phases (verify at
+/// Create, the runtime restore and the GPU restore at Start). Its duration is the sum of the
+/// phases: the wait between Create and Start is the client's, not the restore's.
+pub fn record_restore(mut a: Attempt, plan: &RestorePlan, config: &CheckpointConfig, result: &Result<(), Error>) {
+    a.duration_ms = a.phases_ms.values().sum();
+    a.checkpoint = checkpoint_name(&plan.dir, config);
+    match result {
+        Ok(()) => {
+            a.bytes = plan.manifest.as_ref().map_or(0, Manifest::total_size);
+            a.gpu_bytes = plan.gpu().map_or(0, |g| g.bytes_total);
+        }
+        Err(e) => a.failed(crate::checkpoint::error_class(e), &e.to_string()),
+    }
+    crate::checkpoint::record(&config.root, &a);
 }
 
 #[cfg(test)]

@@ -331,7 +331,22 @@ impl Inner {
 
     /// Start of a container created from a checkpoint: `runtime restore --detach`, with the
     /// process IO wired up as for a create; from here its exits work as for any container.
+    /// The attempt goes into the store's journal, failed or not.
     fn restore_init(self: &Arc<Self>, c: &Arc<Container>, plan: RestorePlan) -> Result<()> {
+        let mut clock = plan.clock.clone();
+        let result = self.restore_timed(c, &plan, &mut clock);
+        let checkpointer = Checkpointer { spawner: self.spawner.as_ref(), namespace: &self.namespace };
+        let attempt = checkpointer.attempt(kybernate_checkpoint::journal::Kind::Restore, c, &clock);
+        crate::restore::record_restore(attempt, &plan, &c.checkpoint_config, &result);
+        result
+    }
+
+    fn restore_timed(
+        self: &Arc<Self>,
+        c: &Arc<Container>,
+        plan: &RestorePlan,
+        clock: &mut kybernate_checkpoint::journal::Clock,
+    ) -> Result<()> {
         let checkpointer = Checkpointer { spawner: self.spawner.as_ref(), namespace: &self.namespace };
         let (criu_path, _) = checkpointer.criu(c, "restore")?;
         let mut runtime = c.runtime.with_criu(criu_path);
@@ -347,7 +362,7 @@ impl Inner {
         let pid_file = c.bundle.join("init.pid");
         let args = plan.restore_args(&c.bundle, &work, &pid_file, io.console_socket(), c.no_pivot);
         info!("container {}: restoring from {}", c.id, plan.dir.display());
-        if let Err(e) = runtime.restore(&c.id, &c.bundle, args, child) {
+        if let Err(e) = clock.phase("restore", || runtime.restore(&c.id, &c.bundle, args, child)) {
             // A failed restore can leave runtime state (and a half-restored process) behind.
             if let Err(de) = c.runtime.delete(&c.id, &c.bundle, true) {
                 if !de.is_not_found() {
@@ -370,9 +385,11 @@ impl Inner {
             // The restored CUDA processes are locked with their device memory in host memory:
             // give it back to the GPUs and unlock them. A container whose GPU state cannot be
             // restored is stopped, not left running half-restored.
-            let restored = c.runtime.ps(&c.id, &c.bundle).map_err(Error::from).and_then(|pids| {
-                crate::gpu::restore_cuda(self.spawner.as_ref(), &c.id, gpu, &pids, &c.checkpoint_config)
-                    .map_err(|e| gpu_err(e).into())
+            let restored = clock.phase("gpu", || {
+                c.runtime.ps(&c.id, &c.bundle).map_err(Error::from).and_then(|pids| {
+                    crate::gpu::restore_cuda(self.spawner.as_ref(), &c.id, gpu, &pids, &c.checkpoint_config)
+                        .map_err(|e| gpu_err(e).into())
+                })
             });
             if let Err(e) = restored {
                 if let Err(de) = c.runtime.delete(&c.id, &c.bundle, true) {
@@ -403,17 +420,8 @@ impl Inner {
     }
 
     fn checkpoint_as(&self, c: &Arc<Container>, pid: u32, was_paused: bool, req: &CheckpointTaskRequest) -> Result<()> {
-        let mut request = CheckpointRequest::decode(&req.id, req.options.as_ref())?;
-        // A terminal container's pty is outside it: CRIU can only dump it as a shell job.
-        request.flags.terminal |= c.init.stdio.terminal;
-        let target = request
-            .image_path
-            .clone()
-            .or_else(|| Some(PathBuf::from(&req.path)).filter(|p| !p.as_os_str().is_empty()))
-            .ok_or_else(|| {
-                Error::InvalidArgument(format!("checkpoint {}: neither path nor image_path given", req.id))
-            })?;
         let checkpointer = Checkpointer { spawner: self.spawner.as_ref(), namespace: &self.namespace };
+        let (request, target) = checkpoint_target(c, req).inspect_err(|e| checkpointer.refused(c, e))?;
         checkpointer.checkpoint(c, pid, &request, &target, was_paused)?;
         if request.image_path.is_some() && !req.path.is_empty() {
             checkpoint::write_pointer(Path::new(&req.path), &target, &c.id);
@@ -665,6 +673,19 @@ impl Inner {
 /// checkpoint, they end it too.
 fn stops(signal: u32) -> bool {
     signal == libc::SIGKILL as u32 || signal == libc::SIGTERM as u32
+}
+
+/// The options and target directory of a checkpoint request.
+fn checkpoint_target(c: &Container, req: &CheckpointTaskRequest) -> Result<(CheckpointRequest, PathBuf)> {
+    let mut request = CheckpointRequest::decode(&req.id, req.options.as_ref())?;
+    // A terminal container's pty is outside it: CRIU can only dump it as a shell job.
+    request.flags.terminal |= c.init.stdio.terminal;
+    let target = request
+        .image_path
+        .clone()
+        .or_else(|| Some(PathBuf::from(&req.path)).filter(|p| !p.as_os_str().is_empty()))
+        .ok_or_else(|| Error::InvalidArgument(format!("checkpoint {}: neither path nor image_path given", req.id)))?;
+    Ok((request, target))
 }
 
 /// A Kill during a checkpoint: the checkpoint is abandoned, so that an operator can stop a job

@@ -66,6 +66,18 @@ impl CheckpointFlags {
         args
     }
 
+    /// Arguments of one pre-dump round (`runc checkpoint --pre-dump`): `--pre-dump --image-path
+    /// ROUND --work-path WORK [--parent-path P]` and the same flags as the final dump, which CRIU
+    /// needs to walk the same process tree; never `--leave-running` (a pre-dump always does).
+    /// `parent` is relative to `images`, as runc requires.
+    pub fn pre_dump_args(&self, images: &Path, work: &Path, parent: Option<&Path>) -> Vec<OsString> {
+        let mut args: Vec<OsString> =
+            vec!["--pre-dump".into(), "--image-path".into(), images.into(), "--work-path".into(), work.into()];
+        args.extend(crate::predump::parent_args(parent));
+        self.push_shared(&mut args, true);
+        args
+    }
+
     /// The flags dump and restore share; `--empty-ns` only exists on checkpoint.
     fn push_shared(&self, args: &mut Vec<OsString>, with_empty_ns: bool) {
         for (on, flag) in [
@@ -179,6 +191,27 @@ mod tests {
             "soft",
         ];
         assert_eq!(got, want);
+    }
+
+    #[test]
+    fn pre_dump_args_chain_to_their_parent() {
+        let f = CheckpointFlags { exit: true, open_tcp: true, ..Default::default() };
+        let first = strs(f.pre_dump_args(Path::new("/c/pre-1"), Path::new("/w"), None));
+        assert_eq!(first, ["--pre-dump", "--image-path", "/c/pre-1", "--work-path", "/w", "--tcp-established"]);
+        let second = strs(f.pre_dump_args(Path::new("/c/pre-2"), Path::new("/w"), Some(Path::new("../pre-1"))));
+        assert_eq!(
+            second,
+            [
+                "--pre-dump",
+                "--image-path",
+                "/c/pre-2",
+                "--work-path",
+                "/w",
+                "--parent-path",
+                "../pre-1",
+                "--tcp-established"
+            ]
+        );
     }
 
     #[test]

@@ -51,6 +51,21 @@ pub enum PreflightError {
         dir.display(), mib(required_space(*needed)), mib(*needed), mib(SPACE_HEADROOM), mib(*available)
     )]
     NoSpace { dir: PathBuf, needed: u64, available: u64 },
+    #[error(
+        "pre-dump ({rounds} round(s)) needs memory dirty tracking, which this node's kernel lacks: {} says \"{criu_says}\" \
+         (the kernel is built without CONFIG_MEM_SOFT_DIRTY, so it has no soft-dirty page bits); checkpoint without \
+         pre-dump (`kybernate checkpoint --pre-dump 0`, no {} annotation, [checkpoint] pre_dump_rounds = 0), \
+         or run the container on a node whose kernel has CONFIG_MEM_SOFT_DIRTY=y",
+        criu.display(), crate::predump::PRE_DUMP_ANNOTATION
+    )]
+    NoDirtyTracking { rounds: u32, criu: PathBuf, criu_says: String },
+    #[error(
+        "pre-dump ({rounds} round(s)) needs memory dirty tracking (the kernel's soft-dirty bits, CONFIG_MEM_SOFT_DIRTY), \
+         and {} could not tell whether this node has it: {reason}; checkpoint without pre-dump \
+         (`kybernate checkpoint --pre-dump 0`), or check `criu check --feature mem_dirty_track`",
+        criu.display()
+    )]
+    DirtyTrackingUnknown { rounds: u32, criu: PathBuf, reason: String },
     #[error("{context}: {source}")]
     Io {
         context: String,

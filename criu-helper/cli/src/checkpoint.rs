@@ -49,6 +49,10 @@ struct CheckpointOptions {
     image_path: String,
     #[prost(string, tag = "9")]
     work_path: String,
+    /// Ours, not runc's (`kybernate_checkpoint::predump::OPTIONS_PRE_DUMP_FIELD`): pre-dump rounds,
+    /// sent only when asked for, so that an explicit 0 overrides the container's annotation.
+    #[prost(uint32, optional, tag = "1001")]
+    pre_dump_rounds: Option<u32>,
 }
 
 /// What `kybernate checkpoint` was asked to do.
@@ -63,6 +67,8 @@ pub struct Args {
     pub tcp: bool,
     /// The checkpoint's directory name instead of the timestamp.
     pub name: Option<String>,
+    /// `--pre-dump N`; unset: the container's annotation or the config decides (in the shim).
+    pub pre_dump: Option<u32>,
 }
 
 /// `checkpoint -o json`: the checkpoint object plus how long the checkpoint took.
@@ -221,6 +227,7 @@ async fn run(
         exit: req.exit,
         open_tcp: req.tcp,
         image_path: target.display().to_string(),
+        pre_dump_rounds: req.pre_dump,
         ..Default::default()
     };
     let request = CheckpointTaskRequest {
@@ -388,6 +395,19 @@ mod tests {
         let o = CheckpointOptions { exit: true, image_path: "/x".into(), ..Default::default() };
         // field 1 varint 1; field 8 length-delimited "/x"
         assert_eq!(prost::Message::encode_to_vec(&o), vec![0x08, 0x01, 0x42, 0x02, b'/', b'x']);
+    }
+
+    /// `--pre-dump N` rides in a field of our own; an explicit 0 is sent too (it overrides the
+    /// container's annotation), and nothing at all without the flag.
+    #[test]
+    fn pre_dump_rounds_travel_in_field_1001() {
+        assert_eq!(kybernate_checkpoint::predump::OPTIONS_PRE_DUMP_FIELD, 1001);
+        let key = [0xc8, 0x3e]; // (1001 << 3) | 0 as a varint
+        for (rounds, value) in [(Some(0), 0u8), (Some(3), 3)] {
+            let o = CheckpointOptions { pre_dump_rounds: rounds, ..Default::default() };
+            assert_eq!(prost::Message::encode_to_vec(&o), vec![key[0], key[1], value]);
+        }
+        assert!(prost::Message::encode_to_vec(&CheckpointOptions::default()).is_empty());
     }
 
     /// A child's shim, as this reads it, is its parent: here, this test binary.

@@ -12,7 +12,9 @@ use std::process::{Command, ExitCode};
 use std::time::Duration;
 
 use containerd_client::services::v1::version_client::VersionClient;
-use kybernate_checkpoint::{find_criu, free_bytes, kernel_release, parse_criu_version, require_criu_version, MIN_CRIU};
+use kybernate_checkpoint::{
+    find_criu, free_bytes, kernel_release, parse_criu_version, require_criu_version, DirtyTracking, MIN_CRIU,
+};
 use kybernate_gpu::cuda::CudaDriver;
 use serde::Serialize;
 
@@ -135,6 +137,7 @@ pub fn run_checks(node: &Node, address: &Path, containerd_config: &Path, root: &
         runc(path),
         nvidia_runtime(path, !gpus.is_empty()),
         criu(path),
+        pre_dump(path),
         iptables_restore(path),
         gpu_devices(&gpus),
         gpu_driver(&node.nvidia_version, !gpus.is_empty()),
@@ -390,6 +393,33 @@ fn criu_for_kernel(path_env: Option<&OsStr>, kernel: &str) -> Check {
         );
     }
     Check::ok(NAME, format!("{found}; `criu check`: looks good"))
+}
+
+/// Whether checkpoints can pre-dump here: CRIU's memory dirty tracking needs the kernel's
+/// soft-dirty bits. Optional, so its absence is a warning: checkpoints work without it.
+pub fn pre_dump(path_env: Option<&OsStr>) -> Check {
+    const NAME: &str = "pre-dump";
+    let Ok(criu) = find_criu(None, path_env) else {
+        return Check::warn(NAME, "unknown: no CRIU found (see the criu check)", "install CRIU, then run doctor again");
+    };
+    let without = "checkpoints work without pre-dump (--pre-dump 0, [checkpoint] pre_dump_rounds = 0); for pre-dump, \
+                   run on a kernel built with CONFIG_MEM_SOFT_DIRTY=y (most distribution kernels are)";
+    match kybernate_checkpoint::probe_dirty_tracking(&criu, kybernate_checkpoint::predump::PROBE_TIMEOUT) {
+        DirtyTracking::Available => {
+            Check::ok(NAME, "available: CRIU tracks memory changes on this kernel (soft-dirty bits)")
+        }
+        DirtyTracking::Off { criu_says } => Check::warn(
+            NAME,
+            format!(
+                "not available: this kernel has no soft-dirty bits (CONFIG_MEM_SOFT_DIRTY), so CRIU cannot track \
+                 memory changes (`criu check --feature mem_dirty_track`: {criu_says}); pre-dump requests are refused"
+            ),
+            without,
+        ),
+        DirtyTracking::Unknown { reason } => {
+            Check::warn(NAME, format!("unknown: {reason}; pre-dump requests are refused"), without)
+        }
+    }
 }
 
 pub fn iptables_restore(path_env: Option<&OsStr>) -> Check {
@@ -676,6 +706,26 @@ version = 3
         let bad = criu_for_kernel(Some(path), "6.12.0");
         assert_eq!(bad.status, Status::Fail);
         assert!(bad.detail.contains("no userfaultfd"), "{bad:?}");
+    }
+
+    #[test]
+    fn pre_dump_is_reported_both_ways() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().as_os_str();
+        exe(dir.path(), "criu", "echo 'mem_dirty_track is supported'");
+        let yes = pre_dump(Some(path));
+        assert_eq!(yes.status, Status::Ok, "{yes:?}");
+        assert!(yes.detail.starts_with("available"), "{yes:?}");
+        exe(
+            dir.path(),
+            "criu",
+            "echo 'Warn  (criu/cr-check.c:824): Dirty tracking is OFF. Memory snapshot will not work.' >&2; exit 1",
+        );
+        let no = pre_dump(Some(path));
+        assert_eq!(no.status, Status::Warn, "{no:?}");
+        assert!(no.detail.contains("CONFIG_MEM_SOFT_DIRTY") && no.detail.contains("Dirty tracking is OFF"), "{no:?}");
+        assert!(no.fix.as_deref().unwrap().contains("--pre-dump 0"), "{no:?}");
+        assert_eq!(pre_dump(Some(OsStr::new("/nonexistent"))).status, Status::Warn);
     }
 
     #[test]

@@ -13,6 +13,7 @@ mod containerd_config;
 mod cuda_checkpoint;
 mod doctor;
 mod error;
+mod metrics;
 mod output;
 mod pods;
 mod progress;
@@ -84,6 +85,7 @@ Examples:
   kybernate -n k8s.io checkpoint web --exit         stop it after the checkpoint
   kybernate checkpoint web --name before-upgrade    <ns>/web/before-upgrade instead of a timestamp
   kybernate checkpoint web -o json
+  kybernate checkpoint web --pre-dump 2             copy memory twice while it runs, then dump the rest frozen
 
 The container must run under io.containerd.kybernate.v1 and its task must be running. The checkpoint
 lands in <root>/<namespace>/<container>/<timestamp or NAME>/; a NAME that exists is refused."
@@ -113,6 +115,12 @@ lands in <root>/<namespace>/<container>/<timestamp or NAME>/; a NAME that exists
         /// The checkpoint's directory name instead of the timestamp.
         #[arg(long, value_name = "NAME")]
         name: Option<String>,
+        /// Pre-dump rounds: copy the container's memory N times while it runs, so that only the
+        /// last changes are dumped frozen (0 = none; unset: the container's
+        /// kybernate.io/checkpoint-pre-dump annotation, else [checkpoint] pre_dump_rounds). Needs a
+        /// kernel with soft-dirty bits (CONFIG_MEM_SOFT_DIRTY); refused otherwise.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=kybernate_checkpoint::MAX_PRE_DUMP_ROUNDS as i64))]
+        pre_dump: Option<u32>,
     },
     /// List every checkpoint in the store, newest first (broken ones too, with the reason).
     #[command(after_long_help = "\
@@ -260,6 +268,21 @@ Exits 1 when a check failed, else 0.")]
         #[arg(long, value_name = "PATH", default_value = "/etc/containerd/config.toml")]
         containerd_config: PathBuf,
     },
+    /// Print Prometheus metrics of this node's checkpoints and restores, or serve them over HTTP.
+    #[command(after_long_help = "\
+Examples:
+  kybernate metrics                               the text exposition, once
+  kybernate metrics -o json                       the same numbers as JSON
+  kybernate metrics --listen :9474                serve http://<node>:9474/metrics (Ctrl-C stops)
+  kybernate metrics --listen 127.0.0.1:9474
+
+Computed from the attempt journal in the store (<root>/.journal/), which the shim appends to
+for every checkpoint and restore, failed ones too.")]
+    Metrics {
+        /// Serve the metrics at http://ADDR/metrics instead of printing them (HOST:PORT or :PORT).
+        #[arg(long, value_name = "ADDR", value_parser = metrics::parse_listen)]
+        listen: Option<std::net::SocketAddr>,
+    },
     /// Drop-in for NVIDIA's cuda-checkpoint over the CUDA driver API (for CRIU's CUDA plugin).
     #[command(
         name = "cuda-checkpoint",
@@ -343,13 +366,23 @@ fn run(cli: Cli) -> Result<ExitCode, CliError> {
     let ns = cli.namespace.as_deref().filter(|s| !s.is_empty());
     let out = cli.output;
     match cli.command {
-        Command::Checkpoint { container, pod, pod_namespace, pod_container, leave_running: _, exit, tcp, name } => {
+        Command::Checkpoint {
+            container,
+            pod,
+            pod_namespace,
+            pod_container,
+            leave_running: _,
+            exit,
+            tcp,
+            name,
+            pre_dump,
+        } => {
             let pod = pod.map(|pod| pods::PodContainer {
                 pod,
                 pod_namespace,
                 container: pod_container.unwrap_or_default(), // clap: --pod requires --container
             });
-            let args = checkpoint::Args { container: container.unwrap_or_default(), pod, exit, tcp, name };
+            let args = checkpoint::Args { container: container.unwrap_or_default(), pod, exit, tcp, name, pre_dump };
             checkpoint::checkpoint(&store, out, &cli.address, ns, &args)
         }
         Command::List { container } => commands::list(&store, out, ns, container.as_deref()),
@@ -394,6 +427,7 @@ fn run(cli: Cli) -> Result<ExitCode, CliError> {
             let libcuda = store::load_config(cli.config.as_deref())?.checkpoint.libcuda;
             doctor::doctor(out, &cli.address, &containerd_config, store.root(), &libcuda)
         }
+        Command::Metrics { listen } => metrics::metrics(&store, out, listen),
         Command::Completions { .. } | Command::CudaCheckpoint(_) | Command::ContainerdConfig(_) => {
             Ok(ExitCode::SUCCESS)
         }

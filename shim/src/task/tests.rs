@@ -600,7 +600,13 @@ fn restoring(h: &Harness, id: &str) -> Arc<Container> {
     init.transition(Action::Created { restore: true }).unwrap();
     let c = Arc::new(Container::new(id.into(), bundle, runtime, record, init, false));
     let images = h.dir.path().join("images");
-    c.set_restore(RestorePlan { dir: images.clone(), images, flags: Default::default(), manifest: None });
+    c.set_restore(RestorePlan {
+        dir: images.clone(),
+        images,
+        flags: Default::default(),
+        manifest: None,
+        clock: Default::default(),
+    });
     lock(&h.inner().containers).insert(id.into(), Slot::Ready(c.clone()));
     c
 }
