@@ -9,6 +9,11 @@
 # Ours also fsyncs and hashes every file (manifest) and verifies the hashes before restoring; runc
 # does neither: that overhead is part of what is measured. A `dd` to the store's filesystem (with and
 # without conv=fdatasync) gives the disk's sequential write speed for scale.
+# Before that, each run also takes a leave-running checkpoint of the same program (ours: Task.Checkpoint
+# without exit, runc: `runc checkpoint --leave-running`), to set the frozen time our shim journals
+# (frozen_ms of the attempt in <store>/.journal/attempts.jsonl) beside raw runc's whole dump time.
+# The shim's peak RSS (VmHWM of the shim serving the container, read right after each operation; the
+# shim is per container, so the checkpoint's and the restore's shims are two processes) is reported too.
 # Usage (root, after test/setup.sh): bash test/bench/checkpoint.sh [RUNS] [SIZES]
 #   RUNS default 5; SIZES in MiB, default "256 1024". Raw numbers: ${BENCH_OUT:-target/bench-checkpoint}.
 set -euo pipefail
@@ -103,22 +108,45 @@ ctr_delete() { # tb_ctr tasks delete ARGS..., without ctr's warning about the ex
     tb_ctr tasks delete "$@" 2>&1 >/dev/null | { grep -v 'exit with non-zero exit code' || true; } >&2
 }
 rss_mib() { awk '/^RssAnon:/ {printf "%.0f", $2 / 1024}' "/proc/$1/status"; }
+hwm_mib() { awk '/^VmHWM:/ {printf "%.1f", $2 / 1024}' "/proc/$1/status"; } # a process's peak RSS
+shim_pid() { # ID: the pid of the shim serving container ID, from its start-up log line
+    grep -F "msg=\"shim $1 started for namespace $TB_NS (pid " "$TB_LOG" | tail -n 1 | sed -n 's/.*(pid \([0-9]*\)).*/\1/p'
+}
+last_frozen_ms() { # frozen_ms of the journal's last successful checkpoint attempt, empty if none
+    python3 - "$STORE/.journal/attempts.jsonl" <<'PY'
+import json, sys
+a = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+a = [x for x in a if x.get("kind") == "checkpoint" and x.get("result") == "ok"]
+print(a[-1].get("frozen_ms", "") if a else "")
+PY
+}
 CSV=$OUT/runs.csv DDCSV=$OUT/dd.csv
-echo "size_mib,impl,run,start_ms,checkpoint_ms,restore_ms,image_bytes,restored_rss_mib,dump_ms,restore_pre_ms" >"$CSV"
+echo "size_mib,impl,run,start_ms,checkpoint_ms,restore_ms,image_bytes,restored_rss_mib,dump_ms,restore_pre_ms,lr_ms,frozen_ms,shim_idle_hwm_mib,shim_lr_hwm_mib,shim_ckpt_hwm_mib,shim_restore_hwm_mib" >"$CSV"
 echo "size_mib,run,fdatasync_ms,cache_ms" >"$DDCSV"
 
 run_ours() { # MIB RUN
-    local mib=$1 run=$2 id=c-$1-$2 rid=r-$1-$2 t0 t1 t2 t3 t4 t5 t6 dir pid rss dump pre=
+    local mib=$1 run=$2 id=c-$1-$2 rid=r-$1-$2 t0 t1 t2 t3 t4 t5 t6 dir pid rss dump pre= spid lr0 lr1 frozen
+    local hwm0 hwm1 hwm2 hwm3
     local mount="type=bind,src=$MEMHOG,dst=/memhog,options=rbind:ro"
     dir=$STORE/$TB_NS/$id/$run
     t0=$(now)
     tb_ctr run -d --runtime "$OURS" --mount "$mount" "$KBT_IMAGE" "$id" /memhog "$mib" /tmp/ready >/dev/null
     t1=$(now)
     wait_for "$id ready" test -e "$TASKS/$id/rootfs/tmp/ready"
+    spid=$(shim_pid "$id")
+    hwm0=$(hwm_mib "$spid")
+    sync
+    lr0=$(now)
+    "$RPC" "$(cat "$TASKS/$id/address")" "$id" "$dir-lr" # leave-running: for the frozen time
+    lr1=$(now)
+    hwm1=$(hwm_mib "$spid")
+    frozen=$(last_frozen_ms)
+    rm -rf "$dir-lr"
     sync
     t2=$(now)
     "$RPC" "$(cat "$TASKS/$id/address")" "$id" "$dir" --exit
     t3=$(now)
+    hwm2=$(hwm_mib "$spid")
     wait_for "$id to stop" not_running "$id"
     ctr_delete "$id"
     tb_ctr containers delete "$id"
@@ -127,25 +155,31 @@ run_ours() { # MIB RUN
     tb_ctr run -d --runtime "$OURS" --mount "$mount" --annotation "kybernate.io/restore-from=$dir" \
         "$KBT_IMAGE" "$rid" /memhog "$mib" /tmp/ready >/dev/null
     t5=$(now)
+    hwm3=$(hwm_mib "$(shim_pid "$rid")")
     pid=$(tb_ctr tasks ls | awk -v id="$rid" '$1 == id {print $2}')
     rss=$(rss_mib "$pid")
     dump=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1])).get("duration_ms", ""))' "$dir/kybernate.json")
     t6=$(log_ns "$rid" "restoring from") # create, shim start, hash check: until `runc restore`
     [ -z "$t6" ] || pre=$(ms "$t4" "$t6")
-    echo "$mib,ours,$run,$(ms "$t0" "$t1"),$(ms "$t2" "$t3"),$(ms "$t4" "$t5"),$(du -sb "$dir" | cut -f1),$rss,$dump,$pre" >>"$CSV"
+    echo "$mib,ours,$run,$(ms "$t0" "$t1"),$(ms "$t2" "$t3"),$(ms "$t4" "$t5"),$(du -sb "$dir" | cut -f1),$rss,$dump,$pre,$(ms "$lr0" "$lr1"),$frozen,$hwm0,$hwm1,$hwm2,$hwm3" >>"$CSV"
     ctr_delete --force "$rid"
     tb_ctr containers delete "$rid"
     rm -rf "${dir%/*}"
 }
 
 run_runc() { # MIB RUN
-    local mib=$1 run=$2 id=raw-$1 t0 t1 t2 t3 t4 t5 img=$RAW/img-$1 pid rss
+    local mib=$1 run=$2 id=raw-$1 t0 t1 t2 t3 t4 t5 img=$RAW/img-$1 pid rss lr0 lr1
     local r=(runc --root "$RROOT")
     rm -f "$RAW/rootfs/tmp/ready"
     t0=$(now)
     "${r[@]}" run -d --bundle "$RAW/b-$mib" "$id" </dev/null >/dev/null 2>&1
     t1=$(now)
     wait_for "$id ready" test -e "$RAW/rootfs/tmp/ready"
+    sync
+    lr0=$(now)
+    "${r[@]}" checkpoint --leave-running --image-path "$img-lr" --work-path "$RAW/work-lr-$mib" "$id"
+    lr1=$(now)
+    rm -rf "$img-lr" "$RAW/work-lr-$mib"
     sync
     t2=$(now)
     "${r[@]}" checkpoint --image-path "$img" --work-path "$RAW/work-d-$mib" "$id"
@@ -158,7 +192,7 @@ run_runc() { # MIB RUN
     t5=$(now)
     pid=$("${r[@]}" state "$id" | python3 -c 'import json, sys; print(json.load(sys.stdin)["pid"])')
     rss=$(rss_mib "$pid")
-    echo "$mib,runc,$run,$(ms "$t0" "$t1"),$(ms "$t2" "$t3"),$(ms "$t4" "$t5"),$(du -sb "$img" | cut -f1),$rss,," >>"$CSV"
+    echo "$mib,runc,$run,$(ms "$t0" "$t1"),$(ms "$t2" "$t3"),$(ms "$t4" "$t5"),$(du -sb "$img" | cut -f1),$rss,,,$(ms "$lr0" "$lr1"),,,,," >>"$CSV"
     "${r[@]}" delete --force "$id" # SIGKILL, wait for it to go, delete
     rm -rf "$img" "$RAW/work-d-$mib" "$RAW/work-r-$mib"
 }
@@ -185,7 +219,7 @@ for ((run = 1; run <= RUNS; run++)); do
         [ $((run % 2)) = 1 ] || order="runc ours"
         for impl in $order; do
             "run_$impl" "$mib" "$run"
-            tail -n 1 "$CSV" | awk -F, '{printf "   run %s %5s MiB %-4s checkpoint %8s ms  restore %8s ms  (start %s ms, restored RSS %s MiB)\n", $3, $1, $2, $5, $6, $4, $8}'
+            tail -n 1 "$CSV" | awk -F, '{printf "   run %s %5s MiB %-4s checkpoint %8s ms  restore %8s ms  (start %s ms, restored RSS %s MiB; leave-running %s ms, frozen %s ms, shim VmHWM checkpoint %s / restore %s MiB)\n", $3, $1, $2, $5, $6, $4, $8, $11, ($12 == "" ? "-" : $12), ($15 == "" ? "-" : $15), ($16 == "" ? "-" : $16)}'
         done
         run_dd "$mib" "$run"
     done
@@ -202,9 +236,12 @@ for mib in dict.fromkeys(r["size_mib"] for r in runs):
     for impl in ("ours", "runc"):
         rows = [r for r in runs if r["size_mib"] == mib and r["impl"] == impl]
         for r in rows: r["rt_ms"] = float(r["checkpoint_ms"]) + float(r["restore_ms"])
-        m[impl] = {f: med(rows, f) for f in ("start_ms", "checkpoint_ms", "restore_ms", "rt_ms", "image_bytes")}
+        m[impl] = {f: med(rows, f) for f in ("start_ms", "checkpoint_ms", "restore_ms", "rt_ms", "image_bytes", "lr_ms")}
         if impl == "ours":
             m[impl]["dump_ms"] = med(rows, "dump_ms")
+            m[impl]["frozen_ms"] = med(rows, "frozen_ms") if all(r["frozen_ms"] for r in rows) else None
+            for f in ("shim_idle_hwm_mib", "shim_lr_hwm_mib", "shim_ckpt_hwm_mib", "shim_restore_hwm_mib"):
+                m[impl][f] = max(float(r[f]) for r in rows)
             m[impl]["pre_ms"] = med(rows, "restore_pre_ms") if all(r["restore_pre_ms"] for r in rows) else None
     o, r = m["ours"], m["runc"]
     d = [x for x in dd if x["size_mib"] == mib]
@@ -221,6 +258,13 @@ for mib in dict.fromkeys(r["size_mib"] for r in runs):
           f"hash + fsync + commit + RPC {o['checkpoint_ms'] - o['dump_ms']:.0f} ms")
     if o["pre_ms"] is not None: print(f"   ours: restore until the shim runs `runc restore` (ctr create, shim start, hash check) "
           f"{o['pre_ms']:.0f} ms, `runc restore` and after {o['restore_ms'] - o['pre_ms']:.0f} ms")
+    print(f"   {'leave-run ms':14} {o['lr_ms']:10.1f} {r['lr_ms']:10.1f} {o['lr_ms'] / r['lr_ms']:6.2f}x   (whole checkpoint --leave-running)")
+    if o["frozen_ms"] is not None:
+        print(f"   {'frozen ms':14} {o['frozen_ms']:10.1f} {r['lr_ms']:10.1f} {o['frozen_ms'] / r['lr_ms']:6.2f}x   "
+              f"(ours: journal frozen_ms; runc: its whole dump, target <= 1.05x)")
+    print(f"   shim peak RSS (VmHWM, max over runs): {o['shim_idle_hwm_mib']:.1f} MiB idle, "
+          f"{o['shim_lr_hwm_mib']:.1f} after leave-running, {o['shim_ckpt_hwm_mib']:.1f} after checkpoint --exit, "
+          f"{o['shim_restore_hwm_mib']:.1f} MiB restore's shim after restore (target < 64)")
     print(f"   dd {mib} MiB to the store's fs: {n / sync_s:.0f} MiB/s with conv=fdatasync, {n / cache_s:.0f} MiB/s page cache")
 PY
 echo "== raw numbers: $CSV, $DDCSV"
