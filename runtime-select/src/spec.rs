@@ -97,6 +97,16 @@ impl SpecView {
         &self.value
     }
 
+    /// Only the document's `annotations`: what later requests on a container still ask of its
+    /// spec (pod names, checkpoint options), kept instead of reading `config.json` again.
+    pub fn annotations_only(&self) -> SpecView {
+        let mut value = Map::new();
+        if let Some(a) = self.value.get("annotations") {
+            value.insert("annotations".into(), a.clone());
+        }
+        SpecView { value }
+    }
+
     /// The whole document, for editors that must keep what they do not understand.
     pub fn into_value(self) -> Value {
         Value::Object(self.value)
@@ -288,6 +298,16 @@ mod tests {
         assert!(view(json!({"linux": {"personality": {"domain": "LINUX99"},
             "namespaces": [{"type": "time"}, {"type": "pid", "x-future": 1}]}}))
         .has_own_pid_namespace());
+    }
+
+    #[test]
+    fn annotations_only_keeps_the_annotations_and_nothing_else() {
+        let s = view(json!({"process": {"env": ["A=1"]}, "annotations": {"a": "x", "b": ""}}));
+        let a = s.annotations_only();
+        assert_eq!(a.annotation("a"), Some("x"));
+        assert!(a.env().is_empty());
+        assert_eq!(a.into_value(), json!({"annotations": {"a": "x", "b": ""}}));
+        assert_eq!(view(json!({"ociVersion": "1"})).annotations_only(), SpecView::default());
     }
 
     #[test]

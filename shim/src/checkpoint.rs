@@ -151,10 +151,7 @@ impl Checkpointer<'_> {
         let mut a = Attempt::new(kind, clock);
         a.namespace = self.namespace.to_string();
         a.container = c.id.clone();
-        a.pod = kybernate_runtime_select::load_spec(&c.bundle)
-            .ok()
-            .map(|spec| crate::restore::pod_of(&spec))
-            .filter(|p| p != "-");
+        a.pod = Some(crate::restore::pod_of(&c.annotations)).filter(|p| p != "-");
         a
     }
 
@@ -487,8 +484,7 @@ impl Checkpointer<'_> {
     /// io.kubernetes.pod.namespace=Team_A`) would otherwise give a checkpoint that every
     /// restore refuses as broken.
     fn check_identity(&self, c: &Container) -> Result<()> {
-        let spec = kybernate_runtime_select::load_spec(&c.bundle).ok();
-        let annotation = |keys: &[&str]| keys.iter().find_map(|k| spec_annotation(spec.as_ref(), k));
+        let annotation = |keys: &[&str]| keys.iter().find_map(|k| spec_annotation(Some(&c.annotations), k));
         let (pod_namespace, pod_name, container_name) = (
             annotation(&POD_NAMESPACE_ANNOTATIONS),
             annotation(&POD_NAME_ANNOTATIONS),

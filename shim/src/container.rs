@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use kybernate_checkpoint::fsutil::{write_atomic, Durability};
-use kybernate_runtime_select::CheckpointConfig;
+use kybernate_runtime_select::{CheckpointConfig, SpecView};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -70,6 +70,9 @@ pub struct Container {
     /// host's, a pod's or another container's; `SpecView::has_own_pid_namespace`): its processes
     /// do not die with init, so init's exit kills them, as containerd's runc shim does.
     pub kill_all_on_exit: bool,
+    /// The spec's annotations as created (`SpecView::annotations_only`): a checkpoint's identity
+    /// check, its pre-dump annotation and its journal line read them here, not from the bundle.
+    pub annotations: SpecView,
     /// What Start restores while init is [`Restoring`](crate::process::ProcessStatus::Restoring);
     /// init's status, not this slot, says whether a restore is pending.
     restore: Mutex<Option<RestorePlan>>,
@@ -99,6 +102,7 @@ impl Container {
             rootfs_upper: None,
             checkpoint_config: CheckpointConfig::default(),
             kill_all_on_exit: false,
+            annotations: SpecView::default(),
             restore: Mutex::new(None),
             execs: Mutex::new(HashMap::new()),
             oom: Mutex::new(None),

@@ -72,6 +72,7 @@ impl ContainerFactory<'_> {
         let restore = Restoring::plan(&req.id, &req.checkpoint, &spec, config, self.namespace)?;
         let cgroups_path = spec.cgroups_path().map(str::to_string);
         let kill_all_on_exit = !spec.has_own_pid_namespace();
+        let annotations = spec.annotations_only();
 
         let mut doc = SpecDoc { value: spec.into_value(), unreadable, changed: false };
         let mut binary = decision.runtime.clone();
@@ -165,6 +166,7 @@ impl ContainerFactory<'_> {
         c.rootfs_upper = req.rootfs.iter().find_map(|m| kybernate_checkpoint::overlay_upperdir(&m.type_, &m.options));
         c.checkpoint_config = selector.config.checkpoint.clone();
         c.kill_all_on_exit = kill_all_on_exit;
+        c.annotations = annotations;
         if let Some(r) = restore {
             c.set_restore(r.plan);
         }

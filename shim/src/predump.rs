@@ -44,8 +44,7 @@ pub fn decide(c: &Container, requested: Option<u32>) -> Result<PreDump> {
     if let Some(rounds) = requested {
         return Ok(PreDump { rounds, source: Source::Request });
     }
-    let spec = kybernate_runtime_select::load_spec(&c.bundle).ok();
-    if let Some(value) = spec_annotation(spec.as_ref(), PRE_DUMP_ANNOTATION) {
+    if let Some(value) = spec_annotation(Some(&c.annotations), PRE_DUMP_ANNOTATION) {
         let rounds =
             predump::parse_rounds(&value).map_err(|e| bad(format!("annotation {PRE_DUMP_ANNOTATION}: {e}")))?;
         return Ok(PreDump { rounds, source: Source::Annotation });
@@ -276,6 +275,8 @@ mod tests {
         let init = Arc::new(Process::new("c1".into(), None, Default::default(), None));
         let mut c = Container::new("c1".into(), bundle, OciRuntime::new(opts, rt.clone()), record, init, false);
         c.checkpoint_config.pre_dump_rounds = config_rounds;
+        // As the factory does at create.
+        c.annotations = kybernate_runtime_select::SpecView::from_value(spec).annotations_only();
         Bed { dir, rt, c }
     }
 
