@@ -96,6 +96,10 @@ pub struct CheckpointConfig {
     /// --pre-dump`, the `kybernate.io/checkpoint-pre-dump` annotation): memory copied while the
     /// container runs, so that less is dumped frozen. Needs the kernel's soft-dirty bits; 0 = none.
     pub pre_dump_rounds: u32,
+    /// How `kybernate export` writes archives: `none` (plain tar, the fastest on a local disk)
+    /// or `zstd` (for archives moved over a network or onto slow disks). The store itself stays
+    /// uncompressed: CRIU reads its images there directly (docs/benchmarks.md, "Compression").
+    pub compress: Compression,
 }
 
 impl Default for CheckpointConfig {
@@ -111,8 +115,18 @@ impl Default for CheckpointConfig {
             allow_annotation_restore: true,
             cdi_spec_dirs: vec![PathBuf::from("/etc/cdi"), PathBuf::from("/var/run/cdi")],
             pre_dump_rounds: 0,
+            compress: Compression::None,
         }
     }
+}
+
+/// `[checkpoint] compress`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    #[default]
+    None,
+    Zstd,
 }
 
 /// `[checkpoint] cuda`.
@@ -329,6 +343,7 @@ allow_env_restore = true
 allow_annotation_restore = false
 cdi_spec_dirs = ["/srv/cdi"]
 pre_dump_rounds = 2
+compress = "zstd"
 "#,
         )
         .unwrap();
@@ -345,6 +360,8 @@ pre_dump_rounds = 2
         assert_eq!(c.checkpoint.cdi_spec_dirs, vec![PathBuf::from("/srv/cdi")]);
         assert_eq!(c.checkpoint.pre_dump_rounds, 2);
         assert_eq!(CheckpointConfig::default().pre_dump_rounds, 0, "pre-dump is opt-in");
+        assert_eq!(c.checkpoint.compress, Compression::Zstd);
+        assert_eq!(CheckpointConfig::default().compress, Compression::None, "docs/benchmarks.md: Compression");
     }
 
     #[test]
@@ -386,6 +403,9 @@ pre_dump_rounds = 2
         assert!(msg.contains(":2:"), "{msg}");
         let msg = parse("[runtime]\non_missing_gpu_runtime = \"ignore\"\n").unwrap_err().to_string();
         assert!(msg.contains("key `runtime.on_missing_gpu_runtime`"), "{msg}");
+        let msg = parse("[checkpoint]\ncompress = \"gzip\"\n").unwrap_err().to_string();
+        assert!(msg.starts_with("/etc/kybernate/config.toml:2: key `checkpoint.compress`: "), "{msg}");
+        assert!(msg.contains("`none`") && msg.contains("`zstd`"), "names the allowed values: {msg}");
     }
 
     #[test]

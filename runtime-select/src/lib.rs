@@ -12,7 +12,9 @@ pub mod evidence;
 pub mod resolve;
 pub mod spec;
 
-pub use config::{CheckpointConfig, Config, ConfigError, ConfigSource, CudaMode, OnMissingGpuRuntime, RuntimeConfig};
+pub use config::{
+    CheckpointConfig, Compression, Config, ConfigError, ConfigSource, CudaMode, OnMissingGpuRuntime, RuntimeConfig,
+};
 pub use decision::{load_spec, Context, Decision, SelectError, Selector, Source, RUNTIME_ANNOTATION, RUNTIME_ENV};
 pub use evidence::Evidence;
 pub use resolve::{resolve, ResolveError};
