@@ -101,17 +101,12 @@ pub struct Checkpointer<'a> {
 impl Checkpointer<'_> {
     /// Checkpoints `c` (init pid `pid`) into `target`; returns the manifest written.
     ///
-    /// Order: preflight (CRIU, space) → dump into a hidden partial dir → rootfs changes, dumps,
-    /// manifest → rename into place → with `exit`, stop the container. On failure the partial dir
-    /// is removed and the container is left running: CRIU resumes what it froze, and a cgroup left
-    /// frozen by a killed CRIU is thawed.
-    ///
-    /// The container is frozen (`runtime pause`) before the dump and CRIU leaves it so: memory
-    /// and the rootfs changes are then one moment's state, and a container that keeps writing
-    /// files cannot race the rootfs diff. Without `exit` it is thawed right after the diff. `exit`
-    /// is not handed to CRIU (which would kill the container right after the dump): the container
-    /// stays frozen and is killed only once its checkpoint is safely on disk, so that a failure
-    /// after the dump (a full disk, say) cannot lose the process.
+    /// The checkpoint is planned first ([`Plan::new`]: CRIU, GPU mode, pre-dump rounds, how the
+    /// container is held still, what becomes of it), before anything is frozen or written; a
+    /// request that cannot succeed is refused there. Then [`Run`] carries out the plan's steps
+    /// in order under one rollback guard: on failure it undoes exactly what was done (thaws
+    /// what it froze, gives CUDA processes their GPU state back, removes the partial
+    /// checkpoint), so the container is left running and nothing partial is visible.
     ///
     /// Every attempt, failed ones too, is appended to the store's journal with its phases and
     /// the time the container was frozen (`kybernate metrics`).
@@ -124,7 +119,8 @@ impl Checkpointer<'_> {
         was_paused: bool,
     ) -> Result<Manifest> {
         let mut clock = Clock::start();
-        let result = self.checkpoint_timed(c, pid, req, target, was_paused, &mut clock);
+        let result = Plan::new(self, c, pid, req, target, was_paused)
+            .and_then(|plan| Run::begin(&plan, &mut clock).and_then(Run::run));
         let mut a = self.attempt(Kind::Checkpoint, c, &clock);
         a.checkpoint = crate::restore::checkpoint_name(target, &c.checkpoint_config);
         a.exit = req.flags.exit;
@@ -132,6 +128,7 @@ impl Checkpointer<'_> {
             Ok(m) => {
                 a.bytes = m.total_size();
                 a.gpu_bytes = m.gpu.as_ref().map_or(0, |g| g.bytes_total);
+                a.criu_frozen_ms = m.dump_stats.map(|d| d.stopped_ms());
             }
             Err(e) => a.failed(checkpoint_error_class(e), &e.to_string()),
         }
@@ -153,329 +150,6 @@ impl Checkpointer<'_> {
         a.container = c.id.clone();
         a.pod = Some(crate::restore::pod_of(&c.annotations)).filter(|p| p != "-");
         a
-    }
-
-    fn checkpoint_timed(
-        &self,
-        c: &Container,
-        pid: u32,
-        req: &CheckpointRequest,
-        target: &Path,
-        was_paused: bool,
-        clock: &mut Clock,
-    ) -> Result<Manifest> {
-        let id = c.id.as_str();
-        self.check_identity(c)?;
-        let (criu_path, criu_version) = self.criu(c, "checkpoint")?;
-        // Refused here, before anything is written or frozen, where the kernel cannot pre-dump.
-        let mut pre_dump = predump::decide(c, req.pre_dump)?;
-        predump::require_dirty_tracking(self.spawner, c, &criu_path, pre_dump)?;
-        let mut runtime = c.runtime.with_criu(criu_path.clone());
-        let gpu_err = |source| CheckpointError::Gpu { what: "checkpoint", id: id.into(), source: Box::new(source) };
-
-        // GPU containers: decided before anything is frozen; in the driver-api mode every CUDA
-        // process is locked and its device memory moved to host memory before the dump.
-        let pids = runtime.ps(id, &c.bundle).unwrap_or_else(|e| {
-            warn!("container {id}: cannot list its processes for CUDA detection: {e}");
-            Vec::new()
-        });
-        let gpu = GpuCheckpoint::prepare(self.spawner, id, &c.bundle, c.record.gpu, pid, &pids, &c.checkpoint_config)
-            .map_err(gpu_err)?;
-        if gpu.as_ref().is_some_and(|g| g.mode == GpuMode::DriverApi) {
-            let empty = gpu::empty_plugin_dir(&c.bundle).map_err(gpu_err)?;
-            runtime = runtime.with_criu_env(kybernate_gpu::cuda::preflight::CRIU_LIBS_DIR, empty);
-        }
-        if was_paused && gpu.as_ref().is_some_and(|g| g.mode != GpuMode::None) {
-            // The driver cannot lock the threads of a frozen process.
-            return Err(CheckpointError::BadRequest {
-                id: id.into(),
-                message: "its CUDA state cannot be checkpointed while it is paused: resume it first".into(),
-            });
-        }
-        if pre_dump.rounds > 0 && (was_paused || gpu.as_ref().is_some_and(|g| g.mode != GpuMode::None)) {
-            // A paused container has nothing to gain (it is frozen already); CUDA state is
-            // moved only by the final dump's GPU steps. A node default gives way, a request not.
-            let why = if was_paused { "it is paused" } else { "it uses CUDA" };
-            if pre_dump.source != predump::Source::Config {
-                return Err(CheckpointError::BadRequest {
-                    id: id.into(),
-                    message: format!("pre-dump was asked for, but {why}: checkpoint it without pre-dump"),
-                });
-            }
-            info!("container {id}: no pre-dump ([checkpoint] pre_dump_rounds), since {why}");
-            pre_dump.rounds = 0;
-        }
-        // The partial checkpoint exists from here, so that its phase file shows the GPU steps too.
-        // Into containerd's own dir (no image_path): CRIU's images at the top, as containerd's
-        // runc shim writes them and containerd 2.x's CRI unpacks them.
-        let begin = if req.image_path.is_some() { PartialCheckpoint::begin } else { PartialCheckpoint::begin_flat };
-        let partial = begin(target).map_err(|source| CheckpointError::Store {
-            what: "checkpoint",
-            id: id.to_string(),
-            source: Box::new(source),
-        })?;
-        let _record = PartialRecord::write(&c.bundle, partial.dir());
-        // Pre-dump rounds: the container's memory copied while it runs, before any GPU step or
-        // freeze, so that the final dump takes only what changed since the last round.
-        let pre_dumps =
-            PreDumpLayout { dir: partial.dir().to_path_buf(), images: partial.images_dir(), rounds: pre_dump.rounds };
-        if pre_dumps.rounds > 0 {
-            partial.set_phase(criu::PHASE_CRIU_DUMP);
-            let work = work_dir(c, req.work_path.as_deref())?;
-            predump::run_rounds(&runtime, c, &req.flags, &pre_dumps, &work, || self.recover(&runtime, c, false))?;
-        }
-        let mut session = gpu.as_ref().and_then(GpuCheckpoint::session);
-        if let (Some(s), Some(g)) = (session.as_mut(), gpu.as_ref()) {
-            partial.set_phase(criu::PHASE_GPU_LOCK);
-            clock.phase("gpu_lock", || s.lock_all(g.lock_timeout_ms())).map_err(|e| gpu_err(e.into()))?;
-            partial.set_phase(criu::PHASE_GPU_CHECKPOINT);
-            clock.phase("gpu_checkpoint", || s.checkpoint_all()).map_err(|e| gpu_err(e.into()))?;
-        }
-
-        // Frozen (unless the client paused it already) from before the dump until the rootfs
-        // changes are written, so that memory and files are one moment's state; with `exit`,
-        // until the checkpoint is committed. CRIU's CUDA plugin must find the threads running,
-        // so in that mode the freeze starts right after the dump.
-        let freeze = !was_paused && gpu.as_ref().map_or(true, GpuCheckpoint::freeze_before_dump);
-        let freeze_after_dump = !was_paused && !freeze;
-        if freeze {
-            // Frozen from the request on: the cgroup freezes during the call.
-            clock.freeze();
-            clock.phase("freeze", || runtime.pause(id, &c.bundle)).map_err(|source| CheckpointError::Criu {
-                what: "checkpoint",
-                id: id.into(),
-                source,
-            })?;
-            test_stop_point(id, STOP_FREEZE);
-        }
-        let thaw_after_dump = (freeze || freeze_after_dump) && !req.flags.exit;
-        let frozen = Frozen { was_paused, freeze_after_dump, thaw_after_dump, pre_dumps };
-        let gpu_ctx = GpuContext { plan: gpu.as_ref(), session: &mut session };
-        let result =
-            self.checkpoint_frozen(c, pid, req, partial, frozen, gpu_ctx, &runtime, criu_path, criu_version, clock);
-        match (&result, req.flags.exit) {
-            (Ok(_), true) => {
-                // Killed while frozen; `kill --all` thaws the cgroup itself on cgroup v1, else
-                // we do, so that the kill is delivered.
-                clock
-                    .phase("kill", || runtime.kill(id, &c.bundle, libc::SIGKILL as u32, true))
-                    .map_err(|e| CheckpointError::Stop { id: id.into(), target: target.into(), source: Box::new(e) })?;
-                // Frozen until killed: it never runs again here.
-                clock.thaw();
-                if let Some(s) = session.as_mut() {
-                    s.processes_exited();
-                }
-                self.recover(&runtime, c, false);
-            }
-            (Err(_), _) => {
-                // Ours to thaw (the dump's own failure path may have done it already), then
-                // the CUDA processes get their GPU state back and are unlocked.
-                if freeze || freeze_after_dump {
-                    self.recover(&runtime, c, false);
-                }
-                clock.thaw();
-                if let Some(s) = session.as_mut() {
-                    if let Err(e) = s.resume() {
-                        warn!("container {id}: after the failed checkpoint: {e}");
-                    }
-                }
-            }
-            _ => {}
-        }
-        result
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn checkpoint_frozen(
-        &self,
-        c: &Container,
-        pid: u32,
-        req: &CheckpointRequest,
-        partial: PartialCheckpoint,
-        frozen: Frozen,
-        gpu: GpuContext<'_, '_>,
-        runtime: &OciRuntime,
-        criu_path: PathBuf,
-        criu_version: criu::CriuVersion,
-        clock: &mut Clock,
-    ) -> Result<Manifest> {
-        let id = c.id.as_str();
-        let started = Instant::now();
-        let target = partial.target().to_path_buf();
-        let preflight = |source| CheckpointError::Preflight { what: "checkpoint", id: id.to_string(), source };
-        let memory = criu::memory_estimate(pid, Path::new("/proc"), Path::new("/sys/fs/cgroup"))
-            .map_err(preflight)?
-            .unwrap_or(0);
-        // rootfs-diff.tar holds the container's file changes too.
-        let changes = c.rootfs_upper.as_deref().map(criu::dir_size).unwrap_or(0);
-        let needed = memory.saturating_add(changes);
-        criu::check_space(partial.dir(), needed).map_err(preflight)?;
-
-        let work = work_dir(c, req.work_path.as_deref())?;
-        // CRIU always leaves the container alive (see `checkpoint`); it stays frozen if it was.
-        let dump_flags = CheckpointFlags { exit: false, ..req.flags.clone() };
-        let mut args = dump_flags.checkpoint_args(&partial.images_dir(), &work);
-        // After pre-dumps: only the pages changed since the last round (CRIU links it as `parent`).
-        args.extend(criu::predump::parent_args(frozen.pre_dumps.final_parent().as_deref()));
-        // The flags after --image-path I --work-path W, for the log.
-        let flags: Vec<String> = args.iter().skip(4).map(|a| a.to_string_lossy().into_owned()).collect();
-        info!(
-            "container {id}: checkpoint into {} (CRIU {criu_version}, flags [{}]{}, about {} of memory and {} of file changes)",
-            target.display(),
-            flags.join(" "),
-            if req.flags.exit { ", then exit" } else { "" },
-            mib(memory),
-            mib(changes)
-        );
-        // A stats-dump left by an earlier dump must not pass for this one's.
-        let stats = work.join(criu::STATS_DUMP);
-        let _ = std::fs::remove_file(&stats);
-        let dump_started = Instant::now();
-        partial.set_phase(criu::PHASE_CRIU_DUMP);
-        if frozen.freeze_after_dump {
-            clock.freeze(); // CRIU freezes it for the dump; we keep it frozen after
-        }
-        let dumped = runtime.checkpoint(id, &c.bundle, args);
-        clock.add_phase("dump", dump_started.elapsed());
-        if let Err(e) = dumped {
-            let outcome = self.recover(runtime, c, frozen.was_paused);
-            clock.thaw();
-            return Err(CheckpointError::runtime_failure("checkpoint", id, e, &work.join("dump.log"), outcome));
-        }
-        let dump_ms = dump_started.elapsed().as_millis() as u64;
-        // CRIU's `parent` links become nested directories: plain files the manifest lists.
-        frozen.pre_dumps.nest_rounds().map_err(|source| CheckpointError::Write {
-            id: id.into(),
-            context: format!("nest the {} pre-dump round(s) under the final dump", frozen.pre_dumps.rounds),
-            source,
-        })?;
-        if frozen.freeze_after_dump {
-            clock.phase("freeze", || runtime.pause(id, &c.bundle)).map_err(|source| CheckpointError::Criu {
-                what: "checkpoint",
-                id: id.into(),
-                source,
-            })?;
-        }
-
-        let spec_bytes = std::fs::read(c.bundle.join("config.json")).map_err(|source| CheckpointError::Write {
-            id: id.into(),
-            context: format!("read {}", c.bundle.join("config.json").display()),
-            source,
-        })?;
-        let spec: Option<SpecView> = SpecView::from_slice(&spec_bytes).ok();
-        let write = |name: &str, bytes: &[u8]| {
-            let path = partial.dir().join(name);
-            std::fs::write(&path, bytes).map_err(|source| CheckpointError::Write {
-                id: id.into(),
-                context: format!("write {}", path.display()),
-                source,
-            })
-        };
-        // A flat checkpoint (containerd's own dir) holds CRIU's images and the manifest only:
-        // containerd keeps the spec and the writable layer itself (`ctr c checkpoint --rw`, CRI).
-        let flat = partial.is_flat();
-        if !flat {
-            write(criu::SPEC_DUMP, &spec_bytes)?;
-        }
-        test_stop_point(id, STOP_ROOTFS_DIFF);
-        let diff_started = Instant::now();
-        let rootfs_diff = match (&c.rootfs_upper, readonly_root(spec.as_ref()), flat) {
-            (Some(upper), false, false) => criu::write_rootfs_diff(upper, &partial.dir().join(criu::ROOTFS_DIFF))
-                .map_err(|source| CheckpointError::RootfsDiff { id: id.into(), source })?,
-            _ => false,
-        };
-        if !flat {
-            match std::fs::read(&stats) {
-                Ok(bytes) => write(criu::STATS_DUMP, &bytes)?,
-                Err(e) => warn!("container {id}: no CRIU dump statistics in {}: {e}", stats.display()),
-            }
-        }
-        clock.add_phase("rootfs_diff", diff_started.elapsed());
-        let mut gpu_resume = None;
-        if frozen.thaw_after_dump {
-            // Memory and files are captured: the rest (hashing, syncing) runs with the container live.
-            clock.phase("thaw", || self.recover(runtime, c, false));
-            clock.thaw();
-            if let Some(s) = gpu.session.as_mut() {
-                gpu_resume = s.resume().err();
-            }
-        }
-        let gpu_record = gpu.plan.map(|g| g.record(gpu.session.as_ref(), dump_ms));
-        if let Some(r) = &gpu_record {
-            info!(
-                "container {id}: GPU mode {}, {} CUDA process(es), {} bytes of device memory, phases {:?} ms",
-                r.mode.as_str(),
-                r.processes.len(),
-                r.bytes_total,
-                r.phases_ms
-            );
-        }
-        let annotation = |keys: &[&str]| keys.iter().find_map(|k| spec_annotation(spec.as_ref(), k));
-        let created = criu::now_rfc3339();
-        let image = annotation(&[IMAGE_NAME_ANNOTATION]);
-        let config = ConfigDump {
-            id: id.to_string(),
-            name: annotation(&[CONTAINER_NAME_ANNOTATION]).unwrap_or_else(|| id.to_string()),
-            rootfs_image: image.clone().unwrap_or_default(),
-            rootfs_image_ref: String::new(),
-            rootfs_image_name: image.clone().unwrap_or_default(),
-            runtime: runtime.binary().display().to_string(),
-            created_time: created.clone(),
-            checkpointed_time: created.clone(),
-            restored: false,
-        };
-        let config = serde_json::to_vec_pretty(&config).map_err(|e| CheckpointError::Write {
-            id: id.into(),
-            context: "encode config.dump".into(),
-            source: std::io::Error::other(e),
-        })?;
-        if !flat {
-            write(criu::CONFIG_DUMP, &config)?;
-        }
-
-        let runtime_version = runtime.version().unwrap_or_else(|e| {
-            warn!("container {id}: {e}");
-            String::new()
-        });
-        let manifest = Manifest {
-            format_version: criu::FORMAT_VERSION,
-            namespace: self.namespace.to_string(),
-            container_id: id.to_string(),
-            pod_namespace: annotation(&POD_NAMESPACE_ANNOTATIONS),
-            pod_name: annotation(&POD_NAME_ANNOTATIONS),
-            container_name: annotation(&[CONTAINER_NAME_ANNOTATION]),
-            image,
-            runtime: ToolInfo { path: runtime.binary().to_path_buf(), version: runtime_version },
-            criu: ToolInfo { path: criu_path, version: criu_version.to_string() },
-            kernel: criu::kernel_release(),
-            host: criu::host_name(),
-            created,
-            options: req.flags.clone(),
-            rootfs_diff,
-            duration_ms: started.elapsed().as_millis() as u64,
-            digest: None, // set by the commit, which hashes
-            files: Default::default(),
-            gpu: gpu_record,
-            flat: partial.is_flat(),
-        };
-        test_stop_point(id, STOP_HASHING);
-        // Hashing, syncing and the rename into place.
-        let manifest = clock.phase("commit", || partial.commit(manifest)).map_err(|source| CheckpointError::Store {
-            what: "checkpoint",
-            id: id.to_string(),
-            source: Box::new(source),
-        })?;
-        test_stop_point(id, STOP_COMMIT);
-        info!(
-            "container {id}: checkpoint {} complete: {} in {} ms",
-            target.display(),
-            mib(manifest.total_size()),
-            started.elapsed().as_millis()
-        );
-        if let Some(e) = gpu_resume {
-            return Err(CheckpointError::GpuResume { id: id.into(), target, source: Box::new(e.into()) });
-        }
-        Ok(manifest)
     }
 
     /// Refuses, before anything is frozen, a checkpoint whose manifest could never be restored:
@@ -517,41 +191,624 @@ impl Checkpointer<'_> {
         criu::require_criu_version(version).map_err(preflight)?;
         Ok((criu_path, version))
     }
+}
 
-    /// After a failed dump: CRIU thaws what it froze, but a CRIU that was killed leaves the
-    /// freezer cgroup frozen, and for `exit` we froze it ourselves. Resume the container then,
-    /// unless the client had paused it.
-    fn recover(&self, runtime: &OciRuntime, c: &Container, was_paused: bool) -> String {
-        match runtime.state(&c.id, &c.bundle) {
-            Ok(st) if matches!(st.status, ContainerStatus::Paused | ContainerStatus::Pausing) && !was_paused => {
-                match runtime.resume(&c.id, &c.bundle) {
-                    Ok(()) => "the container was left frozen and has been resumed".into(),
-                    Err(e) => format!("the container is left frozen and could not be resumed: {e}"),
-                }
+/// After a failed dump: CRIU thaws what it froze, but a CRIU that was killed leaves the freezer
+/// cgroup frozen, and we may have frozen it ourselves. Resume the container then, unless the
+/// client had paused it. Returns what became of the container, for the error message.
+fn recover(runtime: &OciRuntime, c: &Container, was_paused: bool) -> String {
+    match runtime.state(&c.id, &c.bundle) {
+        Ok(st) if matches!(st.status, ContainerStatus::Paused | ContainerStatus::Pausing) && !was_paused => {
+            match runtime.resume(&c.id, &c.bundle) {
+                Ok(()) => "the container was left frozen and has been resumed".into(),
+                Err(e) => format!("the container is left frozen and could not be resumed: {e}"),
             }
-            Ok(st) => format!("the container is {:?}", st.status).to_lowercase(),
-            Err(e) => format!("the container's state is unknown: {e}"),
         }
+        Ok(st) => format!("the container is {:?}", st.status).to_lowercase(),
+        Err(e) => format!("the container's state is unknown: {e}"),
     }
 }
 
-/// How the container is frozen around the dump, and what was copied before the freeze.
-#[derive(Debug, Clone)]
-struct Frozen {
-    /// The client had paused it: never thaw it.
-    was_paused: bool,
-    /// Freeze once the dump is done (CRIU's CUDA plugin needs running threads during it).
-    freeze_after_dump: bool,
-    /// Thaw once memory and files are captured (not with `exit`).
-    thaw_after_dump: bool,
-    /// The pre-dump rounds taken while it ran (none: `rounds` 0): the final dump's parent.
-    pre_dumps: PreDumpLayout,
+/// How the container is held still while its memory and files are captured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hold {
+    /// The client paused it: frozen already, and it stays so.
+    ClientPaused,
+    /// Frozen by us before the dump (`runtime pause`), so that memory and the rootfs changes
+    /// are one moment's state and a container that keeps writing files cannot race the diff.
+    FreezeBeforeDump,
+    /// CRIU's CUDA plugin must find the threads running: CRIU freezes it for the dump, and we
+    /// keep it frozen from the end of the dump until the files are captured.
+    FreezeAfterDump,
 }
 
-/// The GPU side of one checkpoint.
-struct GpuContext<'p, 's> {
-    plan: Option<&'p GpuCheckpoint>,
-    session: &'s mut Option<GpuSession<'p>>,
+/// One step of a checkpoint, in the order [`Plan::steps`] gives them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// Pre-dump rounds: memory copied while the container runs.
+    PreDump,
+    /// Driver-API mode: lock every CUDA process, then move its device memory to host memory.
+    GpuLock,
+    GpuCheckpoint,
+    Freeze,
+    /// `runtime checkpoint`: CRIU writes the images (hashed and written back as they grow).
+    Dump,
+    FreezeAfterDump,
+    /// The rootfs changes, `spec.dump`, `config.dump` and CRIU's statistics beside the images.
+    Capture,
+    /// Leave-running: the container runs again (and its CUDA processes get their state back)
+    /// while the checkpoint is hashed and synced.
+    Thaw,
+    /// Hash what is left, sync, write the manifest and rename the checkpoint into place.
+    Commit,
+    /// `exit`: the container is killed only once its checkpoint is durable, so that a failure
+    /// before (a full disk, say) cannot lose the process. CRIU is never given `exit`.
+    Kill,
+}
+
+/// The steps of a checkpoint with `pre_dump_rounds` rounds, CUDA state moved through the driver
+/// API or not, the container held as `hold`, and killed after (`exit`) or left running.
+fn steps(pre_dump_rounds: u32, driver_api: bool, hold: Hold, exit: bool) -> Vec<Step> {
+    let mut steps = Vec::with_capacity(10);
+    if pre_dump_rounds > 0 {
+        steps.push(Step::PreDump);
+    }
+    if driver_api {
+        steps.extend([Step::GpuLock, Step::GpuCheckpoint]);
+    }
+    if hold == Hold::FreezeBeforeDump {
+        steps.push(Step::Freeze);
+    }
+    steps.push(Step::Dump);
+    if hold == Hold::FreezeAfterDump {
+        steps.push(Step::FreezeAfterDump);
+    }
+    steps.push(Step::Capture);
+    if !exit && hold != Hold::ClientPaused {
+        steps.push(Step::Thaw);
+    }
+    steps.push(Step::Commit);
+    if exit {
+        steps.push(Step::Kill);
+    }
+    steps
+}
+
+/// What one checkpoint will do, decided before anything is frozen or written.
+struct Plan<'a> {
+    ckpt: &'a Checkpointer<'a>,
+    c: &'a Container,
+    pid: u32,
+    req: &'a CheckpointRequest,
+    target: &'a Path,
+    /// The container's runtime, with CRIU's path (and environment in the driver-API mode).
+    runtime: OciRuntime,
+    criu_path: PathBuf,
+    criu_version: criu::CriuVersion,
+    gpu: Option<GpuCheckpoint>,
+    pre_dump_rounds: u32,
+    hold: Hold,
+    /// CRIU's work dir (its logs).
+    work: PathBuf,
+}
+
+impl<'a> Plan<'a> {
+    /// Decides the checkpoint, refusing here (nothing frozen, nothing written) what cannot work:
+    /// an identity no restore accepts, CRIU missing or too old, pre-dump on a kernel without
+    /// soft-dirty bits or where it cannot apply, CUDA state of a paused container.
+    fn new(
+        ckpt: &'a Checkpointer<'a>,
+        c: &'a Container,
+        pid: u32,
+        req: &'a CheckpointRequest,
+        target: &'a Path,
+        was_paused: bool,
+    ) -> Result<Self> {
+        let id = c.id.as_str();
+        ckpt.check_identity(c)?;
+        let (criu_path, criu_version) = ckpt.criu(c, "checkpoint")?;
+        let mut pre_dump = predump::decide(c, req.pre_dump)?;
+        predump::require_dirty_tracking(ckpt.spawner, c, &criu_path, pre_dump)?;
+        let mut runtime = c.runtime.with_criu(criu_path.clone());
+        let gpu_err = |source| CheckpointError::Gpu { what: "checkpoint", id: id.into(), source: Box::new(source) };
+        // GPU containers: decided before anything is frozen.
+        let pids = runtime.ps(id, &c.bundle).unwrap_or_else(|e| {
+            warn!("container {id}: cannot list its processes for CUDA detection: {e}");
+            Vec::new()
+        });
+        let gpu = GpuCheckpoint::prepare(ckpt.spawner, id, &c.bundle, c.record.gpu, pid, &pids, &c.checkpoint_config)
+            .map_err(gpu_err)?;
+        let gpu_mode = gpu.as_ref().map_or(GpuMode::None, |g| g.mode);
+        if gpu_mode == GpuMode::DriverApi {
+            // Our images carry no CUDA plugin state: a plugin installed on the node stays out.
+            let empty = gpu::empty_plugin_dir(&c.bundle).map_err(gpu_err)?;
+            runtime = runtime.with_criu_env(kybernate_gpu::cuda::preflight::CRIU_LIBS_DIR, empty);
+        }
+        if was_paused && gpu_mode != GpuMode::None {
+            // The driver cannot lock the threads of a frozen process.
+            return Err(CheckpointError::BadRequest {
+                id: id.into(),
+                message: "its CUDA state cannot be checkpointed while it is paused: resume it first".into(),
+            });
+        }
+        if pre_dump.rounds > 0 && (was_paused || gpu_mode != GpuMode::None) {
+            // A paused container has nothing to gain (it is frozen already); CUDA state is
+            // moved only by the final dump's GPU steps. A node default gives way, a request not.
+            let why = if was_paused { "it is paused" } else { "it uses CUDA" };
+            if pre_dump.source != predump::Source::Config {
+                return Err(CheckpointError::BadRequest {
+                    id: id.into(),
+                    message: format!("pre-dump was asked for, but {why}: checkpoint it without pre-dump"),
+                });
+            }
+            info!("container {id}: no pre-dump ([checkpoint] pre_dump_rounds), since {why}");
+            pre_dump.rounds = 0;
+        }
+        let hold = if was_paused {
+            Hold::ClientPaused
+        } else if gpu.as_ref().map_or(true, GpuCheckpoint::freeze_before_dump) {
+            Hold::FreezeBeforeDump
+        } else {
+            Hold::FreezeAfterDump
+        };
+        let work = work_dir(c, req.work_path.as_deref())?;
+        Ok(Self {
+            ckpt,
+            c,
+            pid,
+            req,
+            target,
+            runtime,
+            criu_path,
+            criu_version,
+            gpu,
+            pre_dump_rounds: pre_dump.rounds,
+            hold,
+            work,
+        })
+    }
+
+    /// The steps, in the order they run.
+    fn steps(&self) -> Vec<Step> {
+        let driver_api = self.gpu.as_ref().is_some_and(|g| g.mode == GpuMode::DriverApi);
+        steps(self.pre_dump_rounds, driver_api, self.hold, self.req.flags.exit)
+    }
+
+    fn id(&self) -> &str {
+        &self.c.id
+    }
+
+    fn criu_err(&self, source: crate::runtime::RuntimeError) -> CheckpointError {
+        CheckpointError::Criu { what: "checkpoint", id: self.id().into(), source }
+    }
+
+    fn gpu_err(&self, source: gpu::GpuError) -> CheckpointError {
+        CheckpointError::Gpu { what: "checkpoint", id: self.id().into(), source: Box::new(source) }
+    }
+
+    fn write_err(&self, context: String) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
+        move |source| CheckpointError::Write { id: self.id().into(), context, source }
+    }
+}
+
+/// What the dump and the capture leave for the commit.
+#[derive(Default)]
+struct Captured {
+    /// The bundle's `config.json` as it was at the dump (read for `spec.dump` and the root's
+    /// read-only flag; a flat checkpoint needs neither).
+    spec: Option<SpecView>,
+    rootfs_diff: bool,
+    dump_ms: u64,
+    /// CRIU's own account of the dump (its `stats-dump`).
+    dump_stats: Option<criu::manifest::DumpStats>,
+}
+
+/// A plan being carried out, and the rollback guard over it: it knows what was done, and
+/// dropping it before the end undoes exactly that (see [`Run::undo`]).
+struct Run<'p, 'c> {
+    plan: &'p Plan<'p>,
+    clock: &'c mut Clock,
+    started: Instant,
+    /// Removed when dropped uncommitted.
+    partial: Option<PartialCheckpoint>,
+    /// Names the partial dir in the bundle while the run lasts (for a dead shim's `delete`).
+    _record: PartialRecord,
+    pre_dumps: PreDumpLayout,
+    /// The driver-API session: dropped with CUDA processes locked, it puts them back.
+    session: Option<GpuSession<'p>>,
+    /// The container is frozen by this checkpoint (by us or by CRIU for us) and not thawed yet.
+    frozen: bool,
+    captured: Captured,
+    /// A failed GPU resume after a leave-running thaw: reported once the checkpoint is safe.
+    gpu_resume: Option<kybernate_gpu::cuda::session::GpuResumeError>,
+    /// [`Run::undo`] ran.
+    undone: bool,
+}
+
+impl<'p, 'c> Run<'p, 'c> {
+    /// Creates the partial checkpoint (a hidden sibling of the target) and checks, before
+    /// anything is frozen, that the memory and the file changes fit on its filesystem.
+    fn begin(plan: &'p Plan<'p>, clock: &'c mut Clock) -> Result<Self> {
+        let (c, id) = (plan.c, plan.id());
+        // Into containerd's own dir (no image_path): CRIU's images at the top, as containerd's
+        // runc shim writes them and containerd 2.x's CRI unpacks them.
+        let begin =
+            if plan.req.image_path.is_some() { PartialCheckpoint::begin } else { PartialCheckpoint::begin_flat };
+        let partial = begin(plan.target).map_err(|source| CheckpointError::Store {
+            what: "checkpoint",
+            id: id.to_string(),
+            source: Box::new(source),
+        })?;
+        let record = PartialRecord::write(&c.bundle, partial.dir());
+        let pre_dumps = PreDumpLayout {
+            dir: partial.dir().to_path_buf(),
+            images: partial.images_dir(),
+            rounds: plan.pre_dump_rounds,
+        };
+        let preflight = |source| CheckpointError::Preflight { what: "checkpoint", id: id.to_string(), source };
+        let memory = criu::memory_estimate(plan.pid, Path::new("/proc"), Path::new("/sys/fs/cgroup"))
+            .map_err(preflight)?
+            .unwrap_or(0);
+        // rootfs-diff.tar holds the container's file changes too.
+        let changes = c.rootfs_upper.as_deref().map(criu::dir_size).unwrap_or(0);
+        criu::check_space(partial.dir(), memory.saturating_add(changes)).map_err(preflight)?;
+        info!(
+            "container {id}: checkpoint into {} (CRIU {}, about {} of memory and {} of file changes), steps {:?}",
+            plan.target.display(),
+            plan.criu_version,
+            mib(memory),
+            mib(changes),
+            plan.steps()
+        );
+        Ok(Self {
+            plan,
+            clock,
+            started: Instant::now(),
+            partial: Some(partial),
+            _record: record,
+            pre_dumps,
+            session: plan.gpu.as_ref().and_then(GpuCheckpoint::session),
+            frozen: false,
+            captured: Captured::default(),
+            gpu_resume: None,
+            undone: false,
+        })
+    }
+
+    /// Runs every step in order; the first failure undoes what was done ([`Run::abandon`]), as
+    /// dropping `self` half-way (a panic) would.
+    fn run(mut self) -> Result<Manifest> {
+        let mut manifest = None;
+        for step in self.plan.steps() {
+            let done = match step {
+                Step::PreDump => self.pre_dump(),
+                Step::GpuLock => self.gpu_lock(),
+                Step::GpuCheckpoint => self.gpu_checkpoint(),
+                Step::Freeze => self.freeze(),
+                Step::Dump => self.dump(),
+                Step::FreezeAfterDump => self.freeze_after_dump(),
+                Step::Capture => self.capture(),
+                Step::Thaw => {
+                    self.thaw();
+                    Ok(())
+                }
+                Step::Commit => self.commit().map(|m| manifest = Some(m)),
+                Step::Kill => self.kill(),
+            };
+            if let Err(e) = done {
+                return Err(self.abandon(step, e));
+            }
+        }
+        let manifest = manifest.ok_or_else(|| CheckpointError::Write {
+            id: self.plan.id().into(),
+            context: "the checkpoint plan has no commit step".into(),
+            source: std::io::Error::other("no commit"),
+        })?;
+        let (id, target) = (self.plan.id().to_string(), self.plan.target.to_path_buf());
+        info!(
+            "container {id}: checkpoint {} complete: {} in {} ms",
+            target.display(),
+            mib(manifest.total_size()),
+            self.started.elapsed().as_millis()
+        );
+        if let Some(e) = self.gpu_resume.take() {
+            return Err(CheckpointError::GpuResume { id, target, source: Box::new(e.into()) });
+        }
+        Ok(manifest)
+    }
+
+    fn set_phase(&self, phase: &str) {
+        if let Some(p) = &self.partial {
+            p.set_phase(phase);
+        }
+    }
+
+    fn pre_dump(&mut self) -> Result<()> {
+        let plan = self.plan;
+        self.set_phase(criu::PHASE_CRIU_DUMP);
+        if let Some(p) = self.partial.as_mut() {
+            // The rounds are hashed while the container still runs.
+            p.follow_dump();
+        }
+        let (runtime, c, layout) = (&plan.runtime, plan.c, &self.pre_dumps);
+        self.clock.phase("pre_dump", || {
+            predump::run_rounds(runtime, c, &plan.req.flags, layout, &plan.work, || recover(runtime, c, false))
+        })
+    }
+
+    fn gpu_lock(&mut self) -> Result<()> {
+        let plan = self.plan;
+        let timeout = plan.gpu.as_ref().map_or(0, GpuCheckpoint::lock_timeout_ms);
+        self.set_phase(criu::PHASE_GPU_LOCK);
+        let Some(s) = self.session.as_mut() else { return Ok(()) };
+        self.clock.phase("gpu_lock", || s.lock_all(timeout)).map_err(|e| plan.gpu_err(e.into()))
+    }
+
+    fn gpu_checkpoint(&mut self) -> Result<()> {
+        let plan = self.plan;
+        self.set_phase(criu::PHASE_GPU_CHECKPOINT);
+        let Some(s) = self.session.as_mut() else { return Ok(()) };
+        self.clock.phase("gpu_checkpoint", || s.checkpoint_all()).map_err(|e| plan.gpu_err(e.into()))
+    }
+
+    fn freeze(&mut self) -> Result<()> {
+        let plan = self.plan;
+        // Frozen from the request on: the cgroup freezes during the call.
+        self.clock.freeze();
+        self.frozen = true;
+        self.clock.phase("freeze", || plan.runtime.pause(plan.id(), &plan.c.bundle)).map_err(|e| plan.criu_err(e))?;
+        test_stop_point(plan.id(), STOP_FREEZE);
+        Ok(())
+    }
+
+    fn dump(&mut self) -> Result<()> {
+        let plan = self.plan;
+        let id = plan.id();
+        let partial = self.partial.as_ref().ok_or_else(|| no_partial(id))?;
+        // CRIU always leaves the container alive (see `Step::Kill`); it stays frozen if it was.
+        let dump_flags = CheckpointFlags { exit: false, ..plan.req.flags.clone() };
+        let mut args = dump_flags.checkpoint_args(&partial.images_dir(), &plan.work);
+        // After pre-dumps: only the pages changed since the last round (CRIU links it as `parent`).
+        args.extend(criu::predump::parent_args(self.pre_dumps.final_parent().as_deref()));
+        // The flags after --image-path I --work-path W, for the log.
+        let flags: Vec<String> = args.iter().skip(4).map(|a| a.to_string_lossy().into_owned()).collect();
+        info!("container {id}: dump with flags [{}]", flags.join(" "));
+        // A stats-dump left by an earlier dump must not pass for this one's.
+        let _ = std::fs::remove_file(plan.work.join(criu::STATS_DUMP));
+        if let Some(p) = self.partial.as_mut() {
+            p.set_phase(criu::PHASE_CRIU_DUMP);
+            // Hashes the images and starts their writeback while CRIU writes them.
+            p.follow_dump();
+        }
+        if plan.hold == Hold::FreezeAfterDump {
+            // CRIU freezes it for the dump; we keep it frozen after.
+            self.clock.freeze();
+            self.frozen = true;
+        }
+        let started = Instant::now();
+        let dumped = plan.runtime.checkpoint(id, &plan.c.bundle, args);
+        self.clock.add_phase("dump", started.elapsed());
+        if let Err(e) = dumped {
+            let outcome = self.undo();
+            return Err(CheckpointError::runtime_failure("checkpoint", id, e, &plan.work.join("dump.log"), outcome));
+        }
+        self.captured.dump_ms = started.elapsed().as_millis() as u64;
+        // CRIU's `parent` links become nested directories: plain files the manifest lists.
+        let rounds = self.pre_dumps.rounds;
+        self.pre_dumps
+            .nest_rounds()
+            .map_err(plan.write_err(format!("nest the {rounds} pre-dump round(s) under the final dump")))
+    }
+
+    fn freeze_after_dump(&mut self) -> Result<()> {
+        let plan = self.plan;
+        self.clock.phase("freeze", || plan.runtime.pause(plan.id(), &plan.c.bundle)).map_err(|e| plan.criu_err(e))
+    }
+
+    /// Captures the files beside CRIU's images while the container is still frozen. A flat
+    /// checkpoint (containerd's own dir) holds CRIU's images and the manifest only: containerd
+    /// keeps the spec and the writable layer itself (`ctr c checkpoint --rw`, CRI).
+    fn capture(&mut self) -> Result<()> {
+        let plan = self.plan;
+        let (c, id) = (plan.c, plan.id());
+        let partial = self.partial.as_ref().ok_or_else(|| no_partial(id))?;
+        let started = Instant::now();
+        let stats = plan.work.join(criu::STATS_DUMP);
+        match criu::criu_stats::read_dump(&stats) {
+            Ok(t) => self.captured.dump_stats = Some(criu::manifest::DumpStats::from(&t)),
+            Err(e) => warn!("container {id}: no CRIU dump statistics: {e}"),
+        }
+        let write = |name: &str, bytes: &[u8]| {
+            // Named as in the checkpoint: the hidden partial dir is gone once the error is read.
+            std::fs::write(partial.dir().join(name), bytes).map_err(plan.write_err(format!("write {name}")))
+        };
+        if !partial.is_flat() {
+            let config = c.bundle.join("config.json");
+            let spec_bytes = std::fs::read(&config).map_err(plan.write_err(format!("read {}", config.display())))?;
+            self.captured.spec = SpecView::from_slice(&spec_bytes).ok();
+            write(criu::SPEC_DUMP, &spec_bytes)?;
+            test_stop_point(id, STOP_ROOTFS_DIFF);
+            if let (Some(upper), false) = (&c.rootfs_upper, readonly_root(self.captured.spec.as_ref())) {
+                self.captured.rootfs_diff = criu::write_rootfs_diff(upper, &partial.dir().join(criu::ROOTFS_DIFF))
+                    .map_err(|source| CheckpointError::RootfsDiff { id: id.into(), source })?;
+            }
+            if let Ok(bytes) = std::fs::read(&stats) {
+                write(criu::STATS_DUMP, &bytes)?;
+            }
+            write(criu::CONFIG_DUMP, &self.config_dump()?)?;
+        }
+        self.clock.add_phase("rootfs_diff", started.elapsed());
+        Ok(())
+    }
+
+    /// `config.dump`, as CRI-O and checkpointctl read it.
+    fn config_dump(&self) -> Result<Vec<u8>> {
+        let (plan, c) = (self.plan, self.plan.c);
+        let annotation = |key: &str| spec_annotation(Some(&c.annotations), key);
+        let image = annotation(IMAGE_NAME_ANNOTATION).unwrap_or_default();
+        let created = criu::now_rfc3339();
+        let config = ConfigDump {
+            id: c.id.clone(),
+            name: annotation(CONTAINER_NAME_ANNOTATION).unwrap_or_else(|| c.id.clone()),
+            rootfs_image: image.clone(),
+            rootfs_image_ref: String::new(),
+            rootfs_image_name: image,
+            runtime: plan.runtime.binary().display().to_string(),
+            created_time: created.clone(),
+            checkpointed_time: created,
+            restored: false,
+        };
+        serde_json::to_vec_pretty(&config)
+            .map_err(|e| plan.write_err("encode config.dump".into())(std::io::Error::other(e)))
+    }
+
+    /// Memory and files are captured: the rest (hashing, syncing) runs with the container live.
+    fn thaw(&mut self) {
+        let plan = self.plan;
+        self.clock.phase("thaw", || recover(&plan.runtime, plan.c, false));
+        self.clock.thaw();
+        self.frozen = false;
+        if let Some(s) = self.session.as_mut() {
+            self.gpu_resume = s.resume().err();
+        }
+    }
+
+    /// The manifest, then hashing, syncing and the rename into place.
+    fn commit(&mut self) -> Result<Manifest> {
+        let plan = self.plan;
+        let (c, id) = (plan.c, plan.id());
+        let gpu_record = plan.gpu.as_ref().map(|g| g.record(self.session.as_ref(), self.captured.dump_ms));
+        if let Some(r) = &gpu_record {
+            info!(
+                "container {id}: GPU mode {}, {} CUDA process(es), {} bytes of device memory, phases {:?} ms",
+                r.mode.as_str(),
+                r.processes.len(),
+                r.bytes_total,
+                r.phases_ms
+            );
+        }
+        let annotation = |keys: &[&str]| keys.iter().find_map(|k| spec_annotation(Some(&c.annotations), k));
+        let runtime_version = plan.runtime.version().unwrap_or_else(|e| {
+            warn!("container {id}: {e}");
+            String::new()
+        });
+        let partial = self.partial.take().ok_or_else(|| no_partial(id))?;
+        let manifest = Manifest {
+            format_version: criu::FORMAT_VERSION,
+            namespace: plan.ckpt.namespace.to_string(),
+            container_id: id.to_string(),
+            pod_namespace: annotation(&POD_NAMESPACE_ANNOTATIONS),
+            pod_name: annotation(&POD_NAME_ANNOTATIONS),
+            container_name: annotation(&[CONTAINER_NAME_ANNOTATION]),
+            image: annotation(&[IMAGE_NAME_ANNOTATION]),
+            runtime: ToolInfo { path: plan.runtime.binary().to_path_buf(), version: runtime_version },
+            criu: ToolInfo { path: plan.criu_path.clone(), version: plan.criu_version.to_string() },
+            kernel: criu::kernel_release(),
+            host: criu::host_name(),
+            created: criu::now_rfc3339(),
+            options: plan.req.flags.clone(),
+            rootfs_diff: self.captured.rootfs_diff,
+            duration_ms: self.started.elapsed().as_millis() as u64,
+            digest: None, // set by the commit, which hashes
+            files: Default::default(),
+            gpu: gpu_record,
+            flat: partial.is_flat(),
+            // Leave-running: thawed already; `exit`: frozen until now, killed right after.
+            frozen_ms: self.clock.frozen().map(|d| d.as_millis() as u64),
+            dump_stats: self.captured.dump_stats,
+        };
+        test_stop_point(id, STOP_HASHING);
+        let (manifest, times) = partial.commit_timed(manifest).map_err(|source| CheckpointError::Store {
+            what: "checkpoint",
+            id: id.to_string(),
+            source: Box::new(source),
+        })?;
+        info!(
+            "container {id}: {} hashed while CRIU wrote; the rest hashed and synced in {} ms",
+            mib(times.followed_bytes),
+            times.hash.as_millis()
+        );
+        // What was left to hash (and sync) after the dump, then the manifest and the rename.
+        self.clock.add_phase("hash", times.hash);
+        self.clock.add_phase("commit", times.sync_and_rename);
+        test_stop_point(id, STOP_COMMIT);
+        Ok(manifest)
+    }
+
+    fn kill(&mut self) -> Result<()> {
+        let plan = self.plan;
+        let (c, id) = (plan.c, plan.id());
+        // Killed while frozen; `kill --all` thaws the cgroup itself on cgroup v1, else `recover`
+        // does, so that the kill is delivered.
+        self.clock
+            .phase("kill", || plan.runtime.kill(id, &c.bundle, libc::SIGKILL as u32, true))
+            .map_err(|e| CheckpointError::Stop { id: id.into(), target: plan.target.into(), source: Box::new(e) })?;
+        // Frozen until killed: it never runs again here.
+        self.clock.thaw();
+        self.frozen = false;
+        if let Some(s) = self.session.as_mut() {
+            s.processes_exited();
+        }
+        recover(&plan.runtime, c, false);
+        Ok(())
+    }
+
+    /// The error of failed `step`, after undoing what was done. Failures after the dump say what
+    /// became of the container; the runtime's own failures carry that already, and a failed kill
+    /// leaves a complete checkpoint (the container is thawed: it keeps running).
+    fn abandon(&mut self, step: Step, e: CheckpointError) -> CheckpointError {
+        // A failed dump undid its part already, to say what became of the container.
+        let outcome = if self.undone { String::new() } else { self.undo() };
+        match (step, &e) {
+            (_, CheckpointError::Runtime(_)) => e,
+            (Step::Kill, _) => e,
+            (Step::Capture | Step::Commit | Step::Dump | Step::FreezeAfterDump, _) => {
+                CheckpointError::Abandoned { id: self.plan.id().into(), source: Box::new(e), outcome }
+            }
+            _ => e,
+        }
+    }
+
+    /// Undoes what was done: thaws a container this checkpoint froze (or that a killed CRIU left
+    /// frozen), then gives the CUDA processes their GPU state back and unlocks them. The partial
+    /// checkpoint goes with `self`. Returns what became of the container.
+    fn undo(&mut self) -> String {
+        let plan = self.plan;
+        self.undone = true;
+        // A client-paused container stays paused; any other is resumed if it is left frozen (by
+        // us, or by a CRIU that was killed).
+        let mut outcome = recover(&plan.runtime, plan.c, plan.hold == Hold::ClientPaused);
+        if self.frozen && outcome.ends_with("has been resumed") {
+            // Frozen by this checkpoint, not left so by accident.
+            outcome = "the container has been thawed and is running".into();
+        }
+        self.frozen = false;
+        self.clock.thaw();
+        if let Some(s) = self.session.as_mut() {
+            if let Err(e) = s.resume() {
+                warn!("container {}: after the failed checkpoint: {e}", plan.id());
+            }
+        }
+        outcome
+    }
+}
+
+/// A step that needs the partial checkpoint ran after the commit consumed it: a plan out of order.
+fn no_partial(id: &str) -> CheckpointError {
+    CheckpointError::Write {
+        id: id.into(),
+        context: "checkpoint plan out of order".into(),
+        source: std::io::Error::other("the partial checkpoint was already committed"),
+    }
+}
+
+impl Drop for Run<'_, '_> {
+    fn drop(&mut self) {
+        // Uncommitted or still frozen: the run stopped at a failed step.
+        if !self.undone && (self.partial.is_some() || self.frozen) {
+            self.undo();
+        }
+    }
 }
 
 /// containerd 1.6/1.7 commit their own checkpoint dir to the content store even when the
@@ -681,6 +938,7 @@ fn checkpoint_error_class(e: &CheckpointError) -> &'static str {
         CheckpointError::Restore { .. } => "restore",
         CheckpointError::Gpu { .. } | CheckpointError::GpuResume { .. } => "gpu",
         CheckpointError::Stop { .. } => "stop",
+        CheckpointError::Abandoned { source, .. } => checkpoint_error_class(source),
     }
 }
 
@@ -691,6 +949,24 @@ mod tests {
 
     fn any(o: &CheckpointOptions) -> Any {
         Any { type_url: CHECKPOINT_OPTIONS.into(), value: o.write_to_bytes().unwrap(), ..Default::default() }
+    }
+
+    #[test]
+    fn the_plan_orders_its_steps() {
+        use Step::*;
+        let leave_running = steps(0, false, Hold::FreezeBeforeDump, false);
+        assert_eq!(leave_running, [Freeze, Dump, Capture, Thaw, Commit]);
+        assert_eq!(steps(0, false, Hold::FreezeBeforeDump, true), [Freeze, Dump, Capture, Commit, Kill]);
+        // The client's pause is never undone by a leave-running checkpoint.
+        assert_eq!(steps(0, false, Hold::ClientPaused, false), [Dump, Capture, Commit]);
+        assert_eq!(steps(0, false, Hold::ClientPaused, true), [Dump, Capture, Commit, Kill]);
+        // Pre-dump rounds run first, while the container runs; CUDA state moves before the freeze.
+        assert_eq!(
+            steps(2, true, Hold::FreezeBeforeDump, false),
+            [PreDump, GpuLock, GpuCheckpoint, Freeze, Dump, Capture, Thaw, Commit]
+        );
+        // CRIU's CUDA plugin needs the threads running during the dump.
+        assert_eq!(steps(0, false, Hold::FreezeAfterDump, false), [Dump, FreezeAfterDump, Capture, Thaw, Commit]);
     }
 
     #[test]

@@ -218,6 +218,15 @@ pub enum CheckpointError {
         #[source]
         source: Box<GpuError>,
     },
+    /// A checkpoint step after the dump failed (a write, the rootfs diff, the commit): the run
+    /// undid what it had done; `outcome` says what became of the container.
+    #[error("checkpoint {id} failed: {source}; {outcome}; nothing of the checkpoint was kept")]
+    Abandoned {
+        id: String,
+        #[source]
+        source: Box<CheckpointError>,
+        outcome: String,
+    },
     /// The checkpoint is complete, but the container asked to exit could not be stopped.
     #[error("checkpoint {id}: complete at {}, but the container could not be stopped: {source}", target.display())]
     Stop {
@@ -270,10 +279,14 @@ impl CheckpointError {
     /// The runtime's checkpoint or restore failed: its message with the part of CRIU's `log`
     /// that names the cause, and what became of the container (`outcome`).
     pub fn runtime_failure(what: &'static str, id: &str, e: RuntimeError, log: &Path, outcome: String) -> Self {
-        let message = match &e {
+        let mut message = match &e {
             RuntimeError::Failed { message, .. } => message.clone(),
             other => other.to_string(),
         };
+        if criu_vanished(&message) {
+            // runc lost its socket to CRIU: CRIU ended without answering.
+            message = format!("CRIU ended without an answer (killed, or crashed): {message}");
+        }
         let tail = log_excerpt(log).unwrap_or_else(|| "(no CRIU log was written)".into());
         CheckpointError::Runtime(Box::new(RuntimeFailure {
             what,
@@ -297,16 +310,50 @@ fn log_excerpt(log: &Path) -> Option<String> {
     let mut bytes = Vec::new();
     f.read_to_end(&mut bytes).ok()?;
     let text = String::from_utf8_lossy(&bytes);
-    let errors: Vec<&str> = text.lines().filter(|l| l.contains("Error (")).collect();
+    let errors: Vec<&str> = text.lines().filter(|l| l.contains("Error (") && !is_benign(l)).collect();
     if errors.is_empty() {
-        return criu::tail_lines(log, LOG_TAIL_LINES);
+        let tail = criu::tail_lines(log, LOG_TAIL_LINES)?;
+        return Some(tail.lines().filter(|l| !is_benign(l)).collect::<Vec<_>>().join("\n"));
     }
     Some(errors[errors.len().saturating_sub(LOG_TAIL_LINES)..].join("\n"))
+}
+
+/// runc's words when CRIU's end of its RPC socket closed without a reply (CRIU killed or
+/// crashed mid-call): `read unixpacket @->@: EOF` and the like.
+fn criu_vanished(runc_message: &str) -> bool {
+    runc_message.contains("unixpacket") && runc_message.trim_end().ends_with("EOF")
+}
+
+/// CRIU `Error` lines that every run in a container logs without failing (CRIU cannot raise its
+/// own RLIMIT_NOFILE inside a user-limited environment): they would point the reader the wrong way.
+fn is_benign(line: &str) -> bool {
+    line.contains("Can't setup RLIMIT_NOFILE for self")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_vanished_criu_is_named_and_benign_log_lines_are_left_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("dump.log");
+        std::fs::write(
+            &log,
+            "(00.001) Error (criu/util.c:1534): rlimit: Can't setup RLIMIT_NOFILE for self: Operation not permitted\n(00.2) Dumping pages\n",
+        )
+        .unwrap();
+        let e = RuntimeError::Failed {
+            binary: "runc".into(),
+            subcommand: "checkpoint".into(),
+            code: 1,
+            message: "read unixpacket @->@: EOF".into(),
+        };
+        let text = CheckpointError::runtime_failure("checkpoint", "c1", e, &log, "the container is running".into())
+            .to_string();
+        assert!(text.contains("CRIU ended without an answer (killed, or crashed)"), "{text}");
+        assert!(!text.contains("RLIMIT_NOFILE") && text.contains("Dumping pages"), "{text}");
+    }
 
     fn status_of(e: Error) -> (Code, String) {
         match ttrpc::Error::from(e) {

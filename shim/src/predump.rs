@@ -157,6 +157,10 @@ mod tests {
         fail_at: Option<usize>,
         /// What the fake CRIU says to the dirty-tracking check.
         dirty_tracking: bool,
+        /// Frozen by `runc pause` (or by a CRIU killed mid-dump), until `runc resume`.
+        paused: Mutex<bool>,
+        /// A directory the dump fills in passing (another writer taking the checkpoint's target).
+        occupy: Mutex<Option<PathBuf>>,
     }
 
     impl FakeRunc {
@@ -181,6 +185,9 @@ mod tests {
                 std::os::unix::fs::symlink(&parent, images.join(predump::PARENT_LINK))?;
             }
             std::fs::write(images.join("pagemap-1.img"), format!("pagemap of call {n}"))?;
+            if let Some(dir) = self.occupy.lock().unwrap().take() {
+                std::fs::create_dir_all(dir)?;
+            }
             if self.fail_at == Some(n) {
                 return fail("criu failed: type PRE_DUMP errno 0".into());
             }
@@ -209,7 +216,18 @@ mod tests {
             self.calls.lock().unwrap().push(format!("{program} {sub}"));
             let stdout = match (program.as_str(), sub.as_str()) {
                 ("runc", "checkpoint") => return self.checkpoint(&rest[1..]),
-                ("runc", "state") => br#"{"id":"c1","pid":1,"status":"running"}"#.to_vec(),
+                ("runc", "state") => {
+                    let status = if *self.paused.lock().unwrap() { "paused" } else { "running" };
+                    format!(r#"{{"id":"c1","pid":1,"status":"{status}"}}"#).into_bytes()
+                }
+                ("runc", "pause") => {
+                    *self.paused.lock().unwrap() = true;
+                    vec![]
+                }
+                ("runc", "resume") => {
+                    *self.paused.lock().unwrap() = false;
+                    vec![]
+                }
                 ("runc", "ps") => b"[]".to_vec(),
                 ("runc", "--version") => b"runc version 1.1.5\n".to_vec(),
                 ("criu", "--version") => b"Version: 4.2.1\n".to_vec(),
@@ -286,9 +304,26 @@ mod tests {
         }
 
         fn checkpoint(&self, pre_dump: Option<u32>) -> Result<kybernate_checkpoint::Manifest> {
-            let req = CheckpointRequest { image_path: Some(self.target()), pre_dump, ..Default::default() };
+            self.checkpoint_as(pre_dump, false, false)
+        }
+
+        /// A checkpoint with `exit`, of a container the client had paused or not.
+        fn checkpoint_as(
+            &self,
+            pre_dump: Option<u32>,
+            exit: bool,
+            was_paused: bool,
+        ) -> Result<kybernate_checkpoint::Manifest> {
+            let mut req = CheckpointRequest { image_path: Some(self.target()), pre_dump, ..Default::default() };
+            req.flags.exit = exit;
             let cp = Checkpointer { spawner: self.rt.as_ref(), namespace: "ns" };
-            cp.checkpoint(&self.c, std::process::id(), &req, &self.target(), false)
+            cp.checkpoint(&self.c, std::process::id(), &req, &self.target(), was_paused)
+        }
+
+        /// The runtime calls after the preflight ones (`criu --version`, `runc ps`).
+        fn steps(&self) -> Vec<String> {
+            let calls = self.rt.calls.lock().unwrap().clone();
+            calls.into_iter().filter(|c| !c.ends_with("--version") && c != "runc ps" && c != "criu check").collect()
         }
 
         fn checkpoint_args(&self) -> Vec<Vec<String>> {
@@ -391,6 +426,47 @@ mod tests {
             assert!(!b.target().exists());
             assert!(b.store_entries().is_empty(), "left after a failure at call {fail_at}: {:?}", b.store_entries());
         }
+    }
+
+    /// The rollback guard undoes exactly what was done: a failed dump thaws what the checkpoint
+    /// froze and nothing the client froze; a commit that fails with `exit` thaws the container
+    /// instead of killing it; a successful leave-running checkpoint thaws once, an `exit` one kills.
+    #[test]
+    fn a_failed_step_undoes_exactly_what_was_done() {
+        let run = |fail_at: Option<usize>, exit: bool, was_paused: bool, block_target: bool| {
+            let rt = FakeRunc { fail_at, paused: Mutex::new(was_paused), ..Default::default() };
+            let b = bed(rt, serde_json::json!({}), 0);
+            if block_target {
+                // Taken during the dump: the commit's rename refuses a target that is not empty.
+                *b.rt.occupy.lock().unwrap() = Some(b.target().join("someone-elses"));
+            }
+            let result = b.checkpoint_as(None, exit, was_paused).map(|_| ()).map_err(|e| e.to_string());
+            let paused = *b.rt.paused.lock().unwrap();
+            let partials = b.store_entries().into_iter().filter(|n| n.contains(".partial-")).count();
+            (result, b.steps(), paused, partials)
+        };
+        // Leave-running, fine: frozen for the dump, thawed before the commit.
+        let (r, steps, paused, partials) = run(None, false, false, false);
+        assert!(r.is_ok() && !paused && partials == 0, "{r:?}");
+        assert_eq!(steps, ["runc pause", "runc checkpoint", "runc state", "runc resume"]);
+        // The dump fails: thawed, nothing left.
+        let (r, steps, paused, partials) = run(Some(1), false, false, false);
+        assert!(r.unwrap_err().contains("criu failed") && !paused && partials == 0);
+        assert_eq!(steps, ["runc pause", "runc checkpoint", "runc state", "runc resume"]);
+        // The client had paused it: a failed dump leaves it paused.
+        let (r, steps, paused, partials) = run(Some(1), true, true, false);
+        assert!(r.is_err() && paused && partials == 0);
+        assert_eq!(steps, ["runc checkpoint", "runc state"]);
+        // `exit`, and the commit fails: thawed and running, never killed.
+        let (r, steps, paused, partials) = run(None, true, false, true);
+        assert!(r.is_err() && !paused && partials == 0, "{r:?}");
+        assert!(!steps.iter().any(|c| c == "runc kill"), "{steps:?}");
+        assert_eq!(steps.last().map(String::as_str), Some("runc resume"), "{steps:?}");
+        // `exit`, fine: killed after the commit, never thawed before.
+        let (r, steps, _, _) = run(None, true, false, false);
+        assert!(r.is_ok(), "{r:?}");
+        let kill = steps.iter().position(|c| c == "runc kill").expect("killed");
+        assert!(!steps[..kill].iter().any(|c| c == "runc resume"), "{steps:?}");
     }
 
     /// `kybernate checkpoint --pre-dump N` arrives as field 1001 of runc's options.

@@ -123,6 +123,15 @@ impl RestorePlan {
         })
     }
 
+    /// The steps of this restore at Start, in the order they run.
+    pub fn steps(&self) -> Vec<RestoreStep> {
+        let mut steps = vec![RestoreStep::Restore];
+        if self.gpu().is_some() {
+            steps.push(RestoreStep::GpuRestore);
+        }
+        steps
+    }
+
     /// The runtime binary that took the checkpoint, which must restore it; refused when it is gone.
     pub fn runtime_binary(&self, id: &str) -> Result<Option<PathBuf>> {
         let Some(m) = &self.manifest else { return Ok(None) };
@@ -290,6 +299,37 @@ pub fn tenant(spec: &SpecView, containerd_namespace: &str) -> String {
 
 pub(crate) fn spec_annotation(spec: Option<&SpecView>, key: &str) -> Option<String> {
     spec?.annotation(key).map(str::to_string)
+}
+
+/// One step of a restore at Start (the checks ran at Create: [`Restoring`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestoreStep {
+    /// `runtime restore --detach`: CRIU brings the processes back; the IO is attached.
+    Restore,
+    /// A GPU checkpoint's CUDA state goes back to the GPUs and the processes are unlocked.
+    GpuRestore,
+}
+
+/// The rollback guard of a restore at Start: armed once the runtime may hold state of the
+/// container, it deletes that state (and kills a half-restored process) when dropped armed.
+pub struct RestoreGuard<'a> {
+    pub runtime: &'a crate::runtime::OciRuntime,
+    pub id: &'a str,
+    pub bundle: &'a Path,
+    pub armed: bool,
+}
+
+impl Drop for RestoreGuard<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        if let Err(e) = self.runtime.delete(self.id, self.bundle, true) {
+            if !e.is_not_found() {
+                warn!("restore {}: cleanup after the failed restore: {e}", self.id);
+            }
+        }
+    }
 }
 
 /// A restore decided at Create, carried out at Start.

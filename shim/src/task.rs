@@ -35,7 +35,7 @@ use crate::events::{EventQueue, RemoteEvents};
 use crate::factory::{unmount_rootfs, ContainerFactory};
 use crate::io::{ProcessIo, StdioConfig};
 use crate::process::{Action, Process, ProcessStatus};
-use crate::restore::RestorePlan;
+use crate::restore::{RestoreGuard, RestorePlan, RestoreStep};
 use crate::runtime::{read_pid_file, ExecOpts};
 use crate::spawn::{GroupRecord, MonitorSpawner, Spawner};
 use crate::sync::lock;
@@ -341,6 +341,8 @@ impl Inner {
         result
     }
 
+    /// Runs the plan's steps ([`RestorePlan::steps`]) in order under one rollback guard: a
+    /// restore that stops part-way leaves no runtime state and no half-restored process.
     fn restore_timed(
         self: &Arc<Self>,
         c: &Arc<Container>,
@@ -350,9 +352,8 @@ impl Inner {
         let checkpointer = Checkpointer { spawner: self.spawner.as_ref(), namespace: &self.namespace };
         let (criu_path, _) = checkpointer.criu(c, "restore")?;
         let mut runtime = c.runtime.with_criu(criu_path);
-        let gpu = plan.gpu().cloned();
         let gpu_err = |source| CheckpointError::Gpu { what: "restore", id: c.id.clone(), source: Box::new(source) };
-        if gpu.as_ref().is_some_and(|g| g.mode == kybernate_gpu::GpuMode::DriverApi) {
+        if plan.gpu().is_some_and(|g| g.mode == kybernate_gpu::GpuMode::DriverApi) {
             // Our images carry no CUDA plugin state: a plugin installed on the node stays out.
             let empty = crate::gpu::empty_plugin_dir(&c.bundle).map_err(gpu_err)?;
             runtime = runtime.with_criu_env(kybernate_gpu::cuda::preflight::CRIU_LIBS_DIR, empty);
@@ -360,44 +361,41 @@ impl Inner {
         let work = checkpoint::work_dir(c, None)?;
         let (mut io, child) = ProcessIo::prepare_owned(&c.init.stdio, &c.bundle, &c.id, &self.namespace, c.io_owner)?;
         let pid_file = c.bundle.join("init.pid");
-        let args = plan.restore_args(&c.bundle, &work, &pid_file, io.console_socket(), c.no_pivot);
-        info!("container {}: restoring from {}", c.id, plan.dir.display());
-        if let Err(e) = clock.phase("restore", || runtime.restore(&c.id, &c.bundle, args, child)) {
-            // A failed restore can leave runtime state (and a half-restored process) behind.
-            if let Err(de) = c.runtime.delete(&c.id, &c.bundle, true) {
-                if !de.is_not_found() {
-                    warn!("restore {}: cleanup: {de}", c.id);
+        let mut child = Some(child);
+        let mut guard = RestoreGuard { runtime: &c.runtime, id: &c.id, bundle: &c.bundle, armed: false };
+        let mut pid = None;
+        info!("container {}: restoring from {}, steps {:?}", c.id, plan.dir.display(), plan.steps());
+        for step in plan.steps() {
+            match step {
+                RestoreStep::Restore => {
+                    let args = plan.restore_args(&c.bundle, &work, &pid_file, io.console_socket(), c.no_pivot);
+                    let child = child.take().ok_or_else(|| restore_out_of_order(&c.id))?;
+                    // From here runtime state (and a half-restored process) may exist.
+                    guard.armed = true;
+                    if let Err(e) = clock.phase("restore", || runtime.restore(&c.id, &c.bundle, args, child)) {
+                        let log = work.join("restore.log");
+                        let outcome = "the container was not restored".into();
+                        return Err(CheckpointError::runtime_failure("restore", &c.id, e, &log, outcome).into());
+                    }
+                    io.attach()?;
+                    pid = Some(read_pid_file(&pid_file)?);
+                }
+                RestoreStep::GpuRestore => {
+                    // The restored CUDA processes are locked with their device memory in host
+                    // memory: give it back to the GPUs and unlock them. A container whose GPU
+                    // state cannot be restored is stopped, not left running half-restored.
+                    let Some(gpu) = plan.gpu() else { continue };
+                    clock.phase("gpu", || {
+                        c.runtime.ps(&c.id, &c.bundle).map_err(Error::from).and_then(|pids| {
+                            crate::gpu::restore_cuda(self.spawner.as_ref(), &c.id, gpu, &pids, &c.checkpoint_config)
+                                .map_err(|e| gpu_err(e).into())
+                        })
+                    })?;
                 }
             }
-            let log = work.join("restore.log");
-            return Err(CheckpointError::runtime_failure(
-                "restore",
-                &c.id,
-                e,
-                &log,
-                "the container was not restored".into(),
-            )
-            .into());
         }
-        io.attach()?;
-        let pid = read_pid_file(&pid_file)?;
-        if let Some(gpu) = &gpu {
-            // The restored CUDA processes are locked with their device memory in host memory:
-            // give it back to the GPUs and unlock them. A container whose GPU state cannot be
-            // restored is stopped, not left running half-restored.
-            let restored = clock.phase("gpu", || {
-                c.runtime.ps(&c.id, &c.bundle).map_err(Error::from).and_then(|pids| {
-                    crate::gpu::restore_cuda(self.spawner.as_ref(), &c.id, gpu, &pids, &c.checkpoint_config)
-                        .map_err(|e| gpu_err(e).into())
-                })
-            });
-            if let Err(e) = restored {
-                if let Err(de) = c.runtime.delete(&c.id, &c.bundle, true) {
-                    warn!("restore {}: stopping the container after the failed GPU restore: {de}", c.id);
-                }
-                return Err(e);
-            }
-        }
+        let pid = pid.ok_or_else(|| restore_out_of_order(&c.id))?;
+        guard.armed = false;
         c.init.set_pid(pid);
         c.init.set_io(io);
         self.register_pid(&c.id, None, pid);
@@ -693,6 +691,14 @@ fn checkpoint_target(c: &Container, req: &CheckpointTaskRequest) -> Result<(Chec
 /// the runtime call's process group (runc and CRIU) makes the checkpoint fail, its rollback thaws
 /// the container, and the signal lands. Past the dump there is no such call, and the checkpoint
 /// completes as the container ends.
+/// A restore plan whose steps are not one runtime restore followed by what needs its process.
+fn restore_out_of_order(id: &str) -> Error {
+    Error::Internal {
+        context: format!("restore {id}"),
+        source: Box::new(std::io::Error::other("the restore plan's steps are out of order")),
+    }
+}
+
 fn abandon_checkpoint(c: &Container, signal: u32) {
     let killed = GroupRecord::in_bundle(&c.bundle).kill_leftovers();
     if killed > 0 {

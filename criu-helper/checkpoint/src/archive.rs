@@ -1,12 +1,14 @@
 //! Moving checkpoints between nodes as single tar files, in the layout
-//! checkpointctl and `kubectl checkpoint` archives use.
+//! checkpointctl and `kubectl checkpoint` archives use, plain or zstd-compressed.
 
 use std::borrow::Cow;
+use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, DirBuilder, File};
-use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::time::SystemTime;
 
 use tar::{Archive, Builder, EntryType, Header};
@@ -60,9 +62,50 @@ pub enum ArchiveError {
         #[source]
         source: RootfsError,
     },
+    /// A zstd archive whose stream does not decode: truncated, corrupt, or followed by bytes that
+    /// are no zstd frame. `compressed` is how far the archive was read (to within a buffer),
+    /// `decompressed` how much of the tar inside it came out.
+    #[error("{}: corrupt zstd stream near byte {compressed} of the archive ({decompressed} bytes of tar decompressed{}): {reason}", archive.display(), after.as_ref().map(|a| format!(", after entry {a:?}")).unwrap_or_default())]
+    Compressed { archive: PathBuf, compressed: u64, decompressed: u64, after: Option<String>, reason: String },
+    /// A zstd archive that decompresses to more than its manifest declares (or, before a
+    /// manifest, to more than [`MAX_UNLISTED_BYTES`]): refused before the excess is written.
+    #[error("{}: decompresses to more than {limit} bytes, {why}", archive.display())]
+    Oversized { archive: PathBuf, limit: u64, why: &'static str },
+    /// The files the archive's manifest declares do not fit into the store's filesystem.
+    #[error("{}: its manifest declares {declared} bytes of files, the store's filesystem ({}) has {available} bytes free", archive.display(), store.display())]
+    NoSpace { archive: PathBuf, store: PathBuf, declared: u64, available: u64 },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
+
+/// How `export` writes the tar. Reading needs no choice: `import` knows zstd by its magic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Compression {
+    /// A plain tar: the fastest on a local disk (docs/benchmarks.md, "Compression").
+    #[default]
+    None,
+    /// One zstd stream (level [`ZSTD_LEVEL`], on every core, with frame checksums) around the tar.
+    Zstd,
+}
+
+/// zstd's level for exports: level -1 is faster but gives up float arrays' 18% (ratio 1.0), level 3
+/// is 20-40% slower for at most 2% more (docs/benchmarks.md, "Compression").
+pub const ZSTD_LEVEL: i32 = 1;
+/// Every zstd frame starts with these bytes (RFC 8878), and no tar does (a tar starts with a name).
+pub const ZSTD_MAGIC: [u8; 4] = [0x28, 0xB5, 0x2F, 0xFD];
+
+/// Where an export or import is, for a progress line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Every byte of the checkpoint is being hashed (before an export, after an import's unpack).
+    Verify,
+    /// `done` of `total` bytes: an export's tar written (before compression), an import's
+    /// archive read (as stored, compressed or not).
+    Copy { done: u64, total: u64 },
+}
+
+/// How often progress is reported while bytes move.
+const PROGRESS_EVERY: u64 = 16 << 20;
 
 fn io_ctx(context: String) -> impl FnOnce(io::Error) -> ArchiveError {
     move |source| ArchiveError::Io { context, source }
@@ -87,15 +130,84 @@ impl Drop for Cleanup {
 /// (checkpoint/..., config.dump, spec.dump, rootfs-diff.tar, kybernate.json — the checkpointctl layout).
 /// The checkpoint is verified first; the tar is written to a hidden sibling of `out` and renamed when complete.
 pub fn export(dir: &Path, out: &Path) -> Result<Manifest, ArchiveError> {
+    export_with(dir, out, Compression::None, &mut |_| {})
+}
+
+/// [`export`], compressed as asked, reporting progress.
+pub fn export_with(
+    dir: &Path,
+    out: &Path,
+    compression: Compression,
+    progress: &mut dyn FnMut(Step),
+) -> Result<Manifest, ArchiveError> {
+    progress(Step::Verify);
     let manifest = verify(dir).map_err(|source| ArchiveError::Verify { path: dir.to_path_buf(), source })?;
     let ctx = || format!("{}: cannot write archive", out.display());
     let mut file = AtomicFile::create(out, 0o600, Durability::Machine).map_err(io_ctx(ctx()))?;
-    let mut builder = Builder::new(BufWriter::new(file.file()));
-    builder.follow_symlinks(false);
-    let written = append_checkpoint(&mut builder, dir, &manifest)
-        .and_then(|()| builder.into_inner()?.into_inner().map_err(io::IntoInnerError::into_error).map(drop));
+    let total = manifest.files.values().map(|f| f.size).sum::<u64>();
+    let sink = BufWriter::with_capacity(1 << 20, file.file());
+    let written = match compression {
+        Compression::None => write_tar(sink, dir, &manifest, total, progress).map(drop),
+        Compression::Zstd => zstd_encoder(sink)
+            .and_then(|enc| write_tar(enc, dir, &manifest, total, progress))
+            .and_then(|enc| enc.finish())
+            // The frame's end is in the buffer: write it out here, where an error is seen.
+            .and_then(|mut sink| sink.flush()),
+    };
     written.and_then(|()| file.commit()).map_err(io_ctx(ctx()))?;
     Ok(manifest)
+}
+
+fn zstd_encoder<W: Write>(w: W) -> io::Result<zstd::Encoder<'static, W>> {
+    let mut enc = zstd::Encoder::new(w, ZSTD_LEVEL)?;
+    enc.include_checksum(true)?;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+    if threads > 1 {
+        enc.multithread(threads)?;
+    }
+    Ok(enc)
+}
+
+/// The tar of the checkpoint into `w` (flushed); returns `w` for the caller to finish.
+fn write_tar<W: Write>(
+    w: W,
+    dir: &Path,
+    manifest: &Manifest,
+    total: u64,
+    progress: &mut dyn FnMut(Step),
+) -> io::Result<W> {
+    let mut builder = Builder::new(Counting { inner: w, done: 0, total, reported: 0, progress });
+    builder.follow_symlinks(false);
+    append_checkpoint(&mut builder, dir, manifest)?;
+    let mut counted = builder.into_inner()?;
+    counted.inner.flush()?;
+    (counted.progress)(Step::Copy { done: counted.done, total: counted.done.max(total) });
+    Ok(counted.inner)
+}
+
+/// Counts the tar's bytes on their way to the (compressing) writer, for progress.
+struct Counting<'a, W> {
+    inner: W,
+    done: u64,
+    total: u64,
+    reported: u64,
+    progress: &'a mut dyn FnMut(Step),
+}
+
+impl<W: Write> Write for Counting<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.done += n as u64;
+        if self.done - self.reported >= PROGRESS_EVERY {
+            self.reported = self.done;
+            (self.progress)(Step::Copy { done: self.done, total: self.total.max(self.done) });
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 /// The manifest, then every listed file, each directory announced once before its first file so
@@ -126,6 +238,16 @@ fn append_checkpoint<W: Write>(builder: &mut Builder<W>, dir: &Path, manifest: &
 /// `store.new_checkpoint_path(namespace, container_id, created)` (or now, if that exists).
 /// Returns the final path and manifest; on any error nothing is left in the store.
 pub fn import(archive: &Path, store: &Store) -> Result<(PathBuf, Manifest), ArchiveError> {
+    import_with(archive, store, &mut |_| {})
+}
+
+/// [`import`], reporting progress. A zstd archive (known by [`ZSTD_MAGIC`]) is decompressed
+/// as it is read, under the same checks, and never to more than its manifest declares.
+pub fn import_with(
+    archive: &Path,
+    store: &Store,
+    progress: &mut dyn FnMut(Step),
+) -> Result<(PathBuf, Manifest), ArchiveError> {
     create_private_dirs(store.root())?;
     let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
     let work = store.root().join(format!(".import-{}-{nanos}", std::process::id()));
@@ -134,7 +256,8 @@ pub fn import(archive: &Path, store: &Store) -> Result<(PathBuf, Manifest), Arch
         .create(&work)
         .map_err(io_ctx(format!("{}: cannot create directory", work.display())))?;
     let mut guard = Cleanup(Some(work.clone()));
-    unpack(archive, &work)?;
+    unpack(archive, &work, progress)?;
+    progress(Step::Verify);
     let manifest = if is_cri_archive(&work) {
         adopt_cri_checkpoint(archive, &work)?
     } else {
@@ -232,6 +355,16 @@ pub const MAX_DEPTH: usize = 8;
 pub const MAX_UNLISTED_ENTRIES: usize = 10_000;
 /// The largest manifest read into memory (about 100 bytes per listed file).
 const MAX_MANIFEST_BYTES: u64 = 64 << 20;
+/// How much a zstd archive may decompress to before a manifest says how much it holds. A plain
+/// tar is bounded by its own size; a compressed one is not (a few KiB of zstd can expand to
+/// TiBs). `kybernate export` writes the manifest first, so this bounds only archives repacked
+/// by hand; a kubelet archive compressed by hand must be decompressed (`zstd -d`) first.
+pub const MAX_UNLISTED_BYTES: u64 = 1 << 30;
+/// Tar's own bytes per listed file, beyond its data padded to 512: its header, a GNU long-name
+/// entry (two blocks) and its directory's entry with another long name.
+const TAR_OVERHEAD_PER_FILE: u64 = 8 * 512;
+/// Tar's end: two zero blocks, padded to a record (10 KiB for GNU tar, more for some writers).
+const TAR_END_SLACK: u64 = 1 << 20;
 /// The manifest our shim writes beside CRIU's images for CRI (a kubelet archive's).
 const INNER_MANIFEST: &str = "checkpoint/kybernate.json";
 
@@ -343,10 +476,178 @@ fn clean_tar_error(e: &io::Error) -> String {
     }
 }
 
-fn unpack(archive: &Path, work: &Path) -> Result<(), ArchiveError> {
+/// What the readers under the tar parser saw: how far the archive was read, how much came out of
+/// zstd, the bound on that, and why the stream failed. Shared with the parser's loop, which
+/// raises the bound when a manifest arrives, and consulted when the parser reports an error.
+#[derive(Default)]
+struct Stream {
+    /// Bytes of the archive file read (compressed, when it is).
+    raw: Cell<u64>,
+    /// Bytes decompressed; the limit on them (a zstd archive only).
+    out: Cell<u64>,
+    limit: Cell<u64>,
+    /// Whether a manifest set the limit (else it is [`MAX_UNLISTED_BYTES`]).
+    listed: Cell<bool>,
+    fault: RefCell<Option<Fault>>,
+    /// The last entry whose header was read, for error messages.
+    after: RefCell<Option<String>>,
+}
+
+enum Fault {
+    /// zstd's own error (corrupt data, a bad checksum, a truncated frame).
+    Corrupt(String),
+    /// More bytes than the bound.
+    Oversized,
+}
+
+/// The archive file, counted, reporting progress.
+struct Source<'a> {
+    file: File,
+    total: u64,
+    reported: u64,
+    stream: Rc<Stream>,
+    progress: &'a mut dyn FnMut(Step),
+}
+
+impl Read for Source<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.file.read(buf)?;
+        let raw = self.stream.raw.get() + n as u64;
+        self.stream.raw.set(raw);
+        if raw - self.reported >= PROGRESS_EVERY || (n == 0 && raw != self.reported) {
+            self.reported = raw;
+            (self.progress)(Step::Copy { done: raw, total: self.total.max(raw) });
+        }
+        Ok(n)
+    }
+}
+
+/// zstd's output, counted and bounded: past the limit, or on zstd's error, the fault is recorded
+/// for `unpack` to name and the read fails, so nothing past the bound reaches the disk.
+struct Inflate<R: BufRead> {
+    decoder: zstd::Decoder<'static, R>,
+    stream: Rc<Stream>,
+}
+
+impl<R: BufRead> Inflate<R> {
+    fn fail(&self, fault: Fault) -> io::Error {
+        let text = match &fault {
+            Fault::Corrupt(reason) => reason.clone(),
+            Fault::Oversized => "decompressed size limit reached".into(),
+        };
+        self.stream.fault.borrow_mut().get_or_insert(fault);
+        io::Error::new(io::ErrorKind::InvalidData, text)
+    }
+}
+
+impl<R: BufRead> Read for Inflate<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let (out, limit) = (self.stream.out.get(), self.stream.limit.get());
+        // At the limit, one more byte tells an exact fit from an excess.
+        let room = usize::try_from(limit - out).unwrap_or(usize::MAX).max(1).min(buf.len());
+        let n = match self.decoder.read(&mut buf[..room]) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                return Err(self.fail(Fault::Corrupt("truncated: the archive ends inside a zstd frame".into())))
+            }
+            Err(e) => return Err(self.fail(Fault::Corrupt(e.to_string()))),
+        };
+        if out + n as u64 > limit {
+            return Err(self.fail(Fault::Oversized));
+        }
+        self.stream.out.set(out + n as u64);
+        Ok(n)
+    }
+}
+
+/// Unpacks a plain or zstd tar (by its first bytes) into `work`, entry by entry under
+/// [`Admission`]; a zstd stream must then end cleanly (nothing after it but more frames).
+fn unpack(archive: &Path, work: &Path, progress: &mut dyn FnMut(Step)) -> Result<(), ArchiveError> {
     let read_ctx = || format!("{}: cannot read archive", archive.display());
     let file = File::open(archive).map_err(io_ctx(read_ctx()))?;
-    let mut tar = Archive::new(BufReader::new(file));
+    let total = file.metadata().map_or(0, |m| m.len());
+    let stream = Rc::new(Stream::default());
+    let source = Source { file, total, reported: 0, stream: stream.clone(), progress };
+    let mut reader = BufReader::with_capacity(1 << 20, source);
+    let zstd = reader.fill_buf().map_err(io_ctx(read_ctx()))?.starts_with(&ZSTD_MAGIC);
+    let result = if zstd {
+        stream.limit.set(MAX_UNLISTED_BYTES);
+        let fault = |e: io::Error| ArchiveError::Compressed {
+            archive: archive.to_path_buf(),
+            compressed: 0,
+            decompressed: 0,
+            after: None,
+            reason: e.to_string(),
+        };
+        let decoder = zstd::Decoder::with_buffer(reader).map_err(fault)?;
+        let mut inflate = Inflate { decoder, stream: stream.clone() };
+        unpack_entries(Archive::new(&mut inflate), archive, work, &stream)
+            // Past the tar's end: the rest of the stream must decode (and stay in bounds).
+            .and_then(|()| io::copy(&mut inflate, &mut io::sink()).map(drop).map_err(io_ctx(read_ctx())))
+    } else {
+        stream.limit.set(u64::MAX);
+        unpack_entries(Archive::new(reader), archive, work, &stream)
+    };
+    let Err(e) = result else { return Ok(()) };
+    let archive = archive.to_path_buf();
+    let fault = stream.fault.borrow_mut().take();
+    Err(match fault {
+        None => e,
+        Some(Fault::Corrupt(reason)) => ArchiveError::Compressed {
+            archive,
+            compressed: stream.raw.get(),
+            decompressed: stream.out.get(),
+            after: stream.after.borrow_mut().take(),
+            reason,
+        },
+        Some(Fault::Oversized) => ArchiveError::Oversized {
+            archive,
+            limit: stream.limit.get(),
+            why: if stream.listed.get() {
+                "more than the files its manifest declares and their tar headers"
+            } else {
+                "and no manifest came first to say how much it holds (`kybernate export` writes it first)"
+            },
+        },
+    })
+}
+
+/// The files a manifest declares must fit into the store; a zstd archive may decompress to them
+/// and their tar headers, no more.
+fn admit_sizes(
+    files: &BTreeMap<String, u64>,
+    archive: &Path,
+    work: &Path,
+    stream: &Stream,
+) -> Result<(), ArchiveError> {
+    let declared = files.values().fold(0u64, |sum, size| sum.saturating_add(*size));
+    if let Ok(available) = crate::preflight::free_bytes(work) {
+        if declared > available {
+            return Err(ArchiveError::NoSpace {
+                archive: archive.to_path_buf(),
+                store: work.parent().unwrap_or(work).to_path_buf(),
+                declared,
+                available,
+            });
+        }
+    }
+    if stream.limit.get() != u64::MAX {
+        let padded = files.values().fold(0u64, |sum, size| {
+            sum.saturating_add(size.div_ceil(512).saturating_mul(512)).saturating_add(TAR_OVERHEAD_PER_FILE)
+        });
+        stream.limit.set(stream.out.get().saturating_add(padded).saturating_add(TAR_END_SLACK));
+        stream.listed.set(true);
+    }
+    Ok(())
+}
+
+fn unpack_entries<R: Read>(
+    mut tar: Archive<R>,
+    archive: &Path,
+    work: &Path,
+    stream: &Stream,
+) -> Result<(), ArchiveError> {
+    let read_ctx = || format!("{}: cannot read archive", archive.display());
     let mut admission = Admission::default();
     // For a header that does not parse: where it starts and the last entry read whole.
     let (mut index, mut offset, mut after) = (0usize, 0u64, None::<String>);
@@ -369,6 +670,7 @@ fn unpack(archive: &Path, work: &Path) -> Result<(), ArchiveError> {
         };
         let rel = raw.strip_prefix("./").unwrap_or(&raw).trim_end_matches('/').to_string();
         after = Some(raw.clone());
+        *stream.after.borrow_mut() = Some(raw.clone());
         if rel.is_empty() || rel == "." {
             continue;
         }
@@ -406,7 +708,11 @@ fn unpack(archive: &Path, work: &Path) -> Result<(), ArchiveError> {
                             reason,
                         };
                         let parsed = parse_manifest(&bytes).map_err(bad)?;
-                        let files = parsed.files.iter().map(|(k, v)| (k.clone(), v.size)).collect();
+                        let files: BTreeMap<String, u64> =
+                            parsed.files.iter().map(|(k, v)| (k.clone(), v.size)).collect();
+                        if rel == MANIFEST_FILE {
+                            admit_sizes(&files, archive, work, stream)?;
+                        }
                         let set =
                             if rel == MANIFEST_FILE { admission.set_root(files) } else { admission.set_inner(files) };
                         set.map_err(|(entry, reason)| ArchiveError::Entry {
@@ -483,6 +789,25 @@ mod tests {
         let mut a = Admission::default();
         a.admit("checkpoint/evil.img", Some(1)).unwrap();
         assert_eq!(a.set_inner(files(&[("pages-1.img", 8)])).unwrap_err().0, "checkpoint/evil.img");
+    }
+
+    #[test]
+    fn zstd_output_stops_at_its_bound() {
+        let packed = zstd::encode_all(&[7u8; 5000][..], 1).unwrap();
+        let read = |limit: u64| {
+            let stream = Rc::new(Stream::default());
+            stream.limit.set(limit);
+            let decoder = zstd::Decoder::with_buffer(&packed[..]).unwrap();
+            let mut inflate = Inflate { decoder, stream: stream.clone() };
+            let result = io::copy(&mut inflate, &mut io::sink());
+            let fault = stream.fault.borrow_mut().take();
+            (result.ok(), stream.out.get(), fault)
+        };
+        assert!(matches!(read(5000), (Some(5000), 5000, None)), "an exact fit is fine");
+        let (copied, out, fault) = read(4999);
+        assert_eq!((copied, out), (None, 4999), "nothing past the bound comes out");
+        assert!(matches!(fault, Some(Fault::Oversized)));
+        assert!(matches!(read(MAX_UNLISTED_BYTES), (Some(5000), 5000, None)));
     }
 
     #[test]

@@ -9,10 +9,12 @@
 //! Work is a flat list of (file, chunk) items taken by `threads` workers from one atomic counter;
 //! each worker owns one [`READ_BUF`] buffer and reads with `pread`, so memory is
 //! `threads × READ_BUF` whatever the file sizes, and a file is opened only while it is read.
+//! Leading chunks already hashed while CRIU wrote them ([`Known`], from `follow`) are taken as
+//! they are when they still hold for the file at commit, and only the rest is read.
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
@@ -111,6 +113,33 @@ pub struct Job {
     pub size: Option<u64>,
 }
 
+/// Leading units of a file hashed before its commit (by the dump follower, `follow`): valid only
+/// for the same inode (`dev`, `ino`) and while the file is still longer than these units, so that
+/// each was a full chunk of a multi-chunk file when it was hashed and still is.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Known {
+    pub dev: u64,
+    pub ino: u64,
+    /// Digests of units `0..units.len()`.
+    pub units: Vec<Digest32>,
+}
+
+impl Known {
+    /// How many of these units hold for the file (`dev`, `ino`) of `size` bytes: all of them, or
+    /// none (another inode, a file no longer past the last of them, or format 1, never followed).
+    /// Always fewer than the file's units: the last one is hashed at commit.
+    pub fn usable(&self, algorithm: Algorithm, dev: u64, ino: u64, size: u64) -> usize {
+        match algorithm {
+            Algorithm::Blake3 { chunk_size }
+                if (self.dev, self.ino) == (dev, ino) && size > self.units.len() as u64 * chunk_size =>
+            {
+                self.units.len()
+            }
+            _ => 0,
+        }
+    }
+}
+
 /// The digests of one file: its size and one digest per unit, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hashed {
@@ -130,23 +159,49 @@ pub struct HashError {
 /// Results are in job order. A file whose size is not the expected one, or changes while it is
 /// read, is an error.
 pub fn hash_files(jobs: &[Job], algorithm: Algorithm, sync: bool, threads: usize) -> Result<Vec<Hashed>, HashError> {
+    hash_files_known(jobs, &[], algorithm, sync, threads)
+}
+
+/// [`hash_files`], taking `known[j]` (when present and [`Known::usable`] for job `j`'s file as it
+/// is now) as the digests of job `j`'s leading units and hashing only the rest. The results are
+/// those of hashing everything; each file is still fsynced after its last unit, which is never
+/// known.
+pub fn hash_files_known(
+    jobs: &[Job],
+    known: &[Option<&Known>],
+    algorithm: Algorithm,
+    sync: bool,
+    threads: usize,
+) -> Result<Vec<Hashed>, HashError> {
     // Sizes first (one stat each), so that the work can be laid out in chunks.
     let mut sizes = Vec::with_capacity(jobs.len());
-    for job in jobs {
-        let found = std::fs::metadata(&job.path).map_err(|source| HashError { path: job.path.clone(), source })?.len();
+    let mut skips = Vec::with_capacity(jobs.len());
+    for (j, job) in jobs.iter().enumerate() {
+        let meta = std::fs::metadata(&job.path).map_err(|source| HashError { path: job.path.clone(), source })?;
+        let found = meta.len();
         if let Some(want) = job.size.filter(|want| *want != found) {
             let source = io::Error::new(io::ErrorKind::InvalidData, format!("size is {found} bytes, expected {want}"));
             return Err(HashError { path: job.path.clone(), source });
         }
+        let usable = known.get(j).copied().flatten().map_or(0, |k| k.usable(algorithm, meta.dev(), meta.ino(), found));
         sizes.push(found);
+        skips.push(usable as u64);
     }
     // The work items, biggest files' chunks interleaved with small files in job order; each
-    // item is (job, unit).
-    let items: Vec<(usize, u64)> =
-        sizes.iter().enumerate().flat_map(|(j, &s)| (0..algorithm.units(s)).map(move |u| (j, u))).collect();
+    // item is (job, unit). A file's last unit is never known (a followed unit was followed by
+    // more bytes), so every file has work left, and its fsync and final size check follow it.
+    let work = |j: usize| skips[j]..algorithm.units(sizes[j]);
+    let items: Vec<(usize, u64)> = (0..jobs.len()).flat_map(|j| work(j).map(move |u| (j, u))).collect();
     let slots: Vec<Vec<OnceLock<Digest32>>> =
         sizes.iter().map(|&s| (0..algorithm.units(s)).map(|_| OnceLock::new()).collect()).collect();
-    let remaining: Vec<AtomicUsize> = slots.iter().map(|s| AtomicUsize::new(s.len())).collect();
+    for (j, slot) in slots.iter().enumerate() {
+        if let Some(k) = known.get(j).copied().flatten() {
+            for (cell, digest) in slot.iter().zip(&k.units).take(skips[j] as usize) {
+                let _ = cell.set(*digest);
+            }
+        }
+    }
+    let remaining: Vec<AtomicUsize> = (0..jobs.len()).map(|j| AtomicUsize::new(work(j).count())).collect();
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
     let error: Mutex<Option<HashError>> = Mutex::new(None);
@@ -202,6 +257,35 @@ pub fn hash_files(jobs: &[Job], algorithm: Algorithm, sync: bool, threads: usize
 /// The digest of unit `unit` of the file at `path` (`size` bytes): read with `pread` through `buf`.
 fn hash_unit(path: &Path, size: u64, algorithm: Algorithm, unit: u64, buf: &mut [u8]) -> io::Result<Digest32> {
     let file = File::open(path)?;
+    let digest = hash_open_unit(&file, size, algorithm, unit, buf)?;
+    // The last unit also checks that nothing was appended while we read.
+    if algorithm.range(size, unit).1 == size {
+        check_size(&file, size)?;
+    }
+    Ok(digest)
+}
+
+/// The file still has the `size` it had when its hashing began.
+fn check_size(file: &File, size: u64) -> io::Result<()> {
+    let now = file.metadata()?.len();
+    if now != size {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("changed while it was hashed: {size} bytes when hashing began, {now} now"),
+        ));
+    }
+    Ok(())
+}
+
+/// The digest of unit `unit` of the open `file`, taken as `size` bytes long (the dump follower
+/// passes the size it saw, which a growing file has at least).
+pub(crate) fn hash_open_unit(
+    file: &File,
+    size: u64,
+    algorithm: Algorithm,
+    unit: u64,
+    buf: &mut [u8],
+) -> io::Result<Digest32> {
     let (start, end) = algorithm.range(size, unit);
     let mut feed = |update: &mut dyn FnMut(&[u8])| -> io::Result<()> {
         let mut at = start;
@@ -235,16 +319,6 @@ fn hash_unit(path: &Path, size: u64, algorithm: Algorithm, unit: u64, buf: &mut 
             *h.finalize().as_bytes()
         }
     };
-    // The last unit also checks that nothing was appended while we read.
-    if end == size {
-        let now = file.metadata()?.len();
-        if now != size {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("changed while it was hashed: {size} bytes when hashing began, {now} now"),
-            ));
-        }
-    }
     Ok(digest)
 }
 
@@ -364,6 +438,44 @@ mod tests {
             assert_eq!(e.blake3.as_deref(), Some(want.to_hex().as_str()), "{size} bytes");
             assert_eq!(e.chunks.len() as u64, if size > chunk { size.div_ceil(chunk) } else { 0 }, "{size} bytes");
             assert_eq!(e.size, size);
+        }
+    }
+
+    #[test]
+    fn known_units_are_taken_only_where_they_still_hold() {
+        let tmp = tempfile::tempdir().unwrap();
+        let c = MIN_CHUNK;
+        let algorithm = Algorithm::Blake3 { chunk_size: c };
+        for size in [0, 1, c - 1, c, c + 1, 2 * c, 2 * c + 1, 5 * c - 3] {
+            let path = tmp.path().join(format!("f{size}"));
+            std::fs::write(&path, data(size as usize)).unwrap();
+            let meta = std::fs::metadata(&path).unwrap();
+            let jobs = [Job { path, size: None }];
+            let scratch = hash_files(&jobs, algorithm, false, 1).unwrap();
+            let with = |known: &Known| hash_files_known(&jobs, &[Some(known)], algorithm, true, 2).unwrap();
+            // Every prefix a follower could have hashed (the file strictly longer than it) is
+            // taken: poisoned digests show that it was, the true ones give the scratch result.
+            let followable = size.saturating_sub(1) / c;
+            for n in 0..=followable as usize {
+                let true_units = Known { dev: meta.dev(), ino: meta.ino(), units: scratch[0].units[..n].to_vec() };
+                assert_eq!(with(&true_units), scratch, "{size} bytes, {n} known");
+                let poisoned = Known { units: vec![[7; 32]; n], ..true_units };
+                assert_eq!(with(&poisoned).first().map(|h| h.units[..n].to_vec()), Some(vec![[7; 32]; n]));
+            }
+            // Too many units for the size (no longer strictly longer), or another inode: all are
+            // discarded and the file is hashed from scratch.
+            let ino = meta.ino();
+            for known in [
+                Known { dev: meta.dev(), ino, units: vec![[7; 32]; followable as usize + 1] },
+                Known { dev: meta.dev(), ino: ino + 1, units: vec![[7; 32]; followable as usize] },
+                Known { dev: meta.dev() + 1, ino, units: vec![[7; 32]; followable as usize] },
+            ] {
+                assert_eq!(with(&known), scratch, "{size} bytes: {known:?} is not taken");
+            }
+            // Format 1 is never followed.
+            let sha = hash_files(&jobs, Algorithm::Sha256, false, 1).unwrap();
+            let one = Known { dev: meta.dev(), ino, units: vec![[7; 32]] };
+            assert_eq!(hash_files_known(&jobs, &[Some(&one)], Algorithm::Sha256, false, 1).unwrap(), sha);
         }
     }
 

@@ -99,6 +99,10 @@ pub struct Attempt {
     /// it was not frozen by the checkpoint (paused by the client, or failed before the freeze).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub frozen_ms: Option<u64>,
+    /// CRIU's own freezing plus frozen time of the dump (its `stats-dump`, see `criu_stats`): the
+    /// share of `frozen_ms` a raw `runc checkpoint` would have cost too. Absent when CRIU wrote none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub criu_frozen_ms: Option<u64>,
     /// A checkpoint that stops the container.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub exit: bool,
@@ -122,6 +126,7 @@ impl Attempt {
             bytes: 0,
             gpu_bytes: 0,
             frozen_ms: clock.frozen().map(millis),
+            criu_frozen_ms: None,
             exit: false,
         }
     }
@@ -630,5 +635,18 @@ mod tests {
         a.failed("criu", &"é".repeat(2000));
         assert_eq!(a.error.as_ref().unwrap().chars().count(), MAX_ERROR_CHARS + 1);
         assert!(a.started.ends_with('Z') && a.started.contains('.'), "{}", a.started);
+    }
+
+    /// CRIU's frozen time is written only when known; lines written before it existed still read.
+    #[test]
+    fn criu_frozen_time_is_optional_in_a_line() {
+        let mut a = attempt(Kind::Checkpoint, true, 300);
+        let line = serde_json::to_string(&a).unwrap();
+        assert!(!line.contains("criu_frozen_ms"), "{line}");
+        assert_eq!(serde_json::from_str::<Attempt>(&line).unwrap(), a);
+        a.criu_frozen_ms = Some(120);
+        let line = serde_json::to_string(&a).unwrap();
+        assert!(line.contains(r#""criu_frozen_ms":120"#), "{line}");
+        assert_eq!(serde_json::from_str::<Attempt>(&line).unwrap(), a);
     }
 }

@@ -9,8 +9,10 @@
 //! images against the new spec). GPU state is `kybernate-gpu`'s: a manifest records it.
 
 pub mod archive;
+pub mod criu_stats;
 pub mod digest;
 pub mod flags;
+pub mod follow;
 pub mod fsutil;
 pub mod grants;
 pub mod images;
@@ -26,6 +28,7 @@ pub mod store;
 // Everything is also at the crate root: callers write `criu::verify`, `criu::MANIFEST_FILE`.
 pub use archive::{export, import, ArchiveError};
 pub use flags::{CheckpointFlags, FlagsError, RestoreArgs, CGROUPS_MODES, EMPTY_NS_ALLOWED};
+pub use follow::{Follower, Prehashed};
 pub use fsutil::{write_atomic, AtomicFile, Durability};
 pub use logtail::tail_lines;
 pub use manifest::{
@@ -44,8 +47,8 @@ pub use preflight::{
 };
 pub use rootfs::{apply_rootfs_diff, overlay_diff_from_oci_layer, overlay_upperdir, write_rootfs_diff, RootfsError};
 pub use store::{
-    dir_size, read_manifest, verify, verify_metadata, verify_quick, PartialCheckpoint, Store, StoreError, VerifyError,
-    INVENTORY, PHASE_CRIU_DUMP, PHASE_FILE, PHASE_GPU_CHECKPOINT, PHASE_GPU_LOCK,
+    dir_size, read_manifest, verify, verify_metadata, verify_quick, CommitTimes, PartialCheckpoint, Store, StoreError,
+    VerifyError, INVENTORY, PHASE_CRIU_DUMP, PHASE_FILE, PHASE_GPU_CHECKPOINT, PHASE_GPU_LOCK,
 };
 
 /// Any error of this crate, for callers that do not care which step failed.

@@ -69,6 +69,16 @@ pub struct Manifest {
     pub rootfs_diff: bool,
     #[serde(default)]
     pub duration_ms: u64,
+    /// How long the container was frozen by the checkpoint, as the shim measured it: from the
+    /// freeze to the thaw (leave-running), or with `exit` until the manifest was written (the
+    /// commit and the kill follow, frozen). Absent when the checkpoint did not freeze it (paused
+    /// by the client) and in older checkpoints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frozen_ms: Option<u64>,
+    /// CRIU's own times of the dump (its `stats-dump`): the like-for-like part of the frozen time
+    /// to compare with a raw `runc checkpoint`. Absent when CRIU wrote none and in older checkpoints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dump_stats: Option<DumpStats>,
     /// How the files are hashed (format 2; absent in format 1, where every file has a SHA-256).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub digest: Option<DigestParams>,
@@ -90,6 +100,32 @@ pub struct Manifest {
 pub struct ToolInfo {
     pub path: PathBuf,
     pub version: String,
+}
+
+/// CRIU's account of a dump (`criu_stats::DumpTimes`), in milliseconds (rounded) and pages.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DumpStats {
+    /// Freezing the tasks: near zero when the shim froze the container before the dump.
+    pub freezing_ms: u64,
+    /// From the tasks frozen to CRIU letting them go, all images (pages included) written.
+    pub frozen_ms: u64,
+    /// Dumping the memory, its writing into the images (`memwrite_ms`) included; both within `frozen_ms`.
+    pub memdump_ms: u64,
+    pub memwrite_ms: u64,
+    #[serde(default)]
+    pub pages_scanned: u64,
+    /// Pages a pre-dump round had already written (unchanged since).
+    #[serde(default)]
+    pub pages_skipped_parent: u64,
+    #[serde(default)]
+    pub pages_written: u64,
+}
+
+impl DumpStats {
+    /// How long CRIU kept the tasks from running: freezing plus frozen (the journal's `criu_frozen_ms`).
+    pub fn stopped_ms(&self) -> u64 {
+        self.freezing_ms.saturating_add(self.frozen_ms)
+    }
 }
 
 /// The digest a format-2 manifest's files are hashed with: `{"algorithm": "blake3", "chunk_size": 8388608}`.
@@ -319,6 +355,8 @@ pub(crate) fn sample() -> Manifest {
         options: CheckpointFlags { open_tcp: true, ..Default::default() },
         rootfs_diff: false,
         duration_ms: 0,
+        frozen_ms: None,
+        dump_stats: None,
         digest: crate::digest::Algorithm::current().params(),
         files: BTreeMap::new(),
         gpu: None,
@@ -348,6 +386,31 @@ mod tests {
         let v = serde_json::to_value(&m).unwrap();
         assert!(v.get("pod_namespace").is_none());
         assert!(v["gpu"].is_null());
+    }
+
+    /// The frozen time and CRIU's stats are optional: manifests without them (formats 1 and 2
+    /// as written before) still parse, and a manifest without them writes neither key.
+    #[test]
+    fn frozen_time_and_criu_stats_are_optional() {
+        let mut m = sample();
+        let v = serde_json::to_value(&m).unwrap();
+        assert!(v.get("frozen_ms").is_none() && v.get("dump_stats").is_none(), "{v}");
+        assert_eq!(serde_json::from_value::<Manifest>(v).unwrap(), m);
+
+        m.frozen_ms = Some(420);
+        m.dump_stats = Some(DumpStats { freezing_ms: 1, frozen_ms: 390, pages_written: 262_144, ..Default::default() });
+        let v = serde_json::to_value(&m).unwrap();
+        assert_eq!(v["frozen_ms"], 420);
+        assert_eq!(v["dump_stats"]["frozen_ms"], 390);
+        assert_eq!(v["dump_stats"]["memwrite_ms"], 0);
+        assert_eq!(m.dump_stats.unwrap().stopped_ms(), 391);
+        assert_eq!(serde_json::from_value::<Manifest>(v).unwrap(), m);
+
+        // Only the four times are required of a recorded `dump_stats`.
+        let mut v = serde_json::to_value(sample()).unwrap();
+        v["dump_stats"] = serde_json::json!({"freezing_ms": 2, "frozen_ms": 3, "memdump_ms": 4, "memwrite_ms": 5});
+        let back: Manifest = serde_json::from_value(v).unwrap();
+        assert_eq!(back.dump_stats.unwrap().pages_written, 0);
     }
 
     #[test]

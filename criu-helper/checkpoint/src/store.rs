@@ -8,11 +8,12 @@ use std::collections::BTreeMap;
 use std::fs::{self, DirBuilder, File};
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::digest::{self, Algorithm, Hashed, Job};
+use crate::follow::{Follower, Prehashed};
 use crate::manifest::{
     clamp_time, FileEntry, Manifest, FORMAT_VERSION, IMAGES_DIR, MANIFEST_FILE, OLDEST_FORMAT_VERSION, ROOTFS_DIFF,
 };
@@ -280,6 +281,20 @@ pub struct PartialCheckpoint {
     committed: bool,
     /// CRIU's images at the top (see `Manifest::flat`).
     flat: bool,
+    /// Hashing the images while CRIU writes them ([`follow_dump`](Self::follow_dump)).
+    follower: Option<Follower>,
+}
+
+/// Where a commit's time went, for the journal's phases.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CommitTimes {
+    /// Hashing what the dump follower had not hashed, and each file's fsync (interleaved: a file
+    /// is synced as soon as its last chunk is hashed).
+    pub hash: Duration,
+    /// Writing the manifest, syncing the directories and the rename into place.
+    pub sync_and_rename: Duration,
+    /// Bytes the dump follower had hashed during the dump (taken, not hashed again).
+    pub followed_bytes: u64,
 }
 
 /// File in a partial checkpoint naming its current phase (never part of a finished checkpoint).
@@ -315,7 +330,7 @@ impl PartialCheckpoint {
         remove_stale_partials(parent);
         check_target_free(target)?;
         DirBuilder::new().mode(0o700).create(&dir).map_err(store_io("create directory", &dir))?;
-        Ok(Self { dir, target: target.to_path_buf(), committed: false, flat })
+        Ok(Self { dir, target: target.to_path_buf(), committed: false, flat, follower: None })
     }
 
     /// Whether CRIU's images go to the top of the directory.
@@ -351,9 +366,25 @@ impl PartialCheckpoint {
         }
     }
 
+    /// Starts hashing the images, and writing them back, while CRIU writes them (`follow`): call it
+    /// right before the dump; [`commit`](Self::commit) then hashes only what was left. Once only.
+    pub fn follow_dump(&mut self) {
+        if self.follower.is_none() {
+            self.follower = Some(Follower::start(&self.dir, Algorithm::current()));
+        }
+    }
+
     /// Records every file under `dir()` in `manifest.files`, writes the manifest, syncs everything
     /// and renames `dir()` onto the target. On error the partial dir is removed (by drop).
-    pub fn commit(mut self, mut manifest: Manifest) -> Result<Manifest, StoreError> {
+    pub fn commit(self, manifest: Manifest) -> Result<Manifest, StoreError> {
+        self.commit_timed(manifest).map(|(manifest, _)| manifest)
+    }
+
+    /// [`commit`](Self::commit), also saying where its time went.
+    pub fn commit_timed(mut self, mut manifest: Manifest) -> Result<(Manifest, CommitTimes), StoreError> {
+        // The dump is over: what the follower hashed is final (or is checked again below).
+        let prehashed = self.follower.take().map(Follower::finish).unwrap_or_default();
+        let started = Instant::now();
         // Start the disk writes of everything CRIU wrote now, so that they run while we hash
         // (from the page cache); the fsync after each file's hash then waits only for the rest.
         start_writeback(&self.dir);
@@ -364,8 +395,10 @@ impl PartialCheckpoint {
             _ => {}
         }
         let mut files = BTreeMap::new();
-        collect_files(&self.dir, "", &[], &mut files)?;
+        let followed = collect_files_known(&self.dir, "", &[], &mut files, &prehashed)?;
+        drop(prehashed);
         files.remove(MANIFEST_FILE);
+        let hashed = Instant::now();
         manifest.format_version = FORMAT_VERSION;
         manifest.digest = Algorithm::current().params();
         manifest.files = files;
@@ -383,12 +416,15 @@ impl PartialCheckpoint {
                 log::warn!("{}: cannot sync directory: {e}", parent.display());
             }
         }
-        Ok(manifest)
+        let times = CommitTimes { hash: hashed - started, sync_and_rename: hashed.elapsed(), followed_bytes: followed };
+        Ok((manifest, times))
     }
 }
 
 impl Drop for PartialCheckpoint {
     fn drop(&mut self) {
+        // Stop reading the files before they are removed.
+        drop(self.follower.take());
         if !self.committed {
             if let Err(e) = fs::remove_dir_all(&self.dir) {
                 log::warn!("{}: cannot remove partial checkpoint: {e}", self.dir.display());
@@ -462,19 +498,36 @@ pub(crate) fn collect_files(
     skip: &[&str],
     out: &mut BTreeMap<String, FileEntry>,
 ) -> Result<(), StoreError> {
+    collect_files_known(dir, prefix, skip, out, &Prehashed::default()).map(|_| ())
+}
+
+/// [`collect_files`], taking the leading chunks `prehashed` holds for a file where they still
+/// hold ([`digest::Known::usable`]); returns the bytes so taken.
+fn collect_files_known(
+    dir: &Path,
+    prefix: &str,
+    skip: &[&str],
+    out: &mut BTreeMap<String, FileEntry>,
+    prehashed: &Prehashed,
+) -> Result<u64, StoreError> {
     let (mut files, mut dirs) = (Vec::new(), Vec::new());
     list_files(dir, prefix, skip, &mut files, &mut dirs)?;
     let jobs: Vec<Job> = files.iter().map(|(_, path)| Job { path: path.clone(), size: None }).collect();
+    let known: Vec<_> = files.iter().map(|(_, path)| prehashed.get(path)).collect();
     let algorithm = Algorithm::current();
-    let hashed = digest::hash_files(&jobs, algorithm, true, digest::default_threads())
+    let hashed = digest::hash_files_known(&jobs, &known, algorithm, true, digest::default_threads())
         .map_err(|e| store_io("read", &e.path)(e.source))?;
-    for ((rel, _), h) in files.into_iter().zip(&hashed) {
+    let mut taken = 0;
+    for (((rel, path), h), k) in files.into_iter().zip(&hashed).zip(&known) {
         out.insert(rel, digest::entry(algorithm, h));
+        if let (Some(k), Ok(meta), Algorithm::Blake3 { chunk_size }) = (k, fs::metadata(&path), algorithm) {
+            taken += k.usable(algorithm, meta.dev(), meta.ino(), h.size) as u64 * chunk_size;
+        }
     }
     for d in dirs.iter().rev() {
         fsync_dir(d).map_err(store_io("sync", d))?;
     }
-    Ok(())
+    Ok(taken)
 }
 
 /// The regular files under `dir` (relative name with `prefix`, path) and the directories, `dir`

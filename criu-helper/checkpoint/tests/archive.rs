@@ -35,6 +35,8 @@ fn checkpoint(target: &Path) -> Manifest {
         options: CheckpointFlags { open_tcp: true, ..Default::default() },
         rootfs_diff: false,
         duration_ms: 5,
+        frozen_ms: None,
+        dump_stats: None,
         digest: None, // set by commit
         files: BTreeMap::new(),
         gpu: Some(kybernate_gpu::GpuRecord {
@@ -273,4 +275,148 @@ fn kubelet_archives_we_cannot_vouch_for_are_refused_and_leave_nothing() {
     let archive = kubelet_archive(d.path(), |_| {}, &[("rootfs-diff.tar", diff)]);
     let err = refused(&archive);
     assert!(matches!(&err, ArchiveError::RootfsDiff { .. }) && err.to_string().contains("opaque"), "{err}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// zstd-compressed archives (`kybernate export --compress zstd`)
+
+use kybernate_checkpoint::archive::{export_with, import_with, Compression, Step, ZSTD_MAGIC};
+
+fn export_zstd(cp: &Path, out: &Path) -> Vec<Step> {
+    let mut steps = Vec::new();
+    export_with(cp, out, Compression::Zstd, &mut |s| steps.push(s)).unwrap();
+    steps
+}
+
+#[test]
+fn a_zstd_export_round_trips_and_is_known_by_its_magic() {
+    let d = tempfile::tempdir().unwrap();
+    let cp = d.path().join("src/ns/c1/t1");
+    let m = checkpoint(&cp);
+    let (plain, packed) = (d.path().join("c1.tar"), d.path().join("c1.tar.zst"));
+    export(&cp, &plain).unwrap();
+    let steps = export_zstd(&cp, &packed);
+    assert_eq!(steps.first(), Some(&Step::Verify), "{steps:?}");
+    let Some(Step::Copy { done, total }) = steps.last().copied() else { panic!("{steps:?}") };
+    assert_eq!(done, fs::metadata(&plain).unwrap().len(), "the whole tar went through the encoder");
+    assert!(total >= done);
+    let bytes = fs::read(&packed).unwrap();
+    assert_eq!(bytes[..4], ZSTD_MAGIC);
+    assert!(bytes.len() * 20 < fs::metadata(&plain).unwrap().len() as usize, "0xab pages compress");
+    assert_eq!(entries(d.path()), ["c1.tar", "c1.tar.zst", "src"], "temp file left behind");
+
+    let store = Store::new(d.path().join("store"));
+    let mut steps = Vec::new();
+    let (path, imported) = import_with(&packed, &store, &mut |s| steps.push(s)).unwrap();
+    assert_eq!(imported, m);
+    assert_eq!(kybernate_checkpoint::verify(&path).unwrap(), m);
+    assert!(steps.contains(&Step::Copy { done: bytes.len() as u64, total: bytes.len() as u64 }), "{steps:?}");
+    assert_eq!(steps.last(), Some(&Step::Verify));
+    // The plain tar still imports, through the same call.
+    let (again, _) = import(&plain, &store).unwrap();
+    assert_eq!(kybernate_checkpoint::verify(&again).unwrap(), m);
+}
+
+/// Imports `bytes` as `name`; the error, after checking that nothing was left in the store.
+fn refused(d: &Path, name: &str, bytes: &[u8]) -> ArchiveError {
+    let archive = d.join(name);
+    fs::write(&archive, bytes).unwrap();
+    let store = Store::new(d.join("store"));
+    let err = import(&archive, &store).unwrap_err();
+    assert!(err.to_string().contains(name), "names the archive: {err}");
+    assert!(entries(store.root()).is_empty(), "{name}: {:?}", entries(store.root()));
+    err
+}
+
+#[test]
+fn damaged_zstd_streams_are_refused_naming_where_and_leave_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let cp = d.path().join("cp");
+    checkpoint(&cp);
+    let packed = d.path().join("c1.tar.zst");
+    export_zstd(&cp, &packed);
+    let bytes = fs::read(&packed).unwrap();
+
+    // Cut in the middle of the stream.
+    let err = refused(d.path(), "truncated.tar.zst", &bytes[..bytes.len() / 2]);
+    assert!(matches!(&err, ArchiveError::Compressed { .. }), "{err}");
+    assert!(err.to_string().contains("truncated: the archive ends inside a zstd frame"), "{err}");
+    // Cut in the frame's last bytes (its checksum), after the whole tar came out.
+    let err = refused(d.path(), "short.tar.zst", &bytes[..bytes.len() - 2]);
+    assert!(matches!(&err, ArchiveError::Compressed { .. }), "{err}");
+
+    // The magic, then garbage.
+    let mut garbage = ZSTD_MAGIC.to_vec();
+    garbage.extend((0..4096u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8));
+    let err = refused(d.path(), "garbage.tar.zst", &garbage);
+    assert!(matches!(&err, ArchiveError::Compressed { .. }), "{err}");
+    assert!(err.to_string().contains("corrupt zstd stream near byte"), "{err}");
+
+    // A complete stream with bytes after it that are no zstd frame.
+    let mut trailing = bytes.clone();
+    trailing.extend_from_slice(b"not a frame, but appended by someone");
+    let err = refused(d.path(), "trailing.tar.zst", &trailing);
+    assert!(matches!(&err, ArchiveError::Compressed { .. }), "{err}");
+
+    // A flipped byte in the middle: zstd's block decoding or its frame checksum catches it, or
+    // else the tar or the manifest's hashes do; never an import.
+    let mut flipped = bytes.clone();
+    let at = flipped.len() / 2;
+    flipped[at] ^= 0x55;
+    refused(d.path(), "flipped.tar.zst", &flipped);
+}
+
+/// A zstd stream of `bytes`, one frame, compressed at level 1.
+fn zstd_of(bytes: &[u8]) -> Vec<u8> {
+    zstd::encode_all(bytes, 1).unwrap()
+}
+
+#[test]
+fn a_zstd_archive_that_expands_past_its_manifest_is_refused_without_unpacking_it() {
+    let d = tempfile::tempdir().unwrap();
+    let cp = d.path().join("cp");
+    checkpoint(&cp);
+    // The manifest first, as `kybernate export` writes it, then a GNU long-name entry claiming
+    // 2 GiB: the tar parser would read it into memory whole. 2 GiB of zeros as 2048 copies of
+    // one small frame of 1 MiB (the decoder reads concatenated frames as one stream).
+    let mut b = tar::Builder::new(Vec::new());
+    b.append_path_with_name(cp.join(MANIFEST_FILE), MANIFEST_FILE).unwrap();
+    let mut h = tar::Header::new_gnu();
+    h.as_gnu_mut().unwrap().name[..13].copy_from_slice(b"././@LongLink");
+    h.set_entry_type(tar::EntryType::GNULongName);
+    h.set_size(2 << 30);
+    h.set_mode(0o644);
+    h.set_cksum();
+    let mut head = b.into_inner().unwrap();
+    head.extend_from_slice(h.as_bytes());
+    let mut bomb = zstd_of(&head);
+    let zeros = zstd_of(&vec![0u8; 1 << 20]);
+    for _ in 0..2048 {
+        bomb.extend_from_slice(&zeros);
+    }
+    assert!(bomb.len() < 1 << 20, "{} bytes", bomb.len());
+    let err = refused(d.path(), "bomb.tar.zst", &bomb);
+    assert!(matches!(&err, ArchiveError::Oversized { .. }), "{err}");
+    assert!(err.to_string().contains("more than the files its manifest declares"), "{err}");
+}
+
+#[test]
+fn an_archive_whose_manifest_declares_more_than_the_store_can_hold_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let cp = d.path().join("cp");
+    checkpoint(&cp);
+    let mut m: serde_json::Value = serde_json::from_slice(&fs::read(cp.join(MANIFEST_FILE)).unwrap()).unwrap();
+    m["files"]["checkpoint/pages-1.img"]["size"] = serde_json::json!(1u64 << 60);
+    let mut b = tar::Builder::new(Vec::new());
+    let text = serde_json::to_vec(&m).unwrap();
+    let mut h = tar::Header::new_gnu();
+    h.set_size(text.len() as u64);
+    h.set_mode(0o600);
+    b.append_data(&mut h, MANIFEST_FILE, text.as_slice()).unwrap();
+    let tar = b.into_inner().unwrap();
+    for (name, bytes) in [("huge.tar", tar.clone()), ("huge.tar.zst", zstd_of(&tar))] {
+        let err = refused(d.path(), name, &bytes);
+        assert!(matches!(&err, ArchiveError::NoSpace { .. }), "{name}: {err}");
+        assert!(err.to_string().contains("bytes free"), "{err}");
+    }
 }

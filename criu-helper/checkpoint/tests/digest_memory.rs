@@ -1,11 +1,12 @@
 //! Hashing a checkpoint holds a few read buffers per thread, never a file: the peak of the heap
-//! while 40 MiB are hashed on 4 threads, measured by a counting allocator (this test binary's own,
-//! so nothing else runs in it).
+//! while 40 MiB are hashed on 4 threads, and while the dump follower hashes them, measured by a
+//! counting allocator (this test binary's own, so nothing else runs in it).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use kybernate_checkpoint::digest::{hash_files, Algorithm, Job, READ_BUF};
+use kybernate_checkpoint::Follower;
 
 struct Counting;
 
@@ -56,4 +57,16 @@ fn hashing_holds_one_read_buffer_per_thread() {
         assert!(peak <= bound, "{algorithm:?} on {threads} threads: peak heap {peak} bytes, bound {bound}");
         assert!(peak >= READ_BUF, "the buffers are counted: {peak}");
     }
+    // The follower: one buffer, whatever it follows (24 MiB: 2 final chunks; 16 MiB: 1).
+    let base = LIVE.load(Ordering::Relaxed);
+    PEAK.store(base, Ordering::Relaxed);
+    let follower = Follower::start(tmp.path(), Algorithm::current());
+    let started = std::time::Instant::now();
+    while follower.hashed_units() < 3 && started.elapsed() < std::time::Duration::from_secs(10) {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let prehashed = follower.finish();
+    assert_eq!(prehashed.units(), 3);
+    let peak = PEAK.load(Ordering::Relaxed) - base;
+    assert!(peak <= READ_BUF + (64 << 10), "the follower: peak heap {peak} bytes");
 }

@@ -28,6 +28,8 @@ fn manifest() -> Manifest {
         options: CheckpointFlags::default(),
         rootfs_diff: false,
         duration_ms: 12,
+        frozen_ms: None,
+        dump_stats: None,
         digest: None, // set by commit
         files: BTreeMap::new(),
         gpu: None,

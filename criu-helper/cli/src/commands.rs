@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
-use kybernate_checkpoint::{Manifest, Store};
+use kybernate_checkpoint::{archive, Manifest, Store};
 use serde::Serialize;
 
 use crate::error::CliError;
@@ -103,6 +103,7 @@ fn details(cp: &Checkpoint) -> String {
         lines.push(("host", m.host.clone()));
         lines.push(("format", m.format_version.to_string()));
         lines.push(("duration", humantime::format_duration(Duration::from_millis(m.duration_ms)).to_string()));
+        lines.extend(frozen_lines(m));
         lines.push(("rootfs diff", yes_no(Some(m.rootfs_diff)).into()));
         lines.push(("options", options(m)));
         lines.push(("files", format!("{}, {} recorded", m.files.len(), human_size(m.total_size()))));
@@ -118,6 +119,26 @@ fn details(cp: &Checkpoint) -> String {
         }
     }
     text
+}
+
+/// How long the container was frozen (the shim's measure) and CRIU's own times of the dump, when
+/// the manifest records them (checkpoints of older shims do not).
+fn frozen_lines(m: &Manifest) -> Vec<(&'static str, String)> {
+    let mut lines = Vec::new();
+    if let Some(ms) = m.frozen_ms {
+        let until = if m.options.exit { "freeze to commit, then killed" } else { "freeze to thaw" };
+        lines.push(("frozen", format!("{ms} ms ({until})")));
+    }
+    if let Some(d) = &m.dump_stats {
+        lines.push((
+            "criu times",
+            format!(
+                "freezing {} ms, frozen {} ms (memory dump {} ms, of which write {} ms), {} of {} pages written",
+                d.freezing_ms, d.frozen_ms, d.memdump_ms, d.memwrite_ms, d.pages_written, d.pages_scanned
+            ),
+        ));
+    }
+    lines
 }
 
 /// The checkpoint flags that were set, e.g. `open_tcp, empty_namespaces=network`; "none" when all are defaults.
@@ -277,20 +298,101 @@ struct Exported<'a> {
 struct Archive {
     path: PathBuf,
     size_bytes: u64,
+    /// "none" or "zstd".
+    compression: Compress,
 }
 
-pub fn export(store: &Store, out: Output, reference: &str, file: &Path) -> Result<ExitCode, CliError> {
+/// `kybernate export --compress`, and the config's `[checkpoint] compress` as the CLI knows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compress {
+    /// A plain tar: the fastest on a local disk.
+    None,
+    /// zstd (level 1, every core): smaller archives for the network or slow disks.
+    Zstd,
+}
+
+impl From<kybernate_runtime_select::Compression> for Compress {
+    fn from(c: kybernate_runtime_select::Compression) -> Self {
+        match c {
+            kybernate_runtime_select::Compression::None => Self::None,
+            kybernate_runtime_select::Compression::Zstd => Self::Zstd,
+        }
+    }
+}
+
+pub fn export(
+    store: &Store,
+    out: Output,
+    reference: &str,
+    file: &Path,
+    compress: Compress,
+) -> Result<ExitCode, CliError> {
     let cp = store::resolve(store, reference)?;
     let dest = archive_destination(store, file)?;
-    kybernate_checkpoint::export(&cp.path, &dest).map_err(CliError::Export)?;
+    let compression = match compress {
+        Compress::None => archive::Compression::None,
+        Compress::Zstd => archive::Compression::Zstd,
+    };
+    let mut line = ProgressLine::new(out, "export");
+    archive::export_with(&cp.path, &dest, compression, &mut |step| line.show(step)).map_err(CliError::Export)?;
+    drop(line);
     let size_bytes = fs::metadata(&dest).map(|m| m.len()).unwrap_or(0);
     match out {
-        Output::Json => output::json(&Exported { checkpoint: &cp, archive: Archive { path: dest, size_bytes } })?,
+        Output::Json => output::json(&Exported {
+            checkpoint: &cp,
+            archive: Archive { path: dest, size_bytes, compression: compress },
+        })?,
         Output::Table => {
-            output::write(&format!("exported {} to {} ({})\n", cp.id, dest.display(), human_size(size_bytes)))?
+            let how = if compress == Compress::Zstd { ", zstd" } else { "" };
+            output::write(&format!("exported {} to {} ({}{how})\n", cp.id, dest.display(), human_size(size_bytes)))?
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Where an export or import is, on one stderr line, for people at a terminal (not with
+/// `-o json`, not when stderr is a file): redrawn at most every 250 ms, cleared when dropped.
+struct ProgressLine {
+    verb: &'static str,
+    shown: bool,
+    last: Option<std::time::Instant>,
+}
+
+impl ProgressLine {
+    fn new(out: Output, verb: &'static str) -> Self {
+        let shown = out == Output::Table && std::io::IsTerminal::is_terminal(&std::io::stderr());
+        Self { verb, shown, last: None }
+    }
+
+    fn show(&mut self, step: archive::Step) {
+        use std::io::Write;
+        let now = std::time::Instant::now();
+        let due = self.last.map_or(true, |t| now.duration_since(t) >= Duration::from_millis(250));
+        if !self.shown || !(due || step == archive::Step::Verify) {
+            return;
+        }
+        self.last = Some(now);
+        let text = match step {
+            archive::Step::Verify => "verifying every file".to_string(),
+            archive::Step::Copy { done, total } => format!("{} of {}", human_size(done), human_size(total)),
+        };
+        let mut err = std::io::stderr().lock();
+        // \x1b[K: erase the rest of a longer previous line.
+        let _ = write!(err, "\r{}: {text}\x1b[K", self.verb);
+        let _ = err.flush();
+    }
+}
+
+impl Drop for ProgressLine {
+    fn drop(&mut self) {
+        use std::io::Write;
+        if self.shown && self.last.is_some() {
+            let mut err = std::io::stderr().lock();
+            let _ = write!(err, "\r\x1b[K");
+            let _ = err.flush();
+        }
+    }
 }
 
 /// The absolute archive path: a new file, in an existing directory outside the store (an archive
@@ -322,7 +424,9 @@ pub fn import(store: &Store, out: Output, file: &Path) -> Result<ExitCode, CliEr
             next: "name an archive written by `kybernate export`",
         });
     }
-    let (dest, _) = kybernate_checkpoint::import(file, store).map_err(CliError::Import)?;
+    let mut line = ProgressLine::new(out, "import");
+    let (dest, _) = archive::import_with(file, store, &mut |step| line.show(step)).map_err(CliError::Import)?;
+    drop(line);
     // The root may have been created just now: canonicalise it to build the id.
     let root = fs::canonicalize(store.root()).unwrap_or_else(|_| store.root().to_path_buf());
     let dest = fs::canonicalize(&dest).unwrap_or(dest);
@@ -364,6 +468,43 @@ mod tests {
             time: secs_ago.map(|s| now - Duration::from_secs(s)),
             manifest: None,
         }
+    }
+
+    #[test]
+    fn inspect_shows_frozen_time_and_criu_times_when_recorded() {
+        let mut m: Manifest = serde_json::from_value(serde_json::json!({
+            "format_version": 2, "namespace": "default", "container_id": "web",
+            "runtime": {"path": "/usr/bin/runc", "version": "1"}, "criu": {"path": "/usr/sbin/criu", "version": "4.2"},
+            "kernel": "6", "host": "h", "created": "2026-12-07T12:00:00Z",
+            "options": kybernate_checkpoint::CheckpointFlags::default(), "files": {},
+        }))
+        .unwrap();
+        let mut c = cp("default", "web", "x", None, SystemTime::now());
+        c.manifest = Some(m.clone());
+        let text = details(&c);
+        assert!(!text.contains("frozen") && !text.contains("criu times"), "older manifest:\n{text}");
+
+        m.frozen_ms = Some(412);
+        m.dump_stats = Some(kybernate_checkpoint::manifest::DumpStats {
+            freezing_ms: 1,
+            frozen_ms: 380,
+            memdump_ms: 320,
+            memwrite_ms: 300,
+            pages_scanned: 262_200,
+            pages_skipped_parent: 0,
+            pages_written: 262_150,
+        });
+        c.manifest = Some(m.clone());
+        let text = details(&c);
+        let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
+        assert!(text.contains("frozen: 412 ms (freeze to thaw)"), "{text}");
+        assert!(
+            text.contains("criu times: freezing 1 ms, frozen 380 ms (memory dump 320 ms, of which write 300 ms), 262150 of 262200 pages written"),
+            "{text}"
+        );
+        m.options.exit = true;
+        c.manifest = Some(m);
+        assert!(details(&c).contains("412 ms (freeze to commit, then killed)"));
     }
 
     #[test]

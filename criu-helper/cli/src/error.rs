@@ -93,6 +93,9 @@ fn export_hint(e: &ArchiveError) -> &'static str {
         | ArchiveError::Store(_)
         | ArchiveError::CriArchive { .. }
         | ArchiveError::Malformed { .. }
+        | ArchiveError::Compressed { .. }
+        | ArchiveError::Oversized { .. }
+        | ArchiveError::NoSpace { .. }
         | ArchiveError::RootfsDiff { .. } => "check the archive's path, permissions and free space",
     }
 }
@@ -108,7 +111,16 @@ fn import_hint(e: &ArchiveError) -> &'static str {
             "nothing was imported; the archive's manifest is not one this Kybernate writes (another version, or edited by hand); export the checkpoint again with `kybernate export` on the source node"
         }
         ArchiveError::Malformed { .. } => {
-            "nothing was imported; `kybernate import` reads the uncompressed tar files `kybernate export` (or the kubelet) writes; copy the archive again from the source node"
+            "nothing was imported; `kybernate import` reads the tar files `kybernate export` (or the kubelet) writes, plain or zstd-compressed; copy the archive again from the source node"
+        }
+        ArchiveError::Compressed { .. } => {
+            "nothing was imported; the archive's zstd stream is damaged or incomplete (an interrupted copy?); copy the archive again from the source node"
+        }
+        ArchiveError::Oversized { .. } => {
+            "nothing was imported; the archive holds more than its manifest declares (not as `kybernate export` writes it); export the checkpoint again on the source node"
+        }
+        ArchiveError::NoSpace { .. } => {
+            "nothing was imported; free space in the store (`kybernate prune`) or set [checkpoint] root to a larger filesystem"
         }
         ArchiveError::RootfsDiff { .. } => {
             "nothing was imported; restore the archive through the kubelet or `crictl create` (containerd >= 2.0, docs/operations.md)"

@@ -188,23 +188,30 @@ Broken checkpoints count like any other, by the time in their manifest or else i
     #[command(after_long_help = "\
 Examples:
   kybernate export k8s.io/web/20261123T212501.123Z /tmp/web.tar
+  kybernate export --compress zstd k8s.io/web/20261123T212501.123Z /tmp/web.tar.zst
 
-The checkpoint is verified first. The archive is uncompressed and holds process memory: treat it
-like a secret. FILE must not exist and must lie outside the store.")]
+The checkpoint is verified first. The archive holds process memory: treat it like a secret. FILE
+must not exist and must lie outside the store. Without --compress, the config's [checkpoint]
+compress decides (default none: on a local disk a plain tar is the fastest; zstd pays on the
+network and on slow disks, see docs/benchmarks.md).")]
     Export {
         /// Checkpoint id (from `kybernate list`) or directory.
         checkpoint: String,
         /// The archive to write.
         #[arg(value_name = "FILE")]
         file: PathBuf,
+        /// Compress the tar with zstd, or not (default: the config's [checkpoint] compress).
+        #[arg(long, value_enum, value_name = "HOW")]
+        compress: Option<commands::Compress>,
     },
     /// Add a checkpoint archive (from `kybernate export`) to this node's store.
     #[command(after_long_help = "\
 Examples:
   kybernate import /tmp/web.tar
 
-Only plain files and directories are accepted, and the result must verify; otherwise nothing is
-left in the store. The checkpoint keeps the namespace and container of its manifest.")]
+Plain and zstd-compressed tars are read alike (zstd is known by its first bytes). Only plain
+files and directories are accepted, and the result must verify; otherwise nothing is left in the
+store. The checkpoint keeps the namespace and container of its manifest.")]
     Import {
         /// The archive to read.
         #[arg(value_name = "FILE")]
@@ -397,7 +404,13 @@ fn run(cli: Cli) -> Result<ExitCode, CliError> {
             };
             commands::prune(&store, out, ns, container.as_deref(), rule, dry_run)
         }
-        Command::Export { checkpoint, file } => commands::export(&store, out, &checkpoint, &file),
+        Command::Export { checkpoint, file, compress } => {
+            let compress = match compress {
+                Some(c) => c,
+                None => store::load_config(cli.config.as_deref())?.checkpoint.compress.into(),
+            };
+            commands::export(&store, out, &checkpoint, &file, compress)
+        }
         Command::Import { file } => commands::import(&store, out, &file),
         Command::Restore {
             checkpoint,

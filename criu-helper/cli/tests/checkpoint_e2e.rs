@@ -157,6 +157,20 @@ fn checkpointctl_reads_an_exported_checkpoint() {
     assert_eq!(c["process_tree"]["command"], "sh", "{inspected}");
     let mounts: Vec<&str> = c["mounts"].as_array().unwrap().iter().filter_map(|m| m["destination"].as_str()).collect();
     assert!(mounts.contains(&"/proc") && mounts.contains(&"/dev"), "{inspected}");
+
+    // checkpointctl reads zstd-compressed archives too (Podman exports zstd by default), and
+    // `kybernate import` reads back a compressed archive of real CRIU images.
+    let zst = dir.path().join(format!("{id}.tar.zst"));
+    let cp_id = cp["id"].as_str().unwrap();
+    let exported = bed.kybernate(&["-o", "json", "export", "--compress", "zstd", cp_id, zst.to_str().unwrap()]);
+    assert_exit_ok(&exported);
+    assert_eq!(json(&exported)["archive"]["compression"], "zstd");
+    let out = Command::new(CHECKPOINTCTL).arg("show").arg(&zst).output().unwrap();
+    assert!(out.status.success() && text(&out.stdout).contains(&id[..12]), "checkpointctl .tar.zst: {}", show(&out));
+    assert_exit_ok(&bed.kybernate(&["rm", cp_id]));
+    let imported = bed.kybernate(&["-o", "json", "import", zst.to_str().unwrap()]);
+    assert_exit_ok(&imported);
+    assert_exit_ok(&bed.kybernate(&["inspect", json(&imported)["id"].as_str().unwrap()]));
     bed.remove(&id);
 }
 

@@ -482,6 +482,53 @@ fn export_rm_import_round_trip() {
     assert_eq!(node.json(&["inspect", new_id], 0)["verification"]["ok"], true);
 }
 
+/// `--compress zstd` (or the config's `[checkpoint] compress`, which `--compress none`
+/// overrides) writes a zstd tar; `import` reads it like a plain one; a truncated copy is one
+/// clean error line and leaves nothing.
+#[test]
+fn export_compresses_by_flag_or_config_and_import_reads_either() {
+    let node = Node::new();
+    let id = node.checkpoint("k8s.io", "web", HOUR);
+    let before = read_manifest(&node.root().join(&id)).unwrap();
+    let zst = node.tmp.path().join("web.tar.zst");
+    let v = node.json(&["export", "--compress", "zstd", &id, zst.to_str().unwrap()], 0);
+    assert_eq!(v["archive"]["compression"], "zstd");
+    let bytes = fs::read(&zst).unwrap();
+    assert_eq!(bytes[..4], [0x28, 0xb5, 0x2f, 0xfd], "zstd's magic");
+    assert_eq!(v["archive"]["size_bytes"], bytes.len());
+
+    let text = fs::read_to_string(&node.config).unwrap();
+    fs::write(&node.config, format!("{text}compress = \"zstd\"\n")).unwrap();
+    let by_config = node.tmp.path().join("by-config.tar");
+    let out = node.run(&["export", &id, by_config.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert!(stdout(&out).contains(", zstd)"), "{}", show(&out));
+    assert_eq!(fs::read(&by_config).unwrap()[..4], bytes[..4]);
+    let plain = node.tmp.path().join("plain.tar");
+    let v = node.json(&["export", "--compress", "none", &id, plain.to_str().unwrap()], 0);
+    assert_eq!(v["archive"]["compression"], "none");
+    assert_ne!(fs::read(&plain).unwrap()[..4], bytes[..4]);
+
+    node.json(&["rm", &id], 0);
+    let truncated = node.tmp.path().join("cut.tar.zst");
+    fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    let out = node.run(&["import", truncated.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    let err = stderr(&out);
+    assert!(err.starts_with(&format!("kybernate: {}: corrupt zstd stream near byte ", truncated.display())), "{err}");
+    assert!(err.contains("truncated") && err.contains("copy the archive again"), "{err}");
+    assert!(err.trim_end().lines().count() == 1, "{err}");
+    assert_store_empty(&node);
+
+    for archive in [&zst, &plain] {
+        let v = node.json(&["import", archive.to_str().unwrap()], 0);
+        assert_eq!(verify(&node.root().join(v["id"].as_str().unwrap())).unwrap(), before);
+    }
+    let out = node.run(&["export", "--compress", "gzip", "x", "y"]);
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    assert!(stderr(&out).contains("none") && stderr(&out).contains("zstd"), "{}", show(&out));
+}
+
 #[test]
 fn import_of_a_tampered_archive_fails_and_leaves_nothing() {
     let node = Node::new();

@@ -99,7 +99,7 @@ fn attempts_are_journaled_and_prometheus_scrapes_their_metrics() {
     let ckpt = &lines[0];
     assert_eq!((ckpt.kind, ckpt.result, ckpt.checkpoint.as_str()), (Kind::Checkpoint, Outcome::Ok, cp.as_str()));
     assert_eq!((ckpt.namespace.as_str(), ckpt.container.as_str()), (bed.tb.namespace(), id.as_str()));
-    for phase in ["freeze", "dump", "rootfs_diff", "thaw", "commit"] {
+    for phase in ["freeze", "dump", "rootfs_diff", "thaw", "hash", "commit"] {
         assert!(ckpt.phases_ms.contains_key(phase), "no {phase} phase: {ckpt:?}");
     }
     eprintln!("checkpoint attempt: {ckpt:?}");

@@ -29,6 +29,8 @@ pub fn fake_manifest(ns: &str, container: &str, at: SystemTime) -> Manifest {
         options: CheckpointFlags { open_tcp: true, ..Default::default() },
         rootfs_diff: false,
         duration_ms: 42,
+        frozen_ms: None,
+        dump_stats: None,
         digest: None, // set by commit
         files: BTreeMap::new(),
         gpu: None,
