@@ -201,6 +201,11 @@ fn store_layout_is_root_only_and_checkpointctl_shaped() {
     assert!(m["files"]["stats-dump"]["blake3"].as_str().unwrap().len() == 64, "{m}");
     assert_eq!((m["format_version"].as_u64(), m["digest"]["algorithm"].as_str()), (Some(2), Some("blake3")), "{m}");
     assert!(m["rootfs_diff"].as_bool().unwrap());
+    // How long it was frozen (freeze to thaw), and CRIU's own account of the dump.
+    let frozen = m["frozen_ms"].as_u64().expect("frozen_ms recorded");
+    let criu_frozen = m["dump_stats"]["frozen_ms"].as_u64().expect("CRIU's frozen time recorded");
+    assert!(criu_frozen <= frozen + 1, "CRIU's {criu_frozen} ms frozen lies within ours ({frozen} ms): {m}");
+    assert!(m["dump_stats"]["pages_written"].as_u64().unwrap() > 0, "{m}");
     // Nothing but the finished checkpoint in the container's dir: no partial siblings.
     assert_eq!(entries(dir.parent().unwrap()), vec![dir.file_name().unwrap().to_string_lossy().into_owned()]);
     remove(tb, &id);
@@ -389,61 +394,6 @@ fn criu_missing_is_a_clear_error() {
     assert!(message.contains("criu") && message.contains("not found"), "{message}");
     assert!(!target.exists() && entries(target.parent().unwrap()).is_empty(), "partial checkpoint left");
     assert_running(tb, &id, "after a checkpoint without CRIU");
-    remove(tb, &id);
-}
-
-#[test]
-fn criu_killed_mid_dump_leaves_the_container_running() {
-    let wrappers = kybernate_testbed::scratch_dir().unwrap();
-    // A `criu` that records its pid, then becomes the real one.
-    let pid_file = wrappers.path().join("criu.pid");
-    let wrapper = wrappers.path().join("criu");
-    std::fs::write(
-        &wrapper,
-        format!(
-            "#!/bin/sh
-[ \"$1\" = swrk ] && echo $$ > {}\nexec {} \"$@\"\n",
-            pid_file.display(),
-            kybernate_testbed::CRIU
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let bed = bed_with(|b| b.path_prepend(wrappers.path()), "");
-    let tb = &bed.tb;
-    let id = unique_name("killed");
-    // 64 MiB of random data in the container's /dev/shm (a tmpfs CRIU dumps while the container
-    // is frozen) keeps the dump busy long enough to kill CRIU in the middle of it.
-    let script = format!("dd if=/dev/urandom of=/dev/shm/fill bs=1M count=64 2>/dev/null; {COUNTER}");
-    tb.ctr_ok(&["run", "-d", "--runtime", RUNTIME, IMAGE, &id, "sh", "-c", &script]);
-    wait_counter(tb, &id, 3);
-    let target = store_path(&bed, &id);
-    let o = CheckpointOptions { image_path: target.display().to_string(), ..Default::default() };
-    let dumping = checkpoint_in_background(tb, &id, o);
-    // Kill CRIU once it writes images into the (hidden) partial checkpoint: the dump is then
-    // under way (the tasks are seized by CRIU, which thaws the freezer once it holds them and
-    // restores its frozen state after a dump).
-    let freezer = format!("/sys/fs/cgroup/freezer/{}/{id}/freezer.state", tb.namespace());
-    let parent = target.parent().unwrap().to_path_buf();
-    let criu = wait_for("CRIU to write images", || {
-        let pid: i32 = std::fs::read_to_string(&pid_file).ok()?.trim().parse().ok()?;
-        let partial =
-            std::fs::read_dir(&parent).ok()?.flatten().find(|e| e.file_name().to_string_lossy().starts_with('.'))?;
-        let writing = std::fs::read_dir(partial.path().join("checkpoint")).ok()?.flatten().any(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            (name.starts_with("pages-") || name.starts_with("tmpfs-")) && e.metadata().is_ok_and(|m| m.len() > 0)
-        });
-        writing.then_some(pid)
-    });
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(criu), nix::sys::signal::Signal::SIGKILL).expect("kill CRIU");
-    let (_, message) = error_of(dumping.join().unwrap());
-    assert!(message.contains("checkpoint") && message.contains("failed"), "{message}");
-    // Whether CRIU died before or after it thawed the freezer, the container must run again.
-    assert!(message.contains("the container is running") || message.contains("has been resumed"), "{message}");
-    assert!(!target.exists() && entries(target.parent().unwrap()).is_empty(), "partial checkpoint left");
-    assert_eq!(std::fs::read_to_string(&freezer).unwrap().trim(), "THAWED", "container left frozen");
-    assert_eq!(shim_status(tb, &id), Some(Status::RUNNING));
-    assert_running(tb, &id, "after CRIU was killed mid-dump");
     remove(tb, &id);
 }
 
