@@ -11,7 +11,11 @@
 # without conv=fdatasync) gives the disk's sequential write speed for scale.
 # Before that, each run also takes a leave-running checkpoint of the same program (ours: Task.Checkpoint
 # without exit, runc: `runc checkpoint --leave-running`), to set the frozen time our shim journals
-# (frozen_ms of the attempt in <store>/.journal/attempts.jsonl) beside raw runc's whole dump time.
+# (frozen_ms of the attempt in <store>/.journal/attempts.jsonl) beside raw runc's frozen time. Like for
+# like, runc's frozen time is CRIU's own: freezing + frozen time from the stats-dump CRIU leaves in runc's
+# work dir (read by target/release/examples/dump_stats); runc's wall time would add runc's and CRIU's
+# start-up and everything after the thaw. Our checkpoint's stats-dump (CRIU's times inside our dump) and
+# the manifest's frozen_ms are recorded too.
 # The shim's peak RSS (VmHWM of the shim serving the container, read right after each operation; the
 # shim is per container, so the checkpoint's and the restore's shims are two processes) is reported too.
 # Usage (root, after test/setup.sh): bash test/bench/checkpoint.sh [RUNS] [SIZES]
@@ -49,6 +53,8 @@ trap 'exit 143' TERM
 
 command -v cargo >/dev/null || export PATH="$HOME/.cargo/bin:$PATH"
 cargo build --release -q -p containerd-shim-kybernate-v1 --bins --examples # --examples alone skips the shim
+cargo build --release -q -p kybernate-checkpoint --example dump_stats
+DUMP_STATS=$PWD/target/release/examples/dump_stats
 gcc -O2 -static -o "$OUT/memhog" test/bench/memhog.c
 MEMHOG=$OUT/memhog
 RPC=$PWD/target/release/examples/checkpoint_rpc
@@ -88,6 +94,21 @@ json.dump(s, open(dst, "w"), indent=2)
 PY
 done
 
+# KBT_BENCH_COLD=1: the checkpoint's files are evicted from the page cache before each restore (both sides), as
+# on a node that restores a checkpoint taken long ago or elsewhere: then both restores read the images from disk.
+evict() { # DIR: drops DIR's files from the page cache (after a sync), binaries and everything else stay cached
+    [ "${KBT_BENCH_COLD:-0}" = 1 ] || return 0
+    python3 - "$1" <<'PY'
+import os, sys
+for root, _, files in os.walk(sys.argv[1]):
+    for name in files:
+        fd = os.open(os.path.join(root, name), os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+PY
+}
 now() { date +%s%N; }
 ms() { local d=$(($2 - $1)); printf '%d.%03d' $((d / 1000000)) $((d / 1000 % 1000)); }
 wait_for() { # DESCRIPTION COMMAND...: polls COMMAND for 120 s
@@ -120,13 +141,26 @@ a = [x for x in a if x.get("kind") == "checkpoint" and x.get("result") == "ok"]
 print(a[-1].get("frozen_ms", "") if a else "")
 PY
 }
+criu_stats_ms() { # STATS_DUMP: CRIU's "freezing,frozen,memdump,memwrite" times in ms, or ",,," without a readable file
+    local json
+    if json=$("$DUMP_STATS" "$1"); then
+        python3 -c 'import json, sys; d = json.loads(sys.argv[1])["dump"] or {}
+print(",".join("%.3f" % (d[k] / 1000) if k in d else "" for k in ("freezing_us", "frozen_us", "memdump_us", "memwrite_us")))' "$json"
+    else
+        echo ",,,"
+    fi
+}
+manifest_field() { # MANIFEST FIELD: a top-level field of a manifest, empty when absent
+    python3 -c 'import json, sys; v = json.load(open(sys.argv[1])).get(sys.argv[2]); print("" if v is None else v)' "$1" "$2"
+}
 CSV=$OUT/runs.csv DDCSV=$OUT/dd.csv
-echo "size_mib,impl,run,start_ms,checkpoint_ms,restore_ms,image_bytes,restored_rss_mib,dump_ms,restore_pre_ms,lr_ms,frozen_ms,shim_idle_hwm_mib,shim_lr_hwm_mib,shim_ckpt_hwm_mib,shim_restore_hwm_mib" >"$CSV"
+# lr_criu_*: CRIU's own times of the leave-running dump (stats-dump); manifest_frozen_ms: ours, as the manifest records it.
+echo "size_mib,impl,run,start_ms,checkpoint_ms,restore_ms,image_bytes,restored_rss_mib,dump_ms,restore_pre_ms,lr_ms,frozen_ms,shim_idle_hwm_mib,shim_lr_hwm_mib,shim_ckpt_hwm_mib,shim_restore_hwm_mib,lr_criu_freezing_ms,lr_criu_frozen_ms,lr_criu_memdump_ms,lr_criu_memwrite_ms,manifest_frozen_ms" >"$CSV"
 echo "size_mib,run,fdatasync_ms,cache_ms" >"$DDCSV"
 
 run_ours() { # MIB RUN
     local mib=$1 run=$2 id=c-$1-$2 rid=r-$1-$2 t0 t1 t2 t3 t4 t5 t6 dir pid rss dump pre= spid lr0 lr1 frozen
-    local hwm0 hwm1 hwm2 hwm3
+    local hwm0 hwm1 hwm2 hwm3 lrcriu mfrozen
     local mount="type=bind,src=$MEMHOG,dst=/memhog,options=rbind:ro"
     dir=$STORE/$TB_NS/$id/$run
     t0=$(now)
@@ -141,6 +175,8 @@ run_ours() { # MIB RUN
     lr1=$(now)
     hwm1=$(hwm_mib "$spid")
     frozen=$(last_frozen_ms)
+    lrcriu=$(criu_stats_ms "$dir-lr/stats-dump")
+    mfrozen=$(manifest_field "$dir-lr/kybernate.json" frozen_ms)
     rm -rf "$dir-lr"
     sync
     t2=$(now)
@@ -151,6 +187,7 @@ run_ours() { # MIB RUN
     ctr_delete "$id"
     tb_ctr containers delete "$id"
     sync
+    evict "$dir"
     t4=$(now)
     tb_ctr run -d --runtime "$OURS" --mount "$mount" --annotation "kybernate.io/restore-from=$dir" \
         "$KBT_IMAGE" "$rid" /memhog "$mib" /tmp/ready >/dev/null
@@ -161,14 +198,14 @@ run_ours() { # MIB RUN
     dump=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1])).get("duration_ms", ""))' "$dir/kybernate.json")
     t6=$(log_ns "$rid" "restoring from") # create, shim start, hash check: until `runc restore`
     [ -z "$t6" ] || pre=$(ms "$t4" "$t6")
-    echo "$mib,ours,$run,$(ms "$t0" "$t1"),$(ms "$t2" "$t3"),$(ms "$t4" "$t5"),$(du -sb "$dir" | cut -f1),$rss,$dump,$pre,$(ms "$lr0" "$lr1"),$frozen,$hwm0,$hwm1,$hwm2,$hwm3" >>"$CSV"
+    echo "$mib,ours,$run,$(ms "$t0" "$t1"),$(ms "$t2" "$t3"),$(ms "$t4" "$t5"),$(du -sb "$dir" | cut -f1),$rss,$dump,$pre,$(ms "$lr0" "$lr1"),$frozen,$hwm0,$hwm1,$hwm2,$hwm3,$lrcriu,$mfrozen" >>"$CSV"
     ctr_delete --force "$rid"
     tb_ctr containers delete "$rid"
     rm -rf "${dir%/*}"
 }
 
 run_runc() { # MIB RUN
-    local mib=$1 run=$2 id=raw-$1 t0 t1 t2 t3 t4 t5 img=$RAW/img-$1 pid rss lr0 lr1
+    local mib=$1 run=$2 id=raw-$1 t0 t1 t2 t3 t4 t5 img=$RAW/img-$1 pid rss lr0 lr1 lrcriu
     local r=(runc --root "$RROOT")
     rm -f "$RAW/rootfs/tmp/ready"
     t0=$(now)
@@ -179,6 +216,7 @@ run_runc() { # MIB RUN
     lr0=$(now)
     "${r[@]}" checkpoint --leave-running --image-path "$img-lr" --work-path "$RAW/work-lr-$mib" "$id"
     lr1=$(now)
+    lrcriu=$(criu_stats_ms "$RAW/work-lr-$mib/stats-dump") # CRIU writes it into runc's --work-path
     rm -rf "$img-lr" "$RAW/work-lr-$mib"
     sync
     t2=$(now)
@@ -186,13 +224,14 @@ run_runc() { # MIB RUN
     t3=$(now)
     "${r[@]}" delete "$id" >/dev/null 2>&1 || true
     sync
+    evict "$img"
     t4=$(now)
     "${r[@]}" restore -d --image-path "$img" --work-path "$RAW/work-r-$mib" --bundle "$RAW/b-$mib" "$id" \
         </dev/null >/dev/null 2>&1
     t5=$(now)
     pid=$("${r[@]}" state "$id" | python3 -c 'import json, sys; print(json.load(sys.stdin)["pid"])')
     rss=$(rss_mib "$pid")
-    echo "$mib,runc,$run,$(ms "$t0" "$t1"),$(ms "$t2" "$t3"),$(ms "$t4" "$t5"),$(du -sb "$img" | cut -f1),$rss,,,$(ms "$lr0" "$lr1"),,,,," >>"$CSV"
+    echo "$mib,runc,$run,$(ms "$t0" "$t1"),$(ms "$t2" "$t3"),$(ms "$t4" "$t5"),$(du -sb "$img" | cut -f1),$rss,,,$(ms "$lr0" "$lr1"),,,,,,$lrcriu," >>"$CSV"
     "${r[@]}" delete --force "$id" # SIGKILL, wait for it to go, delete
     rm -rf "$img" "$RAW/work-d-$mib" "$RAW/work-r-$mib"
 }
@@ -219,7 +258,7 @@ for ((run = 1; run <= RUNS; run++)); do
         [ $((run % 2)) = 1 ] || order="runc ours"
         for impl in $order; do
             "run_$impl" "$mib" "$run"
-            tail -n 1 "$CSV" | awk -F, '{printf "   run %s %5s MiB %-4s checkpoint %8s ms  restore %8s ms  (start %s ms, restored RSS %s MiB; leave-running %s ms, frozen %s ms, shim VmHWM checkpoint %s / restore %s MiB)\n", $3, $1, $2, $5, $6, $4, $8, $11, ($12 == "" ? "-" : $12), ($15 == "" ? "-" : $15), ($16 == "" ? "-" : $16)}'
+            tail -n 1 "$CSV" | awk -F, '{printf "   run %s %5s MiB %-4s checkpoint %8s ms  restore %8s ms  (start %s ms, restored RSS %s MiB; leave-running %s ms, frozen %s ms, CRIU freezing+frozen %s ms, shim VmHWM checkpoint %s / restore %s MiB)\n", $3, $1, $2, $5, $6, $4, $8, $11, ($12 == "" ? "-" : $12), ($18 == "" ? "-" : $17 + $18), ($15 == "" ? "-" : $15), ($16 == "" ? "-" : $16)}'
         done
         run_dd "$mib" "$run"
     done
@@ -237,9 +276,15 @@ for mib in dict.fromkeys(r["size_mib"] for r in runs):
         rows = [r for r in runs if r["size_mib"] == mib and r["impl"] == impl]
         for r in rows: r["rt_ms"] = float(r["checkpoint_ms"]) + float(r["restore_ms"])
         m[impl] = {f: med(rows, f) for f in ("start_ms", "checkpoint_ms", "restore_ms", "rt_ms", "image_bytes", "lr_ms")}
+        # CRIU's own times of the leave-running dump; "stopped": freezing + frozen.
+        for r in rows:
+            if r["lr_criu_frozen_ms"]: r["lr_criu_stopped_ms"] = float(r["lr_criu_freezing_ms"]) + float(r["lr_criu_frozen_ms"])
+        for f in ("lr_criu_stopped_ms", "lr_criu_freezing_ms", "lr_criu_frozen_ms", "lr_criu_memdump_ms", "lr_criu_memwrite_ms"):
+            m[impl][f] = med(rows, f) if all(r.get(f) for r in rows) else None
         if impl == "ours":
             m[impl]["dump_ms"] = med(rows, "dump_ms")
             m[impl]["frozen_ms"] = med(rows, "frozen_ms") if all(r["frozen_ms"] for r in rows) else None
+            m[impl]["manifest_frozen_ms"] = med(rows, "manifest_frozen_ms") if all(r["manifest_frozen_ms"] for r in rows) else None
             for f in ("shim_idle_hwm_mib", "shim_lr_hwm_mib", "shim_ckpt_hwm_mib", "shim_restore_hwm_mib"):
                 m[impl][f] = max(float(r[f]) for r in rows)
             m[impl]["pre_ms"] = med(rows, "restore_pre_ms") if all(r["restore_pre_ms"] for r in rows) else None
@@ -259,9 +304,21 @@ for mib in dict.fromkeys(r["size_mib"] for r in runs):
     if o["pre_ms"] is not None: print(f"   ours: restore until the shim runs `runc restore` (ctr create, shim start, hash check) "
           f"{o['pre_ms']:.0f} ms, `runc restore` and after {o['restore_ms'] - o['pre_ms']:.0f} ms")
     print(f"   {'leave-run ms':14} {o['lr_ms']:10.1f} {r['lr_ms']:10.1f} {o['lr_ms'] / r['lr_ms']:6.2f}x   (whole checkpoint --leave-running)")
+    rs = r["lr_criu_stopped_ms"]
+    if o["frozen_ms"] is not None and rs is not None:
+        print(f"   {'frozen ms':14} {o['frozen_ms']:10.1f} {rs:10.1f} {o['frozen_ms'] / rs:6.2f}x   "
+              f"(ours: journal frozen_ms; runc: CRIU freezing+frozen time; target <= 1.05x)")
     if o["frozen_ms"] is not None:
-        print(f"   {'frozen ms':14} {o['frozen_ms']:10.1f} {r['lr_ms']:10.1f} {o['frozen_ms'] / r['lr_ms']:6.2f}x   "
-              f"(ours: journal frozen_ms; runc: its whole dump, target <= 1.05x)")
+        print(f"   {'frozen/lr wall':14} {o['frozen_ms']:10.1f} {r['lr_ms']:10.1f} {o['frozen_ms'] / r['lr_ms']:6.2f}x   "
+              f"(ours: journal frozen_ms; runc: its whole checkpoint --leave-running, start-up included)")
+    if o["lr_criu_stopped_ms"] is not None and rs is not None:
+        print(f"   {'CRIU stop ms':14} {o['lr_criu_stopped_ms']:10.1f} {rs:10.1f} {o['lr_criu_stopped_ms'] / rs:6.2f}x   "
+              f"(CRIU freezing+frozen inside each dump)")
+        for f, name in (("lr_criu_memdump_ms", "CRIU memdump"), ("lr_criu_memwrite_ms", "CRIU memwrite")):
+            if o[f] is not None and r[f] is not None:
+                print(f"   {name + ' ms':14} {o[f]:10.1f} {r[f]:10.1f}")
+    if o["manifest_frozen_ms"] is not None:
+        print(f"   ours: frozen {o['manifest_frozen_ms']:.0f} ms as the manifest records it (frozen_ms)")
     print(f"   shim peak RSS (VmHWM, max over runs): {o['shim_idle_hwm_mib']:.1f} MiB idle, "
           f"{o['shim_lr_hwm_mib']:.1f} after leave-running, {o['shim_ckpt_hwm_mib']:.1f} after checkpoint --exit, "
           f"{o['shim_restore_hwm_mib']:.1f} MiB restore's shim after restore (target < 64)")
