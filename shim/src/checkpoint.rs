@@ -526,8 +526,8 @@ impl<'p, 'c> Run<'p, 'c> {
     fn pre_dump(&mut self) -> Result<()> {
         let plan = self.plan;
         self.set_phase(criu::PHASE_CRIU_DUMP);
-        if let Some(p) = self.partial.as_mut() {
-            // The rounds are hashed while the container still runs.
+        if let (Some(p), true) = (self.partial.as_mut(), plan.req.flags.exit) {
+            // The rounds are hashed (and written back) while the container still runs (see `dump`).
             p.follow_dump();
         }
         let (runtime, c, layout) = (&plan.runtime, plan.c, &self.pre_dumps);
@@ -577,8 +577,13 @@ impl<'p, 'c> Run<'p, 'c> {
         let _ = std::fs::remove_file(plan.work.join(criu::STATS_DUMP));
         if let Some(p) = self.partial.as_mut() {
             p.set_phase(criu::PHASE_CRIU_DUMP);
-            // Hashes the images and starts their writeback while CRIU writes them.
-            p.follow_dump();
+            if plan.req.flags.exit {
+                // Frozen until the checkpoint is durable: its images are hashed, and written
+                // back, while CRIU writes them, so that little is left after the dump. Leave-running,
+                // the dump runs alone, as a raw `runc checkpoint`'s: the container runs again
+                // before the hashing and the writeback, and the frozen dump keeps the CPU and the disk.
+                p.follow_dump();
+            }
         }
         if plan.hold == Hold::FreezeAfterDump {
             // CRIU freezes it for the dump; we keep it frozen after.

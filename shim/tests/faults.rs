@@ -27,6 +27,8 @@ use kybernate_checkpoint::{Store, MANIFEST_FILE};
 
 mod common;
 
+use common::procs::{alive, stat};
+
 use common::ckpt::*;
 use common::{runc_state_entries, task_row, text, wait_for, RUNTIME, SHIM};
 use kybernate_testbed::{unique_name, IMAGE};
@@ -76,7 +78,8 @@ fn criu_killed_during_the_dump(bed: &Bed, control: &Control) {
     tb.ctr_ok(&["run", "-d", "--runtime", RUNTIME, IMAGE, &id, "sh", "-c", &script]);
     wait_counter(tb, &id, 3);
     let target = store_path(bed, &id);
-    let o = CheckpointOptions { image_path: target.display().to_string(), ..Default::default() };
+    // With `exit`: only such dumps are followed (a leave-running dump runs alone).
+    let o = CheckpointOptions { image_path: target.display().to_string(), exit: true, ..Default::default() };
     let dumping = checkpoint_in_background(tb, &id, o);
     // Kill CRIU once it writes images into the (hidden) partial checkpoint: the dump is then
     // under way (CRIU holds the tasks and thaws the freezer once it does, restoring its frozen
@@ -381,17 +384,6 @@ impl Snapshot {
     }
 }
 
-/// (state, ppid) from /proc/PID/stat.
-fn stat(pid: u32) -> Option<(char, u32)> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let fields: Vec<&str> = text[text.rfind(')')? + 1..].split_whitespace().collect();
-    Some((fields.first()?.chars().next()?, fields.get(1)?.parse().ok()?))
-}
-
-/// Exists and is not a zombie.
-fn alive(pid: u32) -> bool {
-    stat(pid).is_some_and(|(s, _)| s != 'Z' && s != 'X')
-}
 
 fn ppid(pid: u32) -> Option<u32> {
     stat(pid).map(|(_, p)| p)

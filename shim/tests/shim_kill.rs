@@ -19,6 +19,8 @@ use nix::unistd::Pid;
 
 mod common;
 
+use common::procs::{alive, stat};
+
 use common::ckpt::*;
 use common::{bundle_dir, runc_state_dir, task_row, wait_for, RUNTIME, SHIM, TIMEOUT};
 use kybernate_testbed::{unique_name, IMAGE};
@@ -26,17 +28,6 @@ use kybernate_testbed::{unique_name, IMAGE};
 /// Where the shim's stop hook looks for `<container id>` files naming the phase to stop at.
 const STOP_ENV: &str = "KYBERNATE_TEST_STOP_DIR";
 
-/// One stat line of a process: (state, ppid).
-fn stat(pid: u32) -> Option<(char, u32)> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let fields: Vec<&str> = text[text.rfind(')')? + 1..].split_whitespace().collect();
-    Some((fields.first()?.chars().next()?, fields.get(1)?.parse().ok()?))
-}
-
-/// Alive: exists and is not a zombie.
-fn alive(pid: u32) -> bool {
-    stat(pid).is_some_and(|(s, _)| s != 'Z' && s != 'X')
-}
 
 fn pids() -> Vec<u32> {
     std::fs::read_dir("/proc").unwrap().flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).collect()

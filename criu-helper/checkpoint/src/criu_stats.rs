@@ -18,7 +18,7 @@ use std::path::Path;
 
 use prost::Message;
 
-use crate::images::ImageError;
+use crate::images::{take_u32, ImageError};
 use crate::manifest::DumpStats;
 
 /// The head magic of CRIU's service files (stats, irmap cache), before their own magic.
@@ -208,14 +208,6 @@ fn us_to_ms(us: u64) -> u64 {
     us.saturating_add(500) / 1000
 }
 
-fn take_u32(file: &Path, rest: &mut &[u8], what: &str) -> Result<u32, ImageError> {
-    let (head, tail) = rest.split_first_chunk::<4>().ok_or_else(|| ImageError::Truncated {
-        file: file.into(),
-        reason: format!("{} bytes left where {what} should be", rest.len()),
-    })?;
-    *rest = tail;
-    Ok(u32::from_le_bytes(*head))
-}
 
 fn read_bounded(file: &Path) -> Result<Vec<u8>, ImageError> {
     let f = fs::File::open(file).map_err(|source| match source.kind() {

@@ -5,6 +5,7 @@
 
 pub mod ckpt;
 pub mod cri;
+pub mod procs;
 
 use std::io::Read;
 use std::os::fd::OwnedFd;

@@ -526,16 +526,18 @@ fn read_bounded(file: &Path, max: u64) -> Result<Vec<u8>, ImageError> {
     Ok(bytes)
 }
 
+/// The next little-endian u32 of an image (a magic or a length), `what` naming it in the error.
+pub(crate) fn take_u32(file: &Path, rest: &mut &[u8], what: &str) -> Result<u32, ImageError> {
+    let (head, tail) = rest.split_first_chunk::<4>().ok_or_else(|| ImageError::Truncated {
+        file: file.into(),
+        reason: format!("{} bytes left where {what} should be", rest.len()),
+    })?;
+    *rest = tail;
+    Ok(u32::from_le_bytes(*head))
+}
+
 /// The entries of an image: checks the magic(s), then splits the length-prefixed messages.
 fn entries<'a>(file: &Path, bytes: &'a [u8], common: Option<u32>, magic: u32) -> Result<Vec<&'a [u8]>, ImageError> {
-    fn take_u32(file: &Path, rest: &mut &[u8], what: &str) -> Result<u32, ImageError> {
-        let (head, tail) = rest.split_first_chunk::<4>().ok_or_else(|| ImageError::Truncated {
-            file: file.into(),
-            reason: format!("{} bytes left where {what} should be", rest.len()),
-        })?;
-        *rest = tail;
-        Ok(u32::from_le_bytes(*head))
-    }
     let mut rest = bytes;
     for want in common.into_iter().chain([magic]) {
         let found = take_u32(file, &mut rest, "the magic")?;
