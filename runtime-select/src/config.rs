@@ -21,6 +21,8 @@ pub const CONFIG_ENV: &str = "KYBERNATE_CONFIG";
 pub struct Config {
     pub runtime: RuntimeConfig,
     pub checkpoint: CheckpointConfig,
+    pub trust: TrustConfig,
+    pub registry: RegistryConfig,
 }
 
 /// `[runtime]`: which OCI runtime binary a container gets.
@@ -96,10 +98,24 @@ pub struct CheckpointConfig {
     /// --pre-dump`, the `kybernate.io/checkpoint-pre-dump` annotation): memory copied while the
     /// container runs, so that less is dumped frozen. Needs the kernel's soft-dirty bits; 0 = none.
     pub pre_dump_rounds: u32,
+    /// Per container (`<namespace>/<container>` in the store): the newest `keep` checkpoints stay,
+    /// older ones are removed after each checkpoint the node takes and by `kybernate prune`; 0
+    /// (the default): no limit.
+    pub keep: u32,
+    /// The whole store's limit in bytes (`214748364800` or `"200GiB"`): after each checkpoint the
+    /// oldest are removed (pulled copies first, then imported ones, then the node's own; never a
+    /// container's newest own one), and a checkpoint that could not fit even so is refused before
+    /// anything is frozen. Unset: no limit.
+    #[serde(deserialize_with = "de_size")]
+    pub max_bytes: Option<u64>,
     /// How `kybernate export` writes archives: `none` (plain tar, the fastest on a local disk)
     /// or `zstd` (for archives moved over a network or onto slow disks). The store itself stays
     /// uncompressed: CRIU reads its images there directly (docs/benchmarks.md, "Compression").
     pub compress: Compression,
+    /// A PKCS#8 PEM Ed25519 private key (`kybernate keygen`): every checkpoint the node takes is
+    /// signed with it (`kybernate.sig`). A key that cannot be read refuses the checkpoint before
+    /// anything is frozen. Absolute path; unset: checkpoints are not signed.
+    pub signing_key: Option<PathBuf>,
 }
 
 impl Default for CheckpointConfig {
@@ -115,8 +131,87 @@ impl Default for CheckpointConfig {
             allow_annotation_restore: true,
             cdi_spec_dirs: vec![PathBuf::from("/etc/cdi"), PathBuf::from("/var/run/cdi")],
             pre_dump_rounds: 0,
+            keep: 0,
+            max_bytes: None,
             compress: Compression::None,
+            signing_key: None,
         }
+    }
+}
+
+/// `[trust]`: which checkpoints from outside the node (imported, pulled) it restores. A
+/// checkpoint holds process memory: whoever can hand the node one must not be able to make it
+/// run memory it did not vouch for.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrustConfig {
+    /// SPKI PEM public keys (absolute paths) whose signatures this node accepts.
+    pub keys: Vec<PathBuf>,
+    /// Whether a checkpoint from outside must be signed by one of `keys`; unset: true exactly
+    /// when `keys` is not empty. Checkpoints this node took are always restored.
+    pub require_signature: Option<bool>,
+}
+
+/// `[registry]`: how `kybernate push`/`pull` and `oci://` restores reach OCI registries.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistryConfig {
+    /// Registries (`host:port`, as in references) spoken to over plain HTTP.
+    pub insecure: Vec<String>,
+    /// Docker's `config.json` with credentials; unset: `/root/.docker/config.json` when present.
+    pub auth_file: Option<PathBuf>,
+    /// A PEM bundle of CAs trusted beside the system's, for private registries.
+    pub ca_file: Option<PathBuf>,
+}
+
+/// `[checkpoint] max_bytes`: an integer of bytes, or a string with a binary unit.
+fn de_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    struct Size;
+    impl serde::de::Visitor<'_> for Size {
+        type Value = u64;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a size: bytes (214748364800) or a number with KiB, MiB, GiB or TiB (\"200GiB\")")
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<u64, E> {
+            u64::try_from(v).map_err(|_| E::custom(SIZE_NOT_POSITIVE)).and_then(|v| self.visit_u64(v))
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<u64, E> {
+            if v == 0 {
+                return Err(E::custom(SIZE_NOT_POSITIVE));
+            }
+            Ok(v)
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<u64, E> {
+            parse_size(v).map_err(E::custom)
+        }
+    }
+    d.deserialize_any(Size).map(Some)
+}
+
+const SIZE_NOT_POSITIVE: &str = "must be more than 0 bytes; leave it out for no limit";
+
+/// `"200GiB"`, `"512 MiB"`, `"4096"`, `"4096B"`: a positive size with a binary unit (decimal
+/// units such as GB are refused: 200GB and 200GiB differ by 7%, too much to guess).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let (number, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
+    let shift = match unit.trim() {
+        "" | "B" => 0,
+        "KiB" => 10,
+        "MiB" => 20,
+        "GiB" => 30,
+        "TiB" => 40,
+        _ => {
+            return Err(format!(
+                "{text:?} is not a size: write bytes (214748364800) or a number with KiB, MiB, GiB or TiB (\"200GiB\")"
+            ))
+        }
+    };
+    let n: u64 = number.parse().map_err(|_| format!("{text:?} is not a size: it needs a number (\"200GiB\")"))?;
+    match n.checked_mul(1u64 << shift) {
+        Some(0) => Err(SIZE_NOT_POSITIVE.into()),
+        Some(bytes) => Ok(bytes),
+        None => Err(format!("{text:?} is too large")),
     }
 }
 
@@ -223,6 +318,7 @@ impl Config {
     /// `[checkpoint] root` would name a different store in each (each resolves it against its own
     /// working directory), so it is refused here with the key and its line.
     fn check_paths(&self, text: &str, path: &Path) -> Result<(), ConfigError> {
+        check_key_paths(text, path)?;
         if self.checkpoint.root.is_absolute() {
             return Ok(());
         }
@@ -303,6 +399,39 @@ fn root_line(text: &str) -> Option<usize> {
     Some(line_of(text, span.start))
 }
 
+/// `[checkpoint] signing_key` and `[trust] keys` must be absolute, like the store's root: the
+/// shim and the CLI run in different directories.
+fn check_key_paths(text: &str, path: &Path) -> Result<(), ConfigError> {
+    #[derive(Deserialize)]
+    struct Doc {
+        checkpoint: Option<Checkpoint>,
+        trust: Option<Trust>,
+    }
+    #[derive(Deserialize)]
+    struct Checkpoint {
+        signing_key: Option<toml::Spanned<PathBuf>>,
+    }
+    #[derive(Deserialize)]
+    struct Trust {
+        keys: Option<Vec<toml::Spanned<PathBuf>>>,
+    }
+    // The typed parse already reported any other kind of error.
+    let Ok(doc) = toml::from_str::<Doc>(text) else { return Ok(()) };
+    let signing = doc.checkpoint.and_then(|c| c.signing_key).map(|k| ("checkpoint.signing_key", k));
+    let trusted = doc.trust.and_then(|t| t.keys).unwrap_or_default().into_iter().map(|k| ("trust.keys", k));
+    for (key, value) in signing.into_iter().chain(trusted) {
+        if !value.get_ref().is_absolute() {
+            return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                line: line_of(text, value.span().start),
+                key: format!("key `{key}`: "),
+                message: format!("{:?} is a relative path; key files must be named by absolute paths", value.get_ref()),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// 1-based line number of byte offset `at` in `text`.
 fn line_of(text: &str, at: usize) -> usize {
     let at = at.min(text.len());
@@ -365,10 +494,60 @@ compress = "zstd"
     }
 
     #[test]
+    fn signing_and_trust_keys_parse_and_must_be_absolute() {
+        let c = parse(
+            "[checkpoint]\nsigning_key = \"/etc/kybernate/keys/kybernate.key\"\n[trust]\nkeys = [\"/etc/kybernate/trusted/a.pub\"]\nrequire_signature = false\n",
+        )
+        .unwrap();
+        assert_eq!(c.checkpoint.signing_key, Some(PathBuf::from("/etc/kybernate/keys/kybernate.key")));
+        assert_eq!(c.trust.keys, vec![PathBuf::from("/etc/kybernate/trusted/a.pub")]);
+        assert_eq!(c.trust.require_signature, Some(false));
+        assert_eq!(parse("").unwrap().trust, TrustConfig::default());
+        let msg = parse("[trust]\nkeys = [\n  \"/a.pub\",\n  \"b.pub\",\n]\n").unwrap_err().to_string();
+        assert!(
+            msg.starts_with("/etc/kybernate/config.toml:4: key `trust.keys`: \"b.pub\" is a relative path"),
+            "{msg}"
+        );
+        let msg = parse("[checkpoint]\nsigning_key = \"k.key\"\n").unwrap_err().to_string();
+        assert!(msg.starts_with("/etc/kybernate/config.toml:2: key `checkpoint.signing_key`: "), "{msg}");
+        let msg = parse("[trust]\nrequire_signature = \"yes\"\n").unwrap_err().to_string();
+        assert!(msg.contains("key `trust.require_signature`"), "{msg}");
+        let msg = parse("[trust]\nkey = [\"/a.pub\"]\n").unwrap_err().to_string();
+        assert!(msg.contains("unknown field `key`"), "{msg}");
+    }
+
+    #[test]
     fn restore_triggers_default_to_annotation_only() {
         let c = CheckpointConfig::default();
         assert!(!c.allow_env_restore, "any pod can set RESTORE_FROM: off unless the admin opts in");
         assert!(c.allow_annotation_restore);
+    }
+
+    #[test]
+    fn retention_limits_take_bytes_or_binary_units() {
+        let c = parse("[checkpoint]\nkeep = 3\nmax_bytes = \"200GiB\"\n").unwrap().checkpoint;
+        assert_eq!((c.keep, c.max_bytes), (3, Some(200 << 30)));
+        assert_eq!(parse("[checkpoint]\nmax_bytes = 4096\n").unwrap().checkpoint.max_bytes, Some(4096));
+        for (text, bytes) in [("512 MiB", 512 << 20), ("1TiB", 1 << 40), ("7KiB", 7 << 10), ("10B", 10), ("10", 10)] {
+            assert_eq!(parse_size(text), Ok(bytes), "{text}");
+        }
+        let d = CheckpointConfig::default();
+        assert_eq!((d.keep, d.max_bytes), (0, None), "no limits unless the admin sets them");
+        for (value, why) in [
+            ("0", "must be more than 0 bytes"),
+            ("-1", "must be more than 0 bytes"),
+            ("\"0GiB\"", "must be more than 0 bytes"),
+            ("\"200GB\"", "\"200GB\" is not a size"),
+            ("\"GiB\"", "it needs a number"),
+            ("\"99999999TiB\"", "is too large"),
+            ("true", "a size: bytes"),
+        ] {
+            let msg = parse(&format!("[checkpoint]\n\nmax_bytes = {value}\n")).unwrap_err().to_string();
+            assert!(msg.starts_with("/etc/kybernate/config.toml:3: key `checkpoint.max_bytes`: "), "{value}: {msg}");
+            assert!(msg.contains(why), "{value}: {msg}");
+        }
+        let msg = parse("[checkpoint]\nkeep = -2\n").unwrap_err().to_string();
+        assert!(msg.starts_with("/etc/kybernate/config.toml:2: key `checkpoint.keep`: "), "{msg}");
     }
 
     #[test]
@@ -435,6 +614,20 @@ compress = "zstd"
         let msg = parse("checkpoint.root = \".\"\n").unwrap_err().to_string();
         assert!(msg.starts_with("/etc/kybernate/config.toml:1: key `checkpoint.root`"), "{msg}");
         assert_eq!(parse("[checkpoint]\nroot = \"/srv/x\"\n").unwrap().checkpoint.root, PathBuf::from("/srv/x"));
+    }
+
+    #[test]
+    fn registry_keys_parse_and_unknown_ones_are_named() {
+        let c = parse(
+            "[registry]\ninsecure = [\"127.0.0.1:5000\"]\nauth_file = \"/root/a.json\"\nca_file = \"/etc/ca.pem\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.registry.insecure, ["127.0.0.1:5000"]);
+        assert_eq!(c.registry.auth_file.as_deref(), Some(Path::new("/root/a.json")));
+        assert_eq!(c.registry.ca_file.as_deref(), Some(Path::new("/etc/ca.pem")));
+        assert_eq!(parse("").unwrap().registry, RegistryConfig::default());
+        let msg = parse("[registry]\ninsecur = []\n").unwrap_err().to_string();
+        assert!(msg.contains("insecur"), "{msg}");
     }
 
     /// Loads `path` as an explicit config on a thread: the error, or a panic if it blocks.

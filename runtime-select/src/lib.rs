@@ -14,6 +14,7 @@ pub mod spec;
 
 pub use config::{
     CheckpointConfig, Compression, Config, ConfigError, ConfigSource, CudaMode, OnMissingGpuRuntime, RuntimeConfig,
+    TrustConfig,
 };
 pub use decision::{load_spec, Context, Decision, SelectError, Selector, Source, RUNTIME_ANNOTATION, RUNTIME_ENV};
 pub use evidence::Evidence;

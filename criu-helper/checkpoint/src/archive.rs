@@ -15,14 +15,18 @@ use tar::{Archive, Builder, EntryType, Header};
 
 use crate::digest::Algorithm;
 use crate::fsutil::{AtomicFile, Durability};
+use crate::images::{CheckpointImages, ImageError};
 use crate::manifest::{
-    Manifest, CONFIG_DUMP, FORMAT_VERSION, IMAGES_DIR, MANIFEST_FILE, OLDEST_FORMAT_VERSION, ROOTFS_DIFF, SPEC_DUMP,
+    clamp_time, rfc3339, validate_identity, DumpStats, Identity, Manifest, ManifestError, ToolInfo, CONFIG_DUMP,
+    FORMAT_VERSION, IMAGES_DIR, MANIFEST_FILE, OLDEST_FORMAT_VERSION, ROOTFS_DIFF, SPEC_DUMP, STATS_DUMP,
 };
 use crate::rootfs::{overlay_diff_from_oci_layer, RootfsError};
+use crate::signing::SIGNATURE_FILE;
 use crate::store::{
     collect_files, create_private_dirs, fsync_dir, is_plain_relative, verify, write_manifest, Store, StoreError,
-    VerifyError,
+    VerifyError, SIDE_FILES,
 };
+use crate::trust::{self, Origin, TrustError, TrustPolicy, ORIGIN_FILE};
 
 /// Why a checkpoint could not be exported or imported. Every variant names the file at fault.
 #[derive(Debug, thiserror::Error)]
@@ -51,10 +55,16 @@ pub enum ArchiveError {
         #[source]
         source: io::Error,
     },
-    /// A kubelet/crictl (CRI) checkpoint archive not taken through our shim: CRIU's images and
-    /// CRI's dumps, but no manifest of ours in `checkpoint/`, so nothing to verify the images against.
-    #[error("{}: a kubelet/crictl checkpoint archive (checkpoint/, {CONFIG_DUMP}, {SPEC_DUMP}) that was not taken through the Kybernate shim: it has no {IMAGES_DIR}/{MANIFEST_FILE} to verify CRIU's images against", archive.display())]
-    CriArchive { archive: PathBuf },
+    /// The node's trust policy refuses the checkpoint (`[trust] keys` with signatures required):
+    /// unsigned, or signed by a key the node does not trust. `kubelet`: a kubelet/crictl/Podman
+    /// archive, whose manifest this import generated, so it can carry no signature of ours.
+    #[error("{}: import refused by this node's trust policy{}: {}", archive.display(), if *kubelet { " (a kubelet/crictl/Podman checkpoint archive is never signed: Kybernate generates its manifest on import)" } else { "" }, trust_refusal(source))]
+    Untrusted {
+        archive: PathBuf,
+        kubelet: bool,
+        #[source]
+        source: Box<TrustError>,
+    },
     /// The rootfs diff of a kubelet/crictl archive could not be made ours.
     #[error("{}: {source}", archive.display())]
     RootfsDiff {
@@ -74,8 +84,29 @@ pub enum ArchiveError {
     /// The files the archive's manifest declares do not fit into the store's filesystem.
     #[error("{}: its manifest declares {declared} bytes of files, the store's filesystem ({}) has {available} bytes free", archive.display(), store.display())]
     NoSpace { archive: PathBuf, store: PathBuf, declared: u64, available: u64 },
+    /// The namespace an import was given for a kubelet archive's checkpoint is not a
+    /// containerd identifier.
+    #[error("namespace {value:?} is not a valid containerd identifier (letters and digits, separated by single '.', '_' or '-', at most 76 characters)")]
+    BadNamespace { value: String },
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// Why the trust policy refuses an import, without the hidden work dir the check ran on.
+fn trust_refusal(e: &TrustError) -> String {
+    match e {
+        TrustError::Unsigned { trusted, .. } => format!(
+            "not signed (no {SIGNATURE_FILE}); this node takes checkpoints from outside only when signed by a key in [trust] keys ({trusted})"
+        ),
+        TrustError::Untrusted { key_id, trusted, .. } => {
+            format!("signed by key {key_id}, which is not one of this node's trusted keys ([trust] keys: {trusted})")
+        }
+        TrustError::BadSignature { key_id, key_path, .. } => format!(
+            "the signature by trusted key {key_id} ({}) does not match the archive's manifest: it was tampered with, or the signature belongs to another checkpoint",
+            key_path.display()
+        ),
+        other => other.to_string(),
+    }
 }
 
 /// How `export` writes the tar. Reading needs no choice: `import` knows zstd by its magic.
@@ -215,7 +246,11 @@ impl<W: Write> Write for Counting<'_, W> {
 fn append_checkpoint<W: Write>(builder: &mut Builder<W>, dir: &Path, manifest: &Manifest) -> io::Result<()> {
     let mut dirs = BTreeSet::new();
     let mtime = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    for rel in std::iter::once(MANIFEST_FILE).chain(manifest.files.keys().map(String::as_str)) {
+    // The signature travels with the checkpoint, right after the manifest it signs (never the
+    // origin marker: that is this node's own record).
+    let signature = fs::symlink_metadata(dir.join(SIGNATURE_FILE)).is_ok_and(|m| m.is_file()).then_some(SIGNATURE_FILE);
+    let listed = manifest.files.keys().map(String::as_str);
+    for rel in std::iter::once(MANIFEST_FILE).chain(signature).chain(listed) {
         let parts: Vec<&str> = rel.split('/').collect();
         for i in 1..parts.len() {
             let d = parts[..i].join("/");
@@ -248,6 +283,37 @@ pub fn import_with(
     store: &Store,
     progress: &mut dyn FnMut(Step),
 ) -> Result<(PathBuf, Manifest), ArchiveError> {
+    import_opts(archive, store, &ImportOptions::default(), progress)
+}
+
+/// The containerd namespace of a kubelet/crictl/Podman archive's checkpoint when the import names
+/// none: CRI's (the kubelet's containers live there, and its restore annotation resolves there).
+pub const KUBELET_ARCHIVE_NAMESPACE: &str = "k8s.io";
+
+/// What an import needs beyond the archive and the store.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ImportOptions<'a> {
+    /// The containerd namespace a kubelet/crictl/Podman archive's checkpoint is stored under
+    /// (such an archive records none); default [`KUBELET_ARCHIVE_NAMESPACE`]. An archive of ours
+    /// keeps its manifest's namespace.
+    pub namespace: Option<&'a str>,
+    /// The node's trust policy, checked on the unpacked checkpoint (origin marker written)
+    /// before it becomes visible; `None`: not checked here (the restore paths check it).
+    pub trust: Option<&'a TrustPolicy>,
+}
+
+/// [`import_with`] with [`ImportOptions`]. Every import marks the checkpoint with its origin
+/// (`kybernate.origin`: imported from `archive`) before it becomes visible; an archive that
+/// carries such a marker itself is refused.
+pub fn import_opts(
+    archive: &Path,
+    store: &Store,
+    opts: &ImportOptions<'_>,
+    progress: &mut dyn FnMut(Step),
+) -> Result<(PathBuf, Manifest), ArchiveError> {
+    if let Some(value) = opts.namespace.filter(|ns| !crate::manifest::valid_identifier(ns)) {
+        return Err(ArchiveError::BadNamespace { value: value.to_string() });
+    }
     create_private_dirs(store.root())?;
     let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
     let work = store.root().join(format!(".import-{}-{nanos}", std::process::id()));
@@ -258,11 +324,24 @@ pub fn import_with(
     let mut guard = Cleanup(Some(work.clone()));
     unpack(archive, &work, progress)?;
     progress(Step::Verify);
-    let manifest = if is_cri_archive(&work) {
+    let kubelet = is_cri_archive(&work);
+    let manifest = if !kubelet {
+        verify(&work).map_err(|source| ArchiveError::Verify { path: archive.to_path_buf(), source })?
+    } else if work.join(INNER_MANIFEST).exists() {
         adopt_cri_checkpoint(archive, &work)?
     } else {
-        verify(&work).map_err(|source| ArchiveError::Verify { path: archive.to_path_buf(), source })?
+        let namespace = opts.namespace.unwrap_or(KUBELET_ARCHIVE_NAMESPACE);
+        adopt_kubelet_archive(archive, &work, namespace, SystemTime::now())?
     };
+    let origin = Origin::Import { archive: archive.display().to_string() };
+    trust::write_origin(&work, &origin).map_err(io_ctx(format!("{}: cannot write {ORIGIN_FILE}", work.display())))?;
+    if let Some(policy) = opts.trust {
+        trust::check_trust(&work, policy).map_err(|source| ArchiveError::Untrusted {
+            archive: archive.to_path_buf(),
+            kubelet,
+            source: Box::new(source),
+        })?;
+    }
 
     let created = humantime::parse_rfc3339_weak(&manifest.created).unwrap_or_else(|_| SystemTime::now());
     let mut dest = store.new_checkpoint_path(&manifest.namespace, &manifest.container_id, created)?;
@@ -285,12 +364,38 @@ pub fn import_with(
     Ok((dest, manifest))
 }
 
-/// The shape of the archives CRI writes for the kubelet (containerd ≥ 2.0, CRI-O): CRIU's images
-/// under `checkpoint/`, the container's config beside them, and no manifest of ours at the root.
+/// The shape of the archives CRI writes for the kubelet (containerd ≥ 2.0, CRI-O; Podman's
+/// `--export` too): CRIU's images under `checkpoint/`, the container's config beside them, and
+/// no manifest of ours at the root. What is missing of that shape is named later.
 fn is_cri_archive(dir: &Path) -> bool {
     !dir.join(MANIFEST_FILE).exists()
-        && dir.join(IMAGES_DIR).is_dir()
-        && (dir.join(CONFIG_DUMP).is_file() || dir.join(SPEC_DUMP).is_file())
+        && (dir.join(IMAGES_DIR).is_dir() || dir.join(CONFIG_DUMP).is_file() || dir.join(SPEC_DUMP).is_file())
+}
+
+/// A signature beside a manifest this import replaces (a kubelet archive's) signs nothing here.
+fn refuse_signature(archive: &Path, work: &Path) -> Result<(), ArchiveError> {
+    if fs::symlink_metadata(work.join(SIGNATURE_FILE)).is_ok() {
+        return Err(ArchiveError::Entry {
+            archive: archive.to_path_buf(),
+            entry: SIGNATURE_FILE.into(),
+            reason: "a signature in a kubelet/crictl archive, which has no manifest of ours for it to sign".into(),
+        });
+    }
+    Ok(())
+}
+
+/// Rewrites an unpacked archive's rootfs diff (an OCI layer, gzipped by containerd 2.x) in our
+/// form, in place; whether there is one.
+fn adopt_rootfs_diff(archive: &Path, work: &Path) -> Result<bool, ArchiveError> {
+    let diff = work.join(ROOTFS_DIFF);
+    if !diff.is_file() {
+        return Ok(false);
+    }
+    let ours = work.join(format!(".{ROOTFS_DIFF}"));
+    overlay_diff_from_oci_layer(&diff, &ours)
+        .map_err(|source| ArchiveError::RootfsDiff { archive: archive.to_path_buf(), source })?;
+    fs::rename(&ours, &diff).map_err(io_ctx(format!("cannot move {} to {}", ours.display(), diff.display())))?;
+    Ok(true)
 }
 
 /// Makes an unpacked kubelet/crictl archive (containerd 2.x's CRI, taken through our shim) a
@@ -299,29 +404,19 @@ fn is_cri_archive(dir: &Path) -> bool {
 /// `status.dump`, the rootfs diff, ...) carry no checksum, so the new manifest records them as
 /// they arrived. The rootfs diff, an OCI layer there, is rewritten in our form.
 fn adopt_cri_checkpoint(archive: &Path, work: &Path) -> Result<Manifest, ArchiveError> {
+    refuse_signature(archive, work)?;
     let images = work.join(IMAGES_DIR);
-    if !images.join(MANIFEST_FILE).is_file() {
-        return Err(ArchiveError::CriArchive { archive: archive.to_path_buf() });
-    }
     let verified = verify(&images).map_err(|source| ArchiveError::Verify { path: archive.to_path_buf(), source })?;
     if !verified.flat {
         return Err(ArchiveError::Entry {
             archive: archive.to_path_buf(),
-            entry: format!("{IMAGES_DIR}/{MANIFEST_FILE}"),
+            entry: INNER_MANIFEST.into(),
             reason: "not the manifest our shim writes beside CRIU's images for CRI (flat)".into(),
         });
     }
     let inner = images.join(MANIFEST_FILE);
     fs::remove_file(&inner).map_err(io_ctx(format!("{}: cannot remove", inner.display())))?;
-
-    let diff = work.join(ROOTFS_DIFF);
-    let rootfs_diff = diff.is_file();
-    if rootfs_diff {
-        let ours = work.join(format!(".{ROOTFS_DIFF}"));
-        overlay_diff_from_oci_layer(&diff, &ours)
-            .map_err(|source| ArchiveError::RootfsDiff { archive: archive.to_path_buf(), source })?;
-        fs::rename(&ours, &diff).map_err(io_ctx(format!("cannot move {} to {}", ours.display(), diff.display())))?;
-    }
+    let rootfs_diff = adopt_rootfs_diff(archive, work)?;
 
     // CRIU's images as verified; every other file as it arrived (hashed once, here). Images of an
     // older format are hashed again in the current one (just verified, in our private work dir),
@@ -346,6 +441,242 @@ fn adopt_cri_checkpoint(archive: &Path, work: &Path) -> Result<Manifest, Archive
     Ok(manifest)
 }
 
+/// The most of `config.dump`, `spec.dump` and `status.dump` read into memory (an OCI spec with
+/// every annotation and mount is tens of KiB).
+const MAX_DUMP_BYTES: u64 = 4 << 20;
+/// The most of CRIU's `dump.log` read for its version lines (they are its first).
+const DUMP_LOG_HEAD: u64 = 64 << 10;
+/// CRIU's log of the dump, which containerd 2.x and CRI-O put into their archives.
+const DUMP_LOG: &str = "dump.log";
+/// CRI's status of the container at the checkpoint (its labels name the pod).
+const STATUS_DUMP: &str = "status.dump";
+/// Where CRI and CRI-O record a container's pod and name: annotations of its spec (containerd's
+/// first, then the kubelet's labels as CRI-O copies them), then the labels of `status.dump`.
+const POD_NAMESPACE_KEYS: [&str; 2] = ["io.kubernetes.cri.sandbox-namespace", "io.kubernetes.pod.namespace"];
+const POD_NAME_KEYS: [&str; 2] = ["io.kubernetes.cri.sandbox-name", "io.kubernetes.pod.name"];
+const CONTAINER_NAME_KEYS: [&str; 2] = ["io.kubernetes.cri.container-name", "io.kubernetes.container.name"];
+/// The longest free text (image name, runtime, host, kernel) taken from an archive's files.
+const MAX_TEXT: usize = 512;
+
+/// Makes an unpacked kubelet/crictl/Podman checkpoint archive taken without our shim (containerd
+/// 2.x's CRI with runc's handler, CRI-O, Podman) a checkpoint of our store, in place, under
+/// `namespace`. Nothing in such an archive vouches for it, so it is checked for what a restore
+/// needs: CRIU's images under `checkpoint/` that read as a process tree (the same reading the
+/// restore's credentials check does), `config.dump` naming the container, `spec.dump`; the
+/// container's identity taken from them is validated like a manifest of ours. The generated
+/// manifest (format 2) hashes every file as it arrived. CRIU's flags are derived from its images
+/// (`--tcp-established` when it dumped established connections); nothing in `spec.dump` is used to
+/// grant the restored container anything.
+fn adopt_kubelet_archive(
+    archive: &Path,
+    work: &Path,
+    namespace: &str,
+    now: SystemTime,
+) -> Result<Manifest, ArchiveError> {
+    let refuse = |entry: &str, reason: String| ArchiveError::Entry {
+        archive: archive.to_path_buf(),
+        entry: entry.to_string(),
+        reason: reason.into(),
+    };
+    refuse_signature(archive, work)?;
+    let images = work.join(IMAGES_DIR);
+    for (rel, what) in [
+        (IMAGES_DIR, "a kubelet/crictl checkpoint archive holds CRIU's images in checkpoint/"),
+        (CONFIG_DUMP, "a kubelet/crictl checkpoint archive names its container in config.dump"),
+        (SPEC_DUMP, "a kubelet/crictl checkpoint archive holds the container's OCI spec in spec.dump"),
+    ] {
+        let present = if rel == IMAGES_DIR { images.is_dir() } else { work.join(rel).is_file() };
+        if !present {
+            return Err(refuse(rel, format!("missing: {what}")));
+        }
+    }
+    CheckpointImages::read(&images).map_err(|e| image_refusal(archive, work, &e))?;
+
+    let config = read_json(archive, work, CONFIG_DUMP)?;
+    let spec = read_json(archive, work, SPEC_DUMP)?;
+    let status = match work.join(STATUS_DUMP).is_file() {
+        true => Some(read_json(archive, work, STATUS_DUMP)?),
+        false => None,
+    };
+    let container_id = text_field(&config, "id")
+        .ok_or_else(|| refuse(CONFIG_DUMP, "no container id (\"id\") in it".into()))?
+        .to_string();
+    // Each identity field with the entry it came from, for the error that names it.
+    let lookup = |keys: &[&str]| -> Option<(String, &'static str)> {
+        let from_spec = keys.iter().find_map(|k| text_field(&spec["annotations"], k)).map(|v| (v, SPEC_DUMP));
+        from_spec
+            .or_else(|| {
+                let status = status.as_ref()?;
+                keys.iter()
+                    .find_map(|k| text_field(&status["labels"], k).or_else(|| text_field(&status["annotations"], k)))
+                    .map(|v| (v, STATUS_DUMP))
+            })
+            .map(|(v, entry)| (v.to_string(), entry))
+    };
+    let (pod_namespace, pod_name, container_name) =
+        (lookup(&POD_NAMESPACE_KEYS), lookup(&POD_NAME_KEYS), lookup(&CONTAINER_NAME_KEYS));
+    let identity = Identity {
+        namespace,
+        container_id: &container_id,
+        pod_namespace: pod_namespace.as_ref().map(|(v, _)| v.as_str()),
+        pod_name: pod_name.as_ref().map(|(v, _)| v.as_str()),
+        container_name: container_name.as_ref().map(|(v, _)| v.as_str()),
+    };
+    validate_identity(&identity).map_err(|e| {
+        let entry = match &e {
+            ManifestError::BadField { field: "namespace", .. } => {
+                return ArchiveError::BadNamespace { value: namespace.into() };
+            }
+            ManifestError::BadField { field: "pod_namespace", .. } => pod_namespace.as_ref().map(|f| f.1),
+            ManifestError::BadField { field: "pod_name", .. } => pod_name.as_ref().map(|f| f.1),
+            ManifestError::BadField { field: "container_name", .. } => container_name.as_ref().map(|f| f.1),
+            _ => None,
+        };
+        refuse(entry.unwrap_or(CONFIG_DUMP), e.to_string())
+    })?;
+
+    // A time in the future cannot be the checkpoint's: such a one (or none) becomes now.
+    let checkpointed = text_field(&config, "checkpointedTime").and_then(parse_go_time).filter(|t| *t <= now);
+    let created = rfc3339(clamp_time(checkpointed.unwrap_or(now)));
+    let (criu_version, host, kernel) = dump_log_versions(&work.join(DUMP_LOG));
+    let dump_stats = crate::criu_stats::read_dump(&work.join(STATS_DUMP)).ok().map(|t| DumpStats::from(&t));
+    let open_tcp = fs::read_dir(&images)
+        .map_err(io_ctx(format!("{}: cannot list", images.display())))?
+        .flatten()
+        .any(|e| e.file_name().to_str().is_some_and(|n| n.starts_with("tcp-stream-") && n.ends_with(".img")));
+    let rootfs_diff = adopt_rootfs_diff(archive, work)?;
+
+    let mut files = BTreeMap::new();
+    collect_files(work, "", &[], &mut files)?;
+    let manifest = Manifest {
+        format_version: FORMAT_VERSION,
+        namespace: namespace.to_string(),
+        container_id,
+        pod_namespace: pod_namespace.map(|f| f.0),
+        pod_name: pod_name.map(|f| f.0),
+        container_name: container_name.map(|f| f.0),
+        image: text_field(&config, "rootfsImageName").and_then(plain_text),
+        // No path: the node's own runtime restores it (the shim's default), as for CRI.
+        runtime: ToolInfo {
+            path: PathBuf::new(),
+            version: text_field(&config, "runtime").and_then(plain_text).unwrap_or_default(),
+        },
+        criu: ToolInfo { path: PathBuf::new(), version: criu_version.unwrap_or_default() },
+        kernel: kernel.unwrap_or_else(|| "unknown".into()),
+        host: host.unwrap_or_else(|| "unknown".into()),
+        created,
+        options: crate::CheckpointFlags { open_tcp, ..Default::default() },
+        rootfs_diff,
+        duration_ms: 0,
+        frozen_ms: None,
+        dump_stats,
+        digest: Algorithm::current().params(),
+        files,
+        gpu: None,
+        flat: false,
+    };
+    manifest.validate(now).map_err(|e| refuse(CONFIG_DUMP, e.to_string()))?;
+    write_manifest(work, &manifest)?;
+    Ok(manifest)
+}
+
+/// A CRIU image that does not read, as the refusal of the archive entry it came from.
+fn image_refusal(archive: &Path, work: &Path, e: &ImageError) -> ArchiveError {
+    let file = match e {
+        ImageError::Io { file, .. }
+        | ImageError::Missing { file }
+        | ImageError::TooBig { file, .. }
+        | ImageError::Magic { file, .. }
+        | ImageError::Truncated { file, .. }
+        | ImageError::Decode { file, .. }
+        | ImageError::Malformed { file, .. } => file,
+    };
+    let entry = file.strip_prefix(work).unwrap_or(file).display().to_string();
+    let text = e.to_string();
+    let reason = text.strip_prefix(&format!("{}: ", file.display())).unwrap_or(&text).to_string();
+    ArchiveError::Entry {
+        archive: archive.to_path_buf(),
+        entry,
+        reason: format!("not CRIU's images of a process tree: {reason}").into(),
+    }
+}
+
+/// An unpacked JSON file of the archive, bounded.
+fn read_json(archive: &Path, work: &Path, rel: &str) -> Result<serde_json::Value, ArchiveError> {
+    let refuse = |reason: String| ArchiveError::Entry {
+        archive: archive.to_path_buf(),
+        entry: rel.to_string(),
+        reason: reason.into(),
+    };
+    let path = work.join(rel);
+    let bytes = crate::signing::read_bounded(&path, MAX_DUMP_BYTES).map_err(|e| match e.kind() {
+        io::ErrorKind::InvalidData => refuse(e.to_string()),
+        _ => refuse(format!("cannot read: {e}")),
+    })?;
+    let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| refuse(format!("not JSON: {e}")))?;
+    if !value.is_object() {
+        return Err(refuse("not a JSON object".into()));
+    }
+    Ok(value)
+}
+
+/// A non-empty string field of a JSON object.
+fn text_field<'a>(v: &'a serde_json::Value, key: &str) -> Option<&'a str> {
+    v.get(key)?.as_str().filter(|s| !s.is_empty())
+}
+
+/// Free text from an archive kept for display only: printable, bounded, else dropped.
+fn plain_text(s: &str) -> Option<String> {
+    (s.len() <= MAX_TEXT && s.chars().all(|c| !c.is_control())).then(|| s.to_string())
+}
+
+/// Go's `time.Time` in JSON (RFC 3339 with nanoseconds and the writer's zone offset, `Z` or
+/// `+02:00`); `None` for anything else, and for times before 1970 (Go's zero time).
+fn parse_go_time(s: &str) -> Option<SystemTime> {
+    if let Some(base) = s.strip_suffix('Z').or_else(|| s.strip_suffix('z')) {
+        return humantime::parse_rfc3339_weak(&format!("{base}Z")).ok();
+    }
+    let split = s.len().checked_sub(6).filter(|&i| s.is_char_boundary(i))?;
+    let (base, zone) = s.split_at(split);
+    let z = zone.as_bytes();
+    let digits = |r: std::ops::Range<usize>| z[r].iter().all(u8::is_ascii_digit);
+    if !matches!(z[0], b'+' | b'-') || z[3] != b':' || !digits(1..3) || !digits(4..6) {
+        return None;
+    }
+    let (h, m): (u64, u64) = (zone[1..3].parse().ok()?, zone[4..6].parse().ok()?);
+    if h > 23 || m > 59 {
+        return None;
+    }
+    let sign = z[0];
+    let local = humantime::parse_rfc3339_weak(&format!("{base}Z")).ok()?;
+    let offset = std::time::Duration::from_secs(h * 3600 + m * 60);
+    // Local time = UTC + offset.
+    if sign == b'+' {
+        local.checked_sub(offset)
+    } else {
+        local.checked_add(offset)
+    }
+}
+
+/// CRIU's version, the dump host's name and kernel release from the first lines of its log
+/// (`Version: 4.2.1 (gitid …)`, `Running on HOST Linux RELEASE …`); each `None` when absent.
+fn dump_log_versions(path: &Path) -> (Option<String>, Option<String>, Option<String>) {
+    let Ok(f) = File::open(path) else { return (None, None, None) };
+    let mut head = Vec::new();
+    if f.take(DUMP_LOG_HEAD).read_to_end(&mut head).is_err() {
+        return (None, None, None);
+    }
+    let text = String::from_utf8_lossy(&head);
+    let word = |s: &str| Some(s.to_string()).filter(|w| w.len() <= 64 && w.chars().all(|c| c.is_ascii_graphic()));
+    let after = |marker: &str| text.lines().find_map(|l| l.split_once(marker).map(|(_, rest)| rest.to_string()));
+    let version = after("Version: ").and_then(|rest| rest.split_whitespace().next().and_then(word));
+    let running = after("Running on ");
+    let fields: Vec<&str> = running.as_deref().map(|r| r.split_whitespace().collect()).unwrap_or_default();
+    let host = fields.first().and_then(|h| word(h));
+    let kernel = fields.get(2).and_then(|k| word(k));
+    (version, host, kernel)
+}
+
 /// How deep an archive's paths may go: a checkpoint's files are at most two levels deep
 /// (`checkpoint/pages-1.img`); the margin is for formats to come, not for 2000-level bombs.
 pub const MAX_DEPTH: usize = 8;
@@ -367,6 +698,8 @@ const TAR_OVERHEAD_PER_FILE: u64 = 8 * 512;
 const TAR_END_SLACK: u64 = 1 << 20;
 /// The manifest our shim writes beside CRIU's images for CRI (a kubelet archive's).
 const INNER_MANIFEST: &str = "checkpoint/kybernate.json";
+/// A signature file is a few hundred bytes.
+const MAX_SIGNATURE_BYTES: u64 = 64 << 10;
 
 /// Decides, entry by entry while the archive is read, what may be unpacked: once a manifest is
 /// read, only the files it lists (with their sizes) and the directories holding them; before,
@@ -389,6 +722,20 @@ impl Admission {
             return Err(
                 format!("nested deeper than {MAX_DEPTH} levels; a checkpoint's files are at most 2 deep").into()
             );
+        }
+        if rel.rsplit('/').next() == Some(ORIGIN_FILE) {
+            return Err(format!(
+                "{ORIGIN_FILE} is the record a node keeps of where its checkpoints came from; an archive must not bring one"
+            )
+            .into());
+        }
+        // The signature beside the manifest is not listed in it (it signs the manifest).
+        if rel == SIGNATURE_FILE {
+            return match size {
+                Some(size) if size <= MAX_SIGNATURE_BYTES => Ok(()),
+                Some(size) => Err(format!("{size} bytes, too big for a signature").into()),
+                None => Err("a directory named like the signature".into()),
+            };
         }
         if let Some(files) = &self.root {
             return listed(files, rel, size);
@@ -457,7 +804,7 @@ fn parse_manifest(bytes: &[u8]) -> Result<Manifest, String> {
         ));
     }
     manifest.validate(SystemTime::now()).map_err(|e| e.to_string())?;
-    if let Some(bad) = manifest.files.keys().find(|k| !is_plain_relative(k) || *k == MANIFEST_FILE) {
+    if let Some(bad) = manifest.files.keys().find(|k| !is_plain_relative(k) || SIDE_FILES.contains(&k.as_str())) {
         return Err(format!("lists {bad:?}, which is not a plain relative path inside the checkpoint"));
     }
     Ok(manifest)
@@ -488,6 +835,8 @@ struct Stream {
     limit: Cell<u64>,
     /// Whether a manifest set the limit (else it is [`MAX_UNLISTED_BYTES`]).
     listed: Cell<bool>,
+    /// A plain tar's size: no entry of it can hold more.
+    plain_size: Cell<Option<u64>>,
     fault: RefCell<Option<Fault>>,
     /// The last entry whose header was read, for error messages.
     after: RefCell<Option<String>>,
@@ -586,6 +935,7 @@ fn unpack(archive: &Path, work: &Path, progress: &mut dyn FnMut(Step)) -> Result
             .and_then(|()| io::copy(&mut inflate, &mut io::sink()).map(drop).map_err(io_ctx(read_ctx())))
     } else {
         stream.limit.set(u64::MAX);
+        stream.plain_size.set(Some(total));
         unpack_entries(Archive::new(reader), archive, work, &stream)
     };
     let Err(e) = result else { return Ok(()) };
@@ -641,6 +991,23 @@ fn admit_sizes(
     Ok(())
 }
 
+/// An entry's size before anything of it is written: never more than a plain tar holds, and,
+/// while no manifest declared the sizes (checked then by [`admit_sizes`]), never more than the
+/// store's filesystem has free. So a header claiming terabytes is refused by name at once.
+fn check_entry_size(size: u64, unlisted: bool, work: &Path, stream: &Stream) -> Result<(), Cow<'static, str>> {
+    if let Some(total) = stream.plain_size.get().filter(|total| size > *total) {
+        return Err(format!("claims {size} bytes, more than the whole archive ({total} bytes)").into());
+    }
+    if unlisted {
+        if let Ok(free) = crate::preflight::free_bytes(work) {
+            if size > free {
+                return Err(format!("{size} bytes, more than the {free} bytes free in the store's filesystem").into());
+            }
+        }
+    }
+    Ok(())
+}
+
 fn unpack_entries<R: Read>(
     mut tar: Archive<R>,
     archive: &Path,
@@ -690,6 +1057,7 @@ fn unpack_entries<R: Read>(
                     return Err(refuse(format!("{size} bytes, too big for a manifest").into()));
                 }
                 admission.admit(&rel, Some(size)).map_err(refuse)?;
+                check_entry_size(size, admission.root.is_none(), work, stream).map_err(refuse)?;
                 if let Some(parent) = dst.parent() {
                     create_private_dirs(parent)?;
                 }
@@ -808,6 +1176,33 @@ mod tests {
         assert_eq!((copied, out), (None, 4999), "nothing past the bound comes out");
         assert!(matches!(fault, Some(Fault::Oversized)));
         assert!(matches!(read(MAX_UNLISTED_BYTES), (Some(5000), 5000, None)));
+    }
+
+    #[test]
+    fn go_times_in_any_zone_become_utc() {
+        let utc = |s: &str| parse_go_time(s).map(|t| humantime::format_rfc3339_nanos(t).to_string());
+        assert_eq!(utc("2026-11-24T05:28:41.123456789Z").as_deref(), Some("2026-11-24T05:28:41.123456789Z"));
+        assert_eq!(utc("2026-11-24T06:28:41.5+01:00").as_deref(), Some("2026-11-24T05:28:41.500000000Z"));
+        assert_eq!(utc("2026-11-23T21:58:41-07:30").as_deref(), Some("2026-11-24T05:28:41.000000000Z"));
+        for bad in ["0001-01-01T00:00:00Z", "", "yesterday", "2026-11-24T06:28:41+1:000", "2026-11-24T06:28:41é0:00"] {
+            assert_eq!(utc(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn criu_versions_come_from_the_first_lines_of_its_log() {
+        let d = tempfile::tempdir().unwrap();
+        let log = d.path().join("dump.log");
+        fs::write(
+            &log,
+            "(00.000000) Version: 4.2.1 (gitid 0)\n(00.000011) Running on node-7 Linux 6.18.0 #1 SMP x86_64\n",
+        )
+        .unwrap();
+        let want = (Some("4.2.1".to_string()), Some("node-7".to_string()), Some("6.18.0".to_string()));
+        assert_eq!(dump_log_versions(&log), want);
+        fs::write(&log, "(00.0) Version: \u{1b}[31m\n").unwrap();
+        assert_eq!(dump_log_versions(&log), (None, None, None), "control characters are dropped");
+        assert_eq!(dump_log_versions(&d.path().join("none")), (None, None, None));
     }
 
     #[test]

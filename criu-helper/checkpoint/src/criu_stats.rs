@@ -208,7 +208,6 @@ fn us_to_ms(us: u64) -> u64 {
     us.saturating_add(500) / 1000
 }
 
-
 fn read_bounded(file: &Path) -> Result<Vec<u8>, ImageError> {
     let f = fs::File::open(file).map_err(|source| match source.kind() {
         io::ErrorKind::NotFound => ImageError::Missing { file: file.into() },

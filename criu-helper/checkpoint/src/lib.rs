@@ -22,8 +22,11 @@ pub mod manifest;
 pub mod policy;
 pub mod predump;
 pub mod preflight;
+pub mod retention;
 pub mod rootfs;
+pub mod signing;
 pub mod store;
+pub mod trust;
 
 // Everything is also at the crate root: callers write `criu::verify`, `criu::MANIFEST_FILE`.
 pub use archive::{export, import, ArchiveError};
@@ -46,10 +49,12 @@ pub use preflight::{
     PreflightError, MIN_CRIU, SPACE_HEADROOM,
 };
 pub use rootfs::{apply_rootfs_diff, overlay_diff_from_oci_layer, overlay_upperdir, write_rootfs_diff, RootfsError};
+pub use signing::{PublicKey, SignatureState, SigningError, SigningKey, SIGNATURE_FILE};
 pub use store::{
     dir_size, read_manifest, verify, verify_metadata, verify_quick, CommitTimes, PartialCheckpoint, Store, StoreError,
     VerifyError, INVENTORY, PHASE_CRIU_DUMP, PHASE_FILE, PHASE_GPU_CHECKPOINT, PHASE_GPU_LOCK,
 };
+pub use trust::{check_trust, read_origin, write_origin, Origin, TrustError, TrustPolicy, TrustVerdict, ORIGIN_FILE};
 
 /// Any error of this crate, for callers that do not care which step failed.
 #[derive(Debug, thiserror::Error)]

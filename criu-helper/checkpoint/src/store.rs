@@ -17,6 +17,12 @@ use crate::follow::{Follower, Prehashed};
 use crate::manifest::{
     clamp_time, FileEntry, Manifest, FORMAT_VERSION, IMAGES_DIR, MANIFEST_FILE, OLDEST_FORMAT_VERSION, ROOTFS_DIFF,
 };
+use crate::signing::{SigningKey, SIGNATURE_FILE};
+use crate::trust::ORIGIN_FILE;
+
+/// Files beside the manifest at the top of a checkpoint that the manifest does not list: the
+/// manifest itself, its signature, and this node's origin marker. Only as regular files.
+pub const SIDE_FILES: [&str; 3] = [MANIFEST_FILE, SIGNATURE_FILE, ORIGIN_FILE];
 
 /// The file CRIU writes first and restore reads first: without it there is no checkpoint.
 pub const INVENTORY: &str = "checkpoint/inventory.img";
@@ -49,6 +55,10 @@ pub enum StoreError {
         #[source]
         source: io::Error,
     },
+    /// `[checkpoint] signing_key` is set and the manifest could not be signed: the checkpoint is
+    /// not committed (a node that signs never leaves an unsigned checkpoint behind).
+    #[error("cannot sign the checkpoint: {0}")]
+    Sign(#[from] crate::signing::SigningError),
 }
 
 /// A checkpoint directory that must not be restored. Every variant names the file at fault.
@@ -160,8 +170,8 @@ impl Store {
     }
 
     /// Hidden work directories whose writer is gone: partial checkpoints (`.<name>.partial-<pid>-<n>`),
-    /// removals (`.<name>.removing-<pid>-<n>`) and imports (`.import-<pid>-<n>`) left by a shim or
-    /// CLI that was killed mid-way. They never look like checkpoints, but they hold disk space.
+    /// removals (`.<name>.removing-<pid>-<n>`), imports (`.import-<pid>-<n>`) and pulls
+    /// (`.pull-<pid>-<n>`) left by a shim or CLI that was killed mid-way. They never look like checkpoints, but they hold disk space.
     /// `alive(pid)` says whether the writer still runs (normally: `/proc/<pid>` exists).
     pub fn stale_work_dirs(&self, alive: impl Fn(u32) -> bool) -> Vec<PathBuf> {
         let mut out = Vec::new();
@@ -263,7 +273,9 @@ fn work_dir_writer(name: &str) -> Option<u32> {
     let rest = name.strip_prefix('.')?;
     let (kind_part, nanos) = rest.rsplit_once('-')?;
     let (kind_part, pid) = kind_part.rsplit_once('-')?;
-    let known = kind_part == "import" || [".partial", ".removing"].iter().any(|k| kind_part.ends_with(k));
+    let known = kind_part == "import"
+        || kind_part == "pull"
+        || [".partial", ".removing"].iter().any(|k| kind_part.ends_with(k));
     (known && nanos.bytes().all(|b| b.is_ascii_digit()) && !nanos.is_empty()).then(|| pid.parse().ok()).flatten()
 }
 
@@ -283,6 +295,8 @@ pub struct PartialCheckpoint {
     flat: bool,
     /// Hashing the images while CRIU writes them ([`follow_dump`](Self::follow_dump)).
     follower: Option<Follower>,
+    /// Signs the manifest at commit ([`sign_with`](Self::sign_with)).
+    signing_key: Option<SigningKey>,
 }
 
 /// Where a commit's time went, for the journal's phases.
@@ -330,7 +344,7 @@ impl PartialCheckpoint {
         remove_stale_partials(parent);
         check_target_free(target)?;
         DirBuilder::new().mode(0o700).create(&dir).map_err(store_io("create directory", &dir))?;
-        Ok(Self { dir, target: target.to_path_buf(), committed: false, flat, follower: None })
+        Ok(Self { dir, target: target.to_path_buf(), committed: false, flat, follower: None, signing_key: None })
     }
 
     /// Whether CRIU's images go to the top of the directory.
@@ -374,6 +388,12 @@ impl PartialCheckpoint {
         }
     }
 
+    /// Signs the checkpoint with `key` at commit: `kybernate.sig` is written and synced after the
+    /// manifest and before the rename, so a visible checkpoint is signed or not there at all.
+    pub fn sign_with(&mut self, key: SigningKey) {
+        self.signing_key = Some(key);
+    }
+
     /// Records every file under `dir()` in `manifest.files`, writes the manifest, syncs everything
     /// and renames `dir()` onto the target. On error the partial dir is removed (by drop).
     pub fn commit(self, manifest: Manifest) -> Result<Manifest, StoreError> {
@@ -404,6 +424,9 @@ impl PartialCheckpoint {
         manifest.files = files;
         manifest.flat = self.flat;
         write_manifest(&self.dir, &manifest)?;
+        if let Some(key) = &self.signing_key {
+            key.sign_dir(&self.dir)?;
+        }
         check_target_free(&self.target)?;
         // rename(2) atomically replaces an empty directory.
         fs::rename(&self.dir, &self.target).map_err(|source| StoreError::Io {
@@ -543,6 +566,15 @@ fn list_files(
     for (name, path, meta) in read_dir_sorted(dir).map_err(|(p, e)| store_io("list", &p)(e))? {
         if skip.contains(&name.as_str()) {
             continue;
+        }
+        // The signature and origin marker sit beside the manifest, unlisted (regular files only).
+        if prefix.is_empty() && SIDE_FILES[1..].contains(&name.as_str()) {
+            if meta.is_file() {
+                continue;
+            }
+            let what =
+                if meta.is_dir() { "directory where a signature or origin file belongs" } else { file_kind(&meta) };
+            return Err(StoreError::Unexpected { path, what });
         }
         let rel = format!("{prefix}{name}");
         if meta.is_dir() {
@@ -758,7 +790,7 @@ pub fn verify_quick(dir: &Path) -> Result<Manifest, VerifyError> {
     let manifest = validated(dir, manifest, SystemTime::now())?;
     check_entries(dir, &manifest)?;
     for entry in manifest.files.keys() {
-        if !is_plain_relative(entry) || entry == MANIFEST_FILE {
+        if !is_plain_relative(entry) || SIDE_FILES.contains(&entry.as_str()) {
             return Err(VerifyError::BadPath { path: manifest_path, entry: entry.clone() });
         }
     }
@@ -768,7 +800,13 @@ pub fn verify_quick(dir: &Path) -> Result<Manifest, VerifyError> {
     }
     let mut present = BTreeMap::new();
     present_files(dir, "", &mut present)?;
-    present.remove(MANIFEST_FILE);
+    for side in SIDE_FILES {
+        // An empty directory by that name would leave nothing in `present`: refuse it here.
+        if fs::symlink_metadata(dir.join(side)).is_ok_and(|meta| !meta.is_file()) {
+            return Err(VerifyError::NotRegular { file: dir.join(side) });
+        }
+        present.remove(side);
+    }
     if let Some((_, file)) = present.iter().find(|(rel, _)| !manifest.files.contains_key(*rel)) {
         return Err(VerifyError::Unlisted { file: file.0.clone() });
     }
@@ -970,5 +1008,66 @@ mod tests {
         let err = verify(&cp).unwrap_err();
         let why = r#"container_id "../../c1" is not a valid containerd identifier (letters and digits, separated by "#;
         assert!(err.to_string().ends_with(&format!("{why}single '.', '_' or '-', at most 76 characters)")), "{err}");
+    }
+
+    #[test]
+    fn signature_and_origin_beside_the_manifest_are_tolerated_only_there_and_as_files() {
+        let tmp = tempfile::tempdir().unwrap();
+        let target = tmp.path().join("store/ns/c1/t1");
+        let mut p = PartialCheckpoint::begin(&target).unwrap();
+        fs::write(p.images_dir().join(INVENTORY_FILE), b"inventory").unwrap();
+        let key = SigningKey::generate().unwrap();
+        let public = key.public().clone();
+        p.sign_with(key);
+        // An import marks its work dir before the commit: the marker is not listed either.
+        crate::trust::write_origin(p.dir(), &crate::trust::Origin::Import { archive: "a.tar".into() }).unwrap();
+        let m = p.commit(sample()).unwrap();
+        assert!(!m.files.keys().any(|k| SIDE_FILES.contains(&k.as_str())), "{:?}", m.files.keys());
+        assert!(verify(&target).is_ok() && verify_quick(&target).is_ok() && verify_metadata(&target).is_ok());
+        let sig = crate::signing::read_signature(&target).unwrap().expect("signed at commit");
+        assert!(public.verifies(&fs::read(target.join(MANIFEST_FILE)).unwrap(), &sig));
+
+        // Anywhere else they are files the manifest does not list.
+        fs::copy(target.join(SIGNATURE_FILE), target.join(IMAGES_DIR).join(SIGNATURE_FILE)).unwrap();
+        assert!(matches!(verify_quick(&target), Err(VerifyError::Unlisted { .. })));
+        fs::remove_file(target.join(IMAGES_DIR).join(SIGNATURE_FILE)).unwrap();
+        // As anything but a regular file they are refused.
+        for side in [SIGNATURE_FILE, ORIGIN_FILE] {
+            let path = target.join(side);
+            let saved = fs::read(&path).unwrap();
+            fs::remove_file(&path).unwrap();
+            symlink("/etc/hostname", &path).unwrap();
+            assert!(matches!(verify_quick(&target), Err(VerifyError::NotRegular { file }) if file == path));
+            fs::remove_file(&path).unwrap();
+            fs::create_dir(&path).unwrap();
+            assert!(matches!(verify_quick(&target), Err(VerifyError::NotRegular { file }) if file == path));
+            let mut out = BTreeMap::new();
+            let err = collect_files(&target, "", &[], &mut out).unwrap_err();
+            assert!(matches!(&err, StoreError::Unexpected { path: p, .. } if *p == path), "{err}");
+            fs::remove_dir(&path).unwrap();
+            fs::write(&path, saved).unwrap();
+        }
+        assert!(verify(&target).is_ok());
+        // A manifest may not list them.
+        let mut m = read_manifest(&target).unwrap();
+        let entry = m.files.values().next().unwrap().clone();
+        m.files.insert(SIGNATURE_FILE.into(), entry);
+        write_manifest(&target, &m).unwrap();
+        assert!(matches!(verify_quick(&target), Err(VerifyError::BadPath { entry, .. }) if entry == SIGNATURE_FILE));
+    }
+
+    #[test]
+    fn a_commit_with_something_else_in_the_signatures_place_leaves_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let target = tmp.path().join("store/ns/c1/t1");
+        let mut p = PartialCheckpoint::begin(&target).unwrap();
+        fs::write(p.images_dir().join(INVENTORY_FILE), b"inventory").unwrap();
+        p.sign_with(SigningKey::generate().unwrap());
+        // A directory where the signature goes: refused before anything is renamed into place.
+        fs::create_dir(p.dir().join(SIGNATURE_FILE)).unwrap();
+        let err = p.commit(sample()).unwrap_err();
+        assert!(matches!(err, StoreError::Unexpected { .. }), "{err}");
+        assert!(!target.exists());
+        assert_eq!(fs::read_dir(target.parent().unwrap()).unwrap().count(), 0, "the partial dir is gone");
     }
 }

@@ -246,11 +246,12 @@ fn kubelet_archives_we_cannot_vouch_for_are_refused_and_leave_nothing() {
     let err = refused(&archive);
     assert!(matches!(&err, ArchiveError::Verify { .. }) && err.to_string().contains("pages-1.img"), "{err}");
 
-    // Taken through another runtime (the stock runc shim, CRI-O): no manifest of ours.
+    // Taken through another runtime, with images that are not CRIU's: no manifest of ours
+    // vouches for them, and they do not read as a process tree.
     let archive = kubelet_archive(d.path(), |flat| fs::remove_file(flat.join(MANIFEST_FILE)).unwrap(), &[]);
     let err = refused(&archive);
-    assert!(matches!(&err, ArchiveError::CriArchive { .. }), "{err}");
-    assert!(err.to_string().contains("not taken through the Kybernate shim"), "{err}");
+    assert!(matches!(&err, ArchiveError::Entry { entry, .. } if entry == "checkpoint/inventory.img"), "{err}");
+    assert!(err.to_string().contains("not CRIU's images"), "{err}");
 
     // A manifest in checkpoint/ that is not the shim's flat one.
     let archive = kubelet_archive(
@@ -419,4 +420,249 @@ fn an_archive_whose_manifest_declares_more_than_the_store_can_hold_is_refused() 
         assert!(matches!(&err, ArchiveError::NoSpace { .. }), "{name}: {err}");
         assert!(err.to_string().contains("bytes free"), "{err}");
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// kubelet/crictl/Podman archives taken WITHOUT our shim (containerd 2.x's runc handler, CRI-O)
+
+use kybernate_checkpoint::archive::{import_opts, ImportOptions, KUBELET_ARCHIVE_NAMESPACE};
+use kybernate_checkpoint::images::proto::{
+    CoreEntry, CredsEntry, InventoryEntry, PstreeEntry, TaskCoreEntry, TaskKobjIdsEntry, ThreadCoreEntry,
+};
+use kybernate_checkpoint::images::{CORE_MAGIC, IDS_MAGIC, IMG_COMMON_MAGIC, INVENTORY_MAGIC, PSTREE_MAGIC};
+use kybernate_checkpoint::{read_origin, Origin, TrustPolicy};
+use prost::Message;
+
+/// A CRIU image as CRIU frames it: the common magic (not for the inventory), the image's magic,
+/// then each entry length-prefixed.
+fn criu_image(magic: u32, entries: &[Vec<u8>]) -> Vec<u8> {
+    let mut out = Vec::new();
+    if magic != INVENTORY_MAGIC {
+        out.extend_from_slice(&IMG_COMMON_MAGIC.to_le_bytes());
+    }
+    out.extend_from_slice(&magic.to_le_bytes());
+    for e in entries {
+        out.extend_from_slice(&(e.len() as u32).to_le_bytes());
+        out.extend_from_slice(e);
+    }
+    out
+}
+
+/// The files of a kubelet archive containerd 2.1 writes for a container under runc's handler
+/// (no manifest of ours): a one-process CRIU dump, CRI's dumps naming pod `team-a/web-0`, its
+/// container `web`, CRIU's log, and a gzipped OCI layer as the rootfs diff.
+fn runc_kubelet_files() -> BTreeMap<String, Vec<u8>> {
+    let ids = TaskKobjIdsEntry { pid_ns_id: Some(1), mnt_ns_id: Some(2), ..Default::default() };
+    let core = CoreEntry {
+        tc: Some(TaskCoreEntry { task_state: 1, ..Default::default() }),
+        thread_core: Some(ThreadCoreEntry {
+            creds: Some(CredsEntry { cap_eff: vec![0, 0], ..Default::default() }),
+            seccomp_mode: Some(0),
+            ..Default::default()
+        }),
+    };
+    let inventory = InventoryEntry { img_version: 2, root_ids: Some(ids.clone()), lsmtype: Some(0) };
+    let pstree = PstreeEntry { pid: 1, ppid: 0, threads: vec![1] };
+    let spec = serde_json::json!({
+        "ociVersion": "1.2.1",
+        "annotations": {
+            "io.kubernetes.cri.container-type": "container",
+            "io.kubernetes.cri.sandbox-namespace": "team-a",
+            "io.kubernetes.cri.sandbox-name": "web-0",
+            "io.kubernetes.cri.container-name": "web",
+        }
+    });
+    let config = serde_json::json!({
+        "id": "3f1c0de5",
+        "name": "web_web-0_team-a_uid_0",
+        "rootfsImageName": "docker.io/library/busybox:1",
+        "runtime": "io.containerd.runc.v2",
+        "createdTime": "2026-11-24T06:00:00.5+01:00",
+        "checkpointedTime": "2026-11-24T06:28:41.123456789+01:00",
+        "restoredTime": "0001-01-01T00:00:00Z",
+    });
+    let log = "(00.000000) Version: 4.2.1 (gitid 0)\n(00.000010) Running on node-7 Linux 6.18.0 #1 SMP x86_64\n";
+    BTreeMap::from([
+        ("checkpoint/inventory.img".into(), criu_image(INVENTORY_MAGIC, &[inventory.encode_to_vec()])),
+        ("checkpoint/pstree.img".into(), criu_image(PSTREE_MAGIC, &[pstree.encode_to_vec()])),
+        ("checkpoint/core-1.img".into(), criu_image(CORE_MAGIC, &[core.encode_to_vec()])),
+        ("checkpoint/ids-1.img".into(), criu_image(IDS_MAGIC, &[ids.encode_to_vec()])),
+        ("checkpoint/pages-1.img".into(), vec![0x5au8; 40_000]),
+        ("checkpoint/tcp-stream-1a2b.img".into(), b"tcp".to_vec()),
+        ("checkpoint/descriptors.json".into(), b"[\"/dev/null\"]".to_vec()),
+        ("config.dump".into(), serde_json::to_vec(&config).unwrap()),
+        ("spec.dump".into(), serde_json::to_vec(&spec).unwrap()),
+        ("status.dump".into(), br#"{"id":"3f1c0de5","labels":{"io.kubernetes.pod.namespace":"team-a"}}"#.to_vec()),
+        ("dump.log".into(), log.as_bytes().to_vec()),
+        ("container.log".into(), Vec::new()),
+        ("rootfs-diff.tar".into(), oci_layer(&[("data.txt", b"kept\n")])),
+    ])
+}
+
+fn tar_of(dir: &Path, name: &str, files: &BTreeMap<String, Vec<u8>>) -> std::path::PathBuf {
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, data) in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o600);
+        h.set_size(data.len() as u64);
+        b.append_data(&mut h, name, &data[..]).unwrap();
+    }
+    let archive = dir.join(name);
+    fs::write(&archive, b.into_inner().unwrap()).unwrap();
+    archive
+}
+
+#[test]
+fn a_kubelet_archive_taken_without_our_shim_gets_a_generated_manifest() {
+    let d = tempfile::tempdir().unwrap();
+    let archive = tar_of(d.path(), "checkpoint-web_team-a-web-2026-11-24T05:28:41Z.tar", &runc_kubelet_files());
+    let store = Store::new(d.path().join("store"));
+    let (path, m) = import(&archive, &store).unwrap();
+
+    // The checkpointed time (+01:00) in UTC; the CRI namespace, CRI's identity of the container.
+    assert_eq!(path, store.root().join("k8s.io/3f1c0de5/20261124T052841.000Z"));
+    assert_eq!((m.namespace.as_str(), m.container_id.as_str()), (KUBELET_ARCHIVE_NAMESPACE, "3f1c0de5"));
+    assert_eq!(
+        (m.pod_namespace.as_deref(), m.pod_name.as_deref(), m.container_name.as_deref()),
+        (Some("team-a"), Some("web-0"), Some("web"))
+    );
+    assert_eq!(m.created, "2026-11-24T05:28:41Z");
+    assert_eq!(
+        (m.image.as_deref(), m.runtime.version.as_str()),
+        (Some("docker.io/library/busybox:1"), "io.containerd.runc.v2")
+    );
+    assert!(m.runtime.path.as_os_str().is_empty(), "the node's own runtime restores it: {:?}", m.runtime);
+    assert_eq!((m.criu.version.as_str(), m.host.as_str(), m.kernel.as_str()), ("4.2.1", "node-7", "6.18.0"));
+    assert!(m.options.open_tcp, "CRIU dumped an established connection: restore needs --tcp-established");
+    assert!(m.rootfs_diff && !m.flat && m.gpu.is_none(), "{m:?}");
+    assert_eq!(m.format_version, FORMAT_VERSION);
+    assert_eq!(m.files.len(), 13, "every file hashed: {:?}", m.files.keys());
+    assert!(m.files.values().all(|f| f.blake3.is_some()));
+    assert_eq!(kybernate_checkpoint::verify(&path).unwrap(), m);
+    assert_eq!(read_origin(&path).unwrap(), Some(Origin::Import { archive: archive.display().to_string() }));
+    let rootfs = d.path().join("rootfs");
+    fs::create_dir(&rootfs).unwrap();
+    kybernate_checkpoint::apply_rootfs_diff(&path.join("rootfs-diff.tar"), &rootfs).unwrap();
+    assert_eq!(fs::read_to_string(rootfs.join("data.txt")).unwrap(), "kept\n");
+
+    // Another namespace on request; a checkpointed time in the future (or none) becomes now.
+    let mut files = runc_kubelet_files();
+    let mut config: serde_json::Value = serde_json::from_slice(&files["config.dump"]).unwrap();
+    config["checkpointedTime"] = "9999-01-01T00:00:00Z".into();
+    files.insert("config.dump".into(), serde_json::to_vec(&config).unwrap());
+    fs::remove_file(&archive).unwrap();
+    let archive = tar_of(d.path(), "future.tar", &files);
+    let opts = ImportOptions { namespace: Some("prod"), trust: None };
+    let before = std::time::SystemTime::now() - std::time::Duration::from_secs(1);
+    let (path, m) = import_opts(&archive, &store, &opts, &mut |_| {}).unwrap();
+    assert!(path.starts_with(store.root().join("prod/3f1c0de5")), "{}", path.display());
+    assert!(humantime::parse_rfc3339(&m.created).unwrap() >= before, "{}", m.created);
+    let opts = ImportOptions { namespace: Some("../x"), trust: None };
+    let err = import_opts(&archive, &store, &opts, &mut |_| {}).unwrap_err();
+    assert!(matches!(&err, ArchiveError::BadNamespace { .. }), "{err}");
+}
+
+#[test]
+fn hostile_kubelet_archives_are_refused_naming_the_entry_and_leave_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let store = Store::new(d.path().join("store"));
+    let check = |name: &str, files: BTreeMap<String, Vec<u8>>, entry: &str, reason: &str| {
+        let archive = tar_of(d.path(), name, &files);
+        let err = import(&archive, &store).unwrap_err();
+        assert!(matches!(&err, ArchiveError::Entry { entry: e, .. } if e == entry), "{name}: {err}");
+        assert!(err.to_string().contains(reason), "{name}: {err}");
+        let left: Vec<_> =
+            fs::read_dir(store.root()).map(|r| r.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+        assert!(left.is_empty(), "{name}: left {left:?}");
+    };
+    type Files = BTreeMap<String, Vec<u8>>;
+    let edit = |f: &dyn Fn(&mut Files)| {
+        let mut files = runc_kubelet_files();
+        f(&mut files);
+        files
+    };
+
+    let files = edit(&|f| drop(f.remove("checkpoint/inventory.img")));
+    check("no-inventory.tar", files, "checkpoint/inventory.img", "missing");
+    let files = edit(&|f| drop(f.insert("checkpoint/inventory.img".into(), b"not criu".to_vec())));
+    check("bad-inventory.tar", files, "checkpoint/inventory.img", "not CRIU's images");
+    let files = edit(&|f| drop(f.remove("checkpoint/core-1.img")));
+    check("no-core.tar", files, "checkpoint/core-1.img", "missing");
+    let files = edit(&|f| drop(f.remove("spec.dump")));
+    check("no-spec.tar", files, "spec.dump", "missing");
+    let files = edit(&|f| drop(f.insert("config.dump".into(), br#"{"name":"x"}"#.to_vec())));
+    check("no-id.tar", files, "config.dump", "no container id");
+    let files = edit(&|f| drop(f.insert("config.dump".into(), br#"{"id":"../../etc"}"#.to_vec())));
+    check("bad-id.tar", files, "config.dump", "container_id \"../../etc\" is not a valid");
+    let files = edit(&|f| drop(f.insert("config.dump".into(), vec![b' '; 5 << 20])));
+    check("huge-config.tar", files, "config.dump", "more than the 4194304");
+    let spec = br#"{"annotations":{"io.kubernetes.cri.sandbox-namespace":"Team_A"}}"#.to_vec();
+    let files = edit(&|f| drop(f.insert("spec.dump".into(), spec.clone())));
+    check("bad-pod-namespace.tar", files, "spec.dump", "pod_namespace \"Team_A\" is not a valid");
+    let status = br#"{"labels":{"io.kubernetes.container.name":"web\u001b[31m"}}"#.to_vec();
+    let files = edit(&|f| {
+        f.insert("spec.dump".into(), b"{}".to_vec());
+        f.insert("status.dump".into(), status.clone());
+    });
+    check("bad-name.tar", files, "status.dump", "container_name");
+    let files = edit(&|f| drop(f.insert("kybernate.origin".into(), br#"{"source":"import"}"#.to_vec())));
+    check("origin.tar", files, "kybernate.origin", "must not bring one");
+    let files = edit(&|f| drop(f.insert("kybernate.sig".into(), b"{}".to_vec())));
+    check("sig.tar", files, "kybernate.sig", "no manifest of ours");
+
+    // A header that claims a terabyte in a small archive: refused before anything of it is written.
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, data) in runc_kubelet_files() {
+        raw_entry(&mut b, &name, tar::EntryType::Regular, &data);
+    }
+    let mut h = tar::Header::new_gnu();
+    h.as_gnu_mut().unwrap().name[..8].copy_from_slice(b"huge.img");
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_size(1 << 40);
+    h.set_mode(0o600);
+    h.set_cksum();
+    b.append(&h, &b"x"[..]).unwrap();
+    let archive = d.path().join("huge-entry.tar");
+    fs::write(&archive, b.into_inner().unwrap()).unwrap();
+    let err = import(&archive, &store).unwrap_err();
+    assert!(matches!(&err, ArchiveError::Entry { entry, .. } if entry == "huge.img"), "{err}");
+    assert!(err.to_string().contains("claims 1099511627776 bytes"), "{err}");
+    assert!(fs::read_dir(store.root()).unwrap().next().is_none());
+}
+
+#[test]
+fn imports_are_marked_and_checked_against_the_trust_policy() {
+    let d = tempfile::tempdir().unwrap();
+    let store = Store::new(d.path().join("store"));
+    let keys = kybernate_checkpoint::signing::write_key_pair(&d.path().join("keys"), false).unwrap();
+    let strict = TrustPolicy::load(std::slice::from_ref(&keys.public), None).unwrap();
+    let lenient = TrustPolicy::load(std::slice::from_ref(&keys.public), Some(false)).unwrap();
+    let empty = |store: &Store| fs::read_dir(store.root()).unwrap().next().is_none();
+
+    // A kubelet archive is never signed: refused where signatures are required, saying why.
+    let kubelet = tar_of(d.path(), "kubelet.tar", &runc_kubelet_files());
+    let opts = ImportOptions { namespace: None, trust: Some(&strict) };
+    let err = import_opts(&kubelet, &store, &opts, &mut |_| {}).unwrap_err();
+    assert!(matches!(&err, ArchiveError::Untrusted { kubelet: true, .. }), "{err}");
+    let text = err.to_string();
+    assert!(text.contains("never signed") && text.contains("not signed") && text.contains(&keys.key_id), "{text}");
+    assert!(!text.contains(".import-"), "the hidden work dir is no news to the user: {text}");
+    assert!(empty(&store));
+    let opts = ImportOptions { namespace: None, trust: Some(&lenient) };
+    import_opts(&kubelet, &store, &opts, &mut |_| {}).unwrap();
+
+    // Our own archives too: marked as imported, refused unsigned under the strict policy.
+    let store = Store::new(d.path().join("store2"));
+    let cp = d.path().join("src/ns/c1/t1");
+    checkpoint(&cp);
+    let out = d.path().join("c1.tar");
+    export(&cp, &out).unwrap();
+    let opts = ImportOptions { namespace: Some("ignored"), trust: Some(&strict) };
+    let err = import_opts(&out, &store, &opts, &mut |_| {}).unwrap_err();
+    assert!(matches!(&err, ArchiveError::Untrusted { kubelet: false, .. }), "{err}");
+    assert!(empty(&store));
+    let (path, m) = import(&out, &store).unwrap();
+    assert_eq!(m.namespace, "k8s.io", "an archive of ours keeps its namespace");
+    assert_eq!(read_origin(&path).unwrap(), Some(Origin::Import { archive: out.display().to_string() }));
+    assert!(read_origin(&cp).unwrap().is_none(), "the source checkpoint is local");
 }

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
+use kybernate_checkpoint::retention::{self, RetentionError, RetentionPolicy};
 use kybernate_checkpoint::{archive, Manifest, Store};
 use serde::Serialize;
 
@@ -43,6 +44,10 @@ struct Inspected<'a> {
     checkpoint: &'a Checkpoint,
     manifest: Option<&'a Manifest>,
     verification: Verification,
+    /// Whether a `kybernate.sig` signs the manifest, and by which key id (as it says).
+    signature: crate::signing::SignatureInfo,
+    /// Taken on this node, or imported/pulled (`kybernate.origin`).
+    origin: crate::signing::OriginInfo,
 }
 
 #[derive(Serialize)]
@@ -63,6 +68,8 @@ pub fn inspect(store: &Store, out: Output, reference: &str) -> Result<ExitCode, 
             checkpoint: &cp,
             manifest: cp.manifest.as_ref(),
             verification: Verification { ok: error.is_none(), error },
+            signature: crate::signing::signature_info(&cp.path),
+            origin: crate::signing::origin_info(&cp.path),
         })?,
         Output::Table => output::write(&details(&cp))?,
     }
@@ -108,6 +115,7 @@ fn details(cp: &Checkpoint) -> String {
         lines.push(("options", options(m)));
         lines.push(("files", format!("{}, {} recorded", m.files.len(), human_size(m.total_size()))));
     }
+    lines.extend(crate::signing::detail_lines(&cp.path));
     lines.push(("verification", output::status(cp).replace("broken: ", "FAILED: ")));
     let width = lines.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 1;
     let mut text: String =
@@ -216,6 +224,9 @@ pub enum Rule {
     Keep(usize),
     /// Those created more than this long ago (checkpoints of unknown age are kept).
     OlderThan(Duration),
+    /// What the node's retention policy gives up ([`kybernate_checkpoint::retention`]), as the
+    /// shim does after each checkpoint.
+    Policy(RetentionPolicy),
 }
 
 pub fn prune(
@@ -227,7 +238,10 @@ pub fn prune(
     dry_run: bool,
 ) -> Result<ExitCode, CliError> {
     let all = store::list(store, ns, container)?;
-    let victims = select_for_prune(&all, rule, SystemTime::now());
+    let victims = match rule {
+        Rule::Policy(policy) => policy_victims(store, &all, &policy)?,
+        rule => select_for_prune(&all, rule, SystemTime::now()),
+    };
     let targets: Vec<Checkpoint> = all.into_iter().filter(|c| victims.contains(&c.id)).collect();
     // Work dirs of a shim or CLI killed mid-way hold disk too; they belong to nobody now.
     sweep_stale_work_dirs(store, dry_run);
@@ -251,6 +265,26 @@ fn sweep_stale_work_dirs(store: &Store, dry_run: bool) {
             eprintln!("kybernate: removed {} (left by a process that is gone)", dir.display());
         }
     }
+}
+
+/// The ids of `all` (the checkpoints the filters chose) that the store's retention policy
+/// removes. A store left above max_bytes is told on stderr (stdout stays the list).
+fn policy_victims(store: &Store, all: &[Checkpoint], policy: &RetentionPolicy) -> Result<HashSet<String>, CliError> {
+    let plan = retention::plan_prune(store, policy, &[], None).map_err(|e| match e {
+        RetentionError::Store(e) => CliError::Store(e),
+        e => CliError::Failed(e.to_string()),
+    })?;
+    if plan.over_limit {
+        eprintln!(
+            "kybernate: the store still holds {} after pruning, above [checkpoint] max_bytes ({}): what is left is \
+             each container's newest checkpoint taken on this node; remove some with `kybernate rm` or raise max_bytes",
+            human_size(plan.after_bytes),
+            human_size(policy.max_bytes.unwrap_or(0))
+        );
+    }
+    let paths: HashSet<PathBuf> =
+        plan.remove.iter().map(|r| fs::canonicalize(&r.path).unwrap_or_else(|_| r.path.clone())).collect();
+    Ok(all.iter().filter(|c| paths.contains(&c.path)).map(|c| c.id.clone()).collect())
 }
 
 /// The ids `rule` removes from `all` (sorted newest first), each container on its own.
@@ -281,6 +315,8 @@ fn select_for_prune(all: &[Checkpoint], rule: Rule, now: SystemTime) -> HashSet<
                 let Some(cutoff) = now.checked_sub(age) else { continue };
                 victims.extend(group.iter().filter(|c| c.time.is_some_and(|t| t < cutoff)).map(|c| c.id.clone()));
             }
+            // Decided over the whole store (`policy_victims`), not per container.
+            Rule::Policy(_) => {}
         }
     }
     victims
@@ -416,16 +452,28 @@ fn archive_destination(store: &Store, file: &Path) -> Result<PathBuf, CliError> 
     Ok(parent.join(name))
 }
 
-pub fn import(store: &Store, out: Output, file: &Path) -> Result<ExitCode, CliError> {
+/// `kybernate import`: an archive of ours, or a kubelet/crictl/Podman checkpoint archive (stored
+/// under `namespace`, default k8s.io), marked as imported and checked against the node's trust
+/// policy before it becomes visible.
+pub fn import(
+    store: &Store,
+    out: Output,
+    file: &Path,
+    namespace: Option<&str>,
+    trust: &kybernate_runtime_select::config::TrustConfig,
+) -> Result<ExitCode, CliError> {
     if !file.is_file() {
         return Err(CliError::BadArchivePath {
             path: file.to_path_buf(),
             what: "not found or not a regular file",
-            next: "name an archive written by `kybernate export`",
+            next: "name an archive written by `kybernate export`, the kubelet, crictl or Podman",
         });
     }
+    let policy = kybernate_checkpoint::TrustPolicy::load(&trust.keys, trust.require_signature)
+        .map_err(|e| CliError::Usage(format!("{e}; fix [trust] keys in the Kybernate config")))?;
+    let opts = archive::ImportOptions { namespace, trust: Some(&policy) };
     let mut line = ProgressLine::new(out, "import");
-    let (dest, _) = archive::import_with(file, store, &mut |step| line.show(step)).map_err(CliError::Import)?;
+    let (dest, _) = archive::import_opts(file, store, &opts, &mut |step| line.show(step)).map_err(CliError::Import)?;
     drop(line);
     // The root may have been created just now: canonicalise it to build the id.
     let root = fs::canonicalize(store.root()).unwrap_or_else(|_| store.root().to_path_buf());

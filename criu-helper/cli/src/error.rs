@@ -91,7 +91,8 @@ fn export_hint(e: &ArchiveError) -> &'static str {
         }
         ArchiveError::Io { .. }
         | ArchiveError::Store(_)
-        | ArchiveError::CriArchive { .. }
+        | ArchiveError::Untrusted { .. }
+        | ArchiveError::BadNamespace { .. }
         | ArchiveError::Malformed { .. }
         | ArchiveError::Compressed { .. }
         | ArchiveError::Oversized { .. }
@@ -125,9 +126,13 @@ fn import_hint(e: &ArchiveError) -> &'static str {
         ArchiveError::RootfsDiff { .. } => {
             "nothing was imported; restore the archive through the kubelet or `crictl create` (containerd >= 2.0, docs/operations.md)"
         }
-        ArchiveError::CriArchive { .. } => {
-            "nothing was imported; restore it through the kubelet or `crictl create` (containerd >= 2.0, docs/operations.md), or take the checkpoint with `kybernate checkpoint` and move it with `kybernate export`"
+        ArchiveError::Untrusted { kubelet: true, .. } => {
+            "nothing was imported; this node restores checkpoints from outside only when signed by a key in [trust] keys: to import kubelet/crictl archives, set [trust] require_signature = false (docs/operations.md, \"Restore a kubelet checkpoint on a Kybernate node\"), or take the checkpoint with `kybernate checkpoint` on a node that signs"
         }
+        ArchiveError::Untrusted { .. } => {
+            "nothing was imported; sign the checkpoint on the source node with a key this node lists in [trust] keys, or add that node's public key there (docs/operations.md)"
+        }
+        ArchiveError::BadNamespace { .. } => "nothing was imported; name a containerd namespace with --namespace, e.g. k8s.io",
         ArchiveError::Io { .. } => "check the archive's path and permissions, and the store's free space",
         ArchiveError::Store(_) => "check that the store is writable by you (usually root) and has free space",
     }

@@ -17,7 +17,9 @@ mod metrics;
 mod output;
 mod pods;
 mod progress;
+mod registry;
 mod restore;
+mod signing;
 mod store;
 
 use std::io::Write;
@@ -26,6 +28,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{ArgGroup, CommandFactory, Parser, Subcommand};
+use kybernate_checkpoint::retention::RetentionPolicy;
 
 use crate::error::CliError;
 use crate::output::Output;
@@ -58,7 +61,8 @@ struct Cli {
     output: Output,
     /// containerd namespace: only its checkpoints (list, prune; unset: every namespace), or the
     /// container's namespace (checkpoint; unset: k8s.io if containerd has it, else default), or
-    /// where a restored container is created (restore; unset: the checkpoint's namespace).
+    /// where a restored container is created (restore; unset: the checkpoint's namespace), or
+    /// where a kubelet/crictl/Podman archive's checkpoint is stored (import; unset: k8s.io).
     #[arg(short, long, global = true, env = "CONTAINERD_NAMESPACE", value_name = "NS")]
     namespace: Option<String>,
     /// containerd's socket, for the containerd-facing commands (checkpoint).
@@ -159,16 +163,22 @@ Every CHECKPOINT is checked before anything is removed: one unknown id removes n
         #[arg(required = true, value_name = "CHECKPOINT")]
         checkpoints: Vec<String>,
     },
-    /// Remove old checkpoints, per container: all but the newest N, or those older than a duration.
+    /// Remove old checkpoints, per container: all but the newest N, or those older than a duration;
+    /// without either, what the config's [checkpoint] keep and max_bytes give up.
     #[command(
-        group(ArgGroup::new("rule").required(true).args(["keep", "older_than"])),
+        group(ArgGroup::new("rule").args(["keep", "older_than"])),
         after_long_help = "\
 Examples:
+  kybernate prune --dry-run                    what the config's keep and max_bytes would remove
   kybernate prune --keep 3 --dry-run           keep the 3 newest of every container, show what goes
   kybernate prune --older-than 7d              remove checkpoints created more than 7 days ago
   kybernate prune --older-than 12h --namespace k8s.io --container web
 
-Broken checkpoints count like any other, by the time in their manifest or else in their directory name."
+Broken checkpoints count like any other, by the time in their manifest or else in their directory name.
+Without --keep or --older-than, the node's retention policy applies, as after every checkpoint the
+shim takes: [checkpoint] keep per container, then [checkpoint] max_bytes for the whole store (broken
+ones first, then pulled, imported and local ones, oldest first; never a container's newest checkpoint
+taken on this node). --namespace and --container narrow what is removed."
     )]
     Prune {
         /// Keep the newest N checkpoints of each container (N ≥ 1; use `kybernate rm` to remove all).
@@ -204,14 +214,19 @@ network and on slow disks, see docs/benchmarks.md).")]
         #[arg(long, value_enum, value_name = "HOW")]
         compress: Option<commands::Compress>,
     },
-    /// Add a checkpoint archive (from `kybernate export`) to this node's store.
+    /// Add a checkpoint archive (from `kybernate export`, the kubelet, crictl or Podman) to this node's store.
     #[command(after_long_help = "\
 Examples:
   kybernate import /tmp/web.tar
+  kybernate import /var/lib/kubelet/checkpoints/checkpoint-web_team-a-web-2026-11-24T05:28:41Z.tar
 
 Plain and zstd-compressed tars are read alike (zstd is known by its first bytes). Only plain
 files and directories are accepted, and the result must verify; otherwise nothing is left in the
-store. The checkpoint keeps the namespace and container of its manifest.")]
+store. An archive of `kybernate export` keeps the namespace and container of its manifest. A
+kubelet/crictl/Podman checkpoint archive (no manifest of ours) is checked (CRIU's images, its
+config.dump and spec.dump) and gets a generated manifest: stored under --namespace (default
+k8s.io), container and pod from CRI's files. Every import is marked as imported (kybernate.origin);
+with [trust] keys set and signatures required, unsigned archives (kubelet ones always) are refused.")]
     Import {
         /// The archive to read.
         #[arg(value_name = "FILE")]
@@ -235,7 +250,8 @@ also run by the shim). The container runs under io.containerd.kybernate.v1 in th
 containerd namespace (or -n), on a fresh snapshot of the image; the shim applies the checkpoint's
 rootfs changes and restores the processes at Start.")]
     Restore {
-        /// Checkpoint id (from `kybernate list`) or directory.
+        /// Checkpoint id (from `kybernate list`) or directory, or `oci://REF` to pull it first
+        /// (`kybernate pull`'s checks; [registry] in the config).
         checkpoint: String,
         /// The new container's id [default: <container>-restored-<unix seconds>].
         #[arg(long = "as", value_name = "NEW_ID", conflicts_with = "pod_annotation")]
@@ -307,6 +323,61 @@ Output is NVIDIA's (CRIU parses it); --output does not apply. The driver library
     /// Register Kybernate's runtime in containerd's config.toml (for a RuntimeClass), or remove it.
     #[command(name = "containerd-config", after_long_help = containerd_config::EXAMPLES)]
     ContainerdConfig(containerd_config::Args),
+    /// Generate a key pair to sign checkpoints with ([checkpoint] signing_key) and to trust
+    /// them by ([trust] keys on the nodes that restore).
+    #[command(after_long_help = "\
+Examples:
+  kybernate keygen /etc/kybernate/keys              writes kybernate.key (0600) and kybernate.pub
+  kybernate keygen /etc/kybernate/keys --force      replaces an existing key pair
+  kybernate keygen /etc/kybernate/keys -o json      {\"private\": …, \"public\": …, \"key_id\": …}
+
+Prints the key id (sha256:<16 hex digits> of the public key), which refusals and
+`kybernate inspect` name. Distribute kybernate.pub only; the private key stays on the signing node.")]
+    Keygen {
+        /// Directory for kybernate.key and kybernate.pub (created 0700 if missing).
+        dir: PathBuf,
+        /// Replace an existing kybernate.key (checkpoints signed by it then need its old public key to verify).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Upload a checkpoint from the store to an OCI registry, as a checkpoint image.
+    #[command(after_long_help = "\
+Examples:
+  kybernate push k8s.io/web/20261123T212501.123Z registry.example:5000/ckpt/web:latest
+  kybernate push default/web/before-upgrade 127.0.0.1:5000/web:v1 --plain-http -o json
+
+Layers the registry already holds (an unchanged large file of an earlier push of the same tag)
+are not uploaded again. Credentials, CAs and plain-HTTP registries: the config's [registry].
+The image holds process memory: treat the repository like a secret.")]
+    Push {
+        /// Checkpoint id (from `kybernate list`) or directory.
+        checkpoint: String,
+        /// Where to push: host[:port]/repository:tag (`oci://` optional).
+        #[arg(value_name = "REF")]
+        reference: String,
+        /// Speak plain HTTP to this registry (else HTTPS unless [registry] insecure lists it).
+        #[arg(long)]
+        plain_http: bool,
+    },
+    /// Download a checkpoint image into the store, verified and trust-checked.
+    #[command(after_long_help = "\
+Examples:
+  kybernate pull registry.example:5000/ckpt/web:latest
+  kybernate pull 127.0.0.1:5000/web@sha256:<digest> --plain-http -o json
+  kybernate pull registry.example:5000/ckpt/web:latest --namespace k8s.io
+
+Every layer is checked against its digest and every file against kybernate.json before the
+checkpoint appears in the store; [trust] decides whether unsigned ones are accepted. A digest the
+store already holds downloads nothing. Images the checkpoint names (its base image) are never
+pulled.")]
+    Pull {
+        /// What to pull: host[:port]/repository:tag or …@sha256:<digest> (`oci://` optional).
+        #[arg(value_name = "REF")]
+        reference: String,
+        /// Speak plain HTTP to this registry (else HTTPS unless [registry] insecure lists it).
+        #[arg(long)]
+        plain_http: bool,
+    },
     /// Print a shell completion script.
     #[command(after_long_help = "\
 Examples:
@@ -369,6 +440,10 @@ fn run(cli: Cli) -> Result<ExitCode, CliError> {
     if let Command::ContainerdConfig(args) = &cli.command {
         return containerd_config::run(cli.output, args);
     }
+    // Needs no store: a key pair may be made anywhere, on any machine.
+    if let Command::Keygen { dir, force } = &cli.command {
+        return signing::keygen(cli.output, dir, *force);
+    }
     let store = store::open(cli.config.as_deref())?;
     let ns = cli.namespace.as_deref().filter(|s| !s.is_empty());
     let out = cli.output;
@@ -399,8 +474,18 @@ fn run(cli: Cli) -> Result<ExitCode, CliError> {
             let rule = match (keep, older_than) {
                 (Some(n), _) => commands::Rule::Keep(n),
                 (None, Some(d)) => commands::Rule::OlderThan(d),
-                // clap's group makes exactly one of them required.
-                (None, None) => return Err(CliError::Usage("prune needs --keep or --older-than".into())),
+                (None, None) => {
+                    let config = store::load_config(cli.config.as_deref())?.checkpoint;
+                    let policy = RetentionPolicy::new(config.keep, config.max_bytes);
+                    if policy.is_unlimited() {
+                        return Err(CliError::Usage(
+                            "prune needs --keep or --older-than, or a retention policy in the config \
+                             ([checkpoint] keep, max_bytes)"
+                                .into(),
+                        ));
+                    }
+                    commands::Rule::Policy(policy)
+                }
             };
             commands::prune(&store, out, ns, container.as_deref(), rule, dry_run)
         }
@@ -411,7 +496,10 @@ fn run(cli: Cli) -> Result<ExitCode, CliError> {
             };
             commands::export(&store, out, &checkpoint, &file, compress)
         }
-        Command::Import { file } => commands::import(&store, out, &file),
+        Command::Import { file } => {
+            let trust = store::load_config(cli.config.as_deref())?.trust;
+            commands::import(&store, out, &file, ns, &trust)
+        }
         Command::Restore {
             checkpoint,
             new_id,
@@ -422,7 +510,15 @@ fn run(cli: Cli) -> Result<ExitCode, CliError> {
             trust_spec,
             dry_run,
         } => {
-            let cdi_spec_dirs = store::load_config(cli.config.as_deref())?.checkpoint.cdi_spec_dirs;
+            let config = store::load_config(cli.config.as_deref())?;
+            // `oci://REF`: pulled into the store first (verified, trust-checked), then restored.
+            let checkpoint = if registry::is_oci(&checkpoint) {
+                let reference = registry::parse_reference(&checkpoint)?;
+                registry::pull_into_store(&store, &config, &reference, false, ns, &mut |_| {})?.0.id
+            } else {
+                checkpoint
+            };
+            let (cdi_spec_dirs, trust) = (config.checkpoint.cdi_spec_dirs, config.trust);
             let args = restore::Args {
                 checkpoint,
                 new_id,
@@ -433,6 +529,7 @@ fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 trust_spec,
                 dry_run,
                 cdi_spec_dirs,
+                trust,
             };
             restore::restore(&store, out, &cli.address, ns, &args)
         }
@@ -441,9 +538,18 @@ fn run(cli: Cli) -> Result<ExitCode, CliError> {
             doctor::doctor(out, &cli.address, &containerd_config, store.root(), &libcuda)
         }
         Command::Metrics { listen } => metrics::metrics(&store, out, listen),
-        Command::Completions { .. } | Command::CudaCheckpoint(_) | Command::ContainerdConfig(_) => {
-            Ok(ExitCode::SUCCESS)
+        Command::Push { checkpoint, reference, plain_http } => {
+            let config = store::load_config(cli.config.as_deref())?;
+            registry::push(&store, &config, out, &checkpoint, &reference, plain_http)
         }
+        Command::Pull { reference, plain_http } => {
+            let config = store::load_config(cli.config.as_deref())?;
+            registry::pull(&store, &config, out, &reference, plain_http, ns)
+        }
+        Command::Completions { .. }
+        | Command::CudaCheckpoint(_)
+        | Command::ContainerdConfig(_)
+        | Command::Keygen { .. } => Ok(ExitCode::SUCCESS),
     }
 }
 

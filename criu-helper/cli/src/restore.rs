@@ -100,6 +100,8 @@ pub struct Args {
     pub dry_run: bool,
     /// `[checkpoint] cdi_spec_dirs`: where the shim resolves a GPU container's CDI devices.
     pub cdi_spec_dirs: Vec<PathBuf>,
+    /// `[trust]`: which checkpoints from outside this node restores.
+    pub trust: kybernate_runtime_select::TrustConfig,
 }
 
 /// Where the new container's spec comes from.
@@ -283,6 +285,8 @@ pub fn restore(
     args: &Args,
 ) -> Result<ExitCode, CliError> {
     let mut cp = store::resolve(store, &args.checkpoint)?;
+    // Before anything of it is read: a checkpoint from outside must be one the node vouches for.
+    crate::signing::check_restore(&cp.id, &cp.path, &args.trust)?;
     // Each restore hashes each byte once, in the shim at Create (mandatory there, whatever a
     // caller claims). Here only what this command reads itself before asking containerd: the
     // manifest, the file list and sizes, and the digests of the small files (spec.dump, CRIU's

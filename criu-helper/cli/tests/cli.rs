@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, SystemTime};
 
-use kybernate_checkpoint::{read_manifest, verify, Store};
+use kybernate_checkpoint::{dir_size, read_manifest, verify, write_origin, Origin, Store};
 use serde_json::Value;
 
 mod common;
@@ -426,6 +426,49 @@ fn prune_older_than_with_dry_run_and_filters() {
     assert_eq!(ids(&node.json(&["prune", "--older-than", "30m", "--container", "web"], 0)), vec![recent]);
 }
 
+/// Without --keep or --older-than, `prune` applies the config's retention policy as the shim does
+/// after each checkpoint: `keep` per container, then `max_bytes` over the store (pulled copies
+/// first; never a container's newest checkpoint taken on this node).
+#[test]
+fn prune_applies_the_configured_retention_policy() {
+    let node = Node::new();
+    let web_new = node.checkpoint("k8s.io", "web", HOUR);
+    let web_mid = node.checkpoint("k8s.io", "web", DAY);
+    let web_old = node.checkpoint("k8s.io", "web", 3 * DAY);
+    let db = node.checkpoint("k8s.io", "db", 10 * DAY);
+    let pulled = node.checkpoint("k8s.io", "api", 2 * HOUR);
+    let origin = Origin::Pull { reference: "registry.test/api:1".into(), digest: format!("sha256:{}", "a".repeat(64)) };
+    write_origin(&node.root().join(&pulled), &origin).unwrap();
+    let size =
+        [&web_new, &web_mid, &web_old, &db, &pulled].iter().map(|id| dir_size(&node.root().join(id))).max().unwrap();
+    let policy = |max: u64| {
+        let root = node.store.root().to_str().unwrap();
+        fs::write(&node.config, format!("[checkpoint]\nroot = {root:?}\nkeep = 2\nmax_bytes = {max}\n")).unwrap();
+    };
+    // keep = 2 removes web's oldest; the four left are above 3.5 checkpoints: the pulled copy goes.
+    policy(size * 7 / 2);
+    let v = node.json(&["prune", "--dry-run"], 0);
+    assert_eq!(ids(&v), vec![pulled.clone(), web_old.clone()]);
+    assert_eq!(ids(&node.json(&["list"], 0)).len(), 5, "dry run removes nothing");
+    let out = node.run(&["prune", "--dry-run"]);
+    assert!(stdout(&out).contains("would remove 2 checkpoints"), "{}", show(&out));
+    assert_eq!(ids(&node.json(&["prune"], 0)), vec![pulled, web_old]);
+    assert_eq!(ids(&node.json(&["list"], 0)), vec![web_new.clone(), web_mid.clone(), db.clone()]);
+    assert_eq!(node.json(&["prune"], 0), Value::Array(vec![]), "the store is within its limits");
+    // Room for 1.5: web's older one goes, but web's and db's newest stay, and the store says so.
+    policy(size * 3 / 2);
+    let out = node.run(&["-o", "json", "prune"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert_eq!(ids(&serde_json::from_slice(&out.stdout).unwrap()), vec![web_mid]);
+    assert!(stderr(&out).contains("above [checkpoint] max_bytes"), "{}", show(&out));
+    assert_eq!(ids(&node.json(&["list"], 0)), vec![web_new, db]);
+    // A bad value is the config's error, naming the key.
+    fs::write(&node.config, "[checkpoint]\nmax_bytes = \"lots\"\n").unwrap();
+    let out = node.run(&["prune"]);
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    assert!(stderr(&out).contains("checkpoint.max_bytes") && stderr(&out).contains("not a size"), "{}", show(&out));
+}
+
 #[test]
 fn prune_sweeps_work_dirs_left_by_dead_writers() {
     let node = Node::new();
@@ -679,11 +722,11 @@ fn import_of_garbage_or_a_bad_manifest_says_what_and_where() {
     assert_store_empty(&node);
 }
 
-/// What docs/operations.md says about a kubelet/crictl archive not taken through our shim (the
-/// stock runc shim's, CRI-O's: CRIU's images in `checkpoint/` without our manifest, CRI's dumps
-/// beside them, a gzip RW diff): `kybernate import` refuses it, says what it is and where it
-/// restores, and leaves the store empty. (One taken through our shim is imported:
-/// criu-helper/checkpoint/tests/archive.rs, shim/tests/cri.rs.)
+/// A kubelet/crictl archive not taken through our shim (the stock runc shim's, CRI-O's: CRIU's
+/// images in `checkpoint/` without our manifest, CRI's dumps beside them, a gzip RW diff) whose
+/// images are not CRIU's: `kybernate import` refuses it naming the image, and leaves the store
+/// empty. (Good ones get a generated manifest: criu-helper/checkpoint/tests/archive.rs, and a
+/// real one from containerd 2.1's runc handler: shim/tests/kubelet_archive.rs.)
 #[test]
 fn import_of_a_foreign_kubelet_archive_is_refused_and_leaves_nothing() {
     let node = Node::new();
@@ -712,9 +755,8 @@ fn import_of_a_foreign_kubelet_archive_is_refused_and_leaves_nothing() {
     assert!(err.starts_with("kybernate: ") && err.trim_end().lines().count() == 1, "{err}");
     for want in [
         archive.to_str().unwrap(),
-        "a kubelet/crictl checkpoint archive",
-        "not taken through the Kybernate shim",
-        "no checkpoint/kybernate.json",
+        "refused archive entry \"checkpoint/inventory.img\"",
+        "not CRIU's images of a process tree",
         "nothing was imported",
     ] {
         assert!(err.contains(want), "{want:?} missing: {err}");
@@ -910,4 +952,68 @@ fn gpu_checkpoints_show_their_gpu_record_and_other_gpus_are_refused() {
     let v = node.json(&["restore", &id, "--pod-annotation", "--allow-gpu-mismatch"], 0);
     assert_eq!(v["annotation"]["kybernate.io/allow-gpu-mismatch"], "true", "{v}");
     assert_eq!(v["annotation"]["kybernate.io/restore-from"], id.as_str(), "{v}");
+}
+
+/// `keygen` writes a key pair and keeps an existing one; `inspect` shows a checkpoint's signer and
+/// origin; `restore` follows `[trust]` before anything else (here `--pod-annotation`, which asks no
+/// containerd): an imported checkpoint signed by an untrusted key is refused naming that key.
+#[test]
+fn keygen_inspect_and_restore_follow_the_trust_policy() {
+    use kybernate_checkpoint::signing::SigningKey;
+    use std::os::unix::fs::MetadataExt;
+    let node = Node::new();
+    let dir_a = node.tmp.path().join("keys-a");
+    let a = node.json(&["keygen", dir_a.to_str().unwrap()], 0);
+    let (private, public, key_a) =
+        (a["private"].as_str().unwrap(), a["public"].as_str().unwrap(), a["key_id"].as_str().unwrap().to_string());
+    assert_eq!(Path::new(private), dir_a.join("kybernate.key"));
+    assert_eq!(fs::metadata(private).unwrap().mode() & 0o777, 0o600);
+    assert!(key_a.starts_with("sha256:") && key_a.len() == 23, "{key_a}");
+    let out = node.run(&["keygen", dir_a.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    assert!(stderr(&out).contains("--force"), "{}", show(&out));
+    let dir_b = node.tmp.path().join("keys-b");
+    let out = node.run(&["keygen", dir_b.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert!(stdout(&out).contains("key id:  sha256:"), "{}", show(&out));
+    let public_b = dir_b.join("kybernate.pub");
+
+    // Signed by A, then marked as imported (what `kybernate import` does).
+    let id = node.checkpoint("k8s.io", "web", HOUR);
+    let cp = node.root().join(&id);
+    let v = node.json(&["inspect", &id], 0);
+    assert_eq!((&v["signature"]["state"], &v["origin"]["source"]), (&Value::from("unsigned"), &Value::from("local")));
+    SigningKey::load(Path::new(private)).unwrap().sign_dir(&cp).unwrap();
+    write_origin(&cp, &Origin::Import { archive: "/tmp/web.tar".into() }).unwrap();
+    let v = node.json(&["inspect", &id], 0);
+    assert_eq!(v["verification"]["ok"], true, "{v}");
+    assert_eq!(
+        (&v["signature"]["state"], &v["signature"]["key_id"]),
+        (&Value::from("signed"), &Value::from(key_a.clone()))
+    );
+    assert_eq!(
+        (&v["origin"]["source"], &v["origin"]["archive"]),
+        (&Value::from("import"), &Value::from("/tmp/web.tar"))
+    );
+    let text = stdout(&node.run(&["inspect", &id])).split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(text.contains(&format!("signature: signed by key {key_a}")), "{text}");
+    assert!(text.contains("origin: imported from /tmp/web.tar at "), "{text}");
+
+    let trust = |key: &Path| {
+        let root = node.store.root().to_str().unwrap();
+        fs::write(
+            &node.config,
+            format!("[checkpoint]\nroot = {root:?}\n[trust]\nkeys = [{:?}]\n", key.to_str().unwrap()),
+        )
+        .unwrap();
+    };
+    trust(&public_b);
+    let out = node.run(&["restore", &id, "--pod-annotation"]);
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    let err = stderr(&out);
+    assert!(err.contains(&format!("signed by key {key_a}, which is not one of this node's trusted keys")), "{err}");
+    assert!(err.contains("nothing was created"), "{err}");
+    trust(Path::new(public));
+    let out = node.run(&["restore", &id, "--pod-annotation"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
 }

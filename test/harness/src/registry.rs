@@ -29,6 +29,12 @@ pub struct Registry {
 impl Registry {
     /// Starts a registry on a free loopback port, storing under `dir` (created, removed on drop).
     pub fn start(dir: &Path) -> Result<Registry> {
+        Self::start_with(dir, "")
+    }
+
+    /// [`Registry::start`] with `extra` appended to its YAML config, right after `http.addr`:
+    /// indented lines extend `http` (`  tls: …`), unindented ones add sections (`auth: …`).
+    pub fn start_with(dir: &Path, extra: &str) -> Result<Registry> {
         if !Path::new(REGISTRY_BINARY).exists() {
             return Err(Error::NotSetUp(format!(
                 "{REGISTRY_BINARY} is missing (test/setup.sh unpacks Debian's docker-registry there)"
@@ -42,7 +48,7 @@ impl Registry {
             .port();
         let config = dir.join("config.yml");
         let yaml = format!(
-            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n{extra}",
             dir.join("data").display()
         );
         std::fs::write(&config, yaml).ctx(|| format!("writing {}", config.display()))?;
