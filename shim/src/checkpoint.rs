@@ -133,6 +133,10 @@ impl Checkpointer<'_> {
             Err(e) => a.failed(checkpoint_error_class(e), &e.to_string()),
         }
         record(&c.checkpoint_config.root, &a);
+        if result.is_ok() {
+            // The node's limits: what they give up goes once this checkpoint is safe.
+            crate::retention::prune_after_commit(c, target);
+        }
         result
     }
 
@@ -290,6 +294,8 @@ struct Plan<'a> {
     hold: Hold,
     /// CRIU's work dir (its logs).
     work: PathBuf,
+    /// `[checkpoint] signing_key`, read before anything is frozen; signs at commit.
+    signing_key: Option<criu::SigningKey>,
 }
 
 impl<'a> Plan<'a> {
@@ -351,7 +357,15 @@ impl<'a> Plan<'a> {
         } else {
             Hold::FreezeAfterDump
         };
+        crate::retention::check_fits(c, pid, target)?;
         let work = work_dir(c, req.work_path.as_deref())?;
+        let signing_key = match &c.checkpoint_config.signing_key {
+            Some(path) => Some(
+                criu::SigningKey::load(path)
+                    .map_err(|source| CheckpointError::SigningKey { id: id.into(), source: Box::new(source) })?,
+            ),
+            None => None,
+        };
         Ok(Self {
             ckpt,
             c,
@@ -365,6 +379,7 @@ impl<'a> Plan<'a> {
             pre_dump_rounds: pre_dump.rounds,
             hold,
             work,
+            signing_key,
         })
     }
 
@@ -434,11 +449,14 @@ impl<'p, 'c> Run<'p, 'c> {
         // runc shim writes them and containerd 2.x's CRI unpacks them.
         let begin =
             if plan.req.image_path.is_some() { PartialCheckpoint::begin } else { PartialCheckpoint::begin_flat };
-        let partial = begin(plan.target).map_err(|source| CheckpointError::Store {
+        let mut partial = begin(plan.target).map_err(|source| CheckpointError::Store {
             what: "checkpoint",
             id: id.to_string(),
             source: Box::new(source),
         })?;
+        if let Some(key) = &plan.signing_key {
+            partial.sign_with(key.clone());
+        }
         let record = PartialRecord::write(&c.bundle, partial.dir());
         let pre_dumps = PreDumpLayout {
             dir: partial.dir().to_path_buf(),
@@ -941,6 +959,9 @@ fn checkpoint_error_class(e: &CheckpointError) -> &'static str {
         CheckpointError::Verify { .. } => "verify",
         CheckpointError::Policy { .. } | CheckpointError::Grants { .. } => "policy",
         CheckpointError::Restore { .. } => "restore",
+        CheckpointError::Retention { .. } => "retention",
+        CheckpointError::Trust { .. } => "trust",
+        CheckpointError::SigningKey { .. } => "signing_key",
         CheckpointError::Gpu { .. } | CheckpointError::GpuResume { .. } => "gpu",
         CheckpointError::Stop { .. } => "stop",
         CheckpointError::Abandoned { source, .. } => checkpoint_error_class(source),

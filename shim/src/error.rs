@@ -191,8 +191,31 @@ pub enum CheckpointError {
         #[source]
         source: criu::PolicyError,
     },
+    /// `[checkpoint] max_bytes` leaves no room for the checkpoint even after pruning.
+    #[error("checkpoint {id}: refused, nothing was frozen: {source}")]
+    Retention {
+        id: String,
+        #[source]
+        source: Box<criu::retention::RetentionError>,
+    },
     #[error("restore {id}: {message}")]
     Restore { id: String, message: String },
+    /// The node's trust policy (`[trust]`) refuses the checkpoint: it came from outside the node
+    /// and is not signed by a trusted key, or its origin marker or signature cannot be read.
+    #[error("restore {id}: {source}")]
+    Trust {
+        id: String,
+        /// Boxed, as [`CheckpointError::Store`]'s source.
+        #[source]
+        source: Box<criu::TrustError>,
+    },
+    /// `[checkpoint] signing_key` cannot be read: refused before anything is frozen.
+    #[error("checkpoint {id}: [checkpoint] signing_key: {source}; nothing was frozen")]
+    SigningKey {
+        id: String,
+        #[source]
+        source: Box<criu::SigningError>,
+    },
     /// The credentials check: the checkpoint's processes would get more than the new spec grants
     /// (or its images or the spec cannot be read to tell).
     #[error("restore {id} from {checkpoint}: refused: {source}")]
@@ -247,7 +270,7 @@ impl CheckpointError {
     }
 
     pub fn is_permission_denied(&self) -> bool {
-        matches!(self, CheckpointError::Policy { .. })
+        matches!(self, CheckpointError::Policy { .. } | CheckpointError::Trust { .. })
             || matches!(self, CheckpointError::Grants { source, .. } if matches!(**source, criu::grants::GrantError::Excess(_)))
             || matches!(self, CheckpointError::Store { source, .. } if matches!(**source, criu::StoreError::OutsideRoot { .. }))
     }
@@ -255,7 +278,11 @@ impl CheckpointError {
     pub fn is_precondition(&self) -> bool {
         matches!(
             self,
-            CheckpointError::Busy { .. } | CheckpointError::Preflight { .. } | CheckpointError::Restore { .. }
+            CheckpointError::Busy { .. }
+                | CheckpointError::Preflight { .. }
+                | CheckpointError::Restore { .. }
+                | CheckpointError::SigningKey { .. }
+                | CheckpointError::Retention { .. }
         ) || matches!(self, CheckpointError::Store { source, .. } if matches!(**source, criu::StoreError::NotFound { .. }))
             || matches!(self, CheckpointError::Gpu { source, .. }
                 if matches!(**source, GpuError::Mode(_) | GpuError::Mismatch(_) | GpuError::Cdi(_) | GpuError::Assignment(_)))

@@ -69,7 +69,14 @@ impl ContainerFactory<'_> {
         // that trigger. Verified, then checked against this container's own spec, before
         // anything is set up; every decision is logged.
         let config = &selector.config.checkpoint;
-        let restore = Restoring::plan(&req.id, &req.checkpoint, &spec, config, self.namespace)?;
+        let trust = &selector.config.trust;
+        let puller = crate::pull::Puller {
+            spawner: self.spawner.as_ref(),
+            config: &selector.config_path,
+            cli: None,
+            timeout: crate::pull::PULL_TIMEOUT,
+        };
+        let restore = Restoring::plan(&req.id, &req.checkpoint, &spec, config, trust, self.namespace, &puller)?;
         let cgroups_path = spec.cgroups_path().map(str::to_string);
         let kill_all_on_exit = !spec.has_own_pid_namespace();
         let annotations = spec.annotations_only();

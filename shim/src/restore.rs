@@ -11,11 +11,12 @@ use std::path::{Path, PathBuf};
 
 use kybernate_checkpoint::journal::{Attempt, Clock, Kind};
 use kybernate_checkpoint::{self as criu, CheckpointFlags, Manifest, Store};
-use kybernate_runtime_select::{CheckpointConfig, SpecView};
+use kybernate_runtime_select::{CheckpointConfig, SpecView, TrustConfig};
 use log::{info, warn};
 
 use crate::error::{CheckpointError, Error};
 use crate::gpu;
+use crate::pull::{self, Puller};
 use crate::testhook::{test_stop_point, STOP_RESTORE_VERIFY};
 
 /// Annotation naming a checkpoint in the node's store to restore on create (Kubernetes path).
@@ -92,14 +93,22 @@ impl RestorePlan {
     }
 
     /// A checkpoint named by the restore annotation or `RESTORE_FROM`: confined to the store,
-    /// verified, and owned by the restoring container's tenant unless the config allows otherwise.
-    pub fn from_store(id: &str, reference: &str, config: &CheckpointConfig, tenant: &str) -> Result<Self> {
+    /// trusted by the node's `[trust]` policy (before any of it is hashed or read), verified,
+    /// and owned by the restoring container's tenant unless the config allows otherwise.
+    pub fn from_store(
+        id: &str,
+        reference: &str,
+        config: &CheckpointConfig,
+        trust: &TrustConfig,
+        tenant: &str,
+    ) -> Result<Self> {
         let store = Store::new(&config.root);
         let dir = store.resolve(reference).map_err(|source| CheckpointError::Store {
             what: "restore",
             id: id.to_string(),
             source: Box::new(source),
         })?;
+        check_trust(id, &dir, trust)?;
         let plan = Self::verified(id, &dir)?;
         if let Some(m) = &plan.manifest {
             criu::check_namespace(m, tenant, config.allow_cross_namespace_restore)
@@ -234,6 +243,19 @@ impl RestoreTrigger {
     }
 }
 
+/// The node's trust policy for the checkpoint in `dir`: one taken on this node passes; one from
+/// outside (it carries this node's origin marker: imported, pulled) must be signed by a key of
+/// `[trust] keys` when signatures are required. The keys are read only for such a checkpoint, so
+/// a broken key file never stops the restore of a local one. Refusals name the signer's key id.
+pub fn check_trust(id: &str, dir: &Path, trust: &TrustConfig) -> Result<criu::TrustVerdict> {
+    let refused = |source: criu::TrustError| CheckpointError::Trust { id: id.to_string(), source: Box::new(source) };
+    let verdict = criu::trust::check_trust_configured(dir, &trust.keys, trust.require_signature).map_err(refused)?;
+    if verdict != criu::TrustVerdict::Local {
+        info!("restore {id}: {}: {verdict}", dir.display());
+    }
+    Ok(verdict)
+}
+
 /// The checkpoint a new container asks to be restored from: the annotation, else the last
 /// `RESTORE_FROM` in its process environment. Never for a pod's sandbox (pause) container: CRI
 /// copies pod annotations into the sandbox's spec too, and the checkpoint is the app container's.
@@ -355,14 +377,18 @@ impl Restoring {
     /// The restore a new container asks for, verified and allowed by the node's policy (trigger
     /// switches, store confinement, tenant), or `None` for a fresh start. `checkpoint`:
     /// containerd's checkpoint dir of the Create request (may be empty); `namespace`: this
-    /// shim's containerd namespace. Refusals and ignored triggers are logged here; the rest of
-    /// the decision in [`prepare`](Self::prepare).
+    /// shim's containerd namespace; `puller`: how an `oci://` reference is pulled into the store
+    /// first. Refusals and ignored triggers are logged here; the rest of the decision in
+    /// [`prepare`](Self::prepare).
+    #[allow(clippy::too_many_arguments)]
     pub fn plan(
         id: &str,
         checkpoint: &str,
         spec: &SpecView,
         config: &CheckpointConfig,
+        trust: &TrustConfig,
         namespace: &str,
+        puller: &Puller<'_>,
     ) -> Result<Option<Self>, Error> {
         let pod = pod_of(spec);
         if !checkpoint.is_empty() {
@@ -373,7 +399,11 @@ impl Restoring {
                 trigger: "containerd's checkpoint",
             };
             let journal = (config.root.clone(), namespace.to_string());
-            return match RestorePlan::from_containerd(id, Path::new(checkpoint)) {
+            // containerd's own checkpoint dir carries no origin marker of ours (taken on a node,
+            // or unpacked by containerd from its content store): the policy checks one that does.
+            let containerd = RestorePlan::from_containerd(id, Path::new(checkpoint))
+                .and_then(|plan| check_trust(id, &plan.dir, trust).map(|_| plan));
+            return match containerd {
                 Ok(plan) => Ok(Some(Self { plan, who, journal })),
                 Err(e) => {
                     let e = e.into();
@@ -396,15 +426,40 @@ impl Restoring {
             return Ok(None);
         }
         let tenant = tenant(spec, namespace);
-        match RestorePlan::from_store(id, trigger.reference(), config, &tenant) {
+        let journal = (config.root.clone(), namespace.to_string());
+        // `oci://REF`: pulled into the store by the node's CLI (its checks: digests, trust,
+        // identity; nothing left on failure), under this shim's containerd namespace, then
+        // restored from the store exactly as a local reference is, every check again.
+        let reference = match pull::oci_reference(trigger.reference()) {
+            None => trigger.reference().to_string(),
+            Some(oci) => {
+                who.log("pulling it into the store");
+                match puller.pull(oci, namespace) {
+                    Ok(pulled) => {
+                        who.log(&format!(
+                            "pulled {} into the store as {} ({} bytes downloaded)",
+                            pulled.digest, pulled.id, pulled.bytes_downloaded
+                        ));
+                        pulled.id
+                    }
+                    Err(e) => {
+                        let e: Error = CheckpointError::Restore { id: id.to_string(), message: e.to_string() }.into();
+                        who.log(&format!("refused: {e}"));
+                        who.record_refusal(&journal, &e);
+                        return Err(e);
+                    }
+                }
+            }
+        };
+        match RestorePlan::from_store(id, &reference, config, trust, &tenant) {
             Ok(plan) => {
                 who.checkpoint = checkpoint_name(&plan.dir, config);
-                Ok(Some(Self { plan, who, journal: (config.root.clone(), namespace.to_string()) }))
+                Ok(Some(Self { plan, who, journal }))
             }
             Err(e) => {
                 let e = e.into();
                 who.log(&format!("refused: {e}"));
-                who.record_refusal(&(config.root.clone(), namespace.to_string()), &e);
+                who.record_refusal(&journal, &e);
                 Err(e)
             }
         }

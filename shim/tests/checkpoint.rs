@@ -429,6 +429,70 @@ fn checkpoint_onto_a_full_filesystem_is_refused_before_freezing() {
     remove(tb, &id);
 }
 
+/// A counter container whose rootfs holds `mib` MiB of file changes (`/tmp/big`) before it counts:
+/// its checkpoints carry them in their rootfs diff, and the size estimate counts them.
+fn run_counter_with_changes(tb: &Testbed, id: &str, mib: u32) {
+    let command = format!("dd if=/dev/zero of=/tmp/big bs=1M count={mib} 2>/dev/null; {COUNTER}");
+    tb.ctr_ok(&["run", "-d", "--runtime", RUNTIME, IMAGE, id, "sh", "-c", &command]);
+}
+
+/// The node's retention limits: with `keep = 2`, three checkpoints of one container leave the
+/// newest two (nothing half-removed beside them); a checkpoint that `max_bytes` has no room for,
+/// even after pruning, is refused before anything is frozen, with the numbers, and removes nothing.
+#[test]
+fn retention_keeps_the_newest_and_refuses_what_cannot_fit_before_freezing() {
+    let bed = bed_with(|b| b, "keep = 2\nmax_bytes = \"24MiB\"\n");
+    let tb = &bed.tb;
+    let store = kybernate_checkpoint::Store::new(&bed.store);
+    let into = |id: &str| {
+        let target = store.new_checkpoint_path(tb.namespace(), id, std::time::SystemTime::now()).unwrap();
+        (target.clone(), CheckpointOptions { image_path: target.display().to_string(), ..Default::default() })
+    };
+    // Each checkpoint of `a` holds about 8 MiB: two fit, and the third replaces the oldest.
+    let a = unique_name("keep");
+    run_counter_with_changes(tb, &a, 8);
+    wait_counter(tb, &a, 3);
+    let mut taken = Vec::new();
+    for _ in 0..3 {
+        let (target, o) = into(&a);
+        checkpoint(tb, &a, o).unwrap_or_else(|e| panic!("checkpoint of {a}: {e}"));
+        taken.push(target.file_name().unwrap().to_string_lossy().into_owned());
+    }
+    let a_dir = bed.store.join(tb.namespace()).join(&a);
+    let mut left = entries(&a_dir);
+    left.sort();
+    assert_eq!(left, taken[1..], "keep = 2 leaves the newest two");
+
+    // `b` would bring about 20 MiB: alone it would fit, but a's newest checkpoint stays.
+    let b = unique_name("big");
+    run_counter_with_changes(tb, &b, 20);
+    wait_counter(tb, &b, 3);
+    let (target, o) = into(&b);
+    let (code, message) = error_of(checkpoint(tb, &b, o));
+    assert_eq!(code, Code::FAILED_PRECONDITION, "{message}");
+    for part in [
+        &format!("checkpoint {b}: refused, nothing was frozen: the checkpoint (about 2"),
+        "max_bytes is 24.0 MiB (25165824 bytes), the store holds ",
+        "and pruning could free ",
+    ] {
+        assert!(message.contains(part), "{part:?} in {message}");
+    }
+    assert!(!target.parent().unwrap().exists(), "the refused checkpoint wrote something");
+    assert_eq!(entries(&a_dir).len(), 2, "a refused checkpoint prunes nothing");
+    assert_running(tb, &b, "after a refused checkpoint");
+    // Never frozen: its journal entry has no freeze and no frozen time.
+    let journal = std::fs::read_to_string(bed.store.join(".journal/attempts.jsonl")).unwrap();
+    let attempt: serde_json::Value = journal
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .rfind(|v| v["container"] == b.as_str())
+        .expect("b's attempt in the journal");
+    assert_eq!(attempt["error_class"], "retention", "{attempt}");
+    assert!(attempt.get("frozen_ms").is_none() && attempt["phases_ms"].get("freeze").is_none(), "{attempt}");
+    remove(tb, &b);
+    remove(tb, &a);
+}
+
 /// A dir holding a `criu` that sleeps `secs` before each dump (runc runs `criu swrk`), then execs
 /// the real one: put it first on the test bed's PATH.
 fn slow_criu(secs: u32) -> tempfile::TempDir {

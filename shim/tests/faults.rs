@@ -384,7 +384,6 @@ impl Snapshot {
     }
 }
 
-
 fn ppid(pid: u32) -> Option<u32> {
     stat(pid).map(|(_, p)| p)
 }

@@ -28,7 +28,6 @@ use kybernate_testbed::{unique_name, IMAGE};
 /// Where the shim's stop hook looks for `<container id>` files naming the phase to stop at.
 const STOP_ENV: &str = "KYBERNATE_TEST_STOP_DIR";
 
-
 fn pids() -> Vec<u32> {
     std::fs::read_dir("/proc").unwrap().flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).collect()
 }

@@ -325,8 +325,13 @@ impl Cri {
 
     /// RunPodSandbox with our handler; the pod is removed on drop unless removed before.
     pub fn run_pod(&self, config: &PodSandboxConfig) -> Result<String, Status> {
+        self.run_pod_on(config, HANDLER)
+    }
+
+    /// RunPodSandbox with runtime handler `handler` (e.g. `runc`, the test bed's stock one).
+    pub fn run_pod_on(&self, config: &PodSandboxConfig, handler: &str) -> Result<String, Status> {
         let mut c = self.runtime.clone();
-        let req = RunPodSandboxRequest { config: Some(config.clone()), runtime_handler: HANDLER.to_string() };
+        let req = RunPodSandboxRequest { config: Some(config.clone()), runtime_handler: handler.to_string() };
         let id = self.call(async move { c.run_pod_sandbox(req).await })?.pod_sandbox_id;
         self.pods.lock().expect("pods lock").push(id.clone());
         Ok(id)
