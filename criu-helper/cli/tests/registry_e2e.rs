@@ -135,8 +135,10 @@ fn a_checkpoint_pushed_on_node_a_restores_on_node_b_and_bad_pulls_leave_nothing(
     // is as it was.
     let before = store_entries(&b.store);
     let bad = unique_name("onb-bad");
-    let out = b.tb.ctr(&["run", "-d", "--runtime", RUNTIME, "--annotation", &restore_from("no-such-tag"), IMAGE, &bad, "true"]);
+    let unknown = restore_from("no-such-tag");
+    let out = b.tb.ctr(&["run", "-d", "--runtime", RUNTIME, "--annotation", &unknown, IMAGE, &bad, "true"]);
     let err = text(&out.stderr);
+    eprintln!("ctr run with an unknown tag: {err}");
     assert!(!out.status.success(), "a restore from an unknown tag ran: {}", text(&out.stdout));
     for want in ["not found", "no-such-tag", host.as_str()] {
         assert!(err.contains(want), "{want:?} not in {err}");
