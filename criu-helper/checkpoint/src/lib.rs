@@ -51,8 +51,9 @@ pub use preflight::{
 pub use rootfs::{apply_rootfs_diff, overlay_diff_from_oci_layer, overlay_upperdir, write_rootfs_diff, RootfsError};
 pub use signing::{PublicKey, SignatureState, SigningError, SigningKey, SIGNATURE_FILE};
 pub use store::{
-    dir_size, read_manifest, verify, verify_metadata, verify_quick, CommitTimes, PartialCheckpoint, Store, StoreError,
-    VerifyError, INVENTORY, PHASE_CRIU_DUMP, PHASE_FILE, PHASE_GPU_CHECKPOINT, PHASE_GPU_LOCK,
+    checkpoint_dir_time, dir_size, read_manifest, verify, verify_metadata, verify_quick, CommitTimes,
+    PartialCheckpoint, Store, StoreError, VerifyError, INVENTORY, PHASE_CRIU_DUMP, PHASE_FILE, PHASE_GPU_CHECKPOINT,
+    PHASE_GPU_LOCK,
 };
 pub use trust::{check_trust, read_origin, write_origin, Origin, TrustError, TrustPolicy, TrustVerdict, ORIGIN_FILE};
 

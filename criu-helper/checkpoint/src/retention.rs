@@ -165,7 +165,7 @@ fn gather(store: &Store, sizes: bool) -> Result<Vec<Entry>, StoreError> {
         else {
             continue;
         };
-        let name_time = dir_time(&cp);
+        let name_time = crate::store::checkpoint_dir_time(&cp);
         let time = manifest.as_ref().ok().and_then(|m| humantime::parse_rfc3339(&m.created).ok()).or(name_time);
         let source = match read_origin(&path) {
             Ok(None) => Source::Local,
@@ -186,17 +186,6 @@ fn gather(store: &Store, sizes: bool) -> Result<Vec<Entry>, StoreError> {
         });
     }
     Ok(out)
-}
-
-/// The store's timestamp directory name (`20261123T212501.123Z`) as a time.
-fn dir_time(name: &str) -> Option<SystemTime> {
-    let b = name.as_bytes();
-    if b.len() < 16 || !name.is_ascii() || b[8] != b'T' {
-        return None;
-    }
-    let text =
-        format!("{}-{}-{}T{}:{}:{}", &name[..4], &name[4..6], &name[6..8], &name[9..11], &name[11..13], &name[13..]);
-    humantime::parse_rfc3339_weak(&text).ok()
 }
 
 /// The decision over `entries` (see the module's doc).

@@ -108,6 +108,18 @@ pub struct Store {
     root: PathBuf,
 }
 
+/// The time a checkpoint directory's name gives (`20261123T212501.123Z`, as
+/// [`Store::new_checkpoint_path`] makes it); None for any other name.
+pub fn checkpoint_dir_time(name: &str) -> Option<SystemTime> {
+    let b = name.as_bytes();
+    if b.len() < 16 || !name.is_ascii() || b[8] != b'T' {
+        return None;
+    }
+    let text =
+        format!("{}-{}-{}T{}:{}:{}", &name[..4], &name[4..6], &name[6..8], &name[9..11], &name[11..13], &name[13..]);
+    humantime::parse_rfc3339_weak(&text).ok()
+}
+
 impl Store {
     pub fn new(root: impl Into<PathBuf>) -> Self {
         Self { root: root.into() }
@@ -889,6 +901,15 @@ mod tests {
             fs::copy(root.join("ns/c1/t1").join(MANIFEST_FILE), root.join(work).join(MANIFEST_FILE)).unwrap();
         }
         Fixture { _tmp: tmp, store, root }
+    }
+
+    #[test]
+    fn checkpoint_dir_names_parse_as_times() {
+        let t = checkpoint_dir_time("20261123T212501.123Z").unwrap();
+        assert_eq!(humantime::format_rfc3339_millis(t).to_string(), "2026-11-23T21:25:01.123Z");
+        for bad in ["", "x", "20261123X212501.123Z", "20261323T212501.123Z", "ééééééééééééééééé"] {
+            assert!(checkpoint_dir_time(bad).is_none(), "{bad}");
+        }
     }
 
     #[test]

@@ -81,7 +81,7 @@ impl Checkpoint {
         let part = |i: usize| parts.get(i).cloned().unwrap_or_default();
         let manifest = read_manifest(path).ok();
         let error = verify_quick(path).err().map(|e| e.to_string());
-        let dir_time = parts.get(2).and_then(|name| time_from_dir_name(name));
+        let dir_time = parts.get(2).and_then(|name| kybernate_checkpoint::checkpoint_dir_time(name));
         // Only a manifest whose fields validate gives the time: a forged `created` (year 9999)
         // would otherwise sort first, and `prune --keep` would remove the real newest.
         let valid = manifest.as_ref().filter(|m| m.validate(SystemTime::now()).is_ok());
@@ -118,17 +118,6 @@ impl Checkpoint {
         self.status = if error.is_some() { Status::Broken } else { Status::Ok };
         self.error = error;
     }
-}
-
-/// The store's timestamp directory name (`20261123T212501.123Z`) as a time.
-fn time_from_dir_name(name: &str) -> Option<SystemTime> {
-    let b = name.as_bytes();
-    if b.len() < 16 || !name.is_ascii() || b[8] != b'T' {
-        return None;
-    }
-    let text =
-        format!("{}-{}-{}T{}:{}:{}", &name[..4], &name[4..6], &name[6..8], &name[9..11], &name[11..13], &name[13..]);
-    humantime::parse_rfc3339_weak(&text).ok()
 }
 
 /// Every checkpoint in the store (broken ones too), optionally of one namespace and container,
@@ -281,18 +270,4 @@ pub fn record_image(dir: &Path, image: &str) -> std::io::Result<bool> {
     let mut f = AtomicFile::create_in(parent, &path, 0o600, Durability::Machine)?;
     f.file().write_all(&text)?;
     f.commit().map(|()| true)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn dir_names_parse_as_times() {
-        let t = time_from_dir_name("20261123T212501.123Z").unwrap();
-        assert_eq!(humantime::format_rfc3339_millis(t).to_string(), "2026-11-23T21:25:01.123Z");
-        for bad in ["", "x", "20261123X212501.123Z", "20261323T212501.123Z", "ééééééééééééééééé"] {
-            assert!(time_from_dir_name(bad).is_none(), "{bad}");
-        }
-    }
 }
