@@ -282,7 +282,6 @@ fn steps(pre_dump_rounds: u32, driver_api: bool, hold: Hold, exit: bool) -> Vec<
 struct Plan<'a> {
     ckpt: &'a Checkpointer<'a>,
     c: &'a Container,
-    pid: u32,
     req: &'a CheckpointRequest,
     target: &'a Path,
     /// The container's runtime, with CRIU's path (and environment in the driver-API mode).
@@ -296,6 +295,10 @@ struct Plan<'a> {
     work: PathBuf,
     /// `[checkpoint] signing_key`, read before anything is frozen; signs at commit.
     signing_key: Option<criu::SigningKey>,
+    /// The checkpoint's expected size: the memory to dump and the container's file changes
+    /// (rootfs-diff.tar), measured once for the store's limits and the target's free space.
+    memory: u64,
+    changes: u64,
 }
 
 impl<'a> Plan<'a> {
@@ -357,7 +360,13 @@ impl<'a> Plan<'a> {
         } else {
             Hold::FreezeAfterDump
         };
-        crate::retention::check_fits(c, pid, target)?;
+        let preflight = |source| CheckpointError::Preflight { what: "checkpoint", id: id.to_string(), source };
+        let memory = criu::memory_estimate(pid, Path::new("/proc"), Path::new("/sys/fs/cgroup"))
+            .map_err(preflight)?
+            .unwrap_or(0);
+        // rootfs-diff.tar holds the container's file changes too.
+        let changes = c.rootfs_upper.as_deref().map(criu::dir_size).unwrap_or(0);
+        crate::retention::check_fits(c, memory.saturating_add(changes), target)?;
         let work = work_dir(c, req.work_path.as_deref())?;
         let signing_key = match &c.checkpoint_config.signing_key {
             Some(path) => Some(
@@ -369,7 +378,6 @@ impl<'a> Plan<'a> {
         Ok(Self {
             ckpt,
             c,
-            pid,
             req,
             target,
             runtime,
@@ -380,6 +388,8 @@ impl<'a> Plan<'a> {
             hold,
             work,
             signing_key,
+            memory,
+            changes,
         })
     }
 
@@ -464,11 +474,7 @@ impl<'p, 'c> Run<'p, 'c> {
             rounds: plan.pre_dump_rounds,
         };
         let preflight = |source| CheckpointError::Preflight { what: "checkpoint", id: id.to_string(), source };
-        let memory = criu::memory_estimate(plan.pid, Path::new("/proc"), Path::new("/sys/fs/cgroup"))
-            .map_err(preflight)?
-            .unwrap_or(0);
-        // rootfs-diff.tar holds the container's file changes too.
-        let changes = c.rootfs_upper.as_deref().map(criu::dir_size).unwrap_or(0);
+        let (memory, changes) = (plan.memory, plan.changes);
         criu::check_space(partial.dir(), memory.saturating_add(changes)).map_err(preflight)?;
         info!(
             "container {id}: checkpoint into {} (CRIU {}, about {} of memory and {} of file changes), steps {:?}",

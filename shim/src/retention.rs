@@ -6,7 +6,7 @@
 use std::path::{Component, Path};
 
 use kybernate_checkpoint::retention::{self, Incoming, RetentionError, RetentionPolicy};
-use kybernate_checkpoint::{self as criu, Store};
+use kybernate_checkpoint::Store;
 use log::{info, warn};
 
 use crate::container::Container;
@@ -34,18 +34,15 @@ fn in_store(c: &Container, target: &Path) -> Option<(Store, RetentionPolicy, Str
     Some((Store::new(root), policy, namespace.to_string(), container.to_string()))
 }
 
-/// Refuses a checkpoint of `c` (init `pid`) into `target` that `max_bytes` has no room for even
-/// after pruning, with the numbers; called before anything is frozen. The size is estimated as
-/// the disk check estimates it: the memory to dump plus the container's file changes. A store
-/// that cannot be listed refuses nothing here (the checkpoint's own writes will tell).
-pub fn check_fits(c: &Container, pid: u32, target: &Path) -> Result<(), CheckpointError> {
+/// Refuses a checkpoint of `c` into `target` of about `bytes` (the memory to dump plus the
+/// container's file changes, as the disk check estimates it) that `max_bytes` has no room for
+/// even after pruning, with the numbers; called before anything is frozen. A store that cannot
+/// be listed refuses nothing here (the checkpoint's own writes will tell).
+pub fn check_fits(c: &Container, bytes: u64, target: &Path) -> Result<(), CheckpointError> {
     let Some((store, policy, namespace, container)) = in_store(c, target) else { return Ok(()) };
     if policy.max_bytes.is_none() {
         return Ok(());
     }
-    let memory = criu::memory_estimate(pid, Path::new("/proc"), Path::new("/sys/fs/cgroup")).ok().flatten();
-    let changes = c.rootfs_upper.as_deref().map(criu::dir_size).unwrap_or(0);
-    let bytes = memory.unwrap_or(0).saturating_add(changes);
     let incoming = Incoming { namespace: &namespace, container: &container, bytes };
     match retention::plan_prune(&store, &policy, &[], Some(incoming)) {
         Ok(_) => Ok(()),
