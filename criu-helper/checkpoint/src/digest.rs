@@ -397,21 +397,27 @@ pub fn parse_hex(s: &str) -> Option<Digest32> {
     Some(out)
 }
 
+/// Deterministic test bytes (xorshift from `seed`) that differ every few bytes, so that a wrong
+/// offset or order shows in a digest; for this module's and the follower's tests.
+#[cfg(test)]
+pub(crate) fn test_bytes(seed: u64, len: u64) -> Vec<u8> {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ seed;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Deterministic bytes that differ in every 1 KiB chunk (so a wrong offset or order shows).
     fn data(len: usize) -> Vec<u8> {
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
+        test_bytes(0, len as u64)
     }
 
     #[test]

@@ -247,18 +247,7 @@ mod tests {
     const CHUNK: u64 = 64 << 10;
     const ALGORITHM: Algorithm = Algorithm::Blake3 { chunk_size: CHUNK };
 
-    /// Deterministic bytes that differ in every few bytes (so a wrong offset or order shows).
-    fn data(seed: u64, len: u64) -> Vec<u8> {
-        let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ seed;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
+    use crate::digest::test_bytes as data;
 
     /// Appends `bytes` to `path` in uneven pieces, pausing between them as a dump does.
     fn append_slowly(path: &Path, bytes: &[u8]) {
