@@ -69,6 +69,9 @@ pub struct Args {
     pub name: Option<String>,
     /// `--pre-dump N`; unset: the container's annotation or the config decides (in the shim).
     pub pre_dump: Option<u32>,
+    /// `[checkpoint] signing_key`: the image this CLI records in a signed manifest is signed again
+    /// with it (see [`record_image`]).
+    pub signing_key: Option<PathBuf>,
 }
 
 /// `checkpoint -o json`: the checkpoint object plus how long the checkpoint took.
@@ -101,7 +104,7 @@ pub fn checkpoint(
     let done = runtime.block_on(run(store, address, namespace, req, progress))?;
     // The shim records the image only from CRI's annotation; containerd's record has it for a
     // container of any client (`ctr run`, nerdctl), so that `restore --as` needs no --image.
-    if let Err(e) = crate::store::record_image(&done.target, &done.image) {
+    if let Err(e) = record_image(&done.target, &done.image, req.signing_key.as_deref()) {
         eprintln!(
             "kybernate: warning: cannot record image {:?} in the checkpoint's manifest: {e}; restore it with --image",
             done.image
@@ -120,6 +123,38 @@ pub fn checkpoint(
         Output::Table => output::write(&summary(&cp, req, done.duration))?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Records the container's image (containerd's record) in the manifest the shim wrote. The
+/// signature covers the manifest's bytes, so a signed manifest is rewritten only when this CLI
+/// holds the same key (`[checkpoint] signing_key`) and signs it again; otherwise the manifest stays
+/// as signed, and the error says why.
+fn record_image(dir: &Path, image: &str, signing_key: Option<&Path>) -> Result<(), String> {
+    use kybernate_checkpoint::signing::{read_signature, SigningKey};
+    let signature = read_signature(dir).map_err(|e| e.to_string())?;
+    let key = match (&signature, signing_key) {
+        (None, _) => None,
+        (Some(sig), None) => {
+            return Err(format!("it is signed by {} and [checkpoint] signing_key is not set here", sig.key_id))
+        }
+        (Some(sig), Some(path)) => {
+            let key = SigningKey::load(path).map_err(|e| e.to_string())?;
+            if key.key_id() != sig.key_id {
+                return Err(format!(
+                    "it is signed by {}, not by this node's [checkpoint] signing_key {}",
+                    sig.key_id,
+                    key.key_id()
+                ));
+            }
+            Some(key)
+        }
+    };
+    if crate::store::record_image(dir, image).map_err(|e| e.to_string())? {
+        if let Some(key) = key {
+            key.sign_dir(dir).map_err(|e| format!("the manifest changed and signing it again failed: {e}"))?;
+        }
+    }
+    Ok(())
 }
 
 /// What a checkpoint request ended with: where it went, how long it took, the container's image
@@ -408,6 +443,37 @@ mod tests {
             assert_eq!(prost::Message::encode_to_vec(&o), vec![key[0], key[1], value]);
         }
         assert!(prost::Message::encode_to_vec(&CheckpointOptions::default()).is_empty());
+    }
+
+    /// The image goes into a signed manifest only together with a new signature by the same key;
+    /// otherwise the manifest stays byte for byte as signed.
+    #[test]
+    fn a_signed_manifest_gets_the_image_only_when_signed_again_by_its_key() {
+        use kybernate_checkpoint::signing::{read_manifest_bytes, read_signature, write_key_pair, PublicKey};
+        let d = tempfile::tempdir().unwrap();
+        let (cp, keys, other) = (d.path().join("cp"), d.path().join("keys"), d.path().join("other"));
+        fs::create_dir(&cp).unwrap();
+        fs::write(cp.join("kybernate.json"), br#"{"container_id": "web"}"#).unwrap();
+        // Unsigned: recorded.
+        record_image(&cp, "docker.io/library/busybox:1", None).unwrap();
+        assert!(String::from_utf8(fs::read(cp.join("kybernate.json")).unwrap()).unwrap().contains("busybox:1"));
+
+        fs::write(cp.join("kybernate.json"), br#"{"container_id": "web"}"#).unwrap();
+        let pair = write_key_pair(&keys, false).unwrap();
+        let other = write_key_pair(&other, false).unwrap();
+        kybernate_checkpoint::signing::SigningKey::load(&pair.private).unwrap().sign_dir(&cp).unwrap();
+        let signed = fs::read(cp.join("kybernate.json")).unwrap();
+        let err = record_image(&cp, "busybox", None).unwrap_err();
+        assert!(err.contains(&pair.key_id) && err.contains("signing_key is not set"), "{err}");
+        let err = record_image(&cp, "busybox", Some(&other.private)).unwrap_err();
+        assert!(err.contains(&pair.key_id) && err.contains(&other.key_id), "{err}");
+        assert_eq!(fs::read(cp.join("kybernate.json")).unwrap(), signed, "changed without a new signature");
+
+        record_image(&cp, "busybox", Some(&pair.private)).unwrap();
+        let bytes = read_manifest_bytes(&cp).unwrap();
+        assert!(String::from_utf8_lossy(&bytes).contains("busybox"));
+        let public = PublicKey::load(&pair.public).unwrap();
+        assert!(public.verifies(&bytes, &read_signature(&cp).unwrap().unwrap()), "the new signature does not verify");
     }
 
     /// A child's shim, as this reads it, is its parent: here, this test binary.

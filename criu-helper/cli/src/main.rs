@@ -464,7 +464,16 @@ fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 pod_namespace,
                 container: pod_container.unwrap_or_default(), // clap: --pod requires --container
             });
-            let args = checkpoint::Args { container: container.unwrap_or_default(), pod, exit, tcp, name, pre_dump };
+            let signing_key = store::load_config(cli.config.as_deref())?.checkpoint.signing_key;
+            let args = checkpoint::Args {
+                container: container.unwrap_or_default(),
+                pod,
+                exit,
+                tcp,
+                name,
+                pre_dump,
+                signing_key,
+            };
             checkpoint::checkpoint(&store, out, &cli.address, ns, &args)
         }
         Command::List { container } => commands::list(&store, out, ns, container.as_deref()),
