@@ -11,7 +11,9 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{assert_exit, assert_exit_ok, bed_with, json, task_status, text, wait_for, Bed, RUNTIME};
+use common::{
+    assert_exit, assert_exit_ok, bed_with, edit_checkpoint_json, json, task_status, text, wait_for, Bed, RUNTIME,
+};
 use kybernate_testbed::{unique_name, Registry, IMAGE};
 use serde_json::Value;
 
@@ -68,6 +70,17 @@ fn a_checkpoint_pushed_on_node_a_restores_on_node_b_and_bad_pulls_leave_nothing(
     wait_for("the counter to stop", || (task_status(&a.tb, &id).as_deref() != Some("RUNNING")).then_some(()));
     let at_checkpoint = a.counter(&id).expect("the checkpointed counter");
 
+    // A crafted image reference: the checkpoint names a popular tag as the image it ran
+    // (`config.dump`'s rootfsImageName, re-hashed, and the manifest's `image`). Node B must never
+    // pull or tag it (containerd's CVE-2026-50195 poisoned image caches that way).
+    let popular = "docker.io/library/nginx:latest";
+    let cp_dir = a.store.join(&cp_id);
+    edit_checkpoint_json(&cp_dir, "config.dump", |v| v["rootfsImageName"] = popular.into());
+    let manifest_path = cp_dir.join("kybernate.json");
+    let mut m: Value = serde_json::from_slice(&fs::read(&manifest_path).unwrap()).unwrap();
+    m["image"] = popular.into();
+    fs::write(&manifest_path, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+
     // Pushed (plain HTTP through [registry] insecure), with the JSON the interface promises.
     let out = a.kybernate(&["-o", "json", "push", &cp_id, &format!("{repo}:v1")]);
     assert_exit_ok(&out);
@@ -77,6 +90,26 @@ fn a_checkpoint_pushed_on_node_a_restores_on_node_b_and_bad_pulls_leave_nothing(
     assert_eq!(pushed["ref"], format!("{repo}:v1"), "{pushed}");
     let total = pushed["bytes_total"].as_u64().unwrap();
     assert!(total > 0 && pushed["bytes_uploaded"].as_u64() == Some(total), "a first push uploads everything: {pushed}");
+
+    // The image as other tools see it: the manifest carries CRI-O's checkpoint annotation (its
+    // mark of a checkpoint image), and its layers unpacked in order give the checkpoint archive
+    // layout that the real checkpointctl reads.
+    let image = registry_manifest(&registry_dir, &digest);
+    assert_eq!(image["annotations"]["io.kubernetes.cri-o.annotations.checkpoint.name"], id.as_str(), "{image}");
+    let unpacked = scratch.path().join("unpacked");
+    fs::create_dir(&unpacked).unwrap();
+    for layer in image["layers"].as_array().unwrap() {
+        let blob = blob_path(&registry_dir, layer["digest"].as_str().unwrap());
+        let out = Command::new("tar").arg("-xf").arg(&blob).arg("-C").arg(&unpacked).output().unwrap();
+        assert!(out.status.success(), "tar -xf {}: {}", blob.display(), text(&out.stderr));
+    }
+    let archive = scratch.path().join("image.tar");
+    let out = Command::new("tar").arg("-cf").arg(&archive).arg("-C").arg(&unpacked).arg(".").output().unwrap();
+    assert!(out.status.success(), "tar -cf: {}", text(&out.stderr));
+    let out = Command::new(kybernate_testbed::CHECKPOINTCTL).arg("show").arg(&archive).output().unwrap();
+    assert!(out.status.success(), "checkpointctl show (the image's layers): {}", text(&out.stderr));
+    let table = text(&out.stdout);
+    assert!(table.contains(&id[..12]) && table.contains(popular), "checkpointctl show: {table}");
 
     // Node B: pulled by digest, verified, stored (under B's namespace: the CLI gets `-n`). The image
     // the checkpoint names is never pulled or tagged: B's image store stays as it was.
@@ -104,7 +137,12 @@ fn a_checkpoint_pushed_on_node_a_restores_on_node_b_and_bad_pulls_leave_nothing(
     // Restored on node B by reference (`oci://`: the pull finds the digest in the store), it
     // counts on from the checkpoint.
     let new_id = unique_name("onb");
-    let out = b.kybernate(&["-o", "json", "restore", &format!("oci://{repo}:v1"), "--as", &new_id]);
+    // The image the checkpoint names is not pulled for the new container either: the restore
+    // asks for one the node holds.
+    let out = b.kybernate(&["restore", &format!("oci://{repo}:v1"), "--as", &new_id]);
+    assert_exit(&out, 2, &[popular, "not found in containerd namespace", "--image"]);
+    b.assert_nothing_named(&new_id);
+    let out = b.kybernate(&["-o", "json", "restore", &format!("oci://{repo}:v1"), "--as", &new_id, "--image", IMAGE]);
     if !out.status.success() {
         panic!("restore on B failed: {}\n--- containerd log ---\n{}", text(&out.stderr), b.tb.log_tail(40));
     }
@@ -131,6 +169,9 @@ fn a_checkpoint_pushed_on_node_a_restores_on_node_b_and_bad_pulls_leave_nothing(
         serde_json::from_slice(&fs::read(b.store.join(&pulled_again[0]).join("kybernate.origin")).unwrap()).unwrap();
     assert_eq!(origin["digest"], digest.as_str(), "{origin}");
     b.remove(&by_annotation);
+    let images = b.tb.ctr_ok(&["images", "ls", "-q"]);
+    assert_eq!(images, images_before, "a pull and two restores changed B's images");
+    assert!(!images.contains("nginx"), "the image the checkpoint names was pulled or tagged: {images}");
     // An unknown tag by annotation: the create fails naming the registry and the tag; B's store
     // is as it was.
     let before = store_entries(&b.store);
@@ -149,8 +190,8 @@ fn a_checkpoint_pushed_on_node_a_restores_on_node_b_and_bad_pulls_leave_nothing(
     // A container with a large file that does not change: the second checkpoint's push uploads
     // less than its total (the rootfs diff's layer is found through the tag's last manifest). The
     // rootfs diff must then be the same file: /tmp is a tmpfs (each checkpoint here changed the
-    // mtime of the rootfs's /tmp, a header in the diff), and the big file is read once first (the
-    // diff's GNU headers carry its atime, which a first read would change).
+    // mtime of the rootfs's /tmp, a header in the diff). Reading the big file between the two
+    // checkpoints changes its atime, which the diff's headers do not carry.
     let big = unique_name("big");
     a.tb.ctr_ok(&[
         "run",
@@ -163,7 +204,7 @@ fn a_checkpoint_pushed_on_node_a_restores_on_node_b_and_bad_pulls_leave_nothing(
         &big,
         "sh",
         "-c",
-        "dd if=/dev/urandom of=/big bs=1M count=12 2>/dev/null; cat /big >/dev/null; touch /ready; exec sleep 100000",
+        "dd if=/dev/urandom of=/big bs=1M count=12 2>/dev/null; touch /ready; exec sleep 100000",
     ]);
     a.wait_running(&big);
     let rootfs =
@@ -172,7 +213,10 @@ fn a_checkpoint_pushed_on_node_a_restores_on_node_b_and_bad_pulls_leave_nothing(
     let big_repo = format!("{repo}-big:latest");
     let mut uploads = Vec::new();
     let mut big_ids = Vec::new();
-    for _ in 0..2 {
+    for round in 0..2 {
+        if round == 1 {
+            a.tb.ctr_ok(&["task", "exec", "--exec-id", "read", &big, "sh", "-c", "cat /big >/dev/null"]);
+        }
         let out = a.kybernate(&["-o", "json", "checkpoint", &big]);
         assert_exit_ok(&out);
         let cp = json(&out)["id"].as_str().unwrap().to_string();
@@ -303,8 +347,13 @@ fn test_ca(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     (ca, cert, key)
 }
 
+/// A TLS registry with a test CA and htpasswd basic auth: a bad CA or bad credentials are
+/// refused with clear errors; then the whole move over TLS between two nodes with signatures:
+/// node A signs, node B trusts A's key and restores by annotation (its shim's pull goes through
+/// the CA and the credentials of B's config); the namespace policy, an untrusted signer, a
+/// missing signature and a signature of another manifest are refused with nothing left.
 #[test]
-fn a_tls_registry_with_basic_auth_needs_the_ca_and_the_right_credentials() {
+fn signed_checkpoints_move_over_tls_and_everything_else_is_refused() {
     let scratch = kybernate_testbed::scratch_dir().expect("scratch dir");
     let (ca, cert, key) = test_ca(scratch.path());
     let htpasswd = scratch.path().join("htpasswd");
@@ -327,21 +376,6 @@ fn a_tls_registry_with_basic_auth_needs_the_ca_and_the_right_credentials() {
     };
     let good = auth_file("good", "alice", PASSWORD);
     let bad = auth_file("bad", "alice", "wrong");
-    // One node (no containerd needed for push/pull of a checkpoint written by the library).
-    let store = scratch.path().join("store");
-    let write_config = |name: &str, extra: &str| {
-        let path = scratch.path().join(name);
-        fs::write(&path, format!("[checkpoint]\nroot = \"{}\"\n[registry]\n{extra}", store.display())).unwrap();
-        path
-    };
-    let cp = common::fake_checkpoint(
-        &kybernate_checkpoint::Store::new(&store),
-        "default",
-        "web",
-        std::time::SystemTime::now(),
-    );
-    let cp = cp.as_str();
-    let reference = format!("{host}/ckpt/web:v1");
     let run = |config: &Path, args: &[&str]| {
         let out = Command::new(common::KYBERNATE)
             .arg("--config")
@@ -354,26 +388,52 @@ fn a_tls_registry_with_basic_auth_needs_the_ca_and_the_right_credentials() {
         eprintln!("kybernate {args:?}: {}\nstdout:\n{}stderr:\n{}", out.status, text(&out.stdout), text(&out.stderr));
         out
     };
+    // CLI-only nodes (push/pull need no containerd): a config each, with a store of its own
+    // (`cli_node`) or the first one's (`config`).
+    let config = |name: &str, store: &Path, extra: &str| {
+        let path = scratch.path().join(format!("{name}.toml"));
+        fs::write(&path, format!("[checkpoint]\nroot = \"{}\"\n{extra}", store.display())).unwrap();
+        path
+    };
+    let cli_node = |name: &str, extra: &str| {
+        let store = scratch.path().join(format!("store-{name}"));
+        (config(name, &store, extra), store)
+    };
+    let tls = format!("[registry]\nauth_file = \"{}\"\nca_file = \"{}\"\n", good.display(), ca.display());
+    let (plain, plain_store) = cli_node("plain", &tls);
+    let unsigned = common::fake_checkpoint(
+        &kybernate_checkpoint::Store::new(&plain_store),
+        "default",
+        "web",
+        std::time::SystemTime::now(),
+    );
+    let unsigned = unsigned.as_str();
+    let reference = format!("{host}/ckpt/web:v1");
 
     // Without the CA: a TLS error naming the registry.
-    let no_ca = write_config("no-ca.toml", &format!("auth_file = \"{}\"\n", good.display()));
-    assert_exit(&run(&no_ca, &["push", cp, &reference]), 1, &["TLS failed", &host, "ca_file"]);
+    let no_ca = config("no-ca", &plain_store, &format!("[registry]\nauth_file = \"{}\"\n", good.display()));
+    assert_exit(&run(&no_ca, &["push", unsigned, &reference]), 1, &["TLS failed", &host, "ca_file"]);
     // With the CA and wrong credentials: unauthorised.
-    let wrong =
-        write_config("wrong.toml", &format!("auth_file = \"{}\"\nca_file = \"{}\"\n", bad.display(), ca.display()));
-    assert_exit(&run(&wrong, &["push", cp, &reference]), 1, &["unauthorised", &host]);
+    let wrong = config(
+        "wrong",
+        &plain_store,
+        &format!("[registry]\nauth_file = \"{}\"\nca_file = \"{}\"\n", bad.display(), ca.display()),
+    );
+    assert_exit(&run(&wrong, &["push", unsigned, &reference]), 1, &["unauthorised", &host]);
     // No credentials for this registry: unauthorised too, saying so.
     let none = scratch.path().join("none.json");
     fs::write(&none, r#"{"auths": {}}"#).unwrap();
-    let anonymous =
-        write_config("anon.toml", &format!("ca_file = \"{}\"\nauth_file = \"{}\"\n", ca.display(), none.display()));
-    assert_exit(&run(&anonymous, &["push", cp, &reference]), 1, &["unauthorised", "has none for it"]);
+    let anonymous = config(
+        "anon",
+        &plain_store,
+        &format!("[registry]\nca_file = \"{}\"\nauth_file = \"{}\"\n", ca.display(), none.display()),
+    );
+    assert_exit(&run(&anonymous, &["push", unsigned, &reference]), 1, &["unauthorised", "has none for it"]);
     // With both: pushed, then pulled back (the store already holds it: a second copy under another namespace).
-    let ok = write_config("ok.toml", &format!("auth_file = \"{}\"\nca_file = \"{}\"\n", good.display(), ca.display()));
-    let out = run(&ok, &["-o", "json", "push", cp, &reference]);
+    let out = run(&plain, &["-o", "json", "push", unsigned, &reference]);
     assert_exit_ok(&out);
     let digest = json(&out)["digest"].as_str().unwrap().to_string();
-    let out = run(&ok, &["-o", "json", "-n", "elsewhere", "pull", &reference]);
+    let out = run(&plain, &["-o", "json", "-n", "elsewhere", "pull", &reference]);
     assert_exit_ok(&out);
     let pulled = json(&out);
     assert_eq!(
@@ -383,9 +443,111 @@ fn a_tls_registry_with_basic_auth_needs_the_ca_and_the_right_credentials() {
     );
     assert_eq!(pulled["status"], "ok", "{pulled}");
     // Pulling with the wrong credentials: refused, nothing new in the store.
-    let before = store_entries(&store);
+    let before = store_entries(&plain_store);
     assert_exit(&run(&wrong, &["pull", &reference]), 1, &["unauthorised", &host]);
-    assert_eq!(store_entries(&store), before);
+    assert_eq!(store_entries(&plain_store), before);
+
+    // Two key pairs: A's (node A signs with it, node B trusts it) and another one.
+    let keys = |name: &str| {
+        let dir = scratch.path().join(format!("keys-{name}"));
+        let out = run(&plain, &["-o", "json", "keygen", dir.to_str().unwrap()]);
+        assert_exit_ok(&out);
+        (dir.join("kybernate.key"), dir.join("kybernate.pub"), json(&out)["key_id"].as_str().unwrap().to_string())
+    };
+    let (a_key, a_pub, a_key_id) = keys("a");
+    let (_, other_pub, _) = keys("other");
+    let a = bed_with(|b| b, &format!("signing_key = \"{}\"\n{tls}", a_key.display()));
+    let b = bed_with(|b| b, &format!("[trust]\nkeys = [\"{}\"]\n{tls}", a_pub.display()));
+
+    // Node A: a counter of pod namespace team-a, checkpointed (signed) and stopped, pushed over TLS.
+    let pod = |ns: &str| ["--annotation".to_string(), format!("io.kubernetes.cri.sandbox-namespace={ns}")];
+    let id = unique_name("signed");
+    let mut flags = vec!["--seccomp".to_string()];
+    flags.extend(pod("team-a"));
+    a.run_counter_with(&id, RUNTIME, &flags.iter().map(String::as_str).collect::<Vec<_>>());
+    a.wait_counter(&id, 20);
+    let out = a.kybernate(&["-o", "json", "checkpoint", &id, "--exit"]);
+    assert_exit_ok(&out);
+    let cp_id = json(&out)["id"].as_str().expect("id").to_string();
+    assert!(a.store.join(&cp_id).join("kybernate.sig").is_file(), "node A did not sign {cp_id}");
+    wait_for("the counter to stop", || (task_status(&a.tb, &id).as_deref() != Some("RUNNING")).then_some(()));
+    let at_checkpoint = a.counter(&id).expect("the checkpointed counter");
+    let signed_ref = format!("{host}/ckpt/{}:signed", unique_name("counter"));
+    assert_exit_ok(&a.kybernate(&["-o", "json", "push", &cp_id, &signed_ref]));
+    a.remove(&id);
+
+    // Node B: restored by annotation into a pod of the same namespace; its shim pulls over TLS
+    // (B's CA and credentials), checks A's signature, and the counter counts on.
+    let on_b = unique_name("onb-tls");
+    let restore_from = format!("kybernate.io/restore-from=oci://{signed_ref}");
+    let mut flags = vec!["--seccomp".to_string(), "--annotation".to_string(), restore_from.clone()];
+    flags.extend(pod("team-a"));
+    b.run_counter_with(&on_b, RUNTIME, &flags.iter().map(String::as_str).collect::<Vec<_>>());
+    let first = wait_for("the counter restored over TLS", || b.counter(&on_b));
+    assert!(first >= at_checkpoint, "restored counter {first} < {at_checkpoint} at checkpoint");
+    wait_for("the restored counter to increase", || b.counter(&on_b).filter(|&n| n > first));
+    b.remove(&on_b);
+    let stored = checkpoints(&b.store);
+    assert_eq!(stored.len(), 1, "{stored:?}");
+
+    // The same checkpoint into a pod of another namespace: the namespace policy refuses it (the
+    // pull finds the digest in the store), nothing is created.
+    let other_ns = unique_name("onb-team-b");
+    let out = b.tb.ctr(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        "--annotation",
+        &restore_from,
+        "--annotation",
+        "io.kubernetes.cri.sandbox-namespace=team-b",
+        IMAGE,
+        &other_ns,
+        "true",
+    ]);
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "a checkpoint of team-a was restored into team-b");
+    for want in ["\"team-a\" cannot be restored into namespace \"team-b\"", "allow_cross_namespace_restore"] {
+        assert!(err.contains(want), "{want:?} not in {err}");
+    }
+    let _ = b.tb.ctr(&["containers", "delete", &other_ns]);
+    b.assert_nothing_named(&other_ns);
+    assert_eq!(checkpoints(&b.store), stored);
+
+    // Pulls that the trust policy refuses, each into a store of its own, which stays empty.
+    let refused = |config: &Path, store: &Path, reference: &str, want: &[&str]| {
+        assert_exit(&run(config, &["pull", reference]), 1, want);
+        assert_eq!(store_entries(store), Vec::<String>::new(), "a refused pull left something in {}", store.display());
+    };
+    // Trusted keys without A's: refused, naming the key that signed it.
+    let (untrusting, untrusting_store) =
+        cli_node("untrusting", &format!("[trust]\nkeys = [\"{}\"]\n{tls}", other_pub.display()));
+    refused(
+        &untrusting,
+        &untrusting_store,
+        &signed_ref,
+        &["signed by key", &a_key_id, "not one of this node's trusted keys"],
+    );
+    // No signature while signatures are required (B's policy).
+    let (b_cli, b_cli_store) = cli_node("b-cli", &format!("[trust]\nkeys = [\"{}\"]\n{tls}", a_pub.display()));
+    refused(&b_cli, &b_cli_store, &reference, &["not signed", "require_signature = false"]);
+    // A's valid signature beside another checkpoint's manifest.
+    let forged = common::fake_checkpoint(
+        &kybernate_checkpoint::Store::new(&plain_store),
+        "default",
+        "forged",
+        std::time::SystemTime::now(),
+    );
+    fs::copy(a.store.join(&cp_id).join("kybernate.sig"), plain_store.join(&forged).join("kybernate.sig")).unwrap();
+    let forged_ref = format!("{host}/ckpt/forged:v1");
+    assert_exit_ok(&run(&plain, &["push", &forged, &forged_ref]));
+    refused(&b_cli, &b_cli_store, &forged_ref, &["signature by trusted key", &a_key_id, "does not match"]);
+    // Unsigned ones allowed explicitly: the same unsigned image pulls.
+    let (lenient, lenient_store) =
+        cli_node("lenient", &format!("[trust]\nkeys = [\"{}\"]\nrequire_signature = false\n{tls}", a_pub.display()));
+    assert_exit_ok(&run(&lenient, &["pull", &reference]));
+    assert_eq!(checkpoints(&lenient_store).len(), 1, "{:?}", store_entries(&lenient_store));
 }
 
 fn base64_encode(bytes: &[u8]) -> String {

@@ -127,6 +127,32 @@ fn push_pull_round_trip_and_crafted_images_are_refused() {
         assert_eq!(entries(b.root()), before, "{crafted} left something in the store");
     }
 
+    // Signed on A, pulled into a store that trusts A's key: the signature still verifies, and a
+    // store trusting another key refuses it naming A's key.
+    let key = kybernate_checkpoint::signing::SigningKey::generate().unwrap();
+    let signed_id = common::fake_checkpoint(&a, "default", "signed", SystemTime::now());
+    let signed_dir = a.root().join(&signed_id);
+    key.sign_dir(&signed_dir).unwrap();
+    let signed_ref = Reference::parse(&format!("{}/ckpt/signed:v1", registry.host())).unwrap();
+    push(&signed_dir, &signed_ref, &settings(), &mut |_| {}).unwrap();
+    let trusting = TrustPolicy::new(vec![("a.pub".into(), key.public().clone())], Some(true));
+    let t = Store::new(scratch.path().join("t"));
+    let pulled =
+        pull(&signed_ref, &t, &PullOptions { settings: settings(), namespace: None, trust: &trusting }, &mut |_| {})
+            .unwrap();
+    assert_eq!(
+        std::fs::read(pulled.path.join("kybernate.json")).unwrap(),
+        std::fs::read(signed_dir.join("kybernate.json")).unwrap()
+    );
+    let other = kybernate_checkpoint::signing::SigningKey::generate().unwrap();
+    let untrusting = TrustPolicy::new(vec![("other.pub".into(), other.public().clone())], Some(true));
+    let u = Store::new(scratch.path().join("u"));
+    let err =
+        pull(&signed_ref, &u, &PullOptions { settings: settings(), namespace: None, trust: &untrusting }, &mut |_| {})
+            .unwrap_err();
+    assert!(err.to_string().contains(key.key_id()), "{err}");
+    assert!(entries(u.root()).is_empty(), "{:?}", entries(u.root()));
+
     // Signatures required, none there: refused, nothing stored.
     let strict = TrustPolicy::new(Vec::new(), Some(true));
     let c = Store::new(scratch.path().join("c"));
