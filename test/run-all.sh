@@ -6,19 +6,22 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 command -v cargo >/dev/null || export PATH="$HOME/.cargo/bin:$PATH"
 
-echo "== test/setup.sh"
+# Each section's header says how long the run has taken so far (CI's budget is 20 minutes).
+section() { echo "== [$((SECONDS / 60))m$((SECONDS % 60))s] $*"; }
+
+section "test/setup.sh"
 bash test/setup.sh
 
-echo "== test/demo.sh"
+section "test/demo.sh"
 bash test/demo.sh
 
-echo "== release build (docs/installation.md's command) and its binaries' --version"
+section "release build (docs/installation.md's command) and its binaries' --version"
 cargo build --release -p kybernate-cli -p containerd-shim-kybernate-v1 -p kybernate-runtime-select
 for b in kybernate containerd-shim-kybernate-v1 kybernate-select; do
     "target/release/$b" --version
 done
 
-echo "== benchmarks: criterion benches once each (test mode); the shim and checkpoint scripts one short run each"
+section "benchmarks: criterion benches once each (test mode); the shim and checkpoint scripts one short run each"
 # The timed runs are not tests (docs/benchmarks.md) and nothing here checks a time: this keeps the
 # benchmarks from rotting and runs the release binaries (fat LTO, stripped) through real containers,
 # a checkpoint and a restore. gpu.sh needs a GPU: it only has to parse.
@@ -31,6 +34,6 @@ bash test/bench/shared_pid_exit.sh 5
 bash test/bench/checkpoint.sh 1 16
 bash test/bench/restore_check.sh 1 4 64
 
-echo "== cargo test --workspace"
+section "cargo test --workspace"
 # Last, so that cargo's own summary closes the output.
 cargo test --workspace
