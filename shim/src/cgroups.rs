@@ -202,6 +202,60 @@ fn read(path: &Path) -> Result<String, CgroupError> {
     std::fs::read_to_string(path).map_err(|source| CgroupError::Read { path: path.to_owned(), source })
 }
 
+/// Whether this host's `/sys/fs/cgroup` is the unified (v2) hierarchy, as runc decides it.
+pub fn host_is_v2() -> bool {
+    is_cgroup2(Path::new("/sys/fs/cgroup"))
+}
+
+fn is_cgroup2(path: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else { return false };
+    // SAFETY: c is NUL-terminated; st is written by statfs.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    (unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0) && st.f_type == libc::CGROUP2_SUPER_MAGIC
+}
+
+/// At a restore on cgroup v2: the new container's cgroup, for CRIU's `cgroup-root`.
+///
+/// runc (1.1) names the new container's cgroups to CRIU only on v1 (one root per controller);
+/// on v2 CRIU then puts the restored processes back into the cgroup they were dumped from (the
+/// old container's, recreated), where the new container's limits, its freezer (pause, and the
+/// checkpoint's own freeze) and its stats do not reach them. `cgroups_path` is the spec's
+/// `linux.cgroupsPath`: a path (cgroupfs driver) or `slice:prefix:name` (systemd driver).
+/// `None` when the spec names none (runc would pick one we cannot know).
+pub fn restore_root(cgroups_path: Option<&str>, systemd: bool) -> Option<String> {
+    let path = cgroups_path.filter(|p| !p.is_empty())?;
+    if !systemd {
+        return Some(format!("/{}", path.trim_start_matches('/')));
+    }
+    let mut parts = path.splitn(3, ':');
+    let (slice, prefix, name) = (parts.next()?, parts.next()?, parts.next()?);
+    let slice = if slice.is_empty() { "system.slice" } else { slice };
+    let parent = expand_slice(slice)?;
+    let unit = if name.ends_with(".slice") { name.to_string() } else { format!("{prefix}-{name}.scope") };
+    Some(format!("{}/{unit}", parent.trim_end_matches('/')))
+}
+
+/// systemd's slice nesting: `a-b-c.slice` is `/a.slice/a-b.slice/a-b-c.slice`, `-.slice` the root.
+fn expand_slice(slice: &str) -> Option<String> {
+    let stem = slice.strip_suffix(".slice")?;
+    if stem == "-" {
+        return Some("/".into());
+    }
+    if stem.is_empty() || stem.starts_with('-') || stem.ends_with('-') || stem.contains("--") || stem.contains('/') {
+        return None;
+    }
+    let mut out = String::new();
+    let mut prefix = String::new();
+    for (i, part) in stem.split('-').enumerate() {
+        if i > 0 {
+            prefix.push('-');
+        }
+        prefix.push_str(part);
+        out.push_str(&format!("/{prefix}.slice"));
+    }
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -291,5 +345,26 @@ mod tests {
             Cgroup::V1(dirs) => assert!(dirs.values().all(|d| d.is_dir()), "{cg:?}"),
             Cgroup::V2(dir) => assert!(dir.is_dir(), "{cg:?}"),
         }
+    }
+
+    #[test]
+    fn the_restore_root_is_the_new_containers_cgroup_for_either_driver() {
+        assert_eq!(restore_root(Some("/k8s.io/abc"), false).as_deref(), Some("/k8s.io/abc"));
+        assert_eq!(restore_root(Some("default/web"), false).as_deref(), Some("/default/web"));
+        assert_eq!(restore_root(None, false), None);
+        assert_eq!(restore_root(Some(""), true), None);
+        assert_eq!(
+            restore_root(Some("kubepods-besteffort-pod12.slice:cri-containerd:abc"), true).as_deref(),
+            Some("/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod12.slice/cri-containerd-abc.scope")
+        );
+        assert_eq!(
+            restore_root(Some(":cri-containerd:abc"), true).as_deref(),
+            Some("/system.slice/cri-containerd-abc.scope")
+        );
+        assert_eq!(restore_root(Some("-.slice:x:y"), true).as_deref(), Some("/x-y.scope"));
+        assert_eq!(restore_root(Some("user.slice:x:app.slice"), true).as_deref(), Some("/user.slice/app.slice"));
+        // Not systemd's form: no guess.
+        assert_eq!(restore_root(Some("a--b.slice:x:y"), true), None);
+        assert_eq!(restore_root(Some("nocolons"), true), None);
     }
 }

@@ -105,9 +105,12 @@ impl ContainerFactory<'_> {
             })?;
             doc.changed |= changed;
         }
+        let systemd_cgroup = opts.systemd_cgroup(cgroups_path.as_deref());
+        if restore.is_some() && crate::cgroups::host_is_v2() {
+            doc.changed |= criu_cgroup_root_v2(&req.id, bundle, doc.edit()?, cgroups_path.as_deref(), systemd_cgroup)?;
+        }
         doc.write_back(&req.id, bundle)?;
 
-        let systemd_cgroup = opts.systemd_cgroup(cgroups_path.as_deref());
         if systemd_cgroup && opts.runc.is_none() {
             info!("container {}: cgroups through systemd (cgroupsPath {:?} is systemd's form)", req.id, cgroups_path);
         }
@@ -263,4 +266,37 @@ pub fn unmount_rootfs(target: &Path) {
             warn!("unmount {}: {e}", target.display());
         }
     }
+}
+
+/// A restore on cgroup v2: tells CRIU (`cgroup-root` in the CRIU config runc hands it) to restore
+/// the processes into this container's cgroup, as runc 1.1 does itself only on v1 (see
+/// [`crate::cgroups::restore_root`]). The config is our file in the bundle, attached as for GPU
+/// containers; a spec that names its own CRIU config keeps it, with a warning. Returns whether
+/// `spec` changed.
+fn criu_cgroup_root_v2(
+    id: &str,
+    bundle: &Path,
+    spec: &mut serde_json::Value,
+    cgroups_path: Option<&str>,
+    systemd: bool,
+) -> Result<bool> {
+    let Some(root) = crate::cgroups::restore_root(cgroups_path, systemd) else {
+        warn!("container {id}: restore on cgroup v2 without a cgroupsPath CRIU can be told: its processes go back to the cgroup they were dumped from");
+        return Ok(false);
+    };
+    let write_err = || format!("container {id}: cannot write the CRIU config for the restore into {root}");
+    let changed = crate::gpu::attach_criu_config(id, bundle, spec).map_err(Error::internal(write_err()))?;
+    let ours = bundle.join(crate::gpu::CRIU_CONFIG_FILE);
+    let named = spec.pointer("/annotations/org.criu.config").and_then(|v| v.as_str());
+    if named != Some(ours.to_string_lossy().as_ref()) {
+        warn!("container {id}: keeps its own CRIU config: on cgroup v2 its processes are restored into the cgroup they were dumped from unless it sets cgroup-root {root}");
+        return Ok(changed);
+    }
+    let mut f = std::fs::OpenOptions::new().append(true).open(&ours).map_err(Error::internal(write_err()))?;
+    // `:` names the v2 hierarchy alone (CRIU calls it ""): the v1 hierarchies of a hybrid host
+    // keep the paths CRIU dumped.
+    std::io::Write::write_all(&mut f, format!("cgroup-root :{root}\n").as_bytes())
+        .map_err(Error::internal(write_err()))?;
+    info!("container {id}: restore on cgroup v2 into cgroup {root} (CRIU cgroup-root)");
+    Ok(changed)
 }

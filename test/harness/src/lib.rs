@@ -21,6 +21,7 @@
 //! what earlier, killed test processes left behind (see [`unique_name`]).
 
 mod bundle;
+pub mod cgroup;
 mod cleanup;
 pub mod cri;
 pub mod fakes;
@@ -34,6 +35,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 pub use bundle::{Bundle, Runc};
+pub use cgroup::CgroupMode;
 pub use cri::{CriRuntime, CriStyle, CRI_NAMESPACE, PAUSE_IMAGE};
 pub use node::{kbt_node, Node};
 pub use registry::{Registry, REGISTRY_BINARY};

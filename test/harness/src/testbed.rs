@@ -9,6 +9,7 @@ use std::sync::mpsc;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use crate::cgroup::{self, CgroupMode, PrivateCgroup2, V2Setup};
 use crate::cleanup;
 use crate::cri::{self, CriRuntime, CRI_NAMESPACE, PAUSE_IMAGE};
 use crate::{
@@ -34,6 +35,7 @@ pub struct Builder {
     env: Vec<(OsString, OsString)>,
     release: Containerd,
     log_level: Option<String>,
+    cgroup: Option<CgroupMode>,
 }
 
 impl Builder {
@@ -93,6 +95,13 @@ impl Builder {
         self
     }
 
+    /// The cgroup hierarchy containerd, the shims, runc and CRIU run on (default: the suite's,
+    /// [`cgroup::CGROUP_ENV`], else the host's). See [`CgroupMode`].
+    pub fn cgroup(mut self, mode: CgroupMode) -> Self {
+        self.cgroup = Some(mode);
+        self
+    }
+
     /// Sets an environment variable for containerd, and so for the shims it starts.
     pub fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Self {
         self.env.push((key.as_ref().to_owned(), value.as_ref().to_owned()));
@@ -115,6 +124,10 @@ impl Builder {
         dirs.extend(std::env::split_paths(SYSTEM_PATH));
         let path = std::env::join_paths(dirs).map_err(|e| Error::NotSetUp(format!("invalid path_prepend: {e}")))?;
         check_preconditions(&path)?;
+        let v2 = match self.cgroup.map_or_else(CgroupMode::from_env, Ok)? {
+            CgroupMode::Host => None,
+            CgroupMode::V2 => Some(cgroup::v2_setup()?),
+        };
         cleanup::sweep_stale_once();
 
         let namespace = unique_name("");
@@ -139,7 +152,11 @@ impl Builder {
             child: None,
             cri: self.cri,
             release: self.release,
+            v2,
         };
+        if tb.v2 == Some(V2Setup::PrivateNamespace) {
+            cgroup::share(&tb.dir)?;
+        }
         let cri_runtimes = self.cri.then_some(self.cri_runtimes.as_slice());
         let config = tb.config_toml(cri_runtimes, &self.extra_config, self.log_level.as_deref().unwrap_or("info"));
         if self.cri {
@@ -180,6 +197,8 @@ pub struct Testbed {
     child: Option<Child>,
     cri: bool,
     release: Containerd,
+    /// Set for a cgroup v2 test bed: how it gets its hierarchy.
+    v2: Option<V2Setup>,
 }
 
 impl Testbed {
@@ -196,6 +215,21 @@ impl Testbed {
     /// The containerd namespace every `ctr` call of this test bed uses (`kbt-<pid>-<n>`).
     pub fn namespace(&self) -> &str {
         &self.namespace
+    }
+
+    /// The cgroup hierarchy this test bed runs on.
+    pub fn cgroup_mode(&self) -> CgroupMode {
+        if self.v2.is_some() {
+            CgroupMode::V2
+        } else {
+            CgroupMode::Host
+        }
+    }
+
+    /// Where the test reads the v2 cgroup `path` (as in `/proc/PID/cgroup`'s `0::` line) of this
+    /// test bed's processes; `None` unless it runs on cgroup v2.
+    pub fn v2_cgroup_dir(&self, path: &str) -> Option<PathBuf> {
+        self.v2.as_ref().map(|setup| cgroup::v2_dir(setup, path))
     }
 
     /// containerd's gRPC socket.
@@ -399,7 +433,8 @@ state = "{d}/state"
         cmd.env("PATH", &self.path).envs(self.env.iter().map(|(k, v)| (k, v)));
         cmd.stdin(Stdio::null()).stdout(log).stderr(log2);
         let parent = std::process::id() as libc::pid_t;
-        // SAFETY: only async-signal-safe calls (prctl, getppid) between fork and exec.
+        let private_cgroup2 = (self.v2 == Some(V2Setup::PrivateNamespace)).then(PrivateCgroup2::new);
+        // SAFETY: only async-signal-safe calls (prctl, getppid, unshare, mount) between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong) != 0 {
@@ -408,6 +443,9 @@ state = "{d}/state"
                 if libc::getppid() != parent {
                     // The test process died between fork and prctl.
                     return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+                }
+                if let Some(private) = &private_cgroup2 {
+                    private.enter()?;
                 }
                 Ok(())
             });
@@ -579,6 +617,7 @@ mod tests {
             child: None,
             cri: false,
             release: Containerd::V1_6,
+            v2: None,
         }
     }
 
