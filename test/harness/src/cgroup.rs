@@ -76,6 +76,13 @@ pub(crate) fn v2_dir(setup: &V2Setup, path: &str) -> PathBuf {
     Path::new(root).join(path.trim_start_matches('/'))
 }
 
+/// Whether the cgroup2 hierarchy has `controller` (its root's `cgroup.controllers`).
+pub(crate) fn has_controller(controller: &str) -> bool {
+    let root = if is_cgroup2(Path::new(CGROUP_ROOT)) { CGROUP_ROOT } else { UNIFIED };
+    std::fs::read_to_string(Path::new(root).join("cgroup.controllers"))
+        .is_ok_and(|c| c.split_whitespace().any(|c| c == controller))
+}
+
 fn is_cgroup2(path: &Path) -> bool {
     let Ok(c) = CString::new(path.as_os_str().as_encoded_bytes()) else { return false };
     // SAFETY: c is NUL-terminated; st is written by statfs.

@@ -303,7 +303,7 @@ impl Testbed {
     /// its output, whatever the exit status.
     pub fn ctr_in(&self, namespace: &str, args: &[&str]) -> Output {
         let mut cmd = Command::new(&self.ctr_bin);
-        cmd.arg("--address").arg(&self.address).arg("--namespace").arg(namespace).args(args);
+        cmd.arg("--address").arg(&self.address).arg("--namespace").arg(namespace).args(self.ctr_args(args));
         cmd.stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("cannot run ctr {args:?}: {e}"))
     }
 
@@ -322,7 +322,19 @@ impl Testbed {
 
     /// Runs `ctr ARGS` against this test bed and returns its output, whatever the exit status.
     pub fn ctr(&self, args: &[&str]) -> Output {
-        self.ctr_command().args(args).output().unwrap_or_else(|e| panic!("cannot run ctr {args:?}: {e}"))
+        self.ctr_command().args(self.ctr_args(args)).output().unwrap_or_else(|e| panic!("cannot run ctr {args:?}: {e}"))
+    }
+
+    /// `args` as this test bed runs them: on a [v2 test bed](CgroupMode::V2) of these machines
+    /// `ctr run` gets `--cpu-shares 0` unless it names its own: its default (1024) makes runc
+    /// write `cpu.weight`, which a hierarchy without the cpu controller lacks, for any shim.
+    fn ctr_args<'a>(&self, args: &[&'a str]) -> Vec<&'a str> {
+        let mut out = args.to_vec();
+        let no_cpu = self.v2 == Some(V2Setup::PrivateNamespace) && !cgroup::has_controller("cpu");
+        if no_cpu && args.first() == Some(&"run") && !args.iter().any(|a| a.starts_with("--cpu-shares")) {
+            out.splice(1..1, ["--cpu-shares", "0"]);
+        }
+        out
     }
 
     /// Runs `ctr ARGS`, returns its stdout; panics with stdout, stderr and containerd's log tail
@@ -633,6 +645,22 @@ mod tests {
         assert!(toml.contains("disabled_plugins = [\"io.containerd.grpc.v1.cri\"]"));
         assert!(toml.trim_end().ends_with("b = 1"));
         // Leaked into `tb`'s Drop otherwise: nothing to clean for a fake.
+        std::mem::forget(tb);
+    }
+
+    #[test]
+    fn ctr_run_on_a_v2_bed_without_the_cpu_controller_asks_for_no_cpu_shares() {
+        let mut tb = bed("/x/kbt-1-2");
+        assert_eq!(tb.ctr_args(&["run", "img", "id"]), ["run", "img", "id"], "a host-cgroup bed adds nothing");
+        tb.v2 = Some(V2Setup::PrivateNamespace);
+        let run = tb.ctr_args(&["run", "-d", "img", "id"]);
+        if cgroup::has_controller("cpu") {
+            assert_eq!(run, ["run", "-d", "img", "id"]);
+        } else {
+            assert_eq!(run, ["run", "--cpu-shares", "0", "-d", "img", "id"]);
+        }
+        assert_eq!(tb.ctr_args(&["run", "--cpu-shares", "2", "img"]), ["run", "--cpu-shares", "2", "img"]);
+        assert_eq!(tb.ctr_args(&["task", "ls"]), ["task", "ls"]);
         std::mem::forget(tb);
     }
 
