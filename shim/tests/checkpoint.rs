@@ -340,7 +340,9 @@ impl Drop for NetNs {
 /// `ctr run -d -t ...` with a pseudo-terminal as ctr's stdin (`script`), as an SRE's shell has.
 fn ctr_run_tty(tb: &Testbed, args: &[&str]) {
     let mut cmd = tb.ctr_command();
-    cmd.arg("run").arg("-d").arg("-t").args(args);
+    let mut run = vec!["run", "-d", "-t"];
+    run.extend_from_slice(args);
+    cmd.args(tb.ctr_args(&run));
     let program = cmd.get_program().to_string_lossy().into_owned();
     let words: Vec<String> = std::iter::once(program)
         .chain(cmd.get_args().map(|a| a.to_string_lossy().into_owned()))

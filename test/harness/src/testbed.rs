@@ -328,7 +328,8 @@ impl Testbed {
     /// `args` as this test bed runs them: on a [v2 test bed](CgroupMode::V2) of these machines
     /// `ctr run` gets `--cpu-shares 0` unless it names its own: its default (1024) makes runc
     /// write `cpu.weight`, which a hierarchy without the cpu controller lacks, for any shim.
-    fn ctr_args<'a>(&self, args: &[&'a str]) -> Vec<&'a str> {
+    /// [`Testbed::ctr`] and friends apply it; callers of [`Testbed::ctr_command`] use it.
+    pub fn ctr_args<'a>(&self, args: &[&'a str]) -> Vec<&'a str> {
         let mut out = args.to_vec();
         let no_cpu = self.v2 == Some(V2Setup::PrivateNamespace) && !cgroup::has_controller("cpu");
         if no_cpu && args.first() == Some(&"run") && !args.iter().any(|a| a.starts_with("--cpu-shares")) {
