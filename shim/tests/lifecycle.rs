@@ -73,6 +73,13 @@ fn mounts_under(dir: &Path) -> Vec<String> {
         .collect()
 }
 
+/// Mount points left under the test bed's dir (on a cgroup v2 test bed the dir itself is a
+/// shared bind mount: test/harness/src/cgroup.rs).
+fn mounts_left(tb: &Testbed) -> Vec<String> {
+    let own = tb.dir().to_string_lossy().into_owned();
+    mounts_under(tb.dir()).into_iter().filter(|m| *m != own).collect()
+}
+
 // ---------------------------------------------------------------------------------------------
 // /proc helpers
 
@@ -350,7 +357,7 @@ fn a_killed_shim_is_cleaned_up() {
     // The `delete` invocation ends too.
     wait_until("no shim process left", || shim_pids_for(&tb), Vec::is_empty);
     tb.ctr_ok(&["containers", "delete", &id]);
-    assert!(mounts_under(tb.dir()).is_empty(), "mounts left: {:?}", mounts_under(tb.dir()));
+    assert!(mounts_left(&tb).is_empty(), "mounts left: {:?}", mounts_left(&tb));
 }
 
 #[test]
@@ -362,7 +369,7 @@ fn two_hundred_cycles_leave_nothing_behind() {
     }
     wait_until("shims to exit", || shim_pids_for(&tb), Vec::is_empty);
     assert!(runc_state_entries(&tb).is_empty(), "runtime state left: {:?}", runc_state_entries(&tb));
-    assert!(mounts_under(tb.dir()).is_empty(), "mounts left: {:?}", mounts_under(tb.dir()));
+    assert!(mounts_left(&tb).is_empty(), "mounts left: {:?}", mounts_left(&tb));
     let containerd = containerd_pid(&tb);
     // Zombies are reaped asynchronously: give the parents a moment.
     wait_until("no zombie children of containerd", || zombies_of(&[containerd]), Vec::is_empty);
@@ -616,6 +623,10 @@ fn events_are_published() {
 #[test]
 fn oom_is_reported() {
     let tb = testbed();
+    if tb.cgroup_mode() == kybernate_testbed::CgroupMode::V2 && !tb.v2_has_controller("memory") {
+        eprintln!("oom_is_reported: SKIPPED on this cgroup v2 test bed: its hierarchy has no memory controller (docs/testing.md, cgroup v2); OOM on v2 is covered by the shim's unit tests over v2 files");
+        return;
+    }
     let events = EventLog::start(&tb);
     let id = unique_name("oom");
     // busybox dd allocates a 64 MiB buffer and fills it: far over the 16 MiB limit, and no

@@ -232,6 +232,11 @@ impl Testbed {
         self.v2.as_ref().map(|setup| cgroup::v2_dir(setup, path))
     }
 
+    /// Whether this test bed runs on cgroup v2 with `controller` enabled at the hierarchy's root.
+    pub fn v2_has_controller(&self, controller: &str) -> bool {
+        self.v2.is_some() && cgroup::has_controller(controller)
+    }
+
     /// containerd's gRPC socket.
     pub fn address(&self) -> &Path {
         &self.address
@@ -332,8 +337,21 @@ impl Testbed {
     pub fn ctr_args<'a>(&self, args: &[&'a str]) -> Vec<&'a str> {
         let mut out = args.to_vec();
         let no_cpu = self.v2 == Some(V2Setup::PrivateNamespace) && !cgroup::has_controller("cpu");
-        if no_cpu && args.first() == Some(&"run") && !args.iter().any(|a| a.starts_with("--cpu-shares")) {
-            out.splice(1..1, ["--cpu-shares", "0"]);
+        if !no_cpu || args.iter().any(|a| a.starts_with("--cpu-shares")) {
+            return out;
+        }
+        // The subcommand: the first word after ctr's global flags (`--timeout 60s run …`).
+        let mut i = 0;
+        while let Some(a) = args.get(i) {
+            match *a {
+                "--timeout" | "--connect-timeout" | "--namespace" | "-n" | "--address" | "-a" => i += 2,
+                a if a.starts_with('-') => i += 1,
+                "run" => {
+                    out.splice(i + 1..i + 1, ["--cpu-shares", "0"]);
+                    break;
+                }
+                _ => break,
+            }
         }
         out
     }
@@ -662,6 +680,11 @@ mod tests {
         }
         assert_eq!(tb.ctr_args(&["run", "--cpu-shares", "2", "img"]), ["run", "--cpu-shares", "2", "img"]);
         assert_eq!(tb.ctr_args(&["task", "ls"]), ["task", "ls"]);
+        let global = tb.ctr_args(&["--timeout", "60s", "run", "img"]);
+        if !cgroup::has_controller("cpu") {
+            assert_eq!(global, ["--timeout", "60s", "run", "--cpu-shares", "0", "img"]);
+        }
+        assert_eq!(tb.ctr_args(&["images", "run"]), ["images", "run"], "only ctr's own run subcommand");
         std::mem::forget(tb);
     }
 
