@@ -1,7 +1,8 @@
 //! GPU containers through a checkpoint and a restore: which way CUDA state is handled
 //! (`[checkpoint] cuda`), the driver-api cycle around the dump, what the manifest records
-//! (mode, processes, GPUs, bytes, phases, device access), and giving a restored container its
-//! devices, driver mounts and CUDA state back.
+//! (mode, processes, skipped candidates, GPUs, bytes, phases, device access), and giving a
+//! restored container its devices, driver mounts and CUDA state back — onto the GPUs its own
+//! request was given (GPU pairs for the driver, checked at Create), refusing NCCL jobs up front.
 //!
 //! The CUDA driver sits behind `kybernate_gpu::cuda::CudaDriver`. The shim never loads
 //! `libcuda.so.1` (the `[checkpoint] libcuda` key) itself: a helper process, this binary run as
@@ -24,7 +25,7 @@ use kybernate_gpu::{self as gpu, GpuDevices, GpuMode, GpuRecord, GpuRequest};
 use kybernate_runtime_select::{CheckpointConfig, CudaMode};
 use log::{info, warn};
 
-use crate::spawn::Spawner;
+use crate::spawn::{MonitorSpawner, Spawner};
 
 /// `argv[1]` that makes this binary the CUDA driver helper instead of a shim.
 pub const DRIVER_HELPER: &str = "cuda-driver";
@@ -57,6 +58,8 @@ pub enum GpuError {
     Restore(Vec<cuda::GpuRestoreError>),
     #[error("cannot load the CUDA driver for the restore: {0}")]
     Load(#[from] HelperError),
+    #[error("{0}")]
+    Driver(#[from] cuda::CudaError),
     #[error("{0}")]
     Mismatch(#[from] gpu::GpuMismatch),
     #[error("{0}")]
@@ -119,6 +122,12 @@ impl GpuCheckpoint {
         if processes.is_empty() {
             // Devices only: nothing holds GPU state right now.
             return Ok(Some(base(GpuMode::None)));
+        }
+        if cfg.cuda != CudaMode::Off {
+            let unsupported = cuda::find_unsupported(Path::new(PROC), pids);
+            if !unsupported.is_empty() {
+                return Err(cuda::ModeError::Unsupported(unsupported).into());
+            }
         }
         let wanted = match cfg.cuda {
             CudaMode::Off => {
@@ -211,6 +220,7 @@ impl GpuCheckpoint {
             mode: self.mode,
             bytes_total: processes.iter().map(|p| p.bytes).sum(),
             processes,
+            skipped: session.map(|s| s.skipped().to_vec()).unwrap_or_default(),
             gpus: node.gpus,
             driver_version: node.driver_version.or_else(|| self.plugin.as_ref().map(|p| p.driver_version.clone())),
             cuda_driver_version,
@@ -368,7 +378,9 @@ pub fn prepare_restore(
     record: &GpuRecord,
     cfg: &CheckpointConfig,
 ) -> Result<Vec<String>, GpuError> {
-    prepare_restore_in(id, spec, record, cfg.allow_gpu_mismatch, &NodeRoots::of(cfg))
+    // Only a restore that moves CUDA state onto other GPUs asks the driver (in a helper).
+    let driver_version = || Ok(start_driver(&MonitorSpawner, cfg.libcuda.as_ref())?.driver_version()?);
+    prepare_restore_in(id, spec, record, cfg.allow_gpu_mismatch, &NodeRoots::of(cfg), &driver_version)
 }
 
 /// [`prepare_restore`] on the node seen under `roots`.
@@ -378,6 +390,7 @@ fn prepare_restore_in(
     record: &GpuRecord,
     allow_gpu_mismatch: bool,
     roots: &NodeRoots,
+    driver_version: &dyn Fn() -> Result<i32, GpuError>,
 ) -> Result<Vec<String>, GpuError> {
     let allowed = allow_gpu_mismatch
         || spec
@@ -395,8 +408,78 @@ fn prepare_restore_in(
     let devices = own_devices(id, &request, roots)?;
     let changes = gpu::inject(spec, &devices);
     gpu::check_gpu_count(record, spec, &request)?;
+    let assigned = gpu::gpus_by_minor(&gpu::devices::spec_devices(spec), &node.gpus);
+    let pairs = remap_pairs(id, record, &assigned, &node.gpus, allowed)?;
+    if !pairs.is_empty() {
+        let version = driver_version()?;
+        if version < cuda::REMAP_MIN_DRIVER {
+            let list: Vec<String> = pairs.iter().map(ToString::to_string).collect();
+            return Err(gpu::AssignmentError::RemapDriver {
+                message: format!(
+                    "this container was given other GPUs than the checkpoint used ({}): moving CUDA state onto them \
+                     needs driver r580 (CUDA 13.0) or newer, and this node's driver is CUDA {}.{}; give the container \
+                     the checkpoint's GPUs, or upgrade the driver",
+                    list.join(", "),
+                    version / 1000,
+                    (version % 1000) / 10
+                ),
+            }
+            .into());
+        }
+        info!(
+            "restore {id}: CUDA state will move onto the assigned GPUs: {}",
+            pairs.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+        );
+    }
     log_recorded_mounts(id, record, spec);
     Ok(changes)
+}
+
+/// The GPU pairs a driver-api checkpoint's CUDA state needs to reach `assigned` (the restored
+/// container's GPUs in the node's inventory `node`), see `kybernate_gpu::gpu_pairs`. None for
+/// other modes, or where this node has no inventory to name its GPUs by; under an allowed
+/// mismatch a refusal is a warning and nothing is remapped.
+fn remap_pairs(
+    id: &str,
+    record: &GpuRecord,
+    assigned: &[gpu::GpuInfo],
+    node: &[gpu::GpuInfo],
+    allowed: bool,
+) -> Result<Vec<cuda::GpuPair>, GpuError> {
+    if record.mode != GpuMode::DriverApi || record.processes.is_empty() {
+        return Ok(Vec::new());
+    }
+    if node.is_empty() {
+        info!("restore {id}: this node's driver lists no GPUs (/proc/driver/nvidia/gpus): CUDA state restores onto the GPUs it was taken on");
+        return Ok(Vec::new());
+    }
+    match gpu::gpu_pairs(record, assigned) {
+        Ok(pairs) => Ok(pairs),
+        Err(e) if allowed => {
+            warn!("restore {id}: {e} (allowed: restored without remapping)");
+            Ok(Vec::new())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The GPUs a running (restored) container has: the NVIDIA GPU nodes of its `/dev`, as runc made
+/// them from its spec, in the node's inventory under `proc_root`.
+fn container_gpus(proc_root: &Path, pid: i32) -> Vec<gpu::GpuInfo> {
+    let dev = proc_root.join(pid.to_string()).join("root/dev");
+    let nodes: Vec<gpu::DeviceNode> = std::fs::read_dir(&dev)
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with("nvidia"))
+                .filter_map(|e| {
+                    // Not followed: a link inside the container is the container's.
+                    let md = std::fs::symlink_metadata(e.path()).ok()?;
+                    gpu::devices::device_node_from_metadata(&format!("/dev/{}", e.file_name().to_string_lossy()), &md)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    gpu::gpus_by_minor(&nodes, &gpu::node_gpus(proc_root).gpus)
 }
 
 /// The container's own GPU request resolved on this node (`kybernate_gpu::own_devices`),
@@ -506,9 +589,17 @@ pub fn restore_cuda(
     if record.mode != GpuMode::DriverApi || record.processes.is_empty() {
         return Ok(phases);
     }
+    // The GPUs it was given (checked against the record at Create): where they differ from
+    // the checkpoint's, the driver moves the state onto them.
+    let proc_root = Path::new(PROC);
+    let node = gpu::node_gpus(proc_root).gpus;
+    let assigned = pids.first().map(|&pid| container_gpus(proc_root, pid)).unwrap_or_default();
+    // Refusals were made at Create (or allowed there): here a mismatch only means no remapping.
+    let pairs = remap_pairs(id, record, &assigned, &node, true)?;
     let driver = start_driver(spawner, cfg.libcuda.as_ref())?;
-    let restored = cuda::restore_processes(&driver, Path::new(PROC), &record.processes, pids, &mut phases)
-        .map_err(GpuError::Restore)?;
+    let restored =
+        cuda::restore_processes(&driver, proc_root, &record.processes, pids, &pairs, &record.gpus, &mut phases)
+            .map_err(GpuError::Restore)?;
     info!("restore {id}: CUDA state of pids {restored:?} restored and unlocked ({phases:?} ms)");
     Ok(phases)
 }
@@ -563,11 +654,29 @@ mod tests {
             Some(Node { dir, roots, bundle })
         }
 
+        /// A second GPU on the node: its driver information and its device node.
+        fn add_gpu(&self, bus: &str, uuid: &str, model: &str, minor: u32) {
+            let gpu = self.roots.proc.join("driver/nvidia/gpus").join(bus);
+            fs::create_dir_all(&gpu).unwrap();
+            fs::write(
+                gpu.join("information"),
+                format!("Model: \t {model}\nGPU UUID: \t {uuid}\nBus Location: \t {bus}\nDevice Minor: \t {minor}\n"),
+            )
+            .unwrap();
+            nix::sys::stat::mknod(
+                &self.roots.dev.join(format!("nvidia{minor}")),
+                nix::sys::stat::SFlag::S_IFCHR,
+                nix::sys::stat::Mode::from_bits_truncate(0o666),
+                nix::sys::stat::makedev(195, minor.into()),
+            )
+            .unwrap();
+        }
+
         /// A restore's GPU edits as the container factory makes them: config.json read, edited,
         /// and written back only when the edit succeeded and changed it.
         fn restore(&self, record: &GpuRecord) -> Result<Vec<String>, GpuError> {
             let mut spec = self.spec();
-            let changes = prepare_restore_in("c1", &mut spec, record, false, &self.roots)?;
+            let changes = prepare_restore_in("c1", &mut spec, record, false, &self.roots, &|| Ok(12080))?;
             if !changes.is_empty() {
                 fs::write(self.bundle.join("config.json"), serde_json::to_vec(&spec).unwrap()).unwrap();
             }
@@ -619,6 +728,7 @@ mod tests {
         GpuRecord {
             mode: GpuMode::None,
             processes: vec![],
+            skipped: vec![],
             // The node's: the model check passes.
             gpus: vec![gpu::GpuInfo { model: "NVIDIA H100".into(), ..Default::default() }],
             driver_version: None,
@@ -784,6 +894,85 @@ mod tests {
         assert_eq!(node.restore(&record(&[0])).unwrap(), Vec::<String>::new());
         assert_eq!(node.spec(), spec);
         assert!(node.restore(&record(&[0, 1])).is_err());
+    }
+
+    /// A driver-api checkpoint taken on GPU 0 restored into a container given GPU 1: the
+    /// container gets GPU 1's node and rule only, and the move is checked up front (driver r580,
+    /// same model, same count).
+    #[test]
+    fn a_container_given_another_gpu_gets_it_and_the_move_is_checked_up_front() {
+        let spec = json!({"process": {"env": ["NVIDIA_VISIBLE_DEVICES=1"]}});
+        let Some(node) = Node::new(&spec) else { return };
+        node.add_gpu("0000:3b:00.0", "GPU-bbbb", "NVIDIA H100", 1);
+        let mut rec = record(&[0]);
+        rec.mode = GpuMode::DriverApi;
+        rec.devices.devices.retain(|d| d.major == 195);
+        rec.processes = vec![gpu::CudaProcessRecord {
+            pid: 10,
+            ns_pid: 7,
+            evidence: "/dev/nvidia0 open".into(),
+            state_before: None,
+            state_checkpointed: None,
+            bytes: 0,
+            gpu_minors: vec![0],
+        }];
+        rec.gpus = gpu::node_gpus(&node.roots.proc).gpus;
+        let run = |version: i32| {
+            let mut spec = node.spec();
+            prepare_restore_in("c1", &mut spec, &rec, false, &node.roots, &|| Ok(version)).map(|_| spec)
+        };
+        let err = run(12080).unwrap_err();
+        assert!(matches!(err, GpuError::Assignment(gpu::AssignmentError::RemapDriver { .. })), "{err:?}");
+        assert!(err.to_string().contains("GPU-aaaa=GPU-bbbb") && err.to_string().contains("CUDA 12.8"), "{err}");
+        let got = run(13000).unwrap();
+        assert_eq!(paths(&got, "/linux/devices", "path"), ["/dev/nvidia1", "/dev/nvidiactl"]);
+        let rules: Vec<i64> = got["linux"]["resources"]["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["minor"].as_i64().unwrap())
+            .collect();
+        assert_eq!(rules, [1, 255], "GPU 1's rule and the control node's only");
+        // The same GPU needs no driver check at all.
+        let spec0 = json!({"process": {"env": ["NVIDIA_VISIBLE_DEVICES=0"]}});
+        let mut s0 = spec0.clone();
+        prepare_restore_in("c1", &mut s0, &rec, false, &node.roots, &|| panic!("no remap, no driver")).unwrap();
+
+        // Given a GPU of another model (on a node of mixed GPUs, as recorded): refused naming
+        // both sides, whatever the driver.
+        let Some(node) = Node::new(&spec) else { return };
+        node.add_gpu("0000:3b:00.0", "GPU-cccc", "NVIDIA A100", 1);
+        let mut rec = rec.clone();
+        rec.gpus = gpu::node_gpus(&node.roots.proc).gpus;
+        let mut spec = node.spec();
+        let err = prepare_restore_in("c1", &mut spec, &rec, false, &node.roots, &|| Ok(13000)).unwrap_err();
+        assert!(err.to_string().contains("GPU-aaaa is a NVIDIA H100 and GPU-cccc a NVIDIA A100"), "{err}");
+        // Allowed for this container: restored without remapping.
+        let mut spec = node.spec();
+        prepare_restore_in("c1", &mut spec, &rec, true, &node.roots, &|| panic!("not asked")).unwrap();
+    }
+
+    /// At Start the assigned GPUs are read from the restored container's own /dev (as runc made
+    /// it from its spec); a symlink there is the container's and is not followed.
+    #[test]
+    fn a_restored_container_s_gpus_are_read_from_its_dev() {
+        let Some(node) = Node::new(&json!({})) else { return };
+        node.add_gpu("0000:3b:00.0", "GPU-bbbb", "NVIDIA H100", 1);
+        let dev = node.roots.proc.join("4242/root/dev");
+        fs::create_dir_all(&dev).unwrap();
+        for (name, minor) in [("nvidia1", 1), ("nvidiactl", 255)] {
+            nix::sys::stat::mknod(
+                &dev.join(name),
+                nix::sys::stat::SFlag::S_IFCHR,
+                nix::sys::stat::Mode::from_bits_truncate(0o666),
+                nix::sys::stat::makedev(195, minor),
+            )
+            .unwrap();
+        }
+        std::os::unix::fs::symlink(node.roots.dev.join("nvidia0"), dev.join("nvidia0")).unwrap();
+        let got: Vec<String> = container_gpus(&node.roots.proc, 4242).into_iter().map(|g| g.uuid).collect();
+        assert_eq!(got, ["GPU-bbbb"]);
+        assert!(container_gpus(&node.roots.proc, 4243).is_empty());
     }
 
     #[test]

@@ -5,9 +5,11 @@
 //! (test/fakes/libcuda.c: the driver's checkpoint API with per-process state, a call log and
 //! failure injection at any step).
 //!
-//! The container is a counter beside two long-lived "GPU workers" that hold `/dev/nvidiactl`
-//! open, which is how CUDA processes look from /proc. Its GPU evidence is a
-//! char device of major 195 in its spec (`ctr run --device` of a node made for the test).
+//! The container is a counter beside two long-lived CUDA processes that hold `/dev/nvidiactl`
+//! open (marked so that the fake driver knows them as CUDA processes, as the real driver knows
+//! processes with a CUDA context), and a third process holding `/dev/nvidiactl` without CUDA (a
+//! forked data-loader worker, an NVML sidecar) that the checkpoint must skip. Its GPU evidence is
+//! a char device of major 195 in its spec (`ctr run --device` of a node made for the test).
 //! A restored container asks for its GPU itself (a `cdi.k8s.io` annotation or
 //! `NVIDIA_VISIBLE_DEVICES`), resolved through the test bed's own CDI spec dir (never /etc/cdi).
 
@@ -16,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use containerd_shim_protos::shim::oci::CheckpointOptions;
 use containerd_shim_protos::ttrpc::Code;
-use kybernate_testbed::fakes::{nvidia_device_node, FakeCall, FakeCuda};
+use kybernate_testbed::fakes::{cuda_worker_sh, nvidia_device_node, FakeCall, FakeCuda, CUDA_MARK};
 use kybernate_testbed::{unique_name, IMAGE};
 use serde_json::Value;
 
@@ -25,10 +27,17 @@ mod common;
 use common::ckpt::*;
 use common::{bundle_dir, fake_gpu_runtime_binary, task_row, task_status, text, wait_for, RUNTIME};
 
-/// The counter, beside two long-lived "GPU workers" holding the (fake) NVIDIA control device
-/// open, as a tensor-parallel server runs one CUDA process per GPU (neither is init).
-const GPU_COUNTER: &str = "sleep 100000 </dev/nvidiactl & sleep 100001 </dev/nvidiactl & i=0; while true; \
-     do i=$((i+1)); echo $i > /tmp/counter.new; mv /tmp/counter.new /tmp/counter; usleep 100000; done";
+/// The counter, beside two long-lived CUDA processes holding the (fake) NVIDIA control device
+/// open, as a tensor-parallel server runs one CUDA process per GPU (neither is init), and a
+/// worker that holds it without CUDA.
+fn gpu_counter() -> String {
+    format!(
+        "{} {} sleep 100002 </dev/nvidiactl & i=0; while true; do i=$((i+1)); echo $i > /tmp/counter.new; \
+         mv /tmp/counter.new /tmp/counter; usleep 100000; done",
+        cuda_worker_sh(100000, &[]),
+        cuda_worker_sh(100001, &[])
+    )
+}
 /// A driver library the fake GPU runtime bind-mounts, as the real one mounts libnvidia-ml.
 const DRIVER_MOUNT: &str = "/usr/lib/x86_64-linux-gnu/libnvidia-ml.so.1";
 const DRIVER_TEXT: &str = "fake NVIDIA management library\n";
@@ -178,7 +187,7 @@ fn assert_nothing_from_the_record(g: &GpuBed, id: &str) {
 
 fn run_gpu_counter(g: &GpuBed, id: &str) {
     let device = g.device.display().to_string();
-    g.bed.tb.ctr_ok(&["run", "-d", "--runtime", RUNTIME, "--device", &device, IMAGE, id, "sh", "-c", GPU_COUNTER]);
+    g.bed.tb.ctr_ok(&["run", "-d", "--runtime", RUNTIME, "--device", &device, IMAGE, id, "sh", "-c", &gpu_counter()]);
 }
 
 /// Host pids of a task (`ctr t ps`).
@@ -187,12 +196,23 @@ fn task_pids(g: &GpuBed, id: &str) -> Vec<i32> {
     out.lines().skip(1).filter_map(|l| l.split_whitespace().next()?.parse().ok()).collect()
 }
 
-/// The CUDA processes of a running GPU counter: its two workers.
+/// The CUDA processes of a running GPU counter: its two marked workers.
 fn cuda_pids(g: &GpuBed, id: &str) -> Vec<i32> {
-    wait_for("the GPU counter's workers", || {
-        let pids: Vec<i32> = task_pids(g, id).into_iter().filter(|&p| holds_nvidiactl(p)).collect();
-        (pids.len() == 2).then_some(pids)
+    wait_for("the GPU counter's CUDA workers", || {
+        let pids: Vec<i32> = task_pids(g, id).into_iter().filter(|&p| holds_nvidiactl(p) && is_cuda(p)).collect();
+        (pids.len() == 2 && no_cuda_pid(g, id).is_some()).then_some(pids)
     })
+}
+
+/// The GPU counter's worker that holds `/dev/nvidiactl` without CUDA.
+fn no_cuda_pid(g: &GpuBed, id: &str) -> Option<i32> {
+    task_pids(g, id).into_iter().find(|&p| holds_nvidiactl(p) && !is_cuda(p))
+}
+
+/// Whether the fake driver knows `pid` as a CUDA process (its environment is marked; a process
+/// not yet past its exec counts as neither).
+fn is_cuda(pid: i32) -> bool {
+    std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|e| e.split(|&b| b == 0).any(|v| v == CUDA_MARK.as_bytes()))
 }
 
 fn holds_nvidiactl(pid: i32) -> bool {
@@ -222,6 +242,9 @@ fn driver_api_checkpoint_and_restore_give_back_cuda_state_devices_and_mounts() {
     let id = unique_name("gpu");
     run_gpu_counter(&g, &id);
     let pids = cuda_pids(&g, &id);
+    let worker = no_cuda_pid(&g, &id).unwrap();
+    // Each GPU checkpoint takes 300 ms in the fake: they overlap (through the driver helper).
+    g.cuda.delay("checkpoint", None, 300);
     let (dir, at_checkpoint) = store_checkpoint(&g.bed, &id, false);
 
     // Every CUDA process: lock (with the configured timeout) → checkpoint, all before CRIU
@@ -245,7 +268,19 @@ fn driver_api_checkpoint_and_restore_give_back_cuda_state_devices_and_mounts() {
         );
         assert_eq!(g.cuda.state_of_pid(pid).as_deref(), Some("running"), "pid {pid}");
     }
-    assert!(calls.iter().all(|c| c.code == 0), "{calls:?}");
+    let begins: Vec<usize> = calls
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.function == "cuCheckpointProcessCheckpoint.begin")
+        .map(|(i, _)| i)
+        .collect();
+    let first_done = calls.iter().position(|c| c.function == "cuCheckpointProcessCheckpoint").unwrap();
+    assert!(begins.len() == 2 && begins.iter().all(|&b| b < first_done), "checkpoints did not overlap: {calls:?}");
+    // The worker without CUDA was asked for its restore thread only (the driver said "no CUDA").
+    let of_worker: Vec<&FakeCall> = calls.iter().filter(|c| c.pid == worker).collect();
+    assert_eq!(of_worker.len(), 1, "{of_worker:?}");
+    assert_eq!((of_worker[0].function.as_str(), of_worker[0].code), ("cuCheckpointProcessGetRestoreThreadId", 3));
+    assert!(calls.iter().filter(|c| c.pid != worker).all(|c| c.code == 0), "{calls:?}");
     assert_running_gpu(&g, &id);
     assert_driver_stayed_out_of_the_shim(&g, &id);
 
@@ -259,10 +294,19 @@ fn driver_api_checkpoint_and_restore_give_back_cuda_state_devices_and_mounts() {
     want.sort();
     assert_eq!(recorded, want, "{m}");
     assert!(procs.iter().all(|p| p["evidence"].as_str().unwrap().contains("/dev/nvidiactl open")), "{m}");
+    let skipped = gpu["skipped"].as_array().unwrap();
+    assert_eq!(skipped.len(), 1, "{m}");
+    assert_eq!(skipped[0]["pid"], worker, "{m}");
+    assert_eq!(skipped[0]["driver_answer"], "CUDA_ERROR_NOT_INITIALIZED (3)", "{m}");
+    assert!(skipped[0]["evidence"].as_str().unwrap().contains("/dev/nvidiactl open"), "{m}");
     assert!(procs.iter().all(|p| p["state_checkpointed"] == "checkpointed" && p["state_before"] == "running"), "{m}");
     for phase in ["gpu-lock", "gpu-checkpoint", "criu-dump", "gpu-restore", "gpu-unlock"] {
         assert!(gpu["phases_ms"][phase].is_u64(), "phase {phase} missing: {m}");
     }
+    println!(
+        "2 CUDA processes × 300 ms of GPU checkpoint each: gpu-checkpoint {} ms",
+        gpu["phases_ms"]["gpu-checkpoint"]
+    );
     assert_eq!(gpu["cuda_driver_version"], "12.8", "{m}");
     let devices = &gpu["devices"];
     assert!(
@@ -473,6 +517,27 @@ fn a_failing_gpu_step_or_dump_leaves_every_cuda_process_unlocked() {
     }
     std::fs::remove_file(&g.criu_fail).unwrap();
     assert_nothing_left_locked(&g, &id, &pids, &target);
+
+    // The driver leaves the second process checkpointed after its failed checkpoint (as the
+    // real one can): the rollback asks, then restores and unlocks it.
+    g.cuda.fail_then("checkpoint", Some(pids[1]), 999, "checkpointed");
+    let before = g.cuda.calls().len();
+    let (_, message, target) = failing_checkpoint(&g, &id);
+    assert!(message.contains("CUDA_ERROR_UNKNOWN") && message.contains("restored and unlocked"), "{message}");
+    let calls = g.cuda.calls()[before..].to_vec();
+    assert_eq!(calls_of(&calls, "cuCheckpointProcessRestore", pids[1]).len(), 1, "{calls:?}");
+    assert_nothing_left_locked(&g, &id, &pids, &target);
+
+    // Left FAILED: nothing brings it back, and the error names it with the driver's answer;
+    // the other process still runs unlocked.
+    g.cuda.clear_failures();
+    g.cuda.fail_then("checkpoint", Some(pids[1]), 999, "failed");
+    let (_, message, _) = failing_checkpoint(&g, &id);
+    let named =
+        format!("pid {} (ns pid {}) cannot be brought back: the driver says it is failed", pids[1], ns_pid(pids[1]));
+    assert!(message.contains(&named), "{message}");
+    assert_eq!(g.cuda.state_of_pid(pids[0]).as_deref(), Some("running"));
+    assert_eq!(g.cuda.state_of_pid(pids[1]).as_deref(), Some("failed"));
 
     remove(&g.bed.tb, &id);
 }
@@ -697,4 +762,33 @@ fn a_container_with_fewer_gpus_than_the_checkpoint_used_is_refused() {
     assert_counter_continues(tb, &r, at_checkpoint);
     remove(tb, &r);
     let _ = tb.ctr(&["tasks", "delete", &id]);
+}
+
+/// A job that uses NCCL (here: a CUDA process holding one of NCCL's shared-memory segments, its
+/// intra-node transport) is refused before anything is locked or frozen: the driver's checkpoint
+/// does not support NCCL, and a half-checkpointed collective would hang its peers.
+#[test]
+fn a_job_that_uses_nccl_is_refused_up_front_and_nothing_is_locked() {
+    let g = gpu_bed("cuda = \"driver-api\"\n");
+    let id = unique_name("gpu-nccl");
+    let device = g.device.display().to_string();
+    let script = format!(
+        "touch /dev/shm/nccl-kbt; env {CUDA_MARK} sleep 100003 </dev/nvidiactl 3</dev/shm/nccl-kbt & {}",
+        gpu_counter()
+    );
+    g.bed.tb.ctr_ok(&["run", "-d", "--runtime", RUNTIME, "--device", &device, IMAGE, &id, "sh", "-c", &script]);
+    wait_counter(&g.bed.tb, &id, 3);
+    let (code, message, target) = failing_checkpoint(&g, &id);
+    assert_eq!(code, Code::FAILED_PRECONDITION, "{message}");
+    assert!(
+        message.contains("uses NCCL")
+            && message.contains("/dev/shm/nccl-kbt open")
+            && message.contains("nothing was locked"),
+        "{message}"
+    );
+    assert!(g.cuda.calls().iter().all(|c| !c.function.starts_with("cuCheckpointProcess")), "{:?}", g.cuda.calls());
+    assert_running_gpu(&g, &id);
+    let parent = target.parent().unwrap();
+    assert!(entries(parent).is_empty(), "left in {}: {:?}", parent.display(), entries(parent));
+    remove(&g.bed.tb, &id);
 }

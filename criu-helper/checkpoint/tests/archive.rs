@@ -42,6 +42,7 @@ fn checkpoint(target: &Path) -> Manifest {
         gpu: Some(kybernate_gpu::GpuRecord {
             mode: kybernate_gpu::GpuMode::DriverApi,
             processes: vec![],
+            skipped: vec![],
             gpus: vec![],
             driver_version: Some("580.65.06".into()),
             cuda_driver_version: Some("12.8".into()),

@@ -12,6 +12,15 @@
 //!   whitespace may follow); a non-zero exit means "no CUDA in this process";
 //! - `--action` and `--toggle` print nothing on success.
 //!
+//! `--device-map/-d OLD=NEW,...` (NVIDIA's syntax, driver r580 / CUDA 13.0+) restores onto other
+//! GPUs: with `--action restore`, or `--toggle` of a checkpointed process; every GPU the process
+//! was checkpointed on is listed once.
+//!
+//! A `--toggle` that fails half-way asks the driver where the process is and undoes by the
+//! answer (checkpointed → restore + unlock, locked → unlock); a process that cannot be brought
+//! back (failed, stuck) is named with the driver's answer. A failed `--action` reports the state
+//! the driver gives afterwards.
+//!
 //! Failures exit 1 with one line on stderr naming the driver call and the CUDA error; usage
 //! errors exit 2.
 
@@ -21,7 +30,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{ArgGroup, Parser, ValueEnum};
-use kybernate_gpu::cuda::{CudaDriver, CudaError, LibCuda, ProcessState};
+use kybernate_gpu::cuda::{self, CudaDriver, CudaError, GpuPair, LibCuda, ProcessState, REMAP_MIN_DRIVER};
 use kybernate_runtime_select::config::CONFIG_ENV;
 use kybernate_runtime_select::{Config, ConfigSource};
 
@@ -58,6 +67,23 @@ pub struct Args {
     /// GPU work [default: no limit].
     #[arg(short, long, value_name = "MS")]
     pub timeout: Option<u32>,
+    /// For a restore (--action restore, --toggle of a checkpointed process): restore onto other
+    /// GPUs, OLD=NEW GPU UUIDs separated by commas, every checkpointed GPU listed once (needs
+    /// driver r580 / CUDA 13.0).
+    #[arg(short = 'd', long, value_name = "OLD=NEW,...", value_delimiter = ',', value_parser = parse_pair)]
+    pub device_map: Vec<GpuPair>,
+}
+
+/// One `OLD=NEW` of `--device-map`.
+fn parse_pair(text: &str) -> Result<GpuPair, String> {
+    let (old, new) = text.split_once('=').ok_or_else(|| format!("{text:?} is not OLD=NEW"))?;
+    let (old, new) = (old.trim(), new.trim());
+    for uuid in [old, new] {
+        if cuda::parse_gpu_uuid(uuid).is_none() {
+            return Err(format!("{uuid:?} is not a GPU UUID (GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx)"));
+        }
+    }
+    Ok(GpuPair { old: old.to_string(), new: new.to_string() })
 }
 
 /// `--action`.
@@ -117,6 +143,22 @@ pub fn run(config: Option<&Path>, args: &Args) -> Result<ExitCode, CliError> {
             "--timeout applies to the lock only (--action lock or --toggle); see --help".into(),
         ));
     }
+    if !args.device_map.is_empty() {
+        if !(args.toggle || args.action == Some(Action::Restore)) {
+            return Err(CliError::Usage(
+                "--device-map applies to a restore only (--action restore or --toggle); see --help".into(),
+            ));
+        }
+        let lower = |s: &str| s.to_ascii_lowercase();
+        for (i, p) in args.device_map.iter().enumerate() {
+            if let Some(q) = args.device_map[..i].iter().find(|q| lower(&q.old) == lower(&p.old)) {
+                return Err(CliError::Usage(format!("--device-map maps {} twice ({q} and {p})", p.old)));
+            }
+            if let Some(q) = args.device_map[..i].iter().find(|q| lower(&q.new) == lower(&p.new)) {
+                return Err(CliError::Usage(format!("--device-map maps two GPUs onto {} ({q} and {p})", p.new)));
+            }
+        }
+    }
     let source = ConfigSource::resolve(config, std::env::var_os(CONFIG_ENV).as_deref());
     let libcuda = Config::load(&source)?.checkpoint.libcuda;
     let cuda = LibCuda::load(libcuda.as_ref()).map_err(|e| {
@@ -124,6 +166,17 @@ pub fn run(config: Option<&Path>, args: &Args) -> Result<ExitCode, CliError> {
     })?;
     let pid = args.pid;
     let timeout = args.timeout.unwrap_or(DEFAULT_LOCK_TIMEOUT_MS);
+    if !args.device_map.is_empty() {
+        let version = cuda.driver_version().map_err(|e| failed(&cuda, e))?;
+        if version < REMAP_MIN_DRIVER {
+            return Err(CliError::Failed(format!(
+                "--device-map needs driver r580 (CUDA 13.0) or newer: this driver is CUDA {}.{}, whose restore cannot \
+                 move a process onto other GPUs",
+                version / 1000,
+                (version % 1000) / 10
+            )));
+        }
+    }
 
     if args.get_state {
         let state = cuda.state(pid).map_err(|e| failed(&cuda, e))?;
@@ -132,15 +185,15 @@ pub fn run(config: Option<&Path>, args: &Args) -> Result<ExitCode, CliError> {
         let tid = cuda.restore_thread_id(pid).map_err(|e| failed(&cuda, e))?;
         print_line(&tid.to_string())?;
     } else if args.toggle {
-        toggle(&cuda, pid, timeout)?;
+        toggle(&cuda, pid, timeout, &args.device_map)?;
     } else if let Some(action) = args.action {
         let result = match action {
             Action::Lock => cuda.lock(pid, timeout),
             Action::Checkpoint => cuda.checkpoint(pid),
-            Action::Restore => cuda.restore(pid),
+            Action::Restore => cuda.restore_onto(pid, &args.device_map),
             Action::Unlock => cuda.unlock(pid),
         };
-        result.map_err(|e| failed(&cuda, e))?;
+        result.map_err(|e| with_state(&cuda, failed(&cuda, e.clone()), &e))?;
     } else {
         // clap's required "operation" group makes this unreachable.
         return Err(CliError::Usage("name an operation: --get-state, --action, --toggle or --get-restore-tid".into()));
@@ -148,28 +201,58 @@ pub fn run(config: Option<&Path>, args: &Args) -> Result<ExitCode, CliError> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Running → lock + checkpoint; checkpointed → restore + unlock, as NVIDIA's `--toggle`. A
-/// checkpoint that fails after the lock unlocks again, so the process is not left blocked.
-fn toggle(cuda: &LibCuda, pid: i32, timeout_ms: u32) -> Result<(), CliError> {
+/// Running → lock + checkpoint; checkpointed → restore (onto `pairs`) + unlock, as NVIDIA's
+/// `--toggle`. A failure half-way is undone by the state the driver then reports (see
+/// [`cuda::rollback`]), so the process is not left locked; one that cannot be brought back is
+/// named with the driver's answer.
+fn toggle(cuda: &LibCuda, pid: i32, timeout_ms: u32, pairs: &[GpuPair]) -> Result<(), CliError> {
     match cuda.state(pid).map_err(|e| failed(cuda, e))? {
+        ProcessState::Running if !pairs.is_empty() => Err(CliError::Failed(format!(
+            "process {pid} is running: --device-map applies to the restore of a checkpointed process"
+        ))),
         ProcessState::Running => {
-            cuda.lock(pid, timeout_ms).map_err(|e| failed(cuda, e))?;
-            if let Err(e) = cuda.checkpoint(pid) {
-                let err = failed(cuda, e);
-                return Err(match cuda.unlock(pid) {
-                    Ok(()) => CliError::Failed(format!("{err} (the process was unlocked again and keeps running)")),
-                    Err(u) => CliError::Failed(format!("{err}; unlocking it again failed too: {}", describe(&u))),
-                });
-            }
-            Ok(())
+            let step = cuda.lock(pid, timeout_ms).and_then(|()| cuda.checkpoint(pid));
+            let Err(e) = step else { return Ok(()) };
+            let err = failed(cuda, e);
+            Err(match cuda::rollback(cuda, pid, pid) {
+                Ok(()) => CliError::Failed(format!("{err} (the process was put back and keeps running)")),
+                Err(stuck) => CliError::Failed(format!("{err}; {stuck}")),
+            })
         }
         ProcessState::Checkpointed => {
-            cuda.restore(pid).map_err(|e| failed(cuda, e))?;
-            cuda.unlock(pid).map_err(|e| failed(cuda, e))
+            if let Err(e) = cuda.restore_onto(pid, pairs) {
+                let err = failed(cuda, e);
+                // The restore may have got as far as LOCKED; a process still checkpointed keeps
+                // its memory in host RAM and can be restored again.
+                return Err(match cuda.state(pid) {
+                    Ok(ProcessState::Locked) => match cuda.unlock(pid) {
+                        Ok(()) => CliError::Failed(format!("{err} (the driver left it locked; it was unlocked)")),
+                        Err(u) => CliError::Failed(format!("{err}; unlocking it failed too: {}", describe(&u))),
+                    },
+                    Ok(ProcessState::Checkpointed) => CliError::Failed(format!(
+                        "{err} (the process is still checkpointed, its GPU memory held in host memory)"
+                    )),
+                    Ok(state) => CliError::Failed(format!(
+                        "{err}; process {pid} cannot be brought back: the driver says it is {state}"
+                    )),
+                    Err(s) => CliError::Failed(format!("{err}; its state cannot be read: {}", describe(&s))),
+                });
+            }
+            cuda.unlock(pid).map_err(|e| with_state(cuda, failed(cuda, e.clone()), &e))
         }
-        state @ (ProcessState::Locked | ProcessState::Failed) => Err(CliError::Failed(format!(
+        state => Err(CliError::Failed(format!(
             "process {pid} is {state}: --toggle works on running or checkpointed processes; use --action (checkpoint or unlock) for a locked one"
         ))),
+    }
+}
+
+/// `err`, with the state the driver reports for the failed call's process afterwards.
+fn with_state(cuda: &LibCuda, err: CliError, e: &CudaError) -> CliError {
+    match (err, cuda.state(e.pid)) {
+        (CliError::Failed(text), Ok(state)) => {
+            CliError::Failed(format!("{text} (the driver now says process {} is {state})", e.pid))
+        }
+        (err, _) => err,
     }
 }
 
@@ -227,5 +310,15 @@ mod tests {
         assert!(p(&["--toggle", "--get-state", "--pid", "7"]).is_err(), "one operation only");
         assert!(p(&["--action", "freeze", "--pid", "7"]).is_err());
         assert!(p(&["--get-state", "--pid", "0"]).is_err());
+        let g0 = "GPU-00000000-0000-0000-0000-000000000000";
+        let g1 = "GPU-11111111-1111-1111-1111-111111111111";
+        let a = p(&["--action", "restore", "-p", "7", "-d", &format!("{g0}={g1},{g1}={g0}")]).unwrap();
+        assert_eq!(
+            a.device_map,
+            [GpuPair { old: g0.into(), new: g1.into() }, GpuPair { old: g1.into(), new: g0.into() }]
+        );
+        assert!(p(&["--toggle", "-p", "7", "--device-map", &format!("{g0}={g1}")]).is_ok());
+        assert!(p(&["--toggle", "-p", "7", "--device-map", g0]).is_err(), "not OLD=NEW");
+        assert!(p(&["--toggle", "-p", "7", "--device-map", "0=1"]).is_err(), "indices are not UUIDs");
     }
 }

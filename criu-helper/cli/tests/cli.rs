@@ -884,6 +884,7 @@ fn gpu_checkpoint(node: &Node) -> String {
     let mut m = fake_manifest("k8s.io", "trainer", at);
     m.gpu = Some(GpuRecord {
         mode: GpuMode::DriverApi,
+        skipped: vec![],
         processes: vec![CudaProcessRecord {
             pid: 4711,
             ns_pid: 7,

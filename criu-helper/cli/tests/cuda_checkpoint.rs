@@ -100,7 +100,7 @@ fn call(function: &str, pid: i32, extra: Option<&str>) -> FakeCall {
 #[test]
 fn get_state_prints_the_state_word() {
     let node = Node::new();
-    let p = Sleeper::start();
+    let p = Sleeper::start_cuda(&[]);
     let pid = p.pid().to_string();
     assert_prints(&node.kybernate(&["--get-state", "--pid", &pid]), "running\n");
     assert_prints(&node.tool(&["--get-state", "--pid", &pid]), "running\n");
@@ -112,7 +112,7 @@ fn get_state_prints_the_state_word() {
 #[test]
 fn toggle_twice_round_trips() {
     let node = Node::new();
-    let p = Sleeper::start();
+    let p = Sleeper::start_cuda(&[]);
     let pid = p.pid().to_string();
 
     assert_prints(&node.tool(&["--toggle", "--pid", &pid]), "");
@@ -126,7 +126,7 @@ fn toggle_twice_round_trips() {
         vec![
             get_state.clone(),
             call("cuCheckpointProcessLock", p.pid(), Some("timeout=0")),
-            call("cuCheckpointProcessCheckpoint", p.pid(), None),
+            call("cuCheckpointProcessCheckpoint", p.pid(), Some("bytes=0")),
             get_state.clone(),
             get_state.clone(),
             call("cuInit", 0, None),
@@ -140,7 +140,7 @@ fn toggle_twice_round_trips() {
 #[test]
 fn actions_follow_the_cycle_and_lock_passes_the_timeout() {
     let node = Node::new();
-    let p = Sleeper::start();
+    let p = Sleeper::start_cuda(&[]);
     let pid = p.pid().to_string();
     assert_prints(&node.tool(&["--action", "lock", "--pid", &pid, "--timeout", "500"]), "");
     assert_eq!(node.fake.state_of(p.pid()).as_deref(), Some("locked"));
@@ -165,7 +165,7 @@ fn actions_follow_the_cycle_and_lock_passes_the_timeout() {
 #[test]
 fn get_restore_tid_prints_the_tid_as_criu_parses_it() {
     let node = Node::new();
-    let p = Sleeper::start();
+    let p = Sleeper::start_cuda(&[]);
     let pid = p.pid().to_string();
     let out = node.tool(&["--get-restore-tid", "--pid", &pid]);
     assert_prints(&out, &format!("{pid}\n"));
@@ -176,7 +176,7 @@ fn get_restore_tid_prints_the_tid_as_criu_parses_it() {
 #[test]
 fn driver_failure_exits_1_with_the_cuda_error_name() {
     let node = Node::new();
-    let p = Sleeper::start();
+    let p = Sleeper::start_cuda(&[]);
     let pid = p.pid().to_string();
     node.fake.fail("lock", Some(p.pid()), 909);
     for out in [
@@ -202,7 +202,7 @@ fn driver_failure_exits_1_with_the_cuda_error_name() {
 #[test]
 fn illegal_step_reports_illegal_state() {
     let node = Node::new();
-    let p = Sleeper::start();
+    let p = Sleeper::start_cuda(&[]);
     let out = node.tool(&["--action", "checkpoint", "--pid", &p.pid().to_string()]);
     assert_code(&out, 1);
     assert!(stderr(&out).contains("CUDA_ERROR_ILLEGAL_STATE"), "{}", stderr(&out));
@@ -211,20 +211,128 @@ fn illegal_step_reports_illegal_state() {
 #[test]
 fn toggle_unlocks_again_when_the_checkpoint_fails() {
     let node = Node::new();
-    let p = Sleeper::start();
+    let p = Sleeper::start_cuda(&[]);
     let pid = p.pid().to_string();
     node.fake.fail("checkpoint", None, 999);
     let out = node.tool(&["--toggle", "--pid", &pid]);
     assert_code(&out, 1);
     assert!(stderr(&out).contains("CUDA_ERROR_UNKNOWN"), "{}", stderr(&out));
     assert_eq!(node.fake.state_of(p.pid()).as_deref(), Some("running"));
-    assert_eq!(node.checkpoint_calls().last().unwrap(), &call("cuCheckpointProcessUnlock", p.pid(), None));
+    assert!(stderr(&out).contains("put back and keeps running"), "{}", stderr(&out));
+    let calls = node.checkpoint_calls();
+    let unlock = calls.iter().rposition(|c| c == &call("cuCheckpointProcessUnlock", p.pid(), None)).unwrap();
+    assert!(calls[unlock + 1..].iter().all(|c| c.function == "cuCheckpointProcessGetState"), "{calls:?}");
+}
+
+/// The driver can leave the process checkpointed after a failed checkpoint: --toggle asks where
+/// it is and undoes by the answer; a stuck process is named with the driver's answer.
+#[test]
+fn toggle_rolls_back_by_the_state_the_driver_reports() {
+    let node = Node::new();
+    let p = Sleeper::start_cuda(&[]);
+    let pid = p.pid().to_string();
+    node.fake.fail_then("checkpoint", Some(p.pid()), 999, "checkpointed");
+    let out = node.tool(&["--toggle", "--pid", &pid]);
+    assert_code(&out, 1);
+    assert!(stderr(&out).contains("put back and keeps running"), "{}", stderr(&out));
+    assert_eq!(node.fake.state_of_pid(p.pid()).as_deref(), Some("running"));
+    let restores = node.checkpoint_calls().iter().filter(|c| c.function == "cuCheckpointProcessRestore").count();
+    assert_eq!(restores, 1);
+
+    // The checkpoint leaves it FAILED: nothing brings it back; the error says so.
+    node.fake.clear_failures();
+    node.fake.fail_then("checkpoint", Some(p.pid()), 999, "failed");
+    let out = node.tool(&["--toggle", "--pid", &pid]);
+    assert_code(&out, 1);
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("pid {pid} (ns pid {pid}) cannot be brought back: the driver says it is failed")),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+
+    // Stuck after an out-of-memory restore: the toggle back fails and says it is still checkpointed.
+    let q = Sleeper::start_cuda(&[]);
+    let qid = q.pid().to_string();
+    node.fake.clear_failures();
+    assert_prints(&node.tool(&["--toggle", "--pid", &qid]), "");
+    node.fake.fail_then("restore", Some(q.pid()), 2, "stuck");
+    let out = node.tool(&["--toggle", "--pid", &qid]);
+    assert_code(&out, 1);
+    assert!(
+        stderr(&out).contains("CUDA_ERROR_OUT_OF_MEMORY") && stderr(&out).contains("still checkpointed"),
+        "{}",
+        stderr(&out)
+    );
+    node.fake.clear_failures();
+    let out = node.tool(&["--action", "restore", "--pid", &qid]);
+    assert_code(&out, 1);
+    assert!(
+        stderr(&out).contains("CUDA_ERROR_OPERATING_SYSTEM")
+            && stderr(&out).contains(&format!("the driver now says process {qid} is checkpointed")),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn a_process_without_cuda_has_no_restore_thread() {
+    let node = Node::new();
+    let p = Sleeper::start();
+    let out = node.tool(&["--get-restore-tid", "--pid", &p.pid().to_string()]);
+    assert_code(&out, 1);
+    assert_eq!(stdout(&out), "");
+    assert!(stderr(&out).contains("CUDA_ERROR_NOT_INITIALIZED"), "{}", stderr(&out));
+}
+
+const G0: &str = "GPU-00000000-0000-0000-0000-000000000000";
+const G1: &str = "GPU-11111111-1111-1111-1111-111111111111";
+
+#[test]
+fn device_map_restores_onto_other_gpus_from_cuda_13() {
+    let node = Node::new();
+    node.fake.set_gpus(&[(G0, "NVIDIA H100 80GB HBM3"), (G1, "NVIDIA H100 80GB HBM3")]);
+    let p = Sleeper::start_cuda(&["FAKE_CUDA_GPUS=0"]);
+    let pid = p.pid().to_string();
+    assert_prints(&node.tool(&["--toggle", "--pid", &pid]), "");
+    let map = format!("{G0}={G1}");
+
+    // CUDA 12.8: refused before any restore.
+    let out = node.tool(&["--toggle", "--pid", &pid, "--device-map", &map]);
+    assert_code(&out, 1);
+    assert!(stderr(&out).contains("r580") && stderr(&out).contains("CUDA 12.8"), "{}", stderr(&out));
+    assert!(!node.checkpoint_calls().iter().any(|c| c.function == "cuCheckpointProcessRestore"));
+
+    node.fake.set_driver_version(13000);
+    assert_prints(&node.tool(&["--toggle", "--pid", &pid, "-d", &map]), "");
+    assert_eq!(node.fake.state_of_pid(p.pid()).as_deref(), Some("running"));
+    assert_eq!(node.fake.gpus_of_pid(p.pid()), Some(vec![G1.to_string()]));
+    let restore = node.checkpoint_calls().into_iter().find(|c| c.function == "cuCheckpointProcessRestore").unwrap();
+    assert_eq!(restore.extra.as_deref(), Some(format!("pairs={G0}>{G1}").as_str()));
+
+    // A map that leaves the process's GPU out is the driver's INVALID_VALUE; it stays checkpointed.
+    assert_prints(&node.tool(&["--toggle", "--pid", &pid]), "");
+    let out = node.kybernate(&["--action", "restore", "--pid", &pid, "--device-map", &format!("{G0}={G1}")]);
+    assert_code(&out, 1);
+    assert!(stderr(&out).contains("CUDA_ERROR_INVALID_VALUE"), "{}", stderr(&out));
+    assert_eq!(node.fake.state_of_pid(p.pid()).as_deref(), Some("checkpointed"));
+
+    // Usage: restore only, each GPU once, UUIDs.
+    for args in [
+        vec!["--action", "lock", "--pid", &pid, "-d", &map],
+        vec!["--action", "restore", "--pid", &pid, "-d", &format!("{G0}={G1},{G0}={G0}")],
+        vec!["--action", "restore", "--pid", &pid, "-d", "0=1"],
+    ] {
+        let out = node.tool(&args);
+        assert_code(&out, 2);
+        assert_eq!(stderr(&out).lines().count(), 1, "{args:?}: {}", stderr(&out));
+    }
 }
 
 #[test]
 fn usage_errors_exit_2() {
     let node = Node::new();
-    let p = Sleeper::start();
+    let p = Sleeper::start_cuda(&[]);
     let pid = p.pid().to_string();
     let cases: [&[&str]; 5] = [
         &["--get-state"],                                         // no --pid
@@ -252,7 +360,7 @@ fn help_advertises_action_like_nvidia_tool() {
         let text = [out.stdout.as_slice(), out.stderr.as_slice()].concat();
         let head = &text[..text.len().min(2047)];
         assert!(String::from_utf8_lossy(head).contains("--action"), "{}", String::from_utf8_lossy(&text));
-        for flag in ["--get-state", "--toggle", "--get-restore-tid", "--pid", "--timeout"] {
+        for flag in ["--get-state", "--toggle", "--get-restore-tid", "--pid", "--timeout", "--device-map"] {
             assert!(String::from_utf8_lossy(&text).contains(flag), "{flag} missing");
         }
     }
@@ -261,7 +369,7 @@ fn help_advertises_action_like_nvidia_tool() {
 #[test]
 fn old_driver_is_refused_naming_the_missing_symbol() {
     let node = Node::with_driver(false);
-    let p = Sleeper::start();
+    let p = Sleeper::start_cuda(&[]);
     let out = node.tool(&["--get-state", "--pid", &p.pid().to_string()]);
     assert_code(&out, 1);
     let err = stderr(&out);
@@ -271,7 +379,7 @@ fn old_driver_is_refused_naming_the_missing_symbol() {
 #[test]
 fn missing_library_and_config_are_reported() {
     let node = Node::new();
-    let p = Sleeper::start();
+    let p = Sleeper::start_cuda(&[]);
     let pid = p.pid().to_string();
     fs::write(&node.config, "[checkpoint]\nlibcuda = \"/nonexistent/libcuda.so.1\"\n").unwrap();
     let out = node.kybernate(&["--get-state", "--pid", &pid]);

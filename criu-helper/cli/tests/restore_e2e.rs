@@ -340,8 +340,11 @@ fn pod_annotation_names_the_checkpoint() {
 }
 
 /// The counter beside two long-lived "GPU workers" holding the (fake) NVIDIA control device open,
-/// which is how CUDA processes look from /proc (as in shim/tests/gpu.rs).
-const GPU_COUNTER: &str = "sleep 100000 </dev/nvidiactl & sleep 100001 </dev/nvidiactl & i=0; while true; \
+/// which is how CUDA processes look from /proc (as in shim/tests/gpu.rs); FAKE_CUDA_CONTEXT=1
+/// makes the fake driver know them as CUDA processes (it refuses unmarked ones, as the real driver
+/// refuses processes without a CUDA context).
+const GPU_COUNTER: &str = "FAKE_CUDA_CONTEXT=1 sleep 100000 </dev/nvidiactl & FAKE_CUDA_CONTEXT=1 sleep 100001 \
+     </dev/nvidiactl & i=0; while true; \
      do i=$((i+1)); echo $i > /tmp/counter.new; mv /tmp/counter.new /tmp/counter; usleep 100000; done";
 
 /// Host pids of the task's processes that hold /dev/nvidiactl open: its two CUDA workers.

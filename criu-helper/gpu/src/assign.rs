@@ -14,9 +14,10 @@ use std::path::Path;
 use serde_json::Value;
 
 use super::cdi::{cdi_device_names, parse_qualified_name, resolve_cdi, resolve_cdi_for_kind, CdiError};
+use super::cuda::GpuPair;
 use super::devices::{device_node_from_metadata, is_nvidia_device, spec_devices, NVIDIA_MAJOR};
 use super::inventory::node_gpus;
-use super::{DeviceNode, DeviceRule, GpuDevices, GpuRecord};
+use super::{DeviceNode, DeviceRule, GpuDevices, GpuInfo, GpuRecord};
 
 /// The CDI kind of NVIDIA GPUs, as `nvidia-ctk cdi generate` names it.
 pub const NVIDIA_GPU_KIND: &str = "nvidia.com/gpu";
@@ -122,6 +123,18 @@ pub enum AssignmentError {
     /// `NVIDIA_VISIBLE_DEVICES` names a GPU this node cannot give (no such GPU, no device node).
     #[error("{message}")]
     UnknownGpu { entry: String, message: String },
+    /// The CUDA state cannot move onto the assigned GPUs: another count or another model.
+    #[error("{message}")]
+    Remap {
+        /// The checkpoint's GPUs, "UUID (model)".
+        recorded: Vec<String>,
+        /// The container's assigned GPUs, "UUID (model)".
+        assigned: Vec<String>,
+        message: String,
+    },
+    /// Moving CUDA state onto other GPUs needs a driver this node does not have.
+    #[error("{message}")]
+    RemapDriver { message: String },
 }
 
 /// GPUs by device minor, with the path shown for each.
@@ -347,6 +360,66 @@ pub fn node_device_access(
     Ok(GpuDevices { devices, rules, mounts: Vec::new(), cdi_devices: Vec::new() })
 }
 
+/// The GPU pairs (recorded UUID → assigned UUID) that move a checkpoint's CUDA state onto the
+/// GPUs a restored container was given (`assigned`: the node's inventory entries of its GPUs).
+///
+/// Empty when nothing moves: every GPU the checkpoint used is among the assigned ones (the
+/// driver restores onto the same GPUs), or the record cannot tell its GPUs' UUIDs (a checkpoint
+/// of a node without the driver's inventory; logged by the caller). Otherwise the map is
+/// complete — the driver wants every GPU of the process mapped — pairing the recorded GPUs in
+/// minor order with the assigned ones in minor order; the counts must be equal and each pair of
+/// the same model (the driver restores onto the same chip only).
+pub fn gpu_pairs(record: &GpuRecord, assigned: &[GpuInfo]) -> Result<Vec<GpuPair>, AssignmentError> {
+    let used = recorded_gpus(record);
+    let mut recorded: Vec<&GpuInfo> = Vec::new();
+    for minor in used.keys() {
+        match record.gpus.iter().find(|g| g.minor == Some(*minor) && !g.uuid.is_empty()) {
+            Some(g) => recorded.push(g),
+            None => return Ok(Vec::new()),
+        }
+    }
+    if recorded.is_empty() || recorded.iter().all(|r| assigned.iter().any(|a| a.uuid.eq_ignore_ascii_case(&r.uuid))) {
+        return Ok(Vec::new());
+    }
+    let mut assigned: Vec<&GpuInfo> = assigned.iter().collect();
+    assigned.sort_by_key(|g| g.minor);
+    let show = |g: &[&GpuInfo]| g.iter().map(|g| format!("{} ({})", g.uuid, g.model)).collect::<Vec<_>>();
+    let (r_text, a_text) = (show(&recorded), show(&assigned));
+    let refuse = |why: String| AssignmentError::Remap {
+        recorded: r_text.clone(),
+        assigned: a_text.clone(),
+        message: format!(
+            "the checkpoint's CUDA state cannot move onto this container's GPUs: {why}; the checkpoint used [{}], \
+             this container has [{}]",
+            r_text.join(", "),
+            a_text.join(", ")
+        ),
+    };
+    if recorded.len() != assigned.len() {
+        return Err(refuse(format!(
+            "it was taken on {} GPU(s) and this container has {} (remapping needs the same count)",
+            recorded.len(),
+            assigned.len()
+        )));
+    }
+    let mut pairs = Vec::new();
+    for (r, a) in recorded.iter().zip(&assigned) {
+        if r.model != a.model {
+            return Err(refuse(format!(
+                "{} is a {} and {} a {} (the same model is needed)",
+                r.uuid, r.model, a.uuid, a.model
+            )));
+        }
+        pairs.push(GpuPair { old: r.uuid.clone(), new: a.uuid.clone() });
+    }
+    Ok(pairs)
+}
+
+/// The node's inventory entries of the GPUs among `devices` (by minor), in minor order.
+pub fn gpus_by_minor(devices: &[DeviceNode], node: &[GpuInfo]) -> Vec<GpuInfo> {
+    gpus_of(devices).keys().filter_map(|m| node.iter().find(|g| g.minor == Some(*m)).cloned()).collect()
+}
+
 /// `<dev_root>/<name>` as the container's `/dev/<name>`, when it is a character device (the
 /// host's /dev is trusted: a symlink there is followed).
 fn host_node(dev_root: &Path, name: &str) -> Option<DeviceNode> {
@@ -368,6 +441,7 @@ mod tests {
     fn record(devices: Vec<DeviceNode>, process_minors: Vec<Vec<u32>>) -> GpuRecord {
         GpuRecord {
             mode: GpuMode::DriverApi,
+            skipped: vec![],
             processes: process_minors
                 .into_iter()
                 .map(|gpu_minors| CudaProcessRecord {
@@ -617,5 +691,48 @@ mod tests {
         assert!(got.is_empty(), "{got:?}");
         let err = node_device_access(&list(&["0"]).unwrap(), empty.path(), empty.path()).unwrap_err();
         assert!(err.to_string().contains("its GPUs by index and UUID"), "{err}");
+    }
+
+    fn gpu(minor: u32, uuid: &str, model: &str) -> GpuInfo {
+        GpuInfo { index: minor, model: model.into(), uuid: uuid.into(), bus_id: format!("{minor}"), minor: Some(minor) }
+    }
+
+    #[test]
+    fn pairs_move_the_recorded_gpus_onto_the_assigned_ones() {
+        let mut r = record(vec![node("/dev/nvidia0", "c", 195, 0)], vec![vec![0]]);
+        r.gpus = vec![gpu(0, "GPU-a", "H100"), gpu(1, "GPU-b", "H100")];
+        let pair = |o: &str, n: &str| GpuPair { old: o.into(), new: n.into() };
+        // Same GPU: nothing moves.
+        assert_eq!(gpu_pairs(&r, &[gpu(0, "GPU-a", "H100")]).unwrap(), []);
+        // GPU 1 of this node, or a GPU of another node.
+        assert_eq!(gpu_pairs(&r, &[gpu(1, "GPU-b", "H100")]).unwrap(), [pair("GPU-a", "GPU-b")]);
+        assert_eq!(gpu_pairs(&r, &[gpu(0, "GPU-x", "H100")]).unwrap(), [pair("GPU-a", "GPU-x")]);
+        // Another model, another count: refused naming both sides.
+        let e = gpu_pairs(&r, &[gpu(1, "GPU-c", "A100")]).unwrap_err();
+        assert!(e.to_string().contains("GPU-a is a H100 and GPU-c a A100"), "{e}");
+        assert!(e.to_string().contains("the checkpoint used [GPU-a (H100)], this container has [GPU-c (A100)]"), "{e}");
+        let e = gpu_pairs(&r, &[gpu(1, "GPU-b", "H100"), gpu(2, "GPU-c", "H100")]).unwrap_err();
+        assert!(
+            matches!(&e, AssignmentError::Remap { recorded, assigned, .. } if recorded.len() == 1 && assigned.len() == 2),
+            "{e}"
+        );
+
+        // Two GPUs, one of them kept: the map is complete, identity included.
+        let mut r = record(vec![], vec![vec![0, 1]]);
+        r.gpus = vec![gpu(0, "GPU-a", "H100"), gpu(1, "GPU-b", "H100")];
+        assert_eq!(
+            gpu_pairs(&r, &[gpu(1, "GPU-b", "H100"), gpu(2, "GPU-c", "H100")]).unwrap(),
+            [pair("GPU-a", "GPU-b"), pair("GPU-b", "GPU-c")]
+        );
+        // A record without UUIDs cannot be remapped (and is not refused for it).
+        r.gpus.clear();
+        assert_eq!(gpu_pairs(&r, &[gpu(5, "GPU-z", "A100")]).unwrap(), []);
+        assert_eq!(
+            gpus_by_minor(
+                &[node("/dev/nvidia1", "c", 195, 1), node("/dev/nvidiactl", "c", 195, 255)],
+                &[gpu(1, "GPU-b", "H100")]
+            ),
+            [gpu(1, "GPU-b", "H100")]
+        );
     }
 }

@@ -15,10 +15,12 @@ pub mod inventory;
 pub mod record;
 
 pub use assign::{
-    check_gpu_count, gpu_request, node_device_access, own_devices, recorded_gpus, AssignmentError, GpuRequest,
-    OwnDevicesError, Resolution, VisibleDevices, NVIDIA_GPU_KIND,
+    check_gpu_count, gpu_pairs, gpu_request, gpus_by_minor, node_device_access, own_devices, recorded_gpus,
+    AssignmentError, GpuRequest, OwnDevicesError, Resolution, VisibleDevices, NVIDIA_GPU_KIND,
 };
 pub use cdi::{cdi_device_names, resolve_cdi, resolve_cdi_for_kind, CdiError, CDI_DIRS};
 pub use devices::{inject, record};
 pub use inventory::{check_compatible, node_gpus, GpuMismatch, NodeGpus};
-pub use record::{CudaProcessRecord, DeviceNode, DeviceRule, GpuDevices, GpuInfo, GpuMode, GpuRecord, MountRecord};
+pub use record::{
+    CudaProcessRecord, DeviceNode, DeviceRule, GpuDevices, GpuInfo, GpuMode, GpuRecord, MountRecord, SkippedProcess,
+};

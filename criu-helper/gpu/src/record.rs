@@ -132,12 +132,31 @@ pub struct CudaProcessRecord {
     pub gpu_minors: Vec<u32>,
 }
 
+/// A process that holds NVIDIA devices (or maps libcuda) but that the driver says has no CUDA
+/// context — a forked data-loader worker, an NVML-only sidecar. It is not locked or
+/// checkpointed (the real driver refuses it); CRIU dumps it like any other process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SkippedProcess {
+    /// Host pid at checkpoint time.
+    pub pid: i32,
+    /// Pid inside the container's pid namespace.
+    pub ns_pid: i32,
+    /// Why it looked like a CUDA process ("/dev/nvidiactl open").
+    pub evidence: String,
+    /// The driver's answer to `cuCheckpointProcessGetRestoreThreadId`, e.g.
+    /// "CUDA_ERROR_NOT_INITIALIZED (3)".
+    pub driver_answer: String,
+}
+
 /// The manifest's `gpu` section.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GpuRecord {
     pub mode: GpuMode,
     #[serde(default)]
     pub processes: Vec<CudaProcessRecord>,
+    /// Candidates the driver said have no CUDA context (not checkpointed through the driver).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skipped: Vec<SkippedProcess>,
     /// The node's GPUs at checkpoint time, in order.
     #[serde(default)]
     pub gpus: Vec<GpuInfo>,
@@ -159,4 +178,26 @@ pub struct GpuRecord {
     /// who can edit a checkpoint controls it): only its GPU count is used, never its contents.
     #[serde(default)]
     pub devices: GpuDevices,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Manifests written before `skipped` existed still read; an empty list is not written.
+    #[test]
+    fn skipped_processes_are_optional_in_the_manifest() {
+        let old: GpuRecord = serde_json::from_str(r#"{"mode": "driver-api", "processes": []}"#).unwrap();
+        assert!(old.skipped.is_empty());
+        assert!(!serde_json::to_string(&old).unwrap().contains("skipped"));
+        let mut new = old;
+        new.skipped.push(SkippedProcess {
+            pid: 4712,
+            ns_pid: 8,
+            evidence: "/dev/nvidiactl open".into(),
+            driver_answer: "CUDA_ERROR_NOT_INITIALIZED (3)".into(),
+        });
+        let back: GpuRecord = serde_json::from_str(&serde_json::to_string(&new).unwrap()).unwrap();
+        assert_eq!(back, new);
+    }
 }

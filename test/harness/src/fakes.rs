@@ -5,11 +5,27 @@
 //! keeping its call log, per-process state and failure injection in files next to itself (see the
 //! C source for the formats). Each test gets an isolated fake without environment variables, and
 //! the state survives across processes (the one that checkpoints, the one that restores).
+//!
+//! Like the real driver, the fake knows only CUDA processes: a process is one when its
+//! environment holds [`CUDA_MARK`] (see [`Sleeper::start_cuda`] and [`cuda_worker_sh`]); for any
+//! other process every checkpoint call answers CUDA_ERROR_NOT_INITIALIZED.
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+/// The environment entry that makes a process a CUDA process for the fake driver.
+pub const CUDA_MARK: &str = "FAKE_CUDA_CONTEXT=1";
+
+/// A shell fragment (for a container's `sh -c`) that starts a CUDA process in the background as
+/// the fake driver knows one: `sleep SECONDS` marked with [`CUDA_MARK`] (plus `env`, e.g.
+/// `FAKE_CUDA_GPUS=0,1` or `FAKE_CUDA_BYTES=1048576`), holding `/dev/nvidiactl` open.
+pub fn cuda_worker_sh(seconds: u32, env: &[&str]) -> String {
+    let mut words = vec![CUDA_MARK.to_string()];
+    words.extend(env.iter().map(|e| e.to_string()));
+    format!("env {} sleep {seconds} </dev/nvidiactl &", words.join(" "))
+}
 
 /// The fake's C source, relative to this crate.
 const SOURCE: &str = "../fakes/libcuda.c";
@@ -64,25 +80,56 @@ impl FakeCuda {
         text.lines().filter_map(parse_call).collect()
     }
 
-    /// Makes `step` fail with `code` for `pid` (any pid when None) from the next call on.
-    /// Steps: init, driver_version, lock, checkpoint, restore, unlock, get_state, restore_tid.
+    /// Makes `step` fail with `code` for `pid` (any pid when None) from the next call on; the
+    /// process's state does not change.
+    /// Steps: init, driver_version, lock, checkpoint, restore, remap (a restore with GPU pairs),
+    /// unlock, get_state, restore_tid.
     pub fn fail(&self, step: &str, pid: Option<i32>, code: i32) {
         let pid = pid.map_or_else(|| "*".to_string(), |p| p.to_string());
-        let path = self.dir.join("fail");
+        self.append("fail", &format!("{step} {pid} {code}"));
+    }
+
+    /// Like [`fail`](Self::fail), and the failed call leaves the process in `then`: `running`,
+    /// `locked`, `checkpointed`, `failed` (every later step refused) or `stuck` (reported
+    /// checkpointed; every later restore fails with CUDA_ERROR_OPERATING_SYSTEM, as after an
+    /// out-of-memory restore: NVIDIA/cuda-checkpoint#44).
+    pub fn fail_then(&self, step: &str, pid: Option<i32>, code: i32, then: &str) {
+        let pid = pid.map_or_else(|| "*".to_string(), |p| p.to_string());
+        self.append("fail", &format!("{step} {pid} {code} {then}"));
+    }
+
+    /// Makes `step` (lock: the process is busy for that long; checkpoint; restore) take `ms`
+    /// for `pid` (any pid when None).
+    pub fn delay(&self, step: &str, pid: Option<i32>, ms: u64) {
+        let pid = pid.map_or_else(|| "*".to_string(), |p| p.to_string());
+        self.append("delay", &format!("{step} {pid} {ms}"));
+    }
+
+    /// The node's GPUs as the fake driver knows them (index = position): (UUID, model).
+    pub fn set_gpus(&self, gpus: &[(&str, &str)]) {
+        let text: String = gpus.iter().enumerate().map(|(i, (uuid, model))| format!("{i} {uuid} {model}\n")).collect();
+        let path = self.dir.join("gpus");
+        fs::write(&path, text).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+    }
+
+    fn append(&self, file: &str, line: &str) {
+        let path = self.dir.join(file);
         let mut f = OpenOptions::new()
             .create(true)
             .append(true)
             .open(&path)
             .unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
-        writeln!(f, "{step} {pid} {code}").unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+        writeln!(f, "{line}").unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
     }
 
-    /// Removes every injected failure.
+    /// Removes every injected failure (and delay).
     pub fn clear_failures(&self) {
-        match fs::remove_file(self.dir.join("fail")) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => panic!("removing {}: {e}", self.dir.join("fail").display()),
+        for file in ["fail", "delay"] {
+            match fs::remove_file(self.dir.join(file)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => panic!("removing {}: {e}", self.dir.join(file).display()),
+            }
         }
     }
 
@@ -96,6 +143,23 @@ impl FakeCuda {
     /// The recorded state of the live process `pid` (host pid): its key and start time
     /// identify it among processes sharing a namespace pid. None when never recorded.
     pub fn state_of_pid(&self, pid: i32) -> Option<String> {
+        self.record_of_pid(pid).map(|r| r.state)
+    }
+
+    /// The GPUs (UUIDs) the fake holds the live process `pid`'s CUDA state on; None when never
+    /// recorded.
+    pub fn gpus_of_pid(&self, pid: i32) -> Option<Vec<String>> {
+        self.record_of_pid(pid).map(|r| r.gpus)
+    }
+
+    /// The bytes the last checkpoint of the live process `pid` moved into its host memory
+    /// (`FAKE_CUDA_BYTES` per GPU). The real driver grows the process's RSS by them; the fake
+    /// cannot grow another process's memory, so it records them here.
+    pub fn moved_bytes(&self, pid: i32) -> Option<u64> {
+        self.record_of_pid(pid).map(|r| r.moved)
+    }
+
+    fn record_of_pid(&self, pid: i32) -> Option<Record> {
         let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
         let last = |prefix: &str| {
             status.lines().find(|l| l.starts_with(prefix))?.split_whitespace().last()?.parse::<i32>().ok()
@@ -105,16 +169,27 @@ impl FakeCuda {
         let stat = fs::read_to_string(format!("/proc/{tgid}/stat")).ok()?;
         // starttime is field 22; the fields after ")" start at field 3.
         let start: u64 = stat.rsplit_once(')')?.1.split_whitespace().nth(19)?.parse().ok()?;
-        self.states().into_iter().find(|(k, st, _)| *k == key && *st == start).map(|(_, _, state)| state)
+        self.records().into_iter().find(|r| r.key == key && r.start == start)
     }
 
     /// (key, start time, state) per line of the state file.
     fn states(&self) -> Vec<(i32, u64, String)> {
+        self.records().into_iter().map(|r| (r.key, r.start, r.state)).collect()
+    }
+
+    fn records(&self) -> Vec<Record> {
         let text = fs::read_to_string(self.dir.join("state")).unwrap_or_default();
         text.lines()
             .filter_map(|line| {
                 let mut f = line.split_whitespace();
-                Some((f.next()?.parse().ok()?, f.next()?.parse().ok()?, f.next()?.to_string()))
+                let (key, start, state) = (f.next()?.parse().ok()?, f.next()?.parse().ok()?, f.next()?.to_string());
+                let _dumped = f.next();
+                let gpus = match f.next() {
+                    None | Some("-") => vec![],
+                    Some(g) => g.split(',').map(str::to_string).collect(),
+                };
+                let moved = f.next().and_then(|m| m.parse().ok()).unwrap_or(0);
+                Some(Record { key, start, state, gpus, moved })
             })
             .collect()
     }
@@ -124,6 +199,15 @@ impl FakeCuda {
         let path = self.dir.join("driver_version");
         fs::write(&path, format!("{v}\n")).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
     }
+}
+
+/// One line of the fake's `state` file.
+struct Record {
+    key: i32,
+    start: u64,
+    state: String,
+    gpus: Vec<String>,
+    moved: u64,
 }
 
 fn parse_call(line: &str) -> Option<FakeCall> {
@@ -150,8 +234,35 @@ pub fn nvidia_device_node(path: &Path) -> PathBuf {
 pub struct Sleeper(pub std::process::Child);
 
 impl Sleeper {
+    /// A process without CUDA (the fake driver answers CUDA_ERROR_NOT_INITIALIZED for it).
     pub fn start() -> Self {
-        Self(std::process::Command::new("sleep").arg("30").spawn().expect("starting sleep"))
+        Self(
+            std::process::Command::new("sleep")
+                .arg("30")
+                .env_remove("FAKE_CUDA_CONTEXT")
+                .spawn()
+                .expect("starting sleep"),
+        )
+    }
+
+    /// A CUDA process as the fake driver knows one ([`CUDA_MARK`]), with `env` added (e.g.
+    /// `FAKE_CUDA_GPUS=0,1`, `FAKE_CUDA_BYTES=4096`).
+    pub fn start_cuda(env: &[&str]) -> Self {
+        let mut cmd = std::process::Command::new("sleep");
+        cmd.arg("30").env("FAKE_CUDA_CONTEXT", "1");
+        for e in env {
+            let (k, v) = e.split_once('=').expect("KEY=VALUE");
+            cmd.env(k, v);
+        }
+        let me = Self(cmd.spawn().expect("starting sleep"));
+        // Until it has exec'd, the child's environment is still ours (unmarked).
+        let environ = format!("/proc/{}/environ", me.pid());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !fs::read(&environ).is_ok_and(|e| e.split(|&b| b == 0).any(|v| v == CUDA_MARK.as_bytes())) {
+            assert!(std::time::Instant::now() < deadline, "pid {} never exec'd with {CUDA_MARK}", me.pid());
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        me
     }
 
     pub fn pid(&self) -> i32 {

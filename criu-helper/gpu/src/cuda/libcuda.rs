@@ -11,7 +11,10 @@ use std::sync::OnceLock;
 
 use libloading::Library;
 
-use super::driver::{CudaDriver, CudaError, ProcessState};
+use super::driver::{
+    parse_gpu_uuid, CudaDriver, CudaError, GpuPair, ProcessState, CUDA_ERROR_INVALID_VALUE, CUDA_ERROR_NOT_SUPPORTED,
+    REMAP_MIN_DRIVER,
+};
 
 /// The default library name (found by the dynamic loader).
 pub const LIBCUDA: &str = "libcuda.so.1";
@@ -51,6 +54,38 @@ struct ReservedArgs {
     reserved: [u64; 8],
 }
 
+/// `CUcheckpointGpuPair` (CUDA 13.0): two `CUuuid`s of 16 bytes.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct GpuPairArg {
+    old_uuid: [u8; 16],
+    new_uuid: [u8; 16],
+}
+
+/// `CUcheckpointRestoreArgs` as CUDA 13.0's cuda.h lays it out: the pairs' pointer and count,
+/// then reserved bytes up to 56 and a reserved u64. In CUDA 12.8/12.9 the same 64 bytes are all
+/// reserved, so pairs are only ever passed to a driver ≥ 13000.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct RestoreArgs {
+    gpu_pairs: *mut GpuPairArg,
+    gpu_pairs_count: c_uint,
+    reserved: [u8; 52 - std::mem::size_of::<*mut GpuPairArg>()],
+    reserved1: u64,
+}
+
+impl Default for RestoreArgs {
+    fn default() -> Self {
+        Self {
+            gpu_pairs: std::ptr::null_mut(),
+            gpu_pairs_count: 0,
+            reserved: [0; 52 - std::mem::size_of::<*mut GpuPairArg>()],
+            reserved1: 0,
+        }
+    }
+}
+
+type CuRestore = unsafe extern "C" fn(pid: c_int, args: *mut RestoreArgs) -> c_int;
 type CuInit = unsafe extern "C" fn(flags: c_uint) -> c_int;
 type CuDriverGetVersion = unsafe extern "C" fn(version: *mut c_int) -> c_int;
 type CuGetErrorName = unsafe extern "C" fn(error: c_int, name: *mut *const c_char) -> c_int;
@@ -68,7 +103,7 @@ struct Api {
     get_error_name: Option<CuGetErrorName>,
     lock: CuLock,
     checkpoint: CuWithArgs,
-    restore: CuWithArgs,
+    restore: CuRestore,
     unlock: CuWithArgs,
     get_state: CuGetState,
     get_restore_thread_id: CuGetRestoreThreadId,
@@ -216,9 +251,44 @@ impl CudaDriver for LibCuda {
     }
 
     fn restore(&self, pid: i32) -> Result<(), CudaError> {
+        self.restore_onto(pid, &[])
+    }
+
+    fn restore_onto(&self, pid: i32, pairs: &[GpuPair]) -> Result<(), CudaError> {
+        const CALL: &str = "cuCheckpointProcessRestore";
+        let refuse = |code, name: String| Err(CudaError { call: CALL, pid, code, name });
+        let mut wire = Vec::with_capacity(pairs.len());
+        if !pairs.is_empty() {
+            // Before CUDA 13.0 these bytes are reserved: a driver that does not know pairs must
+            // never see them.
+            let version = self.driver_version()?;
+            if version < REMAP_MIN_DRIVER {
+                return refuse(
+                    CUDA_ERROR_NOT_SUPPORTED,
+                    format!(
+                        "restoring onto other GPUs needs CUDA 13.0 (driver r580) or newer; this driver is CUDA {}.{}",
+                        version / 1000,
+                        (version % 1000) / 10
+                    ),
+                );
+            }
+            for p in pairs {
+                let (Some(old_uuid), Some(new_uuid)) = (parse_gpu_uuid(&p.old), parse_gpu_uuid(&p.new)) else {
+                    return refuse(CUDA_ERROR_INVALID_VALUE, format!("GPU pair {p}: not two GPU UUIDs"));
+                };
+                wire.push(GpuPairArg { old_uuid, new_uuid });
+            }
+        }
         self.ensure_init();
-        // Zeroed: no GPU remapping (restore onto the GPUs the process had), memory from host.
-        self.with_reserved_args("cuCheckpointProcessRestore", self.api.restore, pid)
+        let mut args = RestoreArgs::default();
+        if !wire.is_empty() {
+            args.gpu_pairs = wire.as_mut_ptr();
+            args.gpu_pairs_count = wire.len() as c_uint;
+        }
+        // SAFETY: `args` is a CUcheckpointRestoreArgs with its reserved bytes zeroed; `wire`
+        // (the pairs it points to) outlives the call.
+        let code = unsafe { (self.api.restore)(pid, &mut args) };
+        self.check(CALL, pid, code)
     }
 
     fn unlock(&self, pid: i32) -> Result<(), CudaError> {
@@ -260,6 +330,21 @@ mod tests {
         assert_eq!(offset_of!(LockArgs, reserved1), 8);
         assert_eq!(size_of::<ReservedArgs>(), 64);
         assert_eq!(align_of::<ReservedArgs>(), 8);
+    }
+
+    #[test]
+    fn restore_args_have_the_layout_of_cuda_13() {
+        assert_eq!(size_of::<RestoreArgs>(), 64);
+        assert_eq!(offset_of!(RestoreArgs, gpu_pairs), 0);
+        assert_eq!(offset_of!(RestoreArgs, gpu_pairs_count), 8);
+        assert_eq!(offset_of!(RestoreArgs, reserved), 12);
+        assert_eq!(offset_of!(RestoreArgs, reserved1), 56);
+        assert_eq!(size_of::<GpuPairArg>(), 32);
+        assert_eq!(offset_of!(GpuPairArg, new_uuid), 16);
+        let args = RestoreArgs::default();
+        // SAFETY: 64 bytes of plain data: a null pointer, integers and bytes, no padding.
+        let bytes: [u8; 64] = unsafe { std::mem::transmute(args) };
+        assert!(bytes.iter().all(|&b| b == 0), "no pairs: all zero, as CUDA 12.x requires");
     }
 
     #[test]

@@ -9,9 +9,9 @@ pub mod procs;
 pub mod remote;
 pub mod session;
 
-pub use driver::{CudaDriver, CudaError, ProcessState};
+pub use driver::{parse_gpu_uuid, CudaDriver, CudaError, GpuPair, ProcessState, REMAP_MIN_DRIVER};
 pub use libcuda::{LibCuda, LoadError};
 pub use preflight::{check_criu_plugin, choose, Chosen, ModeError, PluginPreflightError, PluginReady, Wanted};
-pub use procs::{find_cuda_processes, CudaProcess};
+pub use procs::{find_cuda_processes, find_unsupported, CudaProcess, Unsupported};
 pub use remote::{HelperError, RemoteDriver};
-pub use session::{restore_processes, GpuRestoreError, GpuSession, GpuStepError};
+pub use session::{restore_processes, rollback, GpuRestoreError, GpuSession, GpuStepError, NotBroughtBack};

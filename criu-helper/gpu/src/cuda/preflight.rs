@@ -107,6 +107,20 @@ pub enum ModeError {
     Driver(String),
     #[error("[checkpoint] cuda = \"auto\": no way to checkpoint CUDA state here: CRIU's plugin: {plugin}; the driver API: {driver}")]
     Neither { plugin: PluginPreflightError, driver: String },
+    /// The job uses what the driver's checkpoint does not support (NCCL): refused before
+    /// anything is locked or frozen.
+    #[error("{}", unsupported_text(.0))]
+    Unsupported(Vec<super::procs::Unsupported>),
+}
+
+fn unsupported_text(list: &[super::procs::Unsupported]) -> String {
+    let each: Vec<String> =
+        list.iter().map(|u| format!("pid {} (ns pid {}: {})", u.pid, u.ns_pid, u.evidence)).collect();
+    format!(
+        "cannot checkpoint the CUDA state of a job that uses NCCL: {}; the CUDA driver's checkpoint does not support NCCL \
+         or CUDA IPC (NVIDIA/cuda-checkpoint#30); nothing was locked or frozen",
+        each.join("; ")
+    )
 }
 
 /// The mode to use, decided from what is wanted and what is there.

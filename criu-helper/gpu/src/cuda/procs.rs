@@ -68,6 +68,60 @@ fn inspect(dir: &Path, pid: i32) -> Option<CudaProcess> {
     Some(CudaProcess { pid, ns_pid, evidence: evidence.join(", "), gpu_minors })
 }
 
+/// Why a process's CUDA state cannot be checkpointed by the driver at all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unsupported {
+    pub pid: i32,
+    pub ns_pid: i32,
+    /// What shows it, e.g. "maps libnccl.so.2", "/dev/shm/nccl-Xa3Fq1 open".
+    pub evidence: String,
+}
+
+/// The processes among `pids` that use NCCL, which the driver's checkpoint does not support
+/// (NVIDIA/cuda-checkpoint#30): they map `libnccl.so*`, or hold NCCL's shared-memory segments
+/// (`/dev/shm/nccl-*`, its intra-node transport) open or mapped. A job found here is refused
+/// before anything is locked, instead of failing half-checkpointed. CUDA IPC without NCCL leaves
+/// no such trace in /proc; the driver then fails the checkpoint and the rollback applies.
+pub fn find_unsupported(proc_root: &Path, pids: &[i32]) -> Vec<Unsupported> {
+    pids.iter().filter_map(|&pid| unsupported(&proc_root.join(pid.to_string()), pid)).collect()
+}
+
+fn unsupported(dir: &Path, pid: i32) -> Option<Unsupported> {
+    let process = Process::new_with_root(dir.to_path_buf()).ok()?;
+    let nccl_shm = |p: &Path| p.to_string_lossy().starts_with("/dev/shm/nccl-");
+    let mut evidence: Vec<String> = Vec::new();
+    if let Ok(maps) = process.maps() {
+        for m in maps.iter() {
+            let MMapPath::Path(p) = &m.pathname else { continue };
+            let text = if p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("libnccl.so")) {
+                format!("maps {}", p.file_name().unwrap_or_default().to_string_lossy())
+            } else if nccl_shm(p) {
+                format!("maps {}", p.display())
+            } else {
+                continue;
+            };
+            if !evidence.contains(&text) {
+                evidence.push(text);
+            }
+        }
+    }
+    if let Ok(fds) = process.fd() {
+        for fd in fds.flatten() {
+            if let FDTarget::Path(p) = fd.target {
+                let text = format!("{} open", p.display());
+                if nccl_shm(&p) && !evidence.contains(&text) {
+                    evidence.push(text);
+                }
+            }
+        }
+    }
+    if evidence.is_empty() {
+        return None;
+    }
+    let ns_pid = process.status().ok().and_then(|s| s.nspid).and_then(|v| v.last().copied()).unwrap_or(pid);
+    Some(Unsupported { pid, ns_pid, evidence: evidence.join(", ") })
+}
+
 /// The host pid of the process whose innermost namespace pid is `ns_pid`, among `pids`.
 /// A restored container's processes keep their namespace pids but get new host pids.
 pub fn host_pid_for(proc_root: &Path, pids: &[i32], ns_pid: i32) -> Option<i32> {
@@ -149,6 +203,29 @@ mod tests {
         assert_eq!(found[1].ns_pid, 9);
         assert_eq!(found[1].evidence, "maps libcuda.so");
         assert!(found[1].gpu_minors.is_empty());
+    }
+
+    #[test]
+    fn nccl_is_found_by_its_library_or_its_shared_memory() {
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        fake(
+            r,
+            20,
+            &status("20\t3"),
+            &["/dev/nvidiactl"],
+            &["/opt/lib/libnccl.so.2.21.5", "/opt/lib/libnccl.so.2.21.5"],
+        );
+        fake(r, 21, &status("21\t4"), &["/dev/nvidiactl", "/dev/shm/nccl-Xa3Fq1"], &[]);
+        fake(r, 22, &status("22\t5"), &["/dev/nvidiactl", "/dev/shm/other"], &["/usr/lib/libcuda.so.1"]);
+        let found = find_unsupported(r, &[20, 21, 22]);
+        assert_eq!(
+            found,
+            [
+                Unsupported { pid: 20, ns_pid: 3, evidence: "maps libnccl.so.2.21.5".into() },
+                Unsupported { pid: 21, ns_pid: 4, evidence: "/dev/shm/nccl-Xa3Fq1 open".into() },
+            ]
+        );
     }
 
     #[test]

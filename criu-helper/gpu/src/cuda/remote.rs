@@ -9,15 +9,21 @@
 //! operation keeps one `cuInit` per restore instead of one per call.
 //!
 //! The protocol is one JSON object per line: the helper first says whether the library loaded
-//! ([`Hello`]), then answers each [`Request`] with one [`Reply`], and exits at end of input.
+//! ([`Hello`]), then answers each [`Request`] with one [`Reply`], and exits at end of input
+//! (after the calls under way have answered). A request with an `id` ([`Tagged`]) is served in
+//! a thread of its own and answered as [`Answer`] `{"id", "reply"}`, so that the checkpoints or
+//! restores of several processes overlap in the driver; one without is answered in order.
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::sync::{Mutex, PoisonError};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex, PoisonError};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::driver::{CudaDriver, CudaError, ProcessState};
+use super::driver::{CudaDriver, CudaError, GpuPair, ProcessState};
 use super::libcuda::LibCuda;
 
 /// `CUDA_ERROR_UNKNOWN`: the code reported when the helper, not the driver, failed a call.
@@ -34,16 +40,32 @@ pub enum Hello {
 }
 
 /// One driver call.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "call", rename_all = "kebab-case")]
 pub enum Request {
     DriverVersion,
-    Lock { pid: i32, timeout_ms: u32 },
-    Checkpoint { pid: i32 },
-    Restore { pid: i32 },
-    Unlock { pid: i32 },
-    State { pid: i32 },
-    RestoreThreadId { pid: i32 },
+    Lock {
+        pid: i32,
+        timeout_ms: u32,
+    },
+    Checkpoint {
+        pid: i32,
+    },
+    Restore {
+        pid: i32,
+        /// GPU remapping (CUDA 13.0+); absent: onto the GPUs the process had.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        pairs: Vec<GpuPair>,
+    },
+    Unlock {
+        pid: i32,
+    },
+    State {
+        pid: i32,
+    },
+    RestoreThreadId {
+        pid: i32,
+    },
 }
 
 impl Request {
@@ -65,7 +87,7 @@ impl Request {
             Request::DriverVersion => 0,
             Request::Lock { pid, .. }
             | Request::Checkpoint { pid }
-            | Request::Restore { pid }
+            | Request::Restore { pid, .. }
             | Request::Unlock { pid }
             | Request::State { pid }
             | Request::RestoreThreadId { pid } => pid,
@@ -87,21 +109,67 @@ pub enum Reply {
     },
 }
 
-/// Answers `input`'s requests with `driver` until end of input. Lines that are not requests get
-/// a `Failed` reply naming the problem, so the caller is never left waiting.
-pub fn serve(driver: &dyn CudaDriver, input: impl BufRead, mut output: impl Write) -> io::Result<()> {
-    for line in input.lines() {
-        let line = line?;
-        if line.trim().is_empty() {
-            continue;
+/// A request with an optional id: with one, it is served concurrently and answered as [`Answer`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tagged {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<u64>,
+    #[serde(flatten)]
+    pub request: Request,
+}
+
+/// The answer to a [`Tagged`] request with an id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Answer {
+    pub id: u64,
+    pub reply: Reply,
+}
+
+/// Answers `input`'s requests with `driver` until end of input, then waits for the calls under
+/// way. Requests with an id run in threads of their own (answers in any order); others in order.
+/// Lines that are not requests get a `Failed` reply naming the problem, so the caller is never
+/// left waiting.
+pub fn serve(driver: &dyn CudaDriver, input: impl BufRead, output: impl Write + Send) -> io::Result<()> {
+    let output = Mutex::new(output);
+    let out = &output;
+    let write = |value: &dyn erased::Line| value.write_to(&mut *out.lock().unwrap_or_else(PoisonError::into_inner));
+    std::thread::scope(|scope| {
+        for line in input.lines() {
+            let line = line?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            match serde_json::from_str::<Tagged>(&line) {
+                Ok(Tagged { id: Some(id), request }) => {
+                    scope.spawn(move || {
+                        let answer = Answer { id, reply: call(driver, request) };
+                        // A caller that went away learns nothing more; the helper ends with its input.
+                        let _ = write(&answer);
+                    });
+                }
+                Ok(Tagged { id: None, request }) => write(&call(driver, request))?,
+                Err(e) => {
+                    write(&Reply::Failed { code: CUDA_ERROR_UNKNOWN, name: format!("bad request {line:?}: {e}") })?
+                }
+            }
         }
-        let reply = match serde_json::from_str::<Request>(&line) {
-            Ok(request) => call(driver, request),
-            Err(e) => Reply::Failed { code: CUDA_ERROR_UNKNOWN, name: format!("bad request {line:?}: {e}") },
-        };
-        write_line(&mut output, &reply)?;
+        Ok(())
+    })
+}
+
+/// Writing any of the protocol's values as one line, through one `dyn` (the closure above).
+mod erased {
+    use super::*;
+
+    pub trait Line {
+        fn write_to(&self, output: &mut dyn Write) -> io::Result<()>;
     }
-    Ok(())
+
+    impl<T: Serialize> Line for T {
+        fn write_to(&self, mut output: &mut dyn Write) -> io::Result<()> {
+            write_line(&mut output, self)
+        }
+    }
 }
 
 fn call(driver: &dyn CudaDriver, request: Request) -> Reply {
@@ -109,7 +177,7 @@ fn call(driver: &dyn CudaDriver, request: Request) -> Reply {
         Request::DriverVersion => driver.driver_version().map(Reply::Number),
         Request::Lock { pid, timeout_ms } => driver.lock(pid, timeout_ms).map(|()| Reply::Done),
         Request::Checkpoint { pid } => driver.checkpoint(pid).map(|()| Reply::Done),
-        Request::Restore { pid } => driver.restore(pid).map(|()| Reply::Done),
+        Request::Restore { pid, pairs } => driver.restore_onto(pid, &pairs).map(|()| Reply::Done),
         Request::Unlock { pid } => driver.unlock(pid).map(|()| Reply::Done),
         Request::State { pid } => driver.state(pid).map(Reply::State),
         Request::RestoreThreadId { pid } => driver.restore_thread_id(pid).map(Reply::Number),
@@ -118,7 +186,7 @@ fn call(driver: &dyn CudaDriver, request: Request) -> Reply {
 }
 
 /// The helper's whole life: load `library`, say how that went, serve until end of input.
-pub fn serve_library(library: &OsStr, input: impl BufRead, mut output: impl Write) -> io::Result<()> {
+pub fn serve_library(library: &OsStr, input: impl BufRead, mut output: impl Write + Send) -> io::Result<()> {
     match LibCuda::load(library) {
         Ok(driver) => {
             write_line(&mut output, &Hello::Ready)?;
@@ -147,17 +215,94 @@ pub enum HelperError {
     Protocol(String),
 }
 
+/// The pipes to a helper, shared by concurrent calls: one writes at a time; whoever holds
+/// `from` reads answers for everyone and files them under their ids.
 struct Conn {
-    to: Box<dyn Write + Send>,
-    from: BufReader<Box<dyn Read + Send>>,
+    to: Mutex<Box<dyn Write + Send>>,
+    from: Mutex<BufReader<Box<dyn Read + Send>>>,
+    shared: Mutex<Shared>,
+    arrived: Condvar,
+    next_id: AtomicU64,
+}
+
+#[derive(Default)]
+struct Shared {
+    /// Answers read for calls that have not picked them up yet.
+    answers: HashMap<u64, Reply>,
     /// Set once the helper is unusable; every later call fails with it.
     broken: Option<String>,
 }
 
-/// A [`CudaDriver`] whose calls a helper process makes. Dropping it closes the helper's input
-/// (it exits) and then runs the `finish` the caller gave, which waits for the helper.
+impl Conn {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn break_with(&self, why: String) {
+        self.lock().broken.get_or_insert(why);
+        self.arrived.notify_all();
+    }
+
+    /// Sends `request` with a fresh id and waits for its answer, reading for the others while
+    /// no one else does.
+    fn exchange(&self, request: &Request) -> Result<Reply, String> {
+        if let Some(why) = &self.lock().broken {
+            return Err(why.clone());
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let tagged = Tagged { id: Some(id), request: request.clone() };
+        let sent = write_line(&mut *self.to.lock().unwrap_or_else(PoisonError::into_inner), &tagged);
+        if let Err(e) = sent {
+            let why = format!("cannot send {}: {e}", request.function());
+            self.break_with(why.clone());
+            return Err(why);
+        }
+        loop {
+            {
+                let mut shared = self.lock();
+                if let Some(reply) = shared.answers.remove(&id) {
+                    return Ok(reply);
+                }
+                if let Some(why) = &shared.broken {
+                    return Err(why.clone());
+                }
+            }
+            let Ok(mut from) = self.from.try_lock() else {
+                // Another call reads; it wakes us when it filed an answer (or gives up reading).
+                let shared = self.lock();
+                if !shared.answers.contains_key(&id) && shared.broken.is_none() {
+                    let _ = self.arrived.wait_timeout(shared, Duration::from_millis(20));
+                }
+                continue;
+            };
+            if let Some(reply) = self.lock().answers.remove(&id) {
+                return Ok(reply);
+            }
+            let read = read_line::<Answer>(&mut *from);
+            drop(from);
+            match read {
+                Ok(Answer { id: got, reply }) if got == id => {
+                    self.arrived.notify_all(); // someone else takes over reading
+                    return Ok(reply);
+                }
+                Ok(Answer { id: got, reply }) => {
+                    self.lock().answers.insert(got, reply);
+                    self.arrived.notify_all();
+                }
+                Err(why) => {
+                    self.break_with(why.clone());
+                    return Err(why);
+                }
+            }
+        }
+    }
+}
+
+/// A [`CudaDriver`] whose calls a helper process makes; calls from several threads overlap in
+/// the helper. Dropping it closes the helper's input (it exits) and then runs the `finish` the
+/// caller gave, which waits for the helper.
 pub struct RemoteDriver {
-    conn: Mutex<Option<Conn>>,
+    conn: Option<Conn>,
     finish: Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
@@ -175,13 +320,17 @@ impl RemoteDriver {
         from: Box<dyn Read + Send>,
         finish: Box<dyn FnOnce() + Send>,
     ) -> Result<RemoteDriver, HelperError> {
+        let mut from = BufReader::new(from);
+        let hello = read_line::<Hello>(&mut from);
         let me = RemoteDriver {
-            conn: Mutex::new(Some(Conn { to, from: BufReader::new(from), broken: None })),
+            conn: Some(Conn {
+                to: Mutex::new(to),
+                from: Mutex::new(from),
+                shared: Mutex::new(Shared::default()),
+                arrived: Condvar::new(),
+                next_id: AtomicU64::new(1),
+            }),
             finish: Mutex::new(Some(finish)),
-        };
-        let hello = {
-            let mut conn = me.conn.lock().unwrap_or_else(PoisonError::into_inner);
-            read_line::<Hello>(&mut conn.as_mut().expect("set above").from)
         };
         match hello {
             Ok(Hello::Ready) => Ok(me),
@@ -190,55 +339,42 @@ impl RemoteDriver {
         }
     }
 
-    fn call(&self, request: Request) -> Result<Reply, CudaError> {
-        let mut guard = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
-        let broken = |why: &str| helper_failed(request, why);
-        let Some(conn) = guard.as_mut() else { return Err(broken("closed")) };
-        if let Some(why) = &conn.broken {
-            return Err(broken(why));
-        }
-        let exchanged = write_line(&mut conn.to, &request)
-            .map_err(|e| format!("cannot send {}: {e}", request.function()))
-            .and_then(|()| read_line::<Reply>(&mut conn.from));
-        match exchanged {
+    fn call(&self, request: &Request) -> Result<Reply, CudaError> {
+        let Some(conn) = self.conn.as_ref() else { return Err(helper_failed(request, "closed")) };
+        match conn.exchange(request) {
             Ok(Reply::Failed { code, name }) => {
                 Err(CudaError { call: request.function(), pid: request.pid(), code, name })
             }
             Ok(reply) => Ok(reply),
-            Err(why) => {
-                let err = broken(&why);
-                conn.broken = Some(why);
-                Err(err)
-            }
+            Err(why) => Err(helper_failed(request, &why)),
         }
     }
 
-    fn unexpected(&self, request: Request, reply: Reply) -> CudaError {
+    fn unexpected(&self, request: &Request, reply: Reply) -> CudaError {
         let why = format!("unexpected answer {reply:?}");
-        let err = helper_failed(request, &why);
-        if let Some(conn) = self.conn.lock().unwrap_or_else(PoisonError::into_inner).as_mut() {
-            conn.broken = Some(why);
+        if let Some(conn) = self.conn.as_ref() {
+            conn.break_with(why.clone());
         }
-        err
+        helper_failed(request, &why)
     }
 
     fn done(&self, request: Request) -> Result<(), CudaError> {
-        match self.call(request)? {
+        match self.call(&request)? {
             Reply::Done => Ok(()),
-            other => Err(self.unexpected(request, other)),
+            other => Err(self.unexpected(&request, other)),
         }
     }
 
     fn number(&self, request: Request) -> Result<i32, CudaError> {
-        match self.call(request)? {
+        match self.call(&request)? {
             Reply::Number(n) => Ok(n),
-            other => Err(self.unexpected(request, other)),
+            other => Err(self.unexpected(&request, other)),
         }
     }
 }
 
 /// A call that failed because of the helper, not the driver.
-fn helper_failed(request: Request, why: &str) -> CudaError {
+fn helper_failed(request: &Request, why: &str) -> CudaError {
     CudaError {
         call: request.function(),
         pid: request.pid(),
@@ -260,7 +396,7 @@ fn read_line<T: for<'de> Deserialize<'de>>(from: &mut impl BufRead) -> Result<T,
 impl Drop for RemoteDriver {
     fn drop(&mut self) {
         // Closing its stdin ends the helper; only then is waiting for it bounded.
-        drop(self.conn.get_mut().unwrap_or_else(PoisonError::into_inner).take());
+        drop(self.conn.take());
         if let Some(finish) = self.finish.get_mut().unwrap_or_else(PoisonError::into_inner).take() {
             finish();
         }
@@ -281,7 +417,11 @@ impl CudaDriver for RemoteDriver {
     }
 
     fn restore(&self, pid: i32) -> Result<(), CudaError> {
-        self.done(Request::Restore { pid })
+        self.done(Request::Restore { pid, pairs: Vec::new() })
+    }
+
+    fn restore_onto(&self, pid: i32, pairs: &[GpuPair]) -> Result<(), CudaError> {
+        self.done(Request::Restore { pid, pairs: pairs.to_vec() })
     }
 
     fn unlock(&self, pid: i32) -> Result<(), CudaError> {
@@ -290,9 +430,9 @@ impl CudaDriver for RemoteDriver {
 
     fn state(&self, pid: i32) -> Result<ProcessState, CudaError> {
         let request = Request::State { pid };
-        match self.call(request)? {
+        match self.call(&request)? {
             Reply::State(state) => Ok(state),
-            other => Err(self.unexpected(request, other)),
+            other => Err(self.unexpected(&request, other)),
         }
     }
 
@@ -307,6 +447,7 @@ mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
     use std::thread;
+    use std::time::Duration;
 
     use super::*;
     use crate::cuda::session::tests::Recorder;
@@ -362,11 +503,107 @@ mod tests {
         assert_eq!(remote.state(8).unwrap(), ProcessState::Locked);
 
         let calls: Vec<(String, i32)> = driver.calls.lock().unwrap().clone();
-        let steps: Vec<&str> = calls.iter().filter(|c| c.1 == 7).map(|c| c.0.as_str()).collect();
+        let steps: Vec<&str> =
+            calls.iter().filter(|c| c.1 == 7 && c.0 != "restore_tid").map(|c| c.0.as_str()).collect();
         assert_eq!(steps, ["lock", "checkpoint", "restore", "unlock"], "{calls:?}");
         assert!(!finished.load(Ordering::SeqCst));
         drop(remote);
         assert!(finished.load(Ordering::SeqCst), "dropping the driver ends and waits for the helper");
+    }
+
+    #[test]
+    fn restore_pairs_reach_the_driver_and_old_requests_still_read() {
+        let driver = Arc::new(Recorder::default());
+        let (remote, _) = helper(driver.clone(), Hello::Ready);
+        let remote = remote.unwrap();
+        remote.lock(7, 0).unwrap();
+        remote.checkpoint(7).unwrap();
+        let pairs = vec![GpuPair { old: "GPU-a".into(), new: "GPU-b".into() }];
+        remote.restore_onto(7, &pairs).unwrap();
+        assert_eq!(*driver.pairs.lock().unwrap(), [(7, pairs)]);
+        // A request without pairs (as an older shim sends it) is a plain restore.
+        let r: Request = serde_json::from_str("{\"call\":\"restore\",\"pid\":3}").unwrap();
+        assert_eq!(r, Request::Restore { pid: 3, pairs: vec![] });
+        assert_eq!(serde_json::to_string(&r).unwrap(), "{\"call\":\"restore\",\"pid\":3}");
+    }
+
+    /// A driver whose checkpoint takes 200 ms and records when each began and ended.
+    #[derive(Default)]
+    struct Slow {
+        spans: Mutex<Vec<(i32, std::time::Instant, std::time::Instant)>>,
+    }
+
+    impl CudaDriver for Slow {
+        fn driver_version(&self) -> Result<i32, CudaError> {
+            Ok(13000)
+        }
+        fn lock(&self, _: i32, _: u32) -> Result<(), CudaError> {
+            Ok(())
+        }
+        fn checkpoint(&self, pid: i32) -> Result<(), CudaError> {
+            let began = std::time::Instant::now();
+            thread::sleep(Duration::from_millis(200));
+            self.spans.lock().unwrap().push((pid, began, std::time::Instant::now()));
+            if pid == 2 {
+                return Err(CudaError { call: "cuCheckpointProcessCheckpoint", pid, code: 2, name: "oom".into() });
+            }
+            Ok(())
+        }
+        fn restore(&self, _: i32) -> Result<(), CudaError> {
+            Ok(())
+        }
+        fn unlock(&self, _: i32) -> Result<(), CudaError> {
+            Ok(())
+        }
+        fn state(&self, _: i32) -> Result<ProcessState, CudaError> {
+            Ok(ProcessState::Running)
+        }
+        fn restore_thread_id(&self, pid: i32) -> Result<i32, CudaError> {
+            Ok(pid)
+        }
+    }
+
+    /// Calls from several threads overlap in the helper, and each gets its own answer.
+    #[test]
+    fn concurrent_calls_overlap_in_the_helper_and_get_their_own_answers() {
+        let driver = Arc::new(Slow::default());
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let served = driver.clone();
+        let server = thread::spawn(move || {
+            let mut out = theirs.try_clone().unwrap();
+            write_line(&mut out, &Hello::Ready).unwrap();
+            serve(served.as_ref(), BufReader::new(theirs), out).unwrap();
+        });
+        let remote = RemoteDriver::connect(
+            Box::new(ours.try_clone().unwrap()),
+            Box::new(ours),
+            Box::new(move || server.join().unwrap()),
+        )
+        .unwrap();
+        let results: Vec<(i32, Result<(), CudaError>)> = thread::scope(|scope| {
+            let handles: Vec<_> = (1..=4)
+                .map(|pid| {
+                    scope.spawn({
+                        let r = &remote;
+                        move || (pid, r.checkpoint(pid))
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (pid, r) in &results {
+            match pid {
+                2 => assert_eq!(r.as_ref().unwrap_err().pid, 2, "pid 2 gets its own failure"),
+                _ => assert!(r.is_ok(), "pid {pid}: {r:?}"),
+            }
+        }
+        let spans = driver.spans.lock().unwrap().clone();
+        let first_end = spans.iter().map(|s| s.2).min().unwrap();
+        assert_eq!(spans.len(), 4);
+        assert!(spans.iter().all(|s| s.1 < first_end), "the calls did not overlap: {spans:?}");
+        // Plain calls still work after concurrent ones.
+        assert_eq!(remote.driver_version().unwrap(), 13000);
+        drop(remote);
     }
 
     #[test]
