@@ -742,6 +742,11 @@ impl<'p, 'c> Run<'p, 'c> {
             files: Default::default(),
             gpu: gpu_record,
             flat: partial.is_flat(),
+            // What a restore needs of the node and its spec: the restore verdict (`criu::verdict`).
+            needs: Some(criu::verdict::RestoreNeeds::for_bundle(
+                &c.bundle,
+                Some(&c.bundle.join(crate::gpu::CRIU_CONFIG_FILE)),
+            )),
             // Leave-running: thawed already; `exit`: frozen until now, killed right after.
             frozen_ms: self.clock.frozen().map(|d| d.as_millis() as u64),
             dump_stats: self.captured.dump_stats,
@@ -965,6 +970,7 @@ fn checkpoint_error_class(e: &CheckpointError) -> &'static str {
         CheckpointError::Verify { .. } => "verify",
         CheckpointError::Policy { .. } | CheckpointError::Grants { .. } => "policy",
         CheckpointError::Restore { .. } => "restore",
+        CheckpointError::Incompatible { .. } => "incompatible",
         CheckpointError::Retention { .. } => "retention",
         CheckpointError::Trust { .. } => "trust",
         CheckpointError::SigningKey { .. } => "signing_key",

@@ -225,6 +225,18 @@ pub enum CheckpointError {
         #[source]
         source: Box<criu::grants::GrantError>,
     },
+    /// The restore verdict (`criu::verdict`): this node or the new container cannot take the
+    /// checkpoint; every mismatch is named, and nothing was created.
+    #[error(
+        "restore {id} from {checkpoint}: refused: this node or container cannot take it, nothing was created: {source}"
+    )]
+    Incompatible {
+        id: String,
+        checkpoint: String,
+        /// Boxed, as [`CheckpointError::Store`]'s source.
+        #[source]
+        source: Box<criu::verdict::Incompatible>,
+    },
     /// The CUDA side of a checkpoint or restore (mode preconditions, a driver call, the GPUs).
     #[error("{what} {id}: {source}")]
     Gpu {
@@ -283,6 +295,7 @@ impl CheckpointError {
                 | CheckpointError::Restore { .. }
                 | CheckpointError::SigningKey { .. }
                 | CheckpointError::Retention { .. }
+                | CheckpointError::Incompatible { .. }
         ) || matches!(self, CheckpointError::Store { source, .. } if matches!(**source, criu::StoreError::NotFound { .. }))
             || matches!(self, CheckpointError::Gpu { source, .. }
                 if matches!(**source, GpuError::Mode(_) | GpuError::Mismatch(_) | GpuError::Cdi(_) | GpuError::Assignment(_)))

@@ -76,7 +76,8 @@ impl ContainerFactory<'_> {
             cli: None,
             timeout: crate::pull::PULL_TIMEOUT,
         };
-        let restore = Restoring::plan(&req.id, &req.checkpoint, &spec, config, trust, self.namespace, &puller)?;
+        let node = crate::restore::NodeProbe { spawner: self.spawner.as_ref(), criu: opts.criu_path.as_deref() };
+        let restore = Restoring::plan(&req.id, &req.checkpoint, &spec, config, trust, self.namespace, &puller, &node)?;
         let cgroups_path = spec.cgroups_path().map(str::to_string);
         let kill_all_on_exit = !spec.has_own_pid_namespace();
         let annotations = spec.annotations_only();

@@ -3,13 +3,19 @@
 //! `RESTORE_FROM`), whether the node's policy allows it, the checkpoint verified and its
 //! processes checked against the new container's spec, and the arguments of `runtime restore`.
 //!
+//! Before the checkpoint's bytes are verified, the restore verdict ([`Judge`],
+//! `kybernate_checkpoint::verdict`) compares its manifest with this node and the new container's
+//! spec and refuses with every mismatch at once (FailedPrecondition), before anything is created.
+//!
 //! Every decision is logged (see [`log_restore_decision`]). Nothing here knows a running
 //! container: the Task service runs the restore that [`RestorePlan`] describes.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use kybernate_checkpoint::journal::{Attempt, Clock, Kind};
+use kybernate_checkpoint::verdict::{self, ContainerFacts, NodeFacts, NodeSources};
 use kybernate_checkpoint::{self as criu, CheckpointFlags, Manifest, Store};
 use kybernate_runtime_select::{CheckpointConfig, SpecView, TrustConfig};
 use log::{info, warn};
@@ -17,6 +23,7 @@ use log::{info, warn};
 use crate::error::{CheckpointError, Error};
 use crate::gpu;
 use crate::pull::{self, Puller};
+use crate::spawn::Spawner;
 use crate::testhook::{test_stop_point, STOP_RESTORE_VERIFY};
 
 /// Annotation naming a checkpoint in the node's store to restore on create (Kubernetes path).
@@ -54,9 +61,15 @@ impl RestorePlan {
     /// layout, verified; or a bare CRIU image dir as containerd's runc shim writes it, which has
     /// no manifest to verify (containerd's content store checked its digests).
     pub fn from_containerd(id: &str, dir: &Path) -> Result<Self> {
+        Self::from_containerd_judged(id, dir, None)
+    }
+
+    /// [`from_containerd`](Self::from_containerd), with the restore verdict before the bytes
+    /// are verified.
+    fn from_containerd_judged(id: &str, dir: &Path, judge: Option<&Judge<'_>>) -> Result<Self> {
         if dir.join(criu::MANIFEST_FILE).exists() || dir.join(criu::IMAGES_DIR).exists() {
             // Ours, flat (CRIU's images beside the manifest) or in the store layout.
-            return Self::verified(id, dir);
+            return Self::verified(id, dir, judge);
         }
         if let Ok(text) = std::fs::read_to_string(dir.join(POINTER_FILE)) {
             return Err(CheckpointError::Restore {
@@ -93,14 +106,16 @@ impl RestorePlan {
     }
 
     /// A checkpoint named by the restore annotation or `RESTORE_FROM`: confined to the store,
-    /// trusted by the node's `[trust]` policy (before any of it is hashed or read), verified,
-    /// and owned by the restoring container's tenant unless the config allows otherwise.
+    /// trusted by the node's `[trust]` policy (before any of it is hashed or read), judged
+    /// against this node and the new container (`judge`), verified, and owned by the restoring
+    /// container's tenant unless the config allows otherwise.
     pub fn from_store(
         id: &str,
         reference: &str,
         config: &CheckpointConfig,
         trust: &TrustConfig,
         tenant: &str,
+        judge: Option<&Judge<'_>>,
     ) -> Result<Self> {
         let store = Store::new(&config.root);
         let dir = store.resolve(reference).map_err(|source| CheckpointError::Store {
@@ -109,7 +124,7 @@ impl RestorePlan {
             source: Box::new(source),
         })?;
         check_trust(id, &dir, trust)?;
-        let plan = Self::verified(id, &dir)?;
+        let plan = Self::verified(id, &dir, judge)?;
         if let Some(m) = &plan.manifest {
             criu::check_namespace(m, tenant, config.allow_cross_namespace_restore)
                 .map_err(|source| CheckpointError::Policy { id: id.to_string(), source })?;
@@ -117,9 +132,14 @@ impl RestorePlan {
         Ok(plan)
     }
 
-    fn verified(id: &str, dir: &Path) -> Result<Self> {
+    fn verified(id: &str, dir: &Path, judge: Option<&Judge<'_>>) -> Result<Self> {
         test_stop_point(id, STOP_RESTORE_VERIFY);
         let mut clock = Clock::start();
+        // The verdict reads only the manifest, before the bytes are hashed: a checkpoint this
+        // node cannot take is refused in milliseconds, whatever its size.
+        if let Some(judge) = judge {
+            clock.phase("verdict", || judge.check(id, dir))?;
+        }
         let manifest = clock
             .phase("verify", || criu::verify(dir))
             .map_err(|source| CheckpointError::Verify { id: id.to_string(), source })?;
@@ -204,6 +224,71 @@ impl RestorePlan {
             flags: self.flags.clone(),
         }
         .args()
+    }
+}
+
+/// How the shim learns the node's side of the restore verdict: CRIU is run for its version
+/// through the shim's spawner (reaper-safe), the rest read from procfs and sysfs.
+pub struct NodeProbe<'a> {
+    pub spawner: &'a dyn Spawner,
+    /// The runc option `CriuPath`, else `criu` on PATH (as runc finds it).
+    pub criu: Option<&'a Path>,
+}
+
+impl NodeProbe<'_> {
+    /// This node's facts for the verdict.
+    pub fn facts(&self) -> NodeFacts {
+        let path = std::env::var_os("PATH");
+        let criu = criu::find_criu(self.criu, path.as_deref())
+            .map_err(|e| e.to_string())
+            .and_then(|bin| crate::runtime::tool_output(self.spawner, &bin, "--version").map_err(|e| e.to_string()));
+        let libs = std::env::var_os(kybernate_gpu::cuda::preflight::CRIU_LIBS_DIR);
+        let sources = NodeSources {
+            proc: Path::new(gpu::PROC),
+            cgroup_root: Path::new("/sys/fs/cgroup"),
+            plugin_dirs: kybernate_gpu::cuda::preflight::plugin_dirs(libs.as_deref()),
+            path_env: path.as_deref(),
+        };
+        NodeFacts::gather(&sources, verdict::criu_version_of(criu))
+    }
+}
+
+/// The restore verdict at Create: the checkpoint's manifest against this node and the new
+/// container's spec (its own GPU request resolved as [`gpu::prepare_restore`] will resolve it).
+pub struct Judge<'a> {
+    spec: &'a SpecView,
+    config: &'a CheckpointConfig,
+    node: &'a NodeProbe<'a>,
+}
+
+impl Judge<'_> {
+    /// Refuses with every hard mismatch; logs the warnings and the time to verdict. A manifest
+    /// that cannot be read is left to the verification, which names what is wrong with it.
+    fn check(&self, id: &str, dir: &Path) -> Result<()> {
+        let started = Instant::now();
+        let Ok(manifest) = criu::read_manifest(dir) else { return Ok(()) };
+        let node = self.node.facts();
+        let spec = serde_json::Value::Object(self.spec.value().clone());
+        let cdi: Vec<&Path> = self.config.cdi_spec_dirs.iter().map(PathBuf::as_path).collect();
+        let container = ContainerFacts::from_spec(&spec, &cdi, Path::new(gpu::PROC), Path::new(gpu::DEV), &node.gpus);
+        let allow = self.config.allow_gpu_mismatch
+            || self.spec.annotation(gpu::ALLOW_MISMATCH_ANNOTATION).is_some_and(|v| v.eq_ignore_ascii_case("true"));
+        let judged = verdict::judge(&manifest, &node, Some(&container), allow);
+        for w in &judged.warnings {
+            warn!("restore {id}: {} (restoring anyway)", w);
+        }
+        let took = started.elapsed();
+        info!(
+            "restore {id}: verdict in {:.1} ms: {} mismatch(es), {} warning(s)",
+            took.as_secs_f64() * 1000.0,
+            judged.mismatches.len(),
+            judged.warnings.len()
+        );
+        judged.into_result().map(drop).map_err(|e| CheckpointError::Incompatible {
+            id: id.to_string(),
+            checkpoint: dir.display().to_string(),
+            source: Box::new(e),
+        })
     }
 }
 
@@ -389,8 +474,10 @@ impl Restoring {
         trust: &TrustConfig,
         namespace: &str,
         puller: &Puller<'_>,
+        node: &NodeProbe<'_>,
     ) -> Result<Option<Self>, Error> {
         let pod = pod_of(spec);
+        let judge = Judge { spec, config, node };
         if !checkpoint.is_empty() {
             let who = RestoreLog {
                 id: id.to_string(),
@@ -401,8 +488,8 @@ impl Restoring {
             let journal = (config.root.clone(), namespace.to_string());
             // containerd's own checkpoint dir carries no origin marker of ours (taken on a node,
             // or unpacked by containerd from its content store): the policy checks one that does.
-            let containerd = RestorePlan::from_containerd(id, Path::new(checkpoint))
-                .and_then(|plan| check_trust(id, &plan.dir, trust).map(|_| plan));
+            let containerd = check_trust(id, Path::new(checkpoint), trust)
+                .and_then(|_| RestorePlan::from_containerd_judged(id, Path::new(checkpoint), Some(&judge)));
             return match containerd {
                 Ok(plan) => Ok(Some(Self { plan, who, journal })),
                 Err(e) => {
@@ -451,7 +538,7 @@ impl Restoring {
                 }
             }
         };
-        match RestorePlan::from_store(id, &reference, config, trust, &tenant) {
+        match RestorePlan::from_store(id, &reference, config, trust, &tenant, Some(&judge)) {
             Ok(plan) => {
                 who.checkpoint = checkpoint_name(&plan.dir, config);
                 Ok(Some(Self { plan, who, journal }))

@@ -574,6 +574,7 @@ fn adopt_kubelet_archive(
         files,
         gpu: None,
         flat: false,
+        needs: None,
     };
     manifest.validate(now).map_err(|e| refuse(CONFIG_DUMP, e.to_string()))?;
     write_manifest(work, &manifest)?;

@@ -28,6 +28,7 @@ pub mod signing;
 pub mod store;
 pub mod trust;
 
+pub mod verdict;
 // Everything is also at the crate root: callers write `criu::verify`, `criu::MANIFEST_FILE`.
 pub use archive::{export, import, ArchiveError};
 pub use flags::{CheckpointFlags, FlagsError, RestoreArgs, CGROUPS_MODES, EMPTY_NS_ALLOWED};

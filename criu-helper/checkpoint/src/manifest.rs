@@ -93,6 +93,11 @@ pub struct Manifest {
     /// which containerd and CRI keep themselves).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub flat: bool,
+    /// What a restore needs of the node (architecture, CPU features, cgroup mode, external
+    /// mounts), for the restore verdict (`verdict`). Absent in checkpoints of older shims and in
+    /// imported kubelet archives: their restores skip those checks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub needs: Option<crate::verdict::RestoreNeeds>,
 }
 
 /// A binary that took part in the checkpoint.
@@ -361,6 +366,7 @@ pub(crate) fn sample() -> Manifest {
         files: BTreeMap::new(),
         gpu: None,
         flat: false,
+        needs: None,
     }
 }
 

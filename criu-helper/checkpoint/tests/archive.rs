@@ -52,6 +52,7 @@ fn checkpoint(target: &Path) -> Manifest {
             devices: Default::default(),
         }),
         flat: false,
+        needs: None,
     };
     p.commit(m).unwrap()
 }

@@ -34,6 +34,7 @@ fn manifest() -> Manifest {
         files: BTreeMap::new(),
         gpu: None,
         flat: false,
+        needs: None,
     }
 }
 

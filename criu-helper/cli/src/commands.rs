@@ -79,6 +79,51 @@ pub fn inspect(store: &Store, out: Output, reference: &str) -> Result<ExitCode, 
     }
 }
 
+/// `inspect --compat -o json`: the restore verdict, for which checkpoint, and how long it took.
+#[derive(Serialize)]
+struct Compat<'a> {
+    checkpoint: &'a str,
+    #[serde(flatten)]
+    verdict: &'a kybernate_checkpoint::verdict::Verdict,
+    time_ms: f64,
+}
+
+/// `inspect --compat`: whether this node can restore the checkpoint, from its manifest alone
+/// (no hashing), judged as `kybernate restore` and the shim judge it; the new container is the
+/// one its `spec.dump` describes. Exit 1 when incompatible, the mismatches printed first.
+pub fn inspect_compat(store: &Store, out: Output, reference: &str, cdi_dirs: &[PathBuf]) -> Result<ExitCode, CliError> {
+    let cp = store::resolve(store, reference)?;
+    let (verdict, took) = verdict_of(&cp, cdi_dirs)?;
+    match out {
+        Output::Json => output::json(&Compat {
+            checkpoint: &cp.id,
+            verdict: &verdict,
+            time_ms: (took.as_secs_f64() * 1e6).round() / 1e3,
+        })?,
+        Output::Table => output::write(&output::verdict_text(&cp.id, &verdict, took))?,
+    }
+    Ok(if verdict.compatible() { ExitCode::SUCCESS } else { ExitCode::from(crate::error::FAILED) })
+}
+
+/// The restore verdict of `cp` on this node and how long it took: its manifest (read, not
+/// verified: the verdict only refuses) against this node and the container its `spec.dump`
+/// describes (the node alone when there is none, as in a flat checkpoint).
+pub fn verdict_of(
+    cp: &Checkpoint,
+    cdi_dirs: &[PathBuf],
+) -> Result<(kybernate_checkpoint::verdict::Verdict, Duration), CliError> {
+    const MAX_SPEC: usize = 16 << 20;
+    let manifest = kybernate_checkpoint::read_manifest(&cp.path)
+        .map_err(|source| CliError::Verify { id: cp.id.clone(), source })?;
+    let spec = (!manifest.flat)
+        .then(|| fs::read(cp.path.join(kybernate_checkpoint::SPEC_DUMP)).ok())
+        .flatten()
+        .filter(|bytes| bytes.len() <= MAX_SPEC)
+        .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+        .filter(serde_json::Value::is_object);
+    Ok(crate::restore::judge(&manifest, spec.as_ref(), cdi_dirs, false))
+}
+
 /// `inspect`'s human form: one `key: value` line each, then the files.
 fn details(cp: &Checkpoint) -> String {
     let mut lines: Vec<(&str, String)> = vec![

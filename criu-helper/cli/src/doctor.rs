@@ -12,6 +12,7 @@ use std::process::{Command, ExitCode};
 use std::time::Duration;
 
 use containerd_client::services::v1::version_client::VersionClient;
+use kybernate_checkpoint::verdict::Verdict;
 use kybernate_checkpoint::{
     find_criu, free_bytes, kernel_release, parse_criu_version, require_criu_version, DirtyTracking, MIN_CRIU,
 };
@@ -106,6 +107,7 @@ pub fn doctor(
     containerd_config: &Path,
     checkpoint_root: &Path,
     libcuda: &str,
+    checkpoint: Option<(String, Result<Verdict, CliError>)>,
 ) -> Result<ExitCode, CliError> {
     let node = Node::system();
     let mut checks = run_checks(&node, address, containerd_config, checkpoint_root);
@@ -117,6 +119,9 @@ pub fn doctor(
         .all(|c| c.status == Status::Ok);
     let gpus = !nvidia_gpus(&node.dev).is_empty();
     checks.insert(at, cuda_driver_api(gpus, plugin_ready, || kybernate_gpu::cuda::LibCuda::load(libcuda.as_ref())));
+    if let Some((id, verdict)) = checkpoint {
+        checks.push(restore_verdict(&id, verdict));
+    }
     match out {
         Output::Json => output::json(&checks)?,
         Output::Table => output::write(&table(&checks))?,
@@ -563,6 +568,41 @@ pub fn capabilities(proc_status: &Path) -> Check {
     }
 }
 
+/// `--checkpoint`: the restore verdict of that checkpoint on this node (`kybernate inspect
+/// --compat`): fail on a hard mismatch, warn on soft differences, each named with both sides.
+pub fn restore_verdict(id: &str, verdict: Result<Verdict, CliError>) -> Check {
+    const NAME: &str = "restore verdict";
+    let verdict = match verdict {
+        Ok(v) => v,
+        Err(e) => {
+            return Check::fail(NAME, format!("checkpoint {id}: {e}"), "see `kybernate inspect` for the checkpoint")
+        }
+    };
+    let all = |ds: &[kybernate_checkpoint::verdict::Difference]| {
+        ds.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+    };
+    let summary = output::verdict_line(&verdict);
+    if !verdict.compatible() {
+        let mut detail = format!("checkpoint {id}: {summary}: {}", all(&verdict.mismatches));
+        if !verdict.warnings.is_empty() {
+            detail.push_str(&format!("; warnings: {}", all(&verdict.warnings)));
+        }
+        return Check::fail(
+            NAME,
+            detail,
+            "restore it on a node (and into a container) that has what it needs, or fix this node;              `kybernate inspect --compat` lists each side",
+        );
+    }
+    if !verdict.warnings.is_empty() {
+        return Check::warn(
+            NAME,
+            format!("checkpoint {id}: {summary}: {}", all(&verdict.warnings)),
+            "nothing needs fixing to restore it; the warnings say what differs from where it was taken",
+        );
+    }
+    Check::ok(NAME, format!("checkpoint {id}: {summary}"))
+}
+
 /// The checkpoint root: private (root, 0700) and with room; or where it will be created.
 pub fn checkpoint_root(root: &Path) -> Check {
     const NAME: &str = "checkpoint root";
@@ -795,6 +835,29 @@ version = 3
         assert_eq!(cuda_driver_api(true, true, gone).status, Status::Warn);
         let none = cuda_driver_api(true, false, gone);
         assert!(none.status == Status::Fail && none.detail.contains("cannot be checkpointed"), "{none:?}");
+    }
+
+    #[test]
+    fn the_restore_verdict_check_fails_warns_or_passes() {
+        use kybernate_checkpoint::verdict::Difference;
+        let kernel = Difference::Kernel { checkpoint: "6.1.0".into(), node: "6.8.0".into() };
+        let arch = Difference::Arch { checkpoint: "x86_64".into(), node: "aarch64".into() };
+        let ok = restore_verdict("default/web/1", Ok(Verdict::default()));
+        assert_eq!((ok.status, ok.detail.as_str()), (Status::Ok, "checkpoint default/web/1: compatible"));
+        let warned =
+            restore_verdict("default/web/1", Ok(Verdict { mismatches: vec![], warnings: vec![kernel.clone()] }));
+        assert!(warned.status == Status::Warn && warned.detail.contains("kernel: checkpoint taken on kernel 6.1.0"));
+        let failed = restore_verdict("default/web/1", Ok(Verdict { mismatches: vec![arch], warnings: vec![kernel] }));
+        assert_eq!(failed.status, Status::Fail);
+        assert!(
+            failed
+                .detail
+                .starts_with("checkpoint default/web/1: incompatible: 1 mismatch (arch), 1 warning (kernel): arch: ")
+                && failed.detail.contains("; warnings: kernel: "),
+            "{failed:?}"
+        );
+        let unreadable = restore_verdict("x", Err(CliError::Failed("gone".into())));
+        assert!(unreadable.status == Status::Fail && unreadable.detail == "checkpoint x: gone", "{unreadable:?}");
     }
 
     #[test]

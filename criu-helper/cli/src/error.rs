@@ -52,6 +52,10 @@ pub enum CliError {
     /// defaults (without `--trust-spec`), or what the checkpoint's processes hold beyond it.
     #[error("restore of checkpoint {id:?} refused: {reasons}; nothing was created")]
     Refused { id: String, reasons: String },
+    /// The restore verdict: this node or the new container cannot take the checkpoint (every
+    /// mismatch named, with any other refusal); nothing was created.
+    #[error("restore of checkpoint {id:?} refused: {reasons}; nothing was created")]
+    Incompatible { id: String, reasons: String },
     #[error("{0}")]
     Failed(String),
     #[error("cannot encode JSON output: {0}; please report this as a bug")]
@@ -77,6 +81,7 @@ impl CliError {
             | Self::Remove { .. }
             | Self::Unreachable { .. }
             | Self::CheckpointFailed { .. }
+            | Self::Incompatible { .. }
             | Self::Failed(_)
             | Self::Json(_)
             | Self::Stdout(_) => FAILED,

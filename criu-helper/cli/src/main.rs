@@ -140,16 +140,27 @@ recorded size; checksums are only checked by `kybernate inspect`.")]
         #[arg(long, value_name = "ID")]
         container: Option<String>,
     },
-    /// Show one checkpoint's manifest and verify every file's checksum.
+    /// Show one checkpoint's manifest and verify every file's checksum, or (--compat) whether
+    /// this node can restore it.
     #[command(after_long_help = "\
 Examples:
   kybernate inspect k8s.io/web/20261123T212501.123Z
   kybernate inspect /var/lib/kybernate/checkpoints/k8s.io/web/20261123T212501.123Z -o json
+  kybernate inspect --compat k8s.io/web/20261123T212501.123Z        can this node restore it?
+  kybernate inspect --compat k8s.io/web/20261123T212501.123Z -o json
+      {\"compatible\": false, \"mismatches\": [{\"code\", \"message\", \"checkpoint\", \"node\"}], \"warnings\": [...]}
 
-Exits 1 when verification fails (the checkpoint must not be restored); the details are still printed.")]
+Exits 1 when verification fails (the checkpoint must not be restored); the details are still printed.
+--compat compares the manifest with this node and with the container its spec.dump describes (CRIU
+version and CUDA plugin, kernel, architecture, CPU features, cgroup mode, external mounts, GPU
+models, count, driver), hashes nothing, and exits 1 when any hard mismatch is found; warnings
+(a newer CRIU, kernel or driver) do not fail it. See docs/gpu.md, \"Restore verdict\".")]
     Inspect {
         /// Checkpoint id (from `kybernate list`) or directory.
         checkpoint: String,
+        /// Print the restore verdict for this node instead of the manifest (no hashing).
+        #[arg(long)]
+        compat: bool,
     },
     /// Remove checkpoints, and their container and namespace directories once empty.
     #[command(after_long_help = "\
@@ -283,13 +294,18 @@ rootfs changes and restores the processes at Start.")]
 Examples:
   kybernate doctor
   kybernate doctor --containerd-config /etc/containerd/config.toml -o json
+  kybernate doctor --checkpoint k8s.io/web/20261123T212501.123Z   before moving it here
 
 Each check prints ok, warn or fail, what it found and, for warn and fail, the fix.
-Exits 1 when a check failed, else 0.")]
+With --checkpoint, one more check: the restore verdict of that checkpoint on this node
+(as `kybernate inspect --compat`). Exits 1 when a check failed, else 0.")]
     Doctor {
         /// containerd's config file, to find our runtime's registration for Kubernetes (CRI).
         #[arg(long, value_name = "PATH", default_value = "/etc/containerd/config.toml")]
         containerd_config: PathBuf,
+        /// Also judge whether this node can restore this checkpoint (id or directory in the store).
+        #[arg(long, value_name = "CHECKPOINT")]
+        checkpoint: Option<String>,
     },
     /// Print Prometheus metrics of this node's checkpoints and restores, or serve them over HTTP.
     #[command(after_long_help = "\
@@ -477,7 +493,11 @@ fn run(cli: Cli) -> Result<ExitCode, CliError> {
             checkpoint::checkpoint(&store, out, &cli.address, ns, &args)
         }
         Command::List { container } => commands::list(&store, out, ns, container.as_deref()),
-        Command::Inspect { checkpoint } => commands::inspect(&store, out, &checkpoint),
+        Command::Inspect { checkpoint, compat: false } => commands::inspect(&store, out, &checkpoint),
+        Command::Inspect { checkpoint, compat: true } => {
+            let cdi_dirs = store::load_config(cli.config.as_deref())?.checkpoint.cdi_spec_dirs;
+            commands::inspect_compat(&store, out, &checkpoint, &cdi_dirs)
+        }
         Command::Rm { checkpoints } => commands::rm(&store, out, &checkpoints),
         Command::Prune { keep, older_than, container, dry_run } => {
             let rule = match (keep, older_than) {
@@ -542,9 +562,18 @@ fn run(cli: Cli) -> Result<ExitCode, CliError> {
             };
             restore::restore(&store, out, &cli.address, ns, &args)
         }
-        Command::Doctor { containerd_config } => {
-            let libcuda = store::load_config(cli.config.as_deref())?.checkpoint.libcuda;
-            doctor::doctor(out, &cli.address, &containerd_config, store.root(), &libcuda)
+        Command::Doctor { containerd_config, checkpoint } => {
+            let config = store::load_config(cli.config.as_deref())?.checkpoint;
+            // Resolved first: an unknown checkpoint is bad input (exit 2), not a failed check.
+            let checkpoint = match checkpoint {
+                Some(reference) => Some(store::resolve(&store, &reference)?),
+                None => None,
+            };
+            let judged = checkpoint.map(|cp| {
+                let verdict = commands::verdict_of(&cp, &config.cdi_spec_dirs).map(|(v, _)| v);
+                (cp.id, verdict)
+            });
+            doctor::doctor(out, &cli.address, &containerd_config, store.root(), &config.libcuda, judged)
         }
         Command::Metrics { listen } => metrics::metrics(&store, out, listen),
         Command::Push { checkpoint, reference, plain_http } => {

@@ -158,9 +158,66 @@ pub fn gpu_lines(gpu: &kybernate_gpu::GpuRecord) -> Vec<(&'static str, String)> 
     lines
 }
 
+/// The restore verdict in one line, codes only: "compatible", "compatible, 1 warning (kernel)",
+/// "incompatible: 2 mismatches (arch, gpu-count)".
+pub fn verdict_line(v: &kybernate_checkpoint::verdict::Verdict) -> String {
+    let codes =
+        |ds: &[kybernate_checkpoint::verdict::Difference]| ds.iter().map(|d| d.code()).collect::<Vec<_>>().join(", ");
+    let count = |n: usize, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "es" });
+    let warnings = match v.warnings.len() {
+        0 => String::new(),
+        1 => format!(", 1 warning ({})", codes(&v.warnings)),
+        n => format!(", {n} warnings ({})", codes(&v.warnings)),
+    };
+    if v.compatible() {
+        format!("compatible{warnings}")
+    } else {
+        format!("incompatible: {} ({}){warnings}", count(v.mismatches.len(), "mismatch"), codes(&v.mismatches))
+    }
+}
+
+/// `inspect --compat`'s table: the verdict, then each mismatch and warning with both sides.
+pub fn verdict_text(id: &str, v: &kybernate_checkpoint::verdict::Verdict, took: std::time::Duration) -> String {
+    let mut text = format!(
+        "checkpoint {id} on this node: {} (verdict in {:.1} ms)\n",
+        verdict_line(v),
+        took.as_secs_f64() * 1000.0
+    );
+    for (kind, ds) in [("mismatch", &v.mismatches), ("warning", &v.warnings)] {
+        for d in ds {
+            text.push_str(&format!("  {kind:<8}  {d}\n"));
+        }
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn verdict_lines_name_codes_and_sides() {
+        use kybernate_checkpoint::verdict::{Difference, Verdict};
+        let mut v = Verdict::default();
+        assert_eq!(verdict_line(&v), "compatible");
+        v.warnings.push(Difference::Kernel { checkpoint: "6.1.0".into(), node: "6.8.0".into() });
+        assert_eq!(verdict_line(&v), "compatible, 1 warning (kernel)");
+        v.mismatches.push(Difference::Arch { checkpoint: "x86_64".into(), node: "aarch64".into() });
+        v.mismatches.push(Difference::Mounts { missing: vec!["/data".into()] });
+        assert_eq!(verdict_line(&v), "incompatible: 2 mismatches (arch, mounts), 1 warning (kernel)");
+        let text = verdict_text("default/web/1", &v, std::time::Duration::from_micros(400));
+        assert!(text.starts_with("checkpoint default/web/1 on this node: incompatible: 2 mismatches"), "{text}");
+        assert!(
+            text.contains(
+                "(verdict in 0.4 ms)\n  mismatch  arch: checkpoint taken on \"x86_64\", this node is \"aarch64\""
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("\n  warning   kernel: checkpoint taken on kernel 6.1.0, this node runs 6.8.0"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn sizes_are_human() {

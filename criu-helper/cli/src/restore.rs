@@ -11,7 +11,10 @@
 //! before anything is created the spec is compared with the image defaults
 //! (`kybernate_checkpoint::grants::defaults`) and a spec that grants more is refused unless
 //! `--trust-spec`; the shim's credentials check (the checkpoint's processes against that spec)
-//! runs here too, so that every excess is named at once, before containerd is asked.
+//! runs here too, so that every excess is named at once, before containerd is asked. So does
+//! the restore verdict (`kybernate_checkpoint::verdict`): the manifest against this node and the
+//! new spec (CRIU, CPU, cgroups, mounts, GPUs), every mismatch named; `kybernate inspect
+//! --compat` and `kybernate doctor --checkpoint` print the same verdict.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -42,6 +45,7 @@ use kybernate_checkpoint::grants::defaults::{beyond_defaults, Privilege};
 use kybernate_checkpoint::grants::{GrantError, Host, Summary};
 use kybernate_checkpoint::images::ImageError;
 use kybernate_checkpoint::manifest::{valid_identifier, MAX_IDENTIFIER_LEN};
+use kybernate_checkpoint::verdict::{self, ContainerFacts, Incompatible, NodeFacts, NodeSources, Verdict};
 use kybernate_checkpoint::{Manifest, Store, SPEC_DUMP};
 use kybernate_gpu as gpu;
 use serde::Serialize;
@@ -155,6 +159,8 @@ struct Checks {
     /// The spec has a field of the wrong shape: what it grants cannot be told.
     unreadable: Option<String>,
     credentials: Result<Summary, GrantError>,
+    /// The restore verdict: this node and the spec against the checkpoint's manifest.
+    verdict: Verdict,
 }
 
 impl Checks {
@@ -184,6 +190,9 @@ impl Checks {
                 excesses.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
             )),
             Err(e) => reasons.push(format!("the credentials check failed: {e}")),
+        }
+        if !self.verdict.compatible() {
+            reasons.push(verdict_reason(&self.verdict));
         }
         (!reasons.is_empty()).then(|| reasons.join("; and "))
     }
@@ -254,6 +263,8 @@ struct Checked<'a> {
     privileges: &'a [String],
     trust_spec: bool,
     credentials: Credentials,
+    /// The restore verdict: `{"compatible", "mismatches", "warnings"}`.
+    verdict: &'a Verdict,
     /// Why it would be refused; `null` when it goes ahead.
     error: Option<&'a str>,
     checkpoint: &'a Checkpoint,
@@ -302,14 +313,16 @@ pub fn restore(
         Err(source) => return Err(CliError::Verify { id: cp.id, source }),
     };
     cp.set_verified(None);
-    // The shim refuses other GPUs too; saying so here fails before containerd is asked.
-    if let Some(gpu) = manifest.gpu.as_ref().filter(|_| !args.allow_gpu_mismatch) {
-        let node = kybernate_gpu::node_gpus(Path::new("/proc"));
-        if let Err(e) = kybernate_gpu::check_compatible(&gpu.gpus, &node.gpus) {
-            return Err(CliError::Failed(format!("checkpoint {:?}: {e} (here: --allow-gpu-mismatch)", cp.id)));
-        }
-    }
     if args.pod_annotation {
+        // The pod may land on any node, into a spec the kubelet makes: the shim judges the
+        // restore there (`kybernate doctor --checkpoint` on a node judges it ahead). Only the
+        // GPUs are checked here, as before: a GPU pod is usually meant for a node like this one.
+        if let Some(gpu) = manifest.gpu.as_ref().filter(|_| !args.allow_gpu_mismatch) {
+            let node = kybernate_gpu::node_gpus(Path::new("/proc"));
+            if let Err(e) = kybernate_gpu::check_compatible(&gpu.gpus, &node.gpus) {
+                return Err(CliError::Failed(format!("checkpoint {:?}: {e} (here: --allow-gpu-mismatch)", cp.id)));
+            }
+        }
         return print_annotation(out, &cp, &manifest, args);
     }
 
@@ -332,9 +345,26 @@ pub fn restore(
     };
     let mut spec = restore_spec(&cp, &manifest, &new_id, &source)?;
     set_gpu_mismatch_annotation(&mut spec, args.allow_gpu_mismatch);
-    let checks = run_checks(&cp, &manifest, &spec, &source, args)?;
+    // Before anything is created: this node and the new spec against the manifest, every
+    // mismatch at once (the shim judges again at Create).
+    let (judged, _) = judge(&manifest, Some(&spec), &args.cdi_spec_dirs, args.allow_gpu_mismatch);
+    let checks = match run_checks(&cp, &manifest, &spec, &source, args, judged.clone()) {
+        Ok(checks) => checks,
+        // The GPU request the shim would resolve cannot be: the verdict names it with the rest.
+        Err(_) if !judged.compatible() => {
+            return Err(CliError::Incompatible { id: cp.id.clone(), reasons: verdict_reason(&judged) })
+        }
+        Err(e) => return Err(e),
+    };
     let refusal = checks.refusal(&source, args.trust_spec);
-    let refused = |refusal: String| CliError::Refused { id: cp.id.clone(), reasons: refusal };
+    let refused = |reasons: String| {
+        if checks.verdict.compatible() {
+            CliError::Refused { id: cp.id.clone(), reasons }
+        } else {
+            // A node that cannot take it: the operation fails here whatever the flags (exit 1).
+            CliError::Incompatible { id: cp.id.clone(), reasons }
+        }
+    };
 
     if args.dry_run || refusal.is_some() {
         match out {
@@ -348,6 +378,7 @@ pub fn restore(
                 privileges: &checks.privileges,
                 trust_spec: args.trust_spec,
                 credentials: checks.credentials_json(),
+                verdict: &checks.verdict,
                 error: refusal.as_deref(),
                 checkpoint: &cp,
             })?,
@@ -415,6 +446,7 @@ fn run_checks(
     spec: &Value,
     source: &SpecSource<'_>,
     args: &Args,
+    verdict: Verdict,
 ) -> Result<Checks, CliError> {
     let (privileges, unreadable) = match beyond_defaults(spec) {
         Ok(found) => (found.iter().map(Privilege::to_string).collect(), None),
@@ -437,7 +469,44 @@ fn run_checks(
             cp.id
         )));
     }
-    Ok(Checks { spec: source.label(), privileges, unreadable, credentials })
+    Ok(Checks { spec: source.label(), privileges, unreadable, credentials, verdict })
+}
+
+/// The restore verdict on this node for checkpoint `manifest`, with the new container's `spec`
+/// when known (`None`: the node alone), and how long it took. CRIU is the one on PATH, as runc
+/// finds it; CDI specs in `cdi_dirs`, as the shim resolves a GPU request.
+pub fn judge(
+    manifest: &Manifest,
+    spec: Option<&Value>,
+    cdi_dirs: &[PathBuf],
+    allow_gpu_mismatch: bool,
+) -> (Verdict, Duration) {
+    let started = Instant::now();
+    let node = node_facts();
+    let dirs: Vec<&Path> = cdi_dirs.iter().map(PathBuf::as_path).collect();
+    let container =
+        spec.map(|s| ContainerFacts::from_spec(s, &dirs, Path::new("/proc"), Path::new("/dev"), &node.gpus));
+    let judged = verdict::judge(manifest, &node, container.as_ref(), allow_gpu_mismatch);
+    (judged, started.elapsed())
+}
+
+/// This node's side of the verdict: CRIU on PATH run for its version, the rest read from files.
+fn node_facts() -> NodeFacts {
+    let path_env = std::env::var_os("PATH");
+    let path = path_env.as_deref();
+    let criu = kybernate_checkpoint::find_criu(None, path).map_err(|e| e.to_string()).and_then(|bin| {
+        std::process::Command::new(&bin)
+            .arg("--version")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .map_err(|e| format!("{}: cannot run: {e}", bin.display()))
+    });
+    NodeFacts::gather(&NodeSources::system(path), verdict::criu_version_of(criu))
+}
+
+/// A refusal's reason for an incompatible verdict: every mismatch.
+fn verdict_reason(judged: &Verdict) -> String {
+    format!("this node or container cannot take it: {}; see `kybernate inspect --compat`", Incompatible(judged.clone()))
 }
 
 /// The spec as the shim checks it at Create for a GPU checkpoint: with the devices, cgroup rules
@@ -491,6 +560,7 @@ fn dry_run_table(
             },
         ),
         ("credentials", checks.credentials_line()),
+        ("verdict", output::verdict_line(&checks.verdict)),
     ];
     for (k, v) in lines {
         text.push_str(&format!("{:<12} {v}\n", format!("{k}:")));
@@ -956,6 +1026,7 @@ mod tests {
             privileges: privileges.iter().map(|p| p.to_string()).collect(),
             unreadable: None,
             credentials,
+            verdict: Verdict::default(),
         }
     }
 

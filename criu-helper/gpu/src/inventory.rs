@@ -93,6 +93,31 @@ pub fn driver_major(v: &str) -> Option<u32> {
     first.parse().ok()
 }
 
+/// The oldest driver whose checkpoint API restores onto other GPUs (`cuCheckpointProcessRestore`
+/// with GPU pairs, `cuda-checkpoint --device-map`): r580, the driver of CUDA 13.0.
+pub const REMAP_MIN_DRIVER_MAJOR: u32 = 580;
+
+/// The CUDA driver API version a driver branch brings ("580.65.06" → "13.0"), from NVIDIA's
+/// table of toolkit releases and their minimum drivers: a node's CUDA version without loading
+/// libcuda (the shim never does). `None` below r525 (CUDA 12.0) or for an unparseable version.
+pub fn cuda_for_driver(version: &str) -> Option<&'static str> {
+    const TABLE: [(u32, &str); 11] = [
+        (580, "13.0"),
+        (575, "12.9"),
+        (570, "12.8"),
+        (565, "12.7"),
+        (560, "12.6"),
+        (555, "12.5"),
+        (550, "12.4"),
+        (545, "12.3"),
+        (535, "12.2"),
+        (530, "12.1"),
+        (525, "12.0"),
+    ];
+    let major = driver_major(version)?;
+    TABLE.iter().find(|(min, _)| major >= *min).map(|(_, cuda)| *cuda)
+}
+
 /// Parses one `gpus/<bus>/information` file (`Key: \t value` lines, as the driver's
 /// nv-procfs.c writes them). `dir_name` is the fallback bus id when the file lacks
 /// `Bus Location:`. Unknown and malformed lines are ignored; `index` is left 0.
@@ -256,6 +281,18 @@ mod tests {
         assert_eq!(driver_major("x.1"), None);
         assert_eq!(driver_major("-1.2"), None);
         assert_eq!(driver_major("99999999999.1"), None);
+    }
+
+    #[test]
+    fn cuda_versions_follow_the_driver_branch() {
+        assert_eq!(cuda_for_driver("580.65.06"), Some("13.0"));
+        assert_eq!(cuda_for_driver("590.1"), Some("13.0"), "a newer branch brings at least 13.0");
+        assert_eq!(cuda_for_driver("575.57.08"), Some("12.9"));
+        assert_eq!(cuda_for_driver("570.133.20"), Some("12.8"));
+        assert_eq!(cuda_for_driver("550.54"), Some("12.4"));
+        assert_eq!(cuda_for_driver("470.1"), None);
+        assert_eq!(cuda_for_driver("x"), None);
+        assert!(driver_major("579.9").unwrap() < REMAP_MIN_DRIVER_MAJOR);
     }
 
     #[test]

@@ -37,6 +37,7 @@ fn main() {
         files: BTreeMap::new(),
         gpu: None,
         flat: false,
+        needs: None,
     };
     let target = store.new_checkpoint_path("bench", "pages", now).expect("target");
     let p = PartialCheckpoint::begin(&target).expect("partial checkpoint");

@@ -35,6 +35,7 @@ pub fn fake_manifest(ns: &str, container: &str, at: SystemTime) -> Manifest {
         files: BTreeMap::new(),
         gpu: None,
         flat: false,
+        needs: None,
     }
 }
 
