@@ -1,69 +1,18 @@
 //! The `kybernate` CLI against a temporary store: output, exit codes and what it does to the store.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, SystemTime};
 
-use kybernate_checkpoint::{dir_size, read_manifest, verify, write_origin, Origin, Store};
+use kybernate_checkpoint::{dir_size, read_manifest, verify, write_origin, Origin};
 use serde_json::Value;
 
 mod common;
 
-use common::{fake_checkpoint, fake_checkpoint_with, fake_manifest, kubelet_archive, show};
+use common::{fake_checkpoint_with, fake_manifest, kubelet_archive, show, Node};
 use kybernate_gpu::cuda::ProcessState;
 use kybernate_gpu::{CudaProcessRecord, GpuInfo, GpuMode, GpuRecord};
-
-/// A temporary node: a config naming `<tmp>/store` as the checkpoint root.
-struct Node {
-    tmp: tempfile::TempDir,
-    config: PathBuf,
-    store: Store,
-}
-
-impl Node {
-    fn new() -> Self {
-        let tmp = tempfile::tempdir().unwrap();
-        let root = tmp.path().join("store");
-        let config = tmp.path().join("config.toml");
-        fs::write(&config, format!("[checkpoint]\nroot = {:?}\n", root.to_str().unwrap())).unwrap();
-        Self { tmp, config, store: Store::new(root) }
-    }
-
-    fn root(&self) -> PathBuf {
-        fs::canonicalize(self.store.root()).unwrap()
-    }
-
-    /// A committed checkpoint of `ns/container`, created `age` ago; returns its id.
-    fn checkpoint(&self, ns: &str, container: &str, age: Duration) -> String {
-        fake_checkpoint(&self.store, ns, container, SystemTime::now() - age)
-    }
-
-    /// Runs `kybernate --config <config> ARGS` in `cwd` (default: the temp dir), without the
-    /// caller's containerd/kybernate environment.
-    fn run_in(&self, cwd: &Path, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_kybernate"))
-            .arg("--config")
-            .arg(&self.config)
-            .args(args)
-            .current_dir(cwd)
-            .env_remove("CONTAINERD_NAMESPACE")
-            .env_remove("KYBERNATE_CONFIG")
-            .output()
-            .unwrap()
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        self.run_in(self.tmp.path(), args)
-    }
-
-    /// Runs with `-o json`, expects `code`, returns stdout as JSON.
-    fn json(&self, args: &[&str], code: i32) -> Value {
-        let out = self.run(&[&["-o", "json"], args].concat());
-        assert_eq!(out.status.code(), Some(code), "{}", show(&out));
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", show(&out)))
-    }
-}
 
 fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()

@@ -4,58 +4,14 @@
 //! checkpoints still verify: the verdict is what refuses them, every mismatch at once, before
 //! containerd is asked (none runs here: the address is a path that does not exist).
 
-use std::fs;
-use std::path::PathBuf;
-use std::process::{Command, Output};
 use std::time::SystemTime;
 
 use kybernate_checkpoint::verdict::{cgroup_mode, CgroupMode, RestoreNeeds};
-use kybernate_checkpoint::Store;
 use serde_json::{json, Value};
 
 mod common;
 
-use common::{fake_checkpoint_with, fake_manifest, show};
-
-const NO_CONTAINERD: &str = "/nonexistent/containerd.sock";
-
-/// A scratch node: a config naming `<tmp>/store` as the checkpoint root.
-struct Node {
-    tmp: tempfile::TempDir,
-    config: PathBuf,
-    store: Store,
-}
-
-impl Node {
-    fn new() -> Self {
-        let tmp = tempfile::tempdir().unwrap();
-        let root = tmp.path().join("store");
-        let config = tmp.path().join("config.toml");
-        fs::write(&config, format!("[checkpoint]\nroot = {:?}\n", root.to_str().unwrap())).unwrap();
-        Self { tmp, config, store: Store::new(root) }
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        let out = Command::new(env!("CARGO_BIN_EXE_kybernate"))
-            .arg("--config")
-            .arg(&self.config)
-            .args(["--address", NO_CONTAINERD])
-            .args(args)
-            .current_dir(self.tmp.path())
-            .env_remove("CONTAINERD_NAMESPACE")
-            .env_remove("KYBERNATE_CONFIG")
-            .output()
-            .unwrap();
-        eprintln!("kybernate {args:?}: {}", show(&out));
-        out
-    }
-
-    fn json(&self, args: &[&str], code: i32) -> Value {
-        let out = self.run(&[&["-o", "json"], args].concat());
-        assert_eq!(out.status.code(), Some(code), "{}", show(&out));
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", show(&out)))
-    }
-}
+use common::{fake_checkpoint_with, fake_manifest, show, Node};
 
 /// The cgroup mode this node does not have.
 fn other_cgroup_mode() -> CgroupMode {
@@ -110,7 +66,7 @@ fn codes(v: &Value) -> Vec<String> {
 /// checkpoint like this node's own is compatible (exit 0), its differences only warnings.
 #[test]
 fn inspect_compat_names_every_mismatch_and_fails_only_on_hard_ones() {
-    let node = Node::new();
+    let node = Node::new().without_containerd();
     let id = foreign_checkpoint(&node);
 
     let v = node.json(&["inspect", "--compat", &id], 1);
@@ -158,7 +114,7 @@ fn inspect_compat_names_every_mismatch_and_fails_only_on_hard_ones() {
 /// restore-verdict check with the same mismatches.
 #[test]
 fn restore_and_doctor_refuse_with_every_mismatch_before_containerd_is_asked() {
-    let node = Node::new();
+    let node = Node::new().without_containerd();
     let id = foreign_checkpoint(&node);
 
     let out = node.run(&["restore", &id, "--image", "docker.io/library/busybox:1"]);

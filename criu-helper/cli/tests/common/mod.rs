@@ -260,3 +260,64 @@ pub fn edit_checkpoint_json(dir: &Path, file: &str, edit: impl FnOnce(&mut Value
     m["files"][file] = serde_json::to_value(entry).unwrap();
     std::fs::write(&manifest, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
 }
+
+/// A scratch node for the store commands: a config naming `<tmp>/store` as the checkpoint root
+/// (no containerd: [`Node::without_containerd`] points `--address` nowhere, for commands that
+/// must refuse before they would ask it).
+pub struct Node {
+    pub tmp: tempfile::TempDir,
+    pub config: PathBuf,
+    pub store: kybernate_checkpoint::Store,
+    address: Option<&'static str>,
+}
+
+impl Node {
+    pub fn new() -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("store");
+        let config = tmp.path().join("config.toml");
+        std::fs::write(&config, format!("[checkpoint]\nroot = {:?}\n", root.to_str().unwrap())).unwrap();
+        Self { tmp, config, store: kybernate_checkpoint::Store::new(root), address: None }
+    }
+
+    /// Every command gets `--address` of a socket that does not exist.
+    pub fn without_containerd(mut self) -> Self {
+        self.address = Some("/nonexistent/containerd.sock");
+        self
+    }
+
+    pub fn root(&self) -> PathBuf {
+        std::fs::canonicalize(self.store.root()).unwrap()
+    }
+
+    /// A committed checkpoint of `ns/container`, created `age` ago; returns its id.
+    pub fn checkpoint(&self, ns: &str, container: &str, age: Duration) -> String {
+        fake_checkpoint(&self.store, ns, container, std::time::SystemTime::now() - age)
+    }
+
+    /// Runs `kybernate --config <config> ARGS` in `cwd` (default: the temp dir), without the
+    /// caller's containerd/kybernate environment.
+    pub fn run_in(&self, cwd: &Path, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_kybernate"))
+            .arg("--config")
+            .arg(&self.config)
+            .args(self.address.iter().flat_map(|a| ["--address", *a]))
+            .args(args)
+            .current_dir(cwd)
+            .env_remove("CONTAINERD_NAMESPACE")
+            .env_remove("KYBERNATE_CONFIG")
+            .output()
+            .unwrap()
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.run_in(self.tmp.path(), args)
+    }
+
+    /// Runs with `-o json`, expects `code`, returns stdout as JSON.
+    pub fn json(&self, args: &[&str], code: i32) -> Value {
+        let out = self.run(&[&["-o", "json"], args].concat());
+        assert_eq!(out.status.code(), Some(code), "{}", show(&out));
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", show(&out)))
+    }
+}
