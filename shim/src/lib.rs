@@ -8,7 +8,8 @@
 //! - [`task`]: the Task API; [`factory`]: building a container at Create
 //! - [`container`] and [`process`]: what they are, and the process state machine
 //! - [`checkpoint`]: checkpointing a running container; [`restore`]: restoring one from a
-//!   checkpoint; [`gpu`]: CUDA state and device access of GPU containers
+//!   checkpoint; [`criu_proxy`]: holding a restore until its checkpoint is verified; [`gpu`]:
+//!   CUDA state and device access of GPU containers
 //! - [`runtime`]: OCI runtime commands with argument vectors; [`spawn`]: spawning and reaping
 //!   their processes
 //! - [`io`]: process stdio through pipes and the console socket
@@ -22,6 +23,7 @@ pub mod bootstrap;
 pub mod cgroups;
 pub mod checkpoint;
 pub mod container;
+pub mod criu_proxy;
 pub mod error;
 pub mod events;
 pub mod factory;

@@ -12,6 +12,11 @@ fn main() {
     if raw.get(1).is_some_and(|a| a == kybernate_shim::gpu::DRIVER_HELPER) {
         std::process::exit(kybernate_shim::gpu::serve_driver(&raw[2..]));
     }
+    // runc starts CRIU as `<criu> swrk <fd>`; for a restore the shim names this binary as the
+    // CRIU (criu_proxy.rs), which relays to the real one and holds the restore until verified.
+    if raw.get(1).is_some_and(|a| a == kybernate_shim::criu_proxy::PROXY_MODE) {
+        std::process::exit(kybernate_shim::criu_proxy::serve(&raw[1..]));
+    }
     let args: Vec<String> = raw.into_iter().map(|a| a.to_string_lossy().into_owned()).collect();
     if args.iter().any(|a| a == "-v" || a == "--version" || a == "-version") {
         println!("containerd-shim-kybernate-v1 {}", env!("CARGO_PKG_VERSION"));

@@ -54,6 +54,9 @@ pub struct RestorePlan {
     pub manifest: Option<Manifest>,
     /// The restore attempt's times from its decision on, for the journal.
     pub clock: Clock,
+    /// The memory pages' verification, running since Create; `None` for a checkpoint without a
+    /// manifest (nothing to verify).
+    pub pages: Option<std::sync::Arc<criu::deferred::Pending>>,
 }
 
 impl RestorePlan {
@@ -93,6 +96,7 @@ impl RestorePlan {
                 flags: Default::default(),
                 manifest: None,
                 clock: Clock::start(),
+                pages: None,
             });
         }
         Err(CheckpointError::Restore {
@@ -140,15 +144,20 @@ impl RestorePlan {
         if let Some(judge) = judge {
             clock.phase("verdict", || judge.check(id, dir))?;
         }
-        let manifest = clock
-            .phase("verify", || criu::verify(dir))
+        // Everything but the memory pages now (the shim reads or applies it before the restore);
+        // the pages are hashed in the background, and the restore is held until they verify
+        // (criu_proxy.rs).
+        let (manifest, pages) = clock
+            .phase("verify", || criu::deferred::verify_for_restore(dir))
             .map_err(|source| CheckpointError::Verify { id: id.to_string(), source })?;
+        info!("restore {id}: verifying {} bytes of memory pages in the background", pages.bytes());
         Ok(Self {
             dir: dir.into(),
             images: dir.join(manifest.images_rel()),
             flags: manifest.options.clone(),
             manifest: Some(manifest),
             clock,
+            pages: Some(pages.spawn()),
         })
     }
 

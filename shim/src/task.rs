@@ -351,7 +351,13 @@ impl Inner {
     ) -> Result<()> {
         let checkpointer = Checkpointer { spawner: self.spawner.as_ref(), namespace: &self.namespace };
         let (criu_path, _) = checkpointer.criu(c, "restore")?;
-        let mut runtime = c.runtime.with_criu(criu_path);
+        // The pages are still being verified: CRIU runs through the proxy, which holds the
+        // restored process until they are (criu_proxy.rs).
+        let gate = crate::criu_proxy::CriuGate::for_restore(&c.id, &c.bundle, plan.pages.as_ref())?;
+        let mut runtime = match &gate {
+            Some(gate) => gate.runtime(&c.runtime, &criu_path),
+            None => c.runtime.with_criu(criu_path),
+        };
         let gpu_err = |source| CheckpointError::Gpu { what: "restore", id: c.id.clone(), source: Box::new(source) };
         if plan.gpu().is_some_and(|g| g.mode == kybernate_gpu::GpuMode::DriverApi) {
             // Our images carry no CUDA plugin state: a plugin installed on the node stays out.
@@ -373,9 +379,15 @@ impl Inner {
                     // From here runtime state (and a half-restored process) may exist.
                     guard.armed = true;
                     if let Err(e) = clock.phase("restore", || runtime.restore(&c.id, &c.bundle, args, child)) {
+                        if let Some(refused) = gate.as_ref().and_then(|g| g.refusal(&c.id)) {
+                            return Err(refused);
+                        }
                         let log = work.join("restore.log");
                         let outcome = "the container was not restored".into();
                         return Err(CheckpointError::runtime_failure("restore", &c.id, e, &log, outcome).into());
+                    }
+                    if let Some(gate) = &gate {
+                        gate.confirmed(&c.id)?;
                     }
                     io.attach()?;
                     pid = Some(read_pid_file(&pid_file)?);

@@ -10,6 +10,7 @@
 
 pub mod archive;
 pub mod criu_stats;
+pub mod deferred;
 pub mod digest;
 pub mod flags;
 pub mod follow;
@@ -27,8 +28,8 @@ pub mod rootfs;
 pub mod signing;
 pub mod store;
 pub mod trust;
-
 pub mod verdict;
+
 // Everything is also at the crate root: callers write `criu::verify`, `criu::MANIFEST_FILE`.
 pub use archive::{export, import, ArchiveError};
 pub use flags::{CheckpointFlags, FlagsError, RestoreArgs, CGROUPS_MODES, EMPTY_NS_ALLOWED};

@@ -84,6 +84,13 @@ pub enum VerifyError {
     Checksum { file: PathBuf, start: u64, end: u64, chunk: u64, chunks: u64 },
     #[error("{}: not listed in the manifest", file.display())]
     Unlisted { file: PathBuf },
+    /// The memory pages failed their verification while the restore waited for it (see
+    /// [`crate::deferred`]): CRIU was stopped before the restored process ran.
+    #[error("{source}; the restore was stopped before the restored process ran")]
+    Held {
+        #[source]
+        source: Box<VerifyError>,
+    },
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -702,7 +709,11 @@ fn is_bulk(rel: &str) -> bool {
 }
 
 /// Hashes the listed files `include` selects (sizes already checked) and compares the digests.
-fn verify_digests(dir: &Path, manifest: &Manifest, include: impl Fn(&str) -> bool) -> Result<(), VerifyError> {
+pub(crate) fn verify_digests(
+    dir: &Path,
+    manifest: &Manifest,
+    include: impl Fn(&str) -> bool,
+) -> Result<(), VerifyError> {
     let algorithm = algorithm_of(dir, manifest)?;
     let selected: Vec<(&String, &FileEntry)> = manifest.files.iter().filter(|(rel, _)| include(rel)).collect();
     let jobs: Vec<Job> = selected.iter().map(|(rel, e)| Job { path: dir.join(rel), size: Some(e.size) }).collect();

@@ -606,6 +606,7 @@ fn restoring(h: &Harness, id: &str) -> Arc<Container> {
         flags: Default::default(),
         manifest: None,
         clock: Default::default(),
+        pages: None,
     });
     lock(&h.inner().containers).insert(id.into(), Slot::Ready(c.clone()));
     c
