@@ -6,7 +6,8 @@
 //! runc runs in unified mode (freezer `cgroup.freeze`, devices as an eBPF program) and CRIU
 //! dumps and restores v2 cgroups. Only `/sys` is made private there: the test bed's own
 //! directory is a shared mount, so the rootfs mounts the shim makes inside the namespace show up
-//! in the test's namespace too, where tests read them and cleanup unmounts them.
+//! in the test's namespace too, where tests read them and cleanup unmounts them (the namespace
+//! itself: [`crate::mountns`]).
 //!
 //! What v2 mode cannot exercise here: the controllers other than `hugetlb` stay bound to v1
 //! kernel-wide, so memory, cpu, pids and io limits, OOM kills (`memory.events`) and memory
@@ -21,7 +22,7 @@ use crate::{Error, Result};
 pub const CGROUP_ENV: &str = "KBT_CGROUP";
 /// Where the cgroup2 hierarchy is mounted in the test's own namespace on these machines.
 const UNIFIED: &str = "/sys/fs/cgroup/unified";
-const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+pub(crate) const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
 /// A test bed's cgroup hierarchy.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -88,71 +89,6 @@ fn is_cgroup2(path: &Path) -> bool {
     // SAFETY: c is NUL-terminated; st is written by statfs.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     (unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0) && st.f_type == libc::CGROUP2_SUPER_MAGIC
-}
-
-/// Makes `dir` a shared mount (bound onto itself) in the test's namespace, so that mounts made
-/// below it in a private namespace copied from this one propagate back here.
-pub(crate) fn share(dir: &Path) -> Result<()> {
-    let c = cstr(dir)?;
-    let io = |what: &str| Error::Io {
-        context: format!("{what} {} (cgroup v2 test bed)", dir.display()),
-        source: std::io::Error::last_os_error(),
-    };
-    // SAFETY: NUL-terminated paths; a null fstype and data are allowed for bind and propagation changes.
-    unsafe {
-        if libc::mount(c.as_ptr(), c.as_ptr(), std::ptr::null(), libc::MS_BIND, std::ptr::null()) != 0 {
-            return Err(io("bind-mounting"));
-        }
-        if libc::mount(std::ptr::null(), c.as_ptr(), std::ptr::null(), libc::MS_SHARED, std::ptr::null()) != 0 {
-            let err = io("making shared");
-            libc::umount2(c.as_ptr(), libc::MNT_DETACH);
-            return Err(err);
-        }
-    }
-    Ok(())
-}
-
-/// The strings the child needs between fork and exec, made before the fork (no allocation there).
-pub(crate) struct PrivateCgroup2 {
-    sys: CString,
-    root: CString,
-    fstype: CString,
-    source: CString,
-}
-
-impl PrivateCgroup2 {
-    pub(crate) fn new() -> Self {
-        let c = |s: &str| CString::new(s).expect("no NUL");
-        Self { sys: c("/sys"), root: c(CGROUP_ROOT), fstype: c("cgroup2"), source: c("cgroup2") }
-    }
-
-    /// In the child before exec: a mount namespace of its own where `/sys` is private and
-    /// `/sys/fs/cgroup` is the cgroup2 hierarchy. Only raw syscalls (async-signal-safe).
-    pub(crate) fn enter(&self) -> std::io::Result<()> {
-        let err = std::io::Error::last_os_error;
-        // SAFETY: plain syscalls on NUL-terminated strings owned by self.
-        unsafe {
-            if libc::unshare(libc::CLONE_NEWNS) != 0 {
-                return Err(err());
-            }
-            let null = std::ptr::null();
-            if libc::mount(null, self.sys.as_ptr(), null, libc::MS_REC | libc::MS_PRIVATE, std::ptr::null()) != 0 {
-                return Err(err());
-            }
-            if libc::umount2(self.root.as_ptr(), libc::MNT_DETACH) != 0 {
-                return Err(err());
-            }
-            if libc::mount(self.source.as_ptr(), self.root.as_ptr(), self.fstype.as_ptr(), 0, std::ptr::null()) != 0 {
-                return Err(err());
-            }
-        }
-        Ok(())
-    }
-}
-
-fn cstr(p: &Path) -> Result<CString> {
-    CString::new(p.as_os_str().as_encoded_bytes())
-        .map_err(|e| Error::Io { context: format!("{}: path with NUL", p.display()), source: std::io::Error::other(e) })
 }
 
 #[cfg(test)]

@@ -222,12 +222,84 @@ fn parse_call(line: &str) -> Option<FakeCall> {
 /// Makes `path` a char device 195:0, the major of NVIDIA's devices: a container given it
 /// (`ctr run --device PATH`) shows runtime-select its GPU evidence, with no GPU behind it.
 pub fn nvidia_device_node(path: &Path) -> PathBuf {
+    nvidia_gpu_node(path, 0)
+}
+
+/// Makes `path` the char device 195:`minor`, the node of NVIDIA GPU `minor` (`/dev/nvidia<minor>`).
+pub fn nvidia_gpu_node(path: &Path, minor: u32) -> PathBuf {
     fs::create_dir_all(path.parent().expect("a device path with a parent")).expect("the device's dir");
     let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("no NUL in the path");
     // SAFETY: a valid NUL-terminated path; mknod has no other preconditions.
-    let rc = unsafe { libc::mknod(c_path.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(195, 0)) };
-    assert_eq!(rc, 0, "mknod a char 195:0 node at {}: {}", path.display(), std::io::Error::last_os_error());
+    let rc = unsafe { libc::mknod(c_path.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(195, minor)) };
+    assert_eq!(rc, 0, "mknod a char 195:{minor} node at {}: {}", path.display(), std::io::Error::last_os_error());
     path.to_path_buf()
+}
+
+/// One GPU of a [`FakeNvidiaProc`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FakeGpu {
+    /// As the driver names the board, e.g. `NVIDIA H100 80GB HBM3`.
+    pub model: String,
+    /// `GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`, as nvidia-smi and the checkpoint API print it.
+    pub uuid: String,
+    /// PCI location `dddd:bb:ss.f`, also the name of its directory under `gpus/`.
+    pub bus_id: String,
+    /// Its device node's minor (`/dev/nvidia<minor>`).
+    pub minor: u32,
+}
+
+/// A fake `/proc/driver` tree as NVIDIA's kernel module presents it: `nvidia/version` and one
+/// `nvidia/gpus/<bus id>/information` per GPU, in the driver's own layout (nv-procfs.c: `Key:`,
+/// tabs, value). Bind it over `/proc/driver` for a test bed ([`crate::Builder::bind_over`]): the
+/// shim, the restore verdict and the CLI read the node's driver and GPUs there. The files can be
+/// rewritten while the bed runs (a driver upgrade, another board in a slot).
+#[derive(Debug, Clone)]
+pub struct FakeNvidiaProc {
+    /// The directory to bind over `/proc/driver`.
+    pub dir: PathBuf,
+}
+
+impl FakeNvidiaProc {
+    /// An empty driver tree (`<dir>/nvidia/gpus`, no version yet) in `dir`.
+    pub fn create(dir: &Path) -> Self {
+        let gpus = dir.join("nvidia/gpus");
+        fs::create_dir_all(&gpus).unwrap_or_else(|e| panic!("creating {}: {e}", gpus.display()));
+        Self { dir: dir.to_path_buf() }
+    }
+
+    /// `nvidia/version` of the open kernel module of `version` (e.g. `580.65.06`).
+    pub fn set_version(&self, version: &str) {
+        let text = format!(
+            "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  {version}  Release Build  \
+             (dvs-builder@U16-I3-B03-4-3)  Sun Jul 27 06:54:38 UTC 2025\n\
+             GCC version:  gcc version 12.3.0 (Ubuntu 12.3.0-1ubuntu1~22.04)\n"
+        );
+        let path = self.dir.join("nvidia/version");
+        fs::write(&path, text).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+    }
+
+    /// Replaces the GPU list: one `gpus/<bus id>/information` per GPU (firmware of `firmware`).
+    pub fn set_gpus(&self, gpus: &[FakeGpu], firmware: &str) {
+        let dir = self.dir.join("nvidia/gpus");
+        for old in fs::read_dir(&dir).unwrap_or_else(|e| panic!("listing {}: {e}", dir.display())).flatten() {
+            fs::remove_dir_all(old.path()).unwrap_or_else(|e| panic!("removing {}: {e}", old.path().display()));
+        }
+        for (i, gpu) in gpus.iter().enumerate() {
+            let info = format!(
+                "Model: \t\t {model}\nIRQ:   \t\t {irq}\nGPU UUID: \t {uuid}\nVideo BIOS: \t 96.00.99.00.01\n\
+                 Bus Type: \t PCIe\nDMA Size: \t 52 bits\nDMA Mask: \t 0xfffffffffffff\nBus Location: \t {bus}\n\
+                 Device Minor: \t {minor}\nGPU Firmware: \t {firmware}\nGPU Excluded:\t No\n",
+                model = gpu.model,
+                irq = 160 + i,
+                uuid = gpu.uuid,
+                bus = gpu.bus_id,
+                minor = gpu.minor,
+            );
+            let d = dir.join(&gpu.bus_id);
+            fs::create_dir_all(&d).unwrap_or_else(|e| panic!("creating {}: {e}", d.display()));
+            fs::write(d.join("information"), info).unwrap_or_else(|e| panic!("writing {}: {e}", d.display()));
+        }
+    }
 }
 
 /// A real process to point the fake driver at (`sleep 30`); killed and reaped on drop.

@@ -9,6 +9,11 @@
 //! plugin (the kubelet's API, on the same socket) for host-network pods, with a pause-like
 //! sandbox image ([`PAUSE_IMAGE`]) built from [`IMAGE`] at start ([`cri`]).
 //!
+//! [`Builder::bind_over`] runs the private containerd (and every shim, runc and CRIU it starts)
+//! in a mount namespace of its own where a test's file tree replaces a node path, e.g. a fake
+//! NVIDIA driver under `/proc/driver` ([`fakes::FakeNvidiaProc`]): node files the product reads
+//! at fixed paths, without a test-only setting in the product.
+//!
 //! [`Node`] boots this machine's root as a container whose PID 1 is systemd (`test/lib/kbt-node`),
 //! for what needs `systemctl` and `journalctl`: containerd as the `containerd.service` unit.
 //!
@@ -25,6 +30,7 @@ pub mod cgroup;
 mod cleanup;
 pub mod cri;
 pub mod fakes;
+mod mountns;
 mod node;
 mod registry;
 mod testbed;

@@ -9,9 +9,10 @@ use std::sync::mpsc;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use crate::cgroup::{self, CgroupMode, PrivateCgroup2, V2Setup};
+use crate::cgroup::{self, CgroupMode, V2Setup};
 use crate::cleanup;
 use crate::cri::{self, CriRuntime, CRI_NAMESPACE, PAUSE_IMAGE};
+use crate::mountns::{self, BindOver, PrivateMounts};
 use crate::{
     check_preconditions, describe_output, find_in_path, sigterm_and_wait, unique_name, Containerd, Error, IoContext,
     Result,
@@ -36,6 +37,7 @@ pub struct Builder {
     release: Containerd,
     log_level: Option<String>,
     cgroup: Option<CgroupMode>,
+    binds: Vec<BindOver>,
 }
 
 impl Builder {
@@ -102,6 +104,19 @@ impl Builder {
         self
     }
 
+    /// Runs containerd (and so every shim, runc and CRIU it starts) in a private mount namespace
+    /// where `source` is bind-mounted over `target`, e.g. a fake NVIDIA driver tree
+    /// ([`crate::fakes::FakeNvidiaProc`]) over `/proc/driver`: the product reads such node files at
+    /// fixed paths and has no test-only setting for them. Only `target` changes there; the
+    /// mount holding it is made private first, so nothing propagates to the host, and the test
+    /// bed's directory stays shared (as on a cgroup v2 bed). Both must exist and be of the same
+    /// kind; what `source` holds may change while the bed runs (a bind shows the live tree).
+    /// With a [v2 bed](CgroupMode::V2) it is the same namespace.
+    pub fn bind_over(mut self, target: impl Into<PathBuf>, source: impl Into<PathBuf>) -> Self {
+        self.binds.push(BindOver { target: target.into(), source: source.into() });
+        self
+    }
+
     /// Sets an environment variable for containerd, and so for the shims it starts.
     pub fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Self {
         self.env.push((key.as_ref().to_owned(), value.as_ref().to_owned()));
@@ -128,6 +143,9 @@ impl Builder {
             CgroupMode::Host => None,
             CgroupMode::V2 => Some(cgroup::v2_setup()?),
         };
+        for bind in &self.binds {
+            bind.check()?;
+        }
         cleanup::sweep_stale_once();
 
         let namespace = unique_name("");
@@ -153,9 +171,10 @@ impl Builder {
             cri: self.cri,
             release: self.release,
             v2,
+            binds: self.binds,
         };
-        if tb.v2 == Some(V2Setup::PrivateNamespace) {
-            cgroup::share(&tb.dir)?;
+        if tb.private_namespace() {
+            mountns::share(&tb.dir)?;
         }
         let cri_runtimes = self.cri.then_some(self.cri_runtimes.as_slice());
         let config = tb.config_toml(cri_runtimes, &self.extra_config, self.log_level.as_deref().unwrap_or("info"));
@@ -199,6 +218,8 @@ pub struct Testbed {
     release: Containerd,
     /// Set for a cgroup v2 test bed: how it gets its hierarchy.
     v2: Option<V2Setup>,
+    /// Bind mounts of containerd's private mount namespace ([`Builder::bind_over`]).
+    binds: Vec<BindOver>,
 }
 
 impl Testbed {
@@ -235,6 +256,12 @@ impl Testbed {
     /// Whether this test bed runs on cgroup v2 with `controller` enabled at the hierarchy's root.
     pub fn v2_has_controller(&self, controller: &str) -> bool {
         self.v2.is_some() && cgroup::has_controller(controller)
+    }
+
+    /// Whether containerd runs in a mount namespace of its own (a cgroup v2 bed on a v1 machine,
+    /// or [`Builder::bind_over`]); the test bed's directory is then a shared bind mount of itself.
+    pub fn private_namespace(&self) -> bool {
+        self.v2 == Some(V2Setup::PrivateNamespace) || !self.binds.is_empty()
     }
 
     /// containerd's gRPC socket.
@@ -464,7 +491,8 @@ state = "{d}/state"
         cmd.env("PATH", &self.path).envs(self.env.iter().map(|(k, v)| (k, v)));
         cmd.stdin(Stdio::null()).stdout(log).stderr(log2);
         let parent = std::process::id() as libc::pid_t;
-        let private_cgroup2 = (self.v2 == Some(V2Setup::PrivateNamespace)).then(PrivateCgroup2::new);
+        let cgroup2_at = (self.v2 == Some(V2Setup::PrivateNamespace)).then_some(cgroup::CGROUP_ROOT);
+        let private = if self.private_namespace() { Some(PrivateMounts::new(cgroup2_at, &self.binds)?) } else { None };
         // SAFETY: only async-signal-safe calls (prctl, getppid, unshare, mount) between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
@@ -475,7 +503,7 @@ state = "{d}/state"
                     // The test process died between fork and prctl.
                     return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
                 }
-                if let Some(private) = &private_cgroup2 {
+                if let Some(private) = &private {
                     private.enter()?;
                 }
                 Ok(())
@@ -649,6 +677,7 @@ mod tests {
             cri: false,
             release: Containerd::V1_6,
             v2: None,
+            binds: vec![],
         }
     }
 
