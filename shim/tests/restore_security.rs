@@ -84,19 +84,6 @@ fn mount_points() -> Vec<String> {
     mounts.lines().filter_map(|l| l.split(' ').nth(4).map(str::to_string)).collect()
 }
 
-/// Waits for a line of containerd's log (which carries the shim's) holding every one of
-/// `needles`; returns it.
-fn log_line(tb: &Testbed, needles: &[&str]) -> String {
-    kybernate_testbed::wait_for_within(
-        std::time::Duration::from_secs(10),
-        &format!("a log line with {needles:?}"),
-        || {
-            let log = std::fs::read(tb.log_path()).map(|b| String::from_utf8_lossy(&b).into_owned()).ok()?;
-            log.lines().find(|l| needles.iter().all(|n| l.contains(n))).map(str::to_string)
-        },
-    )
-}
-
 /// The host pid of the init of the running task `id`.
 fn init_pid(tb: &Testbed, id: &str) -> u32 {
     wait_for(&format!("the pid of {id}"), || task_row(tb, id).filter(|(pid, s)| *pid > 0 && s == "RUNNING")).0
@@ -179,13 +166,10 @@ fn a_privileged_checkpoint_is_refused_in_a_default_container() {
         ] {
             assert!(err.contains(excess), "{trigger}: the refusal does not name {excess:?}:\n{err}");
         }
-        let line = log_line(
-            tb,
-            &[
-                &format!("restore decision: container {restored} (pod -), checkpoint {name} ({source}): refused: "),
-                "CAP_SYS_ADMIN",
-            ],
-        );
+        let line = tb.wait_log_line(&[
+            &format!("restore decision: container {restored} (pod -), checkpoint {name} ({source}): refused: "),
+            "CAP_SYS_ADMIN",
+        ]);
         assert!(line.contains("/proc/keys is not masked"), "{line}");
     }
     let _ = tb.ctr(&["tasks", "delete", &id]);
@@ -206,8 +190,7 @@ fn a_default_checkpoint_restores_in_a_default_container() {
     assert_counter_continues(tb, &restored, at_checkpoint);
     assert_eq!(format!("{:016x}", cap_eff(init_pid(tb, &restored))), DEFAULT_CAP_EFF);
     let name = name_of(&bed, &dir);
-    log_line(
-        tb,
+    tb.wait_log_line(
         &[&format!(
             "restore decision: container {restored} (pod -), checkpoint {name} (annotation kybernate.io/restore-from): allowed: "
         )],
@@ -437,8 +420,7 @@ fn restore_from_env_is_ignored_by_default() {
     let fresh = unique_name("envoff-r");
     assert_ok(&run_env(tb, &name, &fresh, &[]), "ctr run with RESTORE_FROM");
     assert_counter_fresh(tb, &fresh, at_checkpoint);
-    log_line(
-        tb,
+    tb.wait_log_line(
         &[&format!(
             "restore decision: container {fresh} (pod -), checkpoint {name} (environment variable RESTORE_FROM): ignored ([checkpoint] allow_env_restore = false on this node): the container starts fresh"
         )],
@@ -461,8 +443,7 @@ fn allow_env_restore_and_allow_annotation_restore_switch_the_triggers() {
     let fresh = unique_name("sw-anno");
     assert_ok(&run_annotated_counter(tb, &name, &fresh, &[]), "ctr run with the annotation");
     assert_counter_fresh(tb, &fresh, at_checkpoint);
-    log_line(
-        tb,
+    tb.wait_log_line(
         &[&format!(
             "restore decision: container {fresh} (pod -), checkpoint {name} (annotation kybernate.io/restore-from): ignored ([checkpoint] allow_annotation_restore = false on this node): the container starts fresh"
         )],
@@ -473,8 +454,7 @@ fn allow_env_restore_and_allow_annotation_restore_switch_the_triggers() {
     let restored = unique_name("sw-env");
     assert_ok(&run_env(tb, &name, &restored, &[]), "restore by RESTORE_FROM");
     assert_counter_continues(tb, &restored, at_checkpoint);
-    log_line(
-        tb,
+    tb.wait_log_line(
         &[&format!(
             "restore decision: container {restored} (pod -), checkpoint {name} (environment variable RESTORE_FROM): allowed: "
         )],
@@ -528,10 +508,10 @@ fn hidden_work_directories_in_the_store_are_never_restored_from() {
                 && err.contains("not a committed checkpoint"),
             "{reference}: {err}"
         );
-        log_line(
-            tb,
-            &[&format!("restore decision: container {restored} (pod -), checkpoint {reference} "), "refused: "],
-        );
+        tb.wait_log_line(&[
+            &format!("restore decision: container {restored} (pod -), checkpoint {reference} "),
+            "refused: ",
+        ]);
     }
     // The committed checkpoint itself restores.
     let restored = unique_name("hid-ok");

@@ -26,18 +26,6 @@ fn assert_nothing_left(tb: &Testbed, id: &str) {
     let _ = tb.ctr(&["containers", "delete", id]);
 }
 
-/// The shim's log line (in containerd's log) holding every one of `needles`.
-fn log_line(tb: &Testbed, needles: &[&str]) -> String {
-    kybernate_testbed::wait_for_within(
-        std::time::Duration::from_secs(10),
-        &format!("a log line with {needles:?}"),
-        || {
-            let log = std::fs::read(tb.log_path()).map(|b| String::from_utf8_lossy(&b).into_owned()).ok()?;
-            log.lines().find(|l| needles.iter().all(|n| l.contains(n))).map(str::to_string)
-        },
-    )
-}
-
 fn refused(out: &Output) -> String {
     assert!(!out.status.success(), "the restore went ahead: {}", text(&out.stdout));
     text(&out.stderr)
@@ -97,7 +85,7 @@ fn a_checkpoint_this_node_cannot_take_is_refused_at_create_with_every_mismatch()
     }
     assert!(err.to_lowercase().contains("failed precondition") || err.contains("FailedPrecondition"), "{err}");
     assert_nothing_left(tb, &r);
-    let line = log_line(tb, &[&format!("restore {r}: verdict in "), "7 mismatch(es)"]);
+    let line = tb.wait_log_line(&[&format!("restore {r}: verdict in "), "7 mismatch(es)"]);
     eprintln!("time to verdict (the shim's log): {line}");
     // Journaled as a refused restore of its own class.
     let journal = std::fs::read_to_string(bed.store.join(".journal/attempts.jsonl")).unwrap_or_default();
@@ -113,7 +101,7 @@ fn a_checkpoint_this_node_cannot_take_is_refused_at_create_with_every_mismatch()
     let ok = unique_name("verdict-ok");
     run_restored_ok(&bed, &dir, &ok, &["--mount", &mount]);
     assert_counter_continues(tb, &ok, at_checkpoint);
-    let line = log_line(tb, &[&format!("restore {ok}: verdict in "), "0 mismatch(es)"]);
+    let line = tb.wait_log_line(&[&format!("restore {ok}: verdict in "), "0 mismatch(es)"]);
     eprintln!("time to verdict (the shim's log): {line}");
     remove(tb, &ok);
     let _ = tb.ctr(&["tasks", "delete", &id]);

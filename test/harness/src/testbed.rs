@@ -428,6 +428,15 @@ impl Testbed {
         lines[lines.len().saturating_sub(n)..].join("\n")
     }
 
+    /// Waits (up to 10 s) for a line of containerd's log, which carries the shims', holding every
+    /// one of `needles`; returns it.
+    pub fn wait_log_line(&self, needles: &[&str]) -> String {
+        crate::wait_for_within(Duration::from_secs(10), &format!("a log line with {needles:?}"), || {
+            let log = std::fs::read(&self.log).map(|b| String::from_utf8_lossy(&b).into_owned()).ok()?;
+            log.lines().find(|l| needles.iter().all(|n| l.contains(n))).map(str::to_string)
+        })
+    }
+
     /// Stops containerd (SIGTERM) and starts it again with the same config, leaving shims and
     /// containers running, as a containerd upgrade or crash would; panics if it does not come back.
     pub fn restart_containerd(&mut self) {
