@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::digest;
 use crate::manifest::Manifest;
 use crate::store::{verify_digests, verify_quick, VerifyError};
 
@@ -24,7 +25,7 @@ pub fn is_pages(rel: &str) -> bool {
 /// are left in the returned [`Deferred`], which must be verified before the restored process runs.
 pub fn verify_for_restore(dir: &Path) -> Result<(Manifest, Deferred), VerifyError> {
     let manifest = verify_quick(dir)?;
-    verify_digests(dir, &manifest, |rel| !is_pages(rel))?;
+    verify_digests(dir, &manifest, |rel| !is_pages(rel), digest::default_threads())?;
     let mut pages = manifest.clone();
     pages.files.retain(|rel, _| is_pages(rel));
     let bytes = pages.files.values().map(|e| e.size).sum();
@@ -51,12 +52,15 @@ impl Deferred {
         self.pages.files.len()
     }
 
-    /// Hashes the pages now (on every core) and compares them with the manifest.
+    /// Hashes the pages now and compares them with the manifest: on every core but one, which
+    /// CRIU's restore (single-threaded, running at the same time) needs. Measured on 2 cores: with
+    /// both, the hashing slowed CRIU's 1 GiB restore by ~140 ms (docs/benchmarks.md); one BLAKE3
+    /// thread (~4.4 GiB/s) still finishes well before CRIU has read the pages (~1.4 GiB/s).
     pub fn run(&self) -> Result<(), VerifyError> {
         if self.pages.files.is_empty() {
             return Ok(());
         }
-        verify_digests(&self.dir, &self.pages, |_| true)
+        verify_digests(&self.dir, &self.pages, |_| true, restore_threads())
     }
 
     /// Hashes the pages on a thread of their own; the handle answers when they are done. When no
@@ -71,6 +75,11 @@ impl Deferred {
         }
         pending
     }
+}
+
+/// Hashing threads beside a running CRIU restore: all cores but one, at least one.
+fn restore_threads() -> usize {
+    digest::default_threads().saturating_sub(1).max(1)
 }
 
 /// What a finished verification says.

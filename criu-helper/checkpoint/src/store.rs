@@ -688,7 +688,7 @@ fn validated(dir: &Path, manifest: Manifest, now: SystemTime) -> Result<Manifest
 /// chunk is named by its byte range).
 pub fn verify(dir: &Path) -> Result<Manifest, VerifyError> {
     let manifest = verify_quick(dir)?;
-    verify_digests(dir, &manifest, |_| true)?;
+    verify_digests(dir, &manifest, |_| true, digest::default_threads())?;
     Ok(manifest)
 }
 
@@ -698,7 +698,7 @@ pub fn verify(dir: &Path) -> Result<Manifest, VerifyError> {
 /// images) and then hands the checkpoint to the shim, whose [`verify`] hashes everything once.
 pub fn verify_metadata(dir: &Path) -> Result<Manifest, VerifyError> {
     let manifest = verify_quick(dir)?;
-    verify_digests(dir, &manifest, |rel| !is_bulk(rel))?;
+    verify_digests(dir, &manifest, |rel| !is_bulk(rel), digest::default_threads())?;
     Ok(manifest)
 }
 
@@ -708,17 +708,19 @@ fn is_bulk(rel: &str) -> bool {
     rel == ROOTFS_DIFF || (name.starts_with("pages-") && name.ends_with(".img"))
 }
 
-/// Hashes the listed files `include` selects (sizes already checked) and compares the digests.
+/// Hashes the listed files `include` selects (sizes already checked) on `threads` threads and
+/// compares the digests.
 pub(crate) fn verify_digests(
     dir: &Path,
     manifest: &Manifest,
     include: impl Fn(&str) -> bool,
+    threads: usize,
 ) -> Result<(), VerifyError> {
     let algorithm = algorithm_of(dir, manifest)?;
     let selected: Vec<(&String, &FileEntry)> = manifest.files.iter().filter(|(rel, _)| include(rel)).collect();
     let jobs: Vec<Job> = selected.iter().map(|(rel, e)| Job { path: dir.join(rel), size: Some(e.size) }).collect();
-    let hashed = digest::hash_files(&jobs, algorithm, false, digest::default_threads())
-        .map_err(|e| verify_io("read", &e.path)(e.source))?;
+    let hashed =
+        digest::hash_files(&jobs, algorithm, false, threads).map_err(|e| verify_io("read", &e.path)(e.source))?;
     for ((rel, entry), h) in selected.into_iter().zip(&hashed) {
         compare(dir, rel, entry, h, algorithm)?;
     }
