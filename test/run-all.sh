@@ -34,6 +34,11 @@ bash test/bench/shared_pid_exit.sh 5
 bash test/bench/checkpoint.sh 1 16
 bash test/bench/restore_check.sh 1 4 64
 
+section "cgroup v2: the checkpoint, restore-trust and shim-kill suites again on a v2 test bed (docs/testing.md, cgroup v2)"
+# The same tests, every test bed on the cgroup2 hierarchy (a private mount namespace on these v1 machines).
+KBT_CGROUP=v2 cargo test -p containerd-shim-kybernate-v1 \
+    --test checkpoint --test restore_security --test trust --test shim_kill
+
 section "cargo test --workspace"
 # Last, so that cargo's own summary closes the output.
 cargo test --workspace
