@@ -77,7 +77,8 @@ impl ContainerFactory<'_> {
             timeout: crate::pull::PULL_TIMEOUT,
         };
         let node = crate::restore::NodeProbe { spawner: self.spawner.as_ref(), criu: opts.criu_path.as_deref() };
-        let restore = Restoring::plan(&req.id, &req.checkpoint, &spec, config, trust, self.namespace, &puller, &node)?;
+        let mut restore =
+            Restoring::plan(&req.id, &req.checkpoint, &spec, config, trust, self.namespace, &puller, &node)?;
         let cgroups_path = spec.cgroups_path().map(str::to_string);
         let kill_all_on_exit = !spec.has_own_pid_namespace();
         let annotations = spec.annotations_only();
@@ -85,8 +86,8 @@ impl ContainerFactory<'_> {
         let mut doc = SpecDoc { value: spec.into_value(), unreadable, changed: false };
         let mut binary = decision.runtime.clone();
         let mut restore_gpu = false;
-        if let Some(r) = &restore {
-            let prepared = doc.edit().and_then(|spec| r.prepare(&req.id, spec, config));
+        if let Some(r) = &mut restore {
+            let prepared = doc.edit().and_then(|spec| r.prepare(&req.id, spec, config, bundle));
             let Prepared { runtime, gpu, spec_changed } = prepared.inspect_err(|e| r.refused(e))?;
             if let Some(recorded) = runtime.filter(|b| *b != binary) {
                 info!(

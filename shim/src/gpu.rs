@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+pub use kybernate_checkpoint::devimage::NodeSwap;
 use kybernate_gpu::cuda::{
     self, preflight::CRIU_LIBS_DIR, Chosen, CudaDriver, CudaProcess, GpuSession, HelperError, PluginReady,
     RemoteDriver, Wanted,
@@ -377,10 +378,20 @@ pub fn prepare_restore(
     spec: &mut serde_json::Value,
     record: &GpuRecord,
     cfg: &CheckpointConfig,
-) -> Result<Vec<String>, GpuError> {
+) -> Result<RestoreGpus, GpuError> {
     // Only a restore that moves CUDA state onto other GPUs asks the driver (in a helper).
     let driver_version = || Ok(start_driver(&MonitorSpawner, cfg.libcuda.as_ref())?.driver_version()?);
     prepare_restore_in(id, spec, record, cfg.allow_gpu_mismatch, &NodeRoots::of(cfg), &driver_version)
+}
+
+/// What [`prepare_restore`] decided for a restore's GPUs.
+#[derive(Debug, Default)]
+pub struct RestoreGpus {
+    /// One line per change of the spec.
+    pub changes: Vec<String>,
+    /// The recorded GPU nodes the restored `/dev` must hold as the assigned ones instead
+    /// (empty when the container was given the checkpoint's GPUs).
+    pub swaps: Vec<NodeSwap>,
 }
 
 /// [`prepare_restore`] on the node seen under `roots`.
@@ -391,7 +402,7 @@ fn prepare_restore_in(
     allow_gpu_mismatch: bool,
     roots: &NodeRoots,
     driver_version: &dyn Fn() -> Result<i32, GpuError>,
-) -> Result<Vec<String>, GpuError> {
+) -> Result<RestoreGpus, GpuError> {
     let allowed = allow_gpu_mismatch
         || spec
             .pointer(&format!("/annotations/{}", ALLOW_MISMATCH_ANNOTATION.replace('/', "~1")))
@@ -432,7 +443,25 @@ fn prepare_restore_in(
         );
     }
     log_recorded_mounts(id, record, spec);
-    Ok(changes)
+    let swaps = node_swaps(id, &pairs, &record.gpus, &node.gpus);
+    Ok(RestoreGpus { changes, swaps })
+}
+
+/// The device node swaps of `pairs`: each recorded GPU's minor (from the checkpoint's record)
+/// and its assigned GPU's (from this node's inventory). Same minors need no swap.
+fn node_swaps(id: &str, pairs: &[cuda::GpuPair], recorded: &[gpu::GpuInfo], node: &[gpu::GpuInfo]) -> Vec<NodeSwap> {
+    let minor = |gpus: &[gpu::GpuInfo], uuid: &str| gpus.iter().find(|g| g.uuid == uuid).and_then(|g| g.minor);
+    pairs
+        .iter()
+        .filter_map(|p| match (minor(recorded, &p.old), minor(node, &p.new)) {
+            (Some(recorded), Some(assigned)) => Some(NodeSwap { recorded, assigned }),
+            _ => {
+                warn!("restore {id}: {p}: no device minor known for one side; its /dev node is not replaced");
+                None
+            }
+        })
+        .filter(|s| s.recorded != s.assigned)
+        .collect()
 }
 
 /// The GPU pairs a driver-api checkpoint's CUDA state needs to reach `assigned` (the restored
@@ -676,7 +705,7 @@ mod tests {
         /// and written back only when the edit succeeded and changed it.
         fn restore(&self, record: &GpuRecord) -> Result<Vec<String>, GpuError> {
             let mut spec = self.spec();
-            let changes = prepare_restore_in("c1", &mut spec, record, false, &self.roots, &|| Ok(12080))?;
+            let changes = prepare_restore_in("c1", &mut spec, record, false, &self.roots, &|| Ok(12080))?.changes;
             if !changes.is_empty() {
                 fs::write(self.bundle.join("config.json"), serde_json::to_vec(&spec).unwrap()).unwrap();
             }
@@ -996,5 +1025,18 @@ mod tests {
         assert_eq!(out.get("GPU-b"), Some(&25));
         assert_eq!(out.get("unknown"), Some(&7));
         assert_eq!(out.get("minor-9"), Some(&3));
+    }
+
+    /// The /dev swaps of a remap: recorded minor to assigned minor by UUID; a pair between
+    /// GPUs of the same minor needs none, and one whose minor is unknown is left out.
+    #[test]
+    fn node_swaps_follow_the_pairs_by_uuid() {
+        let info = |uuid: &str, minor| gpu::GpuInfo { uuid: uuid.into(), minor, ..Default::default() };
+        let recorded = [info("GPU-a", Some(0)), info("GPU-b", Some(1)), info("GPU-c", None)];
+        let node = [info("GPU-x", Some(3)), info("GPU-y", Some(1)), info("GPU-z", Some(2))];
+        let pair = |old: &str, new: &str| cuda::GpuPair { old: old.into(), new: new.into() };
+        let pairs = [pair("GPU-a", "GPU-x"), pair("GPU-b", "GPU-y"), pair("GPU-c", "GPU-z")];
+        assert_eq!(node_swaps("c1", &pairs, &recorded, &node), [NodeSwap { recorded: 0, assigned: 3 }]);
+        assert!(node_swaps("c1", &[], &recorded, &node).is_empty());
     }
 }

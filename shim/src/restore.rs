@@ -33,6 +33,9 @@ pub const RESTORE_ENV: &str = "RESTORE_FROM";
 /// File left in containerd's checkpoint dir when the checkpoint went to `image_path` instead
 /// (see `checkpoint::write_pointer`).
 pub const POINTER_FILE: &str = "kybernate-pointer.json";
+/// The work copy of a checkpoint's images in the bundle, for a restore onto other GPUs (see
+/// [`Restoring::prepare`]): removed after the runtime restore, and with the bundle.
+pub const WORK_IMAGES_DIR: &str = "kybernate-images";
 /// CRI annotations naming the pod's Kubernetes namespace (sandbox first, as CRI sets both).
 pub(crate) const POD_NAMESPACE_ANNOTATIONS: [&str; 2] =
     ["io.kubernetes.cri.sandbox-namespace", "io.kubernetes.pod.namespace"];
@@ -47,7 +50,8 @@ type Result<T, E = CheckpointError> = std::result::Result<T, E>;
 pub struct RestorePlan {
     /// The checkpoint directory (ours: with `checkpoint/` and the manifest; or a bare image dir).
     pub dir: PathBuf,
-    /// CRIU images.
+    /// CRIU images: the verified checkpoint's, or after [`Restoring::prepare`] for a restore
+    /// onto other GPUs, the work copy in the bundle that CRIU and the credentials check read.
     pub images: PathBuf,
     /// The flags the checkpoint was taken with (restore needs the matching ones).
     pub flags: CheckpointFlags,
@@ -448,6 +452,28 @@ impl Drop for RestoreGuard<'_> {
     }
 }
 
+/// Removes the work copy of the images ([`WORK_IMAGES_DIR`]) when the restore at Start is over,
+/// restored or not: CRIU no longer needs it, and the checkpoint stays in the store.
+pub struct WorkImages(pub PathBuf);
+
+impl WorkImages {
+    /// The work copy `plan` restores from in `bundle`, if it restores from one.
+    pub fn of(plan: &RestorePlan, bundle: &Path) -> Option<Self> {
+        let work = bundle.join(WORK_IMAGES_DIR);
+        (plan.images == work).then_some(Self(work))
+    }
+}
+
+impl Drop for WorkImages {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.0) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                warn!("remove {}: {e}", self.0.display());
+            }
+        }
+    }
+}
+
 /// A restore decided at Create, carried out at Start.
 pub struct Restoring {
     pub plan: RestorePlan,
@@ -563,26 +589,46 @@ impl Restoring {
 
     /// The rest of the decision, once the checkpoint is verified: the runtime that took it, a
     /// GPU checkpoint's devices from this container's own GPU request (edited into `spec`), then
-    /// the credentials check of CRIU's images against `spec` as runc will run it. The caller
-    /// logs a refusal ([`refused`](Self::refused)).
+    /// the credentials check of CRIU's images against `spec` as runc will run it. A restore onto
+    /// other GPUs restores from a work copy of the images in `bundle` ([`WORK_IMAGES_DIR`]),
+    /// whose `/dev` holds the assigned GPUs' nodes instead of the recorded ones; the check and
+    /// CRIU see that copy. The caller logs a refusal ([`refused`](Self::refused)).
     pub fn prepare(
-        &self,
+        &mut self,
         id: &str,
         spec: &mut serde_json::Value,
         config: &CheckpointConfig,
+        bundle: &Path,
     ) -> Result<Prepared, Error> {
         let mut prepared = Prepared { runtime: self.plan.runtime_binary(id)?, ..Default::default() };
         if let Some(gpu) = self.plan.gpu() {
-            let changes = gpu::prepare_restore(id, spec, gpu, config).map_err(|source| CheckpointError::Gpu {
-                what: "restore",
-                id: id.to_string(),
-                source: Box::new(source),
-            })?;
-            for change in &changes {
+            let gpu_err =
+                |source| CheckpointError::Gpu { what: "restore", id: id.to_string(), source: Box::new(source) };
+            let gpus = gpu::prepare_restore(id, spec, gpu, config).map_err(gpu_err)?;
+            for change in &gpus.changes {
                 info!("container {id}: restore: {change}");
             }
             prepared.gpu = true;
-            prepared.spec_changed = !changes.is_empty();
+            prepared.spec_changed = !gpus.changes.is_empty();
+            if !gpus.swaps.is_empty() {
+                let work = bundle.join(WORK_IMAGES_DIR);
+                let rewritten = criu::devimage::work_copy(&self.plan.images, &work, &gpus.swaps).map_err(|e| {
+                    // Nothing half-built is left in the bundle.
+                    let _ = std::fs::remove_dir_all(&work);
+                    CheckpointError::Restore { id: id.into(), message: format!("the assigned GPUs' /dev: {e}") }
+                })?;
+                info!(
+                    "container {id}: restore: CRIU restores from {} ({rewritten} /dev image(s) with the assigned GPUs' \
+                     nodes: {})",
+                    work.display(),
+                    gpus.swaps
+                        .iter()
+                        .map(|s| format!("/dev/nvidia{} -> /dev/nvidia{}", s.recorded, s.assigned))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+                self.plan.images = work;
+            }
         }
         let summary = check_grants(id, &self.who.checkpoint, &self.plan.images, spec)?;
         self.who.log(&format!("allowed: its processes need nothing this container's spec does not grant ({summary})"));

@@ -369,6 +369,8 @@ impl Inner {
         let pid_file = c.bundle.join("init.pid");
         let mut child = Some(child);
         let mut guard = RestoreGuard { runtime: &c.runtime, id: &c.id, bundle: &c.bundle, armed: false };
+        // A restore onto other GPUs restores from a work copy in the bundle: gone afterwards.
+        let _work_images = crate::restore::WorkImages::of(plan, &c.bundle);
         let mut pid = None;
         info!("container {}: restoring from {}, steps {:?}", c.id, plan.dir.display(), plan.steps());
         for step in plan.steps() {

@@ -917,9 +917,6 @@ fn a_checkpoint_on_gpu_0_is_refused_onto_gpus_it_cannot_move_to() {
 /// container given GPU 1 by its own `NVIDIA_VISIBLE_DEVICES`; the driver gets exactly the pair
 /// GPU 0 → GPU 1 for each CUDA process, and the container GPU 1's device node and rule only.
 #[test]
-#[ignore = "known product gap: CRIU restores the container's /dev tmpfs from its image, GPU 0's node \
-            included, so the restore's credentials check refuses it (\"the checkpoint's /dev has device \
-            nodes /dev/nvidia0 (c 195:0)\"); the restore must put the assigned GPUs' nodes there instead"]
 fn a_checkpoint_on_gpu_0_restores_into_a_container_given_gpu_1() {
     let (_node, _proc, g, dir, at_checkpoint) = remap_bed("580.65.06", 13000);
     let tb = &g.bed.tb;
@@ -948,6 +945,8 @@ fn a_checkpoint_on_gpu_0_restores_into_a_container_given_gpu_1() {
     let out = tb.ctr_ok(&["tasks", "exec", "--exec-id", "dev", &r, "ls", "/dev"]);
     let nodes: Vec<&str> = out.split_whitespace().filter(|n| n.starts_with("nvidia") && *n != "nvidiactl").collect();
     assert_eq!(nodes, ["nvidia1"], "{out}");
+    // CRIU restored from a work copy of the images with GPU 1's node in /dev: gone once restored.
+    assert!(!bundle_dir(tb, &r).join("kybernate-images").exists());
     let spec: Value = serde_json::from_slice(&std::fs::read(bundle_dir(tb, &r).join("config.json")).unwrap()).unwrap();
     let cgroup = spec["linux"]["cgroupsPath"].as_str().unwrap_or_default().to_string();
     let list = Path::new("/sys/fs/cgroup/devices").join(cgroup.trim_start_matches('/')).join("devices.list");

@@ -11,6 +11,7 @@
 pub mod archive;
 pub mod criu_stats;
 pub mod deferred;
+pub mod devimage;
 pub mod digest;
 pub mod flags;
 pub mod follow;
