@@ -465,9 +465,10 @@ fn node_swaps(id: &str, pairs: &[cuda::GpuPair], recorded: &[gpu::GpuInfo], node
 }
 
 /// The GPU pairs a driver-api checkpoint's CUDA state needs to reach `assigned` (the restored
-/// container's GPUs in the node's inventory `node`), see `kybernate_gpu::gpu_pairs`. None for
-/// other modes, or where this node has no inventory to name its GPUs by; under an allowed
-/// mismatch a refusal is a warning and nothing is remapped.
+/// container's GPUs in the node's inventory `node`), see `kybernate_gpu::gpu_pairs`. None where
+/// this node has no inventory to name its GPUs by, and for a CRIU-plugin checkpoint, which is
+/// refused when it would need pairs; under an allowed mismatch a refusal is a warning and nothing
+/// is remapped.
 fn remap_pairs(
     id: &str,
     record: &GpuRecord,
@@ -475,7 +476,8 @@ fn remap_pairs(
     node: &[gpu::GpuInfo],
     allowed: bool,
 ) -> Result<Vec<cuda::GpuPair>, GpuError> {
-    if record.mode != GpuMode::DriverApi || record.processes.is_empty() {
+    let plugin = record.mode == GpuMode::CriuPlugin;
+    if !plugin && (record.mode != GpuMode::DriverApi || record.processes.is_empty()) {
         return Ok(Vec::new());
     }
     if node.is_empty() {
@@ -483,6 +485,26 @@ fn remap_pairs(
         return Ok(Vec::new());
     }
     match gpu::gpu_pairs(record, assigned) {
+        // CRIU's plugin restores through `cuda-checkpoint` without a device map (none can be passed
+        // to it yet): the state would go back to the recorded GPUs, which this container lacks.
+        Ok(pairs) if plugin && !pairs.is_empty() && !allowed => {
+            let list: Vec<String> = pairs.iter().map(ToString::to_string).collect();
+            Err(gpu::AssignmentError::RemapDriver {
+                message: format!(
+                    "this container was given other GPUs than the checkpoint used ({}): the checkpoint was taken \
+                     through CRIU's CUDA plugin, which cannot hand cuda-checkpoint a device map yet; give the \
+                     container the checkpoint's GPUs, or take checkpoints with [checkpoint] cuda = \"driver-api\"",
+                    list.join(", ")
+                ),
+            }
+            .into())
+        }
+        Ok(pairs) if plugin => {
+            if !pairs.is_empty() {
+                warn!("restore {id}: other GPUs than the checkpoint's, through CRIU's plugin (allowed: no remapping)");
+            }
+            Ok(Vec::new())
+        }
         Ok(pairs) => Ok(pairs),
         Err(e) if allowed => {
             warn!("restore {id}: {e} (allowed: restored without remapping)");
@@ -953,6 +975,16 @@ mod tests {
         let err = run(12080).unwrap_err();
         assert!(matches!(err, GpuError::Assignment(gpu::AssignmentError::RemapDriver { .. })), "{err:?}");
         assert!(err.to_string().contains("GPU-aaaa=GPU-bbbb") && err.to_string().contains("CUDA 12.8"), "{err}");
+        // Through CRIU's plugin the state cannot move (no device map reaches cuda-checkpoint): refused
+        // up front, whatever the driver.
+        let mut plugin = rec.clone();
+        plugin.mode = GpuMode::CriuPlugin;
+        let mut spec = node.spec();
+        let err = prepare_restore_in("c1", &mut spec, &plugin, false, &node.roots, &|| Ok(13000)).unwrap_err();
+        assert!(
+            err.to_string().contains("CRIU's CUDA plugin") && err.to_string().contains("GPU-aaaa=GPU-bbbb"),
+            "{err}"
+        );
         let got = run(13000).unwrap();
         assert_eq!(paths(&got, "/linux/devices", "path"), ["/dev/nvidia1", "/dev/nvidiactl"]);
         let rules: Vec<i64> = got["linux"]["resources"]["devices"]
