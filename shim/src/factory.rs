@@ -288,12 +288,10 @@ fn criu_cgroup_root_v2(
     };
     let write_err = || format!("container {id}: cannot write the CRIU config for the restore into {root}");
     let changed = crate::gpu::attach_criu_config(id, bundle, spec).map_err(Error::internal(write_err()))?;
-    let ours = bundle.join(crate::gpu::CRIU_CONFIG_FILE);
-    let named = spec.pointer("/annotations/org.criu.config").and_then(|v| v.as_str());
-    if named != Some(ours.to_string_lossy().as_ref()) {
+    let Some(ours) = crate::gpu::own_criu_config(bundle, spec) else {
         warn!("container {id}: keeps its own CRIU config: on cgroup v2 its processes are restored into the cgroup they were dumped from unless it sets cgroup-root {root}");
         return Ok(changed);
-    }
+    };
     let mut f = std::fs::OpenOptions::new().append(true).open(&ours).map_err(Error::internal(write_err()))?;
     // `:` names the v2 hierarchy alone (CRIU calls it ""): the v1 hierarchies of a hybrid host
     // keep the paths CRIU dumped.

@@ -308,13 +308,12 @@ fn declare_external_mounts(
         .unwrap_or_default();
     let outside: Vec<&str> =
         devices.mounts.iter().map(|m| m.destination.as_str()).filter(|d| !in_spec.contains(d)).collect();
-    let ours = bundle.join(CRIU_CONFIG_FILE);
-    if annotation(spec, CRIU_CONFIG_ANNOTATION).as_deref() != Some(ours.to_string_lossy().as_ref()) {
+    let Some(ours) = own_criu_config(bundle, spec) else {
         if !outside.is_empty() {
             warn!("container {id}: driver mounts outside the spec ({}) cannot be declared to CRIU: the container has its own CRIU config", outside.join(", "));
         }
         return Ok(());
-    }
+    };
     let mut text = String::from("# Written by containerd-shim-kybernate-v1: driver mounts made outside the spec.\n");
     for dest in &outside {
         text.push_str(&format!("external mnt[{dest}]:{dest}\n"));
@@ -323,6 +322,13 @@ fn declare_external_mounts(
         info!("container {id}: driver mounts declared to CRIU as external: {}", outside.join(", "));
     }
     write_file(&ours, text.as_bytes())
+}
+
+/// Our CRIU config file in `bundle` when the spec's `org.criu.config` names it ([`attach_criu_config`]);
+/// `None` when the container brings its own (or none is attached).
+pub fn own_criu_config(bundle: &Path, spec: &serde_json::Value) -> Option<PathBuf> {
+    let ours = bundle.join(CRIU_CONFIG_FILE);
+    (annotation(spec, CRIU_CONFIG_ANNOTATION).as_deref() == Some(ours.to_string_lossy().as_ref())).then_some(ours)
 }
 
 fn annotation(spec: &serde_json::Value, key: &str) -> Option<String> {
