@@ -298,7 +298,9 @@ impl CheckpointError {
                 | CheckpointError::Incompatible { .. }
         ) || matches!(self, CheckpointError::Store { source, .. } if matches!(**source, criu::StoreError::NotFound { .. }))
             || matches!(self, CheckpointError::Gpu { source, .. }
-                if matches!(**source, GpuError::Mode(_) | GpuError::Mismatch(_) | GpuError::Cdi(_) | GpuError::Assignment(_)))
+                if matches!(**source, GpuError::Mode(_) | GpuError::Mismatch(_) | GpuError::Cdi(_) | GpuError::Assignment(_))
+                    // The driver cannot checkpoint this job (CUDA IPC, UVM, MPS): retrying cannot help.
+                    || matches!(&**source, GpuError::Step(s) if s.is_unsupported()))
     }
 }
 

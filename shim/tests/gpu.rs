@@ -19,7 +19,8 @@ use std::path::{Path, PathBuf};
 use containerd_shim_protos::shim::oci::CheckpointOptions;
 use containerd_shim_protos::ttrpc::Code;
 use kybernate_testbed::fakes::{
-    cuda_worker_sh, nvidia_device_node, nvidia_gpu_node, FakeCall, FakeCuda, FakeGpu, FakeNvidiaProc, CUDA_MARK,
+    cuda_worker_sh, nvidia_device_node, nvidia_gpu_node, FakeCall, FakeCuda, FakeGpu, FakeNvidiaProc, CUDA_IPC_MARK,
+    CUDA_MARK,
 };
 use kybernate_testbed::{unique_name, IMAGE};
 use serde_json::Value;
@@ -955,4 +956,265 @@ fn a_checkpoint_on_gpu_0_restores_into_a_container_given_gpu_1() {
         assert!(!list.lines().any(|l| l.starts_with("c 195:0 ")), "devices.list: {list}");
     }
     remove(tb, &r);
+}
+
+/// GPU 2 and GPU 3 of the four-GPU node.
+const GPU2: &str = "GPU-3c9d1e47-8a2b-4f60-b5d3-6e0a9f1c7b24";
+const GPU3: &str = "GPU-e15b7a80-4c3f-49d2-a8e6-27f0d3b91c5a";
+/// Device memory of each multi-GPU worker per GPU (`FAKE_CUDA_BYTES`).
+const WORKER_BYTES: u64 = 1 << 20;
+
+/// A node with four H100s at driver r580 (minors 0–3: device nodes 195:N, CDI devices "N", the
+/// fake driver's GPU list), whose GPU runtime gives a new container GPUs 0 and 1.
+fn four_gpu_bed() -> (tempfile::TempDir, FakeNvidiaProc, GpuBed) {
+    let node = kybernate_testbed::scratch_dir().expect("scratch dir");
+    let proc = FakeNvidiaProc::create(&node.path().join("driver"));
+    let uuids = [GPU0, GPU1, GPU2, GPU3];
+    let gpus: Vec<FakeGpu> = uuids
+        .iter()
+        .enumerate()
+        .map(|(i, uuid)| FakeGpu {
+            model: H100.into(),
+            uuid: (*uuid).into(),
+            bus_id: format!("0000:{:02x}:00.0", 0x18 + 0x12 * i),
+            minor: i as u32,
+        })
+        .collect();
+    proc.set_version("580.65.06");
+    proc.set_gpus(&gpus, "580.65.06");
+    let g = gpu_bed_with("cuda = \"driver-api\"\n", false, |b| b.bind_over("/proc/driver", &proc.dir));
+    g.cuda.set_gpus(&uuids.map(|u| (u, H100)));
+    g.cuda.set_driver_version(13000);
+    let mut hosts = vec![(0, g.device.clone())];
+    for minor in 1..4 {
+        hosts.push((minor, nvidia_gpu_node(&node.path().join(format!("dev/nvidia{minor}")), minor)));
+    }
+    let cdi: Vec<(u32, &Path)> = hosts.iter().map(|(m, p)| (*m, p.as_path())).collect();
+    write_cdi_spec(&g.cdi, &cdi, &g.driver);
+    let node_for = |minor: u32| {
+        serde_json::json!({"path": format!("/dev/nvidia{minor}"), "type": "c", "major": 195, "minor": minor,
+                           "fileMode": 438, "uid": 0, "gid": 0})
+    };
+    let rule =
+        |minor: u32| serde_json::json!({"allow": true, "type": "c", "major": 195, "minor": minor, "access": "rwm"});
+    let edits = serde_json::json!({
+        "devices": [node_for(0), node_for(1),
+            {"path": "/dev/nvidiactl", "type": "c", "major": 1, "minor": 3, "fileMode": 438, "uid": 0, "gid": 0}],
+        "rules": [rule(0), rule(1)],
+        "mounts": [{"destination": DRIVER_MOUNT, "type": "bind", "source": g.driver, "options": ["rbind", "ro", "nosuid", "nodev"]}]
+    });
+    std::fs::write(g.nvidia.join("edits.json"), edits.to_string()).unwrap();
+    (node, proc, g)
+}
+
+/// The counter beside a tensor-parallel job on GPUs 0 and 1: a CUDA process per GPU (sleep
+/// 100010 on GPU 0, 100011 on GPU 1), one on both (100012), each holding
+/// [`WORKER_BYTES`] per GPU, and a worker holding `/dev/nvidiactl` without CUDA (100013).
+fn multi_gpu_job() -> String {
+    let bytes = format!("FAKE_CUDA_BYTES={WORKER_BYTES}");
+    format!(
+        "{} {} {} sleep 100013 </dev/nvidiactl & i=0; while true; do i=$((i+1)); echo $i > /tmp/counter.new; \
+         mv /tmp/counter.new /tmp/counter; usleep 100000; done",
+        cuda_worker_sh(100010, &["FAKE_CUDA_GPUS=0", &bytes]),
+        cuda_worker_sh(100011, &["FAKE_CUDA_GPUS=1", &bytes]),
+        cuda_worker_sh(100012, &["FAKE_CUDA_GPUS=0,1", &bytes]),
+    )
+}
+
+/// The host pids of a multi-GPU job's workers by their `sleep` argument, once all four run.
+fn job_workers(g: &GpuBed, id: &str) -> std::collections::BTreeMap<u32, i32> {
+    wait_for("the multi-GPU job's workers", || {
+        let workers: std::collections::BTreeMap<u32, i32> = task_pids(g, id)
+            .into_iter()
+            .filter(|&p| holds_nvidiactl(p))
+            .filter_map(|p| {
+                let cmdline = std::fs::read(format!("/proc/{p}/cmdline")).ok()?;
+                let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+                let seconds: u32 = std::str::from_utf8(args.get(1)?).ok()?.parse().ok()?;
+                (args.first()?.ends_with(b"sleep") && (100010..=100013).contains(&seconds)).then_some((seconds, p))
+            })
+            .collect();
+        let marked = workers.iter().filter(|(s, p)| (**s == 100013) != is_cuda(**p)).count();
+        (workers.len() == 4 && marked == 4).then_some(workers)
+    })
+}
+
+/// One restore of the multi-GPU checkpoint into a container given `visible`, whose GPUs (in
+/// minor order) are `assigned`: the recorded GPUs 0 and 1 are paired with them in minor order,
+/// whatever the order of `NVIDIA_VISIBLE_DEVICES`. Every CUDA process is restored exactly once
+/// with the whole map (none holds a `/dev/nvidiaN`, so its context may span both GPUs), its
+/// state ends up on the assigned GPUs its own GPUs map to, the container sees exactly the
+/// assigned GPUs' nodes and rules, and the work copy of the images is gone.
+fn restore_multi_gpu(g: &GpuBed, dir: &Path, at_checkpoint: u64, visible: &str, assigned: [(u32, &str); 2]) {
+    let tb = &g.bed.tb;
+    let before = g.cuda.calls().len();
+    let r = unique_name("gpu-multi-r");
+    run_restored_ok(&g.bed, dir, &r, &["--env", &format!("NVIDIA_VISIBLE_DEVICES={visible}")]);
+    assert_counter_continues(tb, &r, at_checkpoint);
+    let workers = job_workers(g, &r);
+    let calls = g.cuda.calls()[before..].to_vec();
+    let pairs = format!("pairs={GPU0}>{},{GPU1}>{}", assigned[0].1, assigned[1].1);
+    let onto: std::collections::BTreeMap<u32, Vec<&str>> =
+        [(100010, vec![assigned[0].1]), (100011, vec![assigned[1].1]), (100012, vec![assigned[0].1, assigned[1].1])]
+            .into();
+    for (seconds, want) in &onto {
+        let pid = workers[seconds];
+        let restore = calls_of(&calls, "cuCheckpointProcessRestore", pid);
+        let unlock = calls_of(&calls, "cuCheckpointProcessUnlock", pid);
+        assert!(restore.len() == 1 && unlock.len() == 1 && restore[0] < unlock[0], "{visible}: {pid}: {calls:?}");
+        assert_eq!(calls[restore[0]].extra.as_deref(), Some(pairs.as_str()), "{visible}: {pid}: {calls:?}");
+        assert_eq!(g.cuda.gpus_of_pid(pid).unwrap_or_default(), *want, "{visible}: sleep {seconds} (pid {pid})");
+        assert_eq!(g.cuda.state_of_pid(pid).as_deref(), Some("running"), "{visible}: pid {pid}");
+    }
+    let restores = calls.iter().filter(|c| c.function == "cuCheckpointProcessRestore").count();
+    assert_eq!(restores, 3, "{visible}: one restore per CUDA process: {calls:?}");
+    // The worker without CUDA was restored by CRIU and left alone by the driver helper.
+    let worker = workers[&100013];
+    assert!(!calls.iter().any(|c| c.pid == worker), "{calls:?}");
+
+    let (mut devices, rules) = spec_gpu_access(g, &r);
+    devices.sort();
+    let want: Vec<(String, i64)> = assigned.iter().map(|(m, _)| (format!("/dev/nvidia{m}"), i64::from(*m))).collect();
+    assert_eq!(devices, want, "{visible}: {rules:?}");
+    let mut rule_minors: Vec<i64> = rules.iter().filter_map(|r| r["minor"].as_i64()).collect();
+    rule_minors.sort();
+    rule_minors.dedup();
+    assert_eq!(rule_minors, want.iter().map(|(_, m)| *m).collect::<Vec<_>>(), "{visible}: {rules:?}");
+    let out = tb.ctr_ok(&["tasks", "exec", "--exec-id", "dev", &r, "ls", "/dev"]);
+    let mut nodes: Vec<&str> =
+        out.split_whitespace().filter(|n| n.starts_with("nvidia") && *n != "nvidiactl").collect();
+    nodes.sort();
+    let want_nodes: Vec<String> = assigned.iter().map(|(m, _)| format!("nvidia{m}")).collect();
+    assert_eq!(nodes, want_nodes, "{visible}: {out}");
+    assert!(!bundle_dir(tb, &r).join("kybernate-images").exists(), "{visible}: the work copy is left");
+    // On cgroup v1 the devices cgroup shows the rules runc applied: the assigned GPUs' only.
+    let spec: Value = serde_json::from_slice(&std::fs::read(bundle_dir(tb, &r).join("config.json")).unwrap()).unwrap();
+    let cgroup = spec["linux"]["cgroupsPath"].as_str().unwrap_or_default().to_string();
+    let list = Path::new("/sys/fs/cgroup/devices").join(cgroup.trim_start_matches('/')).join("devices.list");
+    if let Ok(list) = std::fs::read_to_string(&list) {
+        for minor in 0..4 {
+            let given = assigned.iter().any(|(m, _)| *m == minor);
+            let has = list.lines().any(|l| l.starts_with(&format!("c 195:{minor} ")));
+            assert_eq!(has, given, "{visible}: 195:{minor} in devices.list: {list}");
+        }
+    }
+    remove(tb, &r);
+}
+
+/// Issue 26's multi-GPU remap end to end: a container given GPUs 0 and 1 runs a CUDA process per
+/// GPU, one on both, and a worker without CUDA; checkpointed with exit, it restores into a
+/// container given GPUs 3 and 2 (listed in that order) and into one given GPUs 1 and 2, which
+/// overlaps the recorded ones (recorded nvidia0 → nvidia1 while nvidia1 → nvidia2).
+#[test]
+fn a_multi_gpu_job_restores_onto_other_and_overlapping_gpus() {
+    let (_node, _proc, g) = four_gpu_bed();
+    let tb = &g.bed.tb;
+    let id = unique_name("gpu-multi");
+    let device = g.device.display().to_string();
+    tb.ctr_ok(&["run", "-d", "--runtime", RUNTIME, "--device", &device, IMAGE, &id, "sh", "-c", &multi_gpu_job()]);
+    let workers = job_workers(&g, &id);
+    let (dir, at_checkpoint) = store_checkpoint(&g.bed, &id, true);
+
+    // Every CUDA process locked before any was checkpointed; each moved its bytes per GPU.
+    let calls = g.cuda.calls();
+    let last_lock = calls.iter().rposition(|c| c.function == "cuCheckpointProcessLock").unwrap();
+    let first_checkpoint = calls.iter().position(|c| c.function == "cuCheckpointProcessCheckpoint").unwrap();
+    assert!(last_lock < first_checkpoint, "all locked before any checkpoint: {calls:?}");
+    for (seconds, gpus) in [(100010, 1), (100011, 1), (100012, 2)] {
+        let pid = workers[&seconds];
+        let checkpoint = calls_of(&calls, "cuCheckpointProcessCheckpoint", pid);
+        assert_eq!(checkpoint.len(), 1, "{calls:?}");
+        let moved = format!("bytes={}", WORKER_BYTES * gpus);
+        assert_eq!(calls[checkpoint[0]].extra.as_deref(), Some(moved.as_str()), "sleep {seconds}: {calls:?}");
+    }
+    let m = manifest(&dir);
+    let gpu = &m["gpu"];
+    let mut recorded: Vec<i64> =
+        gpu["processes"].as_array().unwrap().iter().map(|p| p["pid"].as_i64().unwrap()).collect();
+    recorded.sort();
+    let mut want: Vec<i64> = [100010, 100011, 100012].iter().map(|s| i64::from(workers[s])).collect();
+    want.sort();
+    assert_eq!(recorded, want, "{m}");
+    assert_eq!(gpu["skipped"].as_array().map(|s| s.len()), Some(1), "{m}");
+    assert_eq!(gpu["skipped"][0]["pid"], workers[&100013], "{m}");
+    let uuids: Vec<&str> = gpu["gpus"].as_array().unwrap().iter().filter_map(|x| x["uuid"].as_str()).collect();
+    assert_eq!(uuids, [GPU0, GPU1, GPU2, GPU3], "{m}");
+    // Bytes per GPU are what the processes' resident memory grew by (the real driver stages
+    // device memory there), split over the GPUs each held open; the fake cannot grow another
+    // process's memory, so here they sum to the (zero) total — consistent, not a measurement.
+    let per_gpu: u64 =
+        gpu["bytes_per_gpu"].as_object().expect("bytes_per_gpu").values().filter_map(Value::as_u64).sum();
+    assert_eq!(per_gpu, gpu["bytes_total"].as_u64().unwrap_or(0), "{m}");
+    let mut used: Vec<i64> = gpu["devices"]["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["major"] == 195)
+        .filter_map(|d| d["minor"].as_i64())
+        .collect();
+    used.sort();
+    used.dedup();
+    assert_eq!(used, [0, 1], "{m}");
+
+    restore_multi_gpu(&g, &dir, at_checkpoint, "3,2", [(2, GPU2), (3, GPU3)]);
+    restore_multi_gpu(&g, &dir, at_checkpoint, "1,2", [(1, GPU1), (2, GPU2)]);
+    let _ = tb.ctr(&["tasks", "delete", &id]);
+    let _ = tb.ctr(&["containers", "delete", &id]);
+}
+
+/// A CUDA process holding CUDA IPC memory: the driver locks it, then answers
+/// CUDA_ERROR_NOT_SUPPORTED to its checkpoint (no trace in /proc tells before). The checkpoint
+/// fails naming the process and the likely causes; every process is unlocked and running (as
+/// the driver says), no checkpoint is left in the store, and the container runs on.
+#[test]
+fn a_cuda_ipc_process_fails_the_checkpoint_with_the_reason_and_nothing_stays_locked() {
+    let g = gpu_bed("cuda = \"driver-api\"\n");
+    let id = unique_name("gpu-ipc");
+    let device = g.device.display().to_string();
+    let script = format!(
+        "{} i=0; while true; do i=$((i+1)); echo $i > /tmp/counter.new; mv /tmp/counter.new /tmp/counter; \
+         usleep 100000; done",
+        [cuda_worker_sh(100020, &[CUDA_IPC_MARK]), cuda_worker_sh(100021, &[])].join(" ")
+    );
+    g.bed.tb.ctr_ok(&["run", "-d", "--runtime", RUNTIME, "--device", &device, IMAGE, &id, "sh", "-c", &script]);
+    let pids = wait_for("the IPC job's CUDA processes", || {
+        let pids: Vec<i32> = task_pids(&g, &id).into_iter().filter(|&p| holds_nvidiactl(p) && is_cuda(p)).collect();
+        (pids.len() == 2).then_some(pids)
+    });
+    let ipc = *pids
+        .iter()
+        .find(|&&p| {
+            std::fs::read(format!("/proc/{p}/environ"))
+                .is_ok_and(|e| e.split(|&b| b == 0).any(|v| v == CUDA_IPC_MARK.as_bytes()))
+        })
+        .expect("the IPC process");
+    wait_counter(&g.bed.tb, &id, 3);
+
+    let (code, message, target) = failing_checkpoint(&g, &id);
+    // Retrying cannot help: a precondition of the job, not a transient failure.
+    assert_eq!(code, Code::FAILED_PRECONDITION, "{message}");
+    let named =
+        format!("the driver does not support checkpointing the CUDA state of pid {ipc} (ns pid {})", ns_pid(ipc));
+    for want in [
+        "cuCheckpointProcessCheckpoint",
+        "CUDA_ERROR_NOT_SUPPORTED (801)",
+        named.as_str(),
+        "CUDA IPC memory",
+        "UVM (managed) memory",
+        "MPS",
+        "nothing was left locked",
+    ] {
+        assert!(message.contains(want), "want {want:?} in: {message}");
+    }
+    // Both were locked; the IPC one failed its checkpoint and was unlocked as the driver left it
+    // (locked), the other one's checkpoint, if it ran, was restored.
+    let calls = g.cuda.calls();
+    let refused = calls_of(&calls, "cuCheckpointProcessCheckpoint", ipc);
+    assert!(refused.len() == 1 && calls[refused[0]].code == 801, "{calls:?}");
+    for &pid in &pids {
+        assert_eq!(g.cuda.state_of_pid(pid).as_deref(), Some("running"), "pid {pid}: {calls:?}");
+    }
+    assert!(!calls.iter().any(|c| c.function == "criu"), "CRIU ran: {calls:?}");
+    assert_nothing_left_locked(&g, &id, &pids, &target);
+    remove(&g.bed.tb, &id);
 }

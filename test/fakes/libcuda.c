@@ -14,6 +14,11 @@
  *   CUDA_ERROR_INVALID_VALUE (1): CRIU's plugin and NVIDIA's tools skip processes on either.
  *   FAKE_CUDA_GPUS=<index|uuid>,... names the GPUs it uses (default: the first in `gpus`);
  *   FAKE_CUDA_BYTES=<n> the device memory it holds per GPU (default 0).
+ * - A process marked FAKE_CUDA_IPC=1 holds CUDA IPC memory, which the driver's checkpoint does
+ *   not support (NVIDIA/cuda-checkpoint README, "does not support UVM or IPC memory"): it locks
+ *   and unlocks, but cuCheckpointProcessCheckpoint answers CUDA_ERROR_NOT_SUPPORTED (801) and
+ *   leaves it LOCKED, as a real driver does for a checkpoint it cannot do
+ *   (NVIDIA/cuda-checkpoint#51: lock 0, checkpoint 801, unlock 0).
  * - The restore thread id is a thread of the process (its highest-numbered task).
  * - Lock honours timeoutMs: a process busy for N ms (`delay lock`) fails a lock with a smaller
  *   non-zero timeout with CUDA_ERROR_TIMEOUT after that timeout. Frozen threads (State t/T in
@@ -29,7 +34,8 @@
  *   reported CHECKPOINTED, every later restore fails with CUDA_ERROR_OPERATING_SYSTEM (304)).
  * - Restore with GPU pairs (CUDA 13.0's CUcheckpointRestoreArgs) needs driver_version >= 13000
  *   (before, those bytes are reserved and must be zero: CUDA_ERROR_INVALID_VALUE). Every GPU the
- *   process holds must be mapped exactly once, onto a GPU of `gpus` of the same model; the
+ *   process holds must be mapped, each GPU at most once, onto a GPU of `gpus` of the same model
+ *   (pairs for GPUs it does not hold are allowed, as one map for a whole process tree); the
  *   process's state then lives on the new GPUs.
  *
  * Every file lives next to the loaded .so (found with dladdr), so each test builds its own fake
@@ -37,14 +43,16 @@
  *   calls.log       one line per call, "<function> <pid> <result> [extra]", appended with a
  *                   single write() on an O_APPEND fd (several processes log at once); a call
  *                   that takes time also logs "<function>.begin <pid> 0" when it starts
- *   state           "<key> <start> <state> <dumped> <gpus> <moved>" lines, shared by every
- *                   process using this fake and guarded by flock. A process is its key, the
+ *   state           "<key> <start> <state> <dumped> <gpus> <moved> <dumped gpus>" lines, shared
+ *                   by every process using this fake and guarded by flock. A process is its key, the
  *                   innermost pid from /proc/<pid>/status (NStgid:, else NSpid:; a thread id maps
  *                   to its process), plus its start time (/proc/<tgid>/stat): CRIU restores a
  *                   container with the same in-namespace pids under new host pids. A process
  *                   never seen before whose key belongs to a process that was once checkpointed
- *                   (dumped = 1) is a restored copy of it and starts out checkpointed (with its
- *                   GPUs and bytes); any other unknown process is running.
+ *                   (dumped = 1) is a restored copy of it and starts out checkpointed, with its
+ *                   bytes and the GPUs it had when checkpointed (<dumped gpus>: one checkpoint
+ *                   can be restored several times, onto other GPUs each time); any other
+ *                   unknown process is running.
  *   fail            re-read on every call: "<step> [<pid>|*] [<code> [<then-state>]]" lines; step
  *                   one of init, driver_version, lock, checkpoint, restore, remap (a restore
  *                   with GPU pairs), unlock, get_state, restore_tid; no pid or * = every pid (a
@@ -396,6 +404,7 @@ static int process_key(int pid, unsigned long long *start, int *tgid_out)
 /* What the process's environment says about its CUDA use. */
 struct cuda_env {
     int marked;
+    int ipc; /* FAKE_CUDA_IPC=1: holds CUDA IPC memory */
     char gpus[512];
     unsigned long long bytes_per_gpu;
 };
@@ -421,6 +430,8 @@ static void read_env(int tgid, struct cuda_env *env)
     for (char *e = buf; e < buf + n; e += strlen(e) + 1) {
         if (strcmp(e, "FAKE_CUDA_CONTEXT=1") == 0)
             env->marked = 1;
+        else if (strcmp(e, "FAKE_CUDA_IPC=1") == 0)
+            env->ipc = 1;
         else if (strncmp(e, "FAKE_CUDA_GPUS=", 15) == 0)
             snprintf(env->gpus, sizeof env->gpus, "%s", e + 15);
         else if (strncmp(e, "FAKE_CUDA_BYTES=", 16) == 0)
@@ -543,6 +554,7 @@ struct record {
     int dumped;
     char gpus[1024];
     unsigned long long moved;
+    char dumped_gpus[1024]; /* its GPUs when it was last checkpointed ("-": never) */
 };
 
 /* Opens and flocks the state file. */
@@ -586,7 +598,9 @@ static int parse_record(const char *line, struct record *r)
     char word[32];
     memset(r, 0, sizeof *r);
     snprintf(r->gpus, sizeof r->gpus, "-");
-    int n = sscanf(line, "%d %llu %31s %d %1023s %llu", &r->key, &r->start, word, &r->dumped, r->gpus, &r->moved);
+    snprintf(r->dumped_gpus, sizeof r->dumped_gpus, "-");
+    int n = sscanf(line, "%d %llu %31s %d %1023s %llu %1023s", &r->key, &r->start, word, &r->dumped, r->gpus,
+                   &r->moved, r->dumped_gpus);
     if (n < 4)
         return -1;
     r->state = state_from_word(word);
@@ -623,6 +637,9 @@ static void state_lookup(const char *text, int key, unsigned long long start, co
         out->start = start;
         out->state = CU_PROCESS_STATE_CHECKPOINTED;
         out->dumped = 1;
+        /* The GPUs its checkpoint was taken on, not those an earlier restored copy moved to. */
+        if (out->dumped_gpus[0] != '\0' && strcmp(out->dumped_gpus, "-") != 0)
+            snprintf(out->gpus, sizeof out->gpus, "%s", out->dumped_gpus);
         return;
     }
     memset(out, 0, sizeof *out);
@@ -635,7 +652,7 @@ static void state_lookup(const char *text, int key, unsigned long long start, co
 /* Rewrites the state file with `rec`; returns 0 on success. */
 static int state_store(int fd, const char *text, const struct record *rec)
 {
-    size_t cap = strlen(text) + sizeof rec->gpus + 128;
+    size_t cap = strlen(text) + sizeof rec->gpus + sizeof rec->dumped_gpus + 128;
     char *out = malloc(cap);
     if (out == NULL)
         return -1;
@@ -653,9 +670,12 @@ static int state_store(int fd, const char *text, const struct record *rec)
         }
         line = next != NULL ? next + 1 : NULL;
     }
-    int dumped = rec->dumped || rec->state == CU_PROCESS_STATE_CHECKPOINTED || rec->state == STATE_STUCK;
-    len += (size_t)snprintf(out + len, cap - len, "%d %llu %s %d %s %llu\n", rec->key, rec->start,
-                            state_words[rec->state], dumped, rec->gpus[0] ? rec->gpus : "-", rec->moved);
+    int now_dumped = rec->state == CU_PROCESS_STATE_CHECKPOINTED || rec->state == STATE_STUCK;
+    int dumped = rec->dumped || now_dumped;
+    const char *gpus = rec->gpus[0] ? rec->gpus : "-";
+    const char *dumped_gpus = now_dumped ? gpus : rec->dumped_gpus[0] ? rec->dumped_gpus : "-";
+    len += (size_t)snprintf(out + len, cap - len, "%d %llu %s %d %s %llu %s\n", rec->key, rec->start,
+                            state_words[rec->state], dumped, gpus, rec->moved, dumped_gpus);
     int rc = (ftruncate(fd, 0) == 0 && pwrite(fd, out, len, 0) == (ssize_t)len) ? 0 : -1;
     free(out);
     return rc;
@@ -750,38 +770,46 @@ static CUresult step_update(struct record *rec, void *arg)
     return CUDA_SUCCESS;
 }
 
-/* A restore's GPU pairs against the process's GPUs and the node's: 0 or the driver's error. */
+/*
+ * A restore's GPU pairs against the process's GPUs and the node's: 0 or the driver's error.
+ * Like the driver ("must contain all checkpointed devices": cuda-checkpoint --device-map), every
+ * GPU the process holds must be mapped; the map may name more GPUs (CRIU's plugin hands every
+ * process of a tree the same map: checkpoint-restore/criu#2836), each checked like the others.
+ */
 static CUresult check_pairs(const struct record *rec, struct step_args *a, char *out_gpus, size_t size)
 {
+    for (int i = 0; i < a->pairs; i++) {
+        char u_old[128], m_old[256], u_new[128], m_new[256];
+        for (int j = 0; j < i; j++) {
+            if (strcasecmp(a->pairs_old[j], a->pairs_old[i]) == 0)
+                return CUDA_ERROR_INVALID_VALUE; /* mapped twice */
+            if (strcasecmp(a->pairs_new[j], a->pairs_new[i]) == 0)
+                return CUDA_ERROR_INVALID_VALUE; /* two GPUs onto one */
+        }
+        if (gpu_lookup(a->pairs_old[i], u_old, sizeof u_old, m_old, sizeof m_old) != 0)
+            return CUDA_ERROR_INVALID_DEVICE;
+        if (gpu_lookup(a->pairs_new[i], u_new, sizeof u_new, m_new, sizeof m_new) != 0)
+            return CUDA_ERROR_INVALID_DEVICE; /* no such target GPU */
+        if (strcmp(m_old, m_new) != 0)
+            return CUDA_ERROR_INVALID_DEVICE; /* another chip: the driver restores onto the same model only */
+    }
     char held[1024];
     snprintf(held, sizeof held, "%s", rec->gpus);
-    int n_held = gpu_count(held);
-    if (a->pairs != n_held)
-        return CUDA_ERROR_INVALID_VALUE;
     out_gpus[0] = '\0';
     size_t len = 0;
     char *save = NULL;
     for (char *g = strtok_r(held, ",", &save); g != NULL; g = strtok_r(NULL, ",", &save)) {
+        if (strcmp(g, "-") == 0)
+            continue;
         int match = -1;
-        for (int i = 0; i < a->pairs; i++) {
-            if (strcasecmp(a->pairs_old[i], g) == 0) {
-                if (match >= 0)
-                    return CUDA_ERROR_INVALID_VALUE; /* mapped twice */
+        for (int i = 0; i < a->pairs && match < 0; i++)
+            if (strcasecmp(a->pairs_old[i], g) == 0)
                 match = i;
-            }
-        }
         if (match < 0)
             return CUDA_ERROR_INVALID_VALUE; /* a GPU of the process left unmapped */
-        char u_old[128], m_old[256], u_new[128], m_new[256];
-        if (gpu_lookup(g, u_old, sizeof u_old, m_old, sizeof m_old) != 0)
-            return CUDA_ERROR_INVALID_DEVICE;
+        char u_new[128], m_new[256];
         if (gpu_lookup(a->pairs_new[match], u_new, sizeof u_new, m_new, sizeof m_new) != 0)
-            return CUDA_ERROR_INVALID_DEVICE; /* no such target GPU */
-        if (strcmp(m_old, m_new) != 0)
-            return CUDA_ERROR_INVALID_DEVICE; /* another chip: the driver restores onto the same model only */
-        for (int j = 0; j < a->pairs; j++)
-            if (j != match && strcasecmp(a->pairs_new[j], a->pairs_new[match]) == 0)
-                return CUDA_ERROR_INVALID_VALUE; /* two GPUs onto one */
+            return CUDA_ERROR_INVALID_DEVICE;
         int w = snprintf(out_gpus + len, size - len, "%s%s", len > 0 ? "," : "", u_new);
         if (w < 0 || (size_t)w >= size - len)
             return CUDA_ERROR_UNKNOWN;
@@ -963,11 +991,15 @@ EXPORT CUresult cuCheckpointProcessCheckpoint(int pid, CUcheckpointCheckpointArg
     CUresult r = find_target(pid, &t);
     if (r == CUDA_SUCCESS)
         r = inject(&t, "checkpoint");
+    struct record rec;
+    /* IPC memory: refused once locked (before that, the state check answers), state unchanged. */
+    if (r == CUDA_SUCCESS && t.env.ipc && with_record(&t, LOCK_SH, NULL, NULL, &rec) == CUDA_SUCCESS &&
+        rec.state == CU_PROCESS_STATE_LOCKED)
+        return done(fn, pid, CUDA_ERROR_NOT_SUPPORTED, "cuda-ipc");
     if (r == CUDA_SUCCESS)
         r = slow_step(&t, fn, "checkpoint", CU_PROCESS_STATE_LOCKED, CU_PROCESS_STATE_CHECKPOINTING);
     if (r != CUDA_SUCCESS)
         return done(fn, pid, r, NULL);
-    struct record rec;
     with_record(&t, LOCK_SH, NULL, NULL, &rec);
     struct step_args a = { .from = CU_PROCESS_STATE_LOCKED, .to = CU_PROCESS_STATE_CHECKPOINTED };
     a.moved = t.env.bytes_per_gpu * (unsigned long long)gpu_count(rec.gpus);

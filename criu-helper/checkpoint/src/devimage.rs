@@ -42,6 +42,13 @@ pub enum DevImageError {
     MissingNode { images: PathBuf, missing: Vec<u32>, unreadable: Vec<String> },
     #[error("{file}: {reason}")]
     Unsupported { file: PathBuf, reason: String },
+    /// An assigned GPU's node is in the checkpoint's `/dev` and stays there (it is not itself a
+    /// recorded node being replaced): two nodes would have one name.
+    #[error(
+        "{file}: {name} would be there twice (an assigned GPU's node is already in the checkpoint's /dev and is not \
+         itself replaced)"
+    )]
+    Conflict { file: PathBuf, name: String },
 }
 
 type Result<T> = std::result::Result<T, DevImageError>;
@@ -87,7 +94,8 @@ pub fn work_copy(images: &Path, work: &Path, swaps: &[NodeSwap]) -> Result<usize
                     continue;
                 }
                 Ok(_) => {}
-                Err(e @ DevImageError::Io { .. }) => return Err(e),
+                // The /dev with the recorded nodes, which cannot take the assigned ones.
+                Err(e @ (DevImageError::Io { .. } | DevImageError::Conflict { .. })) => return Err(e),
                 // Another tmpfs (a large or sparse /dev/shm) stays as it is; were it the /dev
                 // with a recorded node, the missing node is refused below with this reason.
                 Err(e) => unreadable.push(e.to_string()),
@@ -183,11 +191,10 @@ pub fn rewrite<R: Read, W: Write>(input: R, output: W, swaps: &[NodeSwap], file:
         builder.append(&header, &mut entry).map_err(bad)?;
     }
     names.sort();
+    // Judged after all rewrites: a recorded node that is itself replaced frees its name
+    // (given GPUs 1 and 2 for recorded 0 and 1, nvidia1 is both a target and replaced).
     if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
-        return Err(DevImageError::Unsupported {
-            file: file.into(),
-            reason: format!("{} would be there twice (an assigned GPU's node is already in the checkpoint)", w[0]),
-        });
+        return Err(DevImageError::Conflict { file: file.into(), name: w[0].clone() });
     }
     let output = builder.into_inner().map_err(bad)?;
     Ok((output, replaced))
@@ -374,6 +381,32 @@ mod tests {
         assert_eq!(got, [("./nvidia1".into(), Some(1)), ("./nvidia0".into(), Some(0))]);
         let err = rewrite(&before[..], Vec::new(), &SWAP_0_1, Path::new("t")).unwrap_err();
         assert!(err.to_string().contains("./nvidia1 would be there twice"), "{err}");
+    }
+
+    /// A container given GPUs that overlap the recorded ones (recorded 0 and 1, given 1 and 2):
+    /// nvidia1 is both an assigned node and a recorded one being replaced, so the image is judged
+    /// after all rewrites; only a node that stays in the image conflicts.
+    #[test]
+    fn an_overlapping_assignment_is_judged_after_all_rewrites() {
+        let before =
+            tar_of(&[E::Char("./nvidia0", 195, 0), E::Char("./nvidia1", 195, 1), E::Char("./nvidia3", 195, 3)]);
+        let chain = [NodeSwap { recorded: 0, assigned: 1 }, NodeSwap { recorded: 1, assigned: 2 }];
+        let (after, replaced) = rewrite(&before[..], Vec::new(), &chain, Path::new("t")).unwrap();
+        assert_eq!(replaced, [0, 1]);
+        let got: Vec<(String, Option<u32>)> = rows(&after).into_iter().map(|r| (r.0, r.3)).collect();
+        assert_eq!(got, [("./nvidia1".into(), Some(1)), ("./nvidia2".into(), Some(2)), ("./nvidia3".into(), Some(3))]);
+        // nvidia3 is not replaced: moving GPU 1 onto it would leave two.
+        let onto_kept = [NodeSwap { recorded: 0, assigned: 1 }, NodeSwap { recorded: 1, assigned: 3 }];
+        let err = rewrite(&before[..], Vec::new(), &onto_kept, Path::new("t")).unwrap_err();
+        assert!(err.to_string().contains("./nvidia3 would be there twice"), "{err}");
+        // The work copy refuses with that reason, not as a recorded node missing.
+        let dir = tempfile::tempdir().unwrap();
+        let images = dir.path().join("images");
+        fs::create_dir(&images).unwrap();
+        fs::write(images.join("tmpfs-dev-77.tar.gz.img"), gz(&before)).unwrap();
+        let err = work_copy(&images, &dir.path().join("work"), &onto_kept).unwrap_err();
+        assert!(matches!(&err, DevImageError::Conflict { name, .. } if name == "./nvidia3"), "{err:?}");
+        assert!(err.to_string().contains("tmpfs-dev-77.tar.gz.img: ./nvidia3 would be there twice"), "{err}");
     }
 
     fn gz(bytes: &[u8]) -> Vec<u8> {

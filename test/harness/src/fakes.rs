@@ -17,6 +17,9 @@ use std::process::Command;
 
 /// The environment entry that makes a process a CUDA process for the fake driver.
 pub const CUDA_MARK: &str = "FAKE_CUDA_CONTEXT=1";
+/// With [`CUDA_MARK`]: the process holds CUDA IPC memory, whose checkpoint the driver does not
+/// support (it locks, then its checkpoint answers CUDA_ERROR_NOT_SUPPORTED and leaves it locked).
+pub const CUDA_IPC_MARK: &str = "FAKE_CUDA_IPC=1";
 
 /// A shell fragment (for a container's `sh -c`) that starts a CUDA process in the background as
 /// the fake driver knows one: `sleep SECONDS` marked with [`CUDA_MARK`] (plus `env`, e.g.

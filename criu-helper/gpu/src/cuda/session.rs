@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use log::{info, warn};
 
-use super::driver::{CudaDriver, CudaError, GpuPair, ProcessState};
+use super::driver::{CudaDriver, CudaError, GpuPair, ProcessState, CUDA_ERROR_NOT_SUPPORTED};
 use super::procs::{self, CudaProcess};
 use crate::{CudaProcessRecord, GpuInfo, SkippedProcess};
 
@@ -68,18 +68,42 @@ impl NotBroughtBack {
 
 /// A GPU checkpoint step failed; what could not be rolled back is in `rollback`.
 #[derive(Debug, thiserror::Error)]
-#[error("GPU {step} failed: {source}{}", rollback_text(.rollback))]
+#[error("GPU {step} failed: {source}{}{}", self.unsupported_text(), rollback_text(.rollback))]
 pub struct GpuStepError {
     pub step: &'static str,
     #[source]
     pub source: CudaError,
+    /// The namespace pid of the process the failed call was for (None: not one of ours).
+    pub ns_pid: Option<i32>,
     /// Processes the rollback could not bring back (empty: all of them run again).
     pub rollback: Vec<NotBroughtBack>,
 }
 
+impl GpuStepError {
+    /// The driver refused to lock or checkpoint the process at all (`CUDA_ERROR_NOT_SUPPORTED`):
+    /// its CUDA state uses something the driver's checkpoint cannot move. Retrying cannot help.
+    pub fn is_unsupported(&self) -> bool {
+        matches!(self.step, "lock" | "checkpoint") && self.source.code == CUDA_ERROR_NOT_SUPPORTED
+    }
+
+    /// Why the driver says "not supported", in the user's terms: the real driver gives no more
+    /// than the code, and CUDA IPC leaves no trace in /proc to refuse it before anything is locked.
+    fn unsupported_text(&self) -> String {
+        if !self.is_unsupported() {
+            return String::new();
+        }
+        let ns = self.ns_pid.map(|n| format!(" (ns pid {n})")).unwrap_or_default();
+        format!(
+            ": the driver does not support checkpointing the CUDA state of pid {}{ns}; likely causes: CUDA IPC \
+             memory (device memory shared with or imported from another process), UVM (managed) memory, or MPS",
+            self.source.pid
+        )
+    }
+}
+
 fn rollback_text(rollback: &[NotBroughtBack]) -> String {
     if rollback.is_empty() {
-        "; every CUDA process touched was restored and unlocked".into()
+        "; every CUDA process touched was restored and unlocked: nothing was left locked".into()
     } else {
         let list: Vec<String> = rollback.iter().map(ToString::to_string).collect();
         format!("; putting the processes back also failed: {}", list.join("; "))
@@ -202,7 +226,8 @@ impl<'a> GpuSession<'a> {
                 }
                 Err(e) => {
                     self.procs = kept;
-                    return Err(GpuStepError { step: "probe", source: e, rollback: Vec::new() });
+                    let ns_pid = Some(t.process.ns_pid);
+                    return Err(GpuStepError { step: "probe", source: e, ns_pid, rollback: Vec::new() });
                 }
             }
         }
@@ -356,7 +381,8 @@ impl<'a> GpuSession<'a> {
 
     fn fail(&mut self, step: &'static str, source: CudaError) -> GpuStepError {
         warn!("GPU {step} failed: {source}; bringing the CUDA processes touched back by their driver state");
-        GpuStepError { step, source, rollback: self.put_back() }
+        let ns_pid = self.procs.iter().find(|t| t.process.pid == source.pid).map(|t| t.process.ns_pid);
+        GpuStepError { step, source, ns_pid, rollback: self.put_back() }
     }
 
     /// Brings every touched process back by its driver state, in reverse order; each process
@@ -754,6 +780,41 @@ pub(crate) mod tests {
                 }
             }
         }
+    }
+
+    /// A process whose CUDA state the driver cannot checkpoint (CUDA IPC, UVM, MPS): the driver
+    /// answers CUDA_ERROR_NOT_SUPPORTED and leaves it locked (NVIDIA/cuda-checkpoint#51 shows
+    /// lock 0, checkpoint 801, unlock 0). The error names the process and the likely causes, and
+    /// nothing stays locked; other errors carry no such guess.
+    #[test]
+    fn a_checkpoint_the_driver_does_not_support_names_the_process_and_its_likely_causes() {
+        let d = Recorder::default();
+        d.inject("checkpoint", 2, CUDA_ERROR_NOT_SUPPORTED, None);
+        let mut candidates = procs(&[1, 2, 3]);
+        candidates[1].ns_pid = 12;
+        let mut s = GpuSession::new(&d, Path::new("/nonexistent"), candidates);
+        let e = s.lock_and_checkpoint(100).unwrap_err();
+        assert!(e.is_unsupported() && e.ns_pid == Some(12), "{e:?}");
+        let text = e.to_string();
+        for want in [
+            "cuCheckpointProcessCheckpoint (pid 2): CUDA_ERROR_INJECTED (801)",
+            "the driver does not support checkpointing the CUDA state of pid 2 (ns pid 12)",
+            "CUDA IPC memory",
+            "UVM (managed) memory",
+            "MPS",
+            "nothing was left locked",
+        ] {
+            assert!(text.contains(want), "want {want:?} in: {text}");
+        }
+        assert!(all_running(&d, &[1, 2, 3]), "{:?}", d.states.lock().unwrap());
+        let unlocks = d.calls().iter().filter(|(c, _)| c == "unlock").count();
+        assert_eq!(unlocks, 3, "{:?}", d.calls());
+
+        let d = Recorder::default();
+        d.inject("checkpoint", 2, 999, None);
+        let mut s = GpuSession::new(&d, Path::new("/nonexistent"), procs(&[1, 2, 3]));
+        let e = s.lock_and_checkpoint(100).unwrap_err();
+        assert!(!e.is_unsupported() && !e.to_string().contains("likely causes"), "{e}");
     }
 
     /// The driver can leave a process elsewhere after a failed call: the rollback undoes by what
