@@ -264,6 +264,7 @@ for ((run = 1; run <= RUNS; run++)); do
     done
 done
 
+cp "$TB_LOG" "$OUT/containerd.log" # the shims' timestamped lines, for a breakdown of any run
 echo "== medians (ratio = ours / runc; throughput = MiB / checkpoint s)"
 python3 - "$CSV" "$DDCSV" <<'PY'
 import csv, statistics as st, sys
@@ -324,4 +325,4 @@ for mib in dict.fromkeys(r["size_mib"] for r in runs):
           f"{o['shim_restore_hwm_mib']:.1f} MiB restore's shim after restore (target < 64)")
     print(f"   dd {mib} MiB to the store's fs: {n / sync_s:.0f} MiB/s with conv=fdatasync, {n / cache_s:.0f} MiB/s page cache")
 PY
-echo "== raw numbers: $CSV, $DDCSV"
+echo "== raw numbers: $CSV, $DDCSV; the shims' log: $OUT/containerd.log"
