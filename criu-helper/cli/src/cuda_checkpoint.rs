@@ -273,6 +273,10 @@ fn failed(cuda: &LibCuda, e: CudaError) -> CliError {
         3 => "the process has not initialised CUDA (yet)",
         401 => "the process is in the wrong state for this step; see --get-state",
         909 => "the process's GPU work did not finish in time; try a longer --timeout",
+        801 => {
+            "the driver does not support checkpointing this process's CUDA state; likely causes: CUDA IPC memory, \
+             UVM (managed) memory, or MPS (docs/gpu.md, Limits)"
+        }
         _ => "see the NVIDIA driver's log (dmesg) for details",
     };
     let init = match (e.call, cuda.init_error()) {

@@ -192,6 +192,14 @@ fn driver_failure_exits_1_with_the_cuda_error_name() {
     }
     assert_eq!(node.fake.state_of(p.pid()), None, "a failed lock changes nothing");
 
+    // What the driver answers for CUDA IPC, UVM or MPS memory: the likely causes are named.
+    let ipc = Sleeper::start_cuda(&[]);
+    node.fake.fail("lock", Some(ipc.pid()), 801);
+    let out = node.kybernate(&["--action", "lock", "--pid", &ipc.pid().to_string()]);
+    assert_code(&out, 1);
+    let err = stderr(&out);
+    assert!(err.contains("CUDA_ERROR_NOT_SUPPORTED (801)") && err.contains("CUDA IPC memory"), "{err}");
+
     // For CRIU a failing --get-restore-tid means "no CUDA in this process": non-zero, no number.
     node.fake.fail("restore_tid", None, 1);
     let out = node.tool(&["--get-restore-tid", "--pid", &pid]);
