@@ -63,7 +63,8 @@ pub fn start(opts: &StartOpts) -> containerd_shim::Result<String> {
         }
     };
     if let Some(cg) = options.shim_cgroup() {
-        // Best effort, as in the Go shim: a missing cgroup must not stop the container.
+        // Best effort: a missing cgroup must not stop the container (containerd's Go shim fails
+        // the start instead). On v2 this is `cgroup.procs` of /sys/fs/cgroup/<path>.
         let _ = cgroup::add_task_to_cgroup(cg, pid);
     }
     // Shims should die before containerd under memory pressure.

@@ -222,17 +222,66 @@ fn is_cgroup2(path: &Path) -> bool {
 /// checkpoint's own freeze) and its stats do not reach them. `cgroups_path` is the spec's
 /// `linux.cgroupsPath`: a path (cgroupfs driver) or `slice:prefix:name` (systemd driver).
 /// `None` when the spec names none (runc would pick one we cannot know).
+///
+/// CRIU's `--manage-cgroups` mode is left to runc's default (none given: CRIU's `soft`), on v2
+/// as on v1: runc has made the cgroup and set the new spec's limits before CRIU runs, and in
+/// soft mode CRIU only moves the restored tasks into it (below `cgroup-root`) without writing
+/// the dumped properties over existing cgroups.
 pub fn restore_root(cgroups_path: Option<&str>, systemd: bool) -> Option<String> {
+    let relative = cgroups_path.is_some_and(|p| !systemd && !p.is_empty() && !p.starts_with('/'));
+    let own = if relative { own_v2_cgroup() } else { None };
+    restore_root_with(cgroups_path, systemd, own.as_deref())
+}
+
+/// [`restore_root`] with this process's v2 cgroup (the `0::` line of `/proc/self/cgroup`) given:
+/// runc, started by the shim, is in the same one, and resolves a relative `cgroupsPath` on v2
+/// below that cgroup's parent (libcontainer's fs2 `defaultDirPath`). `None` for a relative
+/// path when `own_v2` is unknown.
+pub fn restore_root_with(cgroups_path: Option<&str>, systemd: bool, own_v2: Option<&str>) -> Option<String> {
     let path = cgroups_path.filter(|p| !p.is_empty())?;
     if !systemd {
-        return Some(format!("/{}", path.trim_start_matches('/')));
+        let inner = clean_path(path);
+        if inner.starts_with('/') {
+            return Some(inner);
+        }
+        let parent = clean_path(&format!("{}/..", clean_path(own_v2?)));
+        return Some(clean_path(&format!("{parent}/{inner}")));
     }
-    let mut parts = path.splitn(3, ':');
-    let (slice, prefix, name) = (parts.next()?, parts.next()?, parts.next()?);
+    // runc: exactly three fields, else it refuses the spec ("expected cgroupsPath to be of
+    // format slice:prefix:name").
+    let parts: Vec<&str> = path.split(':').collect();
+    let [slice, prefix, name] = parts[..] else { return None };
     let slice = if slice.is_empty() { "system.slice" } else { slice };
     let parent = expand_slice(slice)?;
     let unit = if name.ends_with(".slice") { name.to_string() } else { format!("{prefix}-{name}.scope") };
     Some(format!("{}/{unit}", parent.trim_end_matches('/')))
+}
+
+/// This process's cgroup v2 path (`0::PATH` of `/proc/self/cgroup`).
+fn own_v2_cgroup() -> Option<String> {
+    let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    parse_proc_cgroup(&text).into_iter().find(|e| e.hierarchy == 0 && e.controllers.is_empty()).map(|e| e.path)
+}
+
+/// runc's `CleanPath`: `.`, `..` and repeated slashes resolved lexically, never above the root,
+/// relative paths kept relative (`.` when nothing is left), absolute ones absolute.
+fn clean_path(path: &str) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    for part in path.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            p => parts.push(p),
+        }
+    }
+    let joined = parts.join("/");
+    match (path.starts_with('/'), joined.is_empty()) {
+        (true, _) => format!("/{joined}"),
+        (false, true) => ".".into(),
+        (false, false) => joined,
+    }
 }
 
 /// systemd's slice nesting: `a-b-c.slice` is `/a.slice/a-b.slice/a-b-c.slice`, `-.slice` the root.
@@ -350,7 +399,7 @@ mod tests {
     #[test]
     fn the_restore_root_is_the_new_containers_cgroup_for_either_driver() {
         assert_eq!(restore_root(Some("/k8s.io/abc"), false).as_deref(), Some("/k8s.io/abc"));
-        assert_eq!(restore_root(Some("default/web"), false).as_deref(), Some("/default/web"));
+        assert_eq!(restore_root(Some("//k8s.io/./x/../abc/"), false).as_deref(), Some("/k8s.io/abc"));
         assert_eq!(restore_root(None, false), None);
         assert_eq!(restore_root(Some(""), true), None);
         assert_eq!(
@@ -363,8 +412,41 @@ mod tests {
         );
         assert_eq!(restore_root(Some("-.slice:x:y"), true).as_deref(), Some("/x-y.scope"));
         assert_eq!(restore_root(Some("user.slice:x:app.slice"), true).as_deref(), Some("/user.slice/app.slice"));
-        // Not systemd's form: no guess.
+        // Not systemd's form: no guess (runc refuses these specs too).
         assert_eq!(restore_root(Some("a--b.slice:x:y"), true), None);
         assert_eq!(restore_root(Some("nocolons"), true), None);
+        assert_eq!(restore_root(Some("system.slice:x:y:z"), true), None);
+        assert_eq!(restore_root(Some("a/b.slice:x:y"), true), None);
+        assert_eq!(restore_root(Some(".slice:x:y"), true), None);
+    }
+
+    #[test]
+    fn a_relative_cgroupfs_path_is_below_the_parent_of_runcs_own_cgroup_as_runc_resolves_it() {
+        // runc's fs2 manager: relative to the parent of its own cgroup, which is the shim's.
+        let own = Some("/system.slice/containerd.service");
+        assert_eq!(restore_root_with(Some("default/web"), false, own).as_deref(), Some("/system.slice/default/web"));
+        assert_eq!(restore_root_with(Some("default/web"), false, Some("/")).as_deref(), Some("/default/web"));
+        assert_eq!(restore_root_with(Some("../../x"), false, own).as_deref(), Some("/system.slice/x"));
+        assert_eq!(restore_root_with(Some("default/web"), false, None), None, "no guess without the own cgroup");
+        // Absolute paths and systemd's form do not depend on it.
+        assert_eq!(restore_root_with(Some("/default/web"), false, None).as_deref(), Some("/default/web"));
+        assert_eq!(
+            restore_root_with(Some("kubepods.slice:cri-containerd:abc"), true, None).as_deref(),
+            Some("/kubepods.slice/cri-containerd-abc.scope")
+        );
+        // This process: a relative path lands below its own cgroup's parent.
+        let mine = own_v2_cgroup().expect("a 0:: line in /proc/self/cgroup");
+        let got = restore_root(Some("kbt/x"), false).unwrap();
+        let parent = clean_path(&format!("{mine}/.."));
+        assert_eq!(got, clean_path(&format!("{parent}/kbt/x")));
+    }
+
+    #[test]
+    fn paths_are_cleaned_as_runc_cleans_them() {
+        assert_eq!(clean_path("/a//b/./c/.."), "/a/b");
+        assert_eq!(clean_path("/../.."), "/");
+        assert_eq!(clean_path("a/../../b"), "b");
+        assert_eq!(clean_path("a/.."), ".");
+        assert_eq!(clean_path("/"), "/");
     }
 }

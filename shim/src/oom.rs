@@ -9,6 +9,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 
@@ -31,6 +32,14 @@ pub enum OomError {
     Cgroup(#[from] CgroupError),
     #[error("process {pid} has no v1 memory cgroup")]
     NoMemoryCgroup { pid: u32 },
+    /// cgroup v2 without the memory controller in this cgroup: no `memory.events`, so the
+    /// kernel counts no OOM kills we could watch (not a failure of the container).
+    #[error(
+        "{} does not exist: the memory controller is not enabled for this cgroup v2 group (not in its \
+         cgroup.controllers), so the kernel reports no OOM kills there",
+        path.display()
+    )]
+    NoMemoryEvents { path: PathBuf },
     #[error("{action} {path}: {source}")]
     Io {
         action: &'static str,
@@ -74,6 +83,30 @@ impl Drop for OomWatcher {
                 let _ = thread.join();
             }
         }
+    }
+}
+
+impl OomError {
+    /// The host or the cgroup offers nothing to watch (no memory controller): worth saying once,
+    /// not at every container, and never an error of the container itself.
+    pub fn is_unsupported(&self) -> bool {
+        matches!(self, OomError::NoMemoryCgroup { .. } | OomError::NoMemoryEvents { .. })
+    }
+}
+
+/// Set once this shim has said that OOM kills cannot be watched here.
+static UNSUPPORTED_SAID: AtomicBool = AtomicBool::new(false);
+
+/// Logs why container `id` gets no OOM notifications. A node without the memory controller is
+/// said once per shim (at warn; later containers at debug), not at every container: the
+/// container runs on, containerd gets no error, and no watcher thread is left polling.
+pub fn log_unwatched(id: &str, err: &OomError) {
+    if !err.is_unsupported() {
+        log::warn!("container {id}: no OOM notifications: {err}");
+    } else if !UNSUPPORTED_SAID.swap(true, Ordering::Relaxed) {
+        log::warn!("container {id}: no OOM notifications (TaskOOM) from this shim: {err}");
+    } else {
+        log::debug!("container {id}: no OOM notifications: {err}");
     }
 }
 
@@ -140,6 +173,9 @@ pub fn watch_v1(dir: &Path, mut on_oom: OnOom) -> Result<OomWatcher, OomError> {
 pub fn watch_v2(dir: &Path, mut on_oom: OnOom) -> Result<OomWatcher, OomError> {
     let events_path = dir.join("memory.events");
     let populated_path = dir.join("cgroup.events");
+    if !events_path.exists() && dir.join("cgroup.procs").exists() {
+        return Err(OomError::NoMemoryEvents { path: events_path });
+    }
     let inotify = Inotify::init(InitFlags::IN_CLOEXEC | InitFlags::IN_NONBLOCK)
         .map_err(|source| OomError::Sys { action: "create inotify", source })?;
     let events_wd = inotify
@@ -394,9 +430,27 @@ mod tests {
         let (on_oom, _rx) = channel_callback();
         let err = watch_v2(dir.path(), on_oom).unwrap_err();
         assert!(matches!(err, OomError::Io { .. }), "{err}");
+        assert!(!err.is_unsupported(), "not a cgroup at all: a real error");
         let (on_oom, _rx) = channel_callback();
         let err = watch_v1(dir.path(), on_oom).unwrap_err();
         assert!(matches!(err, OomError::Io { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_v2_cgroup_without_the_memory_controller_is_unsupported_and_says_why() {
+        // A cgroup's files on a v2 hierarchy without the memory controller (cgroup.procs there,
+        // memory.events not): no thread is started, and the error names the file and the cause.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("cgroup.procs"), "4242\n").unwrap();
+        std::fs::write(dir.path().join("cgroup.controllers"), "hugetlb\n").unwrap();
+        std::fs::write(dir.path().join("cgroup.events"), "populated 1\nfrozen 0\n").unwrap();
+        let (on_oom, _rx) = channel_callback();
+        let err = watch_v2(dir.path(), on_oom).unwrap_err();
+        assert!(matches!(&err, OomError::NoMemoryEvents { path } if path.ends_with("memory.events")), "{err}");
+        assert!(err.is_unsupported());
+        let text = err.to_string();
+        assert!(text.contains("memory.events does not exist") && text.contains("memory controller"), "{text}");
+        assert!(OomError::NoMemoryCgroup { pid: 1 }.is_unsupported());
     }
 
     /// A v1 memory cgroup made for one test; kills its processes and removes it on drop.

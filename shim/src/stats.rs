@@ -212,21 +212,32 @@ pub fn parse_blkio(content: &str) -> Vec<v1::BlkIOEntry> {
         .collect()
 }
 
-/// cgroup v2 metrics from a unified cgroup directory; missing files are skipped.
+/// cgroup v2 metrics from a unified cgroup directory.
+///
+/// A controller that is not enabled for the cgroup has no interface files there (a v2 host
+/// without the memory controller has no `memory.current`, `memory.events` or `memory.stat`):
+/// its part of the metrics is left out rather than reported as zeros or as an error, so
+/// CRI and `ctr` see "not measured", not "uses nothing". `cpu.stat` (usage, user, system) is a
+/// core file of every non-root cgroup and so is always there; the PSI files (`*.pressure`)
+/// exist whenever the kernel has PSI. Files inside an enabled controller that an older kernel
+/// lacks (`memory.peak`, `memory.swap.*`) read as 0. Only a vanished directory is an error.
 pub fn v2_metrics(dir: &Path) -> Result<v2::Metrics, StatsError> {
     if !dir.is_dir() {
         return Err(StatsError::Gone { path: dir.to_owned() });
     }
     let mut metrics = v2::Metrics::new();
 
-    let mut pids = v2::PidsStat::new();
-    pids.current = read_u64(&dir.join("pids.current"))?.unwrap_or(0);
-    // Go's v2 cgroups reports an unlimited "max" as u64::MAX (unlike v1).
-    pids.limit = read_limit(&dir.join("pids.max"), u64::MAX)?.unwrap_or(0);
-    metrics.pids = MessageField::some(pids);
+    if let Some(current) = read_u64(&dir.join("pids.current"))? {
+        let mut pids = v2::PidsStat::new();
+        pids.current = current;
+        // Go's v2 cgroups reports an unlimited "max" as u64::MAX (unlike v1).
+        pids.limit = read_limit(&dir.join("pids.max"), u64::MAX)?.unwrap_or(0);
+        metrics.pids = MessageField::some(pids);
+    }
 
     let mut cpu = v2::CPUStat::new();
     if let Some(stat) = read_flat(&dir.join("cpu.stat"))? {
+        // usage/user/system_usec always; the nr_*/throttled/burst keys only with the cpu controller.
         copy_keys!(cpu, stat, {
             usage_usec: "usage_usec", user_usec: "user_usec", system_usec: "system_usec",
             nr_periods: "nr_periods", nr_throttled: "nr_throttled", throttled_usec: "throttled_usec",
@@ -236,36 +247,40 @@ pub fn v2_metrics(dir: &Path) -> Result<v2::Metrics, StatsError> {
     cpu.psi = read_psi(&dir.join("cpu.pressure"))?.into();
     metrics.cpu = MessageField::some(cpu);
 
-    let mut memory = v2::MemoryStat::new();
-    if let Some(mut stat) = read_flat(&dir.join("memory.stat"))? {
-        // Since Linux 5.9 these are split into _anon and _file.
-        for key in ["workingset_refault", "workingset_activate"] {
-            if !stat.contains_key(key) {
-                let split = ["anon", "file"].iter().filter_map(|kind| stat.get(&format!("{key}_{kind}"))).sum();
-                stat.insert(key.to_owned(), split);
+    let usage = read_u64(&dir.join("memory.current"))?;
+    let stat = read_flat(&dir.join("memory.stat"))?;
+    if usage.is_some() || stat.is_some() {
+        let mut memory = v2::MemoryStat::new();
+        if let Some(mut stat) = stat {
+            // Since Linux 5.9 these are split into _anon and _file.
+            for key in ["workingset_refault", "workingset_activate"] {
+                if !stat.contains_key(key) {
+                    let split = ["anon", "file"].iter().filter_map(|kind| stat.get(&format!("{key}_{kind}"))).sum();
+                    stat.insert(key.to_owned(), split);
+                }
             }
+            copy_keys!(memory, stat, {
+                anon: "anon", file: "file", kernel_stack: "kernel_stack", slab: "slab", sock: "sock", shmem: "shmem",
+                file_mapped: "file_mapped", file_dirty: "file_dirty", file_writeback: "file_writeback",
+                anon_thp: "anon_thp", inactive_anon: "inactive_anon", active_anon: "active_anon",
+                inactive_file: "inactive_file", active_file: "active_file", unevictable: "unevictable",
+                slab_reclaimable: "slab_reclaimable", slab_unreclaimable: "slab_unreclaimable", pgfault: "pgfault",
+                pgmajfault: "pgmajfault", workingset_refault: "workingset_refault",
+                workingset_activate: "workingset_activate", workingset_nodereclaim: "workingset_nodereclaim",
+                pgrefill: "pgrefill", pgscan: "pgscan", pgsteal: "pgsteal", pgactivate: "pgactivate",
+                pgdeactivate: "pgdeactivate", pglazyfree: "pglazyfree", pglazyfreed: "pglazyfreed",
+                thp_fault_alloc: "thp_fault_alloc", thp_collapse_alloc: "thp_collapse_alloc",
+            });
         }
-        copy_keys!(memory, stat, {
-            anon: "anon", file: "file", kernel_stack: "kernel_stack", slab: "slab", sock: "sock", shmem: "shmem",
-            file_mapped: "file_mapped", file_dirty: "file_dirty", file_writeback: "file_writeback",
-            anon_thp: "anon_thp", inactive_anon: "inactive_anon", active_anon: "active_anon",
-            inactive_file: "inactive_file", active_file: "active_file", unevictable: "unevictable",
-            slab_reclaimable: "slab_reclaimable", slab_unreclaimable: "slab_unreclaimable", pgfault: "pgfault",
-            pgmajfault: "pgmajfault", workingset_refault: "workingset_refault",
-            workingset_activate: "workingset_activate", workingset_nodereclaim: "workingset_nodereclaim",
-            pgrefill: "pgrefill", pgscan: "pgscan", pgsteal: "pgsteal", pgactivate: "pgactivate",
-            pgdeactivate: "pgdeactivate", pglazyfree: "pglazyfree", pglazyfreed: "pglazyfreed",
-            thp_fault_alloc: "thp_fault_alloc", thp_collapse_alloc: "thp_collapse_alloc",
-        });
+        memory.usage = usage.unwrap_or(0);
+        memory.usage_limit = read_limit(&dir.join("memory.max"), u64::MAX)?.unwrap_or(0);
+        memory.max_usage = read_u64(&dir.join("memory.peak"))?.unwrap_or(0);
+        memory.swap_usage = read_u64(&dir.join("memory.swap.current"))?.unwrap_or(0);
+        memory.swap_limit = read_limit(&dir.join("memory.swap.max"), u64::MAX)?.unwrap_or(0);
+        memory.swap_max_usage = read_u64(&dir.join("memory.swap.peak"))?.unwrap_or(0);
+        memory.psi = read_psi(&dir.join("memory.pressure"))?.into();
+        metrics.memory = MessageField::some(memory);
     }
-    memory.usage = read_u64(&dir.join("memory.current"))?.unwrap_or(0);
-    memory.usage_limit = read_limit(&dir.join("memory.max"), u64::MAX)?.unwrap_or(0);
-    memory.max_usage = read_u64(&dir.join("memory.peak"))?.unwrap_or(0);
-    memory.swap_usage = read_u64(&dir.join("memory.swap.current"))?.unwrap_or(0);
-    memory.swap_limit = read_limit(&dir.join("memory.swap.max"), u64::MAX)?.unwrap_or(0);
-    memory.swap_max_usage = read_u64(&dir.join("memory.swap.peak"))?.unwrap_or(0);
-    memory.psi = read_psi(&dir.join("memory.pressure"))?.into();
-    metrics.memory = MessageField::some(memory);
 
     if let Some(stat) = read_flat(&dir.join("memory.events"))? {
         let mut events = v2::MemoryEvents::new();
@@ -275,11 +290,53 @@ pub fn v2_metrics(dir: &Path) -> Result<v2::Metrics, StatsError> {
         metrics.memory_events = MessageField::some(events);
     }
 
-    let mut io_stat = v2::IOStat::new();
-    io_stat.usage = read_optional(&dir.join("io.stat"))?.map(|content| parse_io_stat(&content)).unwrap_or_default();
-    io_stat.psi = read_psi(&dir.join("io.pressure"))?.into();
-    metrics.io = MessageField::some(io_stat);
+    let io_usage = read_optional(&dir.join("io.stat"))?.map(|content| parse_io_stat(&content));
+    let io_psi = read_psi(&dir.join("io.pressure"))?;
+    if io_usage.is_some() || io_psi.is_some() {
+        let mut io_stat = v2::IOStat::new();
+        io_stat.usage = io_usage.unwrap_or_default();
+        io_stat.psi = io_psi.into();
+        metrics.io = MessageField::some(io_stat);
+    }
+
+    metrics.hugetlb = v2_hugetlb(dir)?;
     Ok(metrics)
+}
+
+/// One entry per huge page size the cgroup has `hugetlb.<size>.current` for (`2MB`, `1GB`, the
+/// kernel's names), ordered by name as Go's cgroups lists them; an unlimited `max` is u64::MAX.
+/// `failcnt` is the `max` count of `hugetlb.<size>.events` (allocations refused by the limit).
+fn v2_hugetlb(dir: &Path) -> Result<Vec<v2::HugeTlbStat>, StatsError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENODEV) => {
+            return Ok(Vec::new())
+        }
+        Err(source) => return Err(StatsError::Read { path: dir.to_owned(), source }),
+    };
+    let mut sizes: Vec<String> = entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let size = name.strip_prefix("hugetlb.")?.strip_suffix(".current")?;
+            // `hugetlb.2MB.rsvd.current` is the reservation counter, not a page size of its own.
+            (!size.contains('.')).then(|| size.to_owned())
+        })
+        .collect();
+    sizes.sort();
+    let mut out = Vec::with_capacity(sizes.len());
+    for size in sizes {
+        let Some(current) = read_u64(&dir.join(format!("hugetlb.{size}.current")))? else { continue };
+        let mut stat = v2::HugeTlbStat::new();
+        stat.current = current;
+        stat.max = read_limit(&dir.join(format!("hugetlb.{size}.max")), u64::MAX)?.unwrap_or(0);
+        stat.failcnt = read_flat(&dir.join(format!("hugetlb.{size}.events")))?
+            .and_then(|events| events.get("max").copied())
+            .unwrap_or(0);
+        stat.pagesize = size;
+        out.push(stat);
+    }
+    Ok(out)
 }
 
 /// Parses v2 `io.stat` lines `MAJ:MIN rbytes=.. wbytes=.. rios=.. wios=.. ...`.
@@ -587,6 +644,80 @@ mod tests {
             (io[0].major, io[0].minor, io[0].rbytes, io[0].wbytes, io[0].rios, io[0].wios),
             (8, 16, 1024, 2048, 3, 4)
         );
+    }
+
+    /// The files of a container's cgroup on a v2 hierarchy whose only controller is hugetlb, as
+    /// on the test machines (every other controller bound to v1): the core files (cpu.stat's
+    /// four usage keys on 6.x, PSI, cgroup.*) and hugetlb's, but no memory, pids or io file.
+    /// Formats as Documentation/admin-guide/cgroup-v2.rst gives them; names as listed by the
+    /// 6.18 kernel for a cgroup made there.
+    fn fake_v2_hugetlb_only(dir: &Path) {
+        let psi = "some avg10=0.00 avg60=0.00 avg300=0.00 total=0\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=0\n";
+        write(
+            dir,
+            &[
+                ("cgroup.controllers", "hugetlb\n"),
+                ("cgroup.events", "populated 1\nfrozen 0\n"),
+                ("cgroup.freeze", "0\n"),
+                ("cgroup.type", "domain\n"),
+                ("cgroup.procs", "4242\n"),
+                ("cpu.stat", "usage_usec 1830\nuser_usec 1200\nsystem_usec 630\nnice_usec 0\n"),
+                ("cpu.stat.local", "throttled_usec 0\n"),
+                ("cpu.pressure", psi),
+                ("memory.pressure", psi),
+                ("io.pressure", psi),
+                ("hugetlb.2MB.current", "4194304\n"),
+                ("hugetlb.2MB.max", "max\n"),
+                ("hugetlb.2MB.events", "max 3\n"),
+                ("hugetlb.2MB.events.local", "max 3\n"),
+                ("hugetlb.2MB.rsvd.current", "0\n"),
+                ("hugetlb.2MB.rsvd.max", "max\n"),
+                ("hugetlb.2MB.numa_stat", "total=4194304 N0=4194304\n"),
+                ("hugetlb.1GB.current", "0\n"),
+                ("hugetlb.1GB.max", "1073741824\n"),
+                ("hugetlb.1GB.events", "max 0\n"),
+                ("hugetlb.1GB.rsvd.current", "0\n"),
+                ("hugetlb.1GB.rsvd.max", "max\n"),
+            ],
+        );
+    }
+
+    #[test]
+    fn v2_without_the_memory_pids_and_io_controllers_reports_what_exists() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("default/c1");
+        fake_v2_hugetlb_only(&dir);
+        let any = collect_cgroup(&Cgroup::V2(dir)).unwrap();
+        let m = v2::Metrics::parse_from_bytes(&any.value).unwrap();
+
+        assert_eq!((m.cpu.usage_usec, m.cpu.user_usec, m.cpu.system_usec), (1830, 1200, 630));
+        assert_eq!((m.cpu.nr_periods, m.cpu.nr_throttled), (0, 0), "no cpu controller: no throttling keys");
+        assert!(m.cpu.psi.some.is_some());
+        assert!(m.pids.is_none(), "no pids controller: no pids stats, not zeros: {:?}", m.pids);
+        assert!(m.memory.is_none(), "no memory controller: no memory stats, not zeros: {:?}", m.memory);
+        assert!(m.memory_events.is_none());
+        assert!(m.io.usage.is_empty(), "no io controller: no io.stat");
+        assert!(m.io.psi.some.is_some(), "io pressure is a core file and is reported");
+
+        let sizes: Vec<(&str, u64, u64, u64)> =
+            m.hugetlb.iter().map(|h| (h.pagesize.as_str(), h.current, h.max, h.failcnt)).collect();
+        assert_eq!(sizes, vec![("1GB", 0, 1 << 30, 0), ("2MB", 4 << 20, u64::MAX, 3)]);
+    }
+
+    #[test]
+    fn v2_a_controller_disabled_midway_is_left_out_not_an_error() {
+        // The memory controller enabled, pids not: memory is reported in full, pids is absent.
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("c1");
+        fake_v2(&dir);
+        std::fs::remove_file(dir.join("pids.current")).unwrap();
+        std::fs::remove_file(dir.join("pids.max")).unwrap();
+        std::fs::remove_file(dir.join("io.stat")).unwrap();
+        let m = v2_metrics(&dir).unwrap();
+        assert!(m.pids.is_none());
+        assert!(m.io.is_none(), "neither io.stat nor io.pressure: no io stats");
+        assert_eq!(m.memory.usage, 8388608);
+        assert!(m.hugetlb.is_empty());
     }
 
     #[test]

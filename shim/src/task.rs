@@ -293,7 +293,7 @@ impl Inner {
             Box::new(move || events.send(TaskOOM { container_id: cid.clone(), ..Default::default() })),
         ) {
             Ok(w) => c.set_oom_watcher(w),
-            Err(e) => warn!("container {}: no OOM notifications: {e}", c.id),
+            Err(e) => crate::oom::log_unwatched(&c.id, &e),
         }
     }
 

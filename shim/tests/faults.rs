@@ -14,6 +14,9 @@
 //! stop-hook phases (frozen, rootfs diff, hashing at the commit, committed, and the restore's)
 //! are `shim_kill.rs`'s matrix, which needs the hook's variable in containerd's environment and
 //! checks more of what the dead shim may leave (mounts, cgroups, runtime calls) for each.
+//!
+//! Under `KBT_CGROUP=v2` the same cases run on a cgroup v2 test bed (memory read per process,
+//! the freezer as `cgroup.freeze`, the full disk mounted where containerd's namespace sees it).
 
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -115,8 +118,7 @@ fn shim_killed_while_criu_writes(bed: &Bed, control: &Control) {
     // hundred milliseconds, long enough to stop it past two chunks.
     let script = format!("dd if=/dev/urandom bs=96M count=1 iflag=fullblock 2>/dev/null | sleep 100000 & {COUNTER}");
     tb.ctr_ok(&["run", "-d", "--runtime", RUNTIME, IMAGE, &id, "sh", "-c", &script]);
-    let rss = Path::new("/sys/fs/cgroup/memory").join(tb.namespace()).join(&id).join("memory.stat");
-    wait_for("dd to hold 96 MiB", || (memory_stat(&rss, "total_rss")? >= 96 * MIB).then_some(()));
+    wait_for("dd to hold 96 MiB", || (container_anon(tb, &id)? >= 96 * MIB).then_some(()));
     wait_counter(tb, &id, 3);
     let (init, _) = task_row(tb, &id).unwrap();
     let target = store_path(bed, &id);
@@ -180,7 +182,7 @@ fn disk_full(bed: &Bed, control: &Control, when: FillWhen) {
     let target = store_path(bed, &id);
     // The container's dir in the store on a filesystem of its own, far larger than the preflight
     // asks for this small container (its memory + 10% + 16 MiB).
-    let tmpfs = Tmpfs::mount(target.parent().unwrap(), 64 * MIB);
+    let tmpfs = Tmpfs::mount(tb, target.parent().unwrap(), 64 * MIB);
     let filler = tmpfs.dir().join(".filler");
     control.fill(when, &filler);
     let o = CheckpointOptions { image_path: target.display().to_string(), ..Default::default() };
@@ -223,8 +225,7 @@ fn a_changed_chunk_is_refused_at_restore(bed: &Bed, _: &Control) {
     // a pipe nobody reads.
     let script = format!("dd if=/dev/urandom bs=24M count=1 iflag=fullblock 2>/dev/null | sleep 100000 & {COUNTER}");
     tb.ctr_ok(&["run", "-d", "--runtime", RUNTIME, IMAGE, &id, "sh", "-c", &script]);
-    let rss = Path::new("/sys/fs/cgroup/memory").join(tb.namespace()).join(&id).join("memory.stat");
-    wait_for("dd to hold 24 MiB", || (memory_stat(&rss, "total_rss")? >= 24 * MIB).then_some(()));
+    wait_for("dd to hold 24 MiB", || (container_anon(tb, &id)? >= 24 * MIB).then_some(()));
     let (dir, _) = store_checkpoint(bed, &id, true);
     wait_for("the checkpointed container to stop", || {
         (common::task_status(tb, &id).as_deref() == Some("STOPPED")).then_some(())
@@ -329,8 +330,17 @@ fn assert_runs(bed: &Bed, id: &str) {
     assert_eq!(status, "RUNNING", "{id} is not running");
     assert!(alive(pid), "{id}'s init {pid} is gone");
     assert_eq!(shim_status(tb, id), Some(Status::RUNNING), "the shim's state of {id}");
-    let freezer = format!("/sys/fs/cgroup/freezer/{}/{id}/freezer.state", tb.namespace());
-    assert_eq!(std::fs::read_to_string(&freezer).unwrap().trim(), "THAWED", "{id} left frozen");
+    match v2_dir(tb, id) {
+        Some(dir) => {
+            let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_else(|e| panic!("{id}: {f}: {e}"));
+            assert_eq!(read("cgroup.freeze").trim(), "0", "{id} left frozen (cgroup.freeze)");
+            assert!(read("cgroup.events").lines().any(|l| l == "frozen 0"), "{id} left frozen (cgroup.events)");
+        }
+        None => {
+            let freezer = format!("/sys/fs/cgroup/freezer/{}/{id}/freezer.state", tb.namespace());
+            assert_eq!(std::fs::read_to_string(&freezer).unwrap().trim(), "THAWED", "{id} left frozen");
+        }
+    }
     assert_running(tb, id, "after the fault");
 }
 
@@ -414,6 +424,37 @@ fn memory_stat(file: &Path, key: &str) -> Option<u64> {
     stat.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
+/// The v2 cgroup directory of container `id` on a cgroup v2 test bed (from its init's `0::`
+/// line); `None` on a host-mode bed.
+fn v2_dir(tb: &kybernate_testbed::Testbed, id: &str) -> Option<PathBuf> {
+    if tb.cgroup_mode() != kybernate_testbed::CgroupMode::V2 {
+        return None;
+    }
+    let (pid, _) = task_row(tb, id)?;
+    let lines = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let path = lines.lines().find_map(|l| l.strip_prefix("0::"))?;
+    tb.v2_cgroup_dir(path)
+}
+
+/// Anonymous memory of container `id`'s processes, in bytes: its v1 memory cgroup's `total_rss`;
+/// on a cgroup v2 bed the v2 `memory.stat`'s `anon` where the hierarchy has the memory
+/// controller, else (these machines) the sum of `RssAnon` of the processes in its v2 cgroup.
+fn container_anon(tb: &kybernate_testbed::Testbed, id: &str) -> Option<u64> {
+    let Some(dir) = v2_dir(tb, id) else {
+        let stat = Path::new("/sys/fs/cgroup/memory").join(tb.namespace()).join(id).join("memory.stat");
+        return memory_stat(&stat, "total_rss");
+    };
+    if tb.v2_has_controller("memory") {
+        return memory_stat(&dir.join("memory.stat"), "anon");
+    }
+    let procs = std::fs::read_to_string(dir.join("cgroup.procs")).ok()?;
+    let anon_kib = |pid: &str| -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        status.lines().find_map(|l| l.strip_prefix("RssAnon:")?.trim().strip_suffix("kB")?.trim().parse().ok())
+    };
+    Some(procs.lines().filter_map(|p| anon_kib(p.trim())).sum::<u64>() * 1024)
+}
+
 /// When the CRIU wrapper fills the store's filesystem.
 #[derive(Clone, Copy)]
 enum FillWhen {
@@ -486,24 +527,58 @@ impl Control {
 }
 
 /// A tmpfs of `size` bytes mounted on `dir` (created 0700 with its parents), unmounted on drop.
-struct Tmpfs(PathBuf);
+///
+/// When containerd runs in a private mount namespace (a cgroup v2 test bed on a v1 machine), a
+/// mount made here on the store would not reach it: the tmpfs is then mounted below the test
+/// bed's own directory, a shared mount (so the same tmpfs appears in containerd's namespace),
+/// and bound onto `dir` on both sides, so that the test, the shim and CRIU fill one filesystem.
+struct Tmpfs {
+    dir: PathBuf,
+    /// In a private namespace: the tmpfs's own mount point (below the test bed's dir) and
+    /// containerd's pid, whose namespace holds the second bind.
+    shared: Option<(PathBuf, u32)>,
+}
 
 impl Tmpfs {
-    fn mount(dir: &Path, size: u64) -> Tmpfs {
+    fn mount(tb: &kybernate_testbed::Testbed, dir: &Path, size: u64) -> Tmpfs {
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).unwrap();
         let options = format!("size={size},mode=0700");
-        nix::mount::mount(Some("tmpfs"), dir, Some("tmpfs"), nix::mount::MsFlags::empty(), Some(options.as_str()))
-            .unwrap_or_else(|e| panic!("mount a tmpfs on {}: {e}", dir.display()));
-        Tmpfs(dir.to_path_buf())
+        let tmpfs = |at: &Path| {
+            nix::mount::mount(Some("tmpfs"), at, Some("tmpfs"), nix::mount::MsFlags::empty(), Some(options.as_str()))
+                .unwrap_or_else(|e| panic!("mount a tmpfs on {}: {e}", at.display()))
+        };
+        let Some(pid) = tb.containerd_pid().filter(|_| tb.private_namespace()) else {
+            tmpfs(dir);
+            return Tmpfs { dir: dir.to_path_buf(), shared: None };
+        };
+        let own = tb.dir().join(unique_name("fault-tmpfs"));
+        std::fs::DirBuilder::new().mode(0o700).create(&own).unwrap();
+        tmpfs(&own);
+        let t = Tmpfs { dir: dir.to_path_buf(), shared: Some((own.clone(), pid)) };
+        nix::mount::mount(Some(&own), dir, None::<&str>, nix::mount::MsFlags::MS_BIND, None::<&str>)
+            .unwrap_or_else(|e| panic!("bind {} onto {}: {e}", own.display(), dir.display()));
+        let out = tb.command_in_namespace("mount").arg("--bind").arg(&own).arg(dir).output().unwrap();
+        assert!(out.status.success(), "bind in containerd's namespace: {}", text(&out.stderr));
+        t
     }
 
     fn dir(&self) -> &Path {
-        &self.0
+        &self.dir
     }
 }
 
 impl Drop for Tmpfs {
     fn drop(&mut self) {
-        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+        if let Some((_, pid)) = &self.shared {
+            let _ = std::process::Command::new("nsenter")
+                .args(["-m", "-t", &pid.to_string(), "--", "umount", "-l"])
+                .arg(&self.dir)
+                .output();
+        }
+        let _ = nix::mount::umount2(&self.dir, nix::mount::MntFlags::MNT_DETACH);
+        if let Some((own, _)) = &self.shared {
+            let _ = nix::mount::umount2(own, nix::mount::MntFlags::MNT_DETACH);
+            let _ = std::fs::remove_dir(own);
+        }
     }
 }

@@ -946,6 +946,14 @@ fn a_checkpoint_on_gpu_0_restores_into_a_container_given_gpu_1() {
     let out = tb.ctr_ok(&["tasks", "exec", "--exec-id", "dev", &r, "ls", "/dev"]);
     let nodes: Vec<&str> = out.split_whitespace().filter(|n| n.starts_with("nvidia") && *n != "nvidiactl").collect();
     assert_eq!(nodes, ["nvidia1"], "{out}");
+    // Device access as the kernel enforces it (devices cgroup on v1, runc's eBPF filter on v2):
+    // GPU 1 opens as far as the driver (none here: ENXIO, not EPERM), GPU 0 is refused.
+    let script = "cat /dev/nvidia1 2>&1; mknod /tmp/gpu0 c 195 0 && cat /tmp/gpu0 2>&1; rm -f /tmp/gpu0";
+    let out = tb.ctr(&["tasks", "exec", "--exec-id", "open", &r, "sh", "-c", script]);
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines.first().is_some_and(|l| l.contains("No such device or address")), "GPU 1 not reachable: {text}");
+    assert!(lines.get(1).is_some_and(|l| l.contains("Operation not permitted")), "GPU 0 not refused: {text}");
     // CRIU restored from a work copy of the images with GPU 1's node in /dev: gone once restored.
     assert!(!bundle_dir(tb, &r).join("kybernate-images").exists());
     let spec: Value = serde_json::from_slice(&std::fs::read(bundle_dir(tb, &r).join("config.json")).unwrap()).unwrap();

@@ -12,7 +12,7 @@ use std::process::{Command, ExitCode};
 use std::time::Duration;
 
 use containerd_client::services::v1::version_client::VersionClient;
-use kybernate_checkpoint::verdict::Verdict;
+use kybernate_checkpoint::verdict::{CgroupMode, Verdict};
 use kybernate_checkpoint::{
     find_criu, free_bytes, kernel_release, parse_criu_version, require_criu_version, DirtyTracking, MIN_CRIU,
 };
@@ -62,17 +62,21 @@ pub struct Check {
     pub status: Status,
     pub detail: String,
     pub fix: Option<String>,
+    /// The `cgroups` check's findings for scripts (`{"mode", "controllers", "missing"}`); absent
+    /// from the other checks.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<CgroupReport>,
 }
 
 impl Check {
     fn ok(check: &'static str, detail: impl Into<String>) -> Self {
-        Self { check, status: Status::Ok, detail: detail.into(), fix: None }
+        Self { check, status: Status::Ok, detail: detail.into(), fix: None, cgroup: None }
     }
     fn warn(check: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Self {
-        Self { check, status: Status::Warn, detail: detail.into(), fix: Some(fix.into()) }
+        Self { check, status: Status::Warn, detail: detail.into(), fix: Some(fix.into()), cgroup: None }
     }
     fn fail(check: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Self {
-        Self { check, status: Status::Fail, detail: detail.into(), fix: Some(fix.into()) }
+        Self { check, status: Status::Fail, detail: detail.into(), fix: Some(fix.into()), cgroup: None }
     }
 }
 
@@ -83,6 +87,10 @@ pub struct Node {
     pub nvidia_version: PathBuf,
     pub criu_plugin_dirs: Vec<PathBuf>,
     pub proc_status: PathBuf,
+    /// Where the cgroup hierarchy is mounted (`/sys/fs/cgroup`).
+    pub cgroup_root: PathBuf,
+    /// The mount table naming the v1 hierarchies (`/proc/self/mountinfo`).
+    pub mountinfo: PathBuf,
 }
 
 impl Node {
@@ -97,6 +105,8 @@ impl Node {
             nvidia_version: PathBuf::from("/proc/driver/nvidia/version"),
             criu_plugin_dirs,
             proc_status: PathBuf::from("/proc/self/status"),
+            cgroup_root: PathBuf::from("/sys/fs/cgroup"),
+            mountinfo: PathBuf::from("/proc/self/mountinfo"),
         }
     }
 }
@@ -149,6 +159,7 @@ pub fn run_checks(node: &Node, address: &Path, containerd_config: &Path, root: &
         cuda_plugin(&node.criu_plugin_dirs, !gpus.is_empty()),
         cuda_checkpoint(path, !gpus.is_empty()),
         capabilities(&node.proc_status),
+        cgroups(&node.cgroup_root, &node.mountinfo),
         checkpoint_root(root),
     ]
 }
@@ -568,6 +579,157 @@ pub fn capabilities(proc_status: &Path) -> Check {
     }
 }
 
+/// The cgroups check's findings, in the JSON output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CgroupReport {
+    /// `v1`, `v2` (unified) or `hybrid` (v1 controllers, cgroup2 at `unified/`); null when
+    /// nothing is mounted at the cgroup root.
+    pub mode: Option<CgroupMode>,
+    /// The controllers containers get: v2's root `cgroup.controllers`, or the mounted v1 ones.
+    pub controllers: Vec<String>,
+    /// Of the controllers a feature needs ([`V2_NEEDED`], [`V1_NEEDED`]), those missing.
+    pub missing: Vec<String>,
+}
+
+/// cgroup v2 controllers a feature of ours (or of Kubernetes) needs, with what. Devices need
+/// none on v2 (runc attaches an eBPF program), nor does the freezer (`cgroup.freeze`, core).
+pub const V2_NEEDED: [(&str, &str); 4] = [
+    ("memory", "OOM events (memory.events, TaskOOM), memory statistics and limits"),
+    ("cpu", "CPU shares and quotas: Kubernetes sets cpu.weight on every container, which fails without it"),
+    ("pids", "pids limits and statistics"),
+    ("io", "io statistics and limits"),
+];
+
+/// cgroup v1 controllers a feature needs, with what.
+pub const V1_NEEDED: [(&str, &str); 6] = [
+    ("memory", "OOM events, memory statistics and limits"),
+    ("cpu", "CPU shares and quotas"),
+    ("cpuacct", "CPU statistics"),
+    ("pids", "pids limits and statistics"),
+    ("freezer", "pause and the checkpoint's freeze"),
+    ("devices", "device access rules (GPU devices after a restore)"),
+];
+
+/// The v1 controllers the kernel knows, to tell them from other super options in mountinfo.
+const V1_CONTROLLERS: [&str; 14] = [
+    "cpu",
+    "cpuacct",
+    "cpuset",
+    "memory",
+    "devices",
+    "freezer",
+    "net_cls",
+    "net_prio",
+    "blkio",
+    "perf_event",
+    "hugetlb",
+    "pids",
+    "rdma",
+    "misc",
+];
+
+/// The node's cgroup mode (v1, hybrid, unified v2) and whether the controllers our features
+/// need are there: on v2 the root's `cgroup.controllers` (a controller bound to v1 is missing
+/// from it, and so from every container's cgroup), on v1 and hybrid the mounted v1 hierarchies.
+pub fn cgroups(root: &Path, mountinfo: &Path) -> Check {
+    let mode = kybernate_checkpoint::verdict::cgroup_mode(root);
+    let unified = match mode {
+        Some(CgroupMode::V2) => Some(root.to_path_buf()),
+        Some(CgroupMode::Hybrid) => Some(root.join("unified")),
+        _ => None,
+    };
+    let v2_controllers = unified.map(|dir| fs::read_to_string(dir.join("cgroup.controllers")).unwrap_or_default());
+    let mounts = fs::read_to_string(mountinfo).unwrap_or_default();
+    cgroup_check(root, mode, v2_controllers.as_deref(), &mounts, &kernel_release())
+}
+
+/// [`cgroups`] from what it read: `v2_controllers` is the unified root's `cgroup.controllers`
+/// (v2 and hybrid), `mountinfo` names the v1 hierarchies, `kernel` the release (v2's freezer
+/// needs 5.2).
+pub fn cgroup_check(
+    root: &Path,
+    mode: Option<CgroupMode>,
+    v2_controllers: Option<&str>,
+    mountinfo: &str,
+    kernel: &str,
+) -> Check {
+    const NAME: &str = "cgroups";
+    let words = |s: Option<&str>| s.unwrap_or_default().split_whitespace().map(String::from).collect::<Vec<_>>();
+    let v1_mounted = || -> Vec<String> {
+        let mut found: Vec<String> = mountinfo
+            .lines()
+            .filter_map(|l| l.split_once(" - ").map(|(_, right)| right.split(' ').collect::<Vec<_>>()))
+            .filter(|right| right.first() == Some(&"cgroup"))
+            .flat_map(|right| {
+                right.get(2).map(|o| o.split(',').map(String::from).collect::<Vec<_>>()).unwrap_or_default()
+            })
+            .filter(|o| V1_CONTROLLERS.contains(&o.as_str()))
+            .collect();
+        found.sort();
+        found.dedup();
+        found
+    };
+    let Some(mode) = mode else {
+        let mut check = Check::warn(
+            NAME,
+            format!("no cgroup filesystem mounted at {}", root.display()),
+            "mount cgroup2 at /sys/fs/cgroup (systemd does it at boot); runc cannot run containers without cgroups",
+        );
+        check.cgroup = Some(CgroupReport { mode: None, controllers: Vec::new(), missing: Vec::new() });
+        return check;
+    };
+    let (controllers, needed): (Vec<String>, &[(&str, &str)]) = match mode {
+        CgroupMode::V2 => (words(v2_controllers), &V2_NEEDED),
+        CgroupMode::V1 | CgroupMode::Hybrid => (v1_mounted(), &V1_NEEDED),
+    };
+    let missing: Vec<(&str, &str)> =
+        needed.iter().copied().filter(|(c, _)| !controllers.iter().any(|have| have == c)).collect();
+    let shown = if controllers.is_empty() { "none".to_string() } else { controllers.join(" ") };
+    let mut detail = match mode {
+        CgroupMode::V2 => format!(
+            "cgroup v2 (unified) at {}; controllers: {shown}; device access through eBPF (runc), freezer cgroup.freeze",
+            root.display()
+        ),
+        CgroupMode::Hybrid => format!(
+            "cgroup hybrid: v1 controllers mounted: {shown}; cgroup2 at {}/unified (controllers: {}), whose controllers runc does not use in hybrid mode",
+            root.display(),
+            v2_controllers.map(str::trim).filter(|c| !c.is_empty()).unwrap_or("none")
+        ),
+        CgroupMode::V1 => format!("cgroup v1; controllers mounted: {shown}"),
+    };
+    let old_kernel = mode == CgroupMode::V2 && kernel_version(kernel).is_some_and(|v| v < (5, 2));
+    if old_kernel {
+        detail.push_str(&format!(
+            "; kernel {kernel} has no cgroup.freeze (5.2+): pause and the checkpoint's freeze fail"
+        ));
+    }
+    let report = CgroupReport {
+        mode: Some(mode),
+        controllers: controllers.clone(),
+        missing: missing.iter().map(|(c, _)| c.to_string()).collect(),
+    };
+    let mut check = if missing.is_empty() && !old_kernel {
+        Check::ok(NAME, detail)
+    } else {
+        if !missing.is_empty() {
+            let list: Vec<String> = missing.iter().map(|(c, why)| format!("{c} ({why})")).collect();
+            detail.push_str(&format!("; missing: {}", list.join(", ")));
+        }
+        let fix = match mode {
+            CgroupMode::V2 => "a controller missing from the cgroup2 root is bound to a cgroup v1 hierarchy or not built into the kernel: boot with systemd.unified_cgroup_hierarchy=1 (and without cgroup_no_v1 exceptions), see /proc/cgroups; without it those features are off (docs/installation.md)",
+            _ => "mount the missing v1 controllers under /sys/fs/cgroup (systemd does at boot), or boot the node on cgroup v2 (systemd.unified_cgroup_hierarchy=1); see docs/installation.md",
+        };
+        let fix = if old_kernel && missing.is_empty() {
+            "upgrade the kernel to 5.2 or later for cgroup v2's freezer"
+        } else {
+            fix
+        };
+        Check::warn(NAME, detail, fix)
+    };
+    check.cgroup = Some(report);
+    check
+}
+
 /// `--checkpoint`: the restore verdict of that checkpoint on this node (`kybernate inspect
 /// --compat`): fail on a hard mismatch, warn on soft differences, each named with both sides.
 pub fn restore_verdict(id: &str, verdict: Result<Verdict, CliError>) -> Check {
@@ -882,6 +1044,81 @@ version = 3
         let c = checkpoint_root(&root);
         assert_eq!(c.status, Status::Warn, "{c:?}");
         assert!(c.fix.as_deref().unwrap().contains("chmod 700"), "{c:?}");
+    }
+
+    /// This test machine's mount table, shortened: v1 controllers and a cgroup2 at `unified/`.
+    const HYBRID_MOUNTINFO: &str = "\
+25 18 0:22 / /sys/fs/cgroup ro,nosuid,nodev,noexec shared:9 - tmpfs tmpfs ro,mode=755
+26 25 0:23 / /sys/fs/cgroup/unified rw,nosuid,nodev,noexec,relatime shared:10 - cgroup2 cgroup2 rw,nsdelegate
+27 25 0:24 / /sys/fs/cgroup/systemd rw,nosuid - cgroup cgroup rw,xattr,name=systemd
+30 25 0:27 / /sys/fs/cgroup/cpu,cpuacct rw,nosuid - cgroup cgroup rw,cpu,cpuacct
+31 25 0:28 / /sys/fs/cgroup/memory rw,nosuid - cgroup cgroup rw,memory
+32 25 0:29 / /sys/fs/cgroup/pids rw,nosuid - cgroup cgroup rw,pids
+33 25 0:30 / /sys/fs/cgroup/freezer rw,nosuid - cgroup cgroup rw,freezer
+34 25 0:31 / /sys/fs/cgroup/devices rw,nosuid - cgroup cgroup rw,devices
+";
+
+    #[test]
+    fn cgroups_report_the_mode_and_the_missing_controllers() {
+        let root = Path::new("/sys/fs/cgroup");
+        // Unified with every controller: ok, mode v2 in JSON.
+        let all = "cpuset cpu io memory hugetlb pids rdma misc\n";
+        let c = cgroup_check(root, Some(CgroupMode::V2), Some(all), "", "6.8.0-45-generic");
+        assert_eq!(c.status, Status::Ok, "{c:?}");
+        assert!(c.detail.starts_with("cgroup v2 (unified)") && c.detail.contains("eBPF"), "{c:?}");
+        let json = serde_json::to_value(&c).unwrap();
+        assert_eq!(json["cgroup"]["mode"], "v2");
+        assert_eq!(json["cgroup"]["missing"], serde_json::json!([]));
+
+        // The v2 hierarchy of these test machines in a private namespace: hugetlb only.
+        let c = cgroup_check(root, Some(CgroupMode::V2), Some("hugetlb\n"), "", "6.18.4");
+        assert_eq!(c.status, Status::Warn, "{c:?}");
+        for (controller, _) in V2_NEEDED {
+            assert!(c.detail.contains(&format!("{controller} (")), "{controller} not named: {}", c.detail);
+        }
+        assert!(c.detail.contains("OOM events") && c.detail.contains("cpu.weight"), "{}", c.detail);
+        assert!(c.fix.as_deref().unwrap().contains("unified_cgroup_hierarchy"), "{c:?}");
+        let report = c.cgroup.as_ref().unwrap();
+        assert_eq!(report.controllers, vec!["hugetlb"]);
+        assert_eq!(report.missing, vec!["memory", "cpu", "pids", "io"]);
+
+        // v2 on a kernel without cgroup.freeze.
+        let c = cgroup_check(root, Some(CgroupMode::V2), Some(all), "", "4.19.0");
+        assert_eq!(c.status, Status::Warn);
+        assert!(c.detail.contains("no cgroup.freeze") && c.fix.unwrap().contains("5.2"));
+
+        // Hybrid (these machines): the v1 controllers count; name=systemd and rw are not controllers.
+        let c = cgroup_check(root, Some(CgroupMode::Hybrid), Some("hugetlb\n"), HYBRID_MOUNTINFO, "6.18.4");
+        assert_eq!(c.status, Status::Ok, "{c:?}");
+        assert!(c.detail.starts_with("cgroup hybrid") && c.detail.contains("(controllers: hugetlb)"), "{c:?}");
+        let report = c.cgroup.as_ref().unwrap();
+        assert_eq!(report.mode, Some(CgroupMode::Hybrid));
+        assert_eq!(report.controllers, vec!["cpu", "cpuacct", "devices", "freezer", "memory", "pids"]);
+        assert_eq!(serde_json::to_value(&c).unwrap()["cgroup"]["mode"], "hybrid");
+
+        // v1 without the freezer: pause and checkpoints are named.
+        let no_freezer: String =
+            HYBRID_MOUNTINFO.lines().filter(|l| !l.contains("freezer")).map(|l| format!("{l}\n")).collect();
+        let c = cgroup_check(root, Some(CgroupMode::V1), None, &no_freezer, "6.1.0");
+        assert_eq!(c.status, Status::Warn);
+        assert!(c.detail.starts_with("cgroup v1") && c.detail.contains("freezer (pause"), "{c:?}");
+        assert_eq!(c.cgroup.unwrap().missing, vec!["freezer"]);
+
+        // Nothing mounted.
+        let c = cgroup_check(root, None, None, "", "6.1.0");
+        assert_eq!(c.status, Status::Warn);
+        assert_eq!(serde_json::to_value(&c).unwrap()["cgroup"]["mode"], serde_json::Value::Null);
+
+        // Other checks carry no cgroup field.
+        assert!(serde_json::to_value(Check::ok("x", "y")).unwrap().get("cgroup").is_none());
+    }
+
+    #[test]
+    fn cgroups_on_this_machine() {
+        let c = cgroups(Path::new("/sys/fs/cgroup"), Path::new("/proc/self/mountinfo"));
+        let report = c.cgroup.clone().unwrap();
+        assert_eq!(report.mode, kybernate_checkpoint::verdict::cgroup_mode(Path::new("/sys/fs/cgroup")), "{c:?}");
+        assert!(!report.controllers.is_empty(), "{c:?}");
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use common::{json, text, KYBERNATE};
-use kybernate_testbed::Testbed;
+use kybernate_testbed::{CgroupMode, Testbed};
 use serde_json::Value;
 
 /// The test bed's PATH without /usr/local/sbin, where its `criu` wrapper lives.
@@ -123,4 +123,59 @@ fn doctor_table_form() {
     assert!(table.lines().any(|l| l.starts_with("fail  containerd")), "{table}");
     assert!(table.contains("fix: start containerd"), "{table}");
     assert!(table.lines().last().unwrap().ends_with("1 fail"), "{table}");
+}
+
+/// `kybernate -o json doctor` run by `cmd` (a plain command or one entering a test bed's mount
+/// namespace), against test bed `tb`: its `cgroups` check.
+fn cgroups_check(tb: &Testbed, mut cmd: Command) -> Value {
+    let scratch = kybernate_testbed::scratch_dir().expect("scratch dir");
+    let config = scratch.path().join("kybernate.toml");
+    std::fs::write(&config, format!("[checkpoint]\nroot = \"{}\"\n", scratch.path().join("cp").display())).unwrap();
+    cmd.arg("--address")
+        .arg(tb.address())
+        .arg("--config")
+        .arg(&config)
+        .args(["-o", "json", "doctor", "--containerd-config"])
+        .arg(tb.dir().join("config.toml"))
+        .env_remove("CONTAINERD_ADDRESS")
+        .env_remove("KYBERNATE_CONFIG");
+    let out = cmd.output().expect("running kybernate doctor");
+    eprintln!("kybernate doctor: {}\nstdout:\n{}stderr:\n{}", out.status, text(&out.stdout), text(&out.stderr));
+    let checks = json(&out).as_array().expect("a JSON array").clone();
+    check(&checks, "cgroups").clone()
+}
+
+#[test]
+fn doctor_reports_the_cgroup_mode_here_and_on_a_cgroup_v2_test_bed() {
+    // This machine: what /sys/fs/cgroup is (hybrid here: v1 controllers, cgroup2 at unified/).
+    let tb = Testbed::start().expect("test bed (run test/setup.sh first)");
+    let host = cgroups_check(&tb, Command::new(KYBERNATE));
+    let want = kybernate_checkpoint::verdict::cgroup_mode(Path::new("/sys/fs/cgroup"));
+    assert_eq!(host["cgroup"]["mode"], serde_json::to_value(want).unwrap(), "{host}");
+    assert!(host["status"] == "ok" || host["status"] == "warn", "{host}");
+    let mode = host["cgroup"]["mode"].as_str().unwrap_or_default();
+    assert!(host["detail"].as_str().unwrap().starts_with(&format!("cgroup {mode}")), "{host}");
+    drop(tb);
+
+    // Where a v2 test bed's containerd and shims run (cgroup2 at /sys/fs/cgroup): unified, and
+    // a warning for each controller a feature needs that this hierarchy lacks.
+    let tb = Testbed::builder().cgroup(CgroupMode::V2).start().expect("a cgroup v2 test bed");
+    let v2 = cgroups_check(&tb, tb.command_in_namespace(KYBERNATE));
+    assert_eq!(v2["cgroup"]["mode"], "v2", "{v2}");
+    assert!(v2["detail"].as_str().unwrap().starts_with("cgroup v2 (unified)"), "{v2}");
+    let missing: Vec<&str> = ["memory", "cpu", "pids", "io"].into_iter().filter(|c| !tb.v2_has_controller(c)).collect();
+    let reported: Vec<&str> = v2["cgroup"]["missing"].as_array().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
+    assert_eq!(reported, missing, "{v2}");
+    if missing.is_empty() {
+        assert_eq!(v2["status"], "ok", "{v2}");
+    } else {
+        assert_eq!(v2["status"], "warn", "{v2}");
+        for c in &missing {
+            assert!(v2["detail"].as_str().unwrap().contains(&format!("{c} (")), "{c} not named: {v2}");
+        }
+        assert!(v2["fix"].as_str().unwrap().contains("cgroup v1"), "{v2}");
+    }
+    if tb.v2_has_controller("hugetlb") {
+        assert!(v2["cgroup"]["controllers"].as_array().unwrap().iter().any(|c| c == "hugetlb"), "{v2}");
+    }
 }

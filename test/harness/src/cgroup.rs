@@ -77,6 +77,12 @@ pub(crate) fn v2_dir(setup: &V2Setup, path: &str) -> PathBuf {
     Path::new(root).join(path.trim_start_matches('/'))
 }
 
+/// Whether the cgroup2 hierarchy a v2 test bed of this machine runs on has `controller` (its
+/// root's `cgroup.controllers`): for tests that must decide before they start a test bed.
+pub fn v2_hierarchy_has(controller: &str) -> bool {
+    has_controller(controller)
+}
+
 /// Whether the cgroup2 hierarchy has `controller` (its root's `cgroup.controllers`).
 pub(crate) fn has_controller(controller: &str) -> bool {
     let root = if is_cgroup2(Path::new(CGROUP_ROOT)) { CGROUP_ROOT } else { UNIFIED };

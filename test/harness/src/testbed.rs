@@ -264,6 +264,27 @@ impl Testbed {
         self.v2 == Some(V2Setup::PrivateNamespace) || !self.binds.is_empty()
     }
 
+    /// containerd's PID, while it runs.
+    pub fn containerd_pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// `program` to run where containerd runs: in its mount namespace when it has one of its own
+    /// ([`Testbed::private_namespace`]: e.g. a v2 bed's cgroup2 `/sys/fs/cgroup`), through
+    /// `nsenter -m -t PID --wd=.`; else a plain command. For tools that must see what the shims
+    /// see. The command's `current_dir` holds inside too (entering a mount namespace alone
+    /// would leave the program in its `/`).
+    pub fn command_in_namespace(&self, program: impl AsRef<OsStr>) -> Command {
+        match self.containerd_pid().filter(|_| self.private_namespace()) {
+            Some(pid) => {
+                let mut cmd = Command::new("nsenter");
+                cmd.arg("-m").arg("-t").arg(pid.to_string()).arg("--wd=.").arg("--").arg(program);
+                cmd
+            }
+            None => Command::new(program),
+        }
+    }
+
     /// containerd's gRPC socket.
     pub fn address(&self) -> &Path {
         &self.address
