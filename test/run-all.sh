@@ -24,7 +24,8 @@ done
 section "benchmarks: criterion benches once each (test mode); the shim and checkpoint scripts one short run each"
 # The timed runs are not tests (docs/benchmarks.md) and nothing here checks a time: this keeps the
 # benchmarks from rotting and runs the release binaries (fat LTO, stripped) through real containers,
-# a checkpoint and a restore. gpu.sh needs a GPU: it only has to parse.
+# a checkpoint and a restore. gpu.sh needs a GPU: it only has to parse. The scripts build through
+# test/bench/build.sh: the binaries above are reused, their tools are one build.
 cargo test -q -p kybernate-runtime-select --benches
 for script in test/bench/*.sh; do
     bash -n "$script"
@@ -34,10 +35,12 @@ bash test/bench/shared_pid_exit.sh 5
 bash test/bench/checkpoint.sh 1 16
 bash test/bench/restore_check.sh 1 4 64
 
-section "cgroup v2: the checkpoint, restore-trust and shim-kill suites again on a v2 test bed (docs/testing.md, cgroup v2)"
+section "cgroup v2: the suites that exercise cgroups again, on a v2 test bed (docs/testing.md, cgroup v2)"
 # The same tests, every test bed on the cgroup2 hierarchy (a private mount namespace on these v1 machines).
-KBT_CGROUP=v2 cargo test -p containerd-shim-kybernate-v1 \
-    --test checkpoint --test restore_security --test trust --test shim_kill
+# `--workspace` as below: the same package selection builds the same test binaries once for both runs.
+KBT_CGROUP=v2 cargo test --workspace \
+    --test checkpoint --test restore_security --test trust --test shim_kill --test faults \
+    --test lifecycle --test containerd --test gpu
 
 section "cargo test --workspace"
 # Last, so that cargo's own summary closes the output.

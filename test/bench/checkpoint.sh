@@ -51,9 +51,10 @@ trap bench_cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-command -v cargo >/dev/null || export PATH="$HOME/.cargo/bin:$PATH"
-cargo build --release -q -p containerd-shim-kybernate-v1 --bins --examples # --examples alone skips the shim
-cargo build --release -q -p kybernate-checkpoint --example dump_stats
+# shellcheck source=test/bench/build.sh
+. test/bench/build.sh
+bench_build_bins
+bench_build_examples checkpoint_rpc dump_stats
 DUMP_STATS=$PWD/target/release/examples/dump_stats
 gcc -O2 -static -o "$OUT/memhog" test/bench/memhog.c
 MEMHOG=$OUT/memhog

@@ -19,8 +19,9 @@ cleanup() {
     rmdir /var/lib/kybernate-bench 2>/dev/null || true
 }
 trap cleanup EXIT
-command -v cargo >/dev/null || export PATH="$HOME/.cargo/bin:$PATH"
-cargo build --release -q -p kybernate-checkpoint --example compress_throughput
+# shellcheck source=test/bench/build.sh
+. test/bench/build.sh
+bench_build_examples compress_throughput
 BIN=$PWD/target/release/examples/compress_throughput
 mkdir -p "$BASE/dump"
 echo "== machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(uname -r)"

@@ -12,8 +12,9 @@ MIB=${2:-1024}
 RATE=${3:-700}
 BASE=/var/lib/kybernate-bench/follow-$$
 trap 'rm -rf "$BASE"; rmdir /var/lib/kybernate-bench 2>/dev/null || true' EXIT
-command -v cargo >/dev/null || export PATH="$HOME/.cargo/bin:$PATH"
-cargo build --release -q -p kybernate-checkpoint --example follow_bench
+# shellcheck source=test/bench/build.sh
+. test/bench/build.sh
+bench_build_examples follow_bench
 mkdir -p "$BASE"
 echo "== machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(uname -r)"
 echo "== store: $BASE on $(findmnt -no SOURCE,FSTYPE -T "$BASE" | tr -s ' ')"

@@ -12,8 +12,9 @@ RUNS=${1:-5}
 MIB=${2:-1024}
 BASE=/var/lib/kybernate-bench/hash-$$
 trap 'rm -rf "$BASE"; rmdir /var/lib/kybernate-bench 2>/dev/null || true' EXIT
-command -v cargo >/dev/null || export PATH="$HOME/.cargo/bin:$PATH"
-cargo build --release -q -p kybernate-checkpoint --example hash_throughput
+# shellcheck source=test/bench/build.sh
+. test/bench/build.sh
+bench_build_examples hash_throughput
 BIN=$PWD/target/release/examples/hash_throughput
 mkdir -p "$BASE"
 echo "== machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(uname -r)"

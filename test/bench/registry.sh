@@ -20,9 +20,10 @@ cleanup() {
     rmdir /var/lib/kybernate-bench 2>/dev/null || true
 }
 trap cleanup EXIT
-command -v cargo >/dev/null || export PATH="$HOME/.cargo/bin:$PATH"
-cargo build --release -q -p kybernate-cli
-cargo build --release -q -p kybernate-registry --example bench_checkpoint
+# shellcheck source=test/bench/build.sh
+. test/bench/build.sh
+bench_build_bins
+bench_build_examples bench_checkpoint
 KYB=$PWD/target/release/kybernate
 MAKE=$PWD/target/release/examples/bench_checkpoint
 mkdir -p "$BASE"

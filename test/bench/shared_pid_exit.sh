@@ -15,8 +15,9 @@ RUNS=${1:-30}
 OUT=${BENCH_OUT:-target/bench-shared-pid}
 mkdir -p "$OUT"
 
-command -v cargo >/dev/null || export PATH="$HOME/.cargo/bin:$PATH"
-cargo build --release -q -p containerd-shim-kybernate-v1
+# shellcheck source=test/bench/build.sh
+. test/bench/build.sh
+bench_build_bins
 TB_PATH_PREPEND=$PWD/target/release
 export TB_PATH_PREPEND
 # shellcheck source=test/lib/testbed.sh

@@ -16,8 +16,9 @@ N=${2:-1000}
 OUT=${BENCH_OUT:-target/bench-shim}
 mkdir -p "$OUT"
 
-command -v cargo >/dev/null || export PATH="$HOME/.cargo/bin:$PATH"
-cargo build --release -q -p containerd-shim-kybernate-v1
+# shellcheck source=test/bench/build.sh
+. test/bench/build.sh
+bench_build_bins
 # shellcheck source=test/lib/common.sh
 . test/lib/common.sh
 TB_PATH_PREPEND=$PWD/target/release
