@@ -264,23 +264,16 @@ fn own_v2_cgroup() -> Option<String> {
 }
 
 /// runc's `CleanPath`: `.`, `..` and repeated slashes resolved lexically, never above the root,
-/// relative paths kept relative (`.` when nothing is left), absolute ones absolute.
+/// relative paths kept relative (`.` when nothing is left), absolute ones absolute. Like runc, a
+/// relative path is cleaned as if it were absolute and then made relative again.
 fn clean_path(path: &str) -> String {
-    let mut parts: Vec<&str> = Vec::new();
-    for part in path.split('/') {
-        match part {
-            "" | "." => {}
-            ".." => {
-                parts.pop();
-            }
-            p => parts.push(p),
-        }
+    let absolute = kybernate_checkpoint::grants::spec::clean_path(path);
+    if path.starts_with('/') {
+        return absolute;
     }
-    let joined = parts.join("/");
-    match (path.starts_with('/'), joined.is_empty()) {
-        (true, _) => format!("/{joined}"),
-        (false, true) => ".".into(),
-        (false, false) => joined,
+    match absolute.trim_start_matches('/') {
+        "" => ".".into(),
+        relative => relative.into(),
     }
 }
 
