@@ -240,13 +240,40 @@ fn restore_in_background(bed: &Bed, checkpoint: &Path, id: &str) -> Child {
     bed.tb.ctr_command().args(args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("ctr run")
 }
 
+/// A `criu` first on the test bed's PATH that, while its hold file exists, waits 2 s before
+/// `criu swrk` (as runc runs it), then execs the real one. A small restore is over in ~100 ms,
+/// which a loaded machine's scan of /proc can miss; held, it stays in `runc restore` long enough
+/// to be caught there.
+struct HeldCriu {
+    dir: tempfile::TempDir,
+    hold: PathBuf,
+}
+
+impl HeldCriu {
+    fn new() -> HeldCriu {
+        let dir = kybernate_testbed::scratch_dir().unwrap();
+        let hold = dir.path().join("hold");
+        let script = format!(
+            "#!/bin/sh\n[ \"$1\" = swrk ] && [ -e {} ] && sleep 2\nexec {} \"$@\"\n",
+            hold.display(),
+            kybernate_testbed::CRIU
+        );
+        let wrapper = dir.path().join("criu");
+        std::fs::write(&wrapper, script).unwrap();
+        std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        HeldCriu { dir, hold }
+    }
+}
+
 /// A restore from `checkpoint` killed at `phase`.
-fn restore_killed_at(bed: &Bed, stop_dir: &Path, checkpoint: &Path, phase: &str) {
+fn restore_killed_at(bed: &Bed, stop_dir: &Path, checkpoint: &Path, phase: &str, slow: &HeldCriu) {
     let id = unique_name(&format!("kill-{phase}"));
     let mut killed_criu = None;
     let mut ctr = if phase == "runc-restore" {
+        std::fs::write(&slow.hold, "").unwrap();
         let ctr = restore_in_background(bed, checkpoint, &id);
         let (criu, shim) = catch("CRIU to restore under the shim", criu_under_a_shim);
+        std::fs::remove_file(&slow.hold).unwrap();
         kill(Pid::from_raw(criu as i32), Signal::SIGSTOP).unwrap();
         killed_criu = Some(criu);
         kill_shim(shim);
@@ -273,7 +300,8 @@ fn restore_killed_at(bed: &Bed, stop_dir: &Path, checkpoint: &Path, phase: &str)
 #[test]
 fn nothing_is_left_when_the_shim_dies_during_a_checkpoint_or_a_restore() {
     let stop = tempfile::tempdir().unwrap();
-    let bed = bed_with(|b| b.env(STOP_ENV, stop.path()), "");
+    let slow = HeldCriu::new();
+    let bed = bed_with(|b| b.env(STOP_ENV, stop.path()).path_prepend(slow.dir.path()), "");
     let started = Instant::now();
     // (phase, exit): with `exit` the container stays frozen until its checkpoint is committed.
     for (phase, exit) in
@@ -287,7 +315,7 @@ fn nothing_is_left_when_the_shim_dies_during_a_checkpoint_or_a_restore() {
     let (checkpoint, _) = store_checkpoint(&bed, &id, true);
     remove(&bed.tb, &id);
     for phase in ["restore-verify", "runc-restore"] {
-        restore_killed_at(&bed, stop.path(), &checkpoint, phase);
+        restore_killed_at(&bed, stop.path(), &checkpoint, phase, &slow);
     }
     eprintln!("shim-kill matrix: {:?}", started.elapsed());
 }
