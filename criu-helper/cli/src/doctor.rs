@@ -656,13 +656,10 @@ pub fn cgroup_check(
     const NAME: &str = "cgroups";
     let words = |s: Option<&str>| s.unwrap_or_default().split_whitespace().map(String::from).collect::<Vec<_>>();
     let v1_mounted = || -> Vec<String> {
-        let mut found: Vec<String> = mountinfo
-            .lines()
-            .filter_map(|l| l.split_once(" - ").map(|(_, right)| right.split(' ').collect::<Vec<_>>()))
-            .filter(|right| right.first() == Some(&"cgroup"))
-            .flat_map(|right| {
-                right.get(2).map(|o| o.split(',').map(String::from).collect::<Vec<_>>()).unwrap_or_default()
-            })
+        let mut found: Vec<String> = kybernate_gpu::devices::parse_mountinfo(mountinfo)
+            .into_iter()
+            .filter(|m| m.fs_type == "cgroup")
+            .flat_map(|m| m.super_options)
             .filter(|o| V1_CONTROLLERS.contains(&o.as_str()))
             .collect();
         found.sort();
